@@ -1,0 +1,166 @@
+"""The agent process: registers this node, keeps the stream to the controller, runs tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+import grpc
+from tether.agent.config import AgentConfig
+from tether.agent.resources import detect_cpu, detect_gpus, detect_memory
+from tether.agent.runner import Runner
+from tether.agent.runtimes.base import Runtime
+from tether.api.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from tether.sdk.telemetry import get_logger, make_tracer_provider
+
+__all__ = ["Agent", "make_runtime"]
+
+log = get_logger("agent")
+VERSION = "0.1.0"
+
+
+def make_runtime(config: AgentConfig) -> Runtime:
+    """Build the runtime the configuration names."""
+    if config.runtime == "docker":
+        from tether.agent.runtimes.docker import DockerRuntime
+
+        return DockerRuntime(config)
+    from tether.agent.runtimes.process import ProcessRuntime
+
+    return ProcessRuntime()
+
+
+class Agent:
+    """One node's agent. ``await agent.run()`` until ``await agent.stop()``.
+
+    Args:
+        config: The agent's configuration.
+        runtime: Overrides the runtime built from the configuration (tests).
+    """
+
+    def __init__(self, config: AgentConfig, runtime: Runtime | None = None) -> None:
+        self.config = config
+        self.tracer_provider = make_tracer_provider(config.service_name)
+        self.runtime = runtime or make_runtime(config)
+        self.runner = Runner(config, self.runtime, self.tracer_provider.get_tracer("tether.agent"),
+                             self._report)
+        cpu = config.cpu or detect_cpu()
+        self.capacity = types_pb2.Resources(
+            cpu=cpu, memory_bytes=config.memory_bytes or detect_memory(),
+        )
+        self.gpus = detect_gpus(config.fake_gpus)
+        self.capacity.gpu = len(self.gpus)
+        self.max_tasks = config.max_tasks or max(2, int(cpu * 2))
+        self.connected = asyncio.Event()
+        self.registrations = 0
+        self._outbox: asyncio.Queue[agent_pb2.AgentMessage | None] | None = None
+        self._stop = asyncio.Event()
+        self._main: asyncio.Task | None = None
+
+    def _report(self, status: agent_pb2.TaskStatus) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(agent_pb2.AgentMessage(status=status))
+
+    async def run(self) -> None:
+        """Connect, and reconnect with backoff and jitter, until stopped."""
+        self.config.work_dir.mkdir(parents=True, exist_ok=True)
+        delay = self.config.reconnect_initial
+        while not self._stop.is_set():
+            try:
+                await self._session()
+                delay = self.config.reconnect_initial
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as e:
+                log.info("controller stream ended", node=self.config.node,
+                         code=e.code().name, details=e.details())
+            except Exception as e:
+                log.warning("agent session failed", node=self.config.node, error=repr(e))
+            finally:
+                self._outbox = None
+                self.connected.clear()
+            if self._stop.is_set():
+                break
+            sleep = random.uniform(delay / 2, delay)  # jitter: agents do not reconnect in step
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), sleep)
+            delay = min(delay * 2, self.config.reconnect_max)
+
+    async def _session(self) -> None:
+        outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
+        outbox.put_nowait(agent_pb2.AgentMessage(register=agent_pb2.Register(
+            node=self.config.node, capacity=self.capacity, gpus=self.gpus,
+            labels=self.config.labels, agent_version=VERSION, runtime=self.runtime.name,
+            running=self.runner.running_refs(), pending_reports=self.runner.pending_reports(),
+            max_tasks=self.max_tasks,
+        )))
+
+        async def requests():
+            while True:
+                msg = await outbox.get()
+                if msg is None:
+                    return
+                yield msg
+
+        async with grpc.aio.insecure_channel(
+            self.config.controller,
+            options=[("grpc.max_receive_message_length", 64 * 2**20),
+                     ("grpc.keepalive_time_ms", 10_000)],
+        ) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            call = stub.Connect(requests())
+            stop_waiter = asyncio.ensure_future(self._stop.wait())
+            heartbeat: asyncio.Task | None = None
+            try:
+                it = call.__aiter__()
+                while True:
+                    nxt = asyncio.ensure_future(it.__anext__())
+                    done, _ = await asyncio.wait({nxt, stop_waiter},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if nxt not in done:
+                        nxt.cancel()
+                        return
+                    try:
+                        msg = nxt.result()
+                    except StopAsyncIteration:
+                        return
+                    kind = msg.WhichOneof("msg")
+                    if kind == "registered":
+                        interval = msg.registered.heartbeat_interval.ToNanoseconds() / 1e9
+                        self._outbox = outbox
+                        self.registrations += 1
+                        self.connected.set()
+                        log.info("registered", node=self.config.node, controller=self.config.controller)
+                        heartbeat = asyncio.create_task(self._heartbeat(outbox, interval or 1.0))
+                    elif kind == "assign":
+                        self.runner.assign(msg.assign)
+                    elif kind == "cancel":
+                        self.runner.cancel(msg.cancel)
+                    elif kind == "ack":
+                        self.runner.ack(msg.ack.ref)
+            finally:
+                stop_waiter.cancel()
+                if heartbeat:
+                    heartbeat.cancel()
+                outbox.put_nowait(None)
+                call.cancel()
+
+    async def _heartbeat(self, outbox: asyncio.Queue, interval: float) -> None:
+        seq = 0
+        while True:
+            # ±10% jitter so that thousands of agents do not beat in step.
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
+            seq += 1
+            outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(
+                seq=seq, running=self.runner.running_refs(),
+            )))
+            # Reports not acknowledged yet (e.g. the ack was lost) are sent again.
+            for status in self.runner.pending_reports():
+                outbox.put_nowait(agent_pb2.AgentMessage(status=status))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop attempts and disconnect. Idempotent."""
+        self._stop.set()
+        await self.runner.stop_all(self.config.stop_grace if grace is None else grace)
+        self.tracer_provider.shutdown()

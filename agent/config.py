@@ -1,0 +1,61 @@
+"""The agent's one typed configuration object."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["AgentConfig", "default_node_name"]
+
+
+def default_node_name() -> str:
+    """The host name, lowered and trimmed to what a node name allows."""
+    name = "".join(c for c in socket.gethostname().lower() if c.isalnum() or c in ".-")
+    return name.strip(".-")[:63] or "node"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything an agent process is configured with (see ``tether agent --help``).
+
+    Attributes:
+        controller: ``host:port`` of the controller.
+        node: This node's name, unique in the mesh.
+        labels: Free-form ``key=value`` labels shown in ``tether nodes``.
+        runtime: ``process`` (subprocesses) or ``docker`` (Docker Engine API).
+        work_dir: Where attempt directories (outputs, logs) are kept.
+        cpu: CPU cores offered; 0 detects them.
+        memory_bytes: Memory offered; 0 detects it.
+        max_tasks: Most attempts run at once; 0 means twice the CPU count.
+        reconnect_initial: First reconnect delay after the stream breaks, seconds.
+        reconnect_max: Cap of the reconnect delay, seconds.
+        stop_grace: SIGTERM-to-SIGKILL grace when the agent itself shuts down.
+        fake_gpus: Test-only: GPUs to pretend this node has (``TETHER_FAKE_GPUS``), e.g.
+            ``"2"`` or ``"A100:80Gi,A100:80Gi"``. Never set this in production.
+    """
+
+    controller: str = "127.0.0.1:7070"
+    node: str = field(default_factory=default_node_name)
+    labels: dict[str, str] = field(default_factory=dict)
+    runtime: str = "process"
+    work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "tether-agent")
+    cpu: float = 0.0
+    memory_bytes: int = 0
+    max_tasks: int = 0
+    reconnect_initial: float = 0.2
+    reconnect_max: float = 10.0
+    stop_grace: float = 5.0
+    fake_gpus: str = field(default_factory=lambda: os.environ.get("TETHER_FAKE_GPUS", ""))
+    docker_host: str = ""
+    service_name: str = "tether-agent"
+
+    def __post_init__(self) -> None:
+        if self.runtime not in ("process", "docker"):
+            raise ValueError(f"runtime: must be 'process' or 'docker', got {self.runtime!r}")
+        if self.cpu < 0 or self.memory_bytes < 0 or self.max_tasks < 0:
+            raise ValueError("cpu, memory and max_tasks must not be negative")
+        if self.reconnect_initial <= 0 or self.reconnect_max < self.reconnect_initial:
+            raise ValueError("reconnect_initial must be > 0 and <= reconnect_max")

@@ -1,0 +1,87 @@
+"""The small protocol every runtime implements: start, wait, stop, recover.
+
+The runner owns everything runtime-independent (files, outputs, timeouts, reports); a
+runtime only turns a :class:`LaunchSpec` into a running unit of work and back into an
+:class:`ExitStatus`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["ExitStatus", "LaunchSpec", "RecoveredTask", "Runtime", "RuntimeError_", "TaskHandle"]
+
+
+class RuntimeError_(Exception):
+    """The runtime could not start the task (bad image, missing program, engine down)."""
+
+    def __init__(self, message: str, reason: str = "runtime_error") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a runtime needs to start one attempt."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    working_dir: str
+    attempt_dir: Path
+    stdout_path: Path
+    stderr_path: Path
+    image: str = ""
+    cpu: float = 0.0
+    memory_bytes: int = 0
+    gpu_indices: list[int] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How an attempt ended. ``reason`` is empty for a plain exit code."""
+
+    exit_code: int
+    reason: str = ""
+    message: str = ""
+
+
+class TaskHandle(Protocol):
+    """A started attempt."""
+
+    async def wait(self) -> ExitStatus:
+        """Wait for the attempt to end."""
+        ...
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds. Safe to call more than once."""
+        ...
+
+
+@dataclass(frozen=True)
+class RecoveredTask:
+    """Work found running after an agent restart, with the labels it was started with."""
+
+    labels: dict[str, str]
+    handle: TaskHandle
+
+
+class Runtime(Protocol):
+    """A way to run tasks: ``process`` or ``docker``."""
+
+    name: str
+
+    def task_path(self, host_path: Path) -> str:
+        """The path under which the task sees ``host_path`` (inside a container, say)."""
+        ...
+
+    async def start(self, spec: LaunchSpec) -> TaskHandle:
+        """Start an attempt. Raises RuntimeError_ if it cannot be started."""
+        ...
+
+    async def recover(self) -> list[RecoveredTask]:
+        """Find attempts this node started before a restart."""
+        ...

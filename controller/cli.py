@@ -1,0 +1,46 @@
+"""``tether controller``: run a controller in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import click
+from tether.controller.config import ControllerConfig
+from tether.controller.server import ControllerServer
+from tether.sdk.telemetry import setup_logging
+
+
+async def serve(config: ControllerConfig) -> None:
+    """Run a controller until SIGINT or SIGTERM, then shut it down in order."""
+    server = ControllerServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    await server.wait()
+
+
+@click.command("controller")
+@click.option("--etcd", envvar="TETHER_ETCD", default="127.0.0.1:2379", show_default=True,
+              help="etcd endpoints, comma-separated (env TETHER_ETCD).")
+@click.option("--prefix", envvar="TETHER_PREFIX", default="/tether", show_default=True,
+              help="Key prefix of all records (env TETHER_PREFIX).")
+@click.option("--listen", envvar="TETHER_LISTEN", default="127.0.0.1:7070", show_default=True,
+              help="gRPC listen address (env TETHER_LISTEN).")
+@click.option("--lease-ttl", envvar="TETHER_LEASE_TTL", default=10, show_default=True, type=int,
+              help="Seconds a silent node stays registered (env TETHER_LEASE_TTL).")
+@click.option("--cancel-grace", envvar="TETHER_CANCEL_GRACE", default=10.0, show_default=True,
+              type=float, help="Seconds from SIGTERM to SIGKILL on cancel.")
+@click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
+def controller_command(etcd, prefix, listen, lease_ttl, cancel_grace, log_level):
+    """Run a controller (state in etcd, gRPC API for clients and agents)."""
+    setup_logging(log_level)
+    try:
+        config = ControllerConfig(
+            etcd_endpoints=tuple(e.strip() for e in etcd.split(",") if e.strip()),
+            prefix=prefix, listen=listen, lease_ttl=lease_ttl, cancel_grace=cancel_grace,
+        )
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    asyncio.run(serve(config))

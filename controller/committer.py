@@ -1,0 +1,134 @@
+"""Batches the engine's record writes into etcd transactions.
+
+Each record the engine changes is marked dirty; one writer loop turns all dirty records into
+as few transactions as etcd allows, each guarded by the records' ``mod_revision`` (so a
+concurrent writer is detected, never overwritten). Callbacks such as "send the assignment"
+or "acknowledge the report" run only after their write committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from etcd3aio import EtcdError
+from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
+from tether.sdk.telemetry import get_logger
+
+log = get_logger("controller.committer")
+
+
+class Record(Protocol):
+    key: str
+    rev: int
+
+    def serialize(self) -> bytes: ...
+
+
+@dataclass
+class _Dirty:
+    record: Record
+    callbacks: list[Callable[[], None]] = field(default_factory=list)
+
+
+class Committer:
+    """Writes dirty records in batched, compare-guarded transactions.
+
+    Args:
+        store: The etcd store.
+        on_conflict: Called with the records of a transaction whose compare failed; the
+            engine reloads them from etcd.
+    """
+
+    def __init__(self, store: Store, on_conflict: Callable[[list[Record]], None]) -> None:
+        self._store = store
+        self._on_conflict = on_conflict
+        self._dirty: dict[str, _Dirty] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="committer")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def mark(self, record: Record, callback: Callable[[], None] | None = None) -> None:
+        """Schedule ``record`` to be written; run ``callback`` once it is committed."""
+        d = self._dirty.get(record.key)
+        if d is None:
+            d = self._dirty[record.key] = _Dirty(record)
+        else:
+            d.record = record
+        if callback:
+            d.callbacks.append(callback)
+        self._idle.clear()
+        self._wake.set()
+
+    async def flushed(self) -> None:
+        """Wait until everything marked so far is written."""
+        await self._idle.wait()
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._dirty:
+                batch = self._take_batch()
+                try:
+                    await self._write(batch)
+                    backoff = 0.05
+                except (EtcdError, TimeoutError, OSError) as e:
+                    log.warning("etcd write failed; retrying", error=str(e), records=len(batch))
+                    for d in batch:  # put back, unless re-marked meanwhile (newer wins)
+                        cur = self._dirty.get(d.record.key)
+                        if cur is None:
+                            self._dirty[d.record.key] = d
+                        else:
+                            cur.callbacks[:0] = d.callbacks
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+            if not self._dirty:
+                self._idle.set()
+
+    def _take_batch(self) -> list[_Dirty]:
+        batch: list[_Dirty] = []
+        size = 0
+        for key in list(self._dirty):
+            d = self._dirty[key]
+            value = d.record.serialize()
+            if batch and (len(batch) >= MAX_TXN_OPS or size + len(value) > MAX_TXN_BYTES):
+                break
+            size += len(value) + len(key)
+            batch.append(d)
+            del self._dirty[key]
+        return batch
+
+    async def _write(self, batch: list[_Dirty]) -> None:
+        compares = [mod_revision_is(d.record.key, d.record.rev) for d in batch]
+        # Serialize now: a record changed while the txn is in flight is re-marked dirty and
+        # written by the next batch, compared against the revision this one produces.
+        puts = [Put(d.record.key, d.record.serialize()) for d in batch]
+        ok, revision = await self._store.txn(compares, puts)
+        if not ok:
+            log.warning("write conflict; reloading records", keys=[d.record.key for d in batch][:5])
+            self._on_conflict([d.record for d in batch])
+            return
+        for d in batch:
+            d.record.rev = revision
+        for d in batch:
+            for cb in d.callbacks:
+                try:
+                    cb()
+                except Exception:  # a callback bug must not stop all writes
+                    log.exception("commit callback failed", key=d.record.key)

@@ -1,0 +1,55 @@
+"""The controller's one typed configuration object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ControllerConfig"]
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Everything a controller process is configured with.
+
+    Built once from flags and ``TETHER_*`` environment variables (see ``tether controller
+    --help``); never changed afterwards.
+
+    Attributes:
+        etcd_endpoints: ``host:port`` of etcd members.
+        prefix: Key prefix under which every Tether record lives; several meshes can share
+            one etcd with different prefixes.
+        listen: ``host:port`` the gRPC server binds; port 0 picks a free port.
+        lease_ttl: Seconds a node stays registered without heartbeats (an etcd lease TTL).
+        heartbeat_interval: Seconds between agent heartbeats; defaults to a third of the TTL.
+        cancel_grace: Seconds between SIGTERM and SIGKILL when an attempt is cancelled.
+        retry_initial: Default first retry delay, seconds.
+        retry_factor: Default multiplier of the retry delay.
+        retry_max: Default cap of the retry delay, seconds.
+        retry_jitter: Default fraction of each delay that is randomised.
+        max_message_bytes: Largest gRPC message accepted or sent.
+    """
+
+    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    prefix: str = "/tether"
+    listen: str = "127.0.0.1:7070"
+    lease_ttl: int = 10
+    heartbeat_interval: float = 0.0
+    cancel_grace: float = 10.0
+    retry_initial: float = 1.0
+    retry_factor: float = 2.0
+    retry_max: float = 60.0
+    retry_jitter: float = 0.2
+    max_message_bytes: int = 64 * 1024 * 1024
+    service_name: str = field(default="tether-controller")
+
+    def __post_init__(self) -> None:
+        if not self.etcd_endpoints:
+            raise ValueError("etcd_endpoints: at least one endpoint is needed")
+        if not self.prefix.startswith("/") or self.prefix.endswith("/"):
+            raise ValueError(f"prefix: must start and not end with '/', got {self.prefix!r}")
+        if self.lease_ttl < 1:
+            raise ValueError("lease_ttl: must be >= 1 second")
+        if self.heartbeat_interval < 0 or self.heartbeat_interval >= self.lease_ttl:
+            raise ValueError("heartbeat_interval: must be in [0, lease_ttl)")
+        if self.heartbeat_interval == 0:
+            object.__setattr__(self, "heartbeat_interval", self.lease_ttl / 3)

@@ -1,0 +1,128 @@
+"""``tether dev``: a whole mesh on this machine — etcd, a controller and N agents.
+
+etcd runs from the installed binary with a data directory (so state survives a restart of
+``tether dev``), the controller runs in this process, and each agent is a subprocess, as it
+would be on a real node. Ctrl-C stops them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+from tether.controller.config import ControllerConfig
+from tether.controller.etcd_process import EtcdProcess
+from tether.controller.server import ControllerServer
+from tether.sdk.telemetry import setup_logging
+
+
+def _spawn_agent(i: int, address: str, data_dir: Path, log_level: str) -> subprocess.Popen:
+    name = f"dev-{i}"
+    log = open(data_dir / f"agent-{name}.log", "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "tether.sdk.cli", "agent", "--controller", address,
+         "--name", name, "--label", f"dev.index={i}", "--label", "zone=local",
+         "--work-dir", str(data_dir / "agents" / name), "--log-level", log_level],
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        env={**os.environ, "TETHER_LOG_FORMAT": "json"},
+    )
+
+
+async def run_dev(
+    agents: int, data_dir: Path, listen: str, etcd_port: int, run_file: str | None,
+    log_level: str, lease_ttl: int,
+) -> int:
+    """Bring the mesh up; with ``run_file``, run that workflow to completion and stop."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(log_level, json=True, stream=open(data_dir / "controller.log", "a"))
+    etcd = EtcdProcess(data_dir / "etcd", etcd_port).start()
+    procs: list[subprocess.Popen] = []
+    server = ControllerServer(ControllerConfig(
+        etcd_endpoints=(etcd.endpoint,), listen=listen, lease_ttl=lease_ttl,
+    ))
+    code = 0
+    try:
+        await server.start()
+        address = server.address
+        procs = [_spawn_agent(i + 1, address, data_dir, log_level) for i in range(agents)]
+        click.echo(f"tether dev: etcd {etcd.endpoint}, controller {address}, "
+                   f"{agents} agents; logs in {data_dir}/", err=True)
+        from tether.sdk.client import Client
+
+        client = Client(address)
+        await _wait_for_nodes(client, agents)
+        click.echo(f"tether dev: {agents} nodes registered", err=True)
+        if run_file:
+            code = await asyncio.to_thread(_run_workflow, client, run_file)
+        else:
+            click.echo("tether dev: ready — Ctrl-C to stop", err=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        client.close()
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                await asyncio.to_thread(p.wait, 15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        await server.stop()
+        etcd.stop()
+        click.echo("tether dev: stopped", err=True)
+    return code
+
+
+async def _wait_for_nodes(client, n: int, timeout: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        try:
+            if len(await asyncio.to_thread(client.nodes)) >= n:
+                return
+        except Exception:
+            pass
+        await asyncio.sleep(0.2)
+    raise click.ClickException(f"agents did not register within {timeout:.0f}s; see the logs")
+
+
+def _run_workflow(client, run_file: str) -> int:
+    from tether.api.v1 import types_pb2 as t
+    from tether.sdk.cli import _follow, _print_results, console
+    from tether.sdk.spec import load_workflow
+
+    wf = load_workflow(run_file)
+    run = client.submit(wf)
+    console.print(f"run [bold]{run.id}[/] ({wf.name})", highlight=False)
+    final = _follow(client, run.id)
+    _print_results(final)
+    return 0 if final.state == t.RunState.RUN_STATE_SUCCEEDED else 1
+
+
+@click.command("dev")
+@click.option("--agents", default=2, show_default=True, help="Number of local agents.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".tether-dev"),
+              show_default=True, help="etcd data, agent work dirs and logs.")
+@click.option("--listen", default="127.0.0.1:7070", show_default=True,
+              help="Controller address.")
+@click.option("--etcd-port", default=0, help="etcd client port [default: a free port].")
+@click.option("--run", "run_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Run this workflow to completion, print its results, then stop.")
+@click.option("--lease-ttl", default=10, show_default=True, help="Node lease TTL, seconds.")
+@click.option("--log-level", default="info", show_default=True)
+def dev_command(agents, data_dir, listen, etcd_port, run_file, log_level, lease_ttl):
+    """Run a local mesh: etcd, a controller and AGENTS agents, in the foreground."""
+    if agents < 1:
+        raise click.BadParameter("at least one agent", param_hint="--agents")
+    code = asyncio.run(run_dev(agents, data_dir, listen, etcd_port, run_file, log_level, lease_ttl))
+    sys.exit(code)

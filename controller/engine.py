@@ -1,0 +1,849 @@
+"""The workflow engine: the controller's cache of runs, tasks and nodes, and every rule that
+moves them.
+
+etcd is the source of truth. The engine loads unfinished runs at start, keeps them in memory,
+and changes them only through the lifecycle tables, persisting each change with the
+:class:`Committer` (compare-and-swap on ``mod_revision``). Side effects that reach agents
+(assignments, cancellations, acknowledgements) happen only after the change is committed, so a
+controller that dies mid-way leaves etcd in a state the next one resumes from.
+
+Everything here runs on one asyncio loop; methods that are not ``async`` never block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from google.protobuf import duration_pb2, timestamp_pb2
+from opentelemetry import trace
+from tether.api.v1 import agent_pb2
+from tether.api.v1 import types_pb2 as t
+from tether.controller import lifecycle as lc
+from tether.controller.committer import Committer
+from tether.controller.config import ControllerConfig
+from tether.controller.errors import FailedPrecondition, NotFound
+from tether.controller.scheduler import NodeState, first_fit, never_fits
+from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
+from tether.sdk.errors import InvalidSpecError
+from tether.sdk.telemetry import context_from_traceparent, get_logger, traceparent_of
+from tether.sdk.validation import validate_workflow
+
+__all__ = ["AgentSession", "Engine"]
+
+log = get_logger("controller.engine")
+
+_FINAL_REPORTS = {lc.SUCCEEDED, lc.FAILED, lc.CANCELLED}
+_MAX_OUTPUT = 64 * 1024
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def _seconds(d: duration_pb2.Duration) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def new_run_id() -> str:
+    """A run id that sorts by creation time: 12 hex digits of ms, then 8 random."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
+
+
+@dataclass(eq=False)
+class TaskEntry:
+    """A cached task record: the message, its key and last committed mod_revision."""
+
+    key: str
+    msg: t.TaskRun
+    rev: int
+    children: list[str] = field(default_factory=list)
+
+    def serialize(self) -> bytes:
+        return self.msg.SerializeToString()
+
+
+@dataclass(eq=False)
+class RunEntry:
+    key: str
+    msg: t.Run
+    rev: int
+    tasks: dict[str, TaskEntry] = field(default_factory=dict)
+    unfinished: int = 0
+
+    def serialize(self) -> bytes:
+        return self.msg.SerializeToString()
+
+
+class AgentSession:
+    """One connected agent stream: the node it speaks for and its outgoing queue."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.outbox: asyncio.Queue[agent_pb2.ControllerMessage | None] = asyncio.Queue()
+        self.closed = False
+
+    def send(self, msg: agent_pb2.ControllerMessage) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(msg)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.outbox.put_nowait(None)
+
+
+class Engine:
+    """Runs workflows: submit, reconcile, schedule, record results, cancel.
+
+    Args:
+        config: The controller's configuration.
+        store: The etcd store.
+        tracer: Tracer for scheduling and dispatch spans.
+    """
+
+    def __init__(self, config: ControllerConfig, store: Store, tracer: trace.Tracer) -> None:
+        self.config = config
+        self.store = store
+        self.keys = store.keys
+        self.tracer = tracer
+        self.runs: dict[str, RunEntry] = {}
+        self.nodes: dict[str, NodeState] = {}
+        self.ready: dict[tuple[str, str], None] = {}
+        self.committer = Committer(store, self._on_conflict)
+        self._kick = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._reloading: set[str] = set()
+        self.started = time.monotonic()
+
+    # Start and stop -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load unfinished runs and known nodes from etcd, then start the loops."""
+        runs, revision = await self.store.range(self.keys.runs)
+        for kv in runs:
+            msg = t.Run.FromString(kv.value)
+            if msg.state in lc.RUN_TERMINAL:
+                continue
+            await self._load_run(msg, kv.mod_revision)
+        nodes, _ = await self.store.range(self.keys.nodes, revision=revision)
+        for kv in nodes:
+            node = t.Node.FromString(kv.value)
+            st = self._node(node.name)
+            st.lease_id = kv.lease
+        self.committer.start()
+        self._tasks.append(asyncio.create_task(self._schedule_loop(), name="scheduler"))
+        self._tasks.append(
+            asyncio.create_task(self._watch_nodes(revision + 1), name="node-watch")
+        )
+        # Attempts bound to nodes that are gone get a lease TTL to re-register before they are
+        # declared lost: an agent may be reconnecting to this controller right now.
+        orphans = {
+            (r.msg.id, e.msg.spec.name)
+            for r in self.runs.values() for e in r.tasks.values()
+            if e.msg.state in lc.TASK_ACTIVE and e.msg.node not in {kv.key.rsplit("/", 1)[1] for kv in nodes}
+        }
+        if orphans:
+            asyncio.get_running_loop().call_later(
+                self.config.lease_ttl, self._expire_orphans, orphans
+            )
+        for run in list(self.runs.values()):
+            self._reconcile_run(run)
+        self._kick.set()
+        log.info("engine started", runs=len(self.runs), nodes=len(nodes), revision=revision)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.committer.stop()
+        for h in self._timers.values():
+            h.cancel()
+        for node in self.nodes.values():
+            if node.session:
+                node.session.close()
+
+    async def _load_run(self, msg: t.Run, rev: int) -> RunEntry:
+        tasks, _ = await self.store.range(self.keys.tasks_of(msg.id))
+        run = RunEntry(self.keys.run(msg.id), msg, rev)
+        for kv in tasks:
+            tm = t.TaskRun.FromString(kv.value)
+            run.tasks[tm.spec.name] = TaskEntry(kv.key, tm, kv.mod_revision)
+        for e in run.tasks.values():
+            for dep in e.msg.spec.depends_on:
+                if dep in run.tasks:
+                    run.tasks[dep].children.append(e.msg.spec.name)
+            if e.msg.state not in lc.TASK_TERMINAL:
+                run.unfinished += 1
+            if e.msg.state in lc.TASK_ACTIVE:
+                self._account(e, +1)
+        self.runs[msg.id] = run
+        return run
+
+    # Submit -----------------------------------------------------------------------------------
+
+    async def submit(
+        self, spec: t.WorkflowSpec, params: dict[str, str], request_id: str, traceparent: str
+    ) -> tuple[str, bool]:
+        """Validate and store a new run; return (run id, whether it already existed)."""
+        validate_workflow(spec)
+        _validate_request(request_id, params)
+        run_id = new_run_id()
+        now = _now()
+        run_msg = t.Run(
+            id=run_id, workflow_name=spec.name, state=lc.RUN_PENDING, created_at=now,
+            task_count=len(spec.tasks), request_id=request_id, params=params,
+            traceparent=traceparent,
+        )
+        entries: list[TaskEntry] = []
+        for i, ts in enumerate(spec.tasks):
+            msg = t.TaskRun(
+                run_id=run_id, spec=ts, index=i, traceparent=traceparent,
+                state=lc.PENDING if ts.depends_on else lc.READY,
+            )
+            entries.append(TaskEntry(self.keys.task(run_id, ts.name), msg, 0))
+        run = RunEntry(self.keys.run(run_id), run_msg, 0)
+        puts = [Put(e.key, e.serialize()) for e in entries]
+        run_put = Put(run.key, run.serialize())
+        req_key = self.keys.request(request_id) if request_id else ""
+        final = [run_put] + ([Put(req_key, run_id.encode())] if req_key else [])
+        compares = [mod_revision_is(run.key, 0)]
+        if req_key:
+            compares.append(mod_revision_is(req_key, 0))
+        size = sum(len(p.value) + len(p.key) for p in puts + final)
+        if len(puts) + len(final) <= MAX_TXN_OPS and size <= MAX_TXN_BYTES:
+            ops = puts + final
+        else:
+            # Too big for one transaction: write the tasks first, then the run record, which
+            # is the commit point. Tasks without a run record are ignored (and cleaned up).
+            if req_key:
+                existing = await self.store.get(req_key)
+                if existing:
+                    return existing.value.decode(), True
+            chunk: list[Put] = []
+            chunk_size = 0
+            for p in puts:
+                if chunk and (len(chunk) >= MAX_TXN_OPS or chunk_size + len(p.value) > MAX_TXN_BYTES):
+                    await self.store.txn([], chunk)
+                    chunk, chunk_size = [], 0
+                chunk.append(p)
+                chunk_size += len(p.value) + len(p.key)
+            if chunk:
+                await self.store.txn([], chunk)
+            ops = final
+        if req_key:
+            ok, revision, existing = await self.store.txn_get(compares, ops, req_key)
+        else:
+            ok, revision = await self.store.txn(compares, ops)
+            existing = None
+        if not ok:
+            if len(ops) == len(final) and len(puts):
+                await self.store.delete_prefix(self.keys.tasks_of(run_id))
+            if existing is not None:
+                return existing.decode(), True
+            raise FailedPrecondition("run id collision; submit again")
+        run.rev = revision
+        for e in entries:
+            e.rev = revision
+            run.tasks[e.msg.spec.name] = e
+            run.unfinished += 1
+        for e in entries:
+            for dep in e.msg.spec.depends_on:
+                run.tasks[dep].children.append(e.msg.spec.name)
+        self.runs[run_id] = run
+        for e in entries:
+            if e.msg.state == lc.READY:
+                self.ready[(run_id, e.msg.spec.name)] = None
+        self._kick.set()
+        log.info("run submitted", run_id=run_id, workflow=spec.name, tasks=len(entries))
+        return run_id, False
+
+    # Reads ------------------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str, with_tasks: bool = True) -> t.Run:
+        """Return a run (from the cache, or etcd for finished runs no longer cached)."""
+        entry = self.runs.get(run_id)
+        if entry is not None:
+            out = t.Run()
+            out.CopyFrom(entry.msg)
+            if with_tasks:
+                out.tasks.extend(sorted((e.msg for e in entry.tasks.values()), key=lambda m: m.index))
+            return out
+        kv = await self.store.get(self.keys.run(run_id))
+        if kv is None:
+            raise NotFound(f"run {run_id!r} not found")
+        out = t.Run.FromString(kv.value)
+        if with_tasks:
+            tasks, _ = await self.store.range(self.keys.tasks_of(run_id))
+            out.tasks.extend(sorted((t.TaskRun.FromString(x.value) for x in tasks), key=lambda m: m.index))
+        return out
+
+    async def list_nodes(self) -> list[t.Node]:
+        kvs, _ = await self.store.range(self.keys.nodes)
+        out = []
+        for kv in kvs:
+            node = t.Node.FromString(kv.value)
+            st = self.nodes.get(node.name)
+            if st:
+                node.allocated.CopyFrom(st.allocated())
+                node.running_tasks = len(st.attempts)
+            node.lease_id = kv.lease
+            out.append(node)
+        return out
+
+    # Cancel -----------------------------------------------------------------------------------
+
+    def cancel(self, run_id: str, task: str, reason: str) -> None:
+        """Ask to cancel a run, or one task of it (desired state; the engine converges)."""
+        run = self.runs.get(run_id)
+        if run is None:
+            raise NotFound(f"run {run_id!r} not found or already finished")
+        if run.msg.state in lc.RUN_TERMINAL:
+            raise FailedPrecondition(f"run {run_id} already {lc.run_state_name(run.msg.state)}")
+        if task:
+            entry = run.tasks.get(task)
+            if entry is None:
+                raise NotFound(f"task {task!r} not found in run {run_id}")
+            if entry.msg.state in lc.TASK_TERMINAL:
+                raise FailedPrecondition(
+                    f"task {task} already {lc.task_state_name(entry.msg.state)}"
+                )
+            targets = [entry]
+        else:
+            run.msg.cancel_requested = True
+            run.msg.message = reason or "cancelled by user"
+            self.committer.mark(run)
+            targets = [e for e in run.tasks.values() if e.msg.state not in lc.TASK_TERMINAL]
+        for e in targets:
+            self._cancel_task(run, e, reason or "cancelled by user")
+        self._finish_run_if_done(run)
+
+    def _cancel_task(self, run: RunEntry, e: TaskEntry, reason: str) -> None:
+        st = e.msg.state
+        if st in lc.TASK_TERMINAL:
+            return  # e.g. skipped because an upstream task was cancelled a moment ago
+        e.msg.cancel_requested = True
+        if st in lc.TASK_ACTIVE:
+            node = self.nodes.get(e.msg.node)
+            ref = agent_pb2.AttemptRef(run_id=run.msg.id, task=e.msg.spec.name, attempt=e.msg.attempt)
+            grace = duration_pb2.Duration()
+            grace.FromNanoseconds(int(self.config.cancel_grace * 1e9))
+            if node and node.session:
+                node.session.send(agent_pb2.ControllerMessage(
+                    cancel=agent_pb2.CancelTask(ref=ref, reason=reason, grace=grace)
+                ))
+            self.committer.mark(e)
+            return  # the agent's CANCELLED report finishes it
+        self.ready.pop((run.msg.id, e.msg.spec.name), None)
+        timer = self._timers.pop((run.msg.id, e.msg.spec.name), None)
+        if timer:
+            timer.cancel()
+        e.msg.message = reason
+        self._finish_task(run, e, lc.CANCELLED)
+
+    # Agents -----------------------------------------------------------------------------------
+
+    async def register(self, session: AgentSession, reg: agent_pb2.Register) -> agent_pb2.Registered:
+        """Record a node, bind it to a lease, apply its pending reports, reconcile its attempts."""
+        st = self._node(reg.node)
+        old = st.session
+        if old is not None and old is not session:
+            old.close()
+        lease = 0
+        if st.lease_id:
+            try:
+                if await self.store.keepalive(st.lease_id) > 0:
+                    lease = st.lease_id
+            except Exception:
+                lease = 0
+        if not lease:
+            lease = await self.store.grant_lease(self.config.lease_ttl)
+        node = t.Node(
+            name=reg.node, capacity=reg.capacity, gpus=reg.gpus, labels=reg.labels,
+            agent_version=reg.agent_version, runtime=reg.runtime, registered_at=_now(),
+            lease_id=lease, max_tasks=reg.max_tasks,
+        )
+        await self.store.txn([], [Put(self.keys.node(reg.node), node.SerializeToString(), lease)])
+        st.capacity.CopyFrom(reg.capacity)
+        st.gpu_indices = sorted(g.index for g in reg.gpus)
+        st.labels = dict(reg.labels)
+        st.max_tasks = reg.max_tasks
+        st.lease_id = lease
+        st.session = session
+        for report in reg.pending_reports:
+            self.on_status(session, report)
+        running = {(r.run_id, r.task, r.attempt) for r in reg.running}
+        for (run_id, name) in list(st.attempts):
+            run = self.runs.get(run_id)
+            e = run.tasks.get(name) if run else None
+            if e is None or e.msg.node != reg.node:
+                continue
+            ref = (run_id, name, e.msg.attempt)
+            if ref in running:
+                if e.msg.state == lc.SCHEDULED:
+                    self._mark_running(run, e, None)
+            elif e.msg.state == lc.SCHEDULED:
+                self._send_assignment(run, e)  # the agent never got it
+            else:
+                self._lose(run, e, f"node {reg.node} restarted without the attempt")
+        for run_id, name, attempt in running:
+            run = self.runs.get(run_id)
+            e = run.tasks.get(name) if run else None
+            if e is None or e.msg.attempt != attempt or e.msg.node != reg.node or \
+                    e.msg.state not in lc.TASK_ACTIVE:
+                self._send_cancel(session, run_id, name, attempt, "stale attempt")
+        self._kick.set()
+        interval = duration_pb2.Duration()
+        interval.FromNanoseconds(int(self.config.heartbeat_interval * 1e9))
+        ttl = duration_pb2.Duration(seconds=self.config.lease_ttl)
+        log.info("node registered", node=reg.node, cpu=reg.capacity.cpu, gpus=len(reg.gpus))
+        return agent_pb2.Registered(heartbeat_interval=interval, lease_ttl=ttl)
+
+    async def heartbeat(self, session: AgentSession) -> bool:
+        """Keep the node's lease alive; False when it has expired (the agent must re-register)."""
+        st = self.nodes.get(session.node)
+        if st is None or st.session is not session:
+            return False
+        ttl = await self.store.keepalive(st.lease_id)
+        return ttl > 0
+
+    def disconnected(self, session: AgentSession) -> None:
+        """The agent's stream ended. Its node stays until the lease expires."""
+        st = self.nodes.get(session.node)
+        if st is not None and st.session is session:
+            st.session = None
+        session.close()
+
+    def on_status(self, session: AgentSession, s: agent_pb2.TaskStatus) -> None:
+        """Apply an agent's report about one attempt, fenced by the attempt number."""
+        run = self.runs.get(s.ref.run_id)
+        e = run.tasks.get(s.ref.task) if run else None
+        final = s.state in _FINAL_REPORTS
+        stale = (
+            e is None or s.ref.attempt != e.msg.attempt or e.msg.node != session.node
+            or e.msg.state not in lc.TASK_ACTIVE
+        )
+        if stale:
+            if final:
+                self._ack(session, s.ref)
+            else:
+                self._send_cancel(session, s.ref.run_id, s.ref.task, s.ref.attempt, "stale attempt")
+            return
+        assert run is not None and e is not None
+        if s.state == lc.RUNNING:
+            self._mark_running(run, e, s)
+            return
+        if not final:
+            log.warning("ignoring report", state=s.state, task=s.ref.task)
+            return
+        self._record_result(run, e, s, session)
+
+    def _mark_running(self, run: RunEntry, e: TaskEntry, s: agent_pb2.TaskStatus | None) -> None:
+        if e.msg.state != lc.SCHEDULED:
+            return
+        lc.move_task(e.msg, lc.RUNNING)
+        started = s.started_at if s and s.HasField("started_at") else _now()
+        e.msg.started_at.CopyFrom(started)
+        if e.msg.attempts:
+            e.msg.attempts[-1].state = lc.RUNNING
+            e.msg.attempts[-1].started_at.CopyFrom(started)
+        self.committer.mark(e)
+
+    def _record_result(
+        self, run: RunEntry, e: TaskEntry, s: agent_pb2.TaskStatus, session: AgentSession
+    ) -> None:
+        m = e.msg
+        att = m.attempts[-1] if m.attempts else m.attempts.add(number=m.attempt)
+        att.state = s.state
+        att.exit_code = s.exit_code
+        att.reason = s.reason
+        att.message = s.message
+        if s.HasField("started_at"):
+            att.started_at.CopyFrom(s.started_at)
+            m.started_at.CopyFrom(s.started_at)
+        finished = s.finished_at if s.HasField("finished_at") else _now()
+        att.finished_at.CopyFrom(finished)
+        m.exit_code = s.exit_code
+        m.reason = s.reason
+        m.message = s.message
+        m.stdout_tail = s.stdout_tail[-4096:]
+        m.stderr_tail = s.stderr_tail[-4096:]
+        self._account(e, -1)
+        with self.tracer.start_as_current_span(
+            f"record {m.spec.name}", context=context_from_traceparent(m.traceparent),
+            attributes={"tether.run_id": run.msg.id, "tether.task": m.spec.name,
+                        "tether.attempt": m.attempt, "tether.state": lc.task_state_name(s.state),
+                        "tether.exit_code": s.exit_code},
+        ):
+            ack = self._acker(session, s.ref)
+            if s.state == lc.SUCCEEDED:
+                if len(s.outputs_json) > _MAX_OUTPUT:
+                    att.state = lc.FAILED
+                    att.reason = m.reason = "output"
+                    m.message = att.message = f"output larger than {_MAX_OUTPUT} bytes"
+                    self._fail_or_retry(run, e, ack)
+                    return
+                m.outputs_json = s.outputs_json
+                m.finished_at.CopyFrom(finished)
+                self._finish_task(run, e, lc.SUCCEEDED, ack)
+            elif s.state == lc.CANCELLED or m.cancel_requested:
+                m.finished_at.CopyFrom(finished)
+                self._finish_task(run, e, lc.CANCELLED, ack)
+            else:
+                self._fail_or_retry(run, e, ack)
+
+    def _fail_or_retry(self, run: RunEntry, e: TaskEntry, ack: Callable[[], None] | None) -> None:
+        m = e.msg
+        failures = m.attempt - m.lost_attempts
+        if failures <= m.spec.retries and not m.cancel_requested:
+            delay = self._backoff(m.spec, failures)
+            lc.move_task(m, lc.RETRYING)
+            nb = timestamp_pb2.Timestamp()
+            nb.FromNanoseconds(int((time.time() + delay) * 1e9))
+            m.not_before.CopyFrom(nb)
+            self.committer.mark(e, ack)
+            self._arm_retry(run, e, delay)
+            log.info("task retrying", run_id=run.msg.id, task=m.spec.name, attempt=m.attempt,
+                     delay=round(delay, 3), reason=m.reason)
+        else:
+            m.finished_at.CopyFrom(_now())
+            self._finish_task(run, e, lc.FAILED, ack)
+
+    def _backoff(self, spec: t.TaskSpec, failures: int) -> float:
+        b = spec.backoff
+        initial = _seconds(b.initial) if b.HasField("initial") else self.config.retry_initial
+        factor = b.factor or self.config.retry_factor
+        cap = _seconds(b.max) if b.HasField("max") and _seconds(b.max) > 0 else self.config.retry_max
+        jitter = b.jitter if spec.HasField("backoff") else self.config.retry_jitter
+        delay = min(initial * factor ** max(failures - 1, 0), cap)
+        return max(0.0, delay * (1 + jitter * (2 * random.random() - 1)))
+
+    def _arm_retry(self, run: RunEntry, e: TaskEntry, delay: float) -> None:
+        key = (run.msg.id, e.msg.spec.name)
+        old = self._timers.pop(key, None)
+        if old:
+            old.cancel()
+        self._timers[key] = asyncio.get_running_loop().call_later(delay, self._retry_due, key)
+
+    def _retry_due(self, key: tuple[str, str]) -> None:
+        self._timers.pop(key, None)
+        run = self.runs.get(key[0])
+        e = run.tasks.get(key[1]) if run else None
+        if e is None or e.msg.state not in (lc.RETRYING, lc.LOST):
+            return
+        lc.move_task(e.msg, lc.READY)
+        self.committer.mark(e)
+        self.ready[key] = None
+        self._kick.set()
+
+    def _lose(self, run: RunEntry, e: TaskEntry, why: str) -> None:
+        """The attempt's node is gone: LOST, then READY again (not counted as a failure)."""
+        m = e.msg
+        self._account(e, -1)
+        if m.attempts:
+            m.attempts[-1].state = lc.LOST
+            m.attempts[-1].reason = "node_lost"
+            m.attempts[-1].message = why
+            m.attempts[-1].finished_at.CopyFrom(_now())
+        m.reason, m.message = "node_lost", why
+        if m.cancel_requested:
+            lc.move_task(m, lc.CANCELLED)
+            m.finished_at.CopyFrom(_now())
+            self._finish_task(run, e, lc.CANCELLED, already_moved=True)
+            return
+        lc.move_task(m, lc.LOST)
+        m.lost_attempts += 1
+        self.committer.mark(e)
+        log.warning("attempt lost", run_id=run.msg.id, task=m.spec.name, attempt=m.attempt, why=why)
+        self._arm_retry(run, e, 0.0)
+
+    def _expire_orphans(self, orphans: set[tuple[str, str]]) -> None:
+        for run_id, name in orphans:
+            run = self.runs.get(run_id)
+            e = run.tasks.get(name) if run else None
+            if e is None or e.msg.state not in lc.TASK_ACTIVE:
+                continue
+            node = self.nodes.get(e.msg.node)
+            if node is None or node.session is None:
+                self._lose(run, e, f"node {e.msg.node} did not come back")
+
+    def _node_deleted(self, name: str) -> None:
+        st = self.nodes.get(name)
+        if st is None:
+            return
+        if st.session is not None:
+            st.session.close()
+            st.session = None
+        st.lease_id = 0
+        for run_id, task in list(st.attempts):
+            run = self.runs.get(run_id)
+            e = run.tasks.get(task) if run else None
+            if e is not None and e.msg.state in lc.TASK_ACTIVE and e.msg.node == name:
+                self._lose(run, e, f"node {name} lost (lease expired)")
+        log.warning("node lost", node=name)
+
+    async def _watch_nodes(self, revision: int) -> None:
+        while True:
+            try:
+                async for ev in self.store.watch(self.keys.nodes, revision):
+                    revision = ev.revision + 1
+                    if ev.deleted:
+                        self._node_deleted(ev.key.rsplit("/", 1)[1])
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("node watch broke; resuming", error=str(e))
+                await asyncio.sleep(0.5)
+
+    def _ack(self, session: AgentSession, ref: agent_pb2.AttemptRef) -> None:
+        session.send(agent_pb2.ControllerMessage(ack=agent_pb2.StatusAck(ref=ref)))
+
+    def _acker(self, session: AgentSession, ref: agent_pb2.AttemptRef) -> Callable[[], None]:
+        r = agent_pb2.AttemptRef()
+        r.CopyFrom(ref)
+        return lambda: self._ack(session, r)
+
+    def _send_cancel(self, session: AgentSession, run_id: str, task: str, attempt: int, reason: str) -> None:
+        grace = duration_pb2.Duration()
+        grace.FromNanoseconds(int(self.config.cancel_grace * 1e9))
+        session.send(agent_pb2.ControllerMessage(cancel=agent_pb2.CancelTask(
+            ref=agent_pb2.AttemptRef(run_id=run_id, task=task, attempt=attempt),
+            reason=reason, grace=grace,
+        )))
+
+    # Reconcile ------------------------------------------------------------------------------
+
+    def _reconcile_run(self, run: RunEntry) -> None:
+        """Bring a loaded run forward: ready what can run, skip what can't, re-arm timers."""
+        if run.msg.cancel_requested:
+            for e in list(run.tasks.values()):
+                if e.msg.state not in lc.TASK_TERMINAL:
+                    self._cancel_task(run, e, run.msg.message or "cancelled by user")
+        for e in sorted(run.tasks.values(), key=lambda x: x.msg.index):
+            m = e.msg
+            if m.state == lc.PENDING:
+                self._advance(run, e)
+            elif m.state == lc.READY:
+                self.ready[(run.msg.id, m.spec.name)] = None
+            elif m.state in (lc.RETRYING, lc.LOST):
+                delay = max(0.0, m.not_before.ToNanoseconds() / 1e9 - time.time())
+                self._arm_retry(run, e, delay if m.state == lc.RETRYING else 0.0)
+        self._finish_run_if_done(run)
+
+    def _advance(self, run: RunEntry, e: TaskEntry) -> None:
+        """Move a PENDING task to READY or SKIPPED once its upstream allows."""
+        if e.msg.state != lc.PENDING:
+            return
+        blocked = False
+        for dep in e.msg.spec.depends_on:
+            d = run.tasks[dep].msg
+            if d.state == lc.SUCCEEDED or (d.state == lc.FAILED and d.spec.allow_failure):
+                continue
+            if d.state in lc.TASK_TERMINAL:
+                e.msg.message = f"upstream task {dep} {lc.task_state_name(d.state).lower()}"
+                self._finish_task(run, e, lc.SKIPPED)
+                return
+            blocked = True
+        if blocked:
+            return
+        lc.move_task(e.msg, lc.READY)
+        self.committer.mark(e)
+        self.ready[(run.msg.id, e.msg.spec.name)] = None
+        self._kick.set()
+
+    def _finish_task(
+        self, run: RunEntry, e: TaskEntry, state: int, ack: Callable[[], None] | None = None,
+        already_moved: bool = False,
+    ) -> None:
+        if not already_moved:
+            lc.move_task(e.msg, state)
+        if not e.msg.HasField("finished_at"):
+            e.msg.finished_at.CopyFrom(_now())
+        run.unfinished -= 1
+        self.committer.mark(e, ack)
+        for child in e.children:
+            self._advance(run, run.tasks[child])
+        self._finish_run_if_done(run)
+
+    def _finish_run_if_done(self, run: RunEntry) -> None:
+        if run.unfinished > 0 or run.msg.state in lc.RUN_TERMINAL:
+            return
+        states = [e.msg for e in run.tasks.values()]
+        if run.msg.cancel_requested:
+            final = lc.RUN_CANCELLED
+        elif any(
+            (m.state == lc.FAILED and not m.spec.allow_failure)
+            or m.state in (lc.CANCELLED, lc.SKIPPED)
+            for m in states
+        ):
+            final = lc.RUN_FAILED
+            failed = [m.spec.name for m in states if m.state == lc.FAILED and not m.spec.allow_failure]
+            run.msg.message = run.msg.message or (
+                f"failed tasks: {', '.join(failed)}" if failed else "tasks were cancelled"
+            )
+        else:
+            final = lc.RUN_SUCCEEDED
+        lc.move_run(run.msg, final)
+        run.msg.finished_at.CopyFrom(_now())
+        self.committer.mark(run)
+        log.info("run finished", run_id=run.msg.id, state=lc.run_state_name(final))
+
+    # Scheduling -------------------------------------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            try:
+                self._schedule_pass()
+            except Exception:
+                log.exception("scheduling pass failed")
+            await asyncio.sleep(0)
+
+    def _schedule_pass(self) -> None:
+        nodes = sorted((n for n in self.nodes.values() if n.schedulable), key=lambda n: n.name)
+        if not self.ready:
+            return
+        full: set[tuple[float, int, int]] = set()
+        for key in list(self.ready):
+            run = self.runs.get(key[0])
+            e = run.tasks.get(key[1]) if run else None
+            if e is None or e.msg.state != lc.READY:
+                self.ready.pop(key, None)
+                continue
+            r = e.msg.spec.resources
+            shape = (r.cpu, r.memory_bytes, r.gpu)
+            if shape in full:
+                continue
+            placement = first_fit(r, nodes)
+            if placement is None:
+                full.add(shape)
+                why = never_fits(r, nodes)
+                if why and e.msg.waiting_reason != why:
+                    e.msg.waiting_reason = why
+                    self.committer.mark(e)
+                continue
+            self.ready.pop(key, None)
+            self._bind(run, e, placement.node, placement.gpu_indices)
+
+    def _bind(self, run: RunEntry, e: TaskEntry, node: NodeState, gpus: list[int]) -> None:
+        m = e.msg
+        lc.move_task(m, lc.SCHEDULED)
+        m.attempt += 1
+        m.node = node.name
+        m.waiting_reason = ""
+        m.ClearField("not_before")
+        m.attempts.add(number=m.attempt, node=node.name, state=lc.SCHEDULED,
+                       scheduled_at=_now(), gpu_indices=gpus)
+        self._account(e, +1)
+        if run.msg.state == lc.RUN_PENDING:
+            lc.move_run(run.msg, lc.RUN_RUNNING)
+            run.msg.started_at.CopyFrom(_now())
+            self.committer.mark(run)
+        self.committer.mark(e, lambda: self._send_assignment(run, e))
+
+    def _send_assignment(self, run: RunEntry, e: TaskEntry) -> None:
+        m = e.msg
+        if m.state not in lc.TASK_ACTIVE:
+            return
+        node = self.nodes.get(m.node)
+        if node is None or node.session is None:
+            return  # sent again when the node registers; lost if it never does
+        upstream = {d: run.tasks[d].msg.outputs_json for d in m.spec.depends_on}
+        with self.tracer.start_as_current_span(
+            f"dispatch {m.spec.name}", context=context_from_traceparent(m.traceparent),
+            kind=trace.SpanKind.PRODUCER,
+            attributes={"tether.run_id": run.msg.id, "tether.task": m.spec.name,
+                        "tether.attempt": m.attempt, "tether.node": m.node},
+        ) as span:
+            gpus = list(m.attempts[-1].gpu_indices) if m.attempts else []
+            node.session.send(agent_pb2.ControllerMessage(assign=agent_pb2.AssignTask(
+                ref=agent_pb2.AttemptRef(run_id=run.msg.id, task=m.spec.name, attempt=m.attempt),
+                spec=m.spec, upstream_outputs=upstream, gpu_indices=gpus,
+                traceparent=traceparent_of(span), params=run.msg.params,
+            )))
+
+    def _node(self, name: str) -> NodeState:
+        st = self.nodes.get(name)
+        if st is None:
+            st = self.nodes[name] = NodeState(name)
+        return st
+
+    def _account(self, e: TaskEntry, sign: int) -> None:
+        """Add (+1) or remove (-1) an attempt's resources on its node."""
+        node = self._node(e.msg.node)
+        key = (e.msg.run_id, e.msg.spec.name)
+        r = e.msg.spec.resources
+        if sign > 0:
+            if key in node.attempts:
+                return
+            node.attempts.add(key)
+            node.cpu_used += r.cpu
+            node.memory_used += r.memory_bytes
+            if e.msg.attempts:
+                node.gpus_used.update(e.msg.attempts[-1].gpu_indices)
+        else:
+            if key not in node.attempts:
+                return
+            node.attempts.discard(key)
+            node.cpu_used = max(0.0, node.cpu_used - r.cpu)
+            node.memory_used = max(0, node.memory_used - r.memory_bytes)
+            if e.msg.attempts:
+                node.gpus_used.difference_update(e.msg.attempts[-1].gpu_indices)
+            self._kick.set()
+
+    # Conflicts --------------------------------------------------------------------------------
+
+    def _on_conflict(self, records: list) -> None:
+        run_ids = set()
+        for r in records:
+            if isinstance(r, RunEntry):
+                run_ids.add(r.msg.id)
+            elif isinstance(r, TaskEntry):
+                run_ids.add(r.msg.run_id)
+        for run_id in run_ids - self._reloading:
+            self._reloading.add(run_id)
+            asyncio.get_running_loop().create_task(self._reload(run_id))
+
+    async def _reload(self, run_id: str) -> None:
+        """Someone else wrote this run: drop the cached copy and rebuild it from etcd."""
+        try:
+            old = self.runs.pop(run_id, None)
+            if old:
+                for e in old.tasks.values():
+                    self._account(e, -1)
+                    self.ready.pop((run_id, e.msg.spec.name), None)
+            kv = await self.store.get(self.keys.run(run_id))
+            if kv is None:
+                return
+            run = await self._load_run(t.Run.FromString(kv.value), kv.mod_revision)
+            self._reconcile_run(run)
+            self._kick.set()
+        finally:
+            self._reloading.discard(run_id)
+
+
+def _validate_request(request_id: str, params: dict[str, str]) -> None:
+    from tether.sdk.validation import FieldViolation
+
+    problems = []
+    if len(request_id) > 128 or any(not c.isprintable() for c in request_id):
+        problems.append(FieldViolation("request_id", "at most 128 printable characters"))
+    for k, v in params.items():
+        if not k or len(k) > 128:
+            problems.append(FieldViolation(f"params.{k}", "keys must be 1-128 characters"))
+        if len(v) > 4096:
+            problems.append(FieldViolation(f"params.{k}", "values must be at most 4 KiB"))
+    if problems:
+        raise InvalidSpecError(problems)

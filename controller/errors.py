@@ -1,0 +1,87 @@
+"""Domain errors of the controller and their one mapping to gRPC status codes."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import grpc
+from tether.sdk.errors import InvalidSpecError
+from tether.sdk.telemetry import get_logger
+
+__all__ = ["Conflict", "FailedPrecondition", "NotFound", "StoreUnavailable", "grpc_errors"]
+
+log = get_logger("controller.errors")
+
+
+class NotFound(Exception):
+    """The named run, task or node does not exist."""
+
+
+class FailedPrecondition(Exception):
+    """The object's state forbids the request."""
+
+
+class Conflict(Exception):
+    """An etcd compare failed: someone else changed the record first."""
+
+
+class StoreUnavailable(Exception):
+    """etcd cannot be reached."""
+
+
+class OutOfRange(Exception):
+    """A revision or page token is no longer available."""
+
+
+_CODES: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidSpecError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Conflict: grpc.StatusCode.ABORTED,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+}
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    for cls, code in _CODES.items():
+        if isinstance(exc, cls):
+            return code, str(exc)
+    from etcd3aio import EtcdError
+
+    if isinstance(exc, EtcdError | ConnectionError | OSError):
+        return grpc.StatusCode.UNAVAILABLE, f"etcd unavailable: {exc}"
+    log.exception("internal error", error=repr(exc))
+    return grpc.StatusCode.INTERNAL, "internal error (see controller log)"
+
+
+def grpc_errors(fn: Callable) -> Callable:
+    """Turn domain exceptions raised by an RPC handler into gRPC statuses."""
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream(self, request, context):
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                code, msg = _status_for(exc)
+                await context.abort(code, msg)
+
+        return stream
+
+    @functools.wraps(fn)
+    async def unary(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            code, msg = _status_for(exc)
+            await context.abort(code, msg)
+
+    return unary

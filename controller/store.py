@@ -1,0 +1,268 @@
+"""Tether's small window onto etcd: keys, typed records, transactions, leases, watches.
+
+Everything the controller persists goes through this module, so the etcd client library
+(etcd3aio) can be swapped without touching the engine. Values are serialized protobuf.
+
+Key layout under the configured prefix ``P``::
+
+    P/nodes/<node>          Node     (bound to the node's lease)
+    P/runs/<run>            Run      (no tasks inside: they are keys of their own)
+    P/tasks/<run>/<task>    TaskRun
+    P/requests/<sha256>     run id   (idempotent submit)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from etcd3aio import Etcd3Client, EtcdError, SortOrder, prefix_range_end
+from etcd3aio._protobuf import Compare, RequestOp, rpc_pb2
+from tether.controller.errors import StoreUnavailable
+
+__all__ = ["Delete", "Event", "KeyValue", "Keys", "Put", "Store"]
+
+# etcd refuses a transaction with more than 128 operations (--max-txn-ops) and a request
+# above 1.5 MiB (--max-request-bytes); stay well inside both.
+MAX_TXN_OPS = 120
+MAX_TXN_BYTES = 1024 * 1024
+_RANGE_PAGE = 1000
+
+
+class Keys:
+    """The key layout under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.nodes = f"{prefix}/nodes/"
+        self.runs = f"{prefix}/runs/"
+        self.tasks = f"{prefix}/tasks/"
+        self.requests = f"{prefix}/requests/"
+
+    def node(self, name: str) -> str:
+        return self.nodes + name
+
+    def run(self, run_id: str) -> str:
+        return self.runs + run_id
+
+    def tasks_of(self, run_id: str) -> str:
+        return f"{self.tasks}{run_id}/"
+
+    def task(self, run_id: str, task: str) -> str:
+        return f"{self.tasks}{run_id}/{task}"
+
+    def request(self, request_id: str) -> str:
+        return self.requests + hashlib.sha256(request_id.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    mod_revision: int
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+    prefix: bool = False
+
+
+@dataclass(frozen=True)
+class Event:
+    """One watched change. ``value`` is empty for a delete."""
+
+    key: str
+    value: bytes
+    revision: int
+    deleted: bool
+    prev_value: bytes = b""
+
+
+def mod_revision_is(key: str, revision: int) -> Compare:
+    """Compare that holds when the key's mod_revision equals ``revision`` (0: key absent)."""
+    return Compare(
+        key=key.encode(),
+        target=Compare.CompareTarget.MOD,
+        result=Compare.CompareResult.EQUAL,
+        mod_revision=revision,
+    )
+
+
+def _op(op: Put | Delete) -> RequestOp:
+    if isinstance(op, Put):
+        return RequestOp(
+            request_put=rpc_pb2.PutRequest(key=op.key.encode(), value=op.value, lease=op.lease)
+        )
+    end = prefix_range_end(op.key.encode()) if op.prefix else b""
+    return RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=op.key.encode(), range_end=end))
+
+
+class Store:
+    """Async access to etcd under one key prefix.
+
+    Args:
+        endpoints: ``host:port`` of etcd members.
+        prefix: Key prefix for every record.
+        timeout: Deadline of each etcd call, seconds.
+    """
+
+    def __init__(self, endpoints: Sequence[str], prefix: str, timeout: float = 5.0) -> None:
+        self.keys = Keys(prefix)
+        self._client = Etcd3Client(list(endpoints), rpc_max_attempts=3)
+        self._timeout = timeout
+        self.txn_count = 0
+        self.put_count = 0
+        self.max_request_bytes = 0
+
+    async def connect(self) -> None:
+        await self._client.connect()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def wait_ready(self, deadline: float = 30.0) -> None:
+        """Wait until etcd answers, or raise StoreUnavailable."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        while True:
+            try:
+                await self._client.kv.get(self.keys.prefix, timeout=1.0, max_attempts=1)
+                return
+            except (EtcdError, TimeoutError) as e:
+                if loop.time() > end:
+                    raise StoreUnavailable(f"etcd not reachable: {e}") from e
+                await asyncio.sleep(0.2)
+
+    async def get(self, key: str) -> KeyValue | None:
+        resp = await self._client.kv.get(key, timeout=self._timeout)
+        if not resp.kvs:
+            return None
+        kv = resp.kvs[0]
+        return KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.lease)
+
+    async def range(
+        self, prefix: str, *, limit: int = 0, start: str | None = None, newest_first: bool = False,
+        revision: int = 0,
+    ) -> tuple[list[KeyValue], int]:
+        """Return the keys under ``prefix`` (paged internally) and the read's revision.
+
+        ``start`` continues after a key: for ascending order, keys > start; for
+        ``newest_first`` (descending by key), keys < start.
+        """
+        out: list[KeyValue] = []
+        end = prefix_range_end(prefix.encode())
+        lo: bytes = prefix.encode()
+        hi: bytes = end
+        if start is not None:
+            if newest_first:
+                hi = start.encode()
+            else:
+                lo = start.encode() + b"\x00"
+        header_rev = revision
+        while True:
+            want = _RANGE_PAGE if not limit else min(_RANGE_PAGE, limit - len(out))
+            resp = await self._client.kv.get(
+                lo, range_end=hi, limit=want, revision=header_rev, timeout=self._timeout,
+                sort_order=SortOrder.DESCEND if newest_first else SortOrder.ASCEND,
+            )
+            header_rev = header_rev or resp.header.revision
+            for kv in resp.kvs:
+                out.append(KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.lease))
+            if not resp.more or not resp.kvs or (limit and len(out) >= limit):
+                return out, header_rev
+            last = resp.kvs[-1].key
+            if newest_first:
+                hi = last
+            else:
+                lo = last + b"\x00"
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        ops: Sequence[Put | Delete],
+        failure: Sequence[Put | Delete] = (),
+    ) -> tuple[bool, int]:
+        """Run one transaction; return (succeeded, revision after it)."""
+        request_ops = [_op(o) for o in ops]
+        size = sum(len(o.value) + len(o.key) for o in ops if isinstance(o, Put))
+        self.max_request_bytes = max(self.max_request_bytes, size)
+        self.txn_count += 1
+        self.put_count += sum(1 for o in ops if isinstance(o, Put))
+        resp = await self._client.kv.txn(
+            compares, request_ops, [_op(o) for o in failure], timeout=self._timeout
+        )
+        return resp.succeeded, resp.header.revision
+
+    async def txn_get(self, compares: Sequence[Compare], ops: Sequence[Put | Delete], get_on_failure: str):
+        """Like :meth:`txn`; on failure return the value of ``get_on_failure``."""
+        request_ops = [_op(o) for o in ops]
+        self.txn_count += 1
+        self.put_count += sum(1 for o in ops if isinstance(o, Put))
+        resp = await self._client.kv.txn(
+            compares, request_ops,
+            [RequestOp(request_range=rpc_pb2.RangeRequest(key=get_on_failure.encode()))],
+            timeout=self._timeout,
+        )
+        if resp.succeeded:
+            return True, resp.header.revision, None
+        kvs = resp.responses[0].response_range.kvs
+        return False, resp.header.revision, (kvs[0].value if kvs else None)
+
+    async def delete_prefix(self, prefix: str) -> None:
+        await self._client.kv.delete(prefix, range_end=prefix_range_end(prefix.encode()),
+                                     timeout=self._timeout)
+
+    # Leases -------------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        resp = await self._client.lease.grant(ttl, timeout=self._timeout)
+        return resp.ID
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Refresh a lease once; return its TTL, or 0 when it has expired."""
+        call = self._client.lease.keep_alive(lease_id)
+        try:
+            async with asyncio.timeout(self._timeout):
+                async for resp in call:
+                    return max(resp.TTL, 0)
+        finally:
+            call.cancel()
+        return 0
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        await self._client.lease.revoke(lease_id, timeout=self._timeout)
+
+    # Watches ------------------------------------------------------------------------------
+
+    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[Event]:
+        """Yield every change under ``prefix`` from ``start_revision`` on (reconnecting)."""
+        stream = self._client.watch.watch(
+            prefix, range_end=prefix_range_end(prefix.encode()), start_revision=start_revision,
+            prev_kv=True,
+        )
+        async for resp in stream:
+            if resp.compact_revision:
+                from tether.controller.errors import OutOfRange
+
+                raise OutOfRange(
+                    f"revision {start_revision} was compacted (oldest is {resp.compact_revision})"
+                )
+            for ev in resp.events:
+                yield Event(
+                    key=ev.kv.key.decode(),
+                    value=ev.kv.value,
+                    revision=ev.kv.mod_revision,
+                    deleted=ev.type == 1,
+                    prev_value=ev.prev_kv.value if ev.HasField("prev_kv") else b"",
+                )

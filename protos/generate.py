@@ -1,0 +1,66 @@
+"""Regenerate the Python code for the Tether API from ``protos/tether/v1``.
+
+Run ``python protos/generate.py`` after changing a ``.proto`` file. The output
+lands in ``protos/python`` (installed as ``tether.api``) and is committed; a
+test regenerates into a temporary directory and fails if the two differ.
+
+protoc names modules after proto paths (``tether.v1``), while the installed
+package is ``tether.api.v1``; the import lines are rewritten here, in the one
+place that produces the code, so nobody edits generated files by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SOURCES = sorted((HERE / "tether" / "v1").glob("*.proto"))
+DEFAULT_OUT = HERE / "python"
+_IMPORT = re.compile(r"^from tether\.v1 import", re.MULTILINE)
+
+
+def generate(out: Path) -> None:
+    """Write the generated package (``__init__.py`` and ``v1/``) under ``out``."""
+    import grpc_tools
+    from grpc_tools import protoc
+
+    include = Path(grpc_tools.__file__).parent / "_proto"
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [
+            "protoc",
+            f"-I{HERE}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *(str(p.relative_to(HERE)) for p in SOURCES),
+        ]
+        if protoc.main(args) != 0:
+            raise SystemExit("protoc failed")
+        v1 = out / "v1"
+        if v1.exists():
+            shutil.rmtree(v1)
+        v1.mkdir(parents=True)
+        for f in sorted((Path(tmp) / "tether" / "v1").iterdir()):
+            text = _IMPORT.sub("from tether.api.v1 import", f.read_text())
+            (v1 / f.name).write_text(text)
+    (out / "__init__.py").write_text('"""Generated Tether API (see protos/generate.py)."""\n')
+    (v1 / "__init__.py").write_text(
+        '"""Generated code for the tether.v1 protos. Do not edit: run protos/generate.py."""\n'
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    generate(parser.parse_args().out)
+    print(f"generated {len(SOURCES)} protos into {parser.parse_args().out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generated Tether API (see protos/generate.py)."""

@@ -1,0 +1,29 @@
+"""The Tether SDK: build and submit workflows, follow their runs.
+
+    from tether.sdk import Client, Workflow
+"""
+
+from tether.sdk.client import Client, RunHandle
+from tether.sdk.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidSpecError,
+    NotFoundError,
+    TetherError,
+    UnavailableError,
+)
+from tether.sdk.spec import Task, Workflow, load_workflow
+
+__all__ = [
+    "AlreadyExistsError",
+    "Client",
+    "FailedPreconditionError",
+    "InvalidSpecError",
+    "NotFoundError",
+    "RunHandle",
+    "Task",
+    "TetherError",
+    "UnavailableError",
+    "Workflow",
+    "load_workflow",
+]

@@ -1,0 +1,275 @@
+"""The ``tether`` command.
+
+Client subcommands live here; ``controller``, ``agent`` and ``dev`` are contributed by their
+packages through the ``tether.commands`` entry-point group and imported only when run, so a
+client-only install has a working ``tether``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from importlib.metadata import entry_points
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from tether.api.v1 import types_pb2 as t
+from tether.sdk.client import DEFAULT_CONTROLLER, TERMINAL_RUN_STATES, Client
+from tether.sdk.errors import TetherError
+from tether.sdk.quantities import format_duration, format_memory
+from tether.sdk.spec import load_workflow
+
+console = Console()
+err_console = Console(stderr=True)
+
+_STATE_STYLE = {
+    "SUCCEEDED": "green", "FAILED": "red", "RUNNING": "cyan", "SCHEDULED": "blue",
+    "READY": "white", "PENDING": "dim", "RETRYING": "yellow", "CANCELLED": "magenta",
+    "SKIPPED": "dim", "LOST": "yellow",
+}
+
+
+def _state(name: int, run: bool = False) -> str:
+    s = (t.RunState.Name(name).removeprefix("RUN_STATE_") if run
+         else t.TaskState.Name(name).removeprefix("TASK_STATE_"))
+    return f"[{_STATE_STYLE.get(s, 'white')}]{s}[/]"
+
+
+class _LazyGroup(click.Group):
+    """Adds the subcommands other packages contribute, importing them only when invoked."""
+
+    def _contributed(self):
+        return {ep.name: ep for ep in entry_points(group="tether.commands")}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self._contributed()))
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        if cmd is not None:
+            return cmd
+        ep = self._contributed().get(name)
+        if ep is None:
+            return None
+        try:
+            return ep.load()
+        except ImportError as e:
+            raise click.ClickException(
+                f"'tether {name}' needs the server extras: pip install 'tether[{ep.module.split('.')[1]}]' ({e})"
+            ) from None
+
+
+@click.group(cls=_LazyGroup)
+@click.option("--controller", envvar="TETHER_CONTROLLER", default=DEFAULT_CONTROLLER,
+              show_default=True, help="Controller address (env TETHER_CONTROLLER).")
+@click.pass_context
+def cli(ctx: click.Context, controller: str) -> None:
+    """Tether: run AI workflows (DAGs of tasks) on your own nodes."""
+    ctx.obj = {"controller": controller}
+
+
+def _client(ctx: click.Context) -> Client:
+    return Client(ctx.obj["controller"])
+
+
+def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        k, sep, val = v.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"{v!r}: use KEY=VALUE", param_hint="--param")
+        out[k] = val
+    return out
+
+
+def task_table(run: t.Run) -> Table:
+    """A table of a run's tasks and their states."""
+    table = Table(title=f"run {run.id} ({run.workflow_name}): " + _state(run.state, run=True),
+                  title_justify="left")
+    for col in ("task", "state", "node", "attempt", "duration", "exit", "detail"):
+        table.add_column(col)
+    for tk in sorted(run.tasks, key=lambda x: x.index):
+        dur = ""
+        if tk.HasField("started_at"):
+            end = tk.finished_at.ToNanoseconds() if tk.HasField("finished_at") else time.time_ns()
+            dur = format_duration(max(0, end - tk.started_at.ToNanoseconds()) / 1e9)
+        finished = tk.state in (t.TaskState.TASK_STATE_SUCCEEDED, t.TaskState.TASK_STATE_FAILED)
+        detail = tk.waiting_reason or (tk.message if tk.state != t.TaskState.TASK_STATE_SUCCEEDED else "")
+        table.add_row(tk.spec.name, _state(tk.state), tk.node, str(tk.attempt or ""), dur,
+                      str(tk.exit_code) if finished else "", detail[:80])
+    return table
+
+
+def _follow(client: Client, run_id: str) -> t.Run:
+    """Show a live table of the run until it finishes."""
+    run = client.get_run(run_id)
+    tasks = {tk.spec.name: tk for tk in run.tasks}
+    revision = 0
+    with Live(task_table(run), console=console, refresh_per_second=8, transient=False) as live:
+        while run.state not in TERMINAL_RUN_STATES:
+            try:
+                for ev in client.watch(run_id, revision):
+                    revision = max(revision, ev.revision)
+                    if ev.HasField("snapshot"):
+                        run = ev.snapshot
+                        tasks = {tk.spec.name: tk for tk in run.tasks}
+                    else:
+                        if ev.HasField("task"):
+                            tasks[ev.task.spec.name] = ev.task
+                        if ev.run_state:
+                            run.state = ev.run_state
+                    del run.tasks[:]
+                    run.tasks.extend(tasks.values())
+                    live.update(task_table(run))
+            except TetherError as e:
+                if e.code.name != "UNAVAILABLE":
+                    raise
+                time.sleep(0.5)
+            run = client.get_run(run_id)
+            live.update(task_table(run))
+    return run
+
+
+def _print_results(run: t.Run) -> None:
+    children = {d for tk in run.tasks for d in tk.spec.depends_on}
+    for tk in sorted(run.tasks, key=lambda x: x.index):
+        if tk.spec.name in children:
+            continue
+        # A person reads what the final tasks printed; their JSON output if they printed nothing.
+        if tk.stdout_tail.strip():
+            console.print(f"[bold]{tk.spec.name}:[/]")
+            console.print(tk.stdout_tail.rstrip(), markup=False, highlight=False)
+        elif tk.outputs_json:
+            console.print(f"[bold]{tk.spec.name} output:[/]")
+            console.print_json(tk.outputs_json)
+    if run.message:
+        console.print(run.message)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--wait", "wait_", is_flag=True, help="Follow the run live until it finishes.")
+@click.option("--param", "-p", multiple=True, help="Run parameter KEY=VALUE (repeatable).")
+@click.option("--request-id", default="", help="Idempotency key: resubmitting returns the first run.")
+@click.pass_context
+def submit(ctx, file, wait_, param, request_id):
+    """Submit the workflow in FILE (YAML); print the run id."""
+    wf = load_workflow(file)
+    client = _client(ctx)
+    run = client.submit(wf, params=_parse_params(param), request_id=request_id)
+    console.print(f"run [bold]{run.id}[/]" + (" (existing)" if run.existing else ""),
+                  highlight=False)
+    if not wait_:
+        return
+    final = _follow(client, run.id)
+    _print_results(final)
+    if final.state != t.RunState.RUN_STATE_SUCCEEDED:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("run_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@click.pass_context
+def status(ctx, run_id, as_json):
+    """Show RUN_ID with each task's state, or list recent runs."""
+    client = _client(ctx)
+    if run_id:
+        run = client.get_run(run_id)
+        if as_json:
+            from google.protobuf.json_format import MessageToJson
+
+            click.echo(MessageToJson(run))
+            return
+        console.print(task_table(run))
+        return
+    table = Table(title="runs")
+    for col in ("run", "workflow", "state", "tasks", "created"):
+        table.add_column(col)
+    for i, run in enumerate(client.list_runs()):
+        if i >= 50:
+            break
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created_at.seconds))
+        table.add_row(run.id, run.workflow_name, _state(run.state, run=True),
+                      str(run.task_count), created)
+    console.print(table)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.pass_context
+def watch(ctx, run_id):
+    """Print every state change of RUN_ID until it finishes."""
+    client = _client(ctx)
+    for ev in client.watch(run_id):
+        if ev.HasField("snapshot"):
+            console.print(f"rev {ev.revision}: run {ev.snapshot.id} {_state(ev.snapshot.state, True)}")
+            for tk in ev.snapshot.tasks:
+                console.print(f"  {tk.spec.name}: {_state(tk.state)}")
+        elif ev.HasField("task"):
+            tk = ev.task
+            console.print(f"rev {ev.revision}: {tk.spec.name} {_state(tk.state)}"
+                          + (f" on {tk.node} (attempt {tk.attempt})" if tk.node else ""))
+        else:
+            console.print(f"rev {ev.revision}: run {_state(ev.run_state, True)}")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--task", default="", help="Cancel only this task (its dependents are skipped).")
+@click.pass_context
+def cancel(ctx, run_id, task):
+    """Cancel RUN_ID (or one task of it)."""
+    _client(ctx).cancel(run_id, task)
+    console.print(f"cancelling {run_id}" + (f" task {task}" if task else ""))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print nodes as JSON.")
+@click.pass_context
+def nodes(ctx, as_json):
+    """List the registered nodes and their resources."""
+    ns = _client(ctx).nodes()
+    if as_json:
+        from google.protobuf.json_format import MessageToDict
+
+        click.echo(json.dumps([MessageToDict(n) for n in ns], indent=2))
+        return
+    table = Table(title="nodes")
+    for col in ("node", "cpu", "memory", "gpus", "running", "runtime", "labels"):
+        table.add_column(col)
+    for n in ns:
+        table.add_row(
+            n.name, f"{n.allocated.cpu:g}/{n.capacity.cpu:g}",
+            f"{format_memory(n.allocated.memory_bytes)}/{format_memory(n.capacity.memory_bytes)}",
+            f"{n.allocated.gpu}/{len(n.gpus)}", str(n.running_tasks), n.runtime,
+            ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),
+        )
+    console.print(table)
+
+
+def main() -> None:
+    """Entry point: run the CLI; errors print one line and exit non-zero."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except TetherError as e:
+        err_console.print(f"error: {e.message}", markup=False, highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as e:
+        err_console.print(f"error: {e}", markup=False, highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

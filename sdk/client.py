@@ -1,0 +1,193 @@
+"""The Python client of a Tether controller.
+
+    from tether.sdk import Client, Workflow
+
+    client = Client("127.0.0.1:7070")
+    run = client.submit(Workflow.from_yaml("examples/fraud_detection.yaml"))
+    final = run.wait()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+
+import grpc
+from opentelemetry import trace
+from tether.api.v1 import controller_pb2, controller_pb2_grpc
+from tether.api.v1 import types_pb2 as t
+from tether.sdk.errors import TetherError, TimeoutError, from_rpc_error
+from tether.sdk.spec import Workflow
+from tether.sdk.telemetry import current_traceparent
+
+__all__ = ["DEFAULT_CONTROLLER", "TERMINAL_RUN_STATES", "Client", "RunHandle"]
+
+DEFAULT_CONTROLLER = "127.0.0.1:7070"
+TERMINAL_RUN_STATES = frozenset({
+    t.RunState.RUN_STATE_SUCCEEDED, t.RunState.RUN_STATE_FAILED, t.RunState.RUN_STATE_CANCELLED,
+})
+
+# Reads are retried on UNAVAILABLE by gRPC itself; writes are not (submit carries a request id
+# when the caller wants retries to be safe).
+_SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "tether.v1.ControllerService", "method": m}
+                 for m in ("GetRun", "ListRuns", "ListNodes")],
+        "retryPolicy": {
+            "maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s",
+            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }],
+})
+
+_tracer = trace.get_tracer("tether.sdk")
+
+
+class Client:
+    """A connection to a controller.
+
+    Args:
+        address: ``host:port`` of the controller; defaults to ``$TETHER_CONTROLLER`` or
+            ``127.0.0.1:7070`` (where ``tether dev`` listens).
+        timeout: Deadline of each unary call, seconds.
+    """
+
+    def __init__(self, address: str | None = None, timeout: float = 30.0) -> None:
+        self.address = address or os.environ.get("TETHER_CONTROLLER") or DEFAULT_CONTROLLER
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(self.address, options=[
+            ("grpc.service_config", _SERVICE_CONFIG),
+            ("grpc.enable_retries", 1),
+            ("grpc.max_receive_message_length", 64 * 2**20),
+            ("grpc.max_send_message_length", 64 * 2**20),
+        ])
+        self._stub = controller_pb2_grpc.ControllerServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request, **kw):
+        try:
+            return method(request, timeout=kw.pop("timeout", self.timeout), **kw)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def submit(
+        self, workflow: Workflow | t.WorkflowSpec, params: Mapping[str, str] | None = None,
+        request_id: str = "",
+    ) -> RunHandle:
+        """Submit a workflow and return a handle to its run.
+
+        Args:
+            workflow: A :class:`Workflow` or an API ``WorkflowSpec``.
+            params: Run parameters.
+            request_id: Idempotency key: submitting it again returns the first run.
+
+        Raises:
+            InvalidSpecError: the spec is invalid (checked locally, then by the controller).
+            UnavailableError: the controller cannot be reached.
+        """
+        spec = workflow.to_proto() if isinstance(workflow, Workflow) else workflow
+        with _tracer.start_as_current_span(f"submit {spec.name}", kind=trace.SpanKind.CLIENT):
+            md = (("traceparent", current_traceparent()),) if current_traceparent() else ()
+            resp = self._call(self._stub.SubmitWorkflow, controller_pb2.SubmitWorkflowRequest(
+                spec=spec, params=dict(params or {}), request_id=request_id,
+            ), metadata=md)
+        return RunHandle(self, resp.run_id, existing=resp.existing)
+
+    def run(self, run_id: str) -> RunHandle:
+        """A handle to an existing run."""
+        return RunHandle(self, run_id)
+
+    def get_run(self, run_id: str) -> t.Run:
+        """The run with all its tasks. Raises NotFoundError."""
+        return self._call(self._stub.GetRun, controller_pb2.GetRunRequest(run_id=run_id)).run
+
+    def list_runs(self, page_size: int = 50) -> Iterator[t.Run]:
+        """Every run, newest first (fetched a page at a time)."""
+        token = ""
+        while True:
+            resp = self._call(self._stub.ListRuns, controller_pb2.ListRunsRequest(
+                page_size=page_size, page_token=token))
+            yield from resp.runs
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def watch(self, run_id: str, from_revision: int = 0) -> Iterator[controller_pb2.RunEvent]:
+        """Stream a run's changes until it finishes; the first event is a snapshot unless
+        resuming ``from_revision``."""
+        try:
+            yield from self._stub.WatchRun(
+                controller_pb2.WatchRunRequest(run_id=run_id, from_revision=from_revision))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def cancel(self, run_id: str, task: str = "", reason: str = "") -> None:
+        """Cancel a run, or one task of it."""
+        self._call(self._stub.CancelRun, controller_pb2.CancelRunRequest(
+            run_id=run_id, task=task, reason=reason))
+
+    def nodes(self) -> list[t.Node]:
+        """The registered nodes."""
+        return list(self._call(self._stub.ListNodes, controller_pb2.ListNodesRequest()).nodes)
+
+
+class RunHandle:
+    """A submitted run."""
+
+    def __init__(self, client: Client, run_id: str, existing: bool = False) -> None:
+        self.client = client
+        self.id = run_id
+        self.existing = existing
+
+    def __repr__(self) -> str:
+        return f"RunHandle({self.id!r})"
+
+    def status(self) -> t.Run:
+        """The run and its tasks now."""
+        return self.client.get_run(self.id)
+
+    def watch(self, from_revision: int = 0) -> Iterator[controller_pb2.RunEvent]:
+        """Every change of the run until it finishes; resumes from a revision."""
+        return self.client.watch(self.id, from_revision)
+
+    def wait(self, timeout: float | None = None) -> t.Run:
+        """Block until the run finishes; return it with its tasks.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        revision = 0
+        while True:
+            try:
+                for ev in self.client.watch(self.id, revision):
+                    revision = max(revision, ev.revision)
+                    state = ev.snapshot.state if ev.HasField("snapshot") else ev.run_state
+                    if state in TERMINAL_RUN_STATES:
+                        return self.status()
+                    if deadline and time.monotonic() > deadline:
+                        raise TimeoutError(f"run {self.id} did not finish in {timeout}s")
+            except TetherError as e:
+                if e.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+            run = self.status()
+            if run.state in TERMINAL_RUN_STATES:
+                return run
+            if deadline and time.monotonic() > deadline:
+                raise TimeoutError(f"run {self.id} did not finish in {timeout}s")
+            time.sleep(0.2)
+
+    def outputs(self) -> dict[str, object]:
+        """Each task's output (parsed JSON), for tasks that wrote one."""
+        return {tk.spec.name: json.loads(tk.outputs_json)
+                for tk in self.status().tasks if tk.outputs_json}

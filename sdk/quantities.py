@@ -1,0 +1,81 @@
+"""Parsing and formatting of resource quantities and durations.
+
+Memory follows Kubernetes quantities (``512Mi``, ``2Gi``, ``1G``, ``1000``), durations follow
+Go (``30s``, ``10m``, ``1h30m``, ``250ms``), so that specs read the same as elsewhere.
+"""
+
+from __future__ import annotations
+
+import re
+
+_MEMORY_UNITS = {
+    "": 1,
+    "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+}
+_MEMORY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]i?|k)?\s*$")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|us|s|m|h|d)")
+_DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_memory(value: str | int | float) -> int:
+    """Return bytes for a memory quantity such as ``512Mi``, ``2Gi`` or ``1000``.
+
+    Raises:
+        ValueError: the value is not a quantity or is negative.
+    """
+    if isinstance(value, bool):
+        raise ValueError("memory must be a quantity like 512Mi, not a boolean")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"memory must be >= 0, got {value}")
+        return int(value)
+    m = _MEMORY.match(str(value))
+    if not m:
+        raise ValueError(f"invalid memory quantity {value!r} (use e.g. 512Mi, 2Gi)")
+    return int(float(m.group(1)) * _MEMORY_UNITS[m.group(2) or ""])
+
+
+def format_memory(n: int) -> str:
+    """Format bytes with the largest binary unit that divides them evenly."""
+    for unit in ("Pi", "Ti", "Gi", "Mi", "Ki"):
+        if n and n % _MEMORY_UNITS[unit] == 0:
+            return f"{n // _MEMORY_UNITS[unit]}{unit}"
+    if n >= 2**30:
+        return f"{n / 2**30:.1f}Gi"
+    if n >= 2**20:
+        return f"{n / 2**20:.0f}Mi"
+    return str(n)
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Return seconds for a duration such as ``30s``, ``10m``, ``1h30m``; a number is seconds.
+
+    Raises:
+        ValueError: the value is not a duration or is negative.
+    """
+    if isinstance(value, bool):
+        raise ValueError("duration must be like 30s or 10m, not a boolean")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"duration must be >= 0, got {value}")
+        return float(value)
+    text = str(value).strip()
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if not text or pos != len(text):
+        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 10m, 1h30m)")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """Format seconds compactly (``1.5s``, ``2m3s``)."""
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s else "")

@@ -1,0 +1,257 @@
+"""The workflow format users write, in YAML or in Python, and its conversion to the API.
+
+YAML::
+
+    name: fraud-detection
+    tasks:
+      - name: collect
+        command: [python3, -c, "..."]
+        resources: {cpu: 0.5, memory: 256Mi}
+      - name: features
+        depends_on: [collect]
+        retries: 2
+        timeout: 30s
+
+Python::
+
+    wf = Workflow("fraud-detection")
+    collect = wf.task("collect", command=["python3", "-c", "..."], cpu=0.5, memory="256Mi")
+    wf.task("features", command=[...], depends_on=[collect], retries=2, timeout="30s")
+
+Unknown fields are errors, so a typo never silently changes what runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import duration_pb2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from tether.api.v1 import types_pb2
+from tether.sdk.errors import InvalidSpecError
+from tether.sdk.quantities import parse_duration, parse_memory
+from tether.sdk.validation import FieldViolation, validate_workflow
+
+__all__ = ["Backoff", "Resources", "Task", "Workflow", "load_workflow"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    """What a task needs: ``cpu`` in cores, ``memory`` as ``512Mi``/``2Gi``, ``gpu`` devices."""
+
+    cpu: float = 0.0
+    memory: int = 0
+    gpu: int = 0
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> int:
+        return parse_memory(v)
+
+
+class Backoff(_Strict):
+    """Delay between attempts: ``initial`` × ``factor``ⁿ, capped at ``max``, ± ``jitter``."""
+
+    initial: float = 0.0
+    factor: float = 0.0
+    max: float = 0.0
+    jitter: float = 0.0
+
+    @field_validator("initial", "max", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class Task(_Strict):
+    """One task of a workflow. See the README for every field."""
+
+    name: str
+    command: list[str]
+    image: str = ""
+    env: dict[str, str] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    depends_on: list[str] = Field(default_factory=list)
+    retries: int = 0
+    timeout: float = 0.0
+    working_dir: str = ""
+    allow_failure: bool = False
+    backoff: Backoff | None = None
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> float:
+        return parse_duration(v)
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env(cls, v: Any) -> Any:
+        # YAML turns `X: 1` into an int; environment values are strings.
+        if isinstance(v, Mapping):
+            return {k: v2 if isinstance(v2, str) else _scalar(v2) for k, v2 in v.items()}
+        return v
+
+    def to_proto(self) -> types_pb2.TaskSpec:
+        """Return the API message for this task."""
+        msg = types_pb2.TaskSpec(
+            name=self.name,
+            image=self.image,
+            command=self.command,
+            env=self.env,
+            resources=types_pb2.Resources(
+                cpu=self.resources.cpu, memory_bytes=self.resources.memory, gpu=self.resources.gpu
+            ),
+            depends_on=self.depends_on,
+            retries=self.retries,
+            working_dir=self.working_dir,
+            allow_failure=self.allow_failure,
+        )
+        if self.timeout:
+            msg.timeout.CopyFrom(_duration(self.timeout))
+        if self.backoff:
+            b = self.backoff
+            msg.backoff.CopyFrom(
+                types_pb2.RetryBackoff(
+                    initial=_duration(b.initial), factor=b.factor, max=_duration(b.max),
+                    jitter=b.jitter,
+                )
+            )
+        return msg
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    return v
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(round(seconds * 1e9)))
+    return d
+
+
+class _WorkflowModel(_Strict):
+    name: str
+    tasks: list[Task]
+
+
+class Workflow:
+    """A workflow (a DAG of tasks) built in Python or loaded from YAML.
+
+    Args:
+        name: The workflow's name, shown in run listings.
+        tasks: Tasks to start with; more can be added with :meth:`task`.
+    """
+
+    def __init__(self, name: str, tasks: Iterable[Task] = ()) -> None:
+        self.name = name
+        self.tasks: list[Task] = list(tasks)
+
+    def task(
+        self,
+        name: str,
+        command: Sequence[str],
+        *,
+        depends_on: Iterable[str | Task] = (),
+        image: str = "",
+        env: Mapping[str, str] | None = None,
+        cpu: float = 0.0,
+        memory: str | int = 0,
+        gpu: int = 0,
+        retries: int = 0,
+        timeout: str | float = 0.0,
+        working_dir: str = "",
+        allow_failure: bool = False,
+    ) -> Task:
+        """Add a task and return it (pass it to ``depends_on`` of later tasks).
+
+        Raises:
+            InvalidSpecError: a field is malformed (for example ``memory="lots"``).
+        """
+        deps = [d.name if isinstance(d, Task) else d for d in depends_on]
+        fields = dict(
+            name=name, command=list(command), depends_on=deps, image=image, env=dict(env or {}),
+            resources={"cpu": cpu, "memory": memory, "gpu": gpu}, retries=retries,
+            timeout=timeout, working_dir=working_dir, allow_failure=allow_failure,
+        )
+        try:
+            t = Task(**fields)
+        except ValidationError as e:
+            raise InvalidSpecError(_violations(e, prefix=f"tasks[{len(self.tasks)}]")) from None
+        self.tasks.append(t)
+        return t
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Workflow:
+        """Build a workflow from parsed YAML/JSON data.
+
+        Raises:
+            InvalidSpecError: unknown or malformed fields, with their paths.
+        """
+        try:
+            model = _WorkflowModel.model_validate(data)
+        except ValidationError as e:
+            raise InvalidSpecError(_violations(e, data=data)) from None
+        return cls(model.name, model.tasks)
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> Workflow:
+        """Load a workflow from a YAML file path or a YAML string."""
+        text = source.read_text() if isinstance(source, Path) else source
+        if isinstance(source, str) and "\n" not in source and Path(source).exists():
+            text = Path(source).read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise InvalidSpecError([FieldViolation("", f"not valid YAML: {e}")]) from None
+        return cls.from_dict(data)
+
+    def to_proto(self) -> types_pb2.WorkflowSpec:
+        """Return the API message, after the same validation the controller runs."""
+        spec = types_pb2.WorkflowSpec(name=self.name, tasks=[t.to_proto() for t in self.tasks])
+        validate_workflow(spec)
+        return spec
+
+
+def load_workflow(path: str | Path) -> Workflow:
+    """Load a workflow from a YAML file."""
+    return Workflow.from_yaml(Path(path))
+
+
+def _violations(e: ValidationError, prefix: str = "", data: Any = None) -> list[FieldViolation]:
+    out = []
+    for err in e.errors():
+        parts: list[str] = [prefix] if prefix else []
+        node = data
+        for loc in err["loc"]:
+            if isinstance(loc, int):
+                label = f"[{loc}]"
+                if isinstance(node, list) and loc < len(node) and isinstance(node[loc], dict):
+                    name = node[loc].get("name")
+                    if name:
+                        label += f" ({name})"
+                parts.append(label)
+            else:
+                parts.append(("." if parts else "") + str(loc))
+            if isinstance(node, dict):
+                node = node.get(loc)
+            elif isinstance(node, list) and isinstance(loc, int) and loc < len(node):
+                node = node[loc]
+            else:
+                node = None
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        out.append(FieldViolation("".join(parts), msg))
+    return out

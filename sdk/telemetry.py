@@ -1,0 +1,115 @@
+"""Tracing and logging set-up shared by the CLI, the controller and the agent.
+
+Traces go over OTLP/gRPC when the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set; otherwise spans are created but not exported.
+Each component gets its own :class:`TracerProvider`, so a test or ``tether dev`` can run a
+controller and agents in one process and still see them as separate services.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+
+import structlog
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+__all__ = [
+    "context_from_traceparent",
+    "current_traceparent",
+    "get_logger",
+    "make_tracer_provider",
+    "setup_logging",
+    "traceparent_of",
+]
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def make_tracer_provider(service_name: str) -> TracerProvider:
+    """Return a provider for one component, exporting over OTLP/gRPC if an endpoint is set."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    ):
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider
+
+
+def traceparent_of(span: trace.Span) -> str:
+    """Return the W3C ``traceparent`` header value of a span."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get("traceparent", "")
+
+
+def current_traceparent() -> str:
+    """Return the ``traceparent`` of the current span, or ``""``."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def context_from_traceparent(traceparent: str) -> Context | None:
+    """Return a context whose parent is the given ``traceparent``, or None if empty."""
+    if not traceparent:
+        return None
+    return _PROPAGATOR.extract({"traceparent": traceparent})
+
+
+def context_from_metadata(metadata: Mapping[str, str] | None) -> Context | None:
+    """Extract W3C trace context from gRPC invocation metadata."""
+    if not metadata:
+        return None
+    return _PROPAGATOR.extract(dict(metadata))
+
+
+def _add_trace_ids(_logger, _name, event: dict) -> dict:
+    span = trace.get_current_span()
+    ctx = span.get_span_context()
+    if ctx.is_valid:
+        event.setdefault("trace_id", format(ctx.trace_id, "032x"))
+        event.setdefault("span_id", format(ctx.span_id, "016x"))
+    return event
+
+
+def setup_logging(level: str = "info", json: bool | None = None, stream=None) -> None:
+    """Configure structlog: JSON when not on a terminal (or when asked), readable otherwise.
+
+    Args:
+        level: Minimum level (debug, info, warning, error).
+        json: Force JSON (True) or console (False) output; None decides by the terminal.
+        stream: Where logs go; standard error by default.
+    """
+    stream = stream or sys.stderr
+    if json is None:
+        json = os.environ.get("TETHER_LOG_FORMAT", "").lower() == "json" or not stream.isatty()
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(level=numeric, stream=stream, format="%(message)s", force=True)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            _add_trace_ids,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """Return a structlog logger bound to a component name."""
+    return structlog.get_logger(component=name)

@@ -1,0 +1,182 @@
+"""Validation of a workflow spec: the rules the SDK checks early and the controller enforces.
+
+The controller is the authority and runs :func:`validate_workflow` on every submit; the SDK
+runs it too so that a bad spec fails before it leaves the user's machine. Every violation
+names its field path, for example ``tasks[2] (train).depends_on[0]``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from tether.api.v1 import types_pb2
+
+__all__ = ["LIMITS", "FieldViolation", "Limits", "validate_workflow"]
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds that keep specs sane and every etcd value far below its 1.5 MiB cap."""
+
+    max_tasks: int = 20_000
+    max_task_bytes: int = 256 * 1024
+    max_spec_bytes: int = 32 * 1024 * 1024
+    max_cpu: float = 4096.0
+    max_memory_bytes: int = 64 * 2**40
+    max_gpu: int = 1024
+    max_retries: int = 100
+    max_timeout_seconds: float = 30 * 86400
+    max_name: int = 128
+
+
+LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One problem in a spec: where it is and what is wrong."""
+
+    field: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.description}" if self.field else self.description
+
+
+def validate_workflow(spec: types_pb2.WorkflowSpec, limits: Limits = LIMITS) -> None:
+    """Check a workflow spec.
+
+    Raises:
+        InvalidSpecError: with one :class:`FieldViolation` per problem found.
+    """
+    from tether.sdk.errors import InvalidSpecError
+
+    problems = list(_violations(spec, limits))
+    if problems:
+        raise InvalidSpecError(problems)
+
+
+def _violations(spec: types_pb2.WorkflowSpec, limits: Limits):
+    if not spec.name.strip():
+        yield FieldViolation("name", "must not be empty")
+    elif len(spec.name) > limits.max_name:
+        yield FieldViolation("name", f"longer than {limits.max_name} characters")
+    if not spec.tasks:
+        yield FieldViolation("tasks", "a workflow needs at least one task")
+        return
+    if len(spec.tasks) > limits.max_tasks:
+        yield FieldViolation("tasks", f"{len(spec.tasks)} tasks; at most {limits.max_tasks}")
+        return
+    size = spec.ByteSize()
+    if size > limits.max_spec_bytes:
+        yield FieldViolation("", f"spec is {size} bytes; at most {limits.max_spec_bytes}")
+        return
+
+    index: dict[str, int] = {}
+    for i, t in enumerate(spec.tasks):
+        where = f"tasks[{i}]" + (f" ({t.name})" if t.name else "")
+        if not t.name:
+            yield FieldViolation(f"{where}.name", "must not be empty")
+        elif not TASK_NAME.match(t.name):
+            yield FieldViolation(
+                f"{where}.name", "use 1-63 letters, digits, '_', '.', '-', starting alphanumeric"
+            )
+        elif t.name in index:
+            yield FieldViolation(
+                f"{where}.name", f"duplicate task name (also tasks[{index[t.name]}])"
+            )
+        else:
+            index[t.name] = i
+        yield from _task_violations(t, where, limits)
+
+    for i, t in enumerate(spec.tasks):
+        where = f"tasks[{i}]" + (f" ({t.name})" if t.name else "")
+        seen: set[str] = set()
+        for j, dep in enumerate(t.depends_on):
+            if dep == t.name:
+                yield FieldViolation(f"{where}.depends_on[{j}]", "a task cannot depend on itself")
+            elif dep not in index:
+                yield FieldViolation(f"{where}.depends_on[{j}]", f"unknown task {dep!r}")
+            elif dep in seen:
+                yield FieldViolation(f"{where}.depends_on[{j}]", f"{dep!r} listed twice")
+            seen.add(dep)
+
+    cycle = _find_cycle(spec, index)
+    if cycle:
+        first = index[cycle[0]]
+        yield FieldViolation(
+            f"tasks[{first}] ({cycle[0]}).depends_on", "cycle: " + " -> ".join(cycle)
+        )
+
+
+def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
+    if t.ByteSize() > limits.max_task_bytes:
+        yield FieldViolation(where, f"task is {t.ByteSize()} bytes; at most {limits.max_task_bytes}")
+    if not t.command:
+        yield FieldViolation(f"{where}.command", "must not be empty")
+    elif not t.command[0]:
+        yield FieldViolation(f"{where}.command[0]", "the program must not be empty")
+    r = t.resources
+    if not math.isfinite(r.cpu) or r.cpu < 0:
+        yield FieldViolation(f"{where}.resources.cpu", f"must be >= 0, got {r.cpu}")
+    elif r.cpu > limits.max_cpu:
+        yield FieldViolation(f"{where}.resources.cpu", f"{r.cpu} cores; at most {limits.max_cpu}")
+    if r.memory_bytes < 0:
+        yield FieldViolation(f"{where}.resources.memory", f"must be >= 0, got {r.memory_bytes}")
+    elif r.memory_bytes > limits.max_memory_bytes:
+        yield FieldViolation(f"{where}.resources.memory", "more than 64Ti")
+    if r.gpu < 0:
+        yield FieldViolation(f"{where}.resources.gpu", f"must be >= 0, got {r.gpu}")
+    elif r.gpu > limits.max_gpu:
+        yield FieldViolation(f"{where}.resources.gpu", f"at most {limits.max_gpu}")
+    if not 0 <= t.retries <= limits.max_retries:
+        yield FieldViolation(f"{where}.retries", f"must be in 0..{limits.max_retries}, got {t.retries}")
+    timeout = t.timeout.seconds + t.timeout.nanos / 1e9
+    if timeout < 0:
+        yield FieldViolation(f"{where}.timeout", "must be >= 0")
+    elif timeout > limits.max_timeout_seconds:
+        yield FieldViolation(f"{where}.timeout", "longer than 30 days")
+    for key in t.env:
+        if not ENV_NAME.match(key):
+            yield FieldViolation(f"{where}.env.{key}", "not a valid environment variable name")
+    if t.HasField("backoff"):
+        b = t.backoff
+        if b.initial.seconds < 0 or b.max.seconds < 0:
+            yield FieldViolation(f"{where}.backoff", "durations must be >= 0")
+        if b.factor and (not math.isfinite(b.factor) or b.factor < 1):
+            yield FieldViolation(f"{where}.backoff.factor", "must be >= 1")
+        if not math.isfinite(b.jitter) or not 0 <= b.jitter <= 1:
+            yield FieldViolation(f"{where}.backoff.jitter", "must be in [0, 1]")
+
+
+def _find_cycle(spec: types_pb2.WorkflowSpec, index: dict[str, int]) -> list[str] | None:
+    """Return one dependency cycle as a list of names (first == last), or None."""
+    deps = {t.name: [d for d in t.depends_on if d in index and d != t.name] for t in spec.tasks}
+    color: dict[str, int] = {}  # 1 = on the DFS stack, 2 = done
+    for root in deps:
+        if root in color:
+            continue
+        stack: list[tuple[str, int]] = [(root, 0)]
+        path: list[str] = []
+        while stack:
+            node, i = stack.pop()
+            if i == 0:
+                color[node] = 1
+                path.append(node)
+            children = deps[node]
+            if i < len(children):
+                stack.append((node, i + 1))
+                child = children[i]
+                if color.get(child) == 1:
+                    return [*path[path.index(child):], child]
+                if child not in color:
+                    stack.append((child, 0))
+            else:
+                color[node] = 2
+                path.pop()
+    return None
