@@ -1,0 +1,203 @@
+"""The spine end to end on real components: etcd process, gRPC servers on port 0, agents."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import grpc
+import pytest
+from etcd3aio import Etcd3Client, prefix_range_end
+
+from tether.api.v1 import controller_pb2, controller_pb2_grpc
+from tether.api.v1 import types_pb2 as t
+from tether.sdk import InvalidSpecError, NotFoundError, Workflow
+
+PY = sys.executable
+S = t.TaskState
+R = t.RunState
+
+
+def py(code: str) -> list[str]:
+    return [PY, "-c", code]
+
+
+WRITE_OUT = (
+    "import json,os,time;inp=json.load(open(os.environ['TETHER_INPUTS_FILE']));"
+    "time.sleep(0.3);"
+    "json.dump({'name': os.environ['TETHER_TASK'], 'seen': sorted(inp['tasks']), "
+    "'sum': 1 + sum(v['sum'] for v in inp['tasks'].values())}, "
+    "open(os.environ['TETHER_OUTPUT_FILE'], 'w'))"
+)
+
+
+def diamond() -> Workflow:
+    wf = Workflow("diamond")
+    a = wf.task("a", py(WRITE_OUT), cpu=1)
+    b = wf.task("b", py(WRITE_OUT), depends_on=[a], cpu=1)
+    c = wf.task("c", py(WRITE_OUT), depends_on=[a], cpu=1)
+    wf.task("d", py(WRITE_OUT), depends_on=[b, c], cpu=1)
+    return wf
+
+
+def test_node_registration_shows_resources_and_expires(mesh):
+    mesh.add_agent("gpu-node", fake_gpus="2", labels={"zone": "eu-1", "tier": "gold"}, cpu=3.5,
+                   memory_bytes=6 * 2**30)
+    mesh.add_agent("cpu-node", cpu=2)
+    client = mesh.client()
+    nodes = {n.name: n for n in client.nodes()}
+    assert set(nodes) == {"gpu-node", "cpu-node"}
+    g = nodes["gpu-node"]
+    assert g.capacity.cpu == 3.5
+    assert g.capacity.memory_bytes == 6 * 2**30
+    assert g.capacity.gpu == 2 and [x.index for x in g.gpus] == [0, 1]
+    assert dict(g.labels) == {"zone": "eu-1", "tier": "gold"}
+    assert g.runtime == "process" and g.lease_id != 0
+    mesh.stop_agent("cpu-node")
+    # Still listed until its lease (2 s in tests) expires, then gone.
+    mesh.wait_for(lambda: {n.name for n in client.nodes()} == {"gpu-node"}, 10, "lease expiry")
+
+
+def test_detected_resources_are_real(mesh):
+    agent = mesh.add_agent("auto", cpu=0, memory_bytes=0)
+    import os
+
+    assert agent.capacity.cpu == len(os.sched_getaffinity(0))
+    assert agent.capacity.memory_bytes > 2**30
+    assert agent.capacity.gpu == 0  # no GPU here; TETHER_FAKE_GPUS is the test-only override
+
+
+def test_diamond_runs_in_dependency_order_on_two_agents(mesh):
+    mesh.add_agent("n1", cpu=1)
+    mesh.add_agent("n2", cpu=1)
+    client = mesh.client()
+    run = client.submit(diamond())
+    final = run.wait(timeout=60)
+    assert final.state == R.RUN_STATE_SUCCEEDED, final
+    tasks = {tk.spec.name: tk for tk in final.tasks}
+    assert all(tk.state == S.TASK_STATE_SUCCEEDED for tk in tasks.values())
+
+    def start(n):
+        return tasks[n].started_at.ToNanoseconds()
+
+    def end(n):
+        return tasks[n].finished_at.ToNanoseconds()
+
+    assert end("a") <= start("b") and end("a") <= start("c")
+    assert end("b") <= start("d") and end("c") <= start("d")
+    # b and c each need a whole node (cpu=1 on 1-cpu nodes): they ran on different nodes.
+    assert {tasks["b"].node, tasks["c"].node} == {"n1", "n2"}
+    assert start("b") < end("c") and start("c") < end("b"), "b and c should overlap"
+    out = {n: json.loads(tk.outputs_json) for n, tk in tasks.items()}
+    assert out["a"] == {"name": "a", "seen": [], "sum": 1}
+    assert out["b"]["seen"] == ["a"] and out["b"]["sum"] == 2
+    assert out["d"]["seen"] == ["b", "c"] and out["d"]["sum"] == 5
+    assert run.outputs()["d"]["sum"] == 5
+
+
+def test_records_are_in_etcd_under_the_prefix(mesh, etcd, prefix):
+    mesh.add_agent("n1")
+    client = mesh.client()
+    wf = Workflow("stored")
+    wf.task("only", py("print('hello')"))
+    run = client.submit(wf)
+    assert run.wait(timeout=30).state == R.RUN_STATE_SUCCEEDED
+    mesh.call(mesh.controller.engine.committer.flushed())
+
+    async def read():
+        async with Etcd3Client([etcd.endpoint]) as c:
+            resp = await c.kv.get(prefix + "/", range_end=prefix_range_end(prefix + "/"))
+            return {kv.key.decode(): kv.value for kv in resp.kvs}
+
+    kvs = asyncio.run(read())
+    assert t.Node.FromString(kvs[f"{prefix}/nodes/n1"]).name == "n1"
+    stored_run = t.Run.FromString(kvs[f"{prefix}/runs/{run.id}"])
+    assert stored_run.state == R.RUN_STATE_SUCCEEDED and stored_run.workflow_name == "stored"
+    stored_task = t.TaskRun.FromString(kvs[f"{prefix}/tasks/{run.id}/only"])
+    assert stored_task.state == S.TASK_STATE_SUCCEEDED
+    assert stored_task.stdout_tail == "hello\n"
+    assert [a.number for a in stored_task.attempts] == [1]
+    assert all(k.startswith(prefix + "/") for k in kvs)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "field"),
+    [
+        ([("a", ["c"], 1), ("b", ["a"], 1), ("c", ["b"], 1)], "tasks[0] (a).depends_on: cycle"),
+        ([("a", [], 1), ("b", ["ghost"], 1)], "tasks[1] (b).depends_on[0]: unknown task 'ghost'"),
+        ([("a", [], 1), ("a", [], 1)], "tasks[1] (a).name: duplicate task name"),
+        ([("a", [], -2)], "tasks[0] (a).resources.cpu: must be >= 0"),
+    ],
+)
+def test_bad_specs_are_rejected_by_the_server_and_nothing_is_stored(mesh, etcd, prefix, tasks, field):
+    spec = t.WorkflowSpec(name="bad", tasks=[
+        t.TaskSpec(name=n, command=["true"], depends_on=d, resources=t.Resources(cpu=c))
+        for n, d, c in tasks
+    ])
+    # Straight to the server (the SDK would refuse it before sending).
+    with grpc.insecure_channel(mesh.address) as ch:
+        stub = controller_pb2_grpc.ControllerServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.SubmitWorkflow(controller_pb2.SubmitWorkflowRequest(spec=spec), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in e.value.details()
+
+    async def count():
+        async with Etcd3Client([etcd.endpoint]) as c:
+            resp = await c.kv.get(prefix + "/runs/", range_end=prefix_range_end(prefix + "/runs/"),
+                                  count_only=True)
+            tasks_ = await c.kv.get(prefix + "/tasks/",
+                                    range_end=prefix_range_end(prefix + "/tasks/"), count_only=True)
+            return resp.count + tasks_.count
+
+    assert asyncio.run(count()) == 0
+    # The SDK raises the typed error, locally.
+    with pytest.raises(InvalidSpecError):
+        mesh.client().submit(spec)
+
+
+def test_unknown_run_is_not_found(mesh):
+    with pytest.raises(NotFoundError):
+        mesh.client().get_run("nope")
+
+
+def test_failed_task_fails_run_and_skips_dependents(mesh):
+    mesh.add_agent("n1")
+    wf = Workflow("fails")
+    bad = wf.task("bad", py("import sys; print('boom', file=sys.stderr); sys.exit(3)"))
+    wf.task("after", py("pass"), depends_on=[bad])
+    wf.task("independent", py("pass"))
+    final = mesh.client().submit(wf).wait(timeout=30)
+    tasks = {tk.spec.name: tk for tk in final.tasks}
+    assert final.state == R.RUN_STATE_FAILED
+    assert tasks["bad"].state == S.TASK_STATE_FAILED
+    assert tasks["bad"].exit_code == 3 and tasks["bad"].reason == "exit_code"
+    assert "boom" in tasks["bad"].stderr_tail
+    assert tasks["after"].state == S.TASK_STATE_SKIPPED
+    assert tasks["independent"].state == S.TASK_STATE_SUCCEEDED
+
+
+def test_task_no_node_can_hold_waits_with_a_reason(mesh):
+    mesh.add_agent("small", cpu=1)
+    wf = Workflow("too-big")
+    wf.task("huge", py("pass"), cpu=64)
+    client = mesh.client()
+    run = client.submit(wf)
+    mesh.wait_for(lambda: "no node can ever hold" in run.status().tasks[0].waiting_reason, 10,
+                  "waiting reason")
+    assert run.status().tasks[0].state == S.TASK_STATE_READY
+    client.cancel(run.id)
+    assert run.wait(timeout=10).state == R.RUN_STATE_CANCELLED
+
+
+def test_list_runs_pages_newest_first(mesh):
+    mesh.add_agent("n1")
+    client = mesh.client()
+    ids = []
+    for i in range(5):
+        wf = Workflow(f"wf{i}")
+        wf.task("x", py("pass"))
+        ids.append(client.submit(wf).id)
+    listed = [r.id for r in client.list_runs(page_size=2)]
+    assert listed == list(reversed(ids))

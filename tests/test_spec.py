@@ -1,0 +1,130 @@
+"""The workflow format and its validation (no servers needed)."""
+
+import pytest
+
+from tether.api.v1 import types_pb2 as t
+from tether.sdk import InvalidSpecError, Workflow
+from tether.sdk.quantities import parse_duration, parse_memory
+from tether.sdk.validation import validate_workflow
+
+
+def spec(*tasks, name="wf"):
+    return t.WorkflowSpec(name=name, tasks=list(tasks))
+
+
+def task(name, deps=(), **kw):
+    kw.setdefault("command", ["true"])
+    return t.TaskSpec(name=name, depends_on=list(deps), **kw)
+
+
+def violations(s):
+    with pytest.raises(InvalidSpecError) as e:
+        validate_workflow(s)
+    return [str(v) for v in e.value.violations]
+
+
+def test_quantities():
+    assert parse_memory("512Mi") == 512 * 2**20
+    assert parse_memory("2Gi") == 2 * 2**30
+    assert parse_memory("1G") == 10**9
+    assert parse_memory(1000) == 1000
+    assert parse_duration("30s") == 30
+    assert parse_duration("10m") == 600
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("250ms") == 0.25
+    for bad in ("lots", "-1Gi", "1Xi", ""):
+        with pytest.raises(ValueError):
+            parse_memory(bad)
+    for bad in ("soon", "10", "1x", "s", "-5s"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_valid_diamond_passes():
+    validate_workflow(spec(task("a"), task("b", ["a"]), task("c", ["a"]), task("d", ["b", "c"])))
+
+
+def test_cycle_names_task_and_path():
+    v = violations(spec(task("a", ["c"]), task("b", ["a"]), task("c", ["b"])))
+    assert len(v) == 1
+    assert v[0].startswith("tasks[0] (a).depends_on: cycle: a -> c -> b -> a")
+
+
+def test_unknown_dependency():
+    v = violations(spec(task("a"), task("b", ["nope"])))
+    assert v == ["tasks[1] (b).depends_on[0]: unknown task 'nope'"]
+
+
+def test_duplicate_name():
+    v = violations(spec(task("a"), task("a")))
+    assert v == ["tasks[1] (a).name: duplicate task name (also tasks[0])"]
+
+
+def test_negative_resources():
+    v = violations(spec(task("a", resources=t.Resources(cpu=-1, memory_bytes=-5, gpu=-2))))
+    assert "tasks[0] (a).resources.cpu: must be >= 0, got -1.0" in v
+    assert any(x.startswith("tasks[0] (a).resources.memory:") for x in v)
+    assert any(x.startswith("tasks[0] (a).resources.gpu:") for x in v)
+
+
+def test_other_rules():
+    assert violations(spec()) == ["tasks: a workflow needs at least one task"]
+    assert violations(spec(task("a"), name=" ")) == ["name: must not be empty"]
+    assert violations(spec(t.TaskSpec(name="a"))) == ["tasks[0] (a).command: must not be empty"]
+    assert "tasks[0] (a).depends_on[0]: a task cannot depend on itself" in violations(
+        spec(task("a", ["a"])))
+    assert violations(spec(task("bad name"))) == [
+        "tasks[0] (bad name).name: use 1-63 letters, digits, '_', '.', '-', starting alphanumeric"]
+    assert violations(spec(task("a", retries=-1)))[0].startswith("tasks[0] (a).retries")
+    assert violations(spec(task("a", env={"1X": "v"}))) == [
+        "tasks[0] (a).env.1X: not a valid environment variable name"]
+    huge = task("a", command=["x" * (300 * 1024)])
+    assert violations(spec(huge))[0].startswith("tasks[0] (a): task is")
+
+
+YAML = """
+name: demo
+tasks:
+  - name: a
+    command: [echo, hi]
+    resources: {cpu: 0.5, memory: 512Mi, gpu: 1}
+    timeout: 30s
+    retries: 2
+    env: {N: 3, FLAG: true}
+  - name: b
+    command: [echo, b]
+    depends_on: [a]
+"""
+
+
+def test_yaml_and_python_build_the_same_spec():
+    from_yaml = Workflow.from_yaml(YAML).to_proto()
+    wf = Workflow("demo")
+    a = wf.task("a", ["echo", "hi"], cpu=0.5, memory="512Mi", gpu=1, timeout="30s", retries=2,
+                env={"N": "3", "FLAG": "true"})
+    wf.task("b", ["echo", "b"], depends_on=[a])
+    assert wf.to_proto() == from_yaml
+    a_spec = from_yaml.tasks[0]
+    assert a_spec.resources.memory_bytes == 512 * 2**20
+    assert a_spec.timeout.seconds == 30
+
+
+def test_unknown_fields_are_errors():
+    with pytest.raises(InvalidSpecError) as e:
+        Workflow.from_yaml("name: x\ntasks:\n  - name: a\n    command: [x]\n    retires: 2\n")
+    assert str(e.value) == "tasks[0] (a).retires: unknown field"
+    with pytest.raises(InvalidSpecError) as e:
+        Workflow.from_yaml("name: x\nowner: me\ntasks: []\n")
+    assert "owner: unknown field" in str(e.value)
+
+
+def test_malformed_values_name_the_field():
+    with pytest.raises(InvalidSpecError) as e:
+        Workflow.from_yaml("name: x\ntasks:\n  - name: a\n    command: [x]\n"
+                           "    resources: {memory: lots}\n")
+    assert str(e.value).startswith("tasks[0] (a).resources.memory: invalid memory quantity")
+    with pytest.raises(InvalidSpecError) as e:
+        Workflow.from_yaml("name: x\ntasks:\n  - name: a\n    command: [x]\n    timeout: soon\n")
+    assert str(e.value).startswith("tasks[0] (a).timeout: invalid duration")
+    with pytest.raises(InvalidSpecError):
+        Workflow.from_yaml("name: [unclosed\n")
