@@ -1,0 +1,93 @@
+"""The `tether` command against a real mesh: output, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tether(*args: str, controller: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    if controller:
+        env["TETHER_CONTROLLER"] = controller
+    return subprocess.run([sys.executable, "-m", "tether.sdk.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode != 0
+    err = res.stderr.strip()
+    assert "Traceback" not in res.stderr + res.stdout
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_nodes_submit_wait_and_status(mesh, tmp_path):
+    mesh.add_agent("cli-node", labels={"zone": "z1"}, fake_gpus="1")
+    res = tether("nodes", controller=mesh.address)
+    assert res.returncode == 0, res.stderr
+    assert "cli-node" in res.stdout and "zone=z1" in res.stdout and "0/1" in res.stdout
+
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(
+        "name: cli-demo\n"
+        "tasks:\n"
+        f"  - name: hello\n    command: [{sys.executable}, -c, \"print('hello from tether')\"]\n"
+        f"  - name: after\n    depends_on: [hello]\n    command: [{sys.executable}, -c, \"print('done')\"]\n"
+    )
+    res = tether("--controller", mesh.address, "submit", str(wf), "--wait")
+    assert res.returncode == 0, res.stderr
+    run_id = res.stdout.split()[1]
+    assert "SUCCEEDED" in res.stdout and "done" in res.stdout
+
+    res = tether("status", run_id, controller=mesh.address)
+    assert res.returncode == 0, res.stderr
+    assert "hello" in res.stdout and "after" in res.stdout and res.stdout.count("SUCCEEDED") >= 3
+    res = tether("status", controller=mesh.address)
+    assert run_id in res.stdout and "cli-demo" in res.stdout
+
+
+def test_failed_run_exits_non_zero(mesh, tmp_path):
+    mesh.add_agent("n1")
+    wf = tmp_path / "fail.yaml"
+    wf.write_text(f"name: f\ntasks:\n  - name: x\n    command: [{sys.executable}, -c, 'raise SystemExit(2)']\n")
+    res = tether("submit", str(wf), "--wait", controller=mesh.address)
+    assert res.returncode == 1
+    assert "FAILED" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("yaml", "needle"),
+    [
+        ("name: c\ntasks:\n  - {name: a, command: [x], depends_on: [b]}\n"
+         "  - {name: b, command: [x], depends_on: [a]}\n", "cycle: a -> b -> a"),
+        ("name: c\ntasks:\n  - {name: a, command: [x], depends_on: [zz]}\n", "unknown task 'zz'"),
+        ("name: c\ntasks:\n  - {name: a, command: [x]}\n  - {name: a, command: [x]}\n",
+         "tasks[1] (a).name: duplicate task name"),
+        ("name: c\ntasks:\n  - {name: a, command: [x], resources: {cpu: -1}}\n",
+         "tasks[0] (a).resources.cpu: must be >= 0"),
+        ("name: c\ntasks:\n  - {name: a, command: [x], colour: red}\n",
+         "tasks[0] (a).colour: unknown field"),
+    ],
+)
+def test_bad_spec_prints_one_line_and_fails(mesh, tmp_path, yaml, needle):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml)
+    res = tether("submit", str(f), controller=mesh.address)
+    assert_one_line_error(res, needle)
+
+
+def test_unreachable_controller_is_one_line():
+    res = tether("nodes", controller="127.0.0.1:1", timeout=60)
+    assert_one_line_error(res, "unavailable")
+
+
+def test_unknown_run_is_one_line(mesh):
+    assert_one_line_error(tether("status", "nope", controller=mesh.address), "not found")
