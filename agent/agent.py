@@ -43,11 +43,13 @@ class Agent:
         self.config = config
         self.tracer_provider = make_tracer_provider(config.service_name)
         self.runtime = runtime or make_runtime(config)
-        self.runner = Runner(config, self.runtime, self.tracer_provider.get_tracer("tether.agent"),
-                             self._report)
+        self.runner = Runner(
+            config, self.runtime, self.tracer_provider.get_tracer("tether.agent"), self._report
+        )
         cpu = config.cpu or detect_cpu()
         self.capacity = types_pb2.Resources(
-            cpu=cpu, memory_bytes=config.memory_bytes or detect_memory(),
+            cpu=cpu,
+            memory_bytes=config.memory_bytes or detect_memory(),
         )
         self.gpus = detect_gpus(config.fake_gpus)
         self.capacity.gpu = len(self.gpus)
@@ -73,8 +75,12 @@ class Agent:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
-                log.info("controller stream ended", node=self.config.node,
-                         code=e.code().name, details=e.details())
+                log.info(
+                    "controller stream ended",
+                    node=self.config.node,
+                    code=e.code().name,
+                    details=e.details(),
+                )
             except Exception as e:
                 log.warning("agent session failed", node=self.config.node, error=repr(e))
             finally:
@@ -89,12 +95,21 @@ class Agent:
 
     async def _session(self) -> None:
         outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
-        outbox.put_nowait(agent_pb2.AgentMessage(register=agent_pb2.Register(
-            node=self.config.node, capacity=self.capacity, gpus=self.gpus,
-            labels=self.config.labels, agent_version=VERSION, runtime=self.runtime.name,
-            running=self.runner.running_refs(), pending_reports=self.runner.pending_reports(),
-            max_tasks=self.max_tasks,
-        )))
+        outbox.put_nowait(
+            agent_pb2.AgentMessage(
+                register=agent_pb2.Register(
+                    node=self.config.node,
+                    capacity=self.capacity,
+                    gpus=self.gpus,
+                    labels=self.config.labels,
+                    agent_version=VERSION,
+                    runtime=self.runtime.name,
+                    running=self.runner.running_refs(),
+                    pending_reports=self.runner.pending_reports(),
+                    max_tasks=self.max_tasks,
+                )
+            )
+        )
 
         async def requests():
             while True:
@@ -105,8 +120,10 @@ class Agent:
 
         async with grpc.aio.insecure_channel(
             self.config.controller,
-            options=[("grpc.max_receive_message_length", 64 * 2**20),
-                     ("grpc.keepalive_time_ms", 10_000)],
+            options=[
+                ("grpc.max_receive_message_length", 64 * 2**20),
+                ("grpc.keepalive_time_ms", 10_000),
+            ],
         ) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             call = stub.Connect(requests())
@@ -116,8 +133,9 @@ class Agent:
                 it = call.__aiter__()
                 while True:
                     nxt = asyncio.ensure_future(it.__anext__())
-                    done, _ = await asyncio.wait({nxt, stop_waiter},
-                                                 return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        {nxt, stop_waiter}, return_when=asyncio.FIRST_COMPLETED
+                    )
                     if nxt not in done:
                         nxt.cancel()
                         return
@@ -131,7 +149,9 @@ class Agent:
                         self._outbox = outbox
                         self.registrations += 1
                         self.connected.set()
-                        log.info("registered", node=self.config.node, controller=self.config.controller)
+                        log.info(
+                            "registered", node=self.config.node, controller=self.config.controller
+                        )
                         heartbeat = asyncio.create_task(self._heartbeat(outbox, interval or 1.0))
                     elif kind == "assign":
                         self.runner.assign(msg.assign)
@@ -152,9 +172,14 @@ class Agent:
             # ±10% jitter so that thousands of agents do not beat in step.
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
             seq += 1
-            outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(
-                seq=seq, running=self.runner.running_refs(),
-            )))
+            outbox.put_nowait(
+                agent_pb2.AgentMessage(
+                    heartbeat=agent_pb2.Heartbeat(
+                        seq=seq,
+                        running=self.runner.running_refs(),
+                    )
+                )
+            )
             # Reports not acknowledged yet (e.g. the ack was lost) are sent again.
             for status in self.runner.pending_reports():
                 outbox.put_nowait(agent_pb2.AgentMessage(status=status))

@@ -47,22 +47,47 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command("agent")
-@click.option("--controller", "controller_addr", envvar="TETHER_CONTROLLER",
-              default="127.0.0.1:7070", show_default=True, help="Controller address.")
-@click.option("--name", envvar="TETHER_NODE", default=default_node_name, show_default="hostname",
-              help="Node name (env TETHER_NODE).")
+@click.option(
+    "--controller",
+    "controller_addr",
+    envvar="TETHER_CONTROLLER",
+    default="127.0.0.1:7070",
+    show_default=True,
+    help="Controller address.",
+)
+@click.option(
+    "--name",
+    envvar="TETHER_NODE",
+    default=default_node_name,
+    show_default="hostname",
+    help="Node name (env TETHER_NODE).",
+)
 @click.option("--label", multiple=True, help="Node label KEY=VALUE (repeatable).")
-@click.option("--runtime", type=click.Choice(["process", "docker"]), default="process",
-              show_default=True, envvar="TETHER_RUNTIME", help="How tasks run.")
-@click.option("--work-dir", type=click.Path(path_type=Path), envvar="TETHER_WORK_DIR",
-              default=None, help="Attempt files and logs [default: $TMPDIR/tether-agent-NAME].")
+@click.option(
+    "--runtime",
+    type=click.Choice(["process", "docker"]),
+    default="process",
+    show_default=True,
+    envvar="TETHER_RUNTIME",
+    help="How tasks run.",
+)
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path),
+    envvar="TETHER_WORK_DIR",
+    default=None,
+    help="Attempt files and logs [default: $TMPDIR/tether-agent-NAME].",
+)
 @click.option("--cpu", type=float, default=0.0, help="Cores offered [default: detected].")
 @click.option("--memory", default="0", help="Memory offered, e.g. 8Gi [default: detected].")
-@click.option("--max-tasks", type=int, default=0, help="Most attempts at once [default: 2×cores].")
+@click.option(
+    "--max-tasks", type=int, default=0, help="Most attempts at once [default: 2 per core]."
+)
 @click.option("--docker-host", envvar="DOCKER_HOST", default="", help="Docker/Podman socket.")
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
-def agent_command(controller_addr, name, label, runtime, work_dir, cpu, memory, max_tasks,
-                  docker_host, log_level):
+def agent_command(
+    controller_addr, name, label, runtime, work_dir, cpu, memory, max_tasks, docker_host, log_level
+):
     """Run an agent: register this node and run the tasks the controller assigns."""
     setup_logging(log_level)
     try:
@@ -74,9 +99,15 @@ def agent_command(controller_addr, name, label, runtime, work_dir, cpu, memory, 
 
             kw["work_dir"] = Path(tempfile.gettempdir()) / f"tether-agent-{name}"
         config = AgentConfig(
-            controller=controller_addr, node=name, labels=_labels(label), runtime=runtime,
-            cpu=cpu, memory_bytes=parse_memory(memory), max_tasks=max_tasks,
-            docker_host=docker_host, **kw,
+            controller=controller_addr,
+            node=name,
+            labels=_labels(label),
+            runtime=runtime,
+            cpu=cpu,
+            memory_bytes=parse_memory(memory),
+            max_tasks=max_tasks,
+            docker_host=docker_host,
+            **kw,
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None

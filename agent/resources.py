@@ -14,8 +14,10 @@ __all__ = ["detect_cpu", "detect_gpus", "detect_memory"]
 
 def detect_cpu() -> float:
     """Cores this process may use: cgroup quota if set, else the affinity mask."""
-    cores = float(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else float(
-        os.cpu_count() or 1
+    cores = (
+        float(len(os.sched_getaffinity(0)))
+        if hasattr(os, "sched_getaffinity")
+        else float(os.cpu_count() or 1)
     )
     try:
         quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
@@ -50,13 +52,21 @@ def detect_gpus(fake: str = "") -> list[types_pb2.Gpu]:
 
 def _fake(spec: str) -> list[types_pb2.Gpu]:
     if spec.isdigit():
-        return [types_pb2.Gpu(index=i, uuid=f"GPU-fake-{i}", model="Fake GPU",
-                              memory_bytes=16 * 2**30) for i in range(int(spec))]
+        return [
+            types_pb2.Gpu(index=i, uuid=f"GPU-fake-{i}", model="Fake GPU", memory_bytes=16 * 2**30)
+            for i in range(int(spec))
+        ]
     out = []
     for i, item in enumerate(x for x in spec.split(",") if x):
         model, _, mem = item.partition(":")
-        out.append(types_pb2.Gpu(index=i, uuid=f"GPU-fake-{i}", model=model or "Fake GPU",
-                                 memory_bytes=parse_memory(mem) if mem else 0))
+        out.append(
+            types_pb2.Gpu(
+                index=i,
+                uuid=f"GPU-fake-{i}",
+                model=model or "Fake GPU",
+                memory_bytes=parse_memory(mem) if mem else 0,
+            )
+        )
     return out
 
 
@@ -75,11 +85,14 @@ def _nvml() -> list[types_pb2.Gpu] | None:
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(h)
             uuid = pynvml.nvmlDeviceGetUUID(h)
-            out.append(types_pb2.Gpu(
-                index=i, uuid=uuid if isinstance(uuid, str) else uuid.decode(),
-                model=name if isinstance(name, str) else name.decode(),
-                memory_bytes=pynvml.nvmlDeviceGetMemoryInfo(h).total,
-            ))
+            out.append(
+                types_pb2.Gpu(
+                    index=i,
+                    uuid=uuid if isinstance(uuid, str) else uuid.decode(),
+                    model=name if isinstance(name, str) else name.decode(),
+                    memory_bytes=pynvml.nvmlDeviceGetMemoryInfo(h).total,
+                )
+            )
         return out
     finally:
         pynvml.nvmlShutdown()
@@ -92,7 +105,10 @@ def _nvidia_smi() -> list[types_pb2.Gpu]:
     try:
         res = subprocess.run(
             [exe, "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return []
@@ -101,6 +117,7 @@ def _nvidia_smi() -> list[types_pb2.Gpu]:
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 4 and parts[0].isdigit():
             mem = int(parts[3]) * 2**20 if parts[3].isdigit() else 0
-            out.append(types_pb2.Gpu(index=int(parts[0]), uuid=parts[1], model=parts[2],
-                                     memory_bytes=mem))
+            out.append(
+                types_pb2.Gpu(index=int(parts[0]), uuid=parts[1], model=parts[2], memory_bytes=mem)
+            )
     return out

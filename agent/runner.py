@@ -75,7 +75,10 @@ class Runner:
     """
 
     def __init__(
-        self, config: AgentConfig, runtime: Runtime, tracer: trace.Tracer,
+        self,
+        config: AgentConfig,
+        runtime: Runtime,
+        tracer: trace.Tracer,
         report: Callable[[agent_pb2.TaskStatus], None],
     ) -> None:
         self.config = config
@@ -131,10 +134,15 @@ class Runner:
         ref = a.ref
         status = agent_pb2.TaskStatus(ref=ref)
         with self.tracer.start_as_current_span(
-            f"run {spec.name}", context=context_from_traceparent(a.traceparent),
+            f"run {spec.name}",
+            context=context_from_traceparent(a.traceparent),
             kind=trace.SpanKind.CONSUMER,
-            attributes={"tether.run_id": ref.run_id, "tether.task": spec.name,
-                        "tether.attempt": ref.attempt, "tether.runtime": self.runtime.name},
+            attributes={
+                "tether.run_id": ref.run_id,
+                "tether.task": spec.name,
+                "tether.attempt": ref.attempt,
+                "tether.runtime": self.runtime.name,
+            },
         ) as span:
             try:
                 await self._execute(att, a, status, traceparent_of(span))
@@ -169,24 +177,37 @@ class Runner:
         }
         in_file.write_text(json.dumps(inputs))
         env = dict(spec.env)
-        env.update({
-            "TETHER_RUN_ID": ref.run_id,
-            "TETHER_TASK": spec.name,
-            "TETHER_ATTEMPT": str(ref.attempt),
-            "TETHER_OUTPUT_FILE": self.runtime.task_path(out_file),
-            "TETHER_INPUTS_FILE": self.runtime.task_path(in_file),
-            "TRACEPARENT": traceparent,
-        })
+        env.update(
+            {
+                "TETHER_RUN_ID": ref.run_id,
+                "TETHER_TASK": spec.name,
+                "TETHER_ATTEMPT": str(ref.attempt),
+                "TETHER_OUTPUT_FILE": self.runtime.task_path(out_file),
+                "TETHER_INPUTS_FILE": self.runtime.task_path(in_file),
+                "TRACEPARENT": traceparent,
+            }
+        )
         if a.gpu_indices:
             devices = ",".join(str(i) for i in a.gpu_indices)
             env["CUDA_VISIBLE_DEVICES"] = env["NVIDIA_VISIBLE_DEVICES"] = devices
         launch = LaunchSpec(
-            name=f"{ref.run_id}-{spec.name}-{ref.attempt}", command=list(spec.command), env=env,
-            working_dir=spec.working_dir, attempt_dir=d, stdout_path=d / "stdout.log",
-            stderr_path=d / "stderr.log", image=spec.image, cpu=spec.resources.cpu,
-            memory_bytes=spec.resources.memory_bytes, gpu_indices=list(a.gpu_indices),
-            labels={"tether.run": ref.run_id, "tether.task": spec.name,
-                    "tether.attempt": str(ref.attempt), "tether.node": self.config.node},
+            name=f"{ref.run_id}-{spec.name}-{ref.attempt}",
+            command=list(spec.command),
+            env=env,
+            working_dir=spec.working_dir,
+            attempt_dir=d,
+            stdout_path=d / "stdout.log",
+            stderr_path=d / "stderr.log",
+            image=spec.image,
+            cpu=spec.resources.cpu,
+            memory_bytes=spec.resources.memory_bytes,
+            gpu_indices=list(a.gpu_indices),
+            labels={
+                "tether.run": ref.run_id,
+                "tether.task": spec.name,
+                "tether.attempt": str(ref.attempt),
+                "tether.node": self.config.node,
+            },
         )
         status.started_at.CopyFrom(_now())
         try:
@@ -196,14 +217,18 @@ class Runner:
             status.reason, status.message, status.exit_code = e.reason, str(e), -1
             return
         self.started_count += 1
-        self.report(agent_pb2.TaskStatus(ref=ref, state=t.TaskState.TASK_STATE_RUNNING,
-                                         started_at=status.started_at))
+        self.report(
+            agent_pb2.TaskStatus(
+                ref=ref, state=t.TaskState.TASK_STATE_RUNNING, started_at=status.started_at
+            )
+        )
         timeout = spec.timeout.seconds + spec.timeout.nanos / 1e9
         wait = asyncio.ensure_future(att.handle.wait())
         cancel = asyncio.ensure_future(att.cancelled.wait())
         started = time.monotonic()
-        done, _ = await asyncio.wait({wait, cancel}, timeout=timeout or None,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {wait, cancel}, timeout=timeout or None, return_when=asyncio.FIRST_COMPLETED
+        )
         cancel.cancel()
         status.stdout_tail = ""
         if wait not in done:
@@ -217,7 +242,9 @@ class Runner:
             else:
                 status.state = t.TaskState.TASK_STATE_FAILED
                 status.reason = "timeout"
-                status.message = f"killed after {time.monotonic() - started:.1f}s (timeout {timeout:g}s)"
+                status.message = (
+                    f"killed after {time.monotonic() - started:.1f}s (timeout {timeout:g}s)"
+                )
         else:
             result = wait.result()
             status.exit_code = result.exit_code

@@ -22,16 +22,43 @@ async def serve(config: ControllerConfig) -> None:
 
 
 @click.command("controller")
-@click.option("--etcd", envvar="TETHER_ETCD", default="127.0.0.1:2379", show_default=True,
-              help="etcd endpoints, comma-separated (env TETHER_ETCD).")
-@click.option("--prefix", envvar="TETHER_PREFIX", default="/tether", show_default=True,
-              help="Key prefix of all records (env TETHER_PREFIX).")
-@click.option("--listen", envvar="TETHER_LISTEN", default="127.0.0.1:7070", show_default=True,
-              help="gRPC listen address (env TETHER_LISTEN).")
-@click.option("--lease-ttl", envvar="TETHER_LEASE_TTL", default=10, show_default=True, type=int,
-              help="Seconds a silent node stays registered (env TETHER_LEASE_TTL).")
-@click.option("--cancel-grace", envvar="TETHER_CANCEL_GRACE", default=10.0, show_default=True,
-              type=float, help="Seconds from SIGTERM to SIGKILL on cancel.")
+@click.option(
+    "--etcd",
+    envvar="TETHER_ETCD",
+    default="127.0.0.1:2379",
+    show_default=True,
+    help="etcd endpoints, comma-separated (env TETHER_ETCD).",
+)
+@click.option(
+    "--prefix",
+    envvar="TETHER_PREFIX",
+    default="/tether",
+    show_default=True,
+    help="Key prefix of all records (env TETHER_PREFIX).",
+)
+@click.option(
+    "--listen",
+    envvar="TETHER_LISTEN",
+    default="127.0.0.1:7070",
+    show_default=True,
+    help="gRPC listen address (env TETHER_LISTEN).",
+)
+@click.option(
+    "--lease-ttl",
+    envvar="TETHER_LEASE_TTL",
+    default=10,
+    show_default=True,
+    type=int,
+    help="Seconds a silent node stays registered (env TETHER_LEASE_TTL).",
+)
+@click.option(
+    "--cancel-grace",
+    envvar="TETHER_CANCEL_GRACE",
+    default=10.0,
+    show_default=True,
+    type=float,
+    help="Seconds from SIGTERM to SIGKILL on cancel.",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 def controller_command(etcd, prefix, listen, lease_ttl, cancel_grace, log_level):
     """Run a controller (state in etcd, gRPC API for clients and agents)."""
@@ -39,7 +66,10 @@ def controller_command(etcd, prefix, listen, lease_ttl, cancel_grace, log_level)
     try:
         config = ControllerConfig(
             etcd_endpoints=tuple(e.strip() for e in etcd.split(",") if e.strip()),
-            prefix=prefix, listen=listen, lease_ttl=lease_ttl, cancel_grace=cancel_grace,
+            prefix=prefix,
+            listen=listen,
+            lease_ttl=lease_ttl,
+            cancel_grace=cancel_grace,
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None

@@ -26,33 +26,62 @@ def _spawn_agent(i: int, address: str, data_dir: Path, log_level: str) -> subpro
     name = f"dev-{i}"
     log = open(data_dir / f"agent-{name}.log", "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "tether.sdk.cli", "agent", "--controller", address,
-         "--name", name, "--label", f"dev.index={i}", "--label", "zone=local",
-         "--work-dir", str(data_dir / "agents" / name), "--log-level", log_level],
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "tether.sdk.cli",
+            "agent",
+            "--controller",
+            address,
+            "--name",
+            name,
+            "--label",
+            f"dev.index={i}",
+            "--label",
+            "zone=local",
+            "--work-dir",
+            str(data_dir / "agents" / name),
+            "--log-level",
+            log_level,
+        ],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
         env={**os.environ, "TETHER_LOG_FORMAT": "json"},
     )
 
 
 async def run_dev(
-    agents: int, data_dir: Path, listen: str, etcd_port: int, run_file: str | None,
-    log_level: str, lease_ttl: int,
+    agents: int,
+    data_dir: Path,
+    listen: str,
+    etcd_port: int,
+    run_file: str | None,
+    log_level: str,
+    lease_ttl: int,
 ) -> int:
     """Bring the mesh up; with ``run_file``, run that workflow to completion and stop."""
     data_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(log_level, json=True, stream=open(data_dir / "controller.log", "a"))
     etcd = EtcdProcess(data_dir / "etcd", etcd_port).start()
     procs: list[subprocess.Popen] = []
-    server = ControllerServer(ControllerConfig(
-        etcd_endpoints=(etcd.endpoint,), listen=listen, lease_ttl=lease_ttl,
-    ))
+    server = ControllerServer(
+        ControllerConfig(
+            etcd_endpoints=(etcd.endpoint,),
+            listen=listen,
+            lease_ttl=lease_ttl,
+        )
+    )
     code = 0
     try:
         await server.start()
         address = server.address
         procs = [_spawn_agent(i + 1, address, data_dir, log_level) for i in range(agents)]
-        click.echo(f"tether dev: etcd {etcd.endpoint}, controller {address}, "
-                   f"{agents} agents; logs in {data_dir}/", err=True)
+        click.echo(
+            f"tether dev: etcd {etcd.endpoint}, controller {address}, "
+            f"{agents} agents; logs in {data_dir}/",
+            err=True,
+        )
         from tether.sdk.client import Client
 
         client = Client(address)
@@ -111,13 +140,22 @@ def _run_workflow(client, run_file: str) -> int:
 
 @click.command("dev")
 @click.option("--agents", default=2, show_default=True, help="Number of local agents.")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".tether-dev"),
-              show_default=True, help="etcd data, agent work dirs and logs.")
-@click.option("--listen", default="127.0.0.1:7070", show_default=True,
-              help="Controller address.")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path(".tether-dev"),
+    show_default=True,
+    help="etcd data, agent work dirs and logs.",
+)
+@click.option("--listen", default="127.0.0.1:7070", show_default=True, help="Controller address.")
 @click.option("--etcd-port", default=0, help="etcd client port [default: a free port].")
-@click.option("--run", "run_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Run this workflow to completion, print its results, then stop.")
+@click.option(
+    "--run",
+    "run_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Run this workflow to completion, print its results, then stop.",
+)
 @click.option("--lease-ttl", default=10, show_default=True, help="Node lease TTL, seconds.")
 @click.option("--log-level", default="info", show_default=True)
 def dev_command(agents, data_dir, listen, etcd_port, run_file, log_level, lease_ttl):

@@ -140,15 +140,15 @@ class Engine:
             st.lease_id = kv.lease
         self.committer.start()
         self._tasks.append(asyncio.create_task(self._schedule_loop(), name="scheduler"))
-        self._tasks.append(
-            asyncio.create_task(self._watch_nodes(revision + 1), name="node-watch")
-        )
+        self._tasks.append(asyncio.create_task(self._watch_nodes(revision + 1), name="node-watch"))
         # Attempts bound to nodes that are gone get a lease TTL to re-register before they are
         # declared lost: an agent may be reconnecting to this controller right now.
         orphans = {
             (r.msg.id, e.msg.spec.name)
-            for r in self.runs.values() for e in r.tasks.values()
-            if e.msg.state in lc.TASK_ACTIVE and e.msg.node not in {kv.key.rsplit("/", 1)[1] for kv in nodes}
+            for r in self.runs.values()
+            for e in r.tasks.values()
+            if e.msg.state in lc.TASK_ACTIVE
+            and e.msg.node not in {kv.key.rsplit("/", 1)[1] for kv in nodes}
         }
         if orphans:
             asyncio.get_running_loop().call_later(
@@ -202,14 +202,22 @@ class Engine:
         run_id = new_run_id()
         now = _now()
         run_msg = t.Run(
-            id=run_id, workflow_name=spec.name, state=lc.RUN_PENDING, created_at=now,
-            task_count=len(spec.tasks), request_id=request_id, params=params,
+            id=run_id,
+            workflow_name=spec.name,
+            state=lc.RUN_PENDING,
+            created_at=now,
+            task_count=len(spec.tasks),
+            request_id=request_id,
+            params=params,
             traceparent=traceparent,
         )
         entries: list[TaskEntry] = []
         for i, ts in enumerate(spec.tasks):
             msg = t.TaskRun(
-                run_id=run_id, spec=ts, index=i, traceparent=traceparent,
+                run_id=run_id,
+                spec=ts,
+                index=i,
+                traceparent=traceparent,
                 state=lc.PENDING if ts.depends_on else lc.READY,
             )
             entries.append(TaskEntry(self.keys.task(run_id, ts.name), msg, 0))
@@ -234,7 +242,9 @@ class Engine:
             chunk: list[Put] = []
             chunk_size = 0
             for p in puts:
-                if chunk and (len(chunk) >= MAX_TXN_OPS or chunk_size + len(p.value) > MAX_TXN_BYTES):
+                if chunk and (
+                    len(chunk) >= MAX_TXN_OPS or chunk_size + len(p.value) > MAX_TXN_BYTES
+                ):
                     await self.store.txn([], chunk)
                     chunk, chunk_size = [], 0
                 chunk.append(p)
@@ -278,7 +288,9 @@ class Engine:
             out = t.Run()
             out.CopyFrom(entry.msg)
             if with_tasks:
-                out.tasks.extend(sorted((e.msg for e in entry.tasks.values()), key=lambda m: m.index))
+                out.tasks.extend(
+                    sorted((e.msg for e in entry.tasks.values()), key=lambda m: m.index)
+                )
             return out
         kv = await self.store.get(self.keys.run(run_id))
         if kv is None:
@@ -286,7 +298,9 @@ class Engine:
         out = t.Run.FromString(kv.value)
         if with_tasks:
             tasks, _ = await self.store.range(self.keys.tasks_of(run_id))
-            out.tasks.extend(sorted((t.TaskRun.FromString(x.value) for x in tasks), key=lambda m: m.index))
+            out.tasks.extend(
+                sorted((t.TaskRun.FromString(x.value) for x in tasks), key=lambda m: m.index)
+            )
         return out
 
     async def list_nodes(self) -> list[t.Node]:
@@ -336,13 +350,17 @@ class Engine:
         e.msg.cancel_requested = True
         if st in lc.TASK_ACTIVE:
             node = self.nodes.get(e.msg.node)
-            ref = agent_pb2.AttemptRef(run_id=run.msg.id, task=e.msg.spec.name, attempt=e.msg.attempt)
+            ref = agent_pb2.AttemptRef(
+                run_id=run.msg.id, task=e.msg.spec.name, attempt=e.msg.attempt
+            )
             grace = duration_pb2.Duration()
             grace.FromNanoseconds(int(self.config.cancel_grace * 1e9))
             if node and node.session:
-                node.session.send(agent_pb2.ControllerMessage(
-                    cancel=agent_pb2.CancelTask(ref=ref, reason=reason, grace=grace)
-                ))
+                node.session.send(
+                    agent_pb2.ControllerMessage(
+                        cancel=agent_pb2.CancelTask(ref=ref, reason=reason, grace=grace)
+                    )
+                )
             self.committer.mark(e)
             return  # the agent's CANCELLED report finishes it
         self.ready.pop((run.msg.id, e.msg.spec.name), None)
@@ -354,7 +372,9 @@ class Engine:
 
     # Agents -----------------------------------------------------------------------------------
 
-    async def register(self, session: AgentSession, reg: agent_pb2.Register) -> agent_pb2.Registered:
+    async def register(
+        self, session: AgentSession, reg: agent_pb2.Register
+    ) -> agent_pb2.Registered:
         """Record a node, bind it to a lease, apply its pending reports, reconcile its attempts."""
         st = self._node(reg.node)
         old = st.session
@@ -370,9 +390,15 @@ class Engine:
         if not lease:
             lease = await self.store.grant_lease(self.config.lease_ttl)
         node = t.Node(
-            name=reg.node, capacity=reg.capacity, gpus=reg.gpus, labels=reg.labels,
-            agent_version=reg.agent_version, runtime=reg.runtime, registered_at=_now(),
-            lease_id=lease, max_tasks=reg.max_tasks,
+            name=reg.node,
+            capacity=reg.capacity,
+            gpus=reg.gpus,
+            labels=reg.labels,
+            agent_version=reg.agent_version,
+            runtime=reg.runtime,
+            registered_at=_now(),
+            lease_id=lease,
+            max_tasks=reg.max_tasks,
         )
         await self.store.txn([], [Put(self.keys.node(reg.node), node.SerializeToString(), lease)])
         st.capacity.CopyFrom(reg.capacity)
@@ -384,7 +410,7 @@ class Engine:
         for report in reg.pending_reports:
             self.on_status(session, report)
         running = {(r.run_id, r.task, r.attempt) for r in reg.running}
-        for (run_id, name) in list(st.attempts):
+        for run_id, name in list(st.attempts):
             run = self.runs.get(run_id)
             e = run.tasks.get(name) if run else None
             if e is None or e.msg.node != reg.node:
@@ -400,8 +426,12 @@ class Engine:
         for run_id, name, attempt in running:
             run = self.runs.get(run_id)
             e = run.tasks.get(name) if run else None
-            if e is None or e.msg.attempt != attempt or e.msg.node != reg.node or \
-                    e.msg.state not in lc.TASK_ACTIVE:
+            if (
+                e is None
+                or e.msg.attempt != attempt
+                or e.msg.node != reg.node
+                or e.msg.state not in lc.TASK_ACTIVE
+            ):
                 self._send_cancel(session, run_id, name, attempt, "stale attempt")
         self._kick.set()
         interval = duration_pb2.Duration()
@@ -431,7 +461,9 @@ class Engine:
         e = run.tasks.get(s.ref.task) if run else None
         final = s.state in _FINAL_REPORTS
         stale = (
-            e is None or s.ref.attempt != e.msg.attempt or e.msg.node != session.node
+            e is None
+            or s.ref.attempt != e.msg.attempt
+            or e.msg.node != session.node
             or e.msg.state not in lc.TASK_ACTIVE
         )
         if stale:
@@ -481,10 +513,15 @@ class Engine:
         m.stderr_tail = s.stderr_tail[-4096:]
         self._account(e, -1)
         with self.tracer.start_as_current_span(
-            f"record {m.spec.name}", context=context_from_traceparent(m.traceparent),
-            attributes={"tether.run_id": run.msg.id, "tether.task": m.spec.name,
-                        "tether.attempt": m.attempt, "tether.state": lc.task_state_name(s.state),
-                        "tether.exit_code": s.exit_code},
+            f"record {m.spec.name}",
+            context=context_from_traceparent(m.traceparent),
+            attributes={
+                "tether.run_id": run.msg.id,
+                "tether.task": m.spec.name,
+                "tether.attempt": m.attempt,
+                "tether.state": lc.task_state_name(s.state),
+                "tether.exit_code": s.exit_code,
+            },
         ):
             ack = self._acker(session, s.ref)
             if s.state == lc.SUCCEEDED:
@@ -514,8 +551,14 @@ class Engine:
             m.not_before.CopyFrom(nb)
             self.committer.mark(e, ack)
             self._arm_retry(run, e, delay)
-            log.info("task retrying", run_id=run.msg.id, task=m.spec.name, attempt=m.attempt,
-                     delay=round(delay, 3), reason=m.reason)
+            log.info(
+                "task retrying",
+                run_id=run.msg.id,
+                task=m.spec.name,
+                attempt=m.attempt,
+                delay=round(delay, 3),
+                reason=m.reason,
+            )
         else:
             m.finished_at.CopyFrom(_now())
             self._finish_task(run, e, lc.FAILED, ack)
@@ -524,7 +567,9 @@ class Engine:
         b = spec.backoff
         initial = _seconds(b.initial) if b.HasField("initial") else self.config.retry_initial
         factor = b.factor or self.config.retry_factor
-        cap = _seconds(b.max) if b.HasField("max") and _seconds(b.max) > 0 else self.config.retry_max
+        cap = (
+            _seconds(b.max) if b.HasField("max") and _seconds(b.max) > 0 else self.config.retry_max
+        )
         jitter = b.jitter if spec.HasField("backoff") else self.config.retry_jitter
         delay = min(initial * factor ** max(failures - 1, 0), cap)
         return max(0.0, delay * (1 + jitter * (2 * random.random() - 1)))
@@ -614,13 +659,20 @@ class Engine:
         r.CopyFrom(ref)
         return lambda: self._ack(session, r)
 
-    def _send_cancel(self, session: AgentSession, run_id: str, task: str, attempt: int, reason: str) -> None:
+    def _send_cancel(
+        self, session: AgentSession, run_id: str, task: str, attempt: int, reason: str
+    ) -> None:
         grace = duration_pb2.Duration()
         grace.FromNanoseconds(int(self.config.cancel_grace * 1e9))
-        session.send(agent_pb2.ControllerMessage(cancel=agent_pb2.CancelTask(
-            ref=agent_pb2.AttemptRef(run_id=run_id, task=task, attempt=attempt),
-            reason=reason, grace=grace,
-        )))
+        session.send(
+            agent_pb2.ControllerMessage(
+                cancel=agent_pb2.CancelTask(
+                    ref=agent_pb2.AttemptRef(run_id=run_id, task=task, attempt=attempt),
+                    reason=reason,
+                    grace=grace,
+                )
+            )
+        )
 
     # Reconcile ------------------------------------------------------------------------------
 
@@ -663,7 +715,11 @@ class Engine:
         self._kick.set()
 
     def _finish_task(
-        self, run: RunEntry, e: TaskEntry, state: int, ack: Callable[[], None] | None = None,
+        self,
+        run: RunEntry,
+        e: TaskEntry,
+        state: int,
+        ack: Callable[[], None] | None = None,
         already_moved: bool = False,
     ) -> None:
         if not already_moved:
@@ -688,7 +744,9 @@ class Engine:
             for m in states
         ):
             final = lc.RUN_FAILED
-            failed = [m.spec.name for m in states if m.state == lc.FAILED and not m.spec.allow_failure]
+            failed = [
+                m.spec.name for m in states if m.state == lc.FAILED and not m.spec.allow_failure
+            ]
             run.msg.message = run.msg.message or (
                 f"failed tasks: {', '.join(failed)}" if failed else "tasks were cancelled"
             )
@@ -744,8 +802,13 @@ class Engine:
         m.node = node.name
         m.waiting_reason = ""
         m.ClearField("not_before")
-        m.attempts.add(number=m.attempt, node=node.name, state=lc.SCHEDULED,
-                       scheduled_at=_now(), gpu_indices=gpus)
+        m.attempts.add(
+            number=m.attempt,
+            node=node.name,
+            state=lc.SCHEDULED,
+            scheduled_at=_now(),
+            gpu_indices=gpus,
+        )
         self._account(e, +1)
         if run.msg.state == lc.RUN_PENDING:
             lc.move_run(run.msg, lc.RUN_RUNNING)
@@ -762,17 +825,31 @@ class Engine:
             return  # sent again when the node registers; lost if it never does
         upstream = {d: run.tasks[d].msg.outputs_json for d in m.spec.depends_on}
         with self.tracer.start_as_current_span(
-            f"dispatch {m.spec.name}", context=context_from_traceparent(m.traceparent),
+            f"dispatch {m.spec.name}",
+            context=context_from_traceparent(m.traceparent),
             kind=trace.SpanKind.PRODUCER,
-            attributes={"tether.run_id": run.msg.id, "tether.task": m.spec.name,
-                        "tether.attempt": m.attempt, "tether.node": m.node},
+            attributes={
+                "tether.run_id": run.msg.id,
+                "tether.task": m.spec.name,
+                "tether.attempt": m.attempt,
+                "tether.node": m.node,
+            },
         ) as span:
             gpus = list(m.attempts[-1].gpu_indices) if m.attempts else []
-            node.session.send(agent_pb2.ControllerMessage(assign=agent_pb2.AssignTask(
-                ref=agent_pb2.AttemptRef(run_id=run.msg.id, task=m.spec.name, attempt=m.attempt),
-                spec=m.spec, upstream_outputs=upstream, gpu_indices=gpus,
-                traceparent=traceparent_of(span), params=run.msg.params,
-            )))
+            node.session.send(
+                agent_pb2.ControllerMessage(
+                    assign=agent_pb2.AssignTask(
+                        ref=agent_pb2.AttemptRef(
+                            run_id=run.msg.id, task=m.spec.name, attempt=m.attempt
+                        ),
+                        spec=m.spec,
+                        upstream_outputs=upstream,
+                        gpu_indices=gpus,
+                        traceparent=traceparent_of(span),
+                        params=run.msg.params,
+                    )
+                )
+            )
 
     def _node(self, name: str) -> NodeState:
         st = self.nodes.get(name)

@@ -65,17 +65,38 @@ class EtcdProcess:
         peer = f"http://127.0.0.1:{self.peer_port}"
         log = open(self.data_dir / "etcd.log", "ab")
         self.proc = subprocess.Popen(
-            [find_etcd(), "--name", "tether-dev", "--data-dir", str(self.data_dir / "data"),
-             "--listen-client-urls", client, "--advertise-client-urls", client,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"tether-dev={peer}", "--log-level", "warn",
-             "--unsafe-no-fsync" if os.environ.get("TETHER_ETCD_NO_FSYNC") else "--enable-pprof=false"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            [
+                find_etcd(),
+                "--name",
+                "tether-dev",
+                "--data-dir",
+                str(self.data_dir / "data"),
+                "--listen-client-urls",
+                client,
+                "--advertise-client-urls",
+                client,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                f"tether-dev={peer}",
+                "--log-level",
+                "warn",
+                "--unsafe-no-fsync"
+                if os.environ.get("TETHER_ETCD_NO_FSYNC")
+                else "--enable-pprof=false",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.data_dir / 'etcd.log'}")
+                raise RuntimeError(
+                    f"etcd exited with {self.proc.returncode}; see {self.data_dir / 'etcd.log'}"
+                )
             try:
                 with urllib.request.urlopen(f"{client}/health", timeout=1) as r:
                     if b'"true"' in r.read():

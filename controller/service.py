@@ -43,8 +43,13 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def SubmitWorkflow(self, request, context):
         ctx = context_from_metadata(dict(context.invocation_metadata() or ()))
         with self.tracer.start_as_current_span(
-            f"submit {request.spec.name or 'workflow'}", context=ctx, kind=trace.SpanKind.SERVER,
-            attributes={"tether.workflow": request.spec.name, "tether.tasks": len(request.spec.tasks)},
+            f"submit {request.spec.name or 'workflow'}",
+            context=ctx,
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "tether.workflow": request.spec.name,
+                "tether.tasks": len(request.spec.tasks),
+            },
         ) as span:
             run_id, existing = await self.engine.submit(
                 request.spec, dict(request.params), request.request_id, traceparent_of(span)
@@ -67,7 +72,9 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             try:
                 start = self.engine.keys.run(base64.urlsafe_b64decode(request.page_token).decode())
             except (ValueError, UnicodeDecodeError):
-                raise InvalidSpecError([FieldViolation("page_token", "not a token from ListRuns")]) from None
+                raise InvalidSpecError(
+                    [FieldViolation("page_token", "not a token from ListRuns")]
+                ) from None
         kvs, _ = await self.engine.store.range(
             self.engine.keys.runs, limit=size + 1, start=start, newest_first=True
         )
@@ -97,8 +104,9 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             tasks, _ = await store.range(task_prefix, revision=revision)
             for kv in tasks:
                 seen[kv.key] = kv.mod_revision
-            run.tasks.extend(sorted((t.TaskRun.FromString(kv.value) for kv in tasks),
-                                    key=lambda m: m.index))
+            run.tasks.extend(
+                sorted((t.TaskRun.FromString(kv.value) for kv in tasks), key=lambda m: m.index)
+            )
             yield controller_pb2.RunEvent(snapshot=run, run_state=run.state, revision=revision)
             if run.state in lc.RUN_TERMINAL:
                 return
@@ -123,8 +131,11 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 for kv in sorted(tasks, key=lambda kv: kv.mod_revision):
                     if seen.get(kv.key, 0) < kv.mod_revision and kv.mod_revision > revision:
                         seen[kv.key] = kv.mod_revision
-                        yield controller_pb2.RunEvent(task=t.TaskRun.FromString(kv.value),
-                                                      run_state=state, revision=kv.mod_revision)
+                        yield controller_pb2.RunEvent(
+                            task=t.TaskRun.FromString(kv.value),
+                            run_state=state,
+                            revision=kv.mod_revision,
+                        )
                 yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
                 return
             yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
@@ -226,8 +237,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
 
 def _check_register(reg: agent_pb2.Register) -> str:
-    if not reg.node or len(reg.node) > 63 or set(reg.node) - _NODE_NAME_CHARS or \
-            not reg.node[0].isalnum() or not reg.node[-1].isalnum():
+    if (
+        not reg.node
+        or len(reg.node) > 63
+        or set(reg.node) - _NODE_NAME_CHARS
+        or not reg.node[0].isalnum()
+        or not reg.node[-1].isalnum()
+    ):
         return "register.node: use 1-63 lowercase letters, digits, '.', '-'"
     c = reg.capacity
     if c.cpu < 0 or c.memory_bytes < 0 or c.gpu < 0:

@@ -105,7 +105,9 @@ def _op(op: Put | Delete) -> RequestOp:
             request_put=rpc_pb2.PutRequest(key=op.key.encode(), value=op.value, lease=op.lease)
         )
     end = prefix_range_end(op.key.encode()) if op.prefix else b""
-    return RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=op.key.encode(), range_end=end))
+    return RequestOp(
+        request_delete_range=rpc_pb2.DeleteRangeRequest(key=op.key.encode(), range_end=end)
+    )
 
 
 class Store:
@@ -152,7 +154,12 @@ class Store:
         return KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.lease)
 
     async def range(
-        self, prefix: str, *, limit: int = 0, start: str | None = None, newest_first: bool = False,
+        self,
+        prefix: str,
+        *,
+        limit: int = 0,
+        start: str | None = None,
+        newest_first: bool = False,
         revision: int = 0,
     ) -> tuple[list[KeyValue], int]:
         """Return the keys under ``prefix`` (paged internally) and the read's revision.
@@ -173,7 +180,11 @@ class Store:
         while True:
             want = _RANGE_PAGE if not limit else min(_RANGE_PAGE, limit - len(out))
             resp = await self._client.kv.get(
-                lo, range_end=hi, limit=want, revision=header_rev, timeout=self._timeout,
+                lo,
+                range_end=hi,
+                limit=want,
+                revision=header_rev,
+                timeout=self._timeout,
                 sort_order=SortOrder.DESCEND if newest_first else SortOrder.ASCEND,
             )
             header_rev = header_rev or resp.header.revision
@@ -204,13 +215,16 @@ class Store:
         )
         return resp.succeeded, resp.header.revision
 
-    async def txn_get(self, compares: Sequence[Compare], ops: Sequence[Put | Delete], get_on_failure: str):
+    async def txn_get(
+        self, compares: Sequence[Compare], ops: Sequence[Put | Delete], get_on_failure: str
+    ):
         """Like :meth:`txn`; on failure return the value of ``get_on_failure``."""
         request_ops = [_op(o) for o in ops]
         self.txn_count += 1
         self.put_count += sum(1 for o in ops if isinstance(o, Put))
         resp = await self._client.kv.txn(
-            compares, request_ops,
+            compares,
+            request_ops,
             [RequestOp(request_range=rpc_pb2.RangeRequest(key=get_on_failure.encode()))],
             timeout=self._timeout,
         )
@@ -220,8 +234,9 @@ class Store:
         return False, resp.header.revision, (kvs[0].value if kvs else None)
 
     async def delete_prefix(self, prefix: str) -> None:
-        await self._client.kv.delete(prefix, range_end=prefix_range_end(prefix.encode()),
-                                     timeout=self._timeout)
+        await self._client.kv.delete(
+            prefix, range_end=prefix_range_end(prefix.encode()), timeout=self._timeout
+        )
 
     # Leases -------------------------------------------------------------------------------
 
@@ -248,7 +263,9 @@ class Store:
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[Event]:
         """Yield every change under ``prefix`` from ``start_revision`` on (reconnecting)."""
         stream = self._client.watch.watch(
-            prefix, range_end=prefix_range_end(prefix.encode()), start_revision=start_revision,
+            prefix,
+            range_end=prefix_range_end(prefix.encode()),
+            start_revision=start_revision,
             prev_kv=True,
         )
         async for resp in stream:

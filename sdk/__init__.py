@@ -1,6 +1,6 @@
 """The Tether SDK: build and submit workflows, follow their runs.
 
-    from tether.sdk import Client, Workflow
+from tether.sdk import Client, Workflow
 """
 
 from tether.sdk.client import Client, RunHandle

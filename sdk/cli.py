@@ -26,15 +26,25 @@ console = Console()
 err_console = Console(stderr=True)
 
 _STATE_STYLE = {
-    "SUCCEEDED": "green", "FAILED": "red", "RUNNING": "cyan", "SCHEDULED": "blue",
-    "READY": "white", "PENDING": "dim", "RETRYING": "yellow", "CANCELLED": "magenta",
-    "SKIPPED": "dim", "LOST": "yellow",
+    "SUCCEEDED": "green",
+    "FAILED": "red",
+    "RUNNING": "cyan",
+    "SCHEDULED": "blue",
+    "READY": "white",
+    "PENDING": "dim",
+    "RETRYING": "yellow",
+    "CANCELLED": "magenta",
+    "SKIPPED": "dim",
+    "LOST": "yellow",
 }
 
 
 def _state(name: int, run: bool = False) -> str:
-    s = (t.RunState.Name(name).removeprefix("RUN_STATE_") if run
-         else t.TaskState.Name(name).removeprefix("TASK_STATE_"))
+    s = (
+        t.RunState.Name(name).removeprefix("RUN_STATE_")
+        if run
+        else t.TaskState.Name(name).removeprefix("TASK_STATE_")
+    )
     return f"[{_STATE_STYLE.get(s, 'white')}]{s}[/]"
 
 
@@ -58,13 +68,19 @@ class _LazyGroup(click.Group):
             return ep.load()
         except ImportError as e:
             raise click.ClickException(
-                f"'tether {name}' needs the server extras: pip install 'tether[{ep.module.split('.')[1]}]' ({e})"
+                f"'tether {name}' needs the server extras: "
+                f"pip install 'tether[{ep.module.split('.')[1]}]' ({e})"
             ) from None
 
 
 @click.group(cls=_LazyGroup)
-@click.option("--controller", envvar="TETHER_CONTROLLER", default=DEFAULT_CONTROLLER,
-              show_default=True, help="Controller address (env TETHER_CONTROLLER).")
+@click.option(
+    "--controller",
+    envvar="TETHER_CONTROLLER",
+    default=DEFAULT_CONTROLLER,
+    show_default=True,
+    help="Controller address (env TETHER_CONTROLLER).",
+)
 @click.pass_context
 def cli(ctx: click.Context, controller: str) -> None:
     """Tether: run AI workflows (DAGs of tasks) on your own nodes."""
@@ -87,8 +103,10 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
 
 def task_table(run: t.Run) -> Table:
     """A table of a run's tasks and their states."""
-    table = Table(title=f"run {run.id} ({run.workflow_name}): " + _state(run.state, run=True),
-                  title_justify="left")
+    table = Table(
+        title=f"run {run.id} ({run.workflow_name}): " + _state(run.state, run=True),
+        title_justify="left",
+    )
     for col in ("task", "state", "node", "attempt", "duration", "exit", "detail"):
         table.add_column(col)
     for tk in sorted(run.tasks, key=lambda x: x.index):
@@ -97,9 +115,18 @@ def task_table(run: t.Run) -> Table:
             end = tk.finished_at.ToNanoseconds() if tk.HasField("finished_at") else time.time_ns()
             dur = format_duration(max(0, end - tk.started_at.ToNanoseconds()) / 1e9)
         finished = tk.state in (t.TaskState.TASK_STATE_SUCCEEDED, t.TaskState.TASK_STATE_FAILED)
-        detail = tk.waiting_reason or (tk.message if tk.state != t.TaskState.TASK_STATE_SUCCEEDED else "")
-        table.add_row(tk.spec.name, _state(tk.state), tk.node, str(tk.attempt or ""), dur,
-                      str(tk.exit_code) if finished else "", detail[:80])
+        detail = tk.waiting_reason or (
+            tk.message if tk.state != t.TaskState.TASK_STATE_SUCCEEDED else ""
+        )
+        table.add_row(
+            tk.spec.name,
+            _state(tk.state),
+            tk.node,
+            str(tk.attempt or ""),
+            dur,
+            str(tk.exit_code) if finished else "",
+            detail[:80],
+        )
     return table
 
 
@@ -153,15 +180,18 @@ def _print_results(run: t.Run) -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--wait", "wait_", is_flag=True, help="Follow the run live until it finishes.")
 @click.option("--param", "-p", multiple=True, help="Run parameter KEY=VALUE (repeatable).")
-@click.option("--request-id", default="", help="Idempotency key: resubmitting returns the first run.")
+@click.option(
+    "--request-id", default="", help="Idempotency key: resubmitting returns the first run."
+)
 @click.pass_context
 def submit(ctx, file, wait_, param, request_id):
     """Submit the workflow in FILE (YAML); print the run id."""
     wf = load_workflow(file)
     client = _client(ctx)
     run = client.submit(wf, params=_parse_params(param), request_id=request_id)
-    console.print(f"run [bold]{run.id}[/]" + (" (existing)" if run.existing else ""),
-                  highlight=False)
+    console.print(
+        f"run [bold]{run.id}[/]" + (" (existing)" if run.existing else ""), highlight=False
+    )
     if not wait_:
         return
     final = _follow(client, run.id)
@@ -193,8 +223,9 @@ def status(ctx, run_id, as_json):
         if i >= 50:
             break
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created_at.seconds))
-        table.add_row(run.id, run.workflow_name, _state(run.state, run=True),
-                      str(run.task_count), created)
+        table.add_row(
+            run.id, run.workflow_name, _state(run.state, run=True), str(run.task_count), created
+        )
     console.print(table)
 
 
@@ -206,13 +237,17 @@ def watch(ctx, run_id):
     client = _client(ctx)
     for ev in client.watch(run_id):
         if ev.HasField("snapshot"):
-            console.print(f"rev {ev.revision}: run {ev.snapshot.id} {_state(ev.snapshot.state, True)}")
+            console.print(
+                f"rev {ev.revision}: run {ev.snapshot.id} {_state(ev.snapshot.state, True)}"
+            )
             for tk in ev.snapshot.tasks:
                 console.print(f"  {tk.spec.name}: {_state(tk.state)}")
         elif ev.HasField("task"):
             tk = ev.task
-            console.print(f"rev {ev.revision}: {tk.spec.name} {_state(tk.state)}"
-                          + (f" on {tk.node} (attempt {tk.attempt})" if tk.node else ""))
+            console.print(
+                f"rev {ev.revision}: {tk.spec.name} {_state(tk.state)}"
+                + (f" on {tk.node} (attempt {tk.attempt})" if tk.node else "")
+            )
         else:
             console.print(f"rev {ev.revision}: run {_state(ev.run_state, True)}")
 
@@ -243,9 +278,12 @@ def nodes(ctx, as_json):
         table.add_column(col)
     for n in ns:
         table.add_row(
-            n.name, f"{n.allocated.cpu:g}/{n.capacity.cpu:g}",
+            n.name,
+            f"{n.allocated.cpu:g}/{n.capacity.cpu:g}",
             f"{format_memory(n.allocated.memory_bytes)}/{format_memory(n.capacity.memory_bytes)}",
-            f"{n.allocated.gpu}/{len(n.gpus)}", str(n.running_tasks), n.runtime,
+            f"{n.allocated.gpu}/{len(n.gpus)}",
+            str(n.running_tasks),
+            n.runtime,
             ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),
         )
     console.print(table)

@@ -1,10 +1,10 @@
 """The Python client of a Tether controller.
 
-    from tether.sdk import Client, Workflow
+from tether.sdk import Client, Workflow
 
-    client = Client("127.0.0.1:7070")
-    run = client.submit(Workflow.from_yaml("examples/fraud_detection.yaml"))
-    final = run.wait()
+client = Client("127.0.0.1:7070")
+run = client.submit(Workflow.from_yaml("examples/fraud_detection.yaml"))
+final = run.wait()
 """
 
 from __future__ import annotations
@@ -25,22 +25,35 @@ from tether.sdk.telemetry import current_traceparent
 __all__ = ["DEFAULT_CONTROLLER", "TERMINAL_RUN_STATES", "Client", "RunHandle"]
 
 DEFAULT_CONTROLLER = "127.0.0.1:7070"
-TERMINAL_RUN_STATES = frozenset({
-    t.RunState.RUN_STATE_SUCCEEDED, t.RunState.RUN_STATE_FAILED, t.RunState.RUN_STATE_CANCELLED,
-})
+TERMINAL_RUN_STATES = frozenset(
+    {
+        t.RunState.RUN_STATE_SUCCEEDED,
+        t.RunState.RUN_STATE_FAILED,
+        t.RunState.RUN_STATE_CANCELLED,
+    }
+)
 
 # Reads are retried on UNAVAILABLE by gRPC itself; writes are not (submit carries a request id
 # when the caller wants retries to be safe).
-_SERVICE_CONFIG = json.dumps({
-    "methodConfig": [{
-        "name": [{"service": "tether.v1.ControllerService", "method": m}
-                 for m in ("GetRun", "ListRuns", "ListNodes")],
-        "retryPolicy": {
-            "maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s",
-            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"],
-        },
-    }],
-})
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "tether.v1.ControllerService", "method": m}
+                    for m in ("GetRun", "ListRuns", "ListNodes")
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
 
 _tracer = trace.get_tracer("tether.sdk")
 
@@ -57,12 +70,15 @@ class Client:
     def __init__(self, address: str | None = None, timeout: float = 30.0) -> None:
         self.address = address or os.environ.get("TETHER_CONTROLLER") or DEFAULT_CONTROLLER
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.address, options=[
-            ("grpc.service_config", _SERVICE_CONFIG),
-            ("grpc.enable_retries", 1),
-            ("grpc.max_receive_message_length", 64 * 2**20),
-            ("grpc.max_send_message_length", 64 * 2**20),
-        ])
+        self._channel = grpc.insecure_channel(
+            self.address,
+            options=[
+                ("grpc.service_config", _SERVICE_CONFIG),
+                ("grpc.enable_retries", 1),
+                ("grpc.max_receive_message_length", 64 * 2**20),
+                ("grpc.max_send_message_length", 64 * 2**20),
+            ],
+        )
         self._stub = controller_pb2_grpc.ControllerServiceStub(self._channel)
 
     def close(self) -> None:
@@ -81,7 +97,9 @@ class Client:
             raise from_rpc_error(e) from None
 
     def submit(
-        self, workflow: Workflow | t.WorkflowSpec, params: Mapping[str, str] | None = None,
+        self,
+        workflow: Workflow | t.WorkflowSpec,
+        params: Mapping[str, str] | None = None,
         request_id: str = "",
     ) -> RunHandle:
         """Submit a workflow and return a handle to its run.
@@ -98,9 +116,15 @@ class Client:
         spec = workflow.to_proto() if isinstance(workflow, Workflow) else workflow
         with _tracer.start_as_current_span(f"submit {spec.name}", kind=trace.SpanKind.CLIENT):
             md = (("traceparent", current_traceparent()),) if current_traceparent() else ()
-            resp = self._call(self._stub.SubmitWorkflow, controller_pb2.SubmitWorkflowRequest(
-                spec=spec, params=dict(params or {}), request_id=request_id,
-            ), metadata=md)
+            resp = self._call(
+                self._stub.SubmitWorkflow,
+                controller_pb2.SubmitWorkflowRequest(
+                    spec=spec,
+                    params=dict(params or {}),
+                    request_id=request_id,
+                ),
+                metadata=md,
+            )
         return RunHandle(self, resp.run_id, existing=resp.existing)
 
     def run(self, run_id: str) -> RunHandle:
@@ -115,8 +139,10 @@ class Client:
         """Every run, newest first (fetched a page at a time)."""
         token = ""
         while True:
-            resp = self._call(self._stub.ListRuns, controller_pb2.ListRunsRequest(
-                page_size=page_size, page_token=token))
+            resp = self._call(
+                self._stub.ListRuns,
+                controller_pb2.ListRunsRequest(page_size=page_size, page_token=token),
+            )
             yield from resp.runs
             token = resp.next_page_token
             if not token:
@@ -127,14 +153,17 @@ class Client:
         resuming ``from_revision``."""
         try:
             yield from self._stub.WatchRun(
-                controller_pb2.WatchRunRequest(run_id=run_id, from_revision=from_revision))
+                controller_pb2.WatchRunRequest(run_id=run_id, from_revision=from_revision)
+            )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
     def cancel(self, run_id: str, task: str = "", reason: str = "") -> None:
         """Cancel a run, or one task of it."""
-        self._call(self._stub.CancelRun, controller_pb2.CancelRunRequest(
-            run_id=run_id, task=task, reason=reason))
+        self._call(
+            self._stub.CancelRun,
+            controller_pb2.CancelRunRequest(run_id=run_id, task=task, reason=reason),
+        )
 
     def nodes(self) -> list[t.Node]:
         """The registered nodes."""
@@ -189,5 +218,8 @@ class RunHandle:
 
     def outputs(self) -> dict[str, object]:
         """Each task's output (parsed JSON), for tasks that wrote one."""
-        return {tk.spec.name: json.loads(tk.outputs_json)
-                for tk in self.status().tasks if tk.outputs_json}
+        return {
+            tk.spec.name: json.loads(tk.outputs_json)
+            for tk in self.status().tasks
+            if tk.outputs_json
+        }

@@ -10,8 +10,17 @@ import re
 
 _MEMORY_UNITS = {
     "": 1,
-    "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+    "k": 10**3,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
 }
 _MEMORY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]i?|k)?\s*$")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|us|s|m|h|d)")
@@ -76,6 +85,6 @@ def format_duration(seconds: float) -> str:
     """Format seconds compactly (``1.5s``, ``2m3s``)."""
     if seconds < 60:
         return f"{seconds:.3g}s"
-    m, s = divmod(int(round(seconds)), 60)
+    m, s = divmod(round(seconds), 60)
     h, m = divmod(m, 60)
     return (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s else "")

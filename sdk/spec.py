@@ -56,7 +56,7 @@ class Resources(_Strict):
 
 
 class Backoff(_Strict):
-    """Delay between attempts: ``initial`` × ``factor``ⁿ, capped at ``max``, ± ``jitter``."""
+    """Retry delay: ``initial * factor**n``, capped at ``max``, randomised by ``jitter``."""
 
     initial: float = 0.0
     factor: float = 0.0
@@ -118,7 +118,9 @@ class Task(_Strict):
             b = self.backoff
             msg.backoff.CopyFrom(
                 types_pb2.RetryBackoff(
-                    initial=_duration(b.initial), factor=b.factor, max=_duration(b.max),
+                    initial=_duration(b.initial),
+                    factor=b.factor,
+                    max=_duration(b.max),
                     jitter=b.jitter,
                 )
             )
@@ -135,7 +137,7 @@ def _scalar(v: Any) -> Any:
 
 def _duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
-    d.FromNanoseconds(int(round(seconds * 1e9)))
+    d.FromNanoseconds(round(seconds * 1e9))
     return d
 
 
@@ -179,9 +181,16 @@ class Workflow:
         """
         deps = [d.name if isinstance(d, Task) else d for d in depends_on]
         fields = dict(
-            name=name, command=list(command), depends_on=deps, image=image, env=dict(env or {}),
-            resources={"cpu": cpu, "memory": memory, "gpu": gpu}, retries=retries,
-            timeout=timeout, working_dir=working_dir, allow_failure=allow_failure,
+            name=name,
+            command=list(command),
+            depends_on=deps,
+            image=image,
+            env=dict(env or {}),
+            resources={"cpu": cpu, "memory": memory, "gpu": gpu},
+            retries=retries,
+            timeout=timeout,
+            working_dir=working_dir,
+            allow_failure=allow_failure,
         )
         try:
             t = Task(**fields)
@@ -252,6 +261,6 @@ def _violations(e: ValidationError, prefix: str = "", data: Any = None) -> list[
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         out.append(FieldViolation("".join(parts), msg))
     return out

@@ -116,7 +116,9 @@ def _violations(spec: types_pb2.WorkflowSpec, limits: Limits):
 
 def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
     if t.ByteSize() > limits.max_task_bytes:
-        yield FieldViolation(where, f"task is {t.ByteSize()} bytes; at most {limits.max_task_bytes}")
+        yield FieldViolation(
+            where, f"task is {t.ByteSize()} bytes; at most {limits.max_task_bytes}"
+        )
     if not t.command:
         yield FieldViolation(f"{where}.command", "must not be empty")
     elif not t.command[0]:
@@ -135,7 +137,9 @@ def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
     elif r.gpu > limits.max_gpu:
         yield FieldViolation(f"{where}.resources.gpu", f"at most {limits.max_gpu}")
     if not 0 <= t.retries <= limits.max_retries:
-        yield FieldViolation(f"{where}.retries", f"must be in 0..{limits.max_retries}, got {t.retries}")
+        yield FieldViolation(
+            f"{where}.retries", f"must be in 0..{limits.max_retries}, got {t.retries}"
+        )
     timeout = t.timeout.seconds + t.timeout.nanos / 1e9
     if timeout < 0:
         yield FieldViolation(f"{where}.timeout", "must be >= 0")
@@ -173,7 +177,7 @@ def _find_cycle(spec: types_pb2.WorkflowSpec, index: dict[str, int]) -> list[str
                 stack.append((node, i + 1))
                 child = children[i]
                 if color.get(child) == 1:
-                    return [*path[path.index(child):], child]
+                    return [*path[path.index(child) :], child]
                 if child not in color:
                     stack.append((child, 0))
             else:

@@ -26,9 +26,14 @@ class Mesh:
 
     def __init__(self, etcd_endpoint: str, prefix: str, work_dir: Path, **controller_kw) -> None:
         self.config = ControllerConfig(
-            etcd_endpoints=(etcd_endpoint,), prefix=prefix, listen="127.0.0.1:0",
-            lease_ttl=controller_kw.pop("lease_ttl", 2), cancel_grace=controller_kw.pop("cancel_grace", 2.0),
-            retry_initial=controller_kw.pop("retry_initial", 0.05), retry_max=1.0, **controller_kw,
+            etcd_endpoints=(etcd_endpoint,),
+            prefix=prefix,
+            listen="127.0.0.1:0",
+            lease_ttl=controller_kw.pop("lease_ttl", 2),
+            cancel_grace=controller_kw.pop("cancel_grace", 2.0),
+            retry_initial=controller_kw.pop("retry_initial", 0.05),
+            retry_max=1.0,
+            **controller_kw,
         )
         self.work_dir = work_dir
         self.loop = asyncio.new_event_loop()
@@ -101,7 +106,7 @@ class Mesh:
         for name in list(self.agents):
             try:
                 self.stop_agent(name)
-            except Exception:  # noqa: BLE001 - best effort cleanup
+            except Exception:
                 pass
         try:
             self.stop_controller()

@@ -12,12 +12,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tether(*args: str, controller: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def tether(
+    *args: str, controller: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     if controller:
         env["TETHER_CONTROLLER"] = controller
-    return subprocess.run([sys.executable, "-m", "tether.sdk.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "tether.sdk.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
@@ -40,7 +47,8 @@ def test_nodes_submit_wait_and_status(mesh, tmp_path):
         "name: cli-demo\n"
         "tasks:\n"
         f"  - name: hello\n    command: [{sys.executable}, -c, \"print('hello from tether')\"]\n"
-        f"  - name: after\n    depends_on: [hello]\n    command: [{sys.executable}, -c, \"print('done')\"]\n"
+        f"  - name: after\n    depends_on: [hello]\n"
+        f"    command: [{sys.executable}, -c, \"print('done')\"]\n"
     )
     res = tether("--controller", mesh.address, "submit", str(wf), "--wait")
     assert res.returncode == 0, res.stderr
@@ -57,7 +65,10 @@ def test_nodes_submit_wait_and_status(mesh, tmp_path):
 def test_failed_run_exits_non_zero(mesh, tmp_path):
     mesh.add_agent("n1")
     wf = tmp_path / "fail.yaml"
-    wf.write_text(f"name: f\ntasks:\n  - name: x\n    command: [{sys.executable}, -c, 'raise SystemExit(2)']\n")
+    wf.write_text(
+        "name: f\ntasks:\n  - name: x\n"
+        f"    command: [{sys.executable}, -c, 'raise SystemExit(2)']\n"
+    )
     res = tether("submit", str(wf), "--wait", controller=mesh.address)
     assert res.returncode == 1
     assert "FAILED" in res.stdout
@@ -66,15 +77,24 @@ def test_failed_run_exits_non_zero(mesh, tmp_path):
 @pytest.mark.parametrize(
     ("yaml", "needle"),
     [
-        ("name: c\ntasks:\n  - {name: a, command: [x], depends_on: [b]}\n"
-         "  - {name: b, command: [x], depends_on: [a]}\n", "cycle: a -> b -> a"),
+        (
+            "name: c\ntasks:\n  - {name: a, command: [x], depends_on: [b]}\n"
+            "  - {name: b, command: [x], depends_on: [a]}\n",
+            "cycle: a -> b -> a",
+        ),
         ("name: c\ntasks:\n  - {name: a, command: [x], depends_on: [zz]}\n", "unknown task 'zz'"),
-        ("name: c\ntasks:\n  - {name: a, command: [x]}\n  - {name: a, command: [x]}\n",
-         "tasks[1] (a).name: duplicate task name"),
-        ("name: c\ntasks:\n  - {name: a, command: [x], resources: {cpu: -1}}\n",
-         "tasks[0] (a).resources.cpu: must be >= 0"),
-        ("name: c\ntasks:\n  - {name: a, command: [x], colour: red}\n",
-         "tasks[0] (a).colour: unknown field"),
+        (
+            "name: c\ntasks:\n  - {name: a, command: [x]}\n  - {name: a, command: [x]}\n",
+            "tasks[1] (a).name: duplicate task name",
+        ),
+        (
+            "name: c\ntasks:\n  - {name: a, command: [x], resources: {cpu: -1}}\n",
+            "tasks[0] (a).resources.cpu: must be >= 0",
+        ),
+        (
+            "name: c\ntasks:\n  - {name: a, command: [x], colour: red}\n",
+            "tasks[0] (a).colour: unknown field",
+        ),
     ],
 )
 def test_bad_spec_prints_one_line_and_fails(mesh, tmp_path, yaml, needle):

@@ -12,7 +12,6 @@ from collections import Counter
 
 import pytest
 from etcd3aio import Etcd3Client, prefix_range_end
-
 from mesh import Mesh
 from tether.api.v1 import types_pb2 as t
 from tether.controller.etcd_process import free_port
@@ -26,8 +25,20 @@ class ControllerProcess:
 
     def __init__(self, etcd: str, prefix: str, log_path) -> None:
         self.port = free_port()
-        self.args = [sys.executable, "-m", "tether.sdk.cli", "controller", "--etcd", etcd,
-                     "--prefix", prefix, "--listen", f"127.0.0.1:{self.port}", "--lease-ttl", "3"]
+        self.args = [
+            sys.executable,
+            "-m",
+            "tether.sdk.cli",
+            "controller",
+            "--etcd",
+            etcd,
+            "--prefix",
+            prefix,
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--lease-ttl",
+            "3",
+        ]
         self.log = open(log_path, "ab")
         self.proc: subprocess.Popen | None = None
 
@@ -36,8 +47,12 @@ class ControllerProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=self.log,
-                                     env={**os.environ, "TETHER_LOG_FORMAT": "json"})
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=self.log,
+            stderr=self.log,
+            env={**os.environ, "TETHER_LOG_FORMAT": "json"},
+        )
         client = Client(self.address, timeout=2)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -45,7 +60,7 @@ class ControllerProcess:
                 client.nodes()
                 client.close()
                 return
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:
                 time.sleep(0.1)
         raise AssertionError("controller did not start")
 
@@ -73,8 +88,12 @@ def _chain_workflow(marks) -> Workflow:
     for chain in ("x", "y"):
         prev = None
         for i in range(6):
-            prev = wf.task(f"{chain}{i}", [sys.executable, "-c", code],
-                           depends_on=[prev] if prev else [], cpu=1)
+            prev = wf.task(
+                f"{chain}{i}",
+                [sys.executable, "-c", code],
+                depends_on=[prev] if prev else [],
+                cpu=1,
+            )
     return wf
 
 
@@ -85,8 +104,9 @@ async def _success_events(endpoint: str, prefix: str) -> Counter:
         key = prefix + "/tasks/"
         current = await c.kv.get(key, range_end=prefix_range_end(key))
         head = max(kv.mod_revision for kv in current.kvs)
-        async for resp in c.watch.watch(key, range_end=prefix_range_end(key), start_revision=1,
-                                         prev_kv=True):
+        async for resp in c.watch.watch(
+            key, range_end=prefix_range_end(key), start_revision=1, prev_kv=True
+        ):
             for ev in resp.events:
                 new = t.TaskRun.FromString(ev.kv.value) if ev.kv.value else None
                 old = t.TaskRun.FromString(ev.prev_kv.value) if ev.prev_kv.value else None
@@ -98,7 +118,9 @@ async def _success_events(endpoint: str, prefix: str) -> Counter:
 
 
 @pytest.mark.timeout(240)
-def test_sigkill_controller_mid_run_resumes_and_records_each_completion_once(etcd, prefix, tmp_path):
+def test_sigkill_controller_mid_run_resumes_and_records_each_completion_once(
+    etcd, prefix, tmp_path
+):
     ctl = ControllerProcess(etcd.endpoint, prefix, tmp_path / "controller.log")
     ctl.start()
     mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents")

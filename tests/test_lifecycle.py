@@ -3,7 +3,6 @@
 import itertools
 
 import pytest
-
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 
@@ -31,8 +30,20 @@ def test_terminal_states_have_no_way_out():
 
 
 def test_expected_paths_exist():
-    path = [lc.PENDING, lc.READY, lc.SCHEDULED, lc.RUNNING, lc.RETRYING, lc.READY, lc.SCHEDULED,
-            lc.LOST, lc.READY, lc.SCHEDULED, lc.RUNNING, lc.SUCCEEDED]
+    path = [
+        lc.PENDING,
+        lc.READY,
+        lc.SCHEDULED,
+        lc.RUNNING,
+        lc.RETRYING,
+        lc.READY,
+        lc.SCHEDULED,
+        lc.LOST,
+        lc.READY,
+        lc.SCHEDULED,
+        lc.RUNNING,
+        lc.SUCCEEDED,
+    ]
     task = t.TaskRun(state=path[0])
     for s in path[1:]:
         lc.move_task(task, s)

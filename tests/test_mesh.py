@@ -9,7 +9,6 @@ import sys
 import grpc
 import pytest
 from etcd3aio import Etcd3Client, prefix_range_end
-
 from tether.api.v1 import controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import InvalidSpecError, NotFoundError, Workflow
@@ -42,8 +41,13 @@ def diamond() -> Workflow:
 
 
 def test_node_registration_shows_resources_and_expires(mesh):
-    mesh.add_agent("gpu-node", fake_gpus="2", labels={"zone": "eu-1", "tier": "gold"}, cpu=3.5,
-                   memory_bytes=6 * 2**30)
+    mesh.add_agent(
+        "gpu-node",
+        fake_gpus="2",
+        labels={"zone": "eu-1", "tier": "gold"},
+        cpu=3.5,
+        memory_bytes=6 * 2**30,
+    )
     mesh.add_agent("cpu-node", cpu=2)
     client = mesh.client()
     nodes = {n.name: n for n in client.nodes()}
@@ -130,11 +134,16 @@ def test_records_are_in_etcd_under_the_prefix(mesh, etcd, prefix):
         ([("a", [], -2)], "tasks[0] (a).resources.cpu: must be >= 0"),
     ],
 )
-def test_bad_specs_are_rejected_by_the_server_and_nothing_is_stored(mesh, etcd, prefix, tasks, field):
-    spec = t.WorkflowSpec(name="bad", tasks=[
-        t.TaskSpec(name=n, command=["true"], depends_on=d, resources=t.Resources(cpu=c))
-        for n, d, c in tasks
-    ])
+def test_bad_specs_are_rejected_by_the_server_and_nothing_is_stored(
+    mesh, etcd, prefix, tasks, field
+):
+    spec = t.WorkflowSpec(
+        name="bad",
+        tasks=[
+            t.TaskSpec(name=n, command=["true"], depends_on=d, resources=t.Resources(cpu=c))
+            for n, d, c in tasks
+        ],
+    )
     # Straight to the server (the SDK would refuse it before sending).
     with grpc.insecure_channel(mesh.address) as ch:
         stub = controller_pb2_grpc.ControllerServiceStub(ch)
@@ -145,10 +154,12 @@ def test_bad_specs_are_rejected_by_the_server_and_nothing_is_stored(mesh, etcd, 
 
     async def count():
         async with Etcd3Client([etcd.endpoint]) as c:
-            resp = await c.kv.get(prefix + "/runs/", range_end=prefix_range_end(prefix + "/runs/"),
-                                  count_only=True)
-            tasks_ = await c.kv.get(prefix + "/tasks/",
-                                    range_end=prefix_range_end(prefix + "/tasks/"), count_only=True)
+            resp = await c.kv.get(
+                prefix + "/runs/", range_end=prefix_range_end(prefix + "/runs/"), count_only=True
+            )
+            tasks_ = await c.kv.get(
+                prefix + "/tasks/", range_end=prefix_range_end(prefix + "/tasks/"), count_only=True
+            )
             return resp.count + tasks_.count
 
     assert asyncio.run(count()) == 0
@@ -184,8 +195,11 @@ def test_task_no_node_can_hold_waits_with_a_reason(mesh):
     wf.task("huge", py("pass"), cpu=64)
     client = mesh.client()
     run = client.submit(wf)
-    mesh.wait_for(lambda: "no node can ever hold" in run.status().tasks[0].waiting_reason, 10,
-                  "waiting reason")
+    mesh.wait_for(
+        lambda: "no node can ever hold" in run.status().tasks[0].waiting_reason,
+        10,
+        "waiting reason",
+    )
     assert run.status().tasks[0].state == S.TASK_STATE_READY
     client.cancel(run.id)
     assert run.wait(timeout=10).state == R.RUN_STATE_CANCELLED

@@ -1,7 +1,6 @@
 """The workflow format and its validation (no servers needed)."""
 
 import pytest
-
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import InvalidSpecError, Workflow
 from tether.sdk.quantities import parse_duration, parse_memory
@@ -72,12 +71,15 @@ def test_other_rules():
     assert violations(spec(task("a"), name=" ")) == ["name: must not be empty"]
     assert violations(spec(t.TaskSpec(name="a"))) == ["tasks[0] (a).command: must not be empty"]
     assert "tasks[0] (a).depends_on[0]: a task cannot depend on itself" in violations(
-        spec(task("a", ["a"])))
+        spec(task("a", ["a"]))
+    )
     assert violations(spec(task("bad name"))) == [
-        "tasks[0] (bad name).name: use 1-63 letters, digits, '_', '.', '-', starting alphanumeric"]
+        "tasks[0] (bad name).name: use 1-63 letters, digits, '_', '.', '-', starting alphanumeric"
+    ]
     assert violations(spec(task("a", retries=-1)))[0].startswith("tasks[0] (a).retries")
     assert violations(spec(task("a", env={"1X": "v"}))) == [
-        "tasks[0] (a).env.1X: not a valid environment variable name"]
+        "tasks[0] (a).env.1X: not a valid environment variable name"
+    ]
     huge = task("a", command=["x" * (300 * 1024)])
     assert violations(spec(huge))[0].startswith("tasks[0] (a): task is")
 
@@ -100,8 +102,16 @@ tasks:
 def test_yaml_and_python_build_the_same_spec():
     from_yaml = Workflow.from_yaml(YAML).to_proto()
     wf = Workflow("demo")
-    a = wf.task("a", ["echo", "hi"], cpu=0.5, memory="512Mi", gpu=1, timeout="30s", retries=2,
-                env={"N": "3", "FLAG": "true"})
+    a = wf.task(
+        "a",
+        ["echo", "hi"],
+        cpu=0.5,
+        memory="512Mi",
+        gpu=1,
+        timeout="30s",
+        retries=2,
+        env={"N": "3", "FLAG": "true"},
+    )
     wf.task("b", ["echo", "b"], depends_on=[a])
     assert wf.to_proto() == from_yaml
     a_spec = from_yaml.tasks[0]
@@ -120,11 +130,26 @@ def test_unknown_fields_are_errors():
 
 def test_malformed_values_name_the_field():
     with pytest.raises(InvalidSpecError) as e:
-        Workflow.from_yaml("name: x\ntasks:\n  - name: a\n    command: [x]\n"
-                           "    resources: {memory: lots}\n")
+        Workflow.from_yaml(
+            "name: x\ntasks:\n  - name: a\n    command: [x]\n    resources: {memory: lots}\n"
+        )
     assert str(e.value).startswith("tasks[0] (a).resources.memory: invalid memory quantity")
     with pytest.raises(InvalidSpecError) as e:
         Workflow.from_yaml("name: x\ntasks:\n  - name: a\n    command: [x]\n    timeout: soon\n")
     assert str(e.value).startswith("tasks[0] (a).timeout: invalid duration")
     with pytest.raises(InvalidSpecError):
         Workflow.from_yaml("name: [unclosed\n")
+
+
+def test_python_example_equals_yaml_example():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec_ = importlib.util.spec_from_file_location(
+        "fraud", root / "examples" / "fraud_detection.py"
+    )
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    from_yaml = Workflow.from_yaml(root / "examples" / "fraud_detection.yaml").to_proto()
+    assert mod.build().to_proto() == from_yaml

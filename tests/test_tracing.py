@@ -8,9 +8,8 @@ import threading
 from concurrent import futures
 
 import grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-
 from mesh import Mesh
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import Workflow
 
@@ -22,11 +21,17 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.spans: list[tuple[str, object]] = []  # (service.name, span)
         self.lock = threading.Lock()
 
-    def Export(self, request, context):  # noqa: N802 - gRPC method name
+    def Export(self, request, context):
         with self.lock:
             for rs in request.resource_spans:
-                service = next((a.value.string_value for a in rs.resource.attributes
-                                if a.key == "service.name"), "")
+                service = next(
+                    (
+                        a.value.string_value
+                        for a in rs.resource.attributes
+                        if a.key == "service.name"
+                    ),
+                    "",
+                )
                 for ss in rs.scope_spans:
                     for span in ss.spans:
                         self.spans.append((service, span))
@@ -47,17 +52,27 @@ def test_one_run_is_one_trace_across_controller_and_agent(etcd, prefix, tmp_path
         mesh.start_controller()
         mesh.add_agent("n1")
         wf = Workflow("traced")
-        code = ("import os,json;json.dump({'tp': os.environ['TRACEPARENT']},"
-                "open(os.environ['TETHER_OUTPUT_FILE'],'w'))")
+        code = (
+            "import os,json;json.dump({'tp': os.environ['TRACEPARENT']},"
+            "open(os.environ['TETHER_OUTPUT_FILE'],'w'))"
+        )
         a = wf.task("a", [sys.executable, "-c", code])
         wf.task("b", [sys.executable, "-c", code], depends_on=[a])
         final = mesh.client().submit(wf).wait(timeout=30)
         assert final.state == t.RunState.RUN_STATE_SUCCEEDED
         traceparents = {tk.spec.name: json.loads(tk.outputs_json)["tp"] for tk in final.tasks}
-        names_wanted = {"submit traced", "dispatch a", "dispatch b", "run a", "run b",
-                        "record a", "record b"}
-        mesh.wait_for(lambda: names_wanted <= {s.name for _, s in receiver.spans}, 15,
-                      "spans exported")
+        names_wanted = {
+            "submit traced",
+            "dispatch a",
+            "dispatch b",
+            "run a",
+            "run b",
+            "record a",
+            "record b",
+        }
+        mesh.wait_for(
+            lambda: names_wanted <= {s.name for _, s in receiver.spans}, 15, "spans exported"
+        )
     finally:
         mesh.close()
         server.stop(0)
@@ -81,6 +96,6 @@ def test_one_run_is_one_trace_across_controller_and_agent(etcd, prefix, tmp_path
         assert run_span.parent_span_id == dispatch.span_id
         assert dispatch.parent_span_id == roots[0].span_id
         # The task process got TRACEPARENT pointing at the agent's run span.
-        version, trace_hex, span_hex, _ = traceparents[task].split("-")
+        _version, trace_hex, span_hex, _ = traceparents[task].split("-")
         assert bytes.fromhex(trace_hex) == run_span.trace_id
         assert bytes.fromhex(span_hex) == run_span.span_id

@@ -57,8 +57,13 @@ class ProcessRuntime:
         try:
             with open(spec.stdout_path, "wb") as out, open(spec.stderr_path, "wb") as err:
                 proc = await asyncio.create_subprocess_exec(
-                    *spec.command, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out, stderr=err, start_new_session=True,
+                    *spec.command,
+                    env=env,
+                    cwd=cwd,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
                 )
         except FileNotFoundError as e:
             raise RuntimeError_(f"cannot start {spec.command[0]!r}: {e.strerror}") from e

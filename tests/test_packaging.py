@@ -1,0 +1,107 @@
+"""Packaging, lint, and the README's main command (tether dev --run the example)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_installs_only_the_tether_namespace(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    wheel = next(tmp_path.glob("tether-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {
+        "tether",
+        wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info",
+    }
+    for module in (
+        "tether/api/v1/controller_pb2.py",
+        "tether/sdk/client.py",
+        "tether/controller/engine.py",
+        "tether/agent/runner.py",
+    ):
+        assert module in names
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    base = [
+        line
+        for line in meta.splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    ]
+    assert not any(re.search(r"etcd|docker", line) for line in base), "the SDK stays light"
+
+
+def test_sdk_does_not_import_servers():
+    code = (
+        "import sys, tether.sdk, tether.sdk.cli;"
+        "bad=[m for m in sys.modules if m.startswith(('tether.controller','tether.agent',"
+        "'etcd3aio','docker'))];print(bad);sys.exit(1 if bad else 0)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    res = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
+    assert len(blocks) >= 2
+    test_cmd = next(b for b in blocks if "pytest" in b)
+    assert test_cmd.strip() in (ROOT / ".ci" / "run").read_text()
+
+
+def test_dev_runs_the_example_to_completion(tmp_path):
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tether.sdk.cli",
+            "dev",
+            "--agents",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path / "dev"),
+            "--lease-ttl",
+            "3",
+            "--run",
+            str(ROOT / "examples" / "fraud_detection.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={"COLUMNS": "160", "PATH": "/usr/bin:/bin"}
+        | {k: v for k, v in __import__("os").environ.items() if k not in ("COLUMNS",)},
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "SUCCEEDED" in res.stdout
+    assert "6 of 406 transactions flagged as anomalous" in res.stdout
+    assert "tether dev: stopped" in res.stderr
