@@ -6,6 +6,7 @@ import asyncio
 import signal
 
 import click
+
 from tether.controller.config import ControllerConfig
 from tether.controller.server import ControllerServer
 from tether.sdk.telemetry import setup_logging

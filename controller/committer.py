@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from etcd3aio import EtcdError
+
 from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
 from tether.sdk.telemetry import get_logger
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from tether.controller.config import ControllerConfig
 from tether.controller.etcd_process import EtcdProcess
 from tether.controller.server import ControllerServer

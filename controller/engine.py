@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from opentelemetry import trace
+
 from tether.api.v1 import agent_pb2
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc

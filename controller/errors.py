@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Callable
 
 import grpc
+
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.telemetry import get_logger
 

@@ -12,6 +12,7 @@ import contextlib
 
 import grpc
 from opentelemetry import trace
+
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from etcd3aio import Etcd3Client, EtcdError, SortOrder, prefix_range_end
 from etcd3aio._protobuf import Compare, RequestOp, rpc_pb2
+
 from tether.controller.errors import StoreUnavailable
 
 __all__ = ["Delete", "Event", "KeyValue", "Keys", "Put", "Store"]

@@ -40,8 +40,9 @@ async def etcd_baseline(endpoint: str, n: int = 4000, concurrency: int = 16) -> 
 
         async def worker():
             for i in counter:
-                op = RequestOp(request_put=rpc_pb2.PutRequest(key=f"/bench/{i}".encode(),
-                                                              value=b"x" * 200))
+                op = RequestOp(
+                    request_put=rpc_pb2.PutRequest(key=f"/bench/{i}".encode(), value=b"x" * 200)
+                )
                 await c.kv.txn([], [op])
 
         start = time.perf_counter()
@@ -51,7 +52,7 @@ async def etcd_baseline(endpoint: str, n: int = 4000, concurrency: int = 16) -> 
 
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def measure(address: str, server: ControllerServer, tasks: int, latency_runs: int) -> dict:
@@ -81,8 +82,11 @@ def measure(address: str, server: ControllerServer, tasks: int, latency_runs: in
         run = client.submit(one)
         for ev in run.watch():
             task = ev.task if ev.HasField("task") else None
-            if task and task.state in (t.TaskState.TASK_STATE_RUNNING,
-                                       t.TaskState.TASK_STATE_SUCCEEDED) and task.attempts:
+            if (
+                task
+                and task.state in (t.TaskState.TASK_STATE_RUNNING, t.TaskState.TASK_STATE_SUCCEEDED)
+                and task.attempts
+            ):
                 started = task.attempts[-1].started_at.ToNanoseconds() / 1e9
                 latencies.append((started - t0) * 1000)
                 break
@@ -107,26 +111,49 @@ async def main_async(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     etcd = EtcdProcess(tmp / "etcd").start()
     procs = []
-    server = ControllerServer(ControllerConfig(etcd_endpoints=(etcd.endpoint,),
-                                               listen="127.0.0.1:0", prefix="/bench"))
+    server = ControllerServer(
+        ControllerConfig(etcd_endpoints=(etcd.endpoint,), listen="127.0.0.1:0", prefix="/bench")
+    )
     try:
         baseline = await etcd_baseline(etcd.endpoint)
         await server.start()
         for i in range(args.agents):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "tether.sdk.cli", "agent", "--controller", server.address,
-                 "--name", f"bench-{i}", "--work-dir", str(tmp / f"agent-{i}"),
-                 "--max-tasks", str(args.slots), "--log-level", "warning"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tether.sdk.cli",
+                        "agent",
+                        "--controller",
+                        server.address,
+                        "--name",
+                        f"bench-{i}",
+                        "--work-dir",
+                        str(tmp / f"agent-{i}"),
+                        "--max-tasks",
+                        str(args.slots),
+                        "--log-level",
+                        "warning",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         client = Client(server.address)
         while len(await asyncio.to_thread(client.nodes)) < args.agents:
             await asyncio.sleep(0.1)
         client.close()
-        result = await asyncio.to_thread(measure, server.address, server, args.tasks,
-                                         args.latency_runs)
-        result = {"etcd_baseline_txn_per_s": round(baseline, 1), **result,
-                  "agents": args.agents, "slots_per_agent": args.slots,
-                  "cpus": len(os.sched_getaffinity(0))}
+        result = await asyncio.to_thread(
+            measure, server.address, server, args.tasks, args.latency_runs
+        )
+        result = {
+            "etcd_baseline_txn_per_s": round(baseline, 1),
+            **result,
+            "agents": args.agents,
+            "slots_per_agent": args.slots,
+            "cpus": len(os.sched_getaffinity(0)),
+        }
         return result
     finally:
         for p in procs:
