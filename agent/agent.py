@@ -7,6 +7,7 @@ import contextlib
 import random
 
 import grpc
+
 from tether.agent.config import AgentConfig
 from tether.agent.resources import detect_cpu, detect_gpus, detect_memory
 from tether.agent.runner import Runner

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import click
+
 from tether.agent.agent import Agent
 from tether.agent.config import AgentConfig, default_node_name
 from tether.sdk.quantities import parse_memory

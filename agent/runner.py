@@ -17,6 +17,7 @@ from pathlib import Path
 
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
+
 from tether.agent.config import AgentConfig
 from tether.agent.runtimes.base import LaunchSpec, Runtime, RuntimeError_, TaskHandle
 from tether.api.v1 import agent_pb2

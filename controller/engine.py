@@ -13,6 +13,7 @@ Everything here runs on one asyncio loop; methods that are not ``async`` never b
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import secrets
 import time
@@ -32,7 +33,8 @@ from tether.controller.scheduler import NodeState, first_fit, never_fits
 from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.telemetry import context_from_traceparent, get_logger, traceparent_of
-from tether.sdk.validation import validate_workflow
+from tether.sdk.templating import TemplateError, render
+from tether.sdk.validation import validate_params, validate_workflow
 
 __all__ = ["AgentSession", "Engine"]
 
@@ -65,6 +67,8 @@ class TaskEntry:
     msg: t.TaskRun
     rev: int
     children: list[str] = field(default_factory=list)
+    # The spec with templates rendered for the current attempt (None: same as msg.spec).
+    rendered: t.TaskSpec | None = None
 
     def serialize(self) -> bytes:
         return self.msg.SerializeToString()
@@ -199,6 +203,7 @@ class Engine:
     ) -> tuple[str, bool]:
         """Validate and store a new run; return (run id, whether it already existed)."""
         validate_workflow(spec)
+        validate_params(spec, params)
         _validate_request(request_id, params)
         run_id = new_run_id()
         now = _now()
@@ -801,9 +806,52 @@ class Engine:
                     self.committer.mark(e)
                 continue
             self.ready.pop(key, None)
-            self._bind(run, e, placement.node, placement.gpu_indices)
+            try:
+                rendered = self._render(run, e.msg.spec)
+            except TemplateError as err:
+                e.msg.reason, e.msg.message = "template", str(err)
+                self._finish_task(run, e, lc.FAILED)
+                continue
+            self._bind(run, e, placement.node, placement.gpu_indices, rendered)
 
-    def _bind(self, run: RunEntry, e: TaskEntry, node: NodeState, gpus: list[int]) -> None:
+    def _render(self, run: RunEntry, spec: t.TaskSpec) -> t.TaskSpec | None:
+        """The spec with templates filled in from params and upstream outputs (None: none)."""
+        fields = [*spec.command, *spec.env.values()]
+        if not any("{{" in f for f in fields):
+            return None
+        params = dict(run.msg.params)
+        outputs: dict = {}
+
+        def output(name: str):
+            if name not in outputs:
+                raw = run.tasks[name].msg.outputs_json if name in run.tasks else ""
+                outputs[name] = json.loads(raw) if raw else None
+            return outputs[name]
+
+        class _Outputs(dict):
+            def __contains__(self, name):
+                return output(name) is not None
+
+            def __getitem__(self, name):
+                return output(name)
+
+        lazy = _Outputs()
+        out = t.TaskSpec()
+        out.CopyFrom(spec)
+        del out.command[:]
+        out.command.extend(render(a, params, lazy) for a in spec.command)
+        for k, v in spec.env.items():
+            out.env[k] = render(v, params, lazy)
+        return out
+
+    def _bind(
+        self,
+        run: RunEntry,
+        e: TaskEntry,
+        node: NodeState,
+        gpus: list[int],
+        rendered: t.TaskSpec | None = None,
+    ) -> None:
         m = e.msg
         lc.move_task(m, lc.SCHEDULED)
         m.attempt += 1
@@ -822,6 +870,7 @@ class Engine:
             lc.move_run(run.msg, lc.RUN_RUNNING)
             run.msg.started_at.CopyFrom(_now())
             self.committer.mark(run)
+        e.rendered = rendered
         self.committer.mark(e, lambda: self._send_assignment(run, e))
 
     def _send_assignment(self, run: RunEntry, e: TaskEntry) -> None:
@@ -844,13 +893,18 @@ class Engine:
             },
         ) as span:
             gpus = list(m.attempts[-1].gpu_indices) if m.attempts else []
+            try:
+                # After a controller restart the rendered spec is rebuilt from etcd's state.
+                spec = e.rendered or self._render(run, m.spec) or m.spec
+            except TemplateError:
+                spec = m.spec
             node.session.send(
                 agent_pb2.ControllerMessage(
                     assign=agent_pb2.AssignTask(
                         ref=agent_pb2.AttemptRef(
                             run_id=run.msg.id, task=m.spec.name, attempt=m.attempt
                         ),
-                        spec=m.spec,
+                        spec=spec,
                         upstream_outputs=upstream,
                         gpu_indices=gpus,
                         traceparent=traceparent_of(span),

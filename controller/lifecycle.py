@@ -44,7 +44,8 @@ TASK_ACTIVE = frozenset({SCHEDULED, RUNNING})
 
 TASK_TRANSITIONS: dict[int, frozenset[int]] = {
     PENDING: frozenset({READY, SKIPPED, CANCELLED}),
-    READY: frozenset({SCHEDULED, CANCELLED}),
+    # READY -> FAILED: the attempt could not even be prepared (a template did not render).
+    READY: frozenset({SCHEDULED, CANCELLED, FAILED}),
     SCHEDULED: frozenset({RUNNING, SUCCEEDED, FAILED, RETRYING, CANCELLED, LOST}),
     RUNNING: frozenset({SUCCEEDED, FAILED, RETRYING, CANCELLED, LOST}),
     RETRYING: frozenset({READY, CANCELLED}),

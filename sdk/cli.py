@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
 from tether.api.v1 import types_pb2 as t
 from tether.sdk.client import DEFAULT_CONTROLLER, TERMINAL_RUN_STATES, Client
 from tether.sdk.errors import TetherError

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 
 import grpc
 from opentelemetry import trace
+
 from tether.api.v1 import controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
 from tether.sdk.errors import TetherError, TimeoutError, from_rpc_error

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 from google.protobuf import duration_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from tether.api.v1 import types_pb2
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.quantities import parse_duration, parse_memory

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from tether.api.v1 import types_pb2
 
-__all__ = ["LIMITS", "FieldViolation", "Limits", "validate_workflow"]
+__all__ = ["LIMITS", "FieldViolation", "Limits", "validate_params", "validate_workflow"]
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -112,6 +112,78 @@ def _violations(spec: types_pb2.WorkflowSpec, limits: Limits):
         yield FieldViolation(
             f"tasks[{first}] ({cycle[0]}).depends_on", "cycle: " + " -> ".join(cycle)
         )
+        return
+    yield from _template_violations(spec, index)
+
+
+def _templated_fields(task: types_pb2.TaskSpec):
+    for j, arg in enumerate(task.command):
+        if "{{" in arg or "}}" in arg:
+            yield f"command[{j}]", arg
+    for key, value in task.env.items():
+        if "{{" in value or "}}" in value:
+            yield f"env.{key}", value
+
+
+def _template_violations(spec: types_pb2.WorkflowSpec, index: dict[str, int]):
+    from tether.sdk.templating import TemplateError, references
+
+    def is_upstream(name: str, of: str) -> bool:
+        # A walk up the dependencies per reference: references are few, DAGs can be long.
+        seen, todo = set(), [of]
+        while todo:
+            for dep in spec.tasks[index[todo.pop()]].depends_on:
+                if dep == name:
+                    return True
+                if dep in index and dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        return False
+
+    for i, t in enumerate(spec.tasks):
+        where = f"tasks[{i}]" + (f" ({t.name})" if t.name else "")
+        if index.get(t.name) != i:
+            continue  # a bad or duplicate name, reported above
+        for field, text in _templated_fields(t):
+            try:
+                refs = references(text)
+            except TemplateError as e:
+                yield FieldViolation(f"{where}.{field}", str(e))
+                continue
+            for ref in refs:
+                if ref.kind == "task" and not is_upstream(ref.name, t.name):
+                    yield FieldViolation(
+                        f"{where}.{field}",
+                        f"task {ref.name!r} is not upstream of {t.name!r}; add it to depends_on",
+                    )
+
+
+def validate_params(spec: types_pb2.WorkflowSpec, params: dict[str, str]) -> None:
+    """Check that every ``{{ params.x }}`` a task uses is given.
+
+    Raises:
+        InvalidSpecError: naming each task field that uses a missing parameter.
+    """
+    from tether.sdk.errors import InvalidSpecError
+    from tether.sdk.templating import TemplateError, references
+
+    problems = []
+    for i, t in enumerate(spec.tasks):
+        for field, text in _templated_fields(t):
+            try:
+                refs = references(text)
+            except TemplateError:
+                continue  # reported by validate_workflow
+            for ref in refs:
+                if ref.kind == "param" and ref.name not in params:
+                    problems.append(
+                        FieldViolation(
+                            f"tasks[{i}] ({t.name}).{field}",
+                            f"parameter {ref.name!r} was not given",
+                        )
+                    )
+    if problems:
+        raise InvalidSpecError(problems)
 
 
 def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):

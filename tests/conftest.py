@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from mesh import Mesh
+
 from tether.controller.etcd_process import EtcdProcess
 
 os.environ.setdefault("TETHER_ETCD_NO_FSYNC", "1")  # tests trade durability for speed

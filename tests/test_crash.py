@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 from etcd3aio import Etcd3Client, prefix_range_end
 from mesh import Mesh
+
 from tether.api.v1 import types_pb2 as t
 from tether.controller.etcd_process import free_port
 from tether.sdk import Client, Workflow

@@ -3,6 +3,7 @@
 import itertools
 
 import pytest
+
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 

@@ -9,6 +9,7 @@ import sys
 import grpc
 import pytest
 from etcd3aio import Etcd3Client, prefix_range_end
+
 from tether.api.v1 import controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import InvalidSpecError, NotFoundError, Workflow

@@ -1,6 +1,7 @@
 """The workflow format and its validation (no servers needed)."""
 
 import pytest
+
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import InvalidSpecError, Workflow
 from tether.sdk.quantities import parse_duration, parse_memory

@@ -10,6 +10,7 @@ from concurrent import futures
 import grpc
 from mesh import Mesh
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import Workflow
 

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AgentServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """The service agents connect to; implemented by the controller.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -42,10 +43,16 @@ class AgentServiceStub:
 
 
 class AgentServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The service agents connect to; implemented by the controller.
+    """
 
     def Connect(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """The agent's session: Register first, then Heartbeat and TaskStatus
+        messages; the controller replies Registered, then AssignTask, CancelTask
+        and StatusAck messages. Errors: INVALID_ARGUMENT (first message not
+        Register, bad `register.node`, negative `register.capacity`),
+        UNAVAILABLE (registration could not be stored; reconnect with backoff).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -67,7 +74,8 @@ def add_AgentServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AgentService:
-    """Missing associated documentation comment in .proto file."""
+    """The service agents connect to; implemented by the controller.
+    """
 
     @staticmethod
     def Connect(request_iterator,

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class ControllerServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Submit, inspect, watch and cancel workflow runs; list nodes. Any rpc may
+    also fail with UNAVAILABLE when etcd cannot be reached.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -67,22 +69,26 @@ class ControllerServiceStub:
 
 
 class ControllerServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Submit, inspect, watch and cancel workflow runs; list nodes. Any rpc may
+    also fail with UNAVAILABLE when etcd cannot be reached.
+    """
 
     def SubmitWorkflow(self, request, context):
         """Validates and stores a workflow run, then starts it.
         Errors: INVALID_ARGUMENT (bad spec: cycle, unknown or duplicate name,
-        negative resources, bad duration, oversized spec, bad request id),
-        UNAVAILABLE (etcd down). Submitting an already used `request_id` returns
-        the first run with `existing` set instead of starting a second one.
+        negative resources, bad duration, oversized spec, bad request id or
+        params; the message names every offending field), FAILED_PRECONDITION
+        (run id collision, practically never; submit again), UNAVAILABLE (etcd
+        down). Submitting an already used `request_id` returns the first run with
+        `existing` set instead of starting a second one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetRun(self, request, context):
-        """Returns a run with all its tasks.
-        Errors: INVALID_ARGUMENT (empty run_id), NOT_FOUND.
+        """Returns a run with all its tasks, in spec order.
+        Errors: INVALID_ARGUMENT (empty run_id), NOT_FOUND, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,7 +96,8 @@ class ControllerServiceServicer:
 
     def ListRuns(self, request, context):
         """Lists runs, newest first, a page at a time; tasks are not included.
-        Errors: INVALID_ARGUMENT (page_size < 0 or > 1000, bad page_token).
+        Errors: INVALID_ARGUMENT (page_size < 0 or > 1000, bad page_token),
+        UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,7 +107,8 @@ class ControllerServiceServicer:
         """Streams the run's state changes. The first message is a snapshot of the
         whole run; each later message is one change. The stream ends after the
         run reaches a final state.
-        Errors: INVALID_ARGUMENT (empty run_id), NOT_FOUND.
+        Errors: INVALID_ARGUMENT (empty run_id), NOT_FOUND, OUT_OF_RANGE
+        (from_revision was compacted; watch again from 0), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,9 +116,12 @@ class ControllerServiceServicer:
 
     def CancelRun(self, request, context):
         """Asks to cancel a run (or one task of it): running attempts are stopped,
-        the tasks become CANCELLED and their dependents SKIPPED.
-        Errors: INVALID_ARGUMENT, NOT_FOUND (run or task),
-        FAILED_PRECONDITION (already finished).
+        the tasks become CANCELLED and their dependents SKIPPED. The reply comes
+        once the request is accepted; watch the run to see it take effect.
+        Errors: INVALID_ARGUMENT (empty run_id), NOT_FOUND (run or task; also a
+        finished run the controller no longer holds in memory, e.g. after a
+        restart), FAILED_PRECONDITION (run or task already finished),
+        UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +129,7 @@ class ControllerServiceServicer:
 
     def ListNodes(self, request, context):
         """Lists the registered nodes with capacity, allocation and labels.
+        Errors: UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,7 +177,9 @@ def add_ControllerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ControllerService:
-    """Missing associated documentation comment in .proto file."""
+    """Submit, inspect, watch and cancel workflow runs; list nodes. Any rpc may
+    also fail with UNAVAILABLE when etcd cannot be reached.
+    """
 
     @staticmethod
     def SubmitWorkflow(request,
