@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from google.protobuf import duration_pb2
@@ -83,6 +83,7 @@ class Task(_Strict):
     timeout: float = 0.0
     working_dir: str = ""
     allow_failure: bool = False
+    image_pull_policy: Literal["", "if-not-present", "always", "never"] = ""
     backoff: Backoff | None = None
 
     @field_validator("timeout", mode="before")
@@ -112,6 +113,7 @@ class Task(_Strict):
             retries=self.retries,
             working_dir=self.working_dir,
             allow_failure=self.allow_failure,
+            image_pull_policy=self.image_pull_policy,
         )
         if self.timeout:
             msg.timeout.CopyFrom(_duration(self.timeout))
@@ -145,6 +147,12 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 class _WorkflowModel(_Strict):
     name: str
     tasks: list[Task]
+    timeout: float = 0.0
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> float:
+        return parse_duration(v)
 
 
 class Workflow:
@@ -153,11 +161,17 @@ class Workflow:
     Args:
         name: The workflow's name, shown in run listings.
         tasks: Tasks to start with; more can be added with :meth:`task`.
+        timeout: Fail the run if it has not finished this long after submission
+            (``"2h"`` or seconds); 0 means no limit.
     """
 
-    def __init__(self, name: str, tasks: Iterable[Task] = ()) -> None:
+    def __init__(self, name: str, tasks: Iterable[Task] = (), timeout: str | float = 0.0) -> None:
         self.name = name
         self.tasks: list[Task] = list(tasks)
+        try:
+            self.timeout = parse_duration(timeout)
+        except ValueError as e:
+            raise InvalidSpecError([FieldViolation("timeout", str(e))]) from None
 
     def task(
         self,
@@ -174,6 +188,8 @@ class Workflow:
         timeout: str | float = 0.0,
         working_dir: str = "",
         allow_failure: bool = False,
+        image_pull_policy: str = "",
+        backoff: Mapping[str, Any] | None = None,
     ) -> Task:
         """Add a task and return it (pass it to ``depends_on`` of later tasks).
 
@@ -192,6 +208,8 @@ class Workflow:
             timeout=timeout,
             working_dir=working_dir,
             allow_failure=allow_failure,
+            image_pull_policy=image_pull_policy,
+            backoff=dict(backoff) if backoff else None,
         )
         try:
             t = Task(**fields)
@@ -211,7 +229,7 @@ class Workflow:
             model = _WorkflowModel.model_validate(data)
         except ValidationError as e:
             raise InvalidSpecError(_violations(e, data=data)) from None
-        return cls(model.name, model.tasks)
+        return cls(model.name, model.tasks, model.timeout)
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> Workflow:
@@ -228,6 +246,8 @@ class Workflow:
     def to_proto(self) -> types_pb2.WorkflowSpec:
         """Return the API message, after the same validation the controller runs."""
         spec = types_pb2.WorkflowSpec(name=self.name, tasks=[t.to_proto() for t in self.tasks])
+        if self.timeout:
+            spec.timeout.CopyFrom(_duration(self.timeout))
         validate_workflow(spec)
         return spec
 

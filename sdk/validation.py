@@ -72,6 +72,9 @@ def _violations(spec: types_pb2.WorkflowSpec, limits: Limits):
     if len(spec.tasks) > limits.max_tasks:
         yield FieldViolation("tasks", f"{len(spec.tasks)} tasks; at most {limits.max_tasks}")
         return
+    run_timeout = spec.timeout.seconds + spec.timeout.nanos / 1e9
+    if run_timeout < 0 or run_timeout > limits.max_timeout_seconds:
+        yield FieldViolation("timeout", "must be between 0 and 30 days")
     size = spec.ByteSize()
     if size > limits.max_spec_bytes:
         yield FieldViolation("", f"spec is {size} bytes; at most {limits.max_spec_bytes}")
@@ -220,6 +223,10 @@ def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
     for key in t.env:
         if not ENV_NAME.match(key):
             yield FieldViolation(f"{where}.env.{key}", "not a valid environment variable name")
+    if t.image_pull_policy not in ("", "if-not-present", "always", "never"):
+        yield FieldViolation(
+            f"{where}.image_pull_policy", "must be if-not-present, always or never"
+        )
     if t.HasField("backoff"):
         b = t.backoff
         if b.initial.seconds < 0 or b.max.seconds < 0:

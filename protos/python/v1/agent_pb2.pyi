@@ -22,14 +22,40 @@ class AttemptRef(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("register", "heartbeat", "status")
+    __slots__ = ("register", "heartbeat", "status", "event", "log_chunk")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    LOG_CHUNK_FIELD_NUMBER: _ClassVar[int]
     register: Register
     heartbeat: Heartbeat
     status: TaskStatus
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., status: _Optional[_Union[TaskStatus, _Mapping]] = ...) -> None: ...
+    event: TaskEventReport
+    log_chunk: LogChunk
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., status: _Optional[_Union[TaskStatus, _Mapping]] = ..., event: _Optional[_Union[TaskEventReport, _Mapping]] = ..., log_chunk: _Optional[_Union[LogChunk, _Mapping]] = ...) -> None: ...
+
+class TaskEventReport(_message.Message):
+    __slots__ = ("ref", "event")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    ref: AttemptRef
+    event: _types_pb2.TaskEvent
+    def __init__(self, ref: _Optional[_Union[AttemptRef, _Mapping]] = ..., event: _Optional[_Union[_types_pb2.TaskEvent, _Mapping]] = ...) -> None: ...
+
+class LogChunk(_message.Message):
+    __slots__ = ("stream_id", "stream", "data", "eof", "error")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    stream: str
+    data: bytes
+    eof: bool
+    error: str
+    def __init__(self, stream_id: _Optional[str] = ..., stream: _Optional[str] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Register(_message.Message):
     __slots__ = ("node", "capacity", "gpus", "labels", "agent_version", "runtime", "running", "pending_reports", "max_tasks")
@@ -93,16 +119,36 @@ class TaskStatus(_message.Message):
     def __init__(self, ref: _Optional[_Union[AttemptRef, _Mapping]] = ..., state: _Optional[_Union[_types_pb2.TaskState, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., outputs_json: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stdout_tail: _Optional[str] = ..., stderr_tail: _Optional[str] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("registered", "assign", "cancel", "ack")
+    __slots__ = ("registered", "assign", "cancel", "ack", "logs", "logs_cancel")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    LOGS_FIELD_NUMBER: _ClassVar[int]
+    LOGS_CANCEL_FIELD_NUMBER: _ClassVar[int]
     registered: Registered
     assign: AssignTask
     cancel: CancelTask
     ack: StatusAck
-    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[AssignTask, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., ack: _Optional[_Union[StatusAck, _Mapping]] = ...) -> None: ...
+    logs: LogRequest
+    logs_cancel: LogCancel
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[AssignTask, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., ack: _Optional[_Union[StatusAck, _Mapping]] = ..., logs: _Optional[_Union[LogRequest, _Mapping]] = ..., logs_cancel: _Optional[_Union[LogCancel, _Mapping]] = ...) -> None: ...
+
+class LogRequest(_message.Message):
+    __slots__ = ("stream_id", "ref", "follow")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    ref: AttemptRef
+    follow: bool
+    def __init__(self, stream_id: _Optional[str] = ..., ref: _Optional[_Union[AttemptRef, _Mapping]] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class LogCancel(_message.Message):
+    __slots__ = ("stream_id",)
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    def __init__(self, stream_id: _Optional[str] = ...) -> None: ...
 
 class Registered(_message.Message):
     __slots__ = ("heartbeat_interval", "lease_ttl")

@@ -61,6 +61,11 @@ class ControllerServiceStub:
                 request_serializer=tether_dot_v1_dot_controller__pb2.CancelRunRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_controller__pb2.CancelRunResponse.FromString,
                 _registered_method=True)
+        self.StreamLogs = channel.unary_stream(
+                '/tether.v1.ControllerService/StreamLogs',
+                request_serializer=tether_dot_v1_dot_controller__pb2.StreamLogsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.LogData.FromString,
+                _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/tether.v1.ControllerService/ListNodes',
                 request_serializer=tether_dot_v1_dot_controller__pb2.ListNodesRequest.SerializeToString,
@@ -127,6 +132,16 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamLogs(self, request, context):
+        """Streams the stdout and stderr of a task's attempt from the node that ran
+        it, through the controller (the agent keeps logs on its disk).
+        Errors: INVALID_ARGUMENT (empty run_id or task, attempt < 0), NOT_FOUND
+        (run, task or attempt unknown), UNAVAILABLE (the node is not connected).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListNodes(self, request, context):
         """Lists the registered nodes with capacity, allocation and labels.
         Errors: UNAVAILABLE.
@@ -162,6 +177,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.CancelRun,
                     request_deserializer=tether_dot_v1_dot_controller__pb2.CancelRunRequest.FromString,
                     response_serializer=tether_dot_v1_dot_controller__pb2.CancelRunResponse.SerializeToString,
+            ),
+            'StreamLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamLogs,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.StreamLogsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.LogData.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
@@ -306,6 +326,33 @@ class ControllerService:
             '/tether.v1.ControllerService/CancelRun',
             tether_dot_v1_dot_controller__pb2.CancelRunRequest.SerializeToString,
             tether_dot_v1_dot_controller__pb2.CancelRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tether.v1.ControllerService/StreamLogs',
+            tether_dot_v1_dot_controller__pb2.StreamLogsRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.LogData.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,7 +74,7 @@ class RetryBackoff(_message.Message):
     def __init__(self, initial: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., factor: _Optional[float] = ..., max: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., jitter: _Optional[float] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("name", "image", "command", "env", "resources", "depends_on", "retries", "timeout", "working_dir", "allow_failure", "backoff")
+    __slots__ = ("name", "image", "command", "env", "resources", "depends_on", "retries", "timeout", "working_dir", "allow_failure", "backoff", "image_pull_policy")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class TaskSpec(_message.Message):
     WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
     ALLOW_FAILURE_FIELD_NUMBER: _ClassVar[int]
     BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PULL_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     command: _containers.RepeatedScalarFieldContainer[str]
@@ -104,15 +105,30 @@ class TaskSpec(_message.Message):
     working_dir: str
     allow_failure: bool
     backoff: RetryBackoff
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retries: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., working_dir: _Optional[str] = ..., allow_failure: _Optional[bool] = ..., backoff: _Optional[_Union[RetryBackoff, _Mapping]] = ...) -> None: ...
+    image_pull_policy: str
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retries: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., working_dir: _Optional[str] = ..., allow_failure: _Optional[bool] = ..., backoff: _Optional[_Union[RetryBackoff, _Mapping]] = ..., image_pull_policy: _Optional[str] = ...) -> None: ...
 
 class WorkflowSpec(_message.Message):
-    __slots__ = ("name", "tasks")
+    __slots__ = ("name", "tasks", "timeout")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     tasks: _containers.RepeatedCompositeFieldContainer[TaskSpec]
-    def __init__(self, name: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskSpec, _Mapping]]] = ...) -> None: ...
+    timeout: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskSpec, _Mapping]]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class TaskEvent(_message.Message):
+    __slots__ = ("time", "attempt", "kind", "message")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    attempt: int
+    kind: str
+    message: str
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Attempt(_message.Message):
     __slots__ = ("number", "node", "state", "scheduled_at", "started_at", "finished_at", "exit_code", "reason", "message", "gpu_indices")
@@ -139,7 +155,7 @@ class Attempt(_message.Message):
     def __init__(self, number: _Optional[int] = ..., node: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TaskRun(_message.Message):
-    __slots__ = ("run_id", "spec", "state", "attempt", "node", "started_at", "finished_at", "exit_code", "reason", "message", "outputs_json", "attempts", "stdout_tail", "stderr_tail", "traceparent", "not_before", "waiting_reason", "lost_attempts", "cancel_requested", "index")
+    __slots__ = ("run_id", "spec", "state", "attempt", "node", "started_at", "finished_at", "exit_code", "reason", "message", "outputs_json", "attempts", "stdout_tail", "stderr_tail", "traceparent", "not_before", "waiting_reason", "lost_attempts", "cancel_requested", "index", "events")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +176,7 @@ class TaskRun(_message.Message):
     LOST_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     spec: TaskSpec
     state: TaskState
@@ -180,10 +197,11 @@ class TaskRun(_message.Message):
     lost_attempts: int
     cancel_requested: bool
     index: int
-    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., node: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., outputs_json: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., stdout_tail: _Optional[str] = ..., stderr_tail: _Optional[str] = ..., traceparent: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., index: _Optional[int] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[TaskEvent]
+    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., node: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., outputs_json: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., stdout_tail: _Optional[str] = ..., stderr_tail: _Optional[str] = ..., traceparent: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., index: _Optional[int] = ..., events: _Optional[_Iterable[_Union[TaskEvent, _Mapping]]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "workflow_name", "state", "created_at", "started_at", "finished_at", "task_count", "request_id", "params", "traceparent", "message", "cancel_requested", "tasks")
+    __slots__ = ("id", "workflow_name", "state", "created_at", "started_at", "finished_at", "task_count", "request_id", "params", "traceparent", "message", "cancel_requested", "tasks", "timed_out")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +222,7 @@ class Run(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
     id: str
     workflow_name: str
     state: RunState
@@ -217,7 +236,8 @@ class Run(_message.Message):
     message: str
     cancel_requested: bool
     tasks: _containers.RepeatedCompositeFieldContainer[TaskRun]
-    def __init__(self, id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_count: _Optional[int] = ..., request_id: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., traceparent: _Optional[str] = ..., message: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., tasks: _Optional[_Iterable[_Union[TaskRun, _Mapping]]] = ...) -> None: ...
+    timed_out: bool
+    def __init__(self, id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_count: _Optional[int] = ..., request_id: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., traceparent: _Optional[str] = ..., message: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., tasks: _Optional[_Iterable[_Union[TaskRun, _Mapping]]] = ..., timed_out: _Optional[bool] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "model", "memory_bytes")
