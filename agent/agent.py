@@ -45,7 +45,11 @@ class Agent:
         self.tracer_provider = make_tracer_provider(config.service_name)
         self.runtime = runtime or make_runtime(config)
         self.runner = Runner(
-            config, self.runtime, self.tracer_provider.get_tracer("tether.agent"), self._report
+            config,
+            self.runtime,
+            self.tracer_provider.get_tracer("tether.agent"),
+            self._report,
+            self._send_event,
         )
         cpu = config.cpu or detect_cpu()
         self.capacity = types_pb2.Resources(
@@ -64,6 +68,10 @@ class Agent:
     def _report(self, status: agent_pb2.TaskStatus) -> None:
         if self._outbox is not None:
             self._outbox.put_nowait(agent_pb2.AgentMessage(status=status))
+
+    def _send_event(self, event: agent_pb2.TaskEventReport) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(agent_pb2.AgentMessage(event=event))
 
     async def run(self) -> None:
         """Connect, and reconnect with backoff and jitter, until stopped."""

@@ -81,14 +81,23 @@ class Runner:
         runtime: Runtime,
         tracer: trace.Tracer,
         report: Callable[[agent_pb2.TaskStatus], None],
+        on_event: Callable[[agent_pb2.TaskEventReport], None] | None = None,
     ) -> None:
         self.config = config
         self.runtime = runtime
         self.tracer = tracer
         self.report = report
+        self.on_event = on_event
         self.attempts: dict[Key, _Attempt] = {}
         self.unacked: dict[Key, agent_pb2.TaskStatus] = {}
         self.started_count = 0
+
+    def event(self, ref: agent_pb2.AttemptRef, kind: str, message: str) -> None:
+        """Tell the controller something happened to an attempt (best effort, not retried)."""
+        if self.on_event is None:
+            return
+        ev = t.TaskEvent(time=_now(), attempt=ref.attempt, kind=kind, message=message[:1024])
+        self.on_event(agent_pb2.TaskEventReport(ref=ref, event=ev))
 
     def running_refs(self) -> list[agent_pb2.AttemptRef]:
         return [a.ref for a in self.attempts.values()]
@@ -209,6 +218,8 @@ class Runner:
                 "tether.attempt": str(ref.attempt),
                 "tether.node": self.config.node,
             },
+            image_pull_policy=spec.image_pull_policy,
+            on_event=lambda kind, message: self.event(ref, kind, message),
         )
         status.started_at.CopyFrom(_now())
         try:

@@ -42,6 +42,7 @@ log = get_logger("controller.engine")
 
 _FINAL_REPORTS = {lc.SUCCEEDED, lc.FAILED, lc.CANCELLED}
 _MAX_OUTPUT = 64 * 1024
+_MAX_EVENTS = 50
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -467,6 +468,17 @@ class Engine:
         if st is not None and st.session is session:
             st.session = None
         session.close()
+
+    def on_event(self, session: AgentSession, report: agent_pb2.TaskEventReport) -> None:
+        """Record an event of the current attempt (older attempts' events are dropped)."""
+        run = self.runs.get(report.ref.run_id)
+        e = run.tasks.get(report.ref.task) if run else None
+        if e is None or e.msg.attempt != report.ref.attempt or e.msg.node != session.node:
+            return
+        e.msg.events.append(report.event)
+        if len(e.msg.events) > _MAX_EVENTS:
+            del e.msg.events[: len(e.msg.events) - _MAX_EVENTS]
+        self.committer.mark(e)
 
     def on_status(self, session: AgentSession, s: agent_pb2.TaskStatus) -> None:
         """Apply an agent's report about one attempt, fenced by the attempt number."""

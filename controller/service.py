@@ -225,6 +225,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 kind = msg.WhichOneof("msg")
                 if kind == "status":
                     self.engine.on_status(session, msg.status)
+                elif kind == "event":
+                    self.engine.on_event(session, msg.event)
                 elif kind == "heartbeat":
                     if not await self.engine.heartbeat(session):
                         log.warning("lease expired; asking agent to re-register", node=session.node)

@@ -216,3 +216,20 @@ def test_list_runs_pages_newest_first(mesh):
         ids.append(client.submit(wf).id)
     listed = [r.id for r in client.list_runs(page_size=2)]
     assert listed == list(reversed(ids))
+
+
+def test_task_events_from_the_runtime_are_recorded(mesh):
+    agent = mesh.add_agent("n1")
+    real_start = agent.runtime.start
+
+    async def start(spec):
+        spec.on_event("pulling", f"pulling image for {spec.name}")
+        return await real_start(spec)
+
+    agent.runtime.start = start
+    wf = Workflow("events")
+    wf.task("x", py("pass"))
+    final = mesh.client().submit(wf).wait(timeout=30)
+    events = list(final.tasks[0].events)
+    assert [(e.kind, e.attempt) for e in events] == [("pulling", 1)]
+    assert events[0].message.startswith("pulling image for")

@@ -17,8 +17,11 @@ def test_generated_code_matches_protos(tmp_path):
     committed = ROOT / "protos" / "python"
     cmp = filecmp.dircmp(tmp_path / "v1", committed / "v1", ignore=["__pycache__"])
     assert not cmp.left_only and not cmp.right_only, (cmp.left_only, cmp.right_only)
-    changed = [f for f in cmp.common_files
-               if (tmp_path / "v1" / f).read_bytes() != (committed / "v1" / f).read_bytes()]
+    changed = [
+        f
+        for f in cmp.common_files
+        if (tmp_path / "v1" / f).read_bytes() != (committed / "v1" / f).read_bytes()
+    ]
     assert not changed, f"regenerate with `python protos/generate.py`: {changed} differ"
 
 

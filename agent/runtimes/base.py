@@ -7,6 +7,7 @@ runtime only turns a :class:`LaunchSpec` into a running unit of work and back in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +39,10 @@ class LaunchSpec:
     memory_bytes: int = 0
     gpu_indices: list[int] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
+    # "if-not-present" (or ""), "always" or "never": when a container runtime pulls `image`.
+    image_pull_policy: str = ""
+    # Report an event of this attempt to the controller: on_event(kind, message).
+    on_event: Callable[[str, str], None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
