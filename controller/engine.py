@@ -218,6 +218,8 @@ class Engine:
             params=params,
             traceparent=traceparent,
         )
+        if spec.HasField("timeout") and spec.timeout.ToNanoseconds() > 0:
+            run_msg.deadline.FromNanoseconds(now.ToNanoseconds() + spec.timeout.ToNanoseconds())
         entries: list[TaskEntry] = []
         for i, ts in enumerate(spec.tasks):
             msg = t.TaskRun(
@@ -279,6 +281,7 @@ class Engine:
             for dep in e.msg.spec.depends_on:
                 run.tasks[dep].children.append(e.msg.spec.name)
         self.runs[run_id] = run
+        self._arm_deadline(run)
         for e in entries:
             if e.msg.state == lc.READY:
                 self.ready[(run_id, e.msg.spec.name)] = None
@@ -701,8 +704,25 @@ class Engine:
 
     # Reconcile ------------------------------------------------------------------------------
 
+    def _arm_deadline(self, run: RunEntry) -> None:
+        if not run.msg.HasField("deadline") or run.msg.state in lc.RUN_TERMINAL:
+            return
+        delay = max(0.0, run.msg.deadline.ToNanoseconds() / 1e9 - time.time())
+        asyncio.get_running_loop().call_later(delay, self._deadline_due, run.msg.id)
+
+    def _deadline_due(self, run_id: str) -> None:
+        run = self.runs.get(run_id)
+        if run is None or run.msg.state in lc.RUN_TERMINAL or run.msg.timed_out:
+            return
+        run.msg.timed_out = True
+        spec_timeout = run.msg.deadline.ToNanoseconds() - run.msg.created_at.ToNanoseconds()
+        reason = f"run timed out after {spec_timeout / 1e9:g}s"
+        log.warning("run timed out", run_id=run_id)
+        self.cancel(run_id, "", reason)
+
     def _reconcile_run(self, run: RunEntry) -> None:
         """Bring a loaded run forward: ready what can run, skip what can't, re-arm timers."""
+        self._arm_deadline(run)
         if run.msg.cancel_requested:
             for e in list(run.tasks.values()):
                 if e.msg.state not in lc.TASK_TERMINAL:
@@ -761,7 +781,9 @@ class Engine:
         if run.unfinished > 0 or run.msg.state in lc.RUN_TERMINAL:
             return
         states = [e.msg for e in run.tasks.values()]
-        if run.msg.cancel_requested:
+        if run.msg.timed_out:
+            final = lc.RUN_FAILED
+        elif run.msg.cancel_requested:
             final = lc.RUN_CANCELLED
         elif any(
             (m.state == lc.FAILED and not m.spec.allow_failure)

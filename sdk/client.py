@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 
 import grpc
@@ -22,6 +23,7 @@ from tether.api.v1 import types_pb2 as t
 from tether.sdk.errors import TetherError, TimeoutError, from_rpc_error
 from tether.sdk.spec import Workflow
 from tether.sdk.telemetry import current_traceparent
+from tether.sdk.validation import validate_params
 
 __all__ = ["DEFAULT_CONTROLLER", "TERMINAL_RUN_STATES", "Client", "RunHandle"]
 
@@ -42,7 +44,9 @@ _SERVICE_CONFIG = json.dumps(
             {
                 "name": [
                     {"service": "tether.v1.ControllerService", "method": m}
-                    for m in ("GetRun", "ListRuns", "ListNodes")
+                    # SubmitWorkflow always carries a request id (see submit), so a retry
+                    # returns the run the first attempt created instead of starting another.
+                    for m in ("GetRun", "ListRuns", "ListNodes", "SubmitWorkflow")
                 ],
                 "retryPolicy": {
                     "maxAttempts": 5,
@@ -108,13 +112,16 @@ class Client:
         Args:
             workflow: A :class:`Workflow` or an API ``WorkflowSpec``.
             params: Run parameters.
-            request_id: Idempotency key: submitting it again returns the first run.
+            request_id: Idempotency key: submitting it again returns the first run. When
+                empty, a random one is used so that retries after UNAVAILABLE are safe.
 
         Raises:
             InvalidSpecError: the spec is invalid (checked locally, then by the controller).
             UnavailableError: the controller cannot be reached.
         """
         spec = workflow.to_proto() if isinstance(workflow, Workflow) else workflow
+        validate_params(spec, dict(params or {}))
+        request_id = request_id or uuid.uuid4().hex
         with _tracer.start_as_current_span(f"submit {spec.name}", kind=trace.SpanKind.CLIENT):
             md = (("traceparent", current_traceparent()),) if current_traceparent() else ()
             resp = self._call(

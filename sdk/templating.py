@@ -15,7 +15,9 @@ from typing import Any
 
 __all__ = ["Ref", "TemplateError", "references", "render"]
 
-_EXPR = re.compile(r"\{\{(.*?)\}\}")
+# Only `{{ dotted.name }}` is an expression; any other braces (code, JSON, format strings in a
+# `python -c` argument) are left alone, so tasks need no escaping.
+_EXPR = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
 _PARAM = re.compile(r"^params\.([A-Za-z_][A-Za-z0-9_-]*)$")
 _TASK = re.compile(r"^tasks\.([A-Za-z0-9][A-Za-z0-9_.-]*?)\.outputs(?:\.([A-Za-z0-9_.-]+))?$")
 
@@ -37,8 +39,7 @@ def references(text: str) -> list[Ref]:
     """Parse every expression in ``text``.
 
     Raises:
-        TemplateError: an expression is neither ``params.NAME`` nor ``tasks.T.outputs[.PATH]``,
-            or braces are unbalanced.
+        TemplateError: an expression is neither ``params.NAME`` nor ``tasks.T.outputs[.PATH]``.
     """
     refs = []
     for m in _EXPR.finditer(text):
@@ -52,9 +53,6 @@ def references(text: str) -> list[Ref]:
             raise TemplateError(
                 f"bad template {{{{ {expr} }}}}: use params.NAME or tasks.TASK.outputs.KEY"
             )
-    leftover = _EXPR.sub("", text)
-    if "{{" in leftover or "}}" in leftover:
-        raise TemplateError("unbalanced '{{' or '}}'")
     return refs
 
 

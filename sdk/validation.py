@@ -121,10 +121,10 @@ def _violations(spec: types_pb2.WorkflowSpec, limits: Limits):
 
 def _templated_fields(task: types_pb2.TaskSpec):
     for j, arg in enumerate(task.command):
-        if "{{" in arg or "}}" in arg:
+        if "{{" in arg:
             yield f"command[{j}]", arg
     for key, value in task.env.items():
-        if "{{" in value or "}}" in value:
+        if "{{" in value:
             yield f"env.{key}", value
 
 
