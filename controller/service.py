@@ -18,6 +18,7 @@ from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.engine import AgentSession, Engine
 from tether.controller.errors import NotFound, grpc_errors
+from tether.controller.lifecycle import IllegalTransition
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
 from tether.sdk.validation import FieldViolation
@@ -223,14 +224,18 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         try:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("msg")
-                if kind == "status":
-                    self.engine.on_status(session, msg.status)
-                elif kind == "event":
-                    self.engine.on_event(session, msg.event)
-                elif kind == "heartbeat":
-                    if not await self.engine.heartbeat(session):
-                        log.warning("lease expired; asking agent to re-register", node=session.node)
-                        break
+                try:
+                    if kind == "status":
+                        self.engine.on_status(session, msg.status)
+                    elif kind == "event":
+                        self.engine.on_event(session, msg.event)
+                except IllegalTransition as e:
+                    # A refused move is a bug to see in the logs, not a reason to drop the node.
+                    log.error("refused state change", node=session.node, error=str(e))
+                    continue
+                if kind == "heartbeat" and not await self.engine.heartbeat(session):
+                    log.warning("lease expired; asking agent to re-register", node=session.node)
+                    break
         except asyncio.CancelledError:
             raise
         except Exception as e:
