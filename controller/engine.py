@@ -70,6 +70,8 @@ class TaskEntry:
     children: list[str] = field(default_factory=list)
     # The spec with templates rendered for the current attempt (None: same as msg.spec).
     rendered: t.TaskSpec | None = None
+    # Upstream tasks not finished yet (kept only while PENDING).
+    waiting: int = 0
 
     def serialize(self) -> bytes:
         return self.msg.SerializeToString()
@@ -229,7 +231,9 @@ class Engine:
                 traceparent=traceparent,
                 state=lc.PENDING if ts.depends_on else lc.READY,
             )
-            entries.append(TaskEntry(self.keys.task(run_id, ts.name), msg, 0))
+            entries.append(
+                TaskEntry(self.keys.task(run_id, ts.name), msg, 0, waiting=len(ts.depends_on))
+            )
         run = RunEntry(self.keys.run(run_id), run_msg, 0)
         puts = [Put(e.key, e.serialize()) for e in entries]
         run_put = Put(run.key, run.serialize())
@@ -738,26 +742,41 @@ class Engine:
                 self._arm_retry(run, e, delay if m.state == lc.RETRYING else 0.0)
         self._finish_run_if_done(run)
 
+    @staticmethod
+    def _satisfies(m: t.TaskRun) -> bool:
+        """Whether a finished upstream task lets its dependents run."""
+        return m.state == lc.SUCCEEDED or (m.state == lc.FAILED and m.spec.allow_failure)
+
     def _advance(self, run: RunEntry, e: TaskEntry) -> None:
-        """Move a PENDING task to READY or SKIPPED once its upstream allows."""
+        """Count a PENDING task's unfinished upstream tasks; ready or skip it if it can be.
+
+        Used when a run is (re)loaded; afterwards the count is kept up to date as upstream
+        tasks finish, so a fan-in of thousands costs O(1) per finished task, not O(n).
+        """
         if e.msg.state != lc.PENDING:
             return
-        blocked = False
+        e.waiting = 0
         for dep in e.msg.spec.depends_on:
             d = run.tasks[dep].msg
-            if d.state == lc.SUCCEEDED or (d.state == lc.FAILED and d.spec.allow_failure):
+            if self._satisfies(d):
                 continue
             if d.state in lc.TASK_TERMINAL:
-                e.msg.message = f"upstream task {dep} {lc.task_state_name(d.state).lower()}"
-                self._finish_task(run, e, lc.SKIPPED)
+                self._skip(run, e, dep)
                 return
-            blocked = True
-        if blocked:
-            return
+            e.waiting += 1
+        if e.waiting == 0:
+            self._make_ready(run, e)
+
+    def _make_ready(self, run: RunEntry, e: TaskEntry) -> None:
         lc.move_task(e.msg, lc.READY)
         self.committer.mark(e)
         self.ready[(run.msg.id, e.msg.spec.name)] = None
         self._kick.set()
+
+    def _skip(self, run: RunEntry, e: TaskEntry, upstream: str) -> None:
+        d = run.tasks[upstream].msg
+        e.msg.message = f"upstream task {upstream} {lc.task_state_name(d.state).lower()}"
+        self._finish_task(run, e, lc.SKIPPED)
 
     def _finish_task(
         self,
@@ -767,14 +786,33 @@ class Engine:
         ack: Callable[[], None] | None = None,
         already_moved: bool = False,
     ) -> None:
-        if not already_moved:
-            lc.move_task(e.msg, state)
-        if not e.msg.HasField("finished_at"):
-            e.msg.finished_at.CopyFrom(_now())
-        run.unfinished -= 1
-        self.committer.mark(e, ack)
-        for child in e.children:
-            self._advance(run, run.tasks[child])
+        # Skips cascade down the DAG through a work list, not recursion: a chain may be
+        # thousands of tasks long.
+        work = [(e, state, ack, already_moved)]
+        while work:
+            e, state, ack, already_moved = work.pop()
+            if not already_moved and e.msg.state in lc.TASK_TERMINAL:
+                continue  # skipped already, through another failed upstream task
+            if not already_moved:
+                lc.move_task(e.msg, state)
+            if not e.msg.HasField("finished_at"):
+                e.msg.finished_at.CopyFrom(_now())
+            run.unfinished -= 1
+            self.committer.mark(e, ack)
+            ok = self._satisfies(e.msg)
+            for name in e.children:
+                child = run.tasks[name]
+                if child.msg.state != lc.PENDING:
+                    continue
+                if ok:
+                    child.waiting -= 1
+                    if child.waiting <= 0:
+                        self._make_ready(run, child)
+                else:
+                    child.msg.message = (
+                        f"upstream task {e.msg.spec.name} {lc.task_state_name(e.msg.state).lower()}"
+                    )
+                    work.append((child, lc.SKIPPED, None, False))
         self._finish_run_if_done(run)
 
     def _finish_run_if_done(self, run: RunEntry) -> None:
@@ -821,6 +859,12 @@ class Engine:
         if not self.ready:
             return
         full: set[tuple[float, int, int]] = set()
+
+        def slots_left() -> bool:
+            return any(n.max_tasks <= 0 or len(n.attempts) < n.max_tasks for n in nodes)
+
+        if not slots_left():
+            return  # every node is at its task limit: nothing in the queue can be placed
         for key in list(self.ready):
             run = self.runs.get(key[0])
             e = run.tasks.get(key[1]) if run else None
@@ -833,6 +877,8 @@ class Engine:
                 continue
             placement = first_fit(r, nodes)
             if placement is None:
+                if not slots_left():
+                    return
                 full.add(shape)
                 why = never_fits(r, nodes)
                 if why and e.msg.waiting_reason != why:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -163,7 +164,7 @@ def test_sigkill_controller_mid_run_resumes_and_records_each_completion_once(
 
 
 def _layered_workflow(marks, layers: int = 10, width: int = 20) -> Workflow:
-    """``layers`` × ``width`` tasks; each depends on two tasks of the layer before. Every
+    """``layers`` times ``width`` tasks; each depends on two tasks of the layer before. Every
     execution records its start and end (with attempt number) from the agent's side."""
     code = (
         "import os,time,json;"
@@ -217,11 +218,11 @@ def test_ten_random_sigkills_during_a_200_task_run(etcd, prefix, tmp_path):
             spans: dict[str, list[float]] = {}
             for line in (marks / tk.spec.name).read_text().split("\n"):
                 if line:
-                    kind, attempt, ts = line.split()
+                    _kind, attempt, ts = line.split()
                     spans.setdefault(attempt, []).append(float(ts))
-            intervals = sorted(v for v in spans.values())
-            for (s1, *_e1), (s2, *_e2) in zip(intervals, intervals[1:], strict=False):
-                assert _e1 and _e1[-1] <= s2, f"{tk.spec.name}: overlapping attempts {spans}"
+            intervals = sorted(spans.values())
+            for earlier, later in itertools.pairwise(intervals):
+                assert earlier[-1] <= later[0], f"{tk.spec.name}: overlapping attempts {spans}"
             assert str(tk.attempt) in spans
         counts = asyncio.run(_success_events(etcd.endpoint, prefix))
         assert counts == Counter({tk.spec.name: 1 for tk in final.tasks})
