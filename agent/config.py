@@ -53,6 +53,9 @@ class AgentConfig:
     service_name: str = "tether-agent"
 
     def __post_init__(self) -> None:
+        # Tasks run in their attempt directory and get file paths in their environment: a
+        # relative work_dir would make those paths point nowhere.
+        object.__setattr__(self, "work_dir", Path(self.work_dir).resolve())
         if self.runtime not in ("process", "docker"):
             raise ValueError(f"runtime: must be 'process' or 'docker', got {self.runtime!r}")
         if self.cpu < 0 or self.memory_bytes < 0 or self.max_tasks < 0:

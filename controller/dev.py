@@ -62,6 +62,7 @@ async def run_dev(
     lease_ttl: int,
 ) -> int:
     """Bring the mesh up; with ``run_file``, run that workflow to completion and stop."""
+    data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(log_level, json=True, stream=open(data_dir / "controller.log", "a"))
     etcd = EtcdProcess(data_dir / "etcd", etcd_port).start()

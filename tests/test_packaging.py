@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -78,6 +79,8 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_dev_runs_the_example_to_completion(tmp_path):
+    """The README's main command, run where a user would: the data dir is relative."""
+    env = {**os.environ, "COLUMNS": "160"}
     res = subprocess.run(
         [
             sys.executable,
@@ -88,8 +91,6 @@ def test_dev_runs_the_example_to_completion(tmp_path):
             "2",
             "--listen",
             "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path / "dev"),
             "--lease-ttl",
             "3",
             "--run",
@@ -98,10 +99,11 @@ def test_dev_runs_the_example_to_completion(tmp_path):
         capture_output=True,
         text=True,
         timeout=180,
-        env={"COLUMNS": "160", "PATH": "/usr/bin:/bin"}
-        | {k: v for k, v in __import__("os").environ.items() if k not in ("COLUMNS",)},
+        env=env,
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert (tmp_path / ".tether-dev" / "etcd").is_dir()
     assert "SUCCEEDED" in res.stdout
     assert "6 of 406 transactions flagged as anomalous" in res.stdout
     assert "tether dev: stopped" in res.stderr

@@ -69,10 +69,24 @@ async def main_async(args) -> dict:
         for i in range(args.agents):
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "tether.sdk.cli", "agent", "--controller",
-                     server.address, "--name", f"bench-{i}", "--work-dir", str(tmp / f"a{i}"),
-                     "--max-tasks", str(args.slots), "--log-level", "warning"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    [
+                        sys.executable,
+                        "-m",
+                        "tether.sdk.cli",
+                        "agent",
+                        "--controller",
+                        server.address,
+                        "--name",
+                        f"bench-{i}",
+                        "--work-dir",
+                        str(tmp / f"a{i}"),
+                        "--max-tasks",
+                        str(args.slots),
+                        "--log-level",
+                        "warning",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
                 )
             )
         client = Client(server.address)
