@@ -55,6 +55,28 @@ def _seconds(d: duration_pb2.Duration) -> float:
     return d.seconds + d.nanos / 1e9
 
 
+def retry_delay(
+    spec: t.TaskSpec,
+    failures: int,
+    config: ControllerConfig,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to wait before the attempt after the ``failures``-th failure.
+
+    ``initial * factor**(failures-1)``, capped at ``max``, then spread by ``± jitter``; fields
+    the task leaves unset come from the controller's configuration.
+    """
+    b = spec.backoff
+    initial = _seconds(b.initial) if b.HasField("initial") else config.retry_initial
+    factor = b.factor or config.retry_factor
+    cap = _seconds(b.max) if b.HasField("max") and _seconds(b.max) > 0 else config.retry_max
+    jitter = b.jitter if spec.HasField("backoff") else config.retry_jitter
+    delay = min(initial, cap)
+    for _ in range(max(failures - 1, 0)):  # stepwise, so a huge factor cannot overflow
+        delay = min(delay * factor, cap)
+    return max(0.0, delay * (1 + jitter * (2 * rand() - 1)))
+
+
 def new_run_id() -> str:
     """A run id that sorts by creation time: 12 hex digits of ms, then 8 random."""
     return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
@@ -576,7 +598,7 @@ class Engine:
         m = e.msg
         failures = m.attempt - m.lost_attempts
         if failures <= m.spec.retries and not m.cancel_requested:
-            delay = self._backoff(m.spec, failures)
+            delay = retry_delay(m.spec, failures, self.config)
             lc.move_task(m, lc.RETRYING)
             nb = timestamp_pb2.Timestamp()
             nb.FromNanoseconds(int((time.time() + delay) * 1e9))
@@ -594,17 +616,6 @@ class Engine:
         else:
             m.finished_at.CopyFrom(_now())
             self._finish_task(run, e, lc.FAILED, ack)
-
-    def _backoff(self, spec: t.TaskSpec, failures: int) -> float:
-        b = spec.backoff
-        initial = _seconds(b.initial) if b.HasField("initial") else self.config.retry_initial
-        factor = b.factor or self.config.retry_factor
-        cap = (
-            _seconds(b.max) if b.HasField("max") and _seconds(b.max) > 0 else self.config.retry_max
-        )
-        jitter = b.jitter if spec.HasField("backoff") else self.config.retry_jitter
-        delay = min(initial * factor ** max(failures - 1, 0), cap)
-        return max(0.0, delay * (1 + jitter * (2 * random.random() - 1)))
 
     def _arm_retry(self, run: RunEntry, e: TaskEntry, delay: float) -> None:
         key = (run.msg.id, e.msg.spec.name)

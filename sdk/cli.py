@@ -232,25 +232,49 @@ def status(ctx, run_id, as_json):
 
 @cli.command()
 @click.argument("run_id")
+@click.option(
+    "--from-revision",
+    default=0,
+    type=int,
+    help="Resume after this revision (printed with each change) instead of a snapshot.",
+)
 @click.pass_context
-def watch(ctx, run_id):
-    """Print every state change of RUN_ID until it finishes."""
+def watch(ctx, run_id, from_revision):
+    """Print every state change of RUN_ID until it finishes.
+
+    If the controller goes away (a restart, say), the watch resumes from the last revision it
+    printed, so no change is missed or printed twice.
+    """
     client = _client(ctx)
-    for ev in client.watch(run_id):
-        if ev.HasField("snapshot"):
-            console.print(
-                f"rev {ev.revision}: run {ev.snapshot.id} {_state(ev.snapshot.state, True)}"
-            )
-            for tk in ev.snapshot.tasks:
-                console.print(f"  {tk.spec.name}: {_state(tk.state)}")
-        elif ev.HasField("task"):
-            tk = ev.task
-            console.print(
-                f"rev {ev.revision}: {tk.spec.name} {_state(tk.state)}"
-                + (f" on {tk.node} (attempt {tk.attempt})" if tk.node else "")
-            )
-        else:
-            console.print(f"rev {ev.revision}: run {_state(ev.run_state, True)}")
+    revision = from_revision
+    while True:
+        try:
+            for ev in client.watch(run_id, revision):
+                revision = max(revision, ev.revision)
+                _print_event(ev)
+                state = ev.snapshot.state if ev.HasField("snapshot") else ev.run_state
+                if state in TERMINAL_RUN_STATES and not ev.HasField("task"):
+                    return
+        except TetherError as e:
+            if e.code.name != "UNAVAILABLE":
+                raise
+            err_console.print("controller unavailable; resuming…", style="dim")
+            time.sleep(1.0)
+
+
+def _print_event(ev) -> None:
+    if ev.HasField("snapshot"):
+        console.print(f"rev {ev.revision}: run {ev.snapshot.id} {_state(ev.snapshot.state, True)}")
+        for tk in ev.snapshot.tasks:
+            console.print(f"  {tk.spec.name}: {_state(tk.state)}")
+    elif ev.HasField("task"):
+        tk = ev.task
+        console.print(
+            f"rev {ev.revision}: {tk.spec.name} {_state(tk.state)}"
+            + (f" on {tk.node} (attempt {tk.attempt})" if tk.node else "")
+        )
+    else:
+        console.print(f"rev {ev.revision}: run {_state(ev.run_state, True)}")
 
 
 @cli.command()

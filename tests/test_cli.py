@@ -111,3 +111,19 @@ def test_unreachable_controller_is_one_line():
 
 def test_unknown_run_is_one_line(mesh):
     assert_one_line_error(tether("status", "nope", controller=mesh.address), "not found")
+
+
+def test_watch_prints_every_change_until_the_end(mesh):
+    from tether.sdk import Workflow
+
+    mesh.add_agent("n1")
+    wf = Workflow("watch-cli")
+    a = wf.task("a", [sys.executable, "-c", "import time; time.sleep(0.3)"])
+    wf.task("b", [sys.executable, "-c", "pass"], depends_on=[a])
+    run = mesh.client().submit(wf)
+    res = tether("watch", run.id, controller=mesh.address)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("rev ") and run.id in lines[0]
+    assert any(": b SUCCEEDED" in x for x in lines)
+    assert lines[-1].endswith("run SUCCEEDED")

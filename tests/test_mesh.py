@@ -233,3 +233,26 @@ def test_task_events_from_the_runtime_are_recorded(mesh):
     events = list(final.tasks[0].events)
     assert [(e.kind, e.attempt) for e in events] == [("pulling", 1)]
     assert events[0].message.startswith("pulling image for")
+
+
+def test_health_and_reflection_for_grpcurl(mesh):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(mesh.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "tether.v1.ControllerService", "tether.v1.AgentService"):
+            resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        reqs = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        services = {
+            s.name
+            for r in refl.ServerReflectionInfo(reqs, timeout=5)
+            for s in r.list_services_response.service
+        }
+    assert {
+        "tether.v1.ControllerService",
+        "tether.v1.AgentService",
+        "grpc.health.v1.Health",
+    } <= services
