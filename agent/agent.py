@@ -64,6 +64,10 @@ class Agent:
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage | None] | None = None
         self._stop = asyncio.Event()
         self._main: asyncio.Task | None = None
+        # Several comma-separated controllers (HA): a broken or refused stream moves on to the
+        # next one, so the agent finds whichever controller leads.
+        self.controllers = [a.strip() for a in config.controller.split(",") if a.strip()]
+        self._current = 0
 
     def _report(self, status: agent_pb2.TaskStatus) -> None:
         if self._outbox is not None:
@@ -78,9 +82,10 @@ class Agent:
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
         delay = self.config.reconnect_initial
         while not self._stop.is_set():
+            registrations = self.registrations
+            address = self.controllers[self._current % len(self.controllers)]
             try:
-                await self._session()
-                delay = self.config.reconnect_initial
+                await self._session(address)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
@@ -90,19 +95,22 @@ class Agent:
                     code=e.code().name,
                     details=e.details(),
                 )
-            except Exception as e:
+            except Exception as e:  # keep the node alive and retry
                 log.warning("agent session failed", node=self.config.node, error=repr(e))
             finally:
                 self._outbox = None
                 self.connected.clear()
             if self._stop.is_set():
                 break
+            self._current += 1
+            if self.registrations > registrations:
+                delay = self.config.reconnect_initial  # it worked: reconnect quickly
             sleep = random.uniform(delay / 2, delay)  # jitter: agents do not reconnect in step
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), sleep)
             delay = min(delay * 2, self.config.reconnect_max)
 
-    async def _session(self) -> None:
+    async def _session(self, address: str) -> None:
         outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
         outbox.put_nowait(
             agent_pb2.AgentMessage(
@@ -128,7 +136,7 @@ class Agent:
                 yield msg
 
         async with grpc.aio.insecure_channel(
-            self.config.controller,
+            address,
             options=[
                 ("grpc.max_receive_message_length", 64 * 2**20),
                 ("grpc.keepalive_time_ms", 10_000),
@@ -158,9 +166,7 @@ class Agent:
                         self._outbox = outbox
                         self.registrations += 1
                         self.connected.set()
-                        log.info(
-                            "registered", node=self.config.node, controller=self.config.controller
-                        )
+                        log.info("registered", node=self.config.node, controller=address)
                         heartbeat = asyncio.create_task(self._heartbeat(outbox, interval or 1.0))
                     elif kind == "assign":
                         self.runner.assign(msg.assign)

@@ -77,7 +77,7 @@ def _nvml() -> list[types_pb2.Gpu] | None:
         return None
     try:
         pynvml.nvmlInit()
-    except Exception:
+    except Exception:  # no driver: no GPUs
         return []
     try:
         out = []

@@ -156,7 +156,7 @@ class Runner:
         ) as span:
             try:
                 await self._execute(att, a, status, traceparent_of(span))
-            except Exception as e:
+            except Exception as e:  # any agent-side failure is the attempt's result
                 log.exception("attempt failed in the agent", task=spec.name)
                 status.state = t.TaskState.TASK_STATE_FAILED
                 status.reason = "runtime_error"

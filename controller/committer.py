@@ -15,6 +15,7 @@ from typing import Protocol
 
 from etcd3aio import EtcdError
 
+from tether.controller.errors import NotLeader
 from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
 from tether.sdk.telemetry import get_logger
 
@@ -41,11 +42,19 @@ class Committer:
         store: The etcd store.
         on_conflict: Called with the records of a transaction whose compare failed; the
             engine reloads them from etcd.
+        on_not_leader: Called when etcd refused a write because this controller no longer
+            leads; nothing more is written.
     """
 
-    def __init__(self, store: Store, on_conflict: Callable[[list[Record]], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        on_conflict: Callable[[list[Record]], None],
+        on_not_leader: Callable[[], None] = lambda: None,
+    ) -> None:
         self._store = store
         self._on_conflict = on_conflict
+        self._on_not_leader = on_not_leader
         self._dirty: dict[str, _Dirty] = {}
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -89,6 +98,14 @@ class Committer:
                 try:
                     await self._write(batch)
                     backoff = 0.05
+                except NotLeader:
+                    # A deposed leader must not write: drop everything; the new leader
+                    # rebuilds its state from etcd.
+                    log.warning("write refused: no longer the leader", records=len(batch))
+                    self._dirty.clear()
+                    self._idle.set()
+                    self._on_not_leader()
+                    return
                 except (EtcdError, TimeoutError, OSError) as e:
                     log.warning("etcd write failed; retrying", error=str(e), records=len(batch))
                     for d in batch:  # put back, unless re-marked meanwhile (newer wins)

@@ -121,7 +121,7 @@ async def _wait_for_nodes(client, n: int, timeout: float = 60.0) -> None:
         try:
             if len(await asyncio.to_thread(client.nodes)) >= n:
                 return
-        except Exception:
+        except Exception:  # not up yet
             pass
         await asyncio.sleep(0.2)
     raise click.ClickException(f"agents did not register within {timeout:.0f}s; see the logs")

@@ -136,9 +136,17 @@ class Engine:
         config: The controller's configuration.
         store: The etcd store.
         tracer: Tracer for scheduling and dispatch spans.
+        on_not_leader: Called when a write is refused because this controller no longer
+            leads; the server then stops this engine.
     """
 
-    def __init__(self, config: ControllerConfig, store: Store, tracer: trace.Tracer) -> None:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        store: Store,
+        tracer: trace.Tracer,
+        on_not_leader: Callable[[], None] = lambda: None,
+    ) -> None:
         self.config = config
         self.store = store
         self.keys = store.keys
@@ -146,7 +154,7 @@ class Engine:
         self.runs: dict[str, RunEntry] = {}
         self.nodes: dict[str, NodeState] = {}
         self.ready: dict[tuple[str, str], None] = {}
-        self.committer = Committer(store, self._on_conflict)
+        self.committer = Committer(store, self._on_conflict, on_not_leader)
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
@@ -428,7 +436,7 @@ class Engine:
             try:
                 if await self.store.keepalive(st.lease_id) > 0:
                     lease = st.lease_id
-            except Exception:
+            except Exception:  # an expired or unknown lease just means a new one
                 lease = 0
         if not lease:
             lease = await self.store.grant_lease(self.config.lease_ttl)
@@ -666,9 +674,13 @@ class Engine:
             if node is None or node.session is None:
                 self._lose(run, e, f"node {e.msg.node} did not come back")
 
-    def _node_deleted(self, name: str) -> None:
+    def _node_deleted(self, name: str, lease: int) -> None:
         st = self.nodes.get(name)
         if st is None:
+            return
+        if lease and st.lease_id and lease != st.lease_id:
+            # The record of an old lease expired after the agent had already registered
+            # again under a new one: the node is alive.
             return
         if st.session is not None:
             st.session.close()
@@ -687,10 +699,10 @@ class Engine:
                 async for ev in self.store.watch(self.keys.nodes, revision):
                     revision = ev.revision + 1
                     if ev.deleted:
-                        self._node_deleted(ev.key.rsplit("/", 1)[1])
+                        self._node_deleted(ev.key.rsplit("/", 1)[1], ev.prev_lease)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:
+            except Exception as e:  # keep watching through etcd hiccups
                 log.warning("node watch broke; resuming", error=str(e))
                 await asyncio.sleep(0.5)
 
@@ -861,7 +873,7 @@ class Engine:
             self._kick.clear()
             try:
                 self._schedule_pass()
-            except Exception:
+            except Exception:  # a bug in one pass must not stop scheduling
                 log.exception("scheduling pass failed")
             await asyncio.sleep(0)
 

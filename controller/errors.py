@@ -32,6 +32,10 @@ class StoreUnavailable(Exception):
     """etcd cannot be reached."""
 
 
+class NotLeader(Exception):
+    """This controller is not (or no longer) the leader; another one serves."""
+
+
 class OutOfRange(Exception):
     """A revision or page token is no longer available."""
 
@@ -42,6 +46,7 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Conflict: grpc.StatusCode.ABORTED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+    NotLeader: grpc.StatusCode.UNAVAILABLE,
     OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
 }
 
@@ -69,7 +74,7 @@ def grpc_errors(fn: Callable) -> Callable:
                     yield item
             except grpc.aio.AbortError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # the one place errors become statuses
                 code, msg = _status_for(exc)
                 await context.abort(code, msg)
 
@@ -81,7 +86,7 @@ def grpc_errors(fn: Callable) -> Callable:
             return await fn(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # the one place errors become statuses
             code, msg = _status_for(exc)
             await context.abort(code, msg)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -11,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tether.controller.config import ControllerConfig
 from tether.controller.engine import Engine
+from tether.controller.leader import Leadership
 from tether.controller.service import AgentServicer, ControllerServicer
 from tether.controller.store import Store
 from tether.sdk.telemetry import get_logger, make_tracer_provider
@@ -37,10 +39,15 @@ class ControllerServer:
         self.tracer_provider = make_tracer_provider(config.service_name)
         self.tracer = self.tracer_provider.get_tracer("tether.controller")
         self.store = Store(config.etcd_endpoints, config.prefix)
-        self.engine = Engine(config, self.store, self.tracer)
+        # The engine of the current leadership term; None while standing by.
+        self.engine: Engine | None = None
+        self.leadership: Leadership | None = None
+        self.terms = 0
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
+        self._campaign: asyncio.Task | None = None
+        self._leading = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -49,11 +56,19 @@ class ControllerServer:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
-    async def start(self) -> None:
-        """Connect to etcd, load state, and start serving."""
+    @property
+    def is_leader(self) -> bool:
+        return self.engine is not None
+
+    async def start(self, wait_for_leadership: bool = True) -> None:
+        """Connect to etcd, start serving, and campaign for leadership.
+
+        Args:
+            wait_for_leadership: Return only once this controller leads (True), or as soon as
+                it either leads or stands by behind another leader (False).
+        """
         await self.store.connect()
         await self.store.wait_ready()
-        await self.engine.start()
         opts = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
@@ -63,10 +78,11 @@ class ControllerServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=opts)
+        current = lambda: self.engine  # noqa: E731 - the servicers' view of the current term
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(
-            ControllerServicer(self.engine, self.tracer), server
+            ControllerServicer(current, self.tracer), server
         )
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(self.engine), server)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(current), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -74,25 +90,82 @@ class ControllerServer:
         self.port = server.add_insecure_port(self.config.listen)
         if not self.port:
             raise OSError(f"cannot listen on {self.config.listen}")
+        for name in _SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._server = server
-        for name in ("", *_SERVICES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("controller serving", address=self.address, prefix=self.config.prefix)
+        self.leadership = Leadership(self.store, self.address, self.config.lease_ttl)
+        self._campaign = asyncio.create_task(self._campaign_loop(), name="campaign")
+        waiters = [asyncio.ensure_future(self._leading.wait()), self._campaign]
+        if not wait_for_leadership:
+            waiters.append(asyncio.ensure_future(self.leadership.standing_by.wait()))
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters[::2]:
+            w.cancel()
+        if self._campaign.done():
+            self._campaign.result()  # raise what stopped the campaign
+        log.info(
+            "controller serving",
+            address=self.address,
+            prefix=self.config.prefix,
+            leader=self.is_leader,
+        )
+
+    async def _campaign_loop(self) -> None:
+        """Lead when possible; on losing the lease, step down and campaign again."""
+        while not self._stopping:
+            leadership = self.leadership = Leadership(
+                self.store, self.address, self.config.lease_ttl
+            )
+            await leadership.acquire()
+            self.store.fence = leadership.fence()
+            engine = Engine(self.config, self.store, self.tracer, on_not_leader=leadership.lost.set)
+            try:
+                await engine.start()
+            except Exception:
+                self.store.fence = None
+                await leadership.resign()
+                raise
+            self.engine = engine
+            self.terms += 1
+            for name in _SERVICES:
+                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            self._leading.set()
+            await leadership.lost.wait()
+            # Step down: stop acting before anyone else can; agents reconnect to the new leader.
+            self.engine = None
+            self._leading.clear()
+            for name in _SERVICES:
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await engine.stop()
+            self.store.fence = None
+            log.warning("stepped down", address=self.address)
 
     async def stop(self, grace: float = 2.0) -> None:
-        """Stop serving: NOT_SERVING, drain RPCs, flush writes, close etcd. Idempotent."""
+        """Stop serving: NOT_SERVING, drain RPCs, flush writes, resign, close etcd. Idempotent."""
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
         try:
             await self.health.enter_graceful_shutdown()
-            try:
-                await asyncio.wait_for(self.engine.committer.flushed(), grace)
-            except TimeoutError:
-                log.warning("unflushed writes at shutdown; the next controller resumes from etcd")
-            await self.engine.stop()
+            engine = self.engine
+            if engine is not None:
+                try:
+                    await asyncio.wait_for(engine.committer.flushed(), grace)
+                except TimeoutError:
+                    log.warning("unflushed writes at shutdown; the next leader resumes from etcd")
+            if self._campaign is not None:
+                self._campaign.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._campaign
+            if engine is not None:
+                self.engine = None
+                await engine.stop()
+            if self.leadership is not None:
+                await self.leadership.resign()  # a standby takes over now, not after the TTL
+            self.store.fence = None
             if self._server is not None:
                 await self._server.stop(grace)
             await self.store.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+from collections.abc import Callable
 
 import grpc
 from opentelemetry import trace
@@ -17,7 +18,7 @@ from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.engine import AgentSession, Engine
-from tether.controller.errors import NotFound, grpc_errors
+from tether.controller.errors import NotFound, NotLeader, grpc_errors
 from tether.controller.lifecycle import IllegalTransition
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
@@ -34,11 +35,25 @@ def _require(value: str, field: str) -> None:
         raise InvalidSpecError([FieldViolation(field, "must not be empty")])
 
 
-class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
+class _LeaderOnly:
+    """Servicers reach the engine only while this controller leads."""
+
+    def __init__(self, current_engine: Callable[[], Engine | None]) -> None:
+        self._current_engine = current_engine
+
+    @property
+    def engine(self) -> Engine:
+        engine = self._current_engine()
+        if engine is None:
+            raise NotLeader("this controller is standing by; retry with the leader")
+        return engine
+
+
+class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServicer):
     """The API the SDK and CLI use."""
 
-    def __init__(self, engine: Engine, tracer: trace.Tracer) -> None:
-        self.engine = engine
+    def __init__(self, current_engine: Callable[[], Engine | None], tracer: trace.Tracer) -> None:
+        super().__init__(current_engine)
         self.tracer = tracer
 
     @grpc_errors
@@ -167,7 +182,7 @@ async def _merge_watches(store, run_key: str, task_prefix: str, revision: int):
                 if prefix == run_key and ev.key != run_key:
                     continue
                 await queue.put(ev)
-        except Exception as e:
+        except Exception as e:  # surfaced to the consumer of the queue
             await queue.put(e)
 
     tasks = [asyncio.create_task(pump(run_key)), asyncio.create_task(pump(task_prefix))]
@@ -185,11 +200,8 @@ async def _merge_watches(store, run_key: str, task_prefix: str, revision: int):
                 await tk
 
 
-class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
     """One bidirectional stream per agent."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
 
     async def Connect(self, request_iterator, context):
         try:
@@ -204,12 +216,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         session = AgentSession(reg.node)
         try:
-            registered = await self.engine.register(session, reg)
-        except Exception as e:
+            # One engine for the whole stream: if leadership changes, the stream ends.
+            engine = self.engine
+            registered = await engine.register(session, reg)
+        except Exception as e:  # tell the agent to retry; keep serving others
             log.warning("registration failed", node=reg.node, error=str(e))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"registration failed: {e}")
         yield agent_pb2.ControllerMessage(registered=registered)
-        reader = asyncio.create_task(self._read(session, request_iterator))
+        reader = asyncio.create_task(self._read(engine, session, request_iterator))
         try:
             while True:
                 msg = await session.outbox.get()
@@ -218,27 +232,27 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 yield msg
         finally:
             reader.cancel()
-            self.engine.disconnected(session)
+            engine.disconnected(session)
 
-    async def _read(self, session: AgentSession, request_iterator) -> None:
+    async def _read(self, engine: Engine, session: AgentSession, request_iterator) -> None:
         try:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("msg")
                 try:
                     if kind == "status":
-                        self.engine.on_status(session, msg.status)
+                        engine.on_status(session, msg.status)
                     elif kind == "event":
-                        self.engine.on_event(session, msg.event)
+                        engine.on_event(session, msg.event)
                 except IllegalTransition as e:
                     # A refused move is a bug to see in the logs, not a reason to drop the node.
                     log.error("refused state change", node=session.node, error=str(e))
                     continue
-                if kind == "heartbeat" and not await self.engine.heartbeat(session):
+                if kind == "heartbeat" and not await engine.heartbeat(session):
                     log.warning("lease expired; asking agent to re-register", node=session.node)
                     break
         except asyncio.CancelledError:
             raise
-        except Exception as e:
+        except Exception as e:  # a broken stream ends this session only
             log.info("agent stream ended", node=session.node, error=str(e))
         finally:
             session.close()

@@ -41,6 +41,7 @@ class Keys:
         self.runs = f"{prefix}/runs/"
         self.tasks = f"{prefix}/tasks/"
         self.requests = f"{prefix}/requests/"
+        self.leader = f"{prefix}/leader"
 
     def node(self, name: str) -> str:
         return self.nodes + name
@@ -64,6 +65,7 @@ class KeyValue:
     value: bytes
     mod_revision: int
     lease: int = 0
+    create_revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Event:
     revision: int
     deleted: bool
     prev_value: bytes = b""
+    prev_lease: int = 0
 
 
 def mod_revision_is(key: str, revision: int) -> Compare:
@@ -127,6 +130,8 @@ class Store:
         self.txn_count = 0
         self.put_count = 0
         self.max_request_bytes = 0
+        # Set while this controller leads: a compare added to every write transaction.
+        self.fence: Compare | None = None
 
     async def connect(self) -> None:
         await self._client.connect()
@@ -152,7 +157,7 @@ class Store:
         if not resp.kvs:
             return None
         kv = resp.kvs[0]
-        return KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.lease)
+        return KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.lease, kv.create_revision)
 
     async def range(
         self,
@@ -199,13 +204,33 @@ class Store:
             else:
                 lo = last + b"\x00"
 
+    async def _check_fence(self) -> None:
+        """After a failed fenced transaction: raise NotLeader if the fence is what failed."""
+        fence = self.fence
+        if fence is None:
+            return
+        kv = await self.get(self.keys.leader)
+        if kv is None or kv.create_revision != fence.create_revision:
+            from tether.controller.errors import NotLeader
+
+            raise NotLeader("this controller is no longer the leader")
+
     async def txn(
         self,
         compares: Sequence[Compare],
         ops: Sequence[Put | Delete],
         failure: Sequence[Put | Delete] = (),
+        fenced: bool = True,
     ) -> tuple[bool, int]:
-        """Run one transaction; return (succeeded, revision after it)."""
+        """Run one transaction; return (succeeded, revision after it).
+
+        While this controller leads, the transaction also requires the leader key to be ours.
+
+        Raises:
+            NotLeader: the transaction failed because this controller lost leadership.
+        """
+        if fenced and self.fence is not None:
+            compares = [self.fence, *compares]
         request_ops = [_op(o) for o in ops]
         size = sum(len(o.value) + len(o.key) for o in ops if isinstance(o, Put))
         self.max_request_bytes = max(self.max_request_bytes, size)
@@ -214,12 +239,16 @@ class Store:
         resp = await self._client.kv.txn(
             compares, request_ops, [_op(o) for o in failure], timeout=self._timeout
         )
+        if not resp.succeeded and fenced:
+            await self._check_fence()
         return resp.succeeded, resp.header.revision
 
     async def txn_get(
         self, compares: Sequence[Compare], ops: Sequence[Put | Delete], get_on_failure: str
     ):
         """Like :meth:`txn`; on failure return the value of ``get_on_failure``."""
+        if self.fence is not None:
+            compares = [self.fence, *compares]
         request_ops = [_op(o) for o in ops]
         self.txn_count += 1
         self.put_count += sum(1 for o in ops if isinstance(o, Put))
@@ -231,6 +260,7 @@ class Store:
         )
         if resp.succeeded:
             return True, resp.header.revision, None
+        await self._check_fence()
         kvs = resp.responses[0].response_range.kvs
         return False, resp.header.revision, (kvs[0].value if kvs else None)
 
@@ -283,4 +313,5 @@ class Store:
                     revision=ev.kv.mod_revision,
                     deleted=ev.type == 1,
                     prev_value=ev.prev_kv.value if ev.HasField("prev_kv") else b"",
+                    prev_lease=ev.prev_kv.lease if ev.HasField("prev_kv") else 0,
                 )

@@ -75,19 +75,29 @@ class Client:
     def __init__(self, address: str | None = None, timeout: float = 30.0) -> None:
         self.address = address or os.environ.get("TETHER_CONTROLLER") or DEFAULT_CONTROLLER
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            self.address,
-            options=[
-                ("grpc.service_config", _SERVICE_CONFIG),
-                ("grpc.enable_retries", 1),
-                ("grpc.max_receive_message_length", 64 * 2**20),
-                ("grpc.max_send_message_length", 64 * 2**20),
-            ],
-        )
-        self._stub = controller_pb2_grpc.ControllerServiceStub(self._channel)
+        options = [
+            ("grpc.service_config", _SERVICE_CONFIG),
+            ("grpc.enable_retries", 1),
+            ("grpc.max_receive_message_length", 64 * 2**20),
+            ("grpc.max_send_message_length", 64 * 2**20),
+        ]
+        # Several comma-separated addresses name the controllers of an HA deployment: calls go
+        # to one, and move to the next when it answers UNAVAILABLE (down, or standing by).
+        addresses = [a.strip() for a in self.address.split(",") if a.strip()]
+        self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]
+        self._stubs = [controller_pb2_grpc.ControllerServiceStub(c) for c in self._channels]
+        self._current = 0
+
+    @property
+    def _stub(self) -> controller_pb2_grpc.ControllerServiceStub:
+        return self._stubs[self._current]
+
+    def _next_controller(self) -> None:
+        self._current = (self._current + 1) % len(self._stubs)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -95,11 +105,17 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method, request, **kw):
-        try:
-            return method(request, timeout=kw.pop("timeout", self.timeout), **kw)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+    def _call(self, method: str, request, **kw):
+        timeout = kw.pop("timeout", self.timeout)
+        for tried in range(len(self._stubs)):
+            try:
+                return getattr(self._stub, method)(request, timeout=timeout, **kw)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and tried + 1 < len(self._stubs):
+                    self._next_controller()
+                    continue
+                raise from_rpc_error(e) from None
+        raise AssertionError("unreachable")
 
     def submit(
         self,
@@ -125,7 +141,7 @@ class Client:
         with _tracer.start_as_current_span(f"submit {spec.name}", kind=trace.SpanKind.CLIENT):
             md = (("traceparent", current_traceparent()),) if current_traceparent() else ()
             resp = self._call(
-                self._stub.SubmitWorkflow,
+                "SubmitWorkflow",
                 controller_pb2.SubmitWorkflowRequest(
                     spec=spec,
                     params=dict(params or {}),
@@ -141,14 +157,14 @@ class Client:
 
     def get_run(self, run_id: str) -> t.Run:
         """The run with all its tasks. Raises NotFoundError."""
-        return self._call(self._stub.GetRun, controller_pb2.GetRunRequest(run_id=run_id)).run
+        return self._call("GetRun", controller_pb2.GetRunRequest(run_id=run_id)).run
 
     def list_runs(self, page_size: int = 50) -> Iterator[t.Run]:
         """Every run, newest first (fetched a page at a time)."""
         token = ""
         while True:
             resp = self._call(
-                self._stub.ListRuns,
+                "ListRuns",
                 controller_pb2.ListRunsRequest(page_size=page_size, page_token=token),
             )
             yield from resp.runs
@@ -164,18 +180,20 @@ class Client:
                 controller_pb2.WatchRunRequest(run_id=run_id, from_revision=from_revision)
             )
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self._next_controller()  # callers resume from the last revision
             raise from_rpc_error(e) from None
 
     def cancel(self, run_id: str, task: str = "", reason: str = "") -> None:
         """Cancel a run, or one task of it."""
         self._call(
-            self._stub.CancelRun,
+            "CancelRun",
             controller_pb2.CancelRunRequest(run_id=run_id, task=task, reason=reason),
         )
 
     def nodes(self) -> list[t.Node]:
         """The registered nodes."""
-        return list(self._call(self._stub.ListNodes, controller_pb2.ListNodesRequest()).nodes)
+        return list(self._call("ListNodes", controller_pb2.ListNodesRequest()).nodes)
 
 
 class RunHandle:

@@ -39,7 +39,7 @@ class ControllerProcess:
             "--listen",
             f"127.0.0.1:{self.port}",
             "--lease-ttl",
-            "3",
+            "2",
         ]
         self.log = open(log_path, "ab")
         self.proc: subprocess.Popen | None = None
