@@ -30,9 +30,12 @@ class Leadership:
         identity: What the leader key holds (this controller's address), so others can say
             where the leader is.
         ttl: Lease TTL, seconds: how long a dead leader blocks a successor.
+        standing_by: Set when this controller finds another leading.
     """
 
-    def __init__(self, store: Store, identity: str, ttl: int) -> None:
+    def __init__(
+        self, store: Store, identity: str, ttl: int, standing_by: asyncio.Event | None = None
+    ) -> None:
         self.store = store
         self.key = store.keys.leader
         self.identity = identity
@@ -40,8 +43,10 @@ class Leadership:
         self.revision = 0
         self.lease = 0
         self.lost = asyncio.Event()
-        self.standing_by = asyncio.Event()
+        # Set once another controller is seen leading (start() can return then).
+        self.standing_by = standing_by or asyncio.Event()
         self._keepalive: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
 
     def fence(self) -> Compare:
         """The compare every leader write carries: the key is still the one we created."""
@@ -72,6 +77,7 @@ class Leadership:
             if ok:
                 self.revision, self.lease = revision, lease
                 self._keepalive = asyncio.create_task(self._keep_alive(), name="leader-lease")
+                self._watch = asyncio.create_task(self._watch_key(), name="leader-watch")
                 log.info("leading", identity=self.identity, revision=revision)
                 return
             with contextlib.suppress(Exception):
@@ -101,10 +107,26 @@ class Leadership:
         log.warning("leadership lost (lease expired)")
         self.lost.set()
 
+    async def _watch_key(self) -> None:
+        # The lease may live on while the key is gone (deleted by hand, or by an operator's
+        # recovery): any change to the key after we created it means someone else may lead.
+        try:
+            async for ev in self.store.watch(self.key, self.revision + 1):
+                if ev.key == self.key:
+                    log.warning("leadership lost (leader key changed)")
+                    break
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the fence still protects every write
+            log.warning("leader key watch failed", error=str(e))
+            return
+        self.lost.set()
+
     async def resign(self) -> None:
         """Give up leadership now (graceful shutdown), so a standby takes over at once."""
-        if self._keepalive:
-            self._keepalive.cancel()
+        for task in (self._keepalive, self._watch):
+            if task:
+                task.cancel()
         if self.lease:
             with contextlib.suppress(Exception):
                 await self.store.revoke_lease(self.lease)

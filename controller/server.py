@@ -48,6 +48,7 @@ class ControllerServer:
         self._server: grpc.aio.Server | None = None
         self._campaign: asyncio.Task | None = None
         self._leading = asyncio.Event()
+        self._standing_by = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -95,11 +96,10 @@ class ControllerServer:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._server = server
-        self.leadership = Leadership(self.store, self.address, self.config.lease_ttl)
         self._campaign = asyncio.create_task(self._campaign_loop(), name="campaign")
         waiters = [asyncio.ensure_future(self._leading.wait()), self._campaign]
         if not wait_for_leadership:
-            waiters.append(asyncio.ensure_future(self.leadership.standing_by.wait()))
+            waiters.append(asyncio.ensure_future(self._standing_by.wait()))
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters[::2]:
             w.cancel()
@@ -116,7 +116,7 @@ class ControllerServer:
         """Lead when possible; on losing the lease, step down and campaign again."""
         while not self._stopping:
             leadership = self.leadership = Leadership(
-                self.store, self.address, self.config.lease_ttl
+                self.store, self.address, self.config.lease_ttl, standing_by=self._standing_by
             )
             await leadership.acquire()
             self.store.fence = leadership.fence()
@@ -124,7 +124,6 @@ class ControllerServer:
             try:
                 await engine.start()
             except Exception:
-                self.store.fence = None
                 await leadership.resign()
                 raise
             self.engine = engine
@@ -138,8 +137,9 @@ class ControllerServer:
             self._leading.clear()
             for name in _SERVICES:
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            # The fence stays: it names our old term, so anything the stopped engine still
+            # tries to write is refused until a new term sets a new fence.
             await engine.stop()
-            self.store.fence = None
             log.warning("stepped down", address=self.address)
 
     async def stop(self, grace: float = 2.0) -> None:
@@ -165,7 +165,6 @@ class ControllerServer:
                 await engine.stop()
             if self.leadership is not None:
                 await self.leadership.resign()  # a standby takes over now, not after the TTL
-            self.store.fence = None
             if self._server is not None:
                 await self._server.stop(grace)
             await self.store.close()

@@ -11,6 +11,7 @@ import sys
 import time
 from collections import Counter
 
+import grpc
 import pytest
 from etcd3aio import Etcd3Client, prefix_range_end
 from mesh import Mesh
@@ -48,7 +49,8 @@ class ControllerProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, leader: bool = True) -> None:
+        """Start, and wait until it leads (or, with ``leader=False``, until it serves)."""
         self.proc = subprocess.Popen(
             self.args,
             stdout=self.log,
@@ -59,7 +61,10 @@ class ControllerProcess:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                client.nodes()
+                if leader:
+                    client.nodes()
+                else:
+                    _health(self.address, "")
                 client.close()
                 return
             except Exception:
@@ -75,6 +80,17 @@ class ControllerProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+def _health(address: str, service: str) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        return (
+            health_pb2_grpc.HealthStub(ch)
+            .Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+            .status
+        )
 
 
 def _chain_workflow(marks) -> Workflow:
