@@ -862,8 +862,14 @@ class Engine:
             final = lc.RUN_SUCCEEDED
         lc.move_run(run.msg, final)
         run.msg.finished_at.CopyFrom(_now())
-        self.committer.mark(run)
+        # Once the final state is in etcd the run leaves memory: reads of finished runs go to
+        # etcd, so a long-lived controller holds only what is still running.
+        self.committer.mark(run, lambda: self._evict(run))
         log.info("run finished", run_id=run.msg.id, state=lc.run_state_name(final))
+
+    def _evict(self, run: RunEntry) -> None:
+        if self.runs.get(run.msg.id) is run and run.msg.state in lc.RUN_TERMINAL:
+            del self.runs[run.msg.id]
 
     # Scheduling -------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.engine import AgentSession, Engine
-from tether.controller.errors import NotFound, NotLeader, grpc_errors
+from tether.controller.errors import FailedPrecondition, NotFound, NotLeader, grpc_errors
 from tether.controller.lifecycle import IllegalTransition
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
@@ -161,7 +161,9 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
     async def CancelRun(self, request, context):
         _require(request.run_id, "run_id")
         if request.run_id not in self.engine.runs:
-            await self.engine.get_run(request.run_id, with_tasks=False)  # NOT_FOUND if absent
+            # Finished runs leave the engine's cache; etcd says whether it exists at all.
+            run = await self.engine.get_run(request.run_id, with_tasks=False)
+            raise FailedPrecondition(f"run {request.run_id} already {lc.run_state_name(run.state)}")
         self.engine.cancel(request.run_id, request.task, request.reason)
         return controller_pb2.CancelRunResponse()
 

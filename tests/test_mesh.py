@@ -256,3 +256,19 @@ def test_health_and_reflection_for_grpcurl(mesh):
         "tether.v1.AgentService",
         "grpc.health.v1.Health",
     } <= services
+
+
+def test_finished_runs_leave_memory_but_stay_readable(mesh):
+    mesh.add_agent("n1")
+    client = mesh.client()
+    wf = Workflow("evicted")
+    wf.task("x", py("print('kept')"))
+    run = client.submit(wf)
+    assert run.wait(timeout=30).state == R.RUN_STATE_SUCCEEDED
+    mesh.wait_for(lambda: run.id not in mesh.controller.engine.runs, 5, "eviction")
+    again = client.get_run(run.id)  # from etcd now
+    assert again.state == R.RUN_STATE_SUCCEEDED and again.tasks[0].stdout_tail == "kept\n"
+    from tether.sdk import FailedPreconditionError
+
+    with pytest.raises(FailedPreconditionError):
+        client.cancel(run.id)
