@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import click
 
 from tether.agent.agent import Agent
 from tether.agent.config import AgentConfig, default_node_name
+from tether.sdk.cli import key_values
 from tether.sdk.quantities import parse_memory
 from tether.sdk.telemetry import setup_logging
 
@@ -18,33 +20,15 @@ async def run_agent(config: AgentConfig) -> None:
     """Run an agent until SIGINT or SIGTERM."""
     agent = Agent(config)
     loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
     stopping = asyncio.Event()
-
-    def on_signal():
-        stopping.set()
-
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, stopping.set)
     runner = asyncio.create_task(agent.run())
     await stopping.wait()
-    await agent.stop()
+    await agent.stop()  # stops running attempts: SIGTERM, then SIGKILL after the grace
     runner.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await runner
-    except asyncio.CancelledError:
-        pass
-    del main
-
-
-def _labels(values: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for v in values:
-        k, sep, val = v.partition("=")
-        if not sep or not k:
-            raise click.BadParameter(f"{v!r}: use KEY=VALUE", param_hint="--label")
-        out[k] = val
-    return out
 
 
 @click.command("agent")
@@ -102,7 +86,7 @@ def agent_command(
         config = AgentConfig(
             controller=controller_addr,
             node=name,
-            labels=_labels(label),
+            labels=key_values(label, "--label"),
             runtime=runtime,
             cpu=cpu,
             memory_bytes=parse_memory(memory),

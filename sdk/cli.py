@@ -92,12 +92,13 @@ def _client(ctx: click.Context) -> Client:
     return Client(ctx.obj["controller"])
 
 
-def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
+def key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
+    """Parse repeated ``KEY=VALUE`` options (``--param``, ``--label``) into a dict."""
     out = {}
     for v in values:
         k, sep, val = v.partition("=")
         if not sep or not k:
-            raise click.BadParameter(f"{v!r}: use KEY=VALUE", param_hint="--param")
+            raise click.BadParameter(f"{v!r}: use KEY=VALUE", param_hint=option)
         out[k] = val
     return out
 
@@ -189,7 +190,7 @@ def submit(ctx, file, wait_, param, request_id):
     """Submit the workflow in FILE (YAML); print the run id."""
     wf = load_workflow(file)
     client = _client(ctx)
-    run = client.submit(wf, params=_parse_params(param), request_id=request_id)
+    run = client.submit(wf, params=key_values(param, "--param"), request_id=request_id)
     console.print(
         f"run [bold]{run.id}[/]" + (" (existing)" if run.existing else ""), highlight=False
     )

@@ -13,17 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-from bench_mesh import etcd_baseline
+from local_mesh import local_mesh
 
 from tether.api.v1 import types_pb2 as t
-from tether.controller.config import ControllerConfig
-from tether.controller.etcd_process import EtcdProcess
 from tether.controller.server import ControllerServer
 from tether.sdk import Client, Workflow
 
@@ -57,51 +51,9 @@ def run_large(address: str, server: ControllerServer, width: int) -> dict:
 
 
 async def main_async(args) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-large-"))
-    etcd = EtcdProcess(tmp / "etcd").start()
-    server = ControllerServer(
-        ControllerConfig(etcd_endpoints=(etcd.endpoint,), listen="127.0.0.1:0", prefix="/bench")
-    )
-    procs = []
-    try:
-        baseline = await etcd_baseline(etcd.endpoint)
-        await server.start()
-        for i in range(args.agents):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tether.sdk.cli",
-                        "agent",
-                        "--controller",
-                        server.address,
-                        "--name",
-                        f"bench-{i}",
-                        "--work-dir",
-                        str(tmp / f"a{i}"),
-                        "--max-tasks",
-                        str(args.slots),
-                        "--log-level",
-                        "warning",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        client = Client(server.address)
-        while len(await asyncio.to_thread(client.nodes)) < args.agents:
-            await asyncio.sleep(0.1)
-        client.close()
+    async with local_mesh(args.agents, args.slots) as (server, baseline):
         result = await asyncio.to_thread(run_large, server.address, server, args.width)
-        return {"etcd_baseline_txn_per_s": round(baseline, 1), **result}
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(10)
-        await server.stop()
-        etcd.stop()
+    return {"etcd_baseline_txn_per_s": round(baseline, 1), **result}
 
 
 def main() -> None:

@@ -18,36 +18,13 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-from etcd3aio import Etcd3Client
-from etcd3aio._protobuf import RequestOp, rpc_pb2
+from local_mesh import local_mesh
 
 from tether.api.v1 import types_pb2 as t
-from tether.controller.config import ControllerConfig
-from tether.controller.etcd_process import EtcdProcess
 from tether.controller.server import ControllerServer
 from tether.sdk import Client, Workflow
-
-
-async def etcd_baseline(endpoint: str, n: int = 4000, concurrency: int = 16) -> float:
-    async with Etcd3Client([endpoint]) as c:
-        counter = iter(range(n))
-
-        async def worker():
-            for i in counter:
-                op = RequestOp(
-                    request_put=rpc_pb2.PutRequest(key=f"/bench/{i}".encode(), value=b"x" * 200)
-                )
-                await c.kv.txn([], [op])
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return n / (time.perf_counter() - start)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -108,60 +85,17 @@ def measure(address: str, server: ControllerServer, tasks: int, latency_runs: in
 
 
 async def main_async(args) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
-    etcd = EtcdProcess(tmp / "etcd").start()
-    procs = []
-    server = ControllerServer(
-        ControllerConfig(etcd_endpoints=(etcd.endpoint,), listen="127.0.0.1:0", prefix="/bench")
-    )
-    try:
-        baseline = await etcd_baseline(etcd.endpoint)
-        await server.start()
-        for i in range(args.agents):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "tether.sdk.cli",
-                        "agent",
-                        "--controller",
-                        server.address,
-                        "--name",
-                        f"bench-{i}",
-                        "--work-dir",
-                        str(tmp / f"agent-{i}"),
-                        "--max-tasks",
-                        str(args.slots),
-                        "--log-level",
-                        "warning",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-        client = Client(server.address)
-        while len(await asyncio.to_thread(client.nodes)) < args.agents:
-            await asyncio.sleep(0.1)
-        client.close()
+    async with local_mesh(args.agents, args.slots) as (server, baseline):
         result = await asyncio.to_thread(
             measure, server.address, server, args.tasks, args.latency_runs
         )
-        result = {
-            "etcd_baseline_txn_per_s": round(baseline, 1),
-            **result,
-            "agents": args.agents,
-            "slots_per_agent": args.slots,
-            "cpus": len(os.sched_getaffinity(0)),
-        }
-        return result
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(10)
-        await server.stop()
-        etcd.stop()
+    return {
+        "etcd_baseline_txn_per_s": round(baseline, 1),
+        **result,
+        "agents": args.agents,
+        "slots_per_agent": args.slots,
+        "cpus": len(os.sched_getaffinity(0)),
+    }
 
 
 def main() -> None:
