@@ -8,6 +8,7 @@ import signal
 import click
 
 from tether.controller.config import ControllerConfig
+from tether.controller.errors import StoreUnavailable
 from tether.controller.server import ControllerServer
 from tether.sdk.telemetry import setup_logging
 
@@ -74,4 +75,9 @@ def controller_command(etcd, prefix, listen, lease_ttl, cancel_grace, log_level)
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except StoreUnavailable as e:
+        raise click.ClickException(f"{e} (is etcd running at {etcd}?)") from None
+    except (OSError, RuntimeError) as e:  # e.g. the listen address is taken
+        raise click.ClickException(f"cannot serve on {listen}: {e}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -68,6 +69,7 @@ class ControllerServer:
             wait_for_leadership: Return only once this controller leads (True), or as soon as
                 it either leads or stands by behind another leader (False).
         """
+        _check_free(self.config.listen)
         await self.store.connect()
         await self.store.wait_ready()
         opts = [
@@ -182,3 +184,20 @@ class ControllerServer:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def _check_free(listen: str) -> None:
+    """Fail with a plain OSError if ``listen`` is taken (gRPC would log a C-level error first)."""
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return
+    for family, kind, proto, _, addr in socket.getaddrinfo(
+        host.strip("[]") or None, int(port), type=socket.SOCK_STREAM
+    ):
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise OSError(f"{listen} is not available: {e.strerror}") from None
+        return

@@ -139,7 +139,7 @@ class Store:
     async def close(self) -> None:
         await self._client.close()
 
-    async def wait_ready(self, deadline: float = 30.0) -> None:
+    async def wait_ready(self, deadline: float = 15.0) -> None:
         """Wait until etcd answers, or raise StoreUnavailable."""
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline

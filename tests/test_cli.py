@@ -127,3 +127,26 @@ def test_watch_prints_every_change_until_the_end(mesh):
     assert lines[0].startswith("rev ") and run.id in lines[0]
     assert any(": b SUCCEEDED" in x for x in lines)
     assert lines[-1].endswith("run SUCCEEDED")
+
+
+def test_controller_without_etcd_is_one_line():
+    from tether.controller.etcd_process import free_port
+
+    res = tether(
+        "controller", "--etcd", f"127.0.0.1:{free_port()}", "--listen", "127.0.0.1:0", timeout=60
+    )
+    assert_one_line_error(res, "etcd not reachable")
+
+
+def test_controller_on_a_taken_port_is_one_line(mesh):
+    res = tether(
+        "controller",
+        "--etcd",
+        mesh.config.etcd_endpoints[0],
+        "--prefix",
+        "/taken",
+        "--listen",
+        mesh.address,
+        timeout=60,
+    )
+    assert_one_line_error(res, "cannot serve on")
