@@ -92,11 +92,11 @@ async def run_dev(
         if run_file:
             code = await asyncio.to_thread(_run_workflow, client, run_file)
         else:
-            click.echo("tether dev: ready — Ctrl-C to stop", err=True)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
+            click.echo("tether dev: ready — Ctrl-C to stop", err=True)
             await stop.wait()
         client.close()
     finally:

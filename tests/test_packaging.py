@@ -107,3 +107,54 @@ def test_dev_runs_the_example_to_completion(tmp_path):
     assert "SUCCEEDED" in res.stdout
     assert "6 of 406 transactions flagged as anomalous" in res.stdout
     assert "tether dev: stopped" in res.stderr
+
+
+def test_dev_stops_everything_on_ctrl_c(tmp_path):
+    import signal
+    import socket
+    import time
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tether.sdk.cli",
+            "dev",
+            "--agents",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path / "dev"),
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "ready" in line:
+            break
+    first = next(x for x in lines if x.startswith("tether dev: etcd"))
+    etcd_addr = first.split()[3].rstrip(",")
+    ctl_addr = first.split()[5].rstrip(",")
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(60) == 0
+    assert "tether dev: stopped" in rest
+    time.sleep(0.5)
+    for addr in (etcd_addr, ctl_addr):
+        host, port = addr.rsplit(":", 1)
+        with socket.socket() as s:
+            assert s.connect_ex((host, int(port))) != 0, f"{addr} still listening"
+    leftovers = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if str(tmp_path) in cmd:
+                leftovers.append(cmd)
+    assert not leftovers, leftovers
