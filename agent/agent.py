@@ -68,6 +68,7 @@ class Agent:
         # next one, so the agent finds whichever controller leads.
         self.controllers = [a.strip() for a in config.controller.split(",") if a.strip()]
         self._current = 0
+        self._recovered = False
 
     def _report(self, status: agent_pb2.TaskStatus) -> None:
         if self._outbox is not None:
@@ -78,8 +79,18 @@ class Agent:
             self._outbox.put_nowait(agent_pb2.AgentMessage(event=event))
 
     async def run(self) -> None:
-        """Connect, and reconnect with backoff and jitter, until stopped."""
+        """Recover this node's work, then connect, and reconnect with backoff and jitter,
+        until stopped."""
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
+        if not self._recovered:
+            self._recovered = True
+            try:
+                found = await self.runner.recover()
+                if found:
+                    log.info("recovered attempts", node=self.config.node, count=found)
+            except Exception as e:
+                # An engine that is down now may be up by the first assignment.
+                log.warning("cannot recover attempts", node=self.config.node, error=str(e))
         delay = self.config.reconnect_initial
         while not self._stop.is_set():
             registrations = self.registrations
@@ -199,8 +210,17 @@ class Agent:
             for status in self.runner.pending_reports():
                 outbox.put_nowait(agent_pb2.AgentMessage(status=status))
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Stop attempts and disconnect. Idempotent."""
+    async def stop(self, grace: float | None = None, leave_running: bool | None = None) -> None:
+        """Stop attempts and disconnect. Idempotent.
+
+        Args:
+            grace: SIGTERM-to-SIGKILL grace for attempts; default ``config.stop_grace``.
+            leave_running: Leave attempts running in the runtime for the next agent on this
+                node to adopt (``docker``); default ``config.leave_running``.
+        """
         self._stop.set()
-        await self.runner.stop_all(self.config.stop_grace if grace is None else grace)
+        await self.runner.stop_all(
+            self.config.stop_grace if grace is None else grace,
+            self.config.leave_running if leave_running is None else leave_running,
+        )
         self.tracer_provider.shutdown()

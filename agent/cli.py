@@ -69,9 +69,25 @@ async def run_agent(config: AgentConfig) -> None:
     "--max-tasks", type=int, default=0, help="Most attempts at once [default: 2 per core]."
 )
 @click.option("--docker-host", envvar="DOCKER_HOST", default="", help="Docker/Podman socket.")
+@click.option(
+    "--leave-running",
+    is_flag=True,
+    envvar="TETHER_LEAVE_RUNNING",
+    help="On exit, leave containers running for the next agent on this node to adopt.",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 def agent_command(
-    controller_addr, name, label, runtime, work_dir, cpu, memory, max_tasks, docker_host, log_level
+    controller_addr,
+    name,
+    label,
+    runtime,
+    work_dir,
+    cpu,
+    memory,
+    max_tasks,
+    docker_host,
+    leave_running,
+    log_level,
 ):
     """Run an agent: register this node and run the tasks the controller assigns."""
     setup_logging(log_level)
@@ -92,6 +108,7 @@ def agent_command(
             memory_bytes=parse_memory(memory),
             max_tasks=max_tasks,
             docker_host=docker_host,
+            leave_running=leave_running,
             **kw,
         )
     except ValueError as e:

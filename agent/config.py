@@ -35,6 +35,13 @@ class AgentConfig:
         stop_grace: SIGTERM-to-SIGKILL grace when the agent itself shuts down.
         fake_gpus: Test-only: GPUs to pretend this node has (``TETHER_FAKE_GPUS``), e.g.
             ``"2"`` or ``"A100:80Gi,A100:80Gi"``. Never set this in production.
+        docker_host: Docker Engine API socket for the ``docker`` runtime, e.g.
+            ``unix:///run/podman/podman.sock``; empty uses ``DOCKER_HOST`` or the default socket.
+        log_max_bytes: Most bytes of stdout, and of stderr, kept per attempt by container
+            runtimes; the rest is dropped with a note at the end of the log file.
+        leave_running: On shutdown, leave containers running for the next agent on this node
+            to adopt instead of stopping them (``docker`` runtime).
+        service_name: OpenTelemetry service name of this process.
     """
 
     controller: str = "127.0.0.1:7070"
@@ -50,6 +57,8 @@ class AgentConfig:
     stop_grace: float = 5.0
     fake_gpus: str = field(default_factory=lambda: os.environ.get("TETHER_FAKE_GPUS", ""))
     docker_host: str = ""
+    log_max_bytes: int = 64 * 2**20
+    leave_running: bool = False
     service_name: str = "tether-agent"
 
     def __post_init__(self) -> None:
@@ -60,5 +69,7 @@ class AgentConfig:
             raise ValueError(f"runtime: must be 'process' or 'docker', got {self.runtime!r}")
         if self.cpu < 0 or self.memory_bytes < 0 or self.max_tasks < 0:
             raise ValueError("cpu, memory and max_tasks must not be negative")
+        if self.log_max_bytes <= 0:
+            raise ValueError("log_max_bytes must be positive")
         if self.reconnect_initial <= 0 or self.reconnect_max < self.reconnect_initial:
             raise ValueError("reconnect_initial must be > 0 and <= reconnect_max")

@@ -1,4 +1,4 @@
-"""The small protocol every runtime implements: start, wait, stop, recover.
+"""The small protocol every runtime implements: start, wait, stop, remove, recover.
 
 The runner owns everything runtime-independent (files, outputs, timeouts, reports); a
 runtime only turns a :class:`LaunchSpec` into a running unit of work and back into an
@@ -65,13 +65,30 @@ class TaskHandle(Protocol):
         """SIGTERM, then SIGKILL after ``grace`` seconds. Safe to call more than once."""
         ...
 
+    async def remove(self) -> None:
+        """Forget the ended attempt in the runtime (delete its container). Idempotent.
+
+        The runner calls it once the controller has acknowledged the attempt's final report:
+        until then the ended container is the record an agent restart recovers the result from.
+        """
+        ...
+
 
 @dataclass(frozen=True)
 class RecoveredTask:
-    """Work found running after an agent restart, with the labels it was started with."""
+    """Work found after an agent restart, with the labels it was started with.
+
+    Attributes:
+        labels: The attempt's labels (``LaunchSpec.labels``): run, task, attempt, node.
+        handle: The attempt; ``wait()`` returns at once when it has already ended.
+        running: False when the attempt ended while no agent watched it.
+        started_at: When the attempt started, seconds since the epoch (0: unknown).
+    """
 
     labels: dict[str, str]
     handle: TaskHandle
+    running: bool = True
+    started_at: float = 0.0
 
 
 class Runtime(Protocol):
@@ -88,5 +105,5 @@ class Runtime(Protocol):
         ...
 
     async def recover(self) -> list[RecoveredTask]:
-        """Find attempts this node started before a restart."""
+        """Find attempts this node started before a restart, running or ended."""
         ...

@@ -38,6 +38,9 @@ class _ProcessHandle:
             self._signal(signal.SIGKILL)
             await self._proc.wait()
 
+    async def remove(self) -> None:
+        return None  # an ended subprocess leaves nothing behind
+
 
 class ProcessRuntime:
     """Runs tasks as subprocesses of the agent: for development and container-less nodes.

@@ -1,0 +1,61 @@
+"""How an attempt is identified on the node, shared by the runner and the runtimes.
+
+Each attempt has its own directory ``<work_dir>/<run>/<task>/<attempt>/`` and carries labels
+naming it. The directory is derived from those labels alone, so a restarted agent finds the
+files of the work it recovers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "ATTEMPT_LABEL",
+    "INPUTS_FILE",
+    "NODE_LABEL",
+    "OUTPUT_FILE",
+    "RUN_LABEL",
+    "STATUS_FILE",
+    "STDERR_FILE",
+    "STDOUT_FILE",
+    "TASK_LABEL",
+    "TIMEOUT_LABEL",
+    "TRACEPARENT_LABEL",
+    "attempt_dir",
+    "attempt_relative",
+]
+
+INPUTS_FILE = "inputs.json"
+OUTPUT_FILE = "output.json"
+STDOUT_FILE = "stdout.log"
+STDERR_FILE = "stderr.log"
+# The final report, as sent to the controller, kept until the controller acknowledges it.
+STATUS_FILE = "status.pb"
+
+RUN_LABEL = "tether.run"
+TASK_LABEL = "tether.task"
+ATTEMPT_LABEL = "tether.attempt"
+NODE_LABEL = "tether.node"
+# The task's timeout in seconds, so that a recovered attempt still honours it.
+TIMEOUT_LABEL = "tether.timeout"
+# The run span's context, so that a recovered attempt's span joins the run's trace.
+TRACEPARENT_LABEL = "tether.traceparent"
+
+_DEPTH = 3  # run / task / attempt
+
+
+def attempt_dir(work_dir: Path, run_id: str, task: str, attempt: int) -> Path:
+    """The directory of one attempt (absolute, so that container engines can mount it)."""
+    return work_dir.absolute() / run_id / task / str(attempt)
+
+
+def attempt_relative(work_dir: Path, path: Path) -> Path:
+    """``path`` relative to the attempt directory that holds it.
+
+    Raises:
+        ValueError: ``path`` is not inside an attempt directory of ``work_dir``.
+    """
+    parts = path.absolute().relative_to(work_dir.absolute()).parts
+    if len(parts) <= _DEPTH:
+        raise ValueError(f"{path} is not inside an attempt directory of {work_dir}")
+    return Path(*parts[_DEPTH:])
