@@ -1,0 +1,382 @@
+"""The ``docker`` runtime: each attempt is a container, through the Docker Engine API.
+
+Works with Docker, and with Podman through its Docker-compatible socket. Every engine call
+goes through the ``docker`` SDK's low-level client in a thread: short calls (create, start,
+inspect, kill, remove) in the loop's executor, calls that last as long as a container (wait,
+logs, pulls) in daemon threads of their own (see ``threads.py``).
+
+A container is removed only after the controller has acknowledged its attempt's final report
+(``TaskHandle.remove``): until then it is the durable record from which a restarted agent
+recovers the result (``recover``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+
+import docker
+import docker.errors
+
+from tether.agent.config import AgentConfig
+from tether.agent.layout import (
+    ATTEMPT_LABEL,
+    NODE_LABEL,
+    RUN_LABEL,
+    STDERR_FILE,
+    STDOUT_FILE,
+    TASK_LABEL,
+    attempt_dir,
+    attempt_relative,
+)
+from tether.agent.runtimes.base import ExitStatus, LaunchSpec, RecoveredTask, RuntimeError_
+from tether.agent.runtimes.containers import MANAGED_LABEL, MOUNT, create_args, pull_policy
+from tether.agent.runtimes.docker_logs import LogFollower, follow_logs
+from tether.agent.runtimes.threads import in_thread
+from tether.sdk.telemetry import get_logger
+
+__all__ = ["DockerRuntime"]
+
+log = get_logger("agent.docker")
+
+# Long-lived streams (a wait and two logs per container) each hold a pooled connection.
+_POOL_SIZE = 64
+_PROGRESS_EVERY = 2.0  # seconds between pull progress events
+_LOG_DRAIN = 5.0  # seconds to let log followers catch up after the container exits
+
+
+def _explain(e: Exception) -> str:
+    if isinstance(e, docker.errors.APIError):
+        return str(e.explanation or e)
+    return str(e)
+
+
+def _status_code(e: Exception) -> int:
+    return getattr(e, "status_code", 0) or 0
+
+
+_STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$")
+
+
+def _epoch(stamp: str) -> float:
+    """Seconds since the epoch of an engine timestamp (RFC 3339 with nanoseconds); 0 if none."""
+    m = _STAMP.match(stamp or "")
+    if m is None or stamp.startswith("0001-"):  # Go's zero time: never started
+        return 0.0
+    zone = m[3] if m[3] and m[3] != "Z" else "+00:00"
+    return datetime.fromisoformat(m[1] + zone).timestamp() + float(m[2] or 0)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class _ContainerHandle:
+    """A started (or recovered) container."""
+
+    def __init__(
+        self,
+        api: docker.APIClient,
+        container_id: str,
+        logs: list[LogFollower],
+    ) -> None:
+        self.api = api
+        self.id = container_id
+        self._logs = logs
+        self._exit: asyncio.Future | None = None
+        self._result: ExitStatus | None = None
+        self._removed = False
+
+    def _exited(self) -> asyncio.Future:
+        # One engine wait per container, shared by wait() and stop().
+        if self._exit is None:
+            self._exit = in_thread(self.api.wait, self.id, name=f"wait {self.id[:12]}")
+        return self._exit
+
+    async def wait(self) -> ExitStatus:
+        if self._result is not None:
+            return self._result
+        try:
+            waited = await asyncio.shield(self._exited())
+        except asyncio.CancelledError:
+            # The agent is letting go of this container (it stays running for the next
+            # agent to adopt): stop writing its logs, which that agent rewrites.
+            await self._close_logs()
+            raise
+        except docker.errors.DockerException as e:
+            await self._close_logs()
+            self._result = ExitStatus(-1, "runtime_error", f"lost the container: {_explain(e)}")
+            return self._result
+        for f in self._logs:
+            await f.join(_LOG_DRAIN)
+        await self._close_logs()
+        try:
+            info = await asyncio.to_thread(self.api.inspect_container, self.id)
+        except docker.errors.DockerException:
+            info = {}
+        self._result = _exit_status(waited, info)
+        return self._result
+
+    async def _close_logs(self) -> None:
+        for f in self._logs:
+            f.close()
+        for f in self._logs:
+            await f.join(1.0)
+
+    def _kill(self, sig: signal.Signals) -> None:
+        try:
+            self.api.kill(self.id, signal=int(sig))
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            if _status_code(e) != 409:  # 409: not running any more
+                raise
+
+    async def stop(self, grace: float) -> None:
+        exited = self._exited()
+        if exited.done():
+            return
+        # Signals are sent by hand rather than with the engine's stop, whose timeout is whole
+        # seconds: grace periods here may be fractions.
+        await asyncio.to_thread(self._kill, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), grace)
+            return
+        except TimeoutError:
+            pass
+        except docker.errors.DockerException:
+            return
+        await asyncio.to_thread(self._kill, signal.SIGKILL)
+        with contextlib.suppress(docker.errors.DockerException):
+            await asyncio.shield(exited)
+
+    async def remove(self) -> None:
+        if self._removed:
+            return
+        self._removed = True
+        for f in self._logs:
+            f.close()
+        try:
+            await asyncio.to_thread(self.api.remove_container, self.id, v=True, force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            if _status_code(e) != 409:  # 409: its removal is already in progress
+                self._removed = False
+                raise RuntimeError_(f"cannot remove container {self.id[:12]}: {_explain(e)}") from e
+
+
+def _exit_status(waited: dict, info: dict) -> ExitStatus:
+    state = info.get("State") or {}
+    code = waited.get("StatusCode", state.get("ExitCode", -1))
+    if state.get("OOMKilled") and code != 0:
+        limit = (info.get("HostConfig") or {}).get("Memory") or 0
+        at = f" (limit {_mib(limit)})" if limit else ""
+        return ExitStatus(code, "oom", f"killed: out of memory{at}")
+    error = (waited.get("Error") or {}).get("Message") or state.get("Error") or ""
+    if error:
+        return ExitStatus(code, "runtime_error", error)
+    return ExitStatus(code)
+
+
+class DockerRuntime:
+    """Runs tasks as containers through the Docker Engine API (Docker or Podman).
+
+    Args:
+        config: The agent's configuration: ``docker_host`` (else ``DOCKER_HOST`` or the
+            default socket), ``node``, ``work_dir`` and ``log_max_bytes`` are used.
+        api: An engine client to use instead of connecting (tests, benchmarks).
+    """
+
+    name = "docker"
+
+    def __init__(self, config: AgentConfig, api: docker.APIClient | None = None) -> None:
+        self.config = config
+        self._api = api
+        self._connecting = asyncio.Lock()
+        self._pulls: dict[str, asyncio.Future] = {}
+
+    # The engine ---------------------------------------------------------------------------
+
+    def _connect(self) -> docker.APIClient:
+        kwargs = docker.utils.kwargs_from_env()
+        if self.config.docker_host:
+            kwargs["base_url"] = self.config.docker_host
+        return docker.APIClient(version="auto", max_pool_size=_POOL_SIZE, **kwargs)
+
+    async def api(self) -> docker.APIClient:
+        """The engine client, connected on first use.
+
+        Raises:
+            RuntimeError_: The engine does not answer.
+        """
+        async with self._connecting:
+            if self._api is None:
+                try:
+                    self._api = await asyncio.to_thread(self._connect)
+                except docker.errors.DockerException as e:
+                    host = self.config.docker_host or os.environ.get("DOCKER_HOST", "default")
+                    raise RuntimeError_(f"docker engine ({host}) unavailable: {e}") from e
+            return self._api
+
+    def task_path(self, host_path: Path) -> str:
+        return str(MOUNT / PurePosixPath(attempt_relative(self.config.work_dir, host_path)))
+
+    # Images -------------------------------------------------------------------------------
+
+    async def _ensure_image(self, api: docker.APIClient, spec: LaunchSpec) -> None:
+        policy = pull_policy(spec)
+        if policy != "always":
+            try:
+                await asyncio.to_thread(api.inspect_image, spec.image)
+                return
+            except docker.errors.ImageNotFound:
+                if policy == "never":
+                    raise RuntimeError_(
+                        f"image {spec.image} is not on node {self.config.node} and its pull "
+                        "policy is never",
+                        reason="image",
+                    ) from None
+            except docker.errors.APIError as e:
+                raise RuntimeError_(f"image {spec.image}: {_explain(e)}", "image") from e
+        await self._pull(api, spec)
+
+    async def _pull(self, api: docker.APIClient, spec: LaunchSpec) -> None:
+        emit = spec.on_event or (lambda kind, message: None)
+        pulling = self._pulls.get(spec.image)
+        if pulling is None:
+            emit("pulling", f"pulling image {spec.image}")
+            pulling = in_thread(
+                self._pull_blocking, api, spec.image, _threadsafe(emit), name="pull"
+            )
+            self._pulls[spec.image] = pulling
+            pulling.add_done_callback(lambda _: self._pulls.pop(spec.image, None))
+        else:
+            emit("pulling", f"waiting for the pull of image {spec.image} already under way")
+        started = time.monotonic()
+        try:
+            await asyncio.shield(pulling)
+        except docker.errors.DockerException as e:
+            raise RuntimeError_(f"pulling image {spec.image}: {_explain(e)}", "image") from e
+        except RuntimeError_:
+            raise
+        emit("pulled", f"pulled image {spec.image} in {time.monotonic() - started:.1f}s")
+
+    @staticmethod
+    def _pull_blocking(api: docker.APIClient, image: str, emit: Callable[[str, str], None]) -> None:
+        layers: dict[str, tuple[int, int]] = {}
+        last = time.monotonic()
+        for item in api.pull(image, stream=True, decode=True):
+            if "error" in item:
+                raise RuntimeError_(f"pulling image {image}: {item['error']}", "image")
+            detail = item.get("progressDetail") or {}
+            if item.get("id") and detail.get("total"):
+                layers[item["id"]] = (detail.get("current", 0), detail["total"])
+            if time.monotonic() - last >= _PROGRESS_EVERY and layers:
+                last = time.monotonic()
+                done = sum(c for c, _ in layers.values())
+                total = sum(t for _, t in layers.values())
+                emit("pulling", f"pulling image {image}: {_mib(done)} of {_mib(total)}")
+
+    # Attempts -----------------------------------------------------------------------------
+
+    async def start(self, spec: LaunchSpec) -> _ContainerHandle:
+        container, host = create_args(spec, self.config.node, self.config.log_max_bytes)
+        api = await self.api()
+        await self._ensure_image(api, spec)
+        # The image may run as a user other than root; it must still write its output file.
+        spec.attempt_dir.chmod(0o777)
+        try:
+            cid = await asyncio.to_thread(self._create, api, container, host)
+        except docker.errors.ImageNotFound as e:
+            raise RuntimeError_(f"image {spec.image}: {_explain(e)}", "image") from e
+        except docker.errors.APIError as e:
+            raise RuntimeError_(f"cannot create the container: {_explain(e)}") from e
+        try:
+            await asyncio.to_thread(api.start, cid)
+        except docker.errors.APIError as e:
+            with contextlib.suppress(docker.errors.DockerException):
+                await asyncio.to_thread(api.remove_container, cid, force=True)
+            raise RuntimeError_(f"cannot start the container: {_explain(e)}") from e
+        logs = follow_logs(api, cid, spec.stdout_path, spec.stderr_path, self.config.log_max_bytes)
+        return _ContainerHandle(api, cid, logs)
+
+    @staticmethod
+    def _create(api: docker.APIClient, container: dict, host: dict) -> str:
+        kwargs = dict(container, host_config=api.create_host_config(**host))
+        try:
+            return api.create_container(**kwargs)["Id"]
+        except docker.errors.APIError as e:
+            if _status_code(e) != 409:
+                raise
+        # A container of this very attempt is left from an earlier try to start it that
+        # never reported (an agent that died between create and start): replace it.
+        api.remove_container(container["name"], force=True)
+        return api.create_container(**kwargs)["Id"]
+
+    async def recover(self) -> list[RecoveredTask]:
+        """The containers this node's agents made that were not removed yet.
+
+        Their log files are rewritten from the engine's copy (followed to the end for running
+        ones), so output written while no agent was watching is kept.
+        """
+        api = await self.api()
+        found = await asyncio.to_thread(
+            api.containers,
+            all=True,
+            filters={"label": [f"{MANAGED_LABEL}=true", f"{NODE_LABEL}={self.config.node}"]},
+        )
+        out = []
+        for c in found:
+            try:
+                info = await asyncio.to_thread(api.inspect_container, c["Id"])
+            except docker.errors.NotFound:
+                continue  # removed meanwhile
+            labels = (info.get("Config") or {}).get("Labels") or {}
+            try:
+                d = attempt_dir(
+                    self.config.work_dir,
+                    labels[RUN_LABEL],
+                    labels[TASK_LABEL],
+                    int(labels[ATTEMPT_LABEL]),
+                )
+            except (KeyError, ValueError):
+                log.warning("container without attempt labels; left alone", container=c["Id"])
+                continue
+            state = info.get("State") or {}
+            running = bool(state.get("Running") or state.get("Paused") or state.get("Restarting"))
+            logs = follow_logs(
+                api,
+                c["Id"],
+                d / STDOUT_FILE,
+                d / STDERR_FILE,
+                self.config.log_max_bytes,
+                follow=running,
+            )
+            out.append(
+                RecoveredTask(
+                    labels=dict(labels),
+                    handle=_ContainerHandle(api, c["Id"], logs),
+                    running=running,
+                    started_at=_epoch(state.get("StartedAt", "")),
+                )
+            )
+        return out
+
+
+def _threadsafe(fn: Callable[[str, str], None]) -> Callable[[str, str], None]:
+    """``fn`` made callable from another thread: the call runs on the current loop."""
+    loop = asyncio.get_running_loop()
+
+    def call(kind: str, message: str) -> None:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(fn, kind, message)
+
+    return call
