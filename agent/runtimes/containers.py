@@ -102,11 +102,12 @@ def create_args(spec: LaunchSpec, node: str, log_max_bytes: int) -> tuple[dict, 
         # A tiny init as PID 1 forwards SIGTERM to the task (a program that is PID 1 itself
         # ignores it) and reaps zombies, so a cancel ends within the grace period.
         "init": True,
-        # The engine's own copy of the output is what a restarted agent re-reads; keep it
-        # bounded too (JSON framing makes it larger than the text it holds).
+        # The engine's copy of the output is what the log files are written from; json-file
+        # can be read back on every engine. Bounded too, with room for JSON framing, which
+        # makes short lines many times larger than the text they hold.
         "log_config": LogConfig(
             type="json-file",
-            config={"max-size": str(2 * log_max_bytes + 2**20), "max-file": "1"},
+            config={"max-size": str(max(16 * log_max_bytes, 8 * 2**20)), "max-file": "2"},
         ),
     }
     if spec.cpu > 0:

@@ -49,7 +49,6 @@ log = get_logger("agent.docker")
 # Long-lived streams (a wait and two logs per container) each hold a pooled connection.
 _POOL_SIZE = 64
 _PROGRESS_EVERY = 2.0  # seconds between pull progress events
-_LOG_DRAIN = 5.0  # seconds to let log followers catch up after the container exits
 
 
 def _explain(e: Exception) -> str:
@@ -114,9 +113,7 @@ class _ContainerHandle:
             await self._close_logs()
             self._result = ExitStatus(-1, "runtime_error", f"lost the container: {_explain(e)}")
             return self._result
-        for f in self._logs:
-            await f.join(_LOG_DRAIN)
-        await self._close_logs()
+        await asyncio.gather(*(f.finish() for f in self._logs))
         try:
             info = await asyncio.to_thread(self.api.inspect_container, self.id)
         except docker.errors.DockerException:

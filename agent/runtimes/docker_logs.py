@@ -2,14 +2,17 @@
 
 Each stream is read from the engine's log (``GET /containers/{id}/logs``) from its first byte,
 so a follower started after the container, or by an agent that restarted while the container
-ran, still writes the whole output. Files are flushed as data arrives, for readers that tail
-them while the task runs.
+ran, still writes the whole output. While the container runs the file is followed and flushed
+as data arrives, for readers that tail it; once it has exited the file is copied once more and
+atomically replaced (unless the cap was reached), because a follower can miss the last writes of
+an exiting container (seen with Docker 20.10's json-file driver).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from pathlib import Path
 
 import docker
@@ -57,31 +60,35 @@ class LogFollower:
 
     def start(self) -> None:
         """Start copying (from the event loop)."""
-        self._done = in_thread(self._copy, name=f"logs {self.container_id[:12]} {self.stream}")
+        self._done = in_thread(
+            self._copy, self.path, self.follow, name=f"logs {self.container_id[:12]} {self.stream}"
+        )
 
-    def _copy(self) -> None:
+    def _copy(self, path: Path, follow: bool) -> None:
         try:
             source = self.api.logs(
                 self.container_id,
                 stdout=self.stream == "stdout",
                 stderr=self.stream == "stderr",
                 stream=True,
-                follow=self.follow,
+                follow=follow,
             )
         except docker.errors.DockerException as e:
             log.warning("cannot read container log", container=self.container_id, error=str(e))
             return
-        self._source = source
-        if self._closed:
-            source.close()
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "wb") as f:
+        if follow:
+            self._source = source
+            if self._closed:
+                source.close()
+                return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        with open(path, "wb") as f:
             try:
                 for chunk in source:
-                    room = self.max_bytes - self.written
+                    room = self.max_bytes - written
                     f.write(chunk[:room])
-                    self.written += min(len(chunk), room)
+                    written += min(len(chunk), room)
                     if len(chunk) > room:
                         self.truncated = True
                         f.write(f"\n[tether: log cut at {self.max_bytes} bytes]\n".encode())
@@ -91,11 +98,18 @@ class LogFollower:
                 if not self._closed:
                     log.warning("container log broke", container=self.container_id, error=str(e))
             finally:
+                self.written = written
                 with contextlib.suppress(Exception):
                     source.close()
 
+    def _final_copy(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        self._copy(tmp, follow=False)
+        if tmp.exists():
+            os.replace(tmp, self.path)
+
     def close(self) -> None:
-        """Stop copying: the thread ends after the chunk it is writing."""
+        """Stop following: the thread ends after the chunk it is writing."""
         self._closed = True
         if self._source is not None:
             with contextlib.suppress(Exception):
@@ -112,6 +126,15 @@ class LogFollower:
         except Exception:
             pass
         return True
+
+    async def finish(self) -> None:
+        """The container has exited: stop following and write the file from the engine's
+        complete copy."""
+        self.close()
+        await self.join(1.0)
+        # A follower that reached the cap already has all that is kept.
+        if self.follow and not self.truncated:
+            await asyncio.to_thread(self._final_copy)
 
 
 def follow_logs(
