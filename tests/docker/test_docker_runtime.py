@@ -75,10 +75,11 @@ def test_exit_code_logs_output_env_mount_and_labels(runtime, docker_api):
 
 def _cgroup_limits() -> str:
     # cgroup v2 files, or their v1 equivalents, whichever the engine's host has.
+    cg = "/sys/fs/cgroup"
     return (
-        "if [ -f /sys/fs/cgroup/cpu.max ]; then cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/memory.max;"
-        " else echo $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us) $(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us);"
-        " cat /sys/fs/cgroup/memory/memory.limit_in_bytes; fi"
+        f"if [ -f {cg}/cpu.max ]; then cat {cg}/cpu.max {cg}/memory.max; else"
+        f" echo $(cat {cg}/cpu/cpu.cfs_quota_us) $(cat {cg}/cpu/cpu.cfs_period_us);"
+        f" cat {cg}/memory/memory.limit_in_bytes; fi"
     )
 
 
@@ -186,7 +187,7 @@ def test_pull_policies_and_image_failures(runtime, docker_api):
     async def go():
         # Present locally: if-not-present (the default) and never start without pulling.
         for i, policy in enumerate(("", "if-not-present", "never")):
-            h, status = await start_and_wait(runtime, spec(f"ok{i}", image_pull_policy=policy))
+            _, status = await start_and_wait(runtime, spec(f"ok{i}", image_pull_policy=policy))
             assert status.exit_code == 0
         assert events == []
         never = await fails(spec("never", image="tether-test/absent:1", image_pull_policy="never"))
