@@ -81,9 +81,10 @@ class Mesh:
             self.wait_for(lambda: agent.connected.is_set(), 10, f"agent {name} registered")
         return agent
 
-    def stop_agent(self, name: str) -> None:
+    def stop_agent(self, name: str, leave_running: bool = False) -> None:
+        """Stop an agent; ``leave_running`` lets go of its containers as if it had crashed."""
         agent, fut = self.agents.pop(name)
-        self.call(agent.stop(grace=0.5))
+        self.call(agent.stop(grace=0.5, leave_running=leave_running))
         fut.result(10)
 
     def client(self) -> Client:
