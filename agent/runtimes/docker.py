@@ -85,10 +85,13 @@ class _ContainerHandle:
         api: docker.APIClient,
         container_id: str,
         logs: list[LogFollower],
+        engine_reports_oom: bool = True,
     ) -> None:
         self.api = api
         self.id = container_id
         self._logs = logs
+        self._engine_reports_oom = engine_reports_oom
+        self._stopped = False
         self._exit: asyncio.Future | None = None
         self._result: ExitStatus | None = None
         self._removed = False
@@ -118,7 +121,9 @@ class _ContainerHandle:
             info = await asyncio.to_thread(self.api.inspect_container, self.id)
         except docker.errors.DockerException:
             info = {}
-        self._result = _exit_status(waited, info)
+        self._result = _exit_status(
+            waited, info, guess_oom=not self._engine_reports_oom and not self._stopped
+        )
         return self._result
 
     async def _close_logs(self) -> None:
@@ -140,6 +145,7 @@ class _ContainerHandle:
         exited = self._exited()
         if exited.done():
             return
+        self._stopped = True
         # Signals are sent by hand rather than with the engine's stop, whose timeout is whole
         # seconds: grace periods here may be fractions.
         await asyncio.to_thread(self._kill, signal.SIGTERM)
@@ -170,13 +176,22 @@ class _ContainerHandle:
                 raise RuntimeError_(f"cannot remove container {self.id[:12]}: {_explain(e)}") from e
 
 
-def _exit_status(waited: dict, info: dict) -> ExitStatus:
+def _exit_status(waited: dict, info: dict, guess_oom: bool = False) -> ExitStatus:
+    """The exit status from the engine's wait result and inspection.
+
+    ``guess_oom``: the engine does not flag OOM kills (Podman on cgroup v1), so a SIGKILL
+    that Tether did not send to a container with a memory limit is taken for one.
+    """
     state = info.get("State") or {}
     code = waited.get("StatusCode", state.get("ExitCode", -1))
+    limit = (info.get("HostConfig") or {}).get("Memory") or 0
+    at = f" (limit {_mib(limit)})" if limit else ""
     if state.get("OOMKilled") and code != 0:
-        limit = (info.get("HostConfig") or {}).get("Memory") or 0
-        at = f" (limit {_mib(limit)})" if limit else ""
         return ExitStatus(code, "oom", f"killed: out of memory{at}")
+    if guess_oom and limit and code == 128 + signal.SIGKILL:
+        return ExitStatus(
+            code, "oom", f"killed by SIGKILL at a memory limit{at}: most likely out of memory"
+        )
     error = (waited.get("Error") or {}).get("Message") or state.get("Error") or ""
     if error:
         return ExitStatus(code, "runtime_error", error)
@@ -198,6 +213,9 @@ class DockerRuntime:
         self.config = config
         self._api = api
         self._connecting = asyncio.Lock()
+        self._connected = False
+        # Docker flags OOM kills in State.OOMKilled; Podman (on cgroup v1 at least) does not.
+        self._engine_reports_oom = True
         self._pulls: dict[str, asyncio.Future] = {}
 
     # The engine ---------------------------------------------------------------------------
@@ -215,12 +233,17 @@ class DockerRuntime:
             RuntimeError_: The engine does not answer.
         """
         async with self._connecting:
-            if self._api is None:
+            if not self._connected:
                 try:
-                    self._api = await asyncio.to_thread(self._connect)
+                    api = self._api or await asyncio.to_thread(self._connect)
+                    version = await asyncio.to_thread(api.version)
                 except docker.errors.DockerException as e:
                     host = self.config.docker_host or os.environ.get("DOCKER_HOST", "default")
                     raise RuntimeError_(f"docker engine ({host}) unavailable: {e}") from e
+                components = {c.get("Name", "") for c in version.get("Components") or []}
+                self._engine_reports_oom = not any("podman" in c.lower() for c in components)
+                self._api = api
+                self._connected = True
             return self._api
 
     def task_path(self, host_path: Path) -> str:
@@ -303,7 +326,7 @@ class DockerRuntime:
                 await asyncio.to_thread(api.remove_container, cid, force=True)
             raise RuntimeError_(f"cannot start the container: {_explain(e)}") from e
         logs = follow_logs(api, cid, spec.stdout_path, spec.stderr_path, self.config.log_max_bytes)
-        return _ContainerHandle(api, cid, logs)
+        return _ContainerHandle(api, cid, logs, self._engine_reports_oom)
 
     @staticmethod
     def _create(api: docker.APIClient, container: dict, host: dict) -> str:
@@ -360,7 +383,7 @@ class DockerRuntime:
             out.append(
                 RecoveredTask(
                     labels=dict(labels),
-                    handle=_ContainerHandle(api, c["Id"], logs),
+                    handle=_ContainerHandle(api, c["Id"], logs, self._engine_reports_oom),
                     running=running,
                     started_at=_epoch(state.get("StartedAt", "")),
                 )

@@ -20,6 +20,12 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
 
+def is_podman(api: docker.APIClient) -> bool:
+    """Podman's Docker-compatible API (which ignores device requests, for one)."""
+    components = api.version().get("Components") or []
+    return any("podman" in c.get("Name", "").lower() for c in components)
+
+
 def managed_containers(api: docker.APIClient, **labels: str) -> list[dict]:
     """Tether-managed containers (running or not) having these extra labels."""
     wanted = ["tether.managed=true", *(f"{k}={v}" for k, v in labels.items())]

@@ -9,7 +9,7 @@ import time
 
 import docker
 import pytest
-from dockerutil import BUSYBOX, NODE_PREFIX, launch_spec, managed_containers
+from dockerutil import BUSYBOX, NODE_PREFIX, is_podman, launch_spec, managed_containers
 
 from tether.agent.config import AgentConfig
 from tether.agent.runtimes.base import RuntimeError_
@@ -215,6 +215,8 @@ def test_pull_policies_and_image_failures(runtime, docker_api):
 def test_gpu_device_requests_reach_the_engine(runtime, docker_api):
     """No GPU here: the request is built and stored by the engine, which then refuses to start
     the container without the NVIDIA runtime; the runtime reports that and cleans up."""
+    if is_podman(docker_api):
+        pytest.skip("Podman's Docker API ignores device requests (Podman uses CDI for GPUs)")
     env = {"CUDA_VISIBLE_DEVICES": "1,3", "NVIDIA_VISIBLE_DEVICES": "1,3"}
     spec = launch_spec(runtime.config.work_dir, ["true"], gpu_indices=[1, 3], env=env)
     container, host = create_args(spec, NODE, runtime.config.log_max_bytes)
