@@ -71,5 +71,7 @@ class AgentConfig:
             raise ValueError("cpu, memory and max_tasks must not be negative")
         if self.log_max_bytes <= 0:
             raise ValueError("log_max_bytes must be positive")
+        if self.leave_running and self.runtime != "docker":
+            raise ValueError("leave_running needs the docker runtime, the one that recovers work")
         if self.reconnect_initial <= 0 or self.reconnect_max < self.reconnect_initial:
             raise ValueError("reconnect_initial must be > 0 and <= reconnect_max")

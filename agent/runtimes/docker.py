@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 
 import docker
 import docker.errors
+import requests
 
 from tether.agent.config import AgentConfig
 from tether.agent.layout import (
@@ -308,6 +309,12 @@ class DockerRuntime:
     # Attempts -----------------------------------------------------------------------------
 
     async def start(self, spec: LaunchSpec) -> _ContainerHandle:
+        try:
+            return await self._start(spec)
+        except requests.exceptions.RequestException as e:  # the engine went away
+            raise RuntimeError_(f"docker engine unreachable: {e}") from e
+
+    async def _start(self, spec: LaunchSpec) -> _ContainerHandle:
         container, host = create_args(spec, self.config.node, self.config.log_max_bytes)
         api = await self.api()
         await self._ensure_image(api, spec)
