@@ -50,6 +50,8 @@ log = get_logger("agent.docker")
 # Long-lived streams (a wait and two logs per container) each hold a pooled connection.
 _POOL_SIZE = 64
 _PROGRESS_EVERY = 2.0  # seconds between pull progress events
+# What an engine call raises when the engine refuses it or cannot be reached.
+_ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 
 
 def _explain(e: Exception) -> str:
@@ -113,7 +115,7 @@ class _ContainerHandle:
             # agent to adopt): stop writing its logs, which that agent rewrites.
             await self._close_logs()
             raise
-        except docker.errors.DockerException as e:
+        except _ENGINE_ERRORS as e:
             await self._close_logs()
             self._result = ExitStatus(-1, "runtime_error", f"lost the container: {_explain(e)}")
             return self._result
@@ -136,11 +138,11 @@ class _ContainerHandle:
     def _kill(self, sig: signal.Signals) -> None:
         try:
             self.api.kill(self.id, signal=int(sig))
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as e:
-            if _status_code(e) != 409:  # 409: not running any more
-                raise
+        except _ENGINE_ERRORS as e:
+            # Mostly "not running any more" (409, or other codes on other engines); the wait
+            # that follows says how the container ended either way.
+            if _status_code(e) != 409:
+                log.info("cannot signal container", container=self.id[:12], error=_explain(e))
 
     async def stop(self, grace: float) -> None:
         exited = self._exited()
@@ -155,10 +157,10 @@ class _ContainerHandle:
             return
         except TimeoutError:
             pass
-        except docker.errors.DockerException:
+        except _ENGINE_ERRORS:
             return
         await asyncio.to_thread(self._kill, signal.SIGKILL)
-        with contextlib.suppress(docker.errors.DockerException):
+        with contextlib.suppress(*_ENGINE_ERRORS):
             await asyncio.shield(exited)
 
     async def remove(self) -> None:
