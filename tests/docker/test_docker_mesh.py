@@ -78,6 +78,39 @@ def test_cancel_stops_the_container_within_the_grace_period(mesh, docker_api, bu
     mesh.wait_for(lambda: not containers_of(docker_api, run.id), 10, "container removed")
 
 
+def test_timeout_stops_the_container(mesh, docker_api, busybox_image):
+    mesh.add_agent(A, runtime="docker", stop_grace=1.0)
+    wf = Workflow("timeout")
+    wf.task("slow", ["sleep", "60"], image=BUSYBOX, timeout="1s")
+    run = mesh.client().submit(wf)
+    final = run.wait(timeout=15)
+    task = final.tasks[0]
+    assert (task.state, task.reason) == (S.TASK_STATE_FAILED, "timeout")
+    took = (task.finished_at.ToNanoseconds() - task.started_at.ToNanoseconds()) / 1e9
+    assert 1.0 <= took < 4.0, took
+    mesh.wait_for(lambda: not containers_of(docker_api, run.id), 10, "container removed")
+
+
+def test_agent_that_stops_stops_its_containers_and_the_attempt_is_retried(
+    mesh, docker_api, busybox_image
+):
+    mesh.add_agent(A, runtime="docker")
+    mesh.add_agent(B, runtime="docker")
+    wf = Workflow("shutdown")
+    script = 'if [ "$TETHER_ATTEMPT" = 1 ]; then sleep 60; fi; ' + write_output({"ok": 1})
+    wf.task("job", sh(script), image=BUSYBOX)
+    run = mesh.client().submit(wf)
+    mesh.wait_for(lambda: run.status().tasks[0].state == S.TASK_STATE_RUNNING, 20, "running")
+    mesh.stop_agent(A)  # a plain stop: no --leave-running
+    assert not containers_of(docker_api, run.id), "stopped and removed with its agent"
+    final = run.wait(timeout=30)
+    assert final.state == R.RUN_STATE_SUCCEEDED, final.message
+    assert [(a.number, a.node, a.state) for a in final.tasks[0].attempts] == [
+        (1, A, S.TASK_STATE_LOST),
+        (2, B, S.TASK_STATE_SUCCEEDED),
+    ]
+
+
 def test_gpu_task_fails_clearly_on_an_engine_without_the_nvidia_runtime(
     mesh, docker_api, busybox_image
 ):
