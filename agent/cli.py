@@ -68,10 +68,27 @@ async def run_agent(config: AgentConfig) -> None:
 @click.option(
     "--max-tasks", type=int, default=0, help="Most attempts at once [default: 2 per core]."
 )
+@click.option(
+    "--log-limit",
+    envvar="TETHER_LOG_LIMIT",
+    default="64Mi",
+    show_default=True,
+    help="Most bytes kept of each attempt's stdout and of its stderr, e.g. 1Gi; 0: no limit.",
+)
 @click.option("--docker-host", envvar="DOCKER_HOST", default="", help="Docker/Podman socket.")
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 def agent_command(
-    controller_addr, name, label, runtime, work_dir, cpu, memory, max_tasks, docker_host, log_level
+    controller_addr,
+    name,
+    label,
+    runtime,
+    work_dir,
+    cpu,
+    memory,
+    max_tasks,
+    log_limit,
+    docker_host,
+    log_level,
 ):
     """Run an agent: register this node and run the tasks the controller assigns."""
     setup_logging(log_level)
@@ -91,6 +108,7 @@ def agent_command(
             cpu=cpu,
             memory_bytes=parse_memory(memory),
             max_tasks=max_tasks,
+            log_limit_bytes=parse_memory(log_limit),
             docker_host=docker_host,
             **kw,
         )

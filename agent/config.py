@@ -8,7 +8,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["AgentConfig", "default_node_name"]
+__all__ = ["DEFAULT_LOG_LIMIT", "AgentConfig", "default_node_name"]
+
+DEFAULT_LOG_LIMIT = 64 * 2**20
 
 
 def default_node_name() -> str:
@@ -33,6 +35,9 @@ class AgentConfig:
         reconnect_initial: First reconnect delay after the stream breaks, seconds.
         reconnect_max: Cap of the reconnect delay, seconds.
         stop_grace: SIGTERM-to-SIGKILL grace when the agent itself shuts down.
+        log_limit_bytes: Most bytes kept of each attempt's stdout and of its stderr on this
+            node's disk (64 MiB each by default); later output is discarded and a note says
+            so at the end of the file. 0 keeps everything.
         fake_gpus: Test-only: GPUs to pretend this node has (``TETHER_FAKE_GPUS``), e.g.
             ``"2"`` or ``"A100:80Gi,A100:80Gi"``. Never set this in production.
     """
@@ -48,6 +53,7 @@ class AgentConfig:
     reconnect_initial: float = 0.2
     reconnect_max: float = 10.0
     stop_grace: float = 5.0
+    log_limit_bytes: int = DEFAULT_LOG_LIMIT
     fake_gpus: str = field(default_factory=lambda: os.environ.get("TETHER_FAKE_GPUS", ""))
     docker_host: str = ""
     service_name: str = "tether-agent"
@@ -60,5 +66,7 @@ class AgentConfig:
             raise ValueError(f"runtime: must be 'process' or 'docker', got {self.runtime!r}")
         if self.cpu < 0 or self.memory_bytes < 0 or self.max_tasks < 0:
             raise ValueError("cpu, memory and max_tasks must not be negative")
+        if self.log_limit_bytes < 0:
+            raise ValueError("log_limit_bytes must not be negative")
         if self.reconnect_initial <= 0 or self.reconnect_max < self.reconnect_initial:
             raise ValueError("reconnect_initial must be > 0 and <= reconnect_max")

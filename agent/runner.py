@@ -219,6 +219,7 @@ class Runner:
                 "tether.node": self.config.node,
             },
             image_pull_policy=spec.image_pull_policy,
+            log_limit_bytes=self.config.log_limit_bytes,
             on_event=lambda kind, message: self.event(ref, kind, message),
         )
         status.started_at.CopyFrom(_now())
