@@ -99,6 +99,10 @@ class Runner:
         ev = t.TaskEvent(time=_now(), attempt=ref.attempt, kind=kind, message=message[:1024])
         self.on_event(agent_pb2.TaskEventReport(ref=ref, event=ev))
 
+    def is_running(self, ref: agent_pb2.AttemptRef) -> bool:
+        """Whether the attempt is assigned here and not over (its output may still grow)."""
+        return _key(ref) in self.attempts
+
     def running_refs(self) -> list[agent_pb2.AttemptRef]:
         return [a.ref for a in self.attempts.values()]
 

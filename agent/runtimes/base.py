@@ -62,7 +62,11 @@ class TaskHandle(Protocol):
     """A started attempt."""
 
     async def wait(self) -> ExitStatus:
-        """Wait for the attempt to end."""
+        """Wait for the attempt to end and its output to be in its log files.
+
+        ``tether logs -f`` stops following once this returns, so output written to the log
+        files afterwards is not streamed.
+        """
         ...
 
     async def stop(self, grace: float) -> None:
