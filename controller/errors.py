@@ -8,10 +8,18 @@ from collections.abc import Callable
 
 import grpc
 
-from tether.sdk.errors import InvalidSpecError
+from tether.sdk.errors import STATUS_ORIGIN_KEY, InvalidSpecError
 from tether.sdk.telemetry import get_logger
 
-__all__ = ["Conflict", "FailedPrecondition", "NotFound", "StoreUnavailable", "grpc_errors"]
+__all__ = [
+    "Conflict",
+    "FailedPrecondition",
+    "NodeUnavailable",
+    "NotFound",
+    "ResourceExhausted",
+    "StoreUnavailable",
+    "grpc_errors",
+]
 
 log = get_logger("controller.errors")
 
@@ -40,6 +48,14 @@ class OutOfRange(Exception):
     """A revision or page token is no longer available."""
 
 
+class NodeUnavailable(Exception):
+    """The node a request must reach (say, for an attempt's logs) is not connected."""
+
+
+class ResourceExhausted(Exception):
+    """A per-request limit was reached (say, a log stream's client fell too far behind)."""
+
+
 _CODES: dict[type[BaseException], grpc.StatusCode] = {
     InvalidSpecError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -48,7 +64,13 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     NotLeader: grpc.StatusCode.UNAVAILABLE,
     OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    NodeUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+
+# Marks statuses the controller chose, so the SDK can tell "the controller says a node is
+# unavailable" from "the controller cannot be reached" (both UNAVAILABLE).
+_ORIGIN = ((STATUS_ORIGIN_KEY, "controller"),)
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -76,7 +98,7 @@ def grpc_errors(fn: Callable) -> Callable:
                 raise
             except Exception as exc:  # the one place errors become statuses
                 code, msg = _status_for(exc)
-                await context.abort(code, msg)
+                await context.abort(code, msg, trailing_metadata=_ORIGIN)
 
         return stream
 
@@ -88,6 +110,6 @@ def grpc_errors(fn: Callable) -> Callable:
             raise
         except Exception as exc:  # the one place errors become statuses
             code, msg = _status_for(exc)
-            await context.abort(code, msg)
+            await context.abort(code, msg, trailing_metadata=_ORIGIN)
 
     return unary

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from tether.sdk.validation import FieldViolation
 
 __all__ = [
+    "STATUS_ORIGIN_KEY",
     "AlreadyExistsError",
     "FailedPreconditionError",
     "InvalidSpecError",
@@ -23,6 +24,10 @@ __all__ = [
     "UnavailableError",
     "from_rpc_error",
 ]
+
+
+# Trailing metadata key the controller sets (to "controller") on every status it returns itself.
+STATUS_ORIGIN_KEY = "tether-status-origin"
 
 
 class TetherError(Exception):
@@ -96,7 +101,14 @@ def from_rpc_error(err: grpc.RpcError) -> TetherError:
     details = (err.details() if hasattr(err, "details") else None) or str(code)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidSpecError(details)
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code == grpc.StatusCode.UNAVAILABLE and not _from_controller(err):
         details = f"controller unavailable: {details}"
     cls = _BY_CODE.get(code, TetherError)
     return cls(details, code)
+
+
+def _from_controller(err: grpc.RpcError) -> bool:
+    """Whether the controller itself returned the status (rather than gRPC failing to reach it)."""
+    trailing = getattr(err, "trailing_metadata", None)  # absent on a bare RpcError
+    metadata = (trailing() if callable(trailing) else None) or ()
+    return any(k == STATUS_ORIGIN_KEY and v == "controller" for k, v in metadata)
