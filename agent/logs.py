@@ -32,6 +32,7 @@ POLL_INTERVAL = 0.1
 # this many messages are queued for the controller, so a big log never delays the heartbeats
 # by more than a few chunks nor piles up in memory.
 _MAX_QUEUED = 8
+_CHUNKS_PER_TURN = 4
 _STREAMS = ("stdout", "stderr")
 
 
@@ -157,12 +158,21 @@ class LogStreams:
         tails = [(name, _Tail(d / f"{name}.log")) for name in _STREAMS]
         try:
             while True:
-                # Asked before reading: once the attempt is over, one more read gets the rest.
+                # Asked before reading: once the attempt is over, a read that finds nothing
+                # new means everything was sent.
                 more = req.follow and self.is_running(ref)
+                sent = False
                 for name, tail in tails:
-                    while data := tail.read(CHUNK_BYTES):
+                    # A few chunks of each in turn, so a busy stdout does not hold up stderr.
+                    for _ in range(_CHUNKS_PER_TURN):
+                        data = tail.read(CHUNK_BYTES)
+                        if not data:
+                            break
                         put(stream=name, data=data)
+                        sent = True
                         await room()
+                if sent:
+                    continue
                 if not more:
                     break
                 await asyncio.sleep(self.poll_interval)

@@ -62,9 +62,9 @@ class LogRouter:
         self._streams: dict[str, _Stream] = {}
 
     @property
-    def active(self) -> int:
-        """How many log streams are open."""
-        return len(self._streams)
+    def active(self) -> set[str]:
+        """The ids of the log streams open now."""
+        return set(self._streams)
 
     def on_chunk(self, session: AgentSession, chunk: agent_pb2.LogChunk) -> None:
         """Hand over a chunk an agent sent. Never blocks: it runs in the agent's read loop."""

@@ -126,3 +126,18 @@ def test_cancel_stops_a_followed_stream(tmp_path):
         return streams.active
 
     assert asyncio.run(main()) == set()
+
+
+def test_a_busy_stdout_does_not_hold_up_stderr(tmp_path):
+    _attempt_dir(tmp_path, b"o" * (2 * 2**20), b"err\n")
+
+    async def main():
+        streams = LogStreams(tmp_path, lambda r: False, "n1")
+        outbox: asyncio.Queue = asyncio.Queue()
+        streams.start(agent_pb2.LogRequest(stream_id="x", ref=REF, follow=True), outbox)
+        return await _collect(outbox)
+
+    chunks = asyncio.run(main())
+    first_err = next(i for i, c in enumerate(chunks) if c.stream == "stderr")
+    assert first_err <= 4, "stderr comes within a turn, not after 2 MiB of stdout"
+    assert _joined(chunks, "stdout") == b"o" * (2 * 2**20) and _joined(chunks, "stderr") == b"err\n"

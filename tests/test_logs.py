@@ -36,6 +36,15 @@ def joined(chunks) -> dict[str, bytes]:
     return out
 
 
+def on_loop(mesh, fn):
+    """Call ``fn`` on the mesh's event loop (where agents and controller change their state)."""
+
+    async def call():
+        return fn()
+
+    return mesh.call(call())
+
+
 def wait_on(marker) -> str:
     """Code that prints 'started', waits for ``marker`` to exist, prints 'finished'."""
     return (
@@ -275,10 +284,11 @@ def test_a_client_going_away_stops_the_stream_on_the_agent(mesh, tmp_path):
     run = mesh.client().submit(wf)
     chunks = run.logs("slow", follow=True)
     assert next(chunks).data == b"started\n"
-    assert agent.logs.active and mesh.controller.logs.active == 1
+    ids = on_loop(mesh, lambda: mesh.controller.logs.active)
+    assert len(ids) == 1 and on_loop(mesh, lambda: agent.logs.active) == ids
     chunks.close()
-    mesh.wait_for(lambda: not agent.logs.active, 5, "the agent to stop the stream")
-    mesh.wait_for(lambda: mesh.controller.logs.active == 0, 5, "the controller to drop it")
+    mesh.wait_for(lambda: not on_loop(mesh, lambda: agent.logs.active), 5, "the agent to stop")
+    mesh.wait_for(lambda: not on_loop(mesh, lambda: mesh.controller.logs.active), 5, "drop")
     marker.touch()
     assert run.wait(timeout=30).state == R.RUN_STATE_SUCCEEDED
 
@@ -300,7 +310,7 @@ def test_a_client_that_falls_far_behind_is_cut_off(mesh):
                 received += len(data.data)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
     assert 0 < received < 16_000_000
-    mesh.wait_for(lambda: not agent.logs.active, 5, "the agent to stop the stream")
+    mesh.wait_for(lambda: not on_loop(mesh, lambda: agent.logs.active), 5, "the agent to stop")
 
 
 def test_logs_of_a_finished_run_after_a_controller_restart(mesh):
@@ -329,7 +339,7 @@ def test_chunks_from_another_node_are_ignored(mesh, tmp_path):
     run = mesh.client().submit(wf)
     reader = Reader(run.logs("slow", follow=True))
     assert reader.next().data == b"started\n"
-    (stream_id,) = list(mesh.controller.logs._streams)
+    (stream_id,) = on_loop(mesh, lambda: mesh.controller.logs.active)
     # Another node answers that stream: with data and an eof. Neither reaches the client.
     out: queue.Queue = queue.Queue()
     out.put(
