@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import grpc
 
-from tether.sdk.errors import STATUS_ORIGIN_KEY, InvalidSpecError
+from tether.sdk.errors import ERROR_REASON_KEY, InvalidSpecError
 from tether.sdk.telemetry import get_logger
 
 __all__ = [
@@ -68,9 +68,19 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
-# Marks statuses the controller chose, so the SDK can tell "the controller says a node is
-# unavailable" from "the controller cannot be reached" (both UNAVAILABLE).
-_ORIGIN = ((STATUS_ORIGIN_KEY, "controller"),)
+# Reasons sent with the status (trailing metadata, see ERROR_REASON_KEY) where the code alone
+# does not tell a client what to do: of these UNAVAILABLEs, only a node being away is not
+# helped by asking another controller. Other errors send the code's name.
+_REASONS: dict[type[BaseException], str] = {
+    NotLeader: "not_leader",
+    StoreUnavailable: "store_unavailable",
+    NodeUnavailable: "node_unavailable",
+}
+
+
+def _trailers(exc: BaseException, code: grpc.StatusCode) -> tuple[tuple[str, str], ...]:
+    reason = next((r for cls, r in _REASONS.items() if isinstance(exc, cls)), code.name.lower())
+    return ((ERROR_REASON_KEY, reason),)
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -98,7 +108,7 @@ def grpc_errors(fn: Callable) -> Callable:
                 raise
             except Exception as exc:  # the one place errors become statuses
                 code, msg = _status_for(exc)
-                await context.abort(code, msg, trailing_metadata=_ORIGIN)
+                await context.abort(code, msg, trailing_metadata=_trailers(exc, code))
 
         return stream
 
@@ -110,6 +120,6 @@ def grpc_errors(fn: Callable) -> Callable:
             raise
         except Exception as exc:  # the one place errors become statuses
             code, msg = _status_for(exc)
-            await context.abort(code, msg, trailing_metadata=_ORIGIN)
+            await context.abort(code, msg, trailing_metadata=_trailers(exc, code))
 
     return unary

@@ -222,21 +222,32 @@ class Client:
         Raises:
             InvalidSpecError: empty ``run_id`` or ``task``, or ``attempt`` < 0.
             NotFoundError: no such run, task or attempt, or the node no longer has the logs.
-            UnavailableError: the node that ran the attempt is not connected (or the
-                controller cannot be reached).
+            UnavailableError: the node that ran the attempt is not connected (``reason``
+                ``"node_unavailable"``; also when it leaves mid-stream), or no controller can
+                be reached.
         """
-        call = self._stub.StreamLogs(
-            controller_pb2.StreamLogsRequest(
-                run_id=run_id, task=task, attempt=attempt, follow=follow
-            )
+        request = controller_pb2.StreamLogsRequest(
+            run_id=run_id, task=task, attempt=attempt, follow=follow
         )
-        try:
-            for data in call:
-                yield LogChunk(data.stream, data.data, data.attempt)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        finally:
-            call.cancel()  # a no-op once the stream has ended
+        for tried in range(len(self._stubs)):
+            call = self._stub.StreamLogs(request)
+            started = False
+            try:
+                for data in call:
+                    started = True
+                    yield LogChunk(data.stream, data.data, data.attempt)
+                return
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+                if err.code != grpc.StatusCode.UNAVAILABLE or err.reason == "node_unavailable":
+                    raise err from None
+                # This controller is down or standing by: the next one may lead. A stream cut
+                # mid-way is not resumed (it would repeat output); the caller asks again.
+                self._next_controller()
+                if started or tried + 1 == len(self._stubs):
+                    raise err from None
+            finally:
+                call.cancel()  # a no-op once the stream has ended
 
     def cancel(self, run_id: str, task: str = "", reason: str = "") -> None:
         """Cancel a run, or one task of it."""

@@ -3,12 +3,14 @@ SDK and the `tether logs` command, on real etcd, real gRPC and real subprocesses
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -18,7 +20,8 @@ from tether.agent.runtimes.capped_log import truncation_note
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
 from tether.controller.etcd_process import free_port
-from tether.sdk import InvalidSpecError, NotFoundError, UnavailableError, Workflow
+from tether.controller.server import ControllerServer
+from tether.sdk import Client, InvalidSpecError, NotFoundError, UnavailableError, Workflow
 
 PY = sys.executable
 S = t.TaskState
@@ -252,7 +255,7 @@ def test_logs_whose_node_is_gone_are_unavailable(mesh, tmp_path):
     with pytest.raises(UnavailableError) as e:
         list(run.logs("x"))
     assert "node n1" in e.value.message and "controller unavailable" not in e.value.message
-    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE and e.value.reason == "node_unavailable"
     res = tether("logs", run.id, "x", controller=mesh.address)
     assert_one_line_error(res, "node n1 is not connected")
 
@@ -362,3 +365,37 @@ def test_chunks_from_another_node_are_ignored(mesh, tmp_path):
         replies.cancel()
     marker.touch()
     assert joined(reader.rest())["stdout"] == b"finished\n"
+
+
+def test_with_a_standby_listed_first_logs_come_from_the_leader(mesh):
+    """Clients rotate past a standby controller (not_leader), but not past a missing node."""
+    standby = ControllerServer(replace(mesh.config, listen="127.0.0.1:0"))
+    # Not awaited: start(wait_for_leadership=False) waits on the standing_by event of a
+    # Leadership object that the campaign replaces, so it does not return for a standby.
+    asyncio.run_coroutine_threadsafe(standby.start(wait_for_leadership=False), mesh.loop)
+    mesh.wait_for(
+        lambda: standby.leadership is not None and standby.leadership.standing_by.is_set(),
+        10,
+        "the second controller to stand by",
+    )
+    try:
+        assert not standby.is_leader
+        mesh.add_agent("n1")
+        client = Client(f"{standby.address},{mesh.address}", timeout=10)
+        wf = Workflow("ha")
+        wf.task("x", py("print('from the leader')"))
+        run = client.submit(wf)
+        assert run.wait(timeout=30).state == R.RUN_STATE_SUCCEEDED
+        client = Client(f"{standby.address},{mesh.address}", timeout=10)
+        assert joined(client.logs(run.id, "x"))["stdout"] == b"from the leader\n"
+        mesh.stop_agent("n1")
+        # The leader says the node is away: asking the standby next would only hide that.
+        for addresses in (f"{mesh.address},{standby.address}", f"{standby.address},{mesh.address}"):
+            with pytest.raises(UnavailableError) as e:
+                list(Client(addresses, timeout=10).logs(run.id, "x"))
+            assert e.value.reason == "node_unavailable" and "node n1" in e.value.message
+            assert_one_line_error(
+                tether("logs", run.id, "x", controller=addresses), "node n1 is not connected"
+            )
+    finally:
+        mesh.call(standby.stop(grace=0.5))
