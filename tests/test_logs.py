@@ -3,7 +3,6 @@ SDK and the `tether logs` command, on real etcd, real gRPC and real subprocesses
 
 from __future__ import annotations
 
-import asyncio
 import os
 import queue
 import subprocess
@@ -370,14 +369,7 @@ def test_chunks_from_another_node_are_ignored(mesh, tmp_path):
 def test_with_a_standby_listed_first_logs_come_from_the_leader(mesh):
     """Clients rotate past a standby controller (not_leader), but not past a missing node."""
     standby = ControllerServer(replace(mesh.config, listen="127.0.0.1:0"))
-    # Not awaited: start(wait_for_leadership=False) waits on the standing_by event of a
-    # Leadership object that the campaign replaces, so it does not return for a standby.
-    asyncio.run_coroutine_threadsafe(standby.start(wait_for_leadership=False), mesh.loop)
-    mesh.wait_for(
-        lambda: standby.leadership is not None and standby.leadership.standing_by.is_set(),
-        10,
-        "the second controller to stand by",
-    )
+    mesh.call(standby.start(wait_for_leadership=False))
     try:
         assert not standby.is_leader
         mesh.add_agent("n1")
