@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from tether.api.v1 import agent_pb2, controller_pb2
-from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.engine import AgentSession, Engine
 from tether.controller.errors import NodeUnavailable, NotFound, ResourceExhausted
@@ -202,7 +201,7 @@ class LogRouter:
                         f"task {task!r} of run {run_id} has no attempt {number} "
                         f"(it has {tr.attempt})"
                     )
-                if att.state != t.TaskState.TASK_STATE_SCHEDULED:
+                if att.state != lc.SCHEDULED:
                     return number, att.node
                 # Bound to a node, but its agent may not have the assignment yet.
                 if not follow:
