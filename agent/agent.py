@@ -9,6 +9,7 @@ import random
 import grpc
 
 from tether.agent.config import AgentConfig
+from tether.agent.logs import LogStreams
 from tether.agent.resources import detect_cpu, detect_gpus, detect_memory
 from tether.agent.runner import Runner
 from tether.agent.runtimes.base import Runtime
@@ -51,6 +52,7 @@ class Agent:
             self._report,
             self._send_event,
         )
+        self.logs = LogStreams(config.work_dir, self.runner.is_running, config.node)
         cpu = config.cpu or detect_cpu()
         self.capacity = types_pb2.Resources(
             cpu=cpu,
@@ -185,7 +187,13 @@ class Agent:
                         self.runner.cancel(msg.cancel)
                     elif kind == "ack":
                         self.runner.ack(msg.ack.ref)
+                    elif kind == "logs":
+                        self.logs.start(msg.logs, outbox)
+                    elif kind == "logs_cancel":
+                        self.logs.cancel(msg.logs_cancel.stream_id)
             finally:
+                # Log streams answer this connection's requests; a new one gets new requests.
+                self.logs.cancel_all()
                 stop_waiter.cancel()
                 if heartbeat:
                     heartbeat.cancel()

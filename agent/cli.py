@@ -68,6 +68,13 @@ async def run_agent(config: AgentConfig) -> None:
 @click.option(
     "--max-tasks", type=int, default=0, help="Most attempts at once [default: 2 per core]."
 )
+@click.option(
+    "--log-limit",
+    envvar="TETHER_LOG_LIMIT",
+    default="64Mi",
+    show_default=True,
+    help="Most bytes kept of each attempt's stdout and of its stderr, e.g. 1Gi; 0: no limit.",
+)
 @click.option("--docker-host", envvar="DOCKER_HOST", default="", help="Docker/Podman socket.")
 @click.option(
     "--leave-running",
@@ -85,6 +92,7 @@ def agent_command(
     cpu,
     memory,
     max_tasks,
+    log_limit,
     docker_host,
     leave_running,
     log_level,
@@ -107,6 +115,7 @@ def agent_command(
             cpu=cpu,
             memory_bytes=parse_memory(memory),
             max_tasks=max_tasks,
+            log_limit_bytes=parse_memory(log_limit),
             docker_host=docker_host,
             leave_running=leave_running,
             **kw,

@@ -8,7 +8,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["AgentConfig", "default_node_name"]
+__all__ = ["DEFAULT_LOG_LIMIT", "AgentConfig", "default_node_name"]
+
+DEFAULT_LOG_LIMIT = 64 * 2**20
 
 
 def default_node_name() -> str:
@@ -33,12 +35,13 @@ class AgentConfig:
         reconnect_initial: First reconnect delay after the stream breaks, seconds.
         reconnect_max: Cap of the reconnect delay, seconds.
         stop_grace: SIGTERM-to-SIGKILL grace when the agent itself shuts down.
+        log_limit_bytes: Most bytes kept of each attempt's stdout and of its stderr on this
+            node's disk (64 MiB each by default); later output is discarded and a note says
+            so at the end of the file. 0 keeps everything.
         fake_gpus: Test-only: GPUs to pretend this node has (``TETHER_FAKE_GPUS``), e.g.
             ``"2"`` or ``"A100:80Gi,A100:80Gi"``. Never set this in production.
         docker_host: Docker Engine API socket for the ``docker`` runtime, e.g.
             ``unix:///run/podman/podman.sock``; empty uses ``DOCKER_HOST`` or the default socket.
-        log_max_bytes: Most bytes of stdout, and of stderr, kept per attempt by container
-            runtimes; the rest is dropped with a note at the end of the log file.
         leave_running: On shutdown, leave containers running for the next agent on this node
             to adopt instead of stopping them (``docker`` runtime).
         service_name: OpenTelemetry service name of this process.
@@ -55,9 +58,9 @@ class AgentConfig:
     reconnect_initial: float = 0.2
     reconnect_max: float = 10.0
     stop_grace: float = 5.0
+    log_limit_bytes: int = DEFAULT_LOG_LIMIT
     fake_gpus: str = field(default_factory=lambda: os.environ.get("TETHER_FAKE_GPUS", ""))
     docker_host: str = ""
-    log_max_bytes: int = 64 * 2**20
     leave_running: bool = False
     service_name: str = "tether-agent"
 
@@ -69,8 +72,8 @@ class AgentConfig:
             raise ValueError(f"runtime: must be 'process' or 'docker', got {self.runtime!r}")
         if self.cpu < 0 or self.memory_bytes < 0 or self.max_tasks < 0:
             raise ValueError("cpu, memory and max_tasks must not be negative")
-        if self.log_max_bytes <= 0:
-            raise ValueError("log_max_bytes must be positive")
+        if self.log_limit_bytes < 0:
+            raise ValueError("log_limit_bytes must not be negative")
         if self.leave_running and self.runtime != "docker":
             raise ValueError("leave_running needs the docker runtime, the one that recovers work")
         if self.reconnect_initial <= 0 or self.reconnect_max < self.reconnect_initial:

@@ -122,6 +122,10 @@ class Runner:
         ev = t.TaskEvent(time=_now(), attempt=ref.attempt, kind=kind, message=message[:1024])
         self.on_event(agent_pb2.TaskEventReport(ref=ref, event=ev))
 
+    def is_running(self, ref: agent_pb2.AttemptRef) -> bool:
+        """Whether the attempt is assigned here and not over (its output may still grow)."""
+        return _key(ref) in self.attempts
+
     def running_refs(self) -> list[agent_pb2.AttemptRef]:
         return [a.ref for a in self.attempts.values()]
 
@@ -384,6 +388,7 @@ class Runner:
             gpu_indices=list(a.gpu_indices),
             labels=labels,
             image_pull_policy=spec.image_pull_policy,
+            log_limit_bytes=self.config.log_limit_bytes,
             on_event=lambda kind, message: self.event(ref, kind, message),
         )
         status.started_at.CopyFrom(_now())

@@ -354,6 +354,34 @@ class Engine:
             )
         return out
 
+    async def get_task(self, run_id: str, task: str) -> t.TaskRun:
+        """Return one task of a run (from the cache, or etcd for finished runs no longer cached).
+
+        Raises:
+            NotFound: no such run, or the run has no such task.
+        """
+        entry = self.runs.get(run_id)
+        if entry is not None:
+            e = entry.tasks.get(task)
+            if e is None:
+                raise NotFound(f"task {task!r} not found in run {run_id}")
+            out = t.TaskRun()
+            out.CopyFrom(e.msg)
+            return out
+        if await self.store.get(self.keys.run(run_id)) is None:
+            raise NotFound(f"run {run_id!r} not found")
+        kv = await self.store.get(self.keys.task(run_id, task))
+        if kv is None:
+            raise NotFound(f"task {task!r} not found in run {run_id}")
+        return t.TaskRun.FromString(kv.value)
+
+    def session_of(self, node: str) -> AgentSession | None:
+        """The open stream of a node's agent, or None when the node is not connected here."""
+        st = self.nodes.get(node)
+        if st is None or st.session is None or st.session.closed:
+            return None
+        return st.session
+
     async def list_nodes(self) -> list[t.Node]:
         kvs, _ = await self.store.range(self.keys.nodes)
         out = []

@@ -8,10 +8,18 @@ from collections.abc import Callable
 
 import grpc
 
-from tether.sdk.errors import InvalidSpecError
+from tether.sdk.errors import ERROR_REASON_KEY, InvalidSpecError
 from tether.sdk.telemetry import get_logger
 
-__all__ = ["Conflict", "FailedPrecondition", "NotFound", "StoreUnavailable", "grpc_errors"]
+__all__ = [
+    "Conflict",
+    "FailedPrecondition",
+    "NodeUnavailable",
+    "NotFound",
+    "ResourceExhausted",
+    "StoreUnavailable",
+    "grpc_errors",
+]
 
 log = get_logger("controller.errors")
 
@@ -40,6 +48,14 @@ class OutOfRange(Exception):
     """A revision or page token is no longer available."""
 
 
+class NodeUnavailable(Exception):
+    """The node a request must reach (say, for an attempt's logs) is not connected."""
+
+
+class ResourceExhausted(Exception):
+    """A per-request limit was reached (say, a log stream's client fell too far behind)."""
+
+
 _CODES: dict[type[BaseException], grpc.StatusCode] = {
     InvalidSpecError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -48,7 +64,23 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     NotLeader: grpc.StatusCode.UNAVAILABLE,
     OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    NodeUnavailable: grpc.StatusCode.UNAVAILABLE,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+
+# Reasons sent with the status (trailing metadata, see ERROR_REASON_KEY) where the code alone
+# does not tell a client what to do: of these UNAVAILABLEs, only a node being away is not
+# helped by asking another controller. Other errors send the code's name.
+_REASONS: dict[type[BaseException], str] = {
+    NotLeader: "not_leader",
+    StoreUnavailable: "store_unavailable",
+    NodeUnavailable: "node_unavailable",
+}
+
+
+def _trailers(exc: BaseException, code: grpc.StatusCode) -> tuple[tuple[str, str], ...]:
+    reason = next((r for cls, r in _REASONS.items() if isinstance(exc, cls)), code.name.lower())
+    return ((ERROR_REASON_KEY, reason),)
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -76,7 +108,7 @@ def grpc_errors(fn: Callable) -> Callable:
                 raise
             except Exception as exc:  # the one place errors become statuses
                 code, msg = _status_for(exc)
-                await context.abort(code, msg)
+                await context.abort(code, msg, trailing_metadata=_trailers(exc, code))
 
         return stream
 
@@ -88,6 +120,6 @@ def grpc_errors(fn: Callable) -> Callable:
             raise
         except Exception as exc:  # the one place errors become statuses
             code, msg = _status_for(exc)
-            await context.abort(code, msg)
+            await context.abort(code, msg, trailing_metadata=_trailers(exc, code))
 
     return unary

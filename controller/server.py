@@ -14,6 +14,7 @@ from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_
 from tether.controller.config import ControllerConfig
 from tether.controller.engine import Engine
 from tether.controller.leader import Leadership
+from tether.controller.logs import LogRouter
 from tether.controller.service import AgentServicer, ControllerServicer
 from tether.controller.store import Store
 from tether.sdk.telemetry import get_logger, make_tracer_provider
@@ -44,6 +45,9 @@ class ControllerServer:
         self.engine: Engine | None = None
         self.leadership: Leadership | None = None
         self.terms = 0
+        # One router for every term: each log stream is bound to an agent session, and sessions
+        # end with their term.
+        self.logs = LogRouter()
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -83,9 +87,9 @@ class ControllerServer:
         server = grpc.aio.server(options=opts)
         current = lambda: self.engine  # noqa: E731 - the servicers' view of the current term
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(
-            ControllerServicer(current, self.tracer), server
+            ControllerServicer(current, self.tracer, self.logs), server
         )
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(current), server)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(current, self.logs), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -20,6 +20,7 @@ from tether.controller import lifecycle as lc
 from tether.controller.engine import AgentSession, Engine
 from tether.controller.errors import FailedPrecondition, NotFound, NotLeader, grpc_errors
 from tether.controller.lifecycle import IllegalTransition
+from tether.controller.logs import LogRouter
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
 from tether.sdk.validation import FieldViolation
@@ -50,11 +51,23 @@ class _LeaderOnly:
 
 
 class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServicer):
-    """The API the SDK and CLI use."""
+    """The API the SDK and CLI use.
 
-    def __init__(self, current_engine: Callable[[], Engine | None], tracer: trace.Tracer) -> None:
+    Args:
+        current_engine: The engine of the current leadership term (None while standing by).
+        tracer: Tracer for submit spans.
+        logs: Relays attempt logs from agents; shared with the :class:`AgentServicer`.
+    """
+
+    def __init__(
+        self,
+        current_engine: Callable[[], Engine | None],
+        tracer: trace.Tracer,
+        logs: LogRouter,
+    ) -> None:
         super().__init__(current_engine)
         self.tracer = tracer
+        self.logs = logs
 
     @grpc_errors
     async def SubmitWorkflow(self, request, context):
@@ -168,6 +181,13 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
         return controller_pb2.CancelRunResponse()
 
     @grpc_errors
+    async def StreamLogs(self, request, context):
+        async for data in self.logs.stream(
+            lambda: self.engine, request.run_id, request.task, request.attempt, request.follow
+        ):
+            yield data
+
+    @grpc_errors
     async def ListNodes(self, request, context):
         return controller_pb2.ListNodesResponse(nodes=await self.engine.list_nodes())
 
@@ -203,7 +223,16 @@ async def _merge_watches(store, run_key: str, task_prefix: str, revision: int):
 
 
 class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
-    """One bidirectional stream per agent."""
+    """One bidirectional stream per agent.
+
+    Args:
+        current_engine: The engine of the current leadership term (None while standing by).
+        logs: Where the agents' log chunks go; shared with the :class:`ControllerServicer`.
+    """
+
+    def __init__(self, current_engine: Callable[[], Engine | None], logs: LogRouter) -> None:
+        super().__init__(current_engine)
+        self.logs = logs
 
     async def Connect(self, request_iterator, context):
         try:
@@ -235,6 +264,7 @@ class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
         finally:
             reader.cancel()
             engine.disconnected(session)
+            self.logs.disconnected(session)
 
     async def _read(self, engine: Engine, session: AgentSession, request_iterator) -> None:
         try:
@@ -245,6 +275,8 @@ class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
                         engine.on_status(session, msg.status)
                     elif kind == "event":
                         engine.on_event(session, msg.event)
+                    elif kind == "log_chunk":
+                        self.logs.on_chunk(session, msg.log_chunk)
                 except IllegalTransition as e:
                     # A refused move is a bug to see in the logs, not a reason to drop the node.
                     log.error("refused state change", node=session.node, error=str(e))

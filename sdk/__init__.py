@@ -3,7 +3,7 @@
 from tether.sdk import Client, Workflow
 """
 
-from tether.sdk.client import Client, RunHandle
+from tether.sdk.client import Client, LogChunk, RunHandle
 from tether.sdk.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -19,6 +19,7 @@ __all__ = [
     "Client",
     "FailedPreconditionError",
     "InvalidSpecError",
+    "LogChunk",
     "NotFoundError",
     "RunHandle",
     "Task",

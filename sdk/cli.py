@@ -8,6 +8,7 @@ client-only install has a working ``tether``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from importlib.metadata import entry_points
@@ -289,6 +290,46 @@ def cancel(ctx, run_id, task):
 
 
 @cli.command()
+@click.argument("run_id")
+@click.argument("task")
+@click.option(
+    "--attempt",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Attempt number, 1 for the first [default: the current attempt].",
+)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the attempt ends.")
+@click.option("--stdout-only", is_flag=True, help="Print only the task's stdout.")
+@click.option("--stderr-only", is_flag=True, help="Print only the task's stderr.")
+@click.pass_context
+def logs(ctx, run_id, task, attempt, follow, stdout_only, stderr_only):
+    """Print what TASK of RUN_ID wrote: its stdout to stdout, its stderr to stderr.
+
+    The logs come from the node that ran the attempt, which must be connected.
+    """
+    if stdout_only and stderr_only:
+        raise click.UsageError("--stdout-only and --stderr-only exclude each other")
+    sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    if stdout_only:
+        del sinks["stderr"]
+    if stderr_only:
+        del sinks["stdout"]
+    chunks = _client(ctx).logs(run_id, task, attempt=attempt, follow=follow)
+    try:
+        for chunk in chunks:
+            sink = sinks.get(chunk.stream)
+            if sink is not None:
+                sink.write(chunk.data)
+                sink.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly. Point stdout at /dev/null so the
+        # interpreter's final flush does not complain about the closed pipe.
+        chunks.close()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print nodes as JSON.")
 @click.pass_context
 def nodes(ctx, as_json):
@@ -326,7 +367,8 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except TetherError as e:
-        err_console.print(f"error: {e.message}", markup=False, highlight=False)
+        # soft_wrap: one line however narrow the terminal, so scripts can grep it.
+        err_console.print(f"error: {e.message}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import grpc
 from opentelemetry import trace
@@ -25,7 +26,7 @@ from tether.sdk.spec import Workflow
 from tether.sdk.telemetry import current_traceparent
 from tether.sdk.validation import validate_params
 
-__all__ = ["DEFAULT_CONTROLLER", "TERMINAL_RUN_STATES", "Client", "RunHandle"]
+__all__ = ["DEFAULT_CONTROLLER", "TERMINAL_RUN_STATES", "Client", "LogChunk", "RunHandle"]
 
 DEFAULT_CONTROLLER = "127.0.0.1:7070"
 TERMINAL_RUN_STATES = frozenset(
@@ -61,6 +62,20 @@ _SERVICE_CONFIG = json.dumps(
 )
 
 _tracer = trace.get_tracer("tether.sdk")
+
+
+class LogChunk(NamedTuple):
+    """A piece of an attempt's log, as :meth:`Client.logs` yields it.
+
+    Attributes:
+        stream: ``"stdout"`` or ``"stderr"``.
+        data: Raw bytes (at most 64 KiB), in order within their stream; not split at lines.
+        attempt: The attempt the bytes belong to (useful when asking for the current one).
+    """
+
+    stream: str
+    data: bytes
+    attempt: int
 
 
 class Client:
@@ -184,6 +199,56 @@ class Client:
                 self._next_controller()  # callers resume from the last revision
             raise from_rpc_error(e) from None
 
+    def logs(
+        self, run_id: str, task: str, attempt: int = 0, follow: bool = False
+    ) -> Iterator[LogChunk]:
+        """Stream the stdout and stderr of one attempt of a task from the node that ran it.
+
+        The node keeps each attempt's output on its disk, up to the agent's log limit (64 MiB
+        per stream by default; a note at the end says when output was cut). Errors are
+        raised while iterating; stopping early (``break``, ``close()``) ends the stream on the
+        controller and the node.
+
+        Args:
+            run_id: The run.
+            task: The task's name.
+            attempt: Attempt number (1 is the first); 0 means the task's current attempt.
+            follow: Keep streaming while the attempt runs and end when it does. Following a
+                task that has not started yet waits for its attempt to start.
+
+        Yields:
+            :class:`LogChunk` tuples ``(stream, data, attempt)``.
+
+        Raises:
+            InvalidSpecError: empty ``run_id`` or ``task``, or ``attempt`` < 0.
+            NotFoundError: no such run, task or attempt, or the node no longer has the logs.
+            UnavailableError: the node that ran the attempt is not connected (``reason``
+                ``"node_unavailable"``; also when it leaves mid-stream), or no controller can
+                be reached.
+        """
+        request = controller_pb2.StreamLogsRequest(
+            run_id=run_id, task=task, attempt=attempt, follow=follow
+        )
+        for tried in range(len(self._stubs)):
+            call = self._stub.StreamLogs(request)
+            started = False
+            try:
+                for data in call:
+                    started = True
+                    yield LogChunk(data.stream, data.data, data.attempt)
+                return
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+                if err.code != grpc.StatusCode.UNAVAILABLE or err.reason == "node_unavailable":
+                    raise err from None
+                # This controller is down or standing by: the next one may lead. A stream cut
+                # mid-way is not resumed (it would repeat output); the caller asks again.
+                self._next_controller()
+                if started or tried + 1 == len(self._stubs):
+                    raise err from None
+            finally:
+                call.cancel()  # a no-op once the stream has ended
+
     def cancel(self, run_id: str, task: str = "", reason: str = "") -> None:
         """Cancel a run, or one task of it."""
         self._call(
@@ -241,6 +306,10 @@ class RunHandle:
             if deadline and time.monotonic() > deadline:
                 raise TimeoutError(f"run {self.id} did not finish in {timeout}s")
             time.sleep(0.2)
+
+    def logs(self, task: str, attempt: int = 0, follow: bool = False) -> Iterator[LogChunk]:
+        """The stdout and stderr of one attempt of ``task``; see :meth:`Client.logs`."""
+        return self.client.logs(self.id, task, attempt, follow)
 
     def outputs(self) -> dict[str, object]:
         """Each task's output (parsed JSON), for tasks that wrote one."""

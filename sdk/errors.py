@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from tether.sdk.validation import FieldViolation
 
 __all__ = [
+    "ERROR_REASON_KEY",
     "AlreadyExistsError",
     "FailedPreconditionError",
     "InvalidSpecError",
@@ -25,10 +26,22 @@ __all__ = [
 ]
 
 
+# Trailing metadata the controller puts on every status it returns itself: a short reason a
+# client can act on where the code alone does not say enough ("not_leader": ask another
+# controller; "node_unavailable": another controller will not help), else the code's name in
+# lower case ("not_found"). Absent when gRPC could not reach the controller at all.
+ERROR_REASON_KEY = "tether-error-reason"
+
+
 class TetherError(Exception):
-    """Base of every SDK error. ``code`` is the gRPC status code, when one applies."""
+    """Base of every SDK error. ``code`` is the gRPC status code, when one applies.
+
+    ``reason`` says why, as the controller put it (for example ``"node_unavailable"`` or
+    ``"not_leader"``); it is empty when the controller was not reached.
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    reason: str = ""
 
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
@@ -70,7 +83,8 @@ class FailedPreconditionError(TetherError):
 
 
 class UnavailableError(TetherError):
-    """The controller cannot be reached or cannot reach etcd (``UNAVAILABLE``); retryable."""
+    """The controller cannot be reached or cannot reach etcd, or the node a request needs is
+    not connected (``reason`` ``"node_unavailable"``) (``UNAVAILABLE``); retryable."""
 
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -94,9 +108,19 @@ def from_rpc_error(err: grpc.RpcError) -> TetherError:
     """Turn a gRPC error into the matching Tether exception, keeping code and details."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = (err.details() if hasattr(err, "details") else None) or str(code)
+    reason = _reason_of(err)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidSpecError(details)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        details = f"controller unavailable: {details}"
-    cls = _BY_CODE.get(code, TetherError)
-    return cls(details, code)
+        exc: TetherError = InvalidSpecError(details)
+    else:
+        if code == grpc.StatusCode.UNAVAILABLE and not reason:
+            details = f"controller unavailable: {details}"
+        exc = _BY_CODE.get(code, TetherError)(details, code)
+    exc.reason = reason
+    return exc
+
+
+def _reason_of(err: grpc.RpcError) -> str:
+    """The controller's reason for the status; empty when gRPC failed to reach it."""
+    trailing = getattr(err, "trailing_metadata", None)  # absent on a bare RpcError
+    metadata = (trailing() if callable(trailing) else None) or ()
+    return next((v for k, v in metadata if k == ERROR_REASON_KEY), "")

@@ -36,7 +36,7 @@ def spec(tmp_path: Path, **kw) -> LaunchSpec:
 
 def test_container_mapping(tmp_path):
     container, host = create_args(
-        spec(tmp_path, cpu=1.5, memory_bytes=2**30), node="n1", log_max_bytes=2**20
+        spec(tmp_path, cpu=1.5, memory_bytes=2**30, log_limit_bytes=2**20), node="n1"
     )
     assert container["image"] == "python:3.12-slim"
     # The task's command is the program: it replaces the image's entrypoint.
@@ -58,12 +58,16 @@ def test_container_mapping(tmp_path):
     assert host["nano_cpus"] == 1_500_000_000
     assert host["mem_limit"] == host["memswap_limit"] == 2**30
     assert host["init"] is True
+    # The engine keeps a bounded copy (room for JSON framing); with no limit, all of it.
     assert host["log_config"]["Type"] == "json-file"
+    assert int(host["log_config"]["Config"]["max-size"]) >= 16 * 2**20
+    _, unlimited = create_args(spec(tmp_path, log_limit_bytes=0), "n1")
+    assert unlimited["log_config"]["Config"] == {}
     assert "device_requests" not in host
 
 
 def test_no_limits_when_the_task_asks_for_none_and_explicit_working_dir(tmp_path):
-    container, host = create_args(spec(tmp_path, working_dir="/work"), "n1", 2**20)
+    container, host = create_args(spec(tmp_path, working_dir="/work"), "n1")
     assert container["working_dir"] == "/work"
     assert not {"nano_cpus", "mem_limit", "memswap_limit"} & set(host)
 
@@ -76,17 +80,17 @@ def test_gpus_become_one_nvidia_device_request_with_the_chosen_ids(tmp_path):
     assert req["Capabilities"] == [["gpu"]]
     assert not req.get("Count"), "an engine refuses Count together with DeviceIDs"
     env = {"CUDA_VISIBLE_DEVICES": "0,2", "NVIDIA_VISIBLE_DEVICES": "0,2"}
-    container, host = create_args(spec(tmp_path, gpu_indices=[0, 2], env=env), "n1", 2**20)
+    container, host = create_args(spec(tmp_path, gpu_indices=[0, 2], env=env), "n1")
     assert host["device_requests"] == [req]
     assert container["environment"] == env
 
 
 def test_bad_specs_are_refused_before_reaching_the_engine(tmp_path):
     with pytest.raises(RuntimeError_) as e:
-        create_args(spec(tmp_path, image=""), "n1", 2**20)
+        create_args(spec(tmp_path, image=""), "n1")
     assert e.value.reason == "image"
     with pytest.raises(RuntimeError_):
-        create_args(spec(tmp_path, command=[]), "n1", 2**20)
+        create_args(spec(tmp_path, command=[]), "n1")
     assert pull_policy(spec(tmp_path)) == "if-not-present"
     assert pull_policy(spec(tmp_path, image_pull_policy="always")) == "always"
     with pytest.raises(RuntimeError_):

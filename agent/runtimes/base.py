@@ -41,6 +41,10 @@ class LaunchSpec:
     labels: dict[str, str] = field(default_factory=dict)
     # "if-not-present" (or ""), "always" or "never": when a container runtime pulls `image`.
     image_pull_policy: str = ""
+    # Most bytes kept in each of stdout_path and stderr_path (AgentConfig.log_limit_bytes);
+    # later output is drained and discarded, with a note at the end of the file (see
+    # tether.agent.runtimes.capped_log). 0 keeps everything.
+    log_limit_bytes: int = 0
     # Report an event of this attempt to the controller: on_event(kind, message).
     on_event: Callable[[str, str], None] | None = field(default=None, compare=False)
 
@@ -58,7 +62,11 @@ class TaskHandle(Protocol):
     """A started attempt."""
 
     async def wait(self) -> ExitStatus:
-        """Wait for the attempt to end."""
+        """Wait for the attempt to end and its output to be in its log files.
+
+        ``tether logs -f`` stops following once this returns, so output written to the log
+        files afterwards is not streamed.
+        """
         ...
 
     async def stop(self, grace: float) -> None:

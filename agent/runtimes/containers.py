@@ -65,7 +65,18 @@ def device_requests(gpu_indices: list[int]) -> list[DeviceRequest]:
     ]
 
 
-def create_args(spec: LaunchSpec, node: str, log_max_bytes: int) -> tuple[dict, dict]:
+def _log_config(limit: int) -> LogConfig:
+    # The engine's copy of the output is what the log files are written from, and json-file
+    # can be read back on every engine. It is bounded like the files, with room for JSON
+    # framing, which makes short lines many times larger than the text they hold.
+    if limit <= 0:
+        return LogConfig(type="json-file", config={})
+    return LogConfig(
+        type="json-file", config={"max-size": str(max(16 * limit, 8 * 2**20)), "max-file": "2"}
+    )
+
+
+def create_args(spec: LaunchSpec, node: str) -> tuple[dict, dict]:
     """Keyword arguments for ``APIClient.create_container`` and ``create_host_config``.
 
     The task's ``command`` replaces the image's entrypoint (as a Kubernetes ``command``
@@ -76,7 +87,6 @@ def create_args(spec: LaunchSpec, node: str, log_max_bytes: int) -> tuple[dict, 
         spec: The attempt to run.
         node: This agent's node name, recorded as a label so a restarted agent finds its own
             containers on an engine that other nodes' agents may share.
-        log_max_bytes: The runtime's cap on each log file; the engine keeps about as much.
 
     Raises:
         RuntimeError_: The spec cannot be run in a container (no image, no command).
@@ -102,13 +112,7 @@ def create_args(spec: LaunchSpec, node: str, log_max_bytes: int) -> tuple[dict, 
         # A tiny init as PID 1 forwards SIGTERM to the task (a program that is PID 1 itself
         # ignores it) and reaps zombies, so a cancel ends within the grace period.
         "init": True,
-        # The engine's copy of the output is what the log files are written from; json-file
-        # can be read back on every engine. Bounded too, with room for JSON framing, which
-        # makes short lines many times larger than the text they hold.
-        "log_config": LogConfig(
-            type="json-file",
-            config={"max-size": str(max(16 * log_max_bytes, 8 * 2**20)), "max-file": "2"},
-        ),
+        "log_config": _log_config(spec.log_limit_bytes),
     }
     if spec.cpu > 0:
         host["nano_cpus"] = int(spec.cpu * 1e9)

@@ -206,7 +206,8 @@ class DockerRuntime:
 
     Args:
         config: The agent's configuration: ``docker_host`` (else ``DOCKER_HOST`` or the
-            default socket), ``node``, ``work_dir`` and ``log_max_bytes`` are used.
+            default socket), ``node``, ``work_dir`` and ``log_limit_bytes`` (for the logs of
+            recovered containers; started ones use their ``LaunchSpec.log_limit_bytes``).
         api: An engine client to use instead of connecting (tests, benchmarks).
     """
 
@@ -317,7 +318,7 @@ class DockerRuntime:
             raise RuntimeError_(f"docker engine unreachable: {e}") from e
 
     async def _start(self, spec: LaunchSpec) -> _ContainerHandle:
-        container, host = create_args(spec, self.config.node, self.config.log_max_bytes)
+        container, host = create_args(spec, self.config.node)
         api = await self.api()
         await self._ensure_image(api, spec)
         # The image may run as a user other than root; it must still write its output file.
@@ -334,7 +335,14 @@ class DockerRuntime:
             with contextlib.suppress(docker.errors.DockerException):
                 await asyncio.to_thread(api.remove_container, cid, force=True)
             raise RuntimeError_(f"cannot start the container: {_explain(e)}") from e
-        logs = follow_logs(api, cid, spec.stdout_path, spec.stderr_path, self.config.log_max_bytes)
+        logs = follow_logs(
+            api,
+            cid,
+            spec.stdout_path,
+            spec.stderr_path,
+            spec.log_limit_bytes,
+            on_truncate=_truncation_reporter(spec),
+        )
         return _ContainerHandle(api, cid, logs, self._engine_reports_oom)
 
     @staticmethod
@@ -386,7 +394,7 @@ class DockerRuntime:
                 c["Id"],
                 d / STDOUT_FILE,
                 d / STDERR_FILE,
-                self.config.log_max_bytes,
+                self.config.log_limit_bytes,
                 follow=running,
             )
             out.append(
@@ -398,6 +406,16 @@ class DockerRuntime:
                 )
             )
         return out
+
+
+def _truncation_reporter(spec: LaunchSpec) -> Callable[[str], None] | None:
+    if spec.on_event is None:
+        return None
+    emit = _threadsafe(spec.on_event)
+    limit = spec.log_limit_bytes
+    return lambda stream: emit(
+        "log_truncated", f"{stream} reached the log limit of {limit} bytes; the rest was discarded"
+    )
 
 
 def _threadsafe(fn: Callable[[str, str], None]) -> Callable[[str, str], None]:

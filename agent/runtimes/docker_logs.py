@@ -2,21 +2,23 @@
 
 Each stream is read from the engine's log (``GET /containers/{id}/logs``) from its first byte,
 so a follower started after the container, or by an agent that restarted while the container
-ran, still writes the whole output. While the container runs the file is followed and flushed
-as data arrives, for readers that tail it; once it has exited the file is copied once more and
-atomically replaced (unless the cap was reached), because a follower can miss the last writes of
-an exiting container (seen with Docker 20.10's json-file driver).
+ran, still writes the whole output. While the container runs the file is followed and written
+as data arrives, for readers that tail it (``tether logs -f``). Once it has exited, the engine's
+log is read once more and whatever the follower had not written is appended, because a
+follower can miss the last writes of an exiting container (seen with Docker 20.10's json-file
+driver).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 import docker
 
+from tether.agent.runtimes.capped_log import truncation_note
 from tether.agent.runtimes.threads import in_thread
 from tether.sdk.telemetry import get_logger
 
@@ -33,8 +35,9 @@ class LogFollower:
         container_id: The container.
         stream: ``"stdout"`` or ``"stderr"``.
         path: The file to (re)write.
-        max_bytes: Most bytes written; the rest is dropped with a note at the end.
+        limit: Most bytes written; the rest is dropped, with a note at the end. 0: no cap.
         follow: Keep reading until the container exits (False: copy what is there).
+        on_truncate: Called once (from the copying thread) when output first passes the cap.
     """
 
     def __init__(
@@ -43,28 +46,31 @@ class LogFollower:
         container_id: str,
         stream: str,
         path: Path,
-        max_bytes: int,
+        limit: int,
         follow: bool = True,
+        on_truncate: Callable[[], None] | None = None,
     ) -> None:
         self.api = api
         self.container_id = container_id
         self.stream = stream
         self.path = path
-        self.max_bytes = max_bytes
+        self.limit = limit
         self.follow = follow
         self.written = 0
         self.truncated = False
+        self._on_truncate = on_truncate
         self._source = None
         self._closed = False
         self._done: asyncio.Future | None = None
 
     def start(self) -> None:
-        """Start copying (from the event loop)."""
+        """Start copying (from the event loop): the file is emptied and written anew."""
         self._done = in_thread(
-            self._copy, self.path, self.follow, name=f"logs {self.container_id[:12]} {self.stream}"
+            self._copy, self.follow, 0, name=f"logs {self.container_id[:12]} {self.stream}"
         )
 
-    def _copy(self, path: Path, follow: bool) -> None:
+    def _copy(self, follow: bool, skip: int) -> None:
+        """Copy the engine's log into the file; the first ``skip`` bytes are there already."""
         try:
             source = self.api.logs(
                 self.container_id,
@@ -81,32 +87,34 @@ class LogFollower:
             if self._closed:
                 source.close()
                 return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        written = 0
-        with open(path, "wb") as f:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab" if skip else "wb", buffering=0) as f:
             try:
                 for chunk in source:
-                    room = self.max_bytes - written
-                    f.write(chunk[:room])
-                    written += min(len(chunk), room)
-                    if len(chunk) > room:
-                        self.truncated = True
-                        f.write(f"\n[tether: log cut at {self.max_bytes} bytes]\n".encode())
+                    if skip:
+                        chunk, skip = chunk[skip:], max(0, skip - len(chunk))
+                    if chunk and not self._write(f, chunk):
                         break
-                    f.flush()
             except Exception as e:  # the engine went away mid-stream: keep what we have
                 if not self._closed:
                     log.warning("container log broke", container=self.container_id, error=str(e))
             finally:
-                self.written = written
                 with contextlib.suppress(Exception):
                     source.close()
 
-    def _final_copy(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        self._copy(tmp, follow=False)
-        if tmp.exists():
-            os.replace(tmp, self.path)
+    def _write(self, f, chunk: bytes) -> bool:
+        """Append ``chunk`` under the cap; False once the cap is reached."""
+        if self.limit > 0 and self.written + len(chunk) > self.limit:
+            keep = self.limit - self.written
+            f.write(chunk[:keep] + truncation_note(self.limit))
+            self.written += keep
+            self.truncated = True
+            if self._on_truncate is not None:
+                self._on_truncate()
+            return False
+        f.write(chunk)
+        self.written += len(chunk)
+        return True
 
     def close(self) -> None:
         """Stop following: the thread ends after the chunk it is writing."""
@@ -128,13 +136,13 @@ class LogFollower:
         return True
 
     async def finish(self) -> None:
-        """The container has exited: stop following and write the file from the engine's
-        complete copy."""
+        """The container has exited: stop following, then append what the follower missed
+        from the engine's complete copy."""
         self.close()
-        await self.join(1.0)
-        # A follower that reached the cap already has all that is kept.
+        if not await self.join(1.0):
+            return  # still writing: appending now would interleave
         if self.follow and not self.truncated:
-            await asyncio.to_thread(self._final_copy)
+            await asyncio.to_thread(self._copy, False, self.written)
 
 
 def follow_logs(
@@ -142,13 +150,25 @@ def follow_logs(
     container_id: str,
     stdout_path: Path,
     stderr_path: Path,
-    max_bytes: int,
+    limit: int,
     follow: bool = True,
+    on_truncate: Callable[[str], None] | None = None,
 ) -> list[LogFollower]:
-    """Start a follower for stdout and one for stderr."""
+    """Start a follower for stdout and one for stderr.
+
+    ``on_truncate(stream)`` is called from a copying thread when a stream reaches the cap.
+    """
     out = [
-        LogFollower(api, container_id, "stdout", stdout_path, max_bytes, follow),
-        LogFollower(api, container_id, "stderr", stderr_path, max_bytes, follow),
+        LogFollower(
+            api,
+            container_id,
+            stream,
+            path,
+            limit,
+            follow,
+            (lambda s=stream: on_truncate(s)) if on_truncate else None,
+        )
+        for stream, path in (("stdout", stdout_path), ("stderr", stderr_path))
     ]
     for f in out:
         f.start()

@@ -13,6 +13,7 @@ from dockerutil import BUSYBOX, NODE_PREFIX, is_podman, launch_spec, managed_con
 
 from tether.agent.config import AgentConfig
 from tether.agent.runtimes.base import RuntimeError_
+from tether.agent.runtimes.capped_log import truncation_note
 from tether.agent.runtimes.containers import create_args
 from tether.agent.runtimes.docker import DockerRuntime
 
@@ -139,16 +140,23 @@ def test_stop_is_sigterm_then_sigkill_after_the_grace(runtime):
 
 
 def test_logs_are_capped(docker_api, busybox_image, tmp_path):
-    rt = DockerRuntime(
-        AgentConfig(node=NODE, runtime="docker", work_dir=tmp_path / "w", log_max_bytes=1000)
+    rt = DockerRuntime(AgentConfig(node=NODE, runtime="docker", work_dir=tmp_path / "w"))
+    events = []
+    spec = launch_spec(
+        rt.config.work_dir,
+        ["sh", "-c", "yes tether | head -c 100000; echo e >&2"],
+        log_limit_bytes=1000,
+        on_event=lambda kind, message: events.append((kind, message)),
     )
-    spec = launch_spec(rt.config.work_dir, ["sh", "-c", "yes tether | head -c 100000; echo e >&2"])
     _, status = run(start_and_wait(rt, spec))
     assert status.exit_code == 0
     text = spec.stdout_path.read_text()
-    assert text.startswith("tether\ntether\n")
-    assert text.endswith("\n[tether: log cut at 1000 bytes]\n")
-    assert len(text) < 1100
+    note = truncation_note(1000).decode()
+    assert text.startswith("tether\ntether\n") and text.endswith(note)
+    assert len(text) == 1000 + len(note)
+    assert events == [
+        ("log_truncated", "stdout reached the log limit of 1000 bytes; the rest was discarded")
+    ]
     assert spec.stderr_path.read_text() == "e\n"
 
 
@@ -219,7 +227,7 @@ def test_gpu_device_requests_reach_the_engine(runtime, docker_api):
         pytest.skip("Podman's Docker API ignores device requests (Podman uses CDI for GPUs)")
     env = {"CUDA_VISIBLE_DEVICES": "1,3", "NVIDIA_VISIBLE_DEVICES": "1,3"}
     spec = launch_spec(runtime.config.work_dir, ["true"], gpu_indices=[1, 3], env=env)
-    container, host = create_args(spec, NODE, runtime.config.log_max_bytes)
+    container, host = create_args(spec, NODE)
     created = docker_api.create_container(
         **dict(container, name=None), host_config=docker_api.create_host_config(**host)
     )

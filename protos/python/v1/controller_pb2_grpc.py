@@ -134,9 +134,15 @@ class ControllerServiceServicer:
 
     def StreamLogs(self, request, context):
         """Streams the stdout and stderr of a task's attempt from the node that ran
-        it, through the controller (the agent keeps logs on its disk).
-        Errors: INVALID_ARGUMENT (empty run_id or task, attempt < 0), NOT_FOUND
-        (run, task or attempt unknown), UNAVAILABLE (the node is not connected).
+        it, through the controller (the agent keeps logs on its disk, each stream
+        cut at the agent's log limit with a note saying so). All of stdout may
+        come before stderr; only the order within a stream is kept. The stream
+        ends when everything was sent (with `follow`: once the attempt ended).
+        Errors: INVALID_ARGUMENT (empty run_id or task, attempt < 0; the message
+        names the field), NOT_FOUND (run, task or attempt unknown, or the node no
+        longer has the attempt's logs), UNAVAILABLE (the node is not connected,
+        or disconnected mid-stream; retry), RESOURCE_EXHAUSTED (the client read
+        so slowly that the controller stopped buffering for it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
