@@ -62,6 +62,20 @@ def test_tasks_run_in_containers_and_are_removed_once_recorded(mesh, docker_api,
     mesh.wait_for(lambda: not containers_of(docker_api, run.id), 10, "containers removed")
 
 
+def test_tether_logs_follows_a_container_to_its_end(mesh, busybox_image):
+    mesh.add_agent(A, runtime="docker")
+    wf = Workflow("logs")
+    script = "for i in 1 2 3; do echo out-$i; echo err-$i >&2; sleep 0.3; done; echo last"
+    wf.task("talk", sh(script), image=BUSYBOX)
+    run = mesh.client().submit(wf)
+    chunks = list(run.logs("talk", follow=True))
+    out = b"".join(c.data for c in chunks if c.stream == "stdout").decode()
+    err = b"".join(c.data for c in chunks if c.stream == "stderr").decode()
+    assert out == "out-1\nout-2\nout-3\nlast\n"
+    assert err == "err-1\nerr-2\nerr-3\n"
+    assert run.wait(timeout=20).state == R.RUN_STATE_SUCCEEDED
+
+
 def test_cancel_stops_the_container_within_the_grace_period(mesh, docker_api, busybox_image):
     mesh.add_agent(A, runtime="docker")
     wf = Workflow("cancel")
