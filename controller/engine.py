@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
-import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from google.protobuf import duration_pb2, timestamp_pb2
 from opentelemetry import trace
@@ -29,104 +26,22 @@ from tether.controller import lifecycle as lc
 from tether.controller.committer import Committer
 from tether.controller.config import ControllerConfig
 from tether.controller.errors import FailedPrecondition, NotFound
+from tether.controller.records import AgentSession, RunEntry, TaskEntry, new_run_id, now
+from tether.controller.retry import retry_delay
 from tether.controller.scheduler import NodeState, first_fit, never_fits
 from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.telemetry import context_from_traceparent, get_logger, traceparent_of
-from tether.sdk.templating import TemplateError, render
+from tether.sdk.templating import TemplateError, render_spec
 from tether.sdk.validation import validate_params, validate_workflow
 
-__all__ = ["AgentSession", "Engine"]
+__all__ = ["Engine"]
 
 log = get_logger("controller.engine")
 
 _FINAL_REPORTS = {lc.SUCCEEDED, lc.FAILED, lc.CANCELLED}
 _MAX_OUTPUT = 64 * 1024
 _MAX_EVENTS = 50
-
-
-def _now() -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
-    return ts
-
-
-def _seconds(d: duration_pb2.Duration) -> float:
-    return d.seconds + d.nanos / 1e9
-
-
-def retry_delay(
-    spec: t.TaskSpec,
-    failures: int,
-    config: ControllerConfig,
-    rand: Callable[[], float] = random.random,
-) -> float:
-    """Seconds to wait before the attempt after the ``failures``-th failure.
-
-    ``initial * factor**(failures-1)``, capped at ``max``, then spread by ``± jitter``; fields
-    the task leaves unset come from the controller's configuration.
-    """
-    b = spec.backoff
-    initial = _seconds(b.initial) if b.HasField("initial") else config.retry_initial
-    factor = b.factor or config.retry_factor
-    cap = _seconds(b.max) if b.HasField("max") and _seconds(b.max) > 0 else config.retry_max
-    jitter = b.jitter if spec.HasField("backoff") else config.retry_jitter
-    delay = min(initial, cap)
-    for _ in range(max(failures - 1, 0)):  # stepwise, so a huge factor cannot overflow
-        delay = min(delay * factor, cap)
-    return max(0.0, delay * (1 + jitter * (2 * rand() - 1)))
-
-
-def new_run_id() -> str:
-    """A run id that sorts by creation time: 12 hex digits of ms, then 8 random."""
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(4)}"
-
-
-@dataclass(eq=False)
-class TaskEntry:
-    """A cached task record: the message, its key and last committed mod_revision."""
-
-    key: str
-    msg: t.TaskRun
-    rev: int
-    children: list[str] = field(default_factory=list)
-    # The spec with templates rendered for the current attempt (None: same as msg.spec).
-    rendered: t.TaskSpec | None = None
-    # Upstream tasks not finished yet (kept only while PENDING).
-    waiting: int = 0
-
-    def serialize(self) -> bytes:
-        return self.msg.SerializeToString()
-
-
-@dataclass(eq=False)
-class RunEntry:
-    key: str
-    msg: t.Run
-    rev: int
-    tasks: dict[str, TaskEntry] = field(default_factory=dict)
-    unfinished: int = 0
-
-    def serialize(self) -> bytes:
-        return self.msg.SerializeToString()
-
-
-class AgentSession:
-    """One connected agent stream: the node it speaks for and its outgoing queue."""
-
-    def __init__(self, node: str) -> None:
-        self.node = node
-        self.outbox: asyncio.Queue[agent_pb2.ControllerMessage | None] = asyncio.Queue()
-        self.closed = False
-
-    def send(self, msg: agent_pb2.ControllerMessage) -> None:
-        if not self.closed:
-            self.outbox.put_nowait(msg)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.outbox.put_nowait(None)
 
 
 class Engine:
@@ -239,19 +154,19 @@ class Engine:
         validate_params(spec, params)
         _validate_request(request_id, params)
         run_id = new_run_id()
-        now = _now()
+        created = now()
         run_msg = t.Run(
             id=run_id,
             workflow_name=spec.name,
             state=lc.RUN_PENDING,
-            created_at=now,
+            created_at=created,
             task_count=len(spec.tasks),
             request_id=request_id,
             params=params,
             traceparent=traceparent,
         )
         if spec.HasField("timeout") and spec.timeout.ToNanoseconds() > 0:
-            run_msg.deadline.FromNanoseconds(now.ToNanoseconds() + spec.timeout.ToNanoseconds())
+            run_msg.deadline.FromNanoseconds(created.ToNanoseconds() + spec.timeout.ToNanoseconds())
         entries: list[TaskEntry] = []
         for i, ts in enumerate(spec.tasks):
             msg = t.TaskRun(
@@ -475,7 +390,7 @@ class Engine:
             labels=reg.labels,
             agent_version=reg.agent_version,
             runtime=reg.runtime,
-            registered_at=_now(),
+            registered_at=now(),
             lease_id=lease,
             max_tasks=reg.max_tasks,
         )
@@ -575,7 +490,7 @@ class Engine:
         if e.msg.state != lc.SCHEDULED:
             return
         lc.move_task(e.msg, lc.RUNNING)
-        started = s.started_at if s and s.HasField("started_at") else _now()
+        started = s.started_at if s and s.HasField("started_at") else now()
         e.msg.started_at.CopyFrom(started)
         if e.msg.attempts:
             e.msg.attempts[-1].state = lc.RUNNING
@@ -594,7 +509,7 @@ class Engine:
         if s.HasField("started_at"):
             att.started_at.CopyFrom(s.started_at)
             m.started_at.CopyFrom(s.started_at)
-        finished = s.finished_at if s.HasField("finished_at") else _now()
+        finished = s.finished_at if s.HasField("finished_at") else now()
         att.finished_at.CopyFrom(finished)
         m.exit_code = s.exit_code
         m.reason = s.reason
@@ -650,7 +565,7 @@ class Engine:
                 reason=m.reason,
             )
         else:
-            m.finished_at.CopyFrom(_now())
+            m.finished_at.CopyFrom(now())
             self._finish_task(run, e, lc.FAILED, ack)
 
     def _arm_retry(self, run: RunEntry, e: TaskEntry, delay: float) -> None:
@@ -679,11 +594,11 @@ class Engine:
             m.attempts[-1].state = lc.LOST
             m.attempts[-1].reason = "node_lost"
             m.attempts[-1].message = why
-            m.attempts[-1].finished_at.CopyFrom(_now())
+            m.attempts[-1].finished_at.CopyFrom(now())
         m.reason, m.message = "node_lost", why
         if m.cancel_requested:
             lc.move_task(m, lc.CANCELLED)
-            m.finished_at.CopyFrom(_now())
+            m.finished_at.CopyFrom(now())
             self._finish_task(run, e, lc.CANCELLED, already_moved=True)
             return
         lc.move_task(m, lc.LOST)
@@ -847,7 +762,7 @@ class Engine:
             if not already_moved:
                 lc.move_task(e.msg, state)
             if not e.msg.HasField("finished_at"):
-                e.msg.finished_at.CopyFrom(_now())
+                e.msg.finished_at.CopyFrom(now())
             run.unfinished -= 1
             self.committer.mark(e, ack)
             ok = self._satisfies(e.msg)
@@ -889,7 +804,7 @@ class Engine:
         else:
             final = lc.RUN_SUCCEEDED
         lc.move_run(run.msg, final)
-        run.msg.finished_at.CopyFrom(_now())
+        run.msg.finished_at.CopyFrom(now())
         # Once the final state is in etcd the run leaves memory: reads of finished runs go to
         # etcd, so a long-lived controller holds only what is still running.
         self.committer.mark(run, lambda: self._evict(run))
@@ -953,33 +868,12 @@ class Engine:
 
     def _render(self, run: RunEntry, spec: t.TaskSpec) -> t.TaskSpec | None:
         """The spec with templates filled in from params and upstream outputs (None: none)."""
-        fields = [*spec.command, *spec.env.values()]
-        if not any("{{" in f for f in fields):
-            return None
-        params = dict(run.msg.params)
-        outputs: dict = {}
 
-        def output(name: str):
-            if name not in outputs:
-                raw = run.tasks[name].msg.outputs_json if name in run.tasks else ""
-                outputs[name] = json.loads(raw) if raw else None
-            return outputs[name]
+        def output_of(name: str):
+            raw = run.tasks[name].msg.outputs_json if name in run.tasks else ""
+            return json.loads(raw) if raw else None
 
-        class _Outputs(dict):
-            def __contains__(self, name):
-                return output(name) is not None
-
-            def __getitem__(self, name):
-                return output(name)
-
-        lazy = _Outputs()
-        out = t.TaskSpec()
-        out.CopyFrom(spec)
-        del out.command[:]
-        out.command.extend(render(a, params, lazy) for a in spec.command)
-        for k, v in spec.env.items():
-            out.env[k] = render(v, params, lazy)
-        return out
+        return render_spec(spec, run.msg.params, output_of)
 
     def _bind(
         self,
@@ -999,13 +893,13 @@ class Engine:
             number=m.attempt,
             node=node.name,
             state=lc.SCHEDULED,
-            scheduled_at=_now(),
+            scheduled_at=now(),
             gpu_indices=gpus,
         )
         self._account(e, +1)
         if run.msg.state == lc.RUN_PENDING:
             lc.move_run(run.msg, lc.RUN_RUNNING)
-            run.msg.started_at.CopyFrom(_now())
+            run.msg.started_at.CopyFrom(now())
             self.committer.mark(run)
         e.rendered = rendered
         self.committer.mark(e, lambda: self._send_assignment(run, e))

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 from tether.api.v1 import agent_pb2, controller_pb2
 from tether.controller import lifecycle as lc
-from tether.controller.engine import AgentSession, Engine
+from tether.controller.engine import Engine
 from tether.controller.errors import NodeUnavailable, NotFound, ResourceExhausted
+from tether.controller.records import AgentSession
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.telemetry import get_logger
 from tether.sdk.validation import FieldViolation

@@ -17,10 +17,11 @@ from opentelemetry import trace
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
-from tether.controller.engine import AgentSession, Engine
+from tether.controller.engine import Engine
 from tether.controller.errors import FailedPrecondition, NotFound, NotLeader, grpc_errors
 from tether.controller.lifecycle import IllegalTransition
 from tether.controller.logs import LogRouter
+from tether.controller.records import AgentSession
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
 from tether.sdk.validation import FieldViolation

@@ -8,12 +8,16 @@ of upstream tasks.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Ref", "TemplateError", "references", "render"]
+from tether.api.v1.types_pb2 import TaskSpec
+
+__all__ = ["Ref", "TemplateError", "references", "render", "render_spec"]
 
 # Only `{{ dotted.name }}` is an expression; any other braces (code, JSON, format strings in a
 # `python -c` argument) are left alone, so tasks need no escaping.
@@ -56,8 +60,13 @@ def references(text: str) -> list[Ref]:
     return refs
 
 
-def render(text: str, params: dict[str, str], outputs: dict[str, Any]) -> str:
+def render(text: str, params: Mapping[str, str], output_of: Callable[[str], Any]) -> str:
     """Replace every expression in ``text``; non-string values become JSON.
+
+    Args:
+        text: An argument or environment value.
+        params: The run's parameters.
+        output_of: A task's parsed output, or None if it has none.
 
     Raises:
         TemplateError: a parameter, task output or key is missing.
@@ -71,9 +80,9 @@ def render(text: str, params: dict[str, str], outputs: dict[str, Any]) -> str:
             if ref.name not in params:
                 raise TemplateError(f"parameter {ref.name!r} was not given")
             return params[ref.name]
-        if ref.name not in outputs:
+        value = output_of(ref.name)
+        if value is None:
             raise TemplateError(f"task {ref.name!r} has no output")
-        value = outputs[ref.name]
         for i, key in enumerate(ref.path):
             if isinstance(value, dict) and key in value:
                 value = value[key]
@@ -85,3 +94,24 @@ def render(text: str, params: dict[str, str], outputs: dict[str, Any]) -> str:
         return value if isinstance(value, str) else json.dumps(value)
 
     return _EXPR.sub(one, text)
+
+
+def render_spec(
+    spec: TaskSpec, params: Mapping[str, str], output_of: Callable[[str], Any]
+) -> TaskSpec | None:
+    """A copy of ``spec`` with its arguments and environment rendered; None if it has no
+    templates (the spec is used as it is).
+
+    Raises:
+        TemplateError: as :func:`render`.
+    """
+    if not any("{{" in f for f in (*spec.command, *spec.env.values())):
+        return None
+    cached = functools.cache(output_of)
+    out = TaskSpec()
+    out.CopyFrom(spec)
+    del out.command[:]
+    out.command.extend(render(a, params, cached) for a in spec.command)
+    for k, v in spec.env.items():
+        out.env[k] = render(v, params, cached)
+    return out

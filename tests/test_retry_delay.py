@@ -4,7 +4,7 @@ from google.protobuf import duration_pb2
 
 from tether.api.v1 import types_pb2 as t
 from tether.controller.config import ControllerConfig
-from tether.controller.engine import retry_delay
+from tether.controller.retry import retry_delay
 
 CFG = ControllerConfig(retry_initial=1.0, retry_factor=2.0, retry_max=60.0, retry_jitter=0.2)
 
