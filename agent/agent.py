@@ -206,17 +206,16 @@ class Agent:
             # ±10% jitter so that thousands of agents do not beat in step.
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
             seq += 1
-            outbox.put_nowait(
-                agent_pb2.AgentMessage(
-                    heartbeat=agent_pb2.Heartbeat(
-                        seq=seq,
-                        running=self.runner.running_refs(),
-                    )
-                )
-            )
-            # Reports not acknowledged yet (e.g. the ack was lost) are sent again.
+            # Reports not acknowledged yet (e.g. the ack was lost) are sent again — before the
+            # heartbeat, whose list of running attempts the controller reads as "everything
+            # else I was given is gone".
             for status in self.runner.pending_reports():
                 outbox.put_nowait(agent_pb2.AgentMessage(status=status))
+            outbox.put_nowait(
+                agent_pb2.AgentMessage(
+                    heartbeat=agent_pb2.Heartbeat(seq=seq, running=self.runner.running_refs())
+                )
+            )
 
     async def stop(self, grace: float | None = None, leave_running: bool | None = None) -> None:
         """Stop attempts and disconnect. Idempotent.

@@ -56,6 +56,8 @@ class Committer:
         self._on_conflict = on_conflict
         self._on_not_leader = on_not_leader
         self._dirty: dict[str, _Dirty] = {}
+        # The batch being written right now, by key.
+        self._inflight: dict[str, _Dirty] = {}
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -84,6 +86,20 @@ class Committer:
         self._idle.clear()
         self._wake.set()
 
+    def when_written(self, record: Record, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once ``record``'s current state is in etcd (now, if it is)."""
+        d = self._dirty.get(record.key) or self._inflight.get(record.key)
+        if d is None:
+            callback()
+        else:
+            d.callbacks.append(callback)
+
+    def forget(self, keys: Callable[[str], bool]) -> None:
+        """Drop queued writes (and their callbacks) of the keys ``keys`` selects: the engine is
+        rebuilding those records from etcd."""
+        for key in [k for k in self._dirty if keys(k)]:
+            del self._dirty[key]
+
     async def flushed(self) -> None:
         """Wait until everything marked so far is written."""
         await self._idle.wait()
@@ -103,24 +119,45 @@ class Committer:
                     # rebuilds its state from etcd.
                     log.warning("write refused: no longer the leader", records=len(batch))
                     self._dirty.clear()
+                    self._inflight.clear()
                     self._idle.set()
                     self._on_not_leader()
                     return
                 except (EtcdError, TimeoutError, OSError) as e:
                     log.warning("etcd write failed; retrying", error=str(e), records=len(batch))
-                    for d in batch:  # put back, unless re-marked meanwhile (newer wins)
-                        cur = self._dirty.get(d.record.key)
-                        if cur is None:
-                            self._dirty[d.record.key] = d
-                        else:
-                            cur.callbacks[:0] = d.callbacks
+                    await self._after_unclear_failure(batch)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
+                finally:
+                    self._inflight.clear()
             if not self._dirty:
                 self._idle.set()
 
-    def _take_batch(self) -> list[_Dirty]:
-        batch: list[_Dirty] = []
+    async def _after_unclear_failure(self, batch: list[tuple[_Dirty, bytes]]) -> None:
+        """A transaction failed without a clear answer: it may have been applied. Records
+        whose key now holds exactly what we wrote are committed; the rest go back in line."""
+        retry = []
+        for d, value in batch:
+            try:
+                kv = await self._store.get(d.record.key)
+            except Exception:  # etcd still unreachable: try the whole batch again later
+                kv = None
+            if kv is not None and kv.value == value and kv.mod_revision > d.record.rev:
+                d.record.rev = kv.mod_revision
+                self._committed(d)
+            else:
+                retry.append(d)
+        for d in retry:  # put back, unless re-marked meanwhile (newer wins)
+            cur = self._dirty.get(d.record.key)
+            if cur is None:
+                self._dirty[d.record.key] = d
+            else:
+                cur.callbacks[:0] = d.callbacks
+
+    def _take_batch(self) -> list[tuple[_Dirty, bytes]]:
+        # Serialize now: a record changed while the txn is in flight is re-marked dirty and
+        # written by the next batch, compared against the revision this one produces.
+        batch: list[tuple[_Dirty, bytes]] = []
         size = 0
         for key in list(self._dirty):
             d = self._dirty[key]
@@ -128,25 +165,30 @@ class Committer:
             if batch and (len(batch) >= MAX_TXN_OPS or size + len(value) > MAX_TXN_BYTES):
                 break
             size += len(value) + len(key)
-            batch.append(d)
+            batch.append((d, value))
             del self._dirty[key]
+            self._inflight[key] = d
         return batch
 
-    async def _write(self, batch: list[_Dirty]) -> None:
-        compares = [mod_revision_is(d.record.key, d.record.rev) for d in batch]
-        # Serialize now: a record changed while the txn is in flight is re-marked dirty and
-        # written by the next batch, compared against the revision this one produces.
-        puts = [Put(d.record.key, d.record.serialize()) for d in batch]
+    async def _write(self, batch: list[tuple[_Dirty, bytes]]) -> None:
+        compares = [mod_revision_is(d.record.key, d.record.rev) for d, _ in batch]
+        puts = [Put(d.record.key, value) for d, value in batch]
         ok, revision = await self._store.txn(compares, puts)
         if not ok:
-            log.warning("write conflict; reloading records", keys=[d.record.key for d in batch][:5])
-            self._on_conflict([d.record for d in batch])
+            keys = [d.record.key for d, _ in batch]
+            log.warning("write conflict; reloading records", keys=keys[:5])
+            self._on_conflict([d.record for d, _ in batch])
             return
-        for d in batch:
+        for d, _ in batch:
             d.record.rev = revision
-        for d in batch:
-            for cb in d.callbacks:
-                try:
-                    cb()
-                except Exception:  # a callback bug must not stop all writes
-                    log.exception("commit callback failed", key=d.record.key)
+        for d, _ in batch:
+            self._committed(d)
+
+    @staticmethod
+    def _committed(d: _Dirty) -> None:
+        for cb in d.callbacks:
+            try:
+                cb()
+            except Exception:  # a callback bug must not stop all writes
+                log.exception("commit callback failed", key=d.record.key)
+        d.callbacks.clear()

@@ -413,6 +413,8 @@ class Engine:
             if ref in running:
                 if e.msg.state == lc.SCHEDULED:
                     self._mark_running(run, e, None)
+                if e.msg.cancel_requested:  # asked while the agent was away
+                    self._send_cancel(session, run_id, name, e.msg.attempt, "cancelled")
             elif e.msg.state == lc.SCHEDULED:
                 self._send_assignment(run, e)  # the agent never got it
             else:
@@ -434,11 +436,30 @@ class Engine:
         log.info("node registered", node=reg.node, cpu=reg.capacity.cpu, gpus=len(reg.gpus))
         return agent_pb2.Registered(heartbeat_interval=interval, lease_ttl=ttl)
 
-    async def heartbeat(self, session: AgentSession) -> bool:
-        """Keep the node's lease alive; False when it has expired (the agent must re-register)."""
+    async def heartbeat(self, session: AgentSession, hb: agent_pb2.Heartbeat) -> bool:
+        """Keep the node's lease alive; False when it has expired (the agent must re-register).
+
+        Also compares what the agent runs with what it should: an attempt RUNNING here that
+        the agent has not listed in two heartbeats in a row (its final report would have come
+        in between) was lost on the node, and is retried.
+        """
         st = self.nodes.get(session.node)
         if st is None or st.session is not session:
             return False
+        listed = {(r.run_id, r.task, r.attempt) for r in hb.running}
+        missing = set()
+        for run_id, name in list(st.attempts):
+            run = self.runs.get(run_id)
+            e = run.tasks.get(name) if run else None
+            if e is None or e.msg.state != lc.RUNNING or e.msg.node != st.name:
+                continue
+            key = (run_id, name, e.msg.attempt)
+            if key not in listed:
+                if key in st.unlisted:
+                    self._lose(run, e, f"node {st.name} no longer runs the attempt")
+                else:
+                    missing.add(key)
+        st.unlisted = missing
         ttl = await self.store.keepalive(st.lease_id)
         return ttl > 0
 
@@ -462,6 +483,8 @@ class Engine:
 
     def on_status(self, session: AgentSession, s: agent_pb2.TaskStatus) -> None:
         """Apply an agent's report about one attempt, fenced by the attempt number."""
+        if s.ref.run_id in self._reloading:
+            return  # neither ack nor kill on a half-loaded run: the agent reports again
         run = self.runs.get(s.ref.run_id)
         e = run.tasks.get(s.ref.task) if run else None
         final = s.state in _FINAL_REPORTS
@@ -472,7 +495,11 @@ class Engine:
             or e.msg.state not in lc.TASK_ACTIVE
         )
         if stale:
-            if final:
+            if final and e is not None:
+                # Acknowledge only once what this attempt's record says is in etcd: the
+                # result may still be on its way there (a resent report overtaking its write).
+                self.committer.when_written(e, self._acker(session, s.ref))
+            elif final:
                 self._ack(session, s.ref)
             else:
                 self._send_cancel(session, s.ref.run_id, s.ref.task, s.ref.attempt, "stale attempt")
@@ -706,6 +733,10 @@ class Engine:
             elif m.state in (lc.RETRYING, lc.LOST):
                 delay = max(0.0, m.not_before.ToNanoseconds() / 1e9 - time.time())
                 self._arm_retry(run, e, delay if m.state == lc.RETRYING else 0.0)
+            elif m.state == lc.SCHEDULED:
+                # The assignment may never have left (its write's reply was lost, say); agents
+                # ignore a repeated one. Without a session, registration sends it.
+                self._send_assignment(run, e)
         self._finish_run_if_done(run)
 
     @staticmethod
@@ -943,6 +974,8 @@ class Engine:
                     )
                 )
             )
+            if m.cancel_requested:  # cancelled between the bind and its commit
+                self._send_cancel(node.session, run.msg.id, m.spec.name, m.attempt, "cancelled")
 
     def _node(self, name: str) -> NodeState:
         st = self.nodes.get(name)
@@ -994,10 +1027,15 @@ class Engine:
                 for e in old.tasks.values():
                     self._account(e, -1)
                     self.ready.pop((run_id, e.msg.spec.name), None)
-            kv = await self.store.get(self.keys.run(run_id))
+            run_key, tasks_prefix = self.keys.run(run_id), self.keys.tasks_of(run_id)
+            self.committer.forget(lambda k: k == run_key or k.startswith(tasks_prefix))
+            kv = await self.store.get(run_key)
             if kv is None:
                 return
-            run = await self._load_run(t.Run.FromString(kv.value), kv.mod_revision)
+            msg = t.Run.FromString(kv.value)
+            if msg.state in lc.RUN_TERMINAL:
+                return  # finished runs are read from etcd, not cached
+            run = await self._load_run(msg, kv.mod_revision)
             self._reconcile_run(run)
             self._kick.set()
         finally:

@@ -282,7 +282,7 @@ class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
                     # A refused move is a bug to see in the logs, not a reason to drop the node.
                     log.error("refused state change", node=session.node, error=str(e))
                     continue
-                if kind == "heartbeat" and not await engine.heartbeat(session):
+                if kind == "heartbeat" and not await engine.heartbeat(session, msg.heartbeat):
                     log.warning("lease expired; asking agent to re-register", node=session.node)
                     break
         except asyncio.CancelledError:
