@@ -74,6 +74,7 @@ class Engine:
         self._tasks: list[asyncio.Task] = []
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._reloading: set[str] = set()
+        self._loading: dict[str, asyncio.Future] = {}
         self.started = time.monotonic()
 
     # Start and stop -------------------------------------------------------------------------
@@ -196,7 +197,7 @@ class Engine:
             if req_key:
                 existing = await self.store.get(req_key)
                 if existing:
-                    return existing.value.decode(), True
+                    return await self._existing(existing.value.decode()), True
             chunk: list[TaskEntry] = []
             chunk_size = 0
             for e, p in zip(entries, puts, strict=True):
@@ -219,7 +220,7 @@ class Engine:
             if len(ops) == len(final) and len(puts):
                 await self.store.delete_prefix(self.keys.tasks_of(run_id))
             if existing is not None:
-                return existing.decode(), True
+                return await self._existing(existing.decode()), True
             raise FailedPrecondition("run id collision; submit again")
         run.rev = revision
         for e in entries:
@@ -237,6 +238,38 @@ class Engine:
         self._kick.set()
         log.info("run submitted", run_id=run_id, workflow=spec.name, tasks=len(entries))
         return run_id, False
+
+    async def _existing(self, run_id: str) -> str:
+        """The run an earlier submit with the same request id created. If that submit's reply
+        was lost after etcd applied it, the run is in etcd but not here yet: take it up."""
+        await self.ensure_loaded(run_id)
+        return run_id
+
+    async def ensure_loaded(self, run_id: str) -> RunEntry | None:
+        """The cached run; an unfinished run found only in etcd is loaded and reconciled."""
+        if run_id in self.runs:
+            return self.runs[run_id]
+        if run_id in self._loading:  # one load per run, however many callers ask
+            return await asyncio.shield(self._loading[run_id])
+        fut = self._loading[run_id] = asyncio.get_running_loop().create_future()
+        try:
+            run = None
+            kv = await self.store.get(self.keys.run(run_id))
+            if kv is not None and run_id not in self.runs:
+                msg = t.Run.FromString(kv.value)
+                if msg.state not in lc.RUN_TERMINAL:
+                    run = await self._load_run(msg, kv.mod_revision)
+                    self._reconcile_run(run)
+                    self._kick.set()
+            run = self.runs.get(run_id, run)
+            fut.set_result(run)
+            return run
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: later waiters re-raise it, nobody else must
+            raise
+        finally:
+            del self._loading[run_id]
 
     async def _write_chunk(self, chunk: list[TaskEntry]) -> None:
         _, revision = await self.store.txn(

@@ -174,7 +174,7 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
     @grpc_errors
     async def CancelRun(self, request, context):
         _require(request.run_id, "run_id")
-        if request.run_id not in self.engine.runs:
+        if await self.engine.ensure_loaded(request.run_id) is None:
             # Finished runs leave the engine's cache; etcd says whether it exists at all.
             run = await self.engine.get_run(request.run_id, with_tasks=False)
             raise FailedPrecondition(f"run {request.run_id} already {lc.run_state_name(run.state)}")

@@ -1,0 +1,127 @@
+"""etcd transactions that commit but whose reply is lost: nothing stalls, nothing runs twice."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tether.api.v1 import types_pb2 as t
+from tether.sdk import Workflow
+
+PY = sys.executable
+S = t.TaskState
+R = t.RunState
+
+
+def _inject_timeout_after_commit(mesh, pred):
+    store = mesh.controller.store
+    real = store.txn
+    fired = []
+
+    async def txn(compares, ops, failure=(), fenced=True):
+        res = await real(compares, ops, failure, fenced)
+        if not fired and res[0] and pred(ops):
+            fired.append(True)
+            raise TimeoutError("simulated: reply lost after the txn committed")
+        return res
+
+    store.txn = txn
+    return fired
+
+
+def _has_scheduled(name):
+    def pred(ops):
+        for op in ops:
+            if "/tasks/" in op.key and op.key.endswith("/" + name):
+                m = t.TaskRun.FromString(op.value)
+                if m.state == S.TASK_STATE_SCHEDULED:
+                    return True
+        return False
+
+    return pred
+
+
+def test_bind_whose_commit_reply_times_out_still_runs(mesh):
+    mesh.add_agent("n1")
+    fired = _inject_timeout_after_commit(mesh, _has_scheduled("b"))
+    wf = Workflow("tmo")
+    a = wf.task("a", [PY, "-c", "pass"])
+    wf.task("b", [PY, "-c", "pass"], depends_on=[a])
+    run = mesh.client().submit(wf)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        final = run.status()
+        if final.state in (R.RUN_STATE_SUCCEEDED, R.RUN_STATE_FAILED):
+            break
+        time.sleep(0.2)
+    assert fired
+    assert final.state == R.RUN_STATE_SUCCEEDED
+
+
+def test_report_arriving_while_a_run_reloads_is_not_lost(mesh):
+    import asyncio
+
+    mesh.add_agent("n1")
+    store = mesh.controller.store
+
+    def cancels_c(ops):
+        for op in ops:
+            if op.key.endswith("/c") and "/tasks/" in op.key:
+                if t.TaskRun.FromString(op.value).cancel_requested:
+                    return True
+        return False
+
+    fired = _inject_timeout_after_commit(mesh, cancels_c)
+    real_get = store.get
+
+    async def slow_get(key):  # a slow etcd: the reload's read takes a while
+        if "/runs/" in key and fired:
+            await asyncio.sleep(2.0)
+        return await real_get(key)
+
+    store.get = slow_get
+    wf = Workflow("reload")
+    wf.task("a", [PY, "-c", "import time; time.sleep(1.5)"])
+    wf.task("c", [PY, "-c", "import time; time.sleep(60)"])
+    client = mesh.client()
+    run = client.submit(wf)
+    mesh.wait_for(
+        lambda: all(tk.state == S.TASK_STATE_RUNNING for tk in run.status().tasks), 10, "running"
+    )
+    client.cancel(run.id, task="c")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        final = run.status()
+        if final.state in (R.RUN_STATE_SUCCEEDED, R.RUN_STATE_FAILED):
+            break
+        time.sleep(0.2)
+    assert fired
+    assert final.state == R.RUN_STATE_FAILED  # c cancelled, a succeeded
+
+
+def test_submit_whose_commit_reply_times_out_is_scheduled_after_retry(mesh):
+    mesh.add_agent("n1")
+    store = mesh.controller.store
+    real = store.txn_get
+    fired = []
+
+    async def txn_get(compares, ops, key):
+        res = await real(compares, ops, key)
+        if not fired:
+            fired.append(True)
+            raise TimeoutError("simulated: reply lost after the submit committed")
+        return res
+
+    store.txn_get = txn_get
+    wf = Workflow("sub")
+    wf.task("a", [PY, "-c", "pass"])
+    client = mesh.client()
+    run = client.submit(wf)  # gRPC's retry policy resends it with the same request id
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        st = run.status()
+        if st.state == R.RUN_STATE_SUCCEEDED:
+            break
+        time.sleep(0.2)
+    assert run.existing  # the retry found the first submit's run
+    assert st.state == R.RUN_STATE_SUCCEEDED
