@@ -25,7 +25,7 @@ from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.committer import Committer
 from tether.controller.config import ControllerConfig
-from tether.controller.errors import FailedPrecondition, NotFound
+from tether.controller.errors import FailedPrecondition, NotFound, OutOfRange
 from tether.controller.records import AgentSession, RunEntry, TaskEntry, new_run_id, now
 from tether.controller.retry import retry_delay
 from tether.controller.scheduler import NodeState, first_fit, never_fits
@@ -75,6 +75,8 @@ class Engine:
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._reloading: set[str] = set()
         self._loading: dict[str, asyncio.Future] = {}
+        # Run deadlines and the orphan check: cancelled when the engine stops.
+        self._other_timers: list[asyncio.TimerHandle] = []
         self.started = time.monotonic()
 
     # Start and stop -------------------------------------------------------------------------
@@ -97,16 +99,18 @@ class Engine:
         self._tasks.append(asyncio.create_task(self._watch_nodes(revision + 1), name="node-watch"))
         # Attempts bound to nodes that are gone get a lease TTL to re-register before they are
         # declared lost: an agent may be reconnecting to this controller right now.
+        registered = {kv.key.rsplit("/", 1)[1] for kv in nodes}
         orphans = {
             (r.msg.id, e.msg.spec.name)
             for r in self.runs.values()
             for e in r.tasks.values()
-            if e.msg.state in lc.TASK_ACTIVE
-            and e.msg.node not in {kv.key.rsplit("/", 1)[1] for kv in nodes}
+            if e.msg.state in lc.TASK_ACTIVE and e.msg.node not in registered
         }
         if orphans:
-            asyncio.get_running_loop().call_later(
-                self.config.lease_ttl, self._expire_orphans, orphans
+            self._other_timers.append(
+                asyncio.get_running_loop().call_later(
+                    self.config.lease_ttl, self._expire_orphans, orphans
+                )
             )
         for run in list(self.runs.values()):
             self._reconcile_run(run)
@@ -122,7 +126,7 @@ class Engine:
             except (asyncio.CancelledError, Exception):
                 pass
         await self.committer.stop()
-        for h in self._timers.values():
+        for h in [*self._timers.values(), *self._other_timers]:
             h.cancel()
         for node in self.nodes.values():
             if node.session:
@@ -705,6 +709,15 @@ class Engine:
                         self._node_deleted(ev.key.rsplit("/", 1)[1], ev.prev_lease)
             except asyncio.CancelledError:
                 raise
+            except OutOfRange:
+                # etcd compacted past where we were: what is gone now was deleted meanwhile.
+                kvs, listed = await self.store.range(self.keys.nodes)
+                alive = {kv.key.rsplit("/", 1)[1] for kv in kvs}
+                for name, st in list(self.nodes.items()):
+                    if name not in alive and st.lease_id:
+                        self._node_deleted(name, 0)
+                revision = listed + 1
+                log.warning("node watch resumed after compaction", revision=revision)
             except Exception as e:  # keep watching through etcd hiccups
                 log.warning("node watch broke; resuming", error=str(e))
                 await asyncio.sleep(0.5)
@@ -738,7 +751,9 @@ class Engine:
         if not run.msg.HasField("deadline") or run.msg.state in lc.RUN_TERMINAL:
             return
         delay = max(0.0, run.msg.deadline.ToNanoseconds() / 1e9 - time.time())
-        asyncio.get_running_loop().call_later(delay, self._deadline_due, run.msg.id)
+        self._other_timers.append(
+            asyncio.get_running_loop().call_later(delay, self._deadline_due, run.msg.id)
+        )
 
     def _deadline_due(self, run_id: str) -> None:
         run = self.runs.get(run_id)

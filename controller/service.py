@@ -141,8 +141,15 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
             yield controller_pb2.RunEvent(snapshot=run, run_state=run.state, revision=revision)
             if run.state in lc.RUN_TERMINAL:
                 return
-        elif await store.get(run_key) is None:
-            raise NotFound(f"run {request.run_id!r} not found")
+        else:
+            kv = await store.get(run_key)
+            if kv is None:
+                raise NotFound(f"run {request.run_id!r} not found")
+            final = t.Run.FromString(kv.value).state
+            if final in lc.RUN_TERMINAL and kv.mod_revision <= revision:
+                # Resuming at or after the run's last change: nothing will come; say so.
+                yield controller_pb2.RunEvent(run_state=final, revision=kv.mod_revision)
+                return
         state = t.RunState.RUN_STATE_UNSPECIFIED
         async for ev in _merge_watches(store, run_key, task_prefix, revision + 1):
             if ev.deleted:

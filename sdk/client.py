@@ -187,12 +187,15 @@ class Client:
             if not token:
                 return
 
-    def watch(self, run_id: str, from_revision: int = 0) -> Iterator[controller_pb2.RunEvent]:
+    def watch(
+        self, run_id: str, from_revision: int = 0, timeout: float | None = None
+    ) -> Iterator[controller_pb2.RunEvent]:
         """Stream a run's changes until it finishes; the first event is a snapshot unless
-        resuming ``from_revision``."""
+        resuming ``from_revision``. ``timeout`` bounds the whole stream (TimeoutError)."""
         try:
             yield from self._stub.WatchRun(
-                controller_pb2.WatchRunRequest(run_id=run_id, from_revision=from_revision)
+                controller_pb2.WatchRunRequest(run_id=run_id, from_revision=from_revision),
+                timeout=timeout,
             )
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
@@ -289,8 +292,9 @@ class RunHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         revision = 0
         while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                for ev in self.client.watch(self.id, revision):
+                for ev in self.client.watch(self.id, revision, timeout=left):
                     revision = max(revision, ev.revision)
                     state = ev.snapshot.state if ev.HasField("snapshot") else ev.run_state
                     if state in TERMINAL_RUN_STATES:
@@ -298,6 +302,8 @@ class RunHandle:
                     if deadline and time.monotonic() > deadline:
                         raise TimeoutError(f"run {self.id} did not finish in {timeout}s")
             except TetherError as e:
+                if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TimeoutError(f"run {self.id} did not finish in {timeout}s") from None
                 if e.code != grpc.StatusCode.UNAVAILABLE:
                     raise
             run = self.status()

@@ -234,9 +234,13 @@ class Workflow:
     @classmethod
     def from_yaml(cls, source: str | Path) -> Workflow:
         """Load a workflow from a YAML file path or a YAML string."""
-        text = source.read_text() if isinstance(source, Path) else source
+        path = source if isinstance(source, Path) else None
         if isinstance(source, str) and "\n" not in source and Path(source).exists():
-            text = Path(source).read_text()
+            path = Path(source)
+        try:
+            text = path.read_text(encoding="utf-8") if path else source
+        except UnicodeDecodeError as e:
+            raise InvalidSpecError([FieldViolation("", f"{path} is not UTF-8 text: {e}")]) from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:

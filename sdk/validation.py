@@ -220,9 +220,14 @@ def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
         yield FieldViolation(f"{where}.timeout", "must be >= 0")
     elif timeout > limits.max_timeout_seconds:
         yield FieldViolation(f"{where}.timeout", "longer than 30 days")
-    for key in t.env:
+    for key, value in t.env.items():
         if not ENV_NAME.match(key):
             yield FieldViolation(f"{where}.env.{key}", "not a valid environment variable name")
+        elif "\0" in value:
+            yield FieldViolation(f"{where}.env.{key}", "must not contain a NUL byte")
+    for j, arg in enumerate(t.command):
+        if "\0" in arg:
+            yield FieldViolation(f"{where}.command[{j}]", "must not contain a NUL byte")
     if t.image_pull_policy not in ("", "if-not-present", "always", "never"):
         yield FieldViolation(
             f"{where}.image_pull_policy", "must be if-not-present, always or never"

@@ -104,3 +104,18 @@ def test_missing_program_is_a_runtime_error_and_leaves_no_open_files(tmp_path):
     else:
         raise AssertionError("expected RuntimeError_")
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_an_argument_the_os_refuses_is_a_runtime_error_and_leaves_no_open_files(tmp_path):
+    import pytest
+
+    from tether.agent.runtimes.base import RuntimeError_
+
+    async def main():
+        for _ in range(5):
+            with pytest.raises(RuntimeError_):
+                await ProcessRuntime().start(_launch(tmp_path, ["echo", "x\0y"], 100))
+
+    before = len(os.listdir("/proc/self/fd"))
+    asyncio.run(main())
+    assert len(os.listdir("/proc/self/fd")) == before

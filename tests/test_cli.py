@@ -153,3 +153,9 @@ def test_controller_on_a_taken_port_is_one_line(mesh):
         timeout=60,
     )
     assert_one_line_error(res, "cannot serve on")
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    f = tmp_path / "binary.yaml"
+    f.write_bytes(b"\xff\xfename: x\n")
+    assert_one_line_error(tether("submit", str(f), controller="127.0.0.1:1"), "not UTF-8")

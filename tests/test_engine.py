@@ -426,3 +426,28 @@ def test_lost_node_reschedules_without_using_up_retries(mesh):
         ("healthy", S.TASK_STATE_SUCCEEDED, ""),
     ]
     assert tk.lost_attempts == 1
+
+
+def test_watch_resumed_after_the_end_returns_at_once(mesh):
+    mesh.add_agent("n1")
+    client = mesh.client()
+    wf = Workflow("ended")
+    wf.task("x", py("pass"))
+    run = client.submit(wf)
+    last = 0
+    for ev in client.watch(run.id):
+        last = max(last, ev.revision)
+    events = list(client.watch(run.id, from_revision=last + 5, timeout=10))
+    assert [e.run_state for e in events] == [R.RUN_STATE_SUCCEEDED]
+
+
+def test_wait_honours_its_timeout_while_nothing_happens(mesh):
+    from tether.sdk.errors import TimeoutError as TetherTimeout
+
+    wf = Workflow("stuck")  # no agent: it never starts
+    wf.task("x", py("pass"))
+    run = mesh.client().submit(wf)
+    t0 = time.monotonic()
+    with pytest.raises(TetherTimeout):
+        run.wait(timeout=1.0)
+    assert time.monotonic() - t0 < 5

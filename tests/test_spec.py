@@ -154,3 +154,9 @@ def test_python_example_equals_yaml_example():
     spec_.loader.exec_module(mod)
     from_yaml = Workflow.from_yaml(root / "examples" / "fraud_detection.yaml").to_proto()
     assert mod.build().to_proto() == from_yaml
+
+
+def test_nul_bytes_are_rejected():
+    v = violations(spec(task("a", command=["echo", "x\0y"], env={"A": "b\0"})))
+    assert "tasks[0] (a).command[1]: must not contain a NUL byte" in v
+    assert "tasks[0] (a).env.A: must not contain a NUL byte" in v

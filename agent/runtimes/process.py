@@ -111,11 +111,15 @@ class ProcessRuntime:
                 stderr=pipes[1][1],
                 start_new_session=True,
             )
-        except OSError as e:
+        except BaseException as e:
+            # Whatever stopped the start (a missing program, a NUL byte in an argument, a
+            # cancel), the read ends and log files must not leak.
             for r, _ in pipes:
                 os.close(r)
             for log in logs:
                 log.close()
+            if not isinstance(e, OSError | ValueError):
+                raise
             what = e.strerror if isinstance(e, FileNotFoundError) else e
             raise RuntimeError_(f"cannot start {spec.command[0]!r}: {what}") from e
         finally:
