@@ -201,9 +201,13 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
 
 
 async def _merge_watches(store, run_key: str, task_prefix: str, revision: int):
-    """Watch the run key and its task keys as one ordered stream (one etcd watch)."""
-    # Runs and tasks live under different prefixes; watching the common parent would see every
-    # run, so watch both and merge by revision through a queue.
+    """Watch the run key and its task keys through one queue.
+
+    Each key's events come in revision order, but the two etcd watches are not ordered with
+    each other: the caller drains task changes up to the run's final revision before ending.
+    """
+    # Runs and tasks live under different prefixes; watching their common parent would see
+    # every run's changes, so watch both.
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(prefix: str):
