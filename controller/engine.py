@@ -197,7 +197,9 @@ class Engine:
             ops = puts + final
         else:
             # Too big for one transaction: write the tasks first, then the run record, which
-            # is the commit point. Tasks without a run record are ignored (and cleaned up).
+            # is the commit point. Tasks without a run record are never loaded; they are deleted
+            # when the run record loses a race, and left behind (unread, under a run id nobody
+            # has) only if the controller dies between the two steps.
             if req_key:
                 existing = await self.store.get(req_key)
                 if existing:
