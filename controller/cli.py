@@ -61,8 +61,14 @@ async def serve(config: ControllerConfig) -> None:
     type=float,
     help="Seconds from SIGTERM to SIGKILL on cancel.",
 )
+@click.option(
+    "--metrics-listen",
+    envvar="TETHER_METRICS_LISTEN",
+    default="",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (env TETHER_METRICS_LISTEN).",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
-def controller_command(etcd, prefix, listen, lease_ttl, cancel_grace, log_level):
+def controller_command(etcd, prefix, listen, lease_ttl, cancel_grace, metrics_listen, log_level):
     """Run a controller (state in etcd, gRPC API for clients and agents)."""
     setup_logging(log_level)
     try:
@@ -72,6 +78,7 @@ def controller_command(etcd, prefix, listen, lease_ttl, cancel_grace, log_level)
             listen=listen,
             lease_ttl=lease_ttl,
             cancel_grace=cancel_grace,
+            metrics_listen=metrics_listen,
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None

@@ -27,6 +27,8 @@ class ControllerConfig:
         retry_max: Default cap of the retry delay, seconds.
         retry_jitter: Default fraction of each delay that is randomised.
         max_message_bytes: Largest gRPC message accepted or sent.
+        metrics_listen: ``host:port`` for Prometheus metrics at ``/metrics`` over HTTP; empty
+            serves none; port 0 picks a free port.
     """
 
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
@@ -40,6 +42,7 @@ class ControllerConfig:
     retry_max: float = 60.0
     retry_jitter: float = 0.2
     max_message_bytes: int = 64 * 1024 * 1024
+    metrics_listen: str = ""
     service_name: str = field(default="tether-controller")
 
     def __post_init__(self) -> None:

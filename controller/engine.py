@@ -26,6 +26,7 @@ from tether.controller import lifecycle as lc
 from tether.controller.committer import Committer
 from tether.controller.config import ControllerConfig
 from tether.controller.errors import FailedPrecondition, NotFound, OutOfRange
+from tether.controller.metrics import Metrics
 from tether.controller.records import AgentSession, RunEntry, TaskEntry, new_run_id, now
 from tether.controller.retry import retry_delay
 from tether.controller.scheduler import NodeState, first_fit, never_fits
@@ -53,6 +54,7 @@ class Engine:
         tracer: Tracer for scheduling and dispatch spans.
         on_not_leader: Called when a write is refused because this controller no longer
             leads; the server then stops this engine.
+        metrics: Where counters and latencies are recorded.
     """
 
     def __init__(
@@ -61,8 +63,11 @@ class Engine:
         store: Store,
         tracer: trace.Tracer,
         on_not_leader: Callable[[], None] = lambda: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
+        self._ready_since: dict[tuple[str, str], float] = {}
         self.store = store
         self.keys = store.keys
         self.tracer = tracer
@@ -240,7 +245,7 @@ class Engine:
         self._arm_deadline(run)
         for e in entries:
             if e.msg.state == lc.READY:
-                self.ready[(run_id, e.msg.spec.name)] = None
+                self._enqueue((run_id, e.msg.spec.name))
         self._kick.set()
         log.info("run submitted", run_id=run_id, workflow=spec.name, tasks=len(entries))
         return run_id, False
@@ -440,6 +445,7 @@ class Engine:
         st.max_tasks = reg.max_tasks
         st.lease_id = lease
         st.session = session
+        st.last_heartbeat = time.monotonic()
         for report in reg.pending_reports:
             self.on_status(session, report)
         running = {(r.run_id, r.task, r.attempt) for r in reg.running}
@@ -499,6 +505,7 @@ class Engine:
                 else:
                     missing.add(key)
         st.unlisted = missing
+        st.last_heartbeat = time.monotonic()
         ttl = await self.store.keepalive(st.lease_id)
         return ttl > 0
 
@@ -649,7 +656,7 @@ class Engine:
             return
         lc.move_task(e.msg, lc.READY)
         self.committer.mark(e)
-        self.ready[key] = None
+        self._enqueue(key)
         self._kick.set()
 
     def _lose(self, run: RunEntry, e: TaskEntry, why: str) -> None:
@@ -669,6 +676,7 @@ class Engine:
             return
         lc.move_task(m, lc.LOST)
         m.lost_attempts += 1
+        self.metrics.attempts_lost.inc()
         self.committer.mark(e)
         log.warning("attempt lost", run_id=run.msg.id, task=m.spec.name, attempt=m.attempt, why=why)
         self._arm_retry(run, e, 0.0)
@@ -779,7 +787,7 @@ class Engine:
             if m.state == lc.PENDING:
                 self._advance(run, e)
             elif m.state == lc.READY:
-                self.ready[(run.msg.id, m.spec.name)] = None
+                self._enqueue((run.msg.id, m.spec.name))
             elif m.state in (lc.RETRYING, lc.LOST):
                 delay = max(0.0, m.not_before.ToNanoseconds() / 1e9 - time.time())
                 self._arm_retry(run, e, delay if m.state == lc.RETRYING else 0.0)
@@ -817,7 +825,7 @@ class Engine:
     def _make_ready(self, run: RunEntry, e: TaskEntry) -> None:
         lc.move_task(e.msg, lc.READY)
         self.committer.mark(e)
-        self.ready[(run.msg.id, e.msg.spec.name)] = None
+        self._enqueue((run.msg.id, e.msg.spec.name))
         self._kick.set()
 
     def _skip(self, run: RunEntry, e: TaskEntry, upstream: str) -> None:
@@ -845,6 +853,8 @@ class Engine:
             if not e.msg.HasField("finished_at"):
                 e.msg.finished_at.CopyFrom(now())
             run.unfinished -= 1
+            self._ready_since.pop((run.msg.id, e.msg.spec.name), None)
+            self.metrics.tasks_finished.labels(lc.task_state_name(e.msg.state)).inc()
             self.committer.mark(e, ack)
             ok = self._satisfies(e.msg)
             for name in e.children:
@@ -956,6 +966,10 @@ class Engine:
 
         return render_spec(spec, run.msg.params, output_of)
 
+    def _enqueue(self, key: tuple[str, str]) -> None:
+        self.ready[key] = None
+        self._ready_since.setdefault(key, time.monotonic())
+
     def _bind(
         self,
         run: RunEntry,
@@ -964,6 +978,10 @@ class Engine:
         gpus: list[int],
         rendered: t.TaskSpec | None = None,
     ) -> None:
+        since = self._ready_since.pop((run.msg.id, e.msg.spec.name), None)
+        if since is not None:
+            self.metrics.schedule_latency.observe(time.monotonic() - since)
+        self.metrics.attempts_started.inc()
         m = e.msg
         lc.move_task(m, lc.SCHEDULED)
         m.attempt += 1

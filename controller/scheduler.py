@@ -32,6 +32,8 @@ class NodeState:
     attempts: set[tuple[str, str]] = field(default_factory=set)
     session: object | None = None
     lease_id: int = 0
+    # When the agent last beat (time.monotonic()); 0 before its first.
+    last_heartbeat: float = 0.0
     # Attempts RUNNING here that the agent's last heartbeat did not list.
     unlisted: set[tuple[str, str, int]] = field(default_factory=set)
 

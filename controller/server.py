@@ -15,6 +15,7 @@ from tether.controller.config import ControllerConfig
 from tether.controller.engine import Engine
 from tether.controller.leader import Leadership
 from tether.controller.logs import LogRouter
+from tether.controller.metrics import Metrics
 from tether.controller.service import AgentServicer, ControllerServicer
 from tether.controller.store import Store
 from tether.sdk.telemetry import get_logger, make_tracer_provider
@@ -49,6 +50,9 @@ class ControllerServer:
         # end with their term.
         self.logs = LogRouter()
         self.health = health.aio.HealthServicer()
+        self.metrics = Metrics()
+        self.metrics_port = 0
+        self._metrics_task: asyncio.Task | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._campaign: asyncio.Task | None = None
@@ -102,6 +106,9 @@ class ControllerServer:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._server = server
+        if self.config.metrics_listen:
+            self.metrics_port = self.metrics.serve(self.config.metrics_listen)
+        self._metrics_task = asyncio.create_task(self._refresh_metrics(), name="metrics")
         self._campaign = asyncio.create_task(self._campaign_loop(), name="campaign")
         waiters = [asyncio.ensure_future(self._leading.wait()), self._campaign]
         if not wait_for_leadership:
@@ -118,6 +125,11 @@ class ControllerServer:
             leader=self.is_leader,
         )
 
+    async def _refresh_metrics(self) -> None:
+        while True:
+            self.metrics.refresh(self.engine, self.is_leader)
+            await asyncio.sleep(1.0)
+
     async def _campaign_loop(self) -> None:
         """Lead when possible; on losing the lease, step down and campaign again."""
         while not self._stopping:
@@ -126,7 +138,13 @@ class ControllerServer:
             )
             await leadership.acquire()
             self.store.fence = leadership.fence()
-            engine = Engine(self.config, self.store, self.tracer, on_not_leader=leadership.lost.set)
+            engine = Engine(
+                self.config,
+                self.store,
+                self.tracer,
+                on_not_leader=leadership.lost.set,
+                metrics=self.metrics,
+            )
             try:
                 await engine.start()
             except Exception:
@@ -162,6 +180,9 @@ class ControllerServer:
                     await asyncio.wait_for(engine.committer.flushed(), grace)
                 except TimeoutError:
                     log.warning("unflushed writes at shutdown; the next leader resumes from etcd")
+            if self._metrics_task is not None:
+                self._metrics_task.cancel()
+            self.metrics.close()
             if self._campaign is not None:
                 self._campaign.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -272,3 +272,35 @@ def test_finished_runs_leave_memory_but_stay_readable(mesh):
 
     with pytest.raises(FailedPreconditionError):
         client.cancel(run.id)
+
+
+def test_prometheus_metrics(etcd, prefix, tmp_path):
+    import urllib.request
+
+    from mesh import Mesh
+
+    m = Mesh(etcd.endpoint, prefix, tmp_path / "agents", metrics_listen="127.0.0.1:0")
+    try:
+        m.start_controller()
+        m.add_agent("n1", cpu=3, fake_gpus="1")
+        wf = Workflow("metered")
+        a = wf.task("a", py("pass"))
+        wf.task("b", py("raise SystemExit(1)"), depends_on=[a])
+        assert m.client().submit(wf).wait(timeout=30).state == R.RUN_STATE_FAILED
+
+        def scrape() -> str:
+            url = f"http://127.0.0.1:{m.controller.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.read().decode()
+
+        m.wait_for(lambda: 'tether_node_cpu_capacity{node="n1"} 3.0' in scrape(), 5, "gauges")
+        text = scrape()
+        assert 'tether_tasks_finished_total{state="SUCCEEDED"} 1.0' in text
+        assert 'tether_tasks_finished_total{state="FAILED"} 1.0' in text
+        assert "tether_attempts_scheduled_total 2.0" in text
+        assert "tether_schedule_latency_seconds_count 2.0" in text
+        assert 'tether_node_gpus{node="n1"} 1.0' in text
+        assert 'tether_node_connected{node="n1"} 1.0' in text
+        assert "tether_leader 1.0" in text
+    finally:
+        m.close()
