@@ -10,6 +10,7 @@ import click
 from tether.controller.config import ControllerConfig
 from tether.controller.errors import StoreUnavailable
 from tether.controller.server import ControllerServer
+from tether.sdk.quantities import parse_duration
 from tether.sdk.telemetry import setup_logging
 
 
@@ -67,8 +68,17 @@ async def serve(config: ControllerConfig) -> None:
     default="",
     help="Serve Prometheus metrics at http://HOST:PORT/metrics (env TETHER_METRICS_LISTEN).",
 )
+@click.option(
+    "--retention",
+    envvar="TETHER_RETENTION",
+    default="0s",
+    show_default=True,
+    help="Delete finished runs this long after they end, e.g. 7d (0 keeps them).",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
-def controller_command(etcd, prefix, listen, lease_ttl, cancel_grace, metrics_listen, log_level):
+def controller_command(
+    etcd, prefix, listen, lease_ttl, cancel_grace, metrics_listen, retention, log_level
+):
     """Run a controller (state in etcd, gRPC API for clients and agents)."""
     setup_logging(log_level)
     try:
@@ -79,6 +89,7 @@ def controller_command(etcd, prefix, listen, lease_ttl, cancel_grace, metrics_li
             lease_ttl=lease_ttl,
             cancel_grace=cancel_grace,
             metrics_listen=metrics_listen,
+            retention=parse_duration(retention),
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None

@@ -29,6 +29,8 @@ class ControllerConfig:
         max_message_bytes: Largest gRPC message accepted or sent.
         metrics_listen: ``host:port`` for Prometheus metrics at ``/metrics`` over HTTP; empty
             serves none; port 0 picks a free port.
+        retention: Seconds a finished run is kept in etcd before it is deleted, with its
+            tasks and request id; 0 keeps runs forever.
     """
 
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
@@ -43,6 +45,7 @@ class ControllerConfig:
     retry_jitter: float = 0.2
     max_message_bytes: int = 64 * 1024 * 1024
     metrics_listen: str = ""
+    retention: float = 0.0
     service_name: str = field(default="tether-controller")
 
     def __post_init__(self) -> None:
@@ -54,5 +57,7 @@ class ControllerConfig:
             raise ValueError("lease_ttl: must be >= 1 second")
         if self.heartbeat_interval < 0 or self.heartbeat_interval >= self.lease_ttl:
             raise ValueError("heartbeat_interval: must be in [0, lease_ttl)")
+        if self.retention < 0:
+            raise ValueError("retention: must be >= 0")
         if self.heartbeat_interval == 0:
             object.__setattr__(self, "heartbeat_interval", self.lease_ttl / 3)

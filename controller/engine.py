@@ -30,7 +30,14 @@ from tether.controller.metrics import Metrics
 from tether.controller.records import AgentSession, RunEntry, TaskEntry, new_run_id, now
 from tether.controller.retry import retry_delay
 from tether.controller.scheduler import NodeState, first_fit, never_fits
-from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
+from tether.controller.store import (
+    MAX_TXN_BYTES,
+    MAX_TXN_OPS,
+    Delete,
+    Put,
+    Store,
+    mod_revision_is,
+)
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.telemetry import context_from_traceparent, get_logger, traceparent_of
 from tether.sdk.templating import TemplateError, render_spec
@@ -102,6 +109,8 @@ class Engine:
         self.committer.start()
         self._tasks.append(asyncio.create_task(self._schedule_loop(), name="scheduler"))
         self._tasks.append(asyncio.create_task(self._watch_nodes(revision + 1), name="node-watch"))
+        if self.config.retention > 0:
+            self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
         # Attempts bound to nodes that are gone get a lease TTL to re-register before they are
         # declared lost: an agent may be reconnecting to this controller right now.
         registered = {kv.key.rsplit("/", 1)[1] for kv in nodes}
@@ -900,6 +909,39 @@ class Engine:
         # etcd, so a long-lived controller holds only what is still running.
         self.committer.mark(run, lambda: self._evict(run))
         log.info("run finished", run_id=run.msg.id, state=lc.run_state_name(final))
+
+    async def _retention_loop(self) -> None:
+        """Delete finished runs older than the retention, so etcd does not grow forever."""
+        period = min(max(self.config.retention / 4, 0.5), 60.0)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.collect_garbage()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # try again next period
+                log.warning("retention pass failed", error=str(e))
+
+    async def collect_garbage(self) -> int:
+        """One retention pass; return how many finished runs were deleted."""
+        cutoff = time.time() - self.config.retention
+        kvs, _ = await self.store.range(self.keys.runs)
+        deleted = 0
+        for kv in kvs:
+            msg = t.Run.FromString(kv.value)
+            if msg.state not in lc.RUN_TERMINAL or msg.id in self.runs:
+                continue
+            if msg.finished_at.ToNanoseconds() / 1e9 > cutoff:
+                continue
+            ops = [Delete(kv.key), Delete(self.keys.tasks_of(msg.id), prefix=True)]
+            if msg.request_id:
+                ops.append(Delete(self.keys.request(msg.request_id)))
+            # Compare: the run is still the finished record we read (nobody revived it).
+            ok, _ = await self.store.txn([mod_revision_is(kv.key, kv.mod_revision)], ops)
+            deleted += ok
+        if deleted:
+            log.info("deleted finished runs past retention", runs=deleted)
+        return deleted
 
     def _evict(self, run: RunEntry) -> None:
         if self.runs.get(run.msg.id) is run and run.msg.state in lc.RUN_TERMINAL:

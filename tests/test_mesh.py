@@ -304,3 +304,47 @@ def test_prometheus_metrics(etcd, prefix, tmp_path):
         assert "tether_leader 1.0" in text
     finally:
         m.close()
+
+
+def test_finished_runs_are_deleted_after_the_retention(etcd, prefix, tmp_path):
+    from mesh import Mesh
+
+    from tether.sdk import NotFoundError
+
+    m = Mesh(etcd.endpoint, prefix, tmp_path / "agents", retention=1.0)
+    try:
+        m.start_controller()
+        m.add_agent("n1")
+        client = m.client()
+        wf = Workflow("short-lived")
+        wf.task("x", py("pass"))
+        done = client.submit(wf, request_id="gc-me")
+        assert done.wait(timeout=30).state == R.RUN_STATE_SUCCEEDED
+        wf2 = Workflow("still-running")
+        wf2.task("y", py("import time; time.sleep(30)"))
+        running = client.submit(wf2)
+
+        def gone():
+            try:
+                client.get_run(done.id)
+            except NotFoundError:
+                return True
+            return False
+
+        m.wait_for(gone, 15, "the finished run to be deleted")
+
+        async def keys():
+            async with Etcd3Client([etcd.endpoint]) as c:
+                resp = await c.kv.get(
+                    prefix + "/", range_end=prefix_range_end(prefix + "/"), keys_only=True
+                )
+                return [kv.key.decode() for kv in resp.kvs]
+
+        left = asyncio.run(keys())
+        assert not [k for k in left if done.id in k]
+        assert any(running.id in k for k in left)  # unfinished runs are never collected
+        assert client.get_run(running.id).state in (R.RUN_STATE_PENDING, R.RUN_STATE_RUNNING)
+        again = client.submit(wf, request_id="gc-me")  # the request id is free again
+        assert again.id != done.id and not again.existing
+    finally:
+        m.close()
