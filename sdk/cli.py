@@ -164,6 +164,7 @@ def _follow(client: Client, run_id: str) -> t.Run:
 
 
 def _print_results(run: t.Run) -> None:
+    console.print()  # the live table leaves the cursor at the end of its last line
     children = {d for tk in run.tasks for d in tk.spec.depends_on}
     for tk in sorted(run.tasks, key=lambda x: x.index):
         if tk.spec.name in children:
