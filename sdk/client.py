@@ -9,6 +9,7 @@ final = run.wait()
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
@@ -78,6 +79,41 @@ class LogChunk(NamedTuple):
     attempt: int
 
 
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    """A call's details with extra metadata (gRPC's own type cannot be built directly)."""
+
+
+class _TraceContext(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Every call carries the caller's W3C trace context (``traceparent``), if it has one."""
+
+    @staticmethod
+    def _with_context(details):
+        traceparent = current_traceparent()
+        if not traceparent:
+            return details
+        metadata = (*(details.metadata or ()), ("traceparent", traceparent))
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._with_context(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._with_context(client_call_details), request)
+
+
 class Client:
     """A connection to a controller.
 
@@ -100,7 +136,8 @@ class Client:
         # to one, and move to the next when it answers UNAVAILABLE (down, or standing by).
         addresses = [a.strip() for a in self.address.split(",") if a.strip()]
         self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]
-        self._stubs = [controller_pb2_grpc.ControllerServiceStub(c) for c in self._channels]
+        traced = [grpc.intercept_channel(c, _TraceContext()) for c in self._channels]
+        self._stubs = [controller_pb2_grpc.ControllerServiceStub(c) for c in traced]
         self._current = 0
 
     @property
@@ -154,7 +191,6 @@ class Client:
         validate_params(spec, dict(params or {}))
         request_id = request_id or uuid.uuid4().hex
         with _tracer.start_as_current_span(f"submit {spec.name}", kind=trace.SpanKind.CLIENT):
-            md = (("traceparent", current_traceparent()),) if current_traceparent() else ()
             resp = self._call(
                 "SubmitWorkflow",
                 controller_pb2.SubmitWorkflowRequest(
@@ -162,7 +198,6 @@ class Client:
                     params=dict(params or {}),
                     request_id=request_id,
                 ),
-                metadata=md,
             )
         return RunHandle(self, resp.run_id, existing=resp.existing)
 

@@ -100,3 +100,22 @@ def test_one_run_is_one_trace_across_controller_and_agent(etcd, prefix, tmp_path
         _version, trace_hex, span_hex, _ = traceparents[task].split("-")
         assert bytes.fromhex(trace_hex) == run_span.trace_id
         assert bytes.fromhex(span_hex) == run_span.span_id
+
+
+def test_client_calls_carry_the_callers_trace_context(mesh):
+    from opentelemetry import trace as otel
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    caller = SpanContext(
+        trace_id=0x1234_5678_9ABC_DEF0_1234_5678_9ABC_DEF0,
+        span_id=0x42,
+        is_remote=False,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    wf = Workflow("propagated")
+    wf.task("x", [sys.executable, "-c", "pass"])
+    with otel.use_span(NonRecordingSpan(caller)):
+        run = mesh.client().submit(wf)
+    # The controller's submit span, the root of the run's trace, joined the caller's trace.
+    trace_hex = run.status().traceparent.split("-")[1]
+    assert int(trace_hex, 16) == caller.trace_id
