@@ -129,14 +129,14 @@ async def _wait_for_nodes(client, n: int, timeout: float = 60.0) -> None:
 
 def _run_workflow(client, run_file: str) -> int:
     from tether.api.v1 import types_pb2 as t
-    from tether.sdk.cli import _follow, _print_results, console
     from tether.sdk.spec import load_workflow
+    from tether.sdk.terminal import console, follow_run, print_results
 
     wf = load_workflow(run_file)
     run = client.submit(wf)
     console.print(f"run [bold]{run.id}[/] ({wf.name})", highlight=False)
-    final = _follow(client, run.id)
-    _print_results(final)
+    final = follow_run(client, run.id)
+    print_results(final)
     return 0 if final.state == t.RunState.RUN_STATE_SUCCEEDED else 1
 
 

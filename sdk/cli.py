@@ -14,40 +14,24 @@ import time
 from importlib.metadata import entry_points
 
 import click
-from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
 from tether.api.v1 import types_pb2 as t
-from tether.sdk.client import DEFAULT_CONTROLLER, TERMINAL_RUN_STATES, Client
+from tether.sdk.client import Client
+from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.errors import TetherError
-from tether.sdk.quantities import format_duration, format_memory
+from tether.sdk.quantities import format_memory
 from tether.sdk.spec import load_workflow
-
-console = Console()
-err_console = Console(stderr=True)
-
-_STATE_STYLE = {
-    "SUCCEEDED": "green",
-    "FAILED": "red",
-    "RUNNING": "cyan",
-    "SCHEDULED": "blue",
-    "READY": "white",
-    "PENDING": "dim",
-    "RETRYING": "yellow",
-    "CANCELLED": "magenta",
-    "SKIPPED": "dim",
-    "LOST": "yellow",
-}
-
-
-def _state(name: int, run: bool = False) -> str:
-    s = (
-        t.RunState.Name(name).removeprefix("RUN_STATE_")
-        if run
-        else t.TaskState.Name(name).removeprefix("TASK_STATE_")
-    )
-    return f"[{_STATE_STYLE.get(s, 'white')}]{s}[/]"
+from tether.sdk.states import TERMINAL_RUN_STATES
+from tether.sdk.terminal import (
+    console,
+    err_console,
+    follow_run,
+    key_values,
+    print_results,
+    state_label,
+    task_table,
+)
 
 
 class _LazyGroup(click.Group):
@@ -93,93 +77,6 @@ def _client(ctx: click.Context) -> Client:
     return Client(ctx.obj["controller"])
 
 
-def key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
-    """Parse repeated ``KEY=VALUE`` options (``--param``, ``--label``) into a dict."""
-    out = {}
-    for v in values:
-        k, sep, val = v.partition("=")
-        if not sep or not k:
-            raise click.BadParameter(f"{v!r}: use KEY=VALUE", param_hint=option)
-        out[k] = val
-    return out
-
-
-def task_table(run: t.Run) -> Table:
-    """A table of a run's tasks and their states."""
-    table = Table(
-        title=f"run {run.id} ({run.workflow_name}): " + _state(run.state, run=True),
-        title_justify="left",
-    )
-    for col in ("task", "state", "node", "attempt", "duration", "exit", "detail"):
-        table.add_column(col)
-    for tk in sorted(run.tasks, key=lambda x: x.index):
-        dur = ""
-        if tk.HasField("started_at"):
-            end = tk.finished_at.ToNanoseconds() if tk.HasField("finished_at") else time.time_ns()
-            dur = format_duration(max(0, end - tk.started_at.ToNanoseconds()) / 1e9)
-        finished = tk.state in (t.TaskState.TASK_STATE_SUCCEEDED, t.TaskState.TASK_STATE_FAILED)
-        detail = tk.waiting_reason or (
-            tk.message if tk.state != t.TaskState.TASK_STATE_SUCCEEDED else ""
-        )
-        table.add_row(
-            tk.spec.name,
-            _state(tk.state),
-            tk.node,
-            str(tk.attempt or ""),
-            dur,
-            str(tk.exit_code) if finished else "",
-            detail[:80],
-        )
-    return table
-
-
-def _follow(client: Client, run_id: str) -> t.Run:
-    """Show a live table of the run until it finishes."""
-    run = client.get_run(run_id)
-    tasks = {tk.spec.name: tk for tk in run.tasks}
-    revision = 0
-    with Live(task_table(run), console=console, refresh_per_second=8, transient=False) as live:
-        while run.state not in TERMINAL_RUN_STATES:
-            try:
-                for ev in client.watch(run_id, revision):
-                    revision = max(revision, ev.revision)
-                    if ev.HasField("snapshot"):
-                        run = ev.snapshot
-                        tasks = {tk.spec.name: tk for tk in run.tasks}
-                    else:
-                        if ev.HasField("task"):
-                            tasks[ev.task.spec.name] = ev.task
-                        if ev.run_state:
-                            run.state = ev.run_state
-                    del run.tasks[:]
-                    run.tasks.extend(tasks.values())
-                    live.update(task_table(run))
-            except TetherError as e:
-                if e.code.name != "UNAVAILABLE":
-                    raise
-                time.sleep(0.5)
-            run = client.get_run(run_id)
-            live.update(task_table(run))
-    return run
-
-
-def _print_results(run: t.Run) -> None:
-    console.print()  # the live table leaves the cursor at the end of its last line
-    children = {d for tk in run.tasks for d in tk.spec.depends_on}
-    for tk in sorted(run.tasks, key=lambda x: x.index):
-        if tk.spec.name in children:
-            continue
-        # A person reads what the final tasks printed; their JSON output if they printed nothing.
-        if tk.stdout_tail.strip():
-            console.print(f"[bold]{tk.spec.name}:[/]")
-            console.print(tk.stdout_tail.rstrip(), markup=False, highlight=False)
-        elif tk.outputs_json:
-            console.print(f"[bold]{tk.spec.name} output:[/]")
-            console.print_json(tk.outputs_json)
-    if run.message:
-        console.print(run.message)
-
-
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--wait", "wait_", is_flag=True, help="Follow the run live until it finishes.")
@@ -198,8 +95,8 @@ def submit(ctx, file, wait_, param, request_id):
     )
     if not wait_:
         return
-    final = _follow(client, run.id)
-    _print_results(final)
+    final = follow_run(client, run.id)
+    print_results(final)
     if final.state != t.RunState.RUN_STATE_SUCCEEDED:
         sys.exit(1)
 
@@ -228,7 +125,11 @@ def status(ctx, run_id, as_json):
             break
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created_at.seconds))
         table.add_row(
-            run.id, run.workflow_name, _state(run.state, run=True), str(run.task_count), created
+            run.id,
+            run.workflow_name,
+            state_label(run.state, run=True),
+            str(run.task_count),
+            created,
         )
     console.print(table)
 
@@ -267,17 +168,19 @@ def watch(ctx, run_id, from_revision):
 
 def _print_event(ev) -> None:
     if ev.HasField("snapshot"):
-        console.print(f"rev {ev.revision}: run {ev.snapshot.id} {_state(ev.snapshot.state, True)}")
+        console.print(
+            f"rev {ev.revision}: run {ev.snapshot.id} {state_label(ev.snapshot.state, True)}"
+        )
         for tk in ev.snapshot.tasks:
-            console.print(f"  {tk.spec.name}: {_state(tk.state)}")
+            console.print(f"  {tk.spec.name}: {state_label(tk.state)}")
     elif ev.HasField("task"):
         tk = ev.task
         console.print(
-            f"rev {ev.revision}: {tk.spec.name} {_state(tk.state)}"
+            f"rev {ev.revision}: {tk.spec.name} {state_label(tk.state)}"
             + (f" on {tk.node} (attempt {tk.attempt})" if tk.node else "")
         )
     else:
-        console.print(f"rev {ev.revision}: run {_state(ev.run_state, True)}")
+        console.print(f"rev {ev.revision}: run {state_label(ev.run_state, True)}")
 
 
 @cli.command()

@@ -22,21 +22,15 @@ from opentelemetry import trace
 
 from tether.api.v1 import controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
+from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.errors import TetherError, TimeoutError, from_rpc_error
 from tether.sdk.spec import Workflow
+from tether.sdk.states import TERMINAL_RUN_STATES
 from tether.sdk.telemetry import current_traceparent
 from tether.sdk.validation import validate_params
 
 __all__ = ["DEFAULT_CONTROLLER", "TERMINAL_RUN_STATES", "Client", "LogChunk", "RunHandle"]
 
-DEFAULT_CONTROLLER = "127.0.0.1:7070"
-TERMINAL_RUN_STATES = frozenset(
-    {
-        t.RunState.RUN_STATE_SUCCEEDED,
-        t.RunState.RUN_STATE_FAILED,
-        t.RunState.RUN_STATE_CANCELLED,
-    }
-)
 
 # Reads are retried on UNAVAILABLE by gRPC itself; writes are not (submit carries a request id
 # when the caller wants retries to be safe).

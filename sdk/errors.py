@@ -7,17 +7,15 @@ nothing matches on message text.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import grpc
-
-if TYPE_CHECKING:
-    from tether.sdk.validation import FieldViolation
 
 __all__ = [
     "ERROR_REASON_KEY",
     "AlreadyExistsError",
     "FailedPreconditionError",
+    "FieldViolation",
     "InvalidSpecError",
     "NotFoundError",
     "TetherError",
@@ -31,6 +29,17 @@ __all__ = [
 # controller; "node_unavailable": another controller will not help), else the code's name in
 # lower case ("not_found"). Absent when gRPC could not reach the controller at all.
 ERROR_REASON_KEY = "tether-error-reason"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One problem in a spec or request: where it is and what is wrong."""
+
+    field: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.description}" if self.field else self.description
 
 
 class TetherError(Exception):
@@ -57,8 +66,6 @@ class InvalidSpecError(TetherError):
 
     def __init__(self, violations: Sequence[FieldViolation] | str) -> None:
         if isinstance(violations, str):
-            from tether.sdk.validation import FieldViolation
-
             violations = [FieldViolation("", violations)]
         self.violations = list(violations)
         super().__init__("; ".join(str(v) for v in self.violations))

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 
 from tether.api.v1 import types_pb2
+from tether.sdk.errors import FieldViolation, InvalidSpecError
+from tether.sdk.templating import TemplateError, references
 
 __all__ = ["LIMITS", "FieldViolation", "Limits", "validate_params", "validate_workflow"]
 
@@ -37,24 +39,12 @@ class Limits:
 LIMITS = Limits()
 
 
-@dataclass(frozen=True)
-class FieldViolation:
-    """One problem in a spec: where it is and what is wrong."""
-
-    field: str
-    description: str
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.description}" if self.field else self.description
-
-
 def validate_workflow(spec: types_pb2.WorkflowSpec, limits: Limits = LIMITS) -> None:
     """Check a workflow spec.
 
     Raises:
         InvalidSpecError: with one :class:`FieldViolation` per problem found.
     """
-    from tether.sdk.errors import InvalidSpecError
 
     problems = list(_violations(spec, limits))
     if problems:
@@ -129,7 +119,6 @@ def _templated_fields(task: types_pb2.TaskSpec):
 
 
 def _template_violations(spec: types_pb2.WorkflowSpec, index: dict[str, int]):
-    from tether.sdk.templating import TemplateError, references
 
     def is_upstream(name: str, of: str) -> bool:
         # A walk up the dependencies per reference: references are few, DAGs can be long.
@@ -167,8 +156,6 @@ def validate_params(spec: types_pb2.WorkflowSpec, params: dict[str, str]) -> Non
     Raises:
         InvalidSpecError: naming each task field that uses a missing parameter.
     """
-    from tether.sdk.errors import InvalidSpecError
-    from tether.sdk.templating import TemplateError, references
 
     problems = []
     for i, t in enumerate(spec.tasks):

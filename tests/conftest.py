@@ -1,4 +1,8 @@
-"""Shared fixtures: one real etcd per test session, a fresh key prefix per test."""
+"""Shared fixtures: one real etcd per test session, a fresh key prefix per test.
+
+Each test is marked by the folder it lives in (``unit``, ``integration``, ``docker``,
+``chaos``), so ``pytest -m unit`` or ``pytest tests/unit`` runs the fast tests alone.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,21 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mesh import Mesh
+from helpers import Mesh
 
 from tether.controller.etcd_process import EtcdProcess
 
 os.environ.setdefault("TETHER_ETCD_NO_FSYNC", "1")  # tests trade durability for speed
+
+_FOLDER_MARKS = ("unit", "integration", "docker", "chaos")
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:
+        folder = Path(item.fspath).relative_to(here).parts[0]
+        if folder in _FOLDER_MARKS:
+            item.add_marker(folder)
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,10 @@ import json
 
 import pytest
 from dockerutil import BUSYBOX, NODE_PREFIX, is_podman, managed_containers
-from mesh import Mesh
+from helpers import Mesh, R, S
 
-from tether.api.v1 import types_pb2 as t
 from tether.sdk import Workflow
 
-S = t.TaskState
-R = t.RunState
 A = NODE_PREFIX + "a"
 B = NODE_PREFIX + "b"
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import queue
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import replace
 
 import grpc
 import pytest
-from test_cli import assert_one_line_error, tether
+from helpers import PY, R, S, assert_one_line_error, py, tether
 
 from tether.agent.runtimes.capped_log import truncation_note
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
@@ -21,14 +20,6 @@ from tether.api.v1 import types_pb2 as t
 from tether.controller.etcd_process import free_port
 from tether.controller.server import ControllerServer
 from tether.sdk import Client, InvalidSpecError, NotFoundError, UnavailableError, Workflow
-
-PY = sys.executable
-S = t.TaskState
-R = t.RunState
-
-
-def py(code: str) -> list[str]:
-    return [PY, "-c", code]
 
 
 def joined(chunks) -> dict[str, bytes]:

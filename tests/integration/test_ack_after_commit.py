@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
+
+from helpers import PY, S
 
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import Workflow
-
-PY = sys.executable
-S = t.TaskState
 
 
 def test_resent_report_is_not_acked_before_its_result_is_in_etcd(mesh):

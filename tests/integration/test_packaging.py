@@ -10,7 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, wait_for
 
 
 def test_wheel_installs_only_the_tether_namespace(tmp_path):
@@ -70,6 +70,14 @@ def test_ruff_is_clean():
     assert res.returncode == 0, res.stdout
 
 
+def test_ruff_format_is_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    res = subprocess.run(
+        [ruff, "format", "--check", str(ROOT)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert res.returncode == 0, res.stdout
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
@@ -112,7 +120,6 @@ def test_dev_runs_the_example_to_completion(tmp_path):
 def test_dev_stops_everything_on_ctrl_c(tmp_path):
     import signal
     import socket
-    import time
 
     proc = subprocess.Popen(
         [
@@ -143,11 +150,16 @@ def test_dev_stops_everything_on_ctrl_c(tmp_path):
     rest = proc.stderr.read()
     assert proc.wait(60) == 0
     assert "tether dev: stopped" in rest
-    time.sleep(0.5)
-    for addr in (etcd_addr, ctl_addr):
+
+    def listening(addr: str) -> bool:
         host, port = addr.rsplit(":", 1)
         with socket.socket() as s:
-            assert s.connect_ex((host, int(port))) != 0, f"{addr} still listening"
+            return s.connect_ex((host, int(port))) == 0
+
+    # The sockets close as the processes exit; wait for that rather than a fixed time.
+    wait_for(lambda: not any(listening(a) for a in (etcd_addr, ctl_addr)), 10, "ports to close")
+    for addr in (etcd_addr, ctl_addr):
+        assert not listening(addr), f"{addr} still listening"
     leftovers = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():

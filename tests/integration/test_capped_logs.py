@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import time
+
+from helpers import PY
 
 from tether.agent.runtimes.base import LaunchSpec
 from tether.agent.runtimes.capped_log import CappedLog, truncation_note
 from tether.agent.runtimes.process import ProcessRuntime
-
-PY = sys.executable
 
 
 def test_capped_log_keeps_the_first_bytes_and_notes_the_truncation_once(tmp_path):

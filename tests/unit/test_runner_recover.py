@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 
+from helpers import S
 from opentelemetry import trace
 
 from tether.agent import layout
@@ -13,9 +14,6 @@ from tether.agent.config import AgentConfig
 from tether.agent.runner import Runner
 from tether.agent.runtimes.base import ExitStatus, RecoveredTask
 from tether.api.v1 import agent_pb2
-from tether.api.v1 import types_pb2 as t
-
-S = t.TaskState
 
 
 class FakeHandle:

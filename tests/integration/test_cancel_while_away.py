@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-import time
+from helpers import PY, R, S
 
-from tether.api.v1 import types_pb2 as t
 from tether.sdk import Workflow
-
-PY = sys.executable
-S = t.TaskState
-R = t.RunState
 
 
 def test_cancel_requested_while_agent_reconnects_is_delivered(mesh):
@@ -27,11 +21,5 @@ def test_cancel_requested_while_agent_reconnects_is_delivered(mesh):
         engine.cancel(run.id, "", "user")  # ...just as the user cancels
 
     mesh.call(blip_and_cancel())
-    t0 = time.monotonic()
-    deadline = t0 + 15
-    while time.monotonic() < deadline:
-        st = run.status()
-        if st.state in (R.RUN_STATE_CANCELLED, R.RUN_STATE_FAILED, R.RUN_STATE_SUCCEEDED):
-            break
-        time.sleep(0.2)
+    st = run.wait(timeout=15)
     assert st.state == R.RUN_STATE_CANCELLED

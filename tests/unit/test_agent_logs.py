@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from helpers import eventually
+
 from tether.agent.logs import CHUNK_BYTES, LogStreams
 from tether.api.v1 import agent_pb2
 
@@ -115,14 +117,14 @@ def test_cancel_stops_a_followed_stream(tmp_path):
         outbox: asyncio.Queue = asyncio.Queue()
         streams.start(agent_pb2.LogRequest(stream_id="a", ref=REF, follow=True), outbox)
         streams.start(agent_pb2.LogRequest(stream_id="b", ref=REF, follow=True), outbox)
-        await asyncio.sleep(0.05)
+        await eventually(lambda: streams.active == {"a", "b"})
         assert streams.active == {"a", "b"}
         streams.cancel("a")
         streams.cancel("unknown")
-        await asyncio.sleep(0.05)
+        await eventually(lambda: streams.active == {"b"})
         assert streams.active == {"b"}
         streams.cancel_all()
-        await asyncio.sleep(0.05)
+        await eventually(lambda: not streams.active)
         return streams.active
 
     assert asyncio.run(main()) == set()

@@ -4,9 +4,8 @@ produces, and every declaration in them is documented."""
 import filecmp
 import importlib.util
 import re
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def test_generated_code_matches_protos(tmp_path):

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 
 import grpc
 import pytest
 from etcd3aio import Etcd3Client, prefix_range_end
+from helpers import Mesh, R, S, py
 
 from tether.api.v1 import controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import InvalidSpecError, NotFoundError, Workflow
-
-PY = sys.executable
-S = t.TaskState
-R = t.RunState
-
-
-def py(code: str) -> list[str]:
-    return [PY, "-c", code]
-
 
 WRITE_OUT = (
     "import json,os,time;inp=json.load(open(os.environ['TETHER_INPUTS_FILE']));"
@@ -277,8 +268,6 @@ def test_finished_runs_leave_memory_but_stay_readable(mesh):
 def test_prometheus_metrics(etcd, prefix, tmp_path):
     import urllib.request
 
-    from mesh import Mesh
-
     m = Mesh(etcd.endpoint, prefix, tmp_path / "agents", metrics_listen="127.0.0.1:0")
     try:
         m.start_controller()
@@ -307,7 +296,6 @@ def test_prometheus_metrics(etcd, prefix, tmp_path):
 
 
 def test_finished_runs_are_deleted_after_the_retention(etcd, prefix, tmp_path):
-    from mesh import Mesh
 
     from tether.sdk import NotFoundError
 

@@ -2,39 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tether(
-    *args: str, controller: str | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    if controller:
-        env["TETHER_CONTROLLER"] = controller
-    return subprocess.run(
-        [sys.executable, "-m", "tether.sdk.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
-def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
-    assert res.returncode != 0
-    err = res.stderr.strip()
-    assert "Traceback" not in res.stderr + res.stdout
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
+from helpers import assert_one_line_error, tether
 
 
 def test_nodes_submit_wait_and_status(mesh, tmp_path):

@@ -5,33 +5,16 @@ from __future__ import annotations
 
 import json
 import queue
-import sys
 import threading
 import time
 
 import grpc
 import pytest
+from helpers import R, S, by_name, py, secs
 
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import InvalidSpecError, Workflow
-
-PY = sys.executable
-S = t.TaskState
-R = t.RunState
-
-
-def py(code: str) -> list[str]:
-    return [PY, "-c", code]
-
-
-def by_name(run: t.Run) -> dict[str, t.TaskRun]:
-    return {tk.spec.name: tk for tk in run.tasks}
-
-
-def secs(ts) -> float:
-    return ts.ToNanoseconds() / 1e9
-
 
 FAIL_TIMES = (
     "import os,sys;p=os.path.join({d!r},'count');n=int(open(p).read()) if os.path.exists(p) "
@@ -288,7 +271,15 @@ def test_watch_resumes_from_a_revision_without_gaps_or_repeats(mesh):
         if len(_transitions(first_part)) >= 3:
             break  # disconnect
     last = first_part[-1].revision
-    time.sleep(0.5)  # changes happen while it is away
+    # Changes happen while it is away: at least one more task finishes.
+    seen_done = {n for n, st, _ in _transitions(first_part) if st == S.TASK_STATE_SUCCEEDED}
+    mesh.wait_for(
+        lambda: (
+            sum(tk.state == S.TASK_STATE_SUCCEEDED for tk in run.status().tasks) > len(seen_done)
+        ),
+        30,
+        "a change while the watcher is away",
+    )
     second_part = list(client.watch(run.id, from_revision=last))
     assert done.wait(30)
     assert not second_part[0].HasField("snapshot")

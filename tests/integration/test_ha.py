@@ -8,8 +8,7 @@ import time
 import pytest
 from etcd3aio import Etcd3Client
 from grpc_health.v1 import health_pb2
-from mesh import Mesh
-from test_crash import ControllerProcess, _chain_workflow, _health, _success_events
+from helpers import ControllerProcess, Mesh, chain_workflow, health, success_events
 
 from tether.api.v1 import types_pb2 as t
 from tether.controller.errors import NotLeader
@@ -26,8 +25,8 @@ def test_standby_takes_over_when_the_leader_is_killed(etcd, prefix, tmp_path):
     b = ControllerProcess(etcd.endpoint, prefix, tmp_path / "b.log")
     a.start()
     b.start(leader=False)
-    assert _health(a.address, "tether.v1.ControllerService") == SERVING
-    assert _health(b.address, "tether.v1.ControllerService") == NOT_SERVING
+    assert health(a.address, "tether.v1.ControllerService") == SERVING
+    assert health(b.address, "tether.v1.ControllerService") == NOT_SERVING
     both = f"{a.address},{b.address}"
     mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents")
     marks = tmp_path / "marks"
@@ -36,7 +35,7 @@ def test_standby_takes_over_when_the_leader_is_killed(etcd, prefix, tmp_path):
         mesh.add_agent("n1", controller=both, cpu=1)
         mesh.add_agent("n2", controller=both, cpu=1)
         client = Client(f"{b.address},{a.address}", timeout=10)  # the standby first, on purpose
-        run = client.submit(_chain_workflow(marks))
+        run = client.submit(chain_workflow(marks))
 
         def done(n=3):
             return (
@@ -51,7 +50,7 @@ def test_standby_takes_over_when_the_leader_is_killed(etcd, prefix, tmp_path):
         a.kill()
         t0 = time.monotonic()
         Mesh.wait_for(
-            lambda: _health(b.address, "tether.v1.ControllerService") == SERVING,
+            lambda: health(b.address, "tether.v1.ControllerService") == SERVING,
             20,
             "the standby to lead",
         )
@@ -59,7 +58,7 @@ def test_standby_takes_over_when_the_leader_is_killed(etcd, prefix, tmp_path):
         final = run.wait(timeout=120)
         assert final.state == t.RunState.RUN_STATE_SUCCEEDED, final.message
         assert takeover < 2 + 3, takeover  # the lease TTL (2 s) plus a little
-        counts = asyncio.run(_success_events(etcd.endpoint, prefix))
+        counts = asyncio.run(success_events(etcd.endpoint, prefix))
         assert set(counts.values()) == {1} and len(counts) == 12
         client.close()
     finally:
@@ -118,6 +117,6 @@ def test_a_deposed_leader_cannot_write(etcd, prefix, tmp_path):
                 return resp.count
 
         assert asyncio.run(stored_runs()) == 0
-        assert _health(old.address, "tether.v1.ControllerService") == NOT_SERVING
+        assert health(old.address, "tether.v1.ControllerService") == NOT_SERVING
     finally:
         mesh.close()

@@ -8,7 +8,7 @@ import threading
 from concurrent import futures
 
 import grpc
-from mesh import Mesh
+from helpers import Mesh
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tether.api.v1 import types_pb2 as t

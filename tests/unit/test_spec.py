@@ -1,6 +1,7 @@
 """The workflow format and its validation (no servers needed)."""
 
 import pytest
+from helpers import ROOT
 
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import InvalidSpecError, Workflow
@@ -144,9 +145,8 @@ def test_malformed_values_name_the_field():
 
 def test_python_example_equals_yaml_example():
     import importlib.util
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     spec_ = importlib.util.spec_from_file_location(
         "fraud", root / "examples" / "fraud_detection.py"
     )

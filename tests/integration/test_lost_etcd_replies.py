@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-import time
+from helpers import PY, R, S
 
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import Workflow
-
-PY = sys.executable
-S = t.TaskState
-R = t.RunState
 
 
 def _inject_timeout_after_commit(mesh, pred):
@@ -48,12 +43,7 @@ def test_bind_whose_commit_reply_times_out_still_runs(mesh):
     a = wf.task("a", [PY, "-c", "pass"])
     wf.task("b", [PY, "-c", "pass"], depends_on=[a])
     run = mesh.client().submit(wf)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        final = run.status()
-        if final.state in (R.RUN_STATE_SUCCEEDED, R.RUN_STATE_FAILED):
-            break
-        time.sleep(0.2)
+    final = run.wait(timeout=15)
     assert fired
     assert final.state == R.RUN_STATE_SUCCEEDED
 
@@ -89,12 +79,7 @@ def test_report_arriving_while_a_run_reloads_is_not_lost(mesh):
         lambda: all(tk.state == S.TASK_STATE_RUNNING for tk in run.status().tasks), 10, "running"
     )
     client.cancel(run.id, task="c")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        final = run.status()
-        if final.state in (R.RUN_STATE_SUCCEEDED, R.RUN_STATE_FAILED):
-            break
-        time.sleep(0.2)
+    final = run.wait(timeout=20)
     assert fired
     assert final.state == R.RUN_STATE_FAILED  # c cancelled, a succeeded
 
@@ -117,11 +102,6 @@ def test_submit_whose_commit_reply_times_out_is_scheduled_after_retry(mesh):
     wf.task("a", [PY, "-c", "pass"])
     client = mesh.client()
     run = client.submit(wf)  # gRPC's retry policy resends it with the same request id
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        st = run.status()
-        if st.state == R.RUN_STATE_SUCCEEDED:
-            break
-        time.sleep(0.2)
+    st = run.wait(timeout=10)
     assert run.existing  # the retry found the first submit's run
     assert st.state == R.RUN_STATE_SUCCEEDED

@@ -1,0 +1,20 @@
+"""Facts the SDK, the controller and the agent share, each written once.
+
+The controller and the agent import these so that a limit a user is told about (say, the
+size of a task's output) is the limit every part enforces.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DEFAULT_CONTROLLER", "LOG_TAIL_BYTES", "MAX_OUTPUT_BYTES"]
+
+# Where `tether dev` listens and where clients and agents look when told nothing else.
+DEFAULT_CONTROLLER = "127.0.0.1:7070"
+
+# A task's JSON result ($TETHER_OUTPUT_FILE): small, because it lives in etcd with the task
+# and is passed to every downstream task.
+MAX_OUTPUT_BYTES = 64 * 1024
+
+# How much of the end of each of an attempt's stdout and stderr is kept with the task in etcd;
+# the whole logs stay on the node.
+LOG_TAIL_BYTES = 4096

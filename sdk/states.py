@@ -1,0 +1,60 @@
+"""Run and task states as users see them: which are final, and their short names.
+
+The transition tables live with the controller (``tether.controller.lifecycle``); these are
+the facts a client needs too, so they are defined here once and used by both.
+"""
+
+from __future__ import annotations
+
+from tether.api.v1 import types_pb2 as t
+
+__all__ = [
+    "FINAL_REPORT_STATES",
+    "TERMINAL_RUN_STATES",
+    "TERMINAL_TASK_STATES",
+    "run_state_name",
+    "task_state_name",
+]
+
+TERMINAL_RUN_STATES = frozenset(
+    {
+        t.RunState.RUN_STATE_SUCCEEDED,
+        t.RunState.RUN_STATE_FAILED,
+        t.RunState.RUN_STATE_CANCELLED,
+    }
+)
+
+TERMINAL_TASK_STATES = frozenset(
+    {
+        t.TaskState.TASK_STATE_SUCCEEDED,
+        t.TaskState.TASK_STATE_FAILED,
+        t.TaskState.TASK_STATE_CANCELLED,
+        t.TaskState.TASK_STATE_SKIPPED,
+    }
+)
+
+# The states in which an agent reports an attempt as ended (it never reports SKIPPED: that is
+# decided by the controller for tasks that never ran).
+FINAL_REPORT_STATES = frozenset(
+    {
+        t.TaskState.TASK_STATE_SUCCEEDED,
+        t.TaskState.TASK_STATE_FAILED,
+        t.TaskState.TASK_STATE_CANCELLED,
+    }
+)
+
+
+def run_state_name(state: int) -> str:
+    """``RUN_STATE_SUCCEEDED`` → ``"SUCCEEDED"``; unknown values print as their number."""
+    try:
+        return t.RunState.Name(state).removeprefix("RUN_STATE_")
+    except ValueError:
+        return str(state)
+
+
+def task_state_name(state: int) -> str:
+    """``TASK_STATE_RUNNING`` → ``"RUNNING"``; unknown values print as their number."""
+    try:
+        return t.TaskState.Name(state).removeprefix("TASK_STATE_")
+    except ValueError:
+        return str(state)

@@ -1,0 +1,141 @@
+"""Terminal output and option parsing shared by the ``tether`` commands.
+
+The client commands (``tether.sdk.cli``), ``tether dev`` and ``tether agent`` all show runs
+and parse ``KEY=VALUE`` options the same way; this module is what they share, so none of
+them imports another's command module.
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from tether.api.v1 import types_pb2 as t
+from tether.sdk.client import Client
+from tether.sdk.errors import TetherError
+from tether.sdk.quantities import format_duration
+from tether.sdk.states import TERMINAL_RUN_STATES, run_state_name, task_state_name
+
+__all__ = [
+    "console",
+    "err_console",
+    "follow_run",
+    "key_values",
+    "print_results",
+    "state_label",
+    "task_table",
+]
+
+console = Console()
+err_console = Console(stderr=True)
+
+_STATE_STYLE = {
+    "SUCCEEDED": "green",
+    "FAILED": "red",
+    "RUNNING": "cyan",
+    "SCHEDULED": "blue",
+    "READY": "white",
+    "PENDING": "dim",
+    "RETRYING": "yellow",
+    "CANCELLED": "magenta",
+    "SKIPPED": "dim",
+    "LOST": "yellow",
+}
+
+
+def state_label(name: int, run: bool = False) -> str:
+    """A run's or task's state as a short, coloured rich markup label."""
+    s = run_state_name(name) if run else task_state_name(name)
+    return f"[{_STATE_STYLE.get(s, 'white')}]{s}[/]"
+
+
+def key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
+    """Parse repeated ``KEY=VALUE`` options (``--param``, ``--label``) into a dict."""
+    out = {}
+    for v in values:
+        k, sep, val = v.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"{v!r}: use KEY=VALUE", param_hint=option)
+        out[k] = val
+    return out
+
+
+def task_table(run: t.Run) -> Table:
+    """A table of a run's tasks and their states."""
+    table = Table(
+        title=f"run {run.id} ({run.workflow_name}): " + state_label(run.state, run=True),
+        title_justify="left",
+    )
+    for col in ("task", "state", "node", "attempt", "duration", "exit", "detail"):
+        table.add_column(col)
+    for tk in sorted(run.tasks, key=lambda x: x.index):
+        dur = ""
+        if tk.HasField("started_at"):
+            end = tk.finished_at.ToNanoseconds() if tk.HasField("finished_at") else time.time_ns()
+            dur = format_duration(max(0, end - tk.started_at.ToNanoseconds()) / 1e9)
+        finished = tk.state in (t.TaskState.TASK_STATE_SUCCEEDED, t.TaskState.TASK_STATE_FAILED)
+        detail = tk.waiting_reason or (
+            tk.message if tk.state != t.TaskState.TASK_STATE_SUCCEEDED else ""
+        )
+        table.add_row(
+            tk.spec.name,
+            state_label(tk.state),
+            tk.node,
+            str(tk.attempt or ""),
+            dur,
+            str(tk.exit_code) if finished else "",
+            detail[:80],
+        )
+    return table
+
+
+def follow_run(client: Client, run_id: str) -> t.Run:
+    """Show a live table of the run until it finishes."""
+    run = client.get_run(run_id)
+    tasks = {tk.spec.name: tk for tk in run.tasks}
+    revision = 0
+    with Live(task_table(run), console=console, refresh_per_second=8, transient=False) as live:
+        while run.state not in TERMINAL_RUN_STATES:
+            try:
+                for ev in client.watch(run_id, revision):
+                    revision = max(revision, ev.revision)
+                    if ev.HasField("snapshot"):
+                        run = ev.snapshot
+                        tasks = {tk.spec.name: tk for tk in run.tasks}
+                    else:
+                        if ev.HasField("task"):
+                            tasks[ev.task.spec.name] = ev.task
+                        if ev.run_state:
+                            run.state = ev.run_state
+                    del run.tasks[:]
+                    run.tasks.extend(tasks.values())
+                    live.update(task_table(run))
+            except TetherError as e:
+                if e.code.name != "UNAVAILABLE":
+                    raise
+                time.sleep(0.5)
+            run = client.get_run(run_id)
+            live.update(task_table(run))
+    return run
+
+
+def print_results(run: t.Run) -> None:
+    """Print what the run's final tasks printed (or their JSON output), then its message."""
+    console.print()  # the live table leaves the cursor at the end of its last line
+    children = {d for tk in run.tasks for d in tk.spec.depends_on}
+    for tk in sorted(run.tasks, key=lambda x: x.index):
+        if tk.spec.name in children:
+            continue
+        # A person reads what the final tasks printed; their JSON output if they printed nothing.
+        if tk.stdout_tail.strip():
+            console.print(f"[bold]{tk.spec.name}:[/]")
+            console.print(tk.stdout_tail.rstrip(), markup=False, highlight=False)
+        elif tk.outputs_json:
+            console.print(f"[bold]{tk.spec.name} output:[/]")
+            console.print_json(tk.outputs_json)
+    if run.message:
+        console.print(run.message)

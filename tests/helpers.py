@@ -1,0 +1,302 @@
+"""What the tests share: a real local mesh, subprocess controllers and CLI runs, small helpers.
+
+``Mesh`` is a controller and agents on a background event loop: etcd is a real process (see
+conftest), the controller's gRPC server listens on port 0, agents connect over real gRPC, and
+tests drive it with the synchronous SDK from the test thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+from etcd3aio import Etcd3Client, prefix_range_end
+
+from tether.agent.agent import Agent
+from tether.agent.config import AgentConfig
+from tether.api.v1 import types_pb2 as t
+from tether.controller.config import ControllerConfig
+from tether.controller.etcd_process import free_port
+from tether.controller.server import ControllerServer
+from tether.sdk import Workflow
+from tether.sdk.client import Client
+
+
+async def eventually(pred: Callable[[], object], timeout: float = 5.0) -> None:
+    """In a coroutine: yield to the loop until ``pred`` is true, at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred() and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+
+
+class Mesh:
+    """A controller plus agents, all in one background loop."""
+
+    def __init__(self, etcd_endpoint: str, prefix: str, work_dir: Path, **controller_kw) -> None:
+        self.config = ControllerConfig(
+            etcd_endpoints=(etcd_endpoint,),
+            prefix=prefix,
+            listen="127.0.0.1:0",
+            lease_ttl=controller_kw.pop("lease_ttl", 2),
+            cancel_grace=controller_kw.pop("cancel_grace", 2.0),
+            retry_initial=controller_kw.pop("retry_initial", 0.05),
+            retry_max=1.0,
+            **controller_kw,
+        )
+        self.work_dir = work_dir
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.controller: ControllerServer | None = None
+        self.agents: dict[str, tuple[Agent, Future]] = {}
+        self._clients: list[Client] = []
+
+    def call(self, coro, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start_controller(self, **overrides) -> ControllerServer:
+        cfg = replace(self.config, **overrides) if overrides else self.config
+        self.controller = ControllerServer(cfg)
+        self.call(self.controller.start())
+        return self.controller
+
+    def stop_controller(self) -> None:
+        if self.controller:
+            self.call(self.controller.stop(grace=0.5))
+            self.controller = None
+
+    @property
+    def address(self) -> str:
+        assert self.controller is not None
+        return self.controller.address
+
+    def add_agent(self, name: str, wait: bool = True, **kw) -> Agent:
+        kw.setdefault("cpu", 4.0)
+        kw.setdefault("memory_bytes", 8 * 2**30)
+        kw.setdefault("reconnect_initial", 0.05)
+        kw.setdefault("reconnect_max", 0.5)
+        kw.setdefault("stop_grace", 1.0)
+        controller = kw.pop("controller", None) or self.address
+        cfg = AgentConfig(controller=controller, node=name, work_dir=self.work_dir / name, **kw)
+
+        async def make():
+            return Agent(cfg)
+
+        agent = self.call(make())
+        fut = asyncio.run_coroutine_threadsafe(agent.run(), self.loop)
+        self.agents[name] = (agent, fut)
+        if wait:
+            self.wait_for(lambda: agent.connected.is_set(), 10, f"agent {name} registered")
+        return agent
+
+    def stop_agent(self, name: str, leave_running: bool = False) -> None:
+        """Stop an agent; ``leave_running`` lets go of its containers as if it had crashed."""
+        agent, fut = self.agents.pop(name)
+        self.call(agent.stop(grace=0.5, leave_running=leave_running))
+        fut.result(10)
+
+    def client(self) -> Client:
+        c = Client(self.address, timeout=10)
+        self._clients.append(c)
+        return c
+
+    @staticmethod
+    def wait_for(pred: Callable[[], object], timeout: float, what: str) -> None:
+        """Poll ``pred`` until it is true, or fail after ``timeout`` seconds naming ``what``."""
+        wait_for(pred, timeout, what)
+
+    def close(self) -> None:
+        for c in self._clients:
+            c.close()
+        for name in list(self.agents):
+            try:
+                self.stop_agent(name)
+            except Exception:
+                pass
+        try:
+            self.stop_controller()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+
+
+PY = sys.executable
+S = t.TaskState
+R = t.RunState
+ROOT = Path(__file__).resolve().parents[1]
+SUCCEEDED = t.TaskState.TASK_STATE_SUCCEEDED
+
+
+def py(code: str) -> list[str]:
+    """A command that runs ``code`` with this Python."""
+    return [PY, "-c", code]
+
+
+def by_name(run: t.Run) -> dict[str, t.TaskRun]:
+    """A run's tasks keyed by their names."""
+    return {tk.spec.name: tk for tk in run.tasks}
+
+
+def secs(ts) -> float:
+    """A protobuf Timestamp as seconds since the epoch."""
+    return ts.ToNanoseconds() / 1e9
+
+
+def wait_for(pred: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``pred`` until it is true, or fail after ``timeout`` seconds naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def tether(
+    *args: str, controller: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    """Run the ``tether`` command in a subprocess, as a user's shell would."""
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    if controller:
+        env["TETHER_CONTROLLER"] = controller
+    return subprocess.run(
+        [sys.executable, "-m", "tether.sdk.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    """The command failed with exactly one line on stderr, naming each of ``needles``."""
+    assert res.returncode != 0
+    err = res.stderr.strip()
+    assert "Traceback" not in res.stderr + res.stdout
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+class ControllerProcess:
+    """`tether controller` as a real subprocess, on a fixed port so agents find it again."""
+
+    def __init__(self, etcd: str, prefix: str, log_path) -> None:
+        self.port = free_port()
+        self.args = [
+            sys.executable,
+            "-m",
+            "tether.sdk.cli",
+            "controller",
+            "--etcd",
+            etcd,
+            "--prefix",
+            prefix,
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--lease-ttl",
+            "2",
+        ]
+        self.log = open(log_path, "ab")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, leader: bool = True) -> None:
+        """Start, and wait until it leads (or, with ``leader=False``, until it serves)."""
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=self.log,
+            stderr=self.log,
+            env={**os.environ, "TETHER_LOG_FORMAT": "json"},
+        )
+        client = Client(self.address, timeout=2)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if leader:
+                    client.nodes()
+                else:
+                    health(self.address, "")
+                client.close()
+                return
+            except Exception:
+                time.sleep(0.1)
+        raise AssertionError("controller did not start")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def health(address: str, service: str) -> int:
+    """The gRPC health status a server reports for ``service`` ("" for the server)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        return (
+            health_pb2_grpc.HealthStub(ch)
+            .Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+            .status
+        )
+
+
+def chain_workflow(marks) -> Workflow:
+    """Two parallel chains of short tasks; every execution appends to a marker file."""
+    code = (
+        "import os,time,json;"
+        f"open(os.path.join({str(marks)!r}, os.environ['TETHER_TASK']), 'a')"
+        ".write(os.environ['TETHER_ATTEMPT'] + '\\n');"
+        "time.sleep(0.4);"
+        "json.dump({'ok': os.environ['TETHER_TASK']}, open(os.environ['TETHER_OUTPUT_FILE'], 'w'))"
+    )
+    wf = Workflow("crashy")
+    for chain in ("x", "y"):
+        prev = None
+        for i in range(6):
+            prev = wf.task(
+                f"{chain}{i}",
+                [sys.executable, "-c", code],
+                depends_on=[prev] if prev else [],
+                cpu=1,
+            )
+    return wf
+
+
+async def success_events(endpoint: str, prefix: str) -> Counter:
+    """How many times etcd saw each task key move into SUCCEEDED (its full history)."""
+    counts: Counter = Counter()
+    async with Etcd3Client([endpoint]) as c:
+        key = prefix + "/tasks/"
+        current = await c.kv.get(key, range_end=prefix_range_end(key))
+        head = max(kv.mod_revision for kv in current.kvs)
+        async for resp in c.watch.watch(
+            key, range_end=prefix_range_end(key), start_revision=1, prev_kv=True
+        ):
+            for ev in resp.events:
+                new = t.TaskRun.FromString(ev.kv.value) if ev.kv.value else None
+                old = t.TaskRun.FromString(ev.prev_kv.value) if ev.prev_kv.value else None
+                if new and new.state == SUCCEEDED and (old is None or old.state != SUCCEEDED):
+                    counts[new.spec.name] += 1
+            if resp.events and resp.events[-1].kv.mod_revision >= head:
+                break
+    return counts
