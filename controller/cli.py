@@ -9,6 +9,7 @@ import click
 
 from tether.controller.config import ControllerConfig
 from tether.controller.errors import StoreUnavailable
+from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
 from tether.controller.server import ControllerServer
 from tether.sdk.quantities import parse_duration
 from tether.sdk.telemetry import setup_logging
@@ -75,9 +76,17 @@ async def serve(config: ControllerConfig) -> None:
     show_default=True,
     help="Delete finished runs this long after they end, e.g. 7d (0 keeps them).",
 )
+@click.option(
+    "--policy",
+    envvar="TETHER_POLICY",
+    default=DEFAULT_POLICY,
+    show_default=True,
+    type=click.Choice(sorted(POLICIES)),
+    help="Placement policy: which node gets each ready task (env TETHER_POLICY).",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 def controller_command(
-    etcd, prefix, listen, lease_ttl, cancel_grace, metrics_listen, retention, log_level
+    etcd, prefix, listen, lease_ttl, cancel_grace, metrics_listen, retention, policy, log_level
 ):
     """Run a controller (state in etcd, gRPC API for clients and agents)."""
     setup_logging(log_level)
@@ -90,6 +99,7 @@ def controller_command(
             cancel_grace=cancel_grace,
             metrics_listen=metrics_listen,
             retention=parse_duration(retention),
+            policy=policy,
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
+
 __all__ = ["ControllerConfig"]
 
 
@@ -31,6 +33,8 @@ class ControllerConfig:
             serves none; port 0 picks a free port.
         retention: Seconds a finished run is kept in etcd before it is deleted, with its
             tasks and request id; 0 keeps runs forever.
+        policy: Name of the placement policy (a key of
+            :data:`tether.controller.scheduler.POLICIES`).
     """
 
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
@@ -46,6 +50,7 @@ class ControllerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     metrics_listen: str = ""
     retention: float = 0.0
+    policy: str = DEFAULT_POLICY
     service_name: str = field(default="tether-controller")
 
     def __post_init__(self) -> None:
@@ -59,5 +64,8 @@ class ControllerConfig:
             raise ValueError("heartbeat_interval: must be in [0, lease_ttl)")
         if self.retention < 0:
             raise ValueError("retention: must be >= 0")
+        if self.policy not in POLICIES:
+            known = ", ".join(sorted(POLICIES))
+            raise ValueError(f"policy: unknown {self.policy!r}; known: {known}")
         if self.heartbeat_interval == 0:
             object.__setattr__(self, "heartbeat_interval", self.lease_ttl / 3)

@@ -1,6 +1,7 @@
 """The task and run state machines: the one place that says which moves are allowed.
 
-Every state change the engine makes goes through :func:`move_task` or :func:`move_run`;
+Every state change the controller makes goes through :func:`move_task`, :func:`move_run`,
+:func:`new_attempt` or :func:`move_attempt`;
 anything not in the tables is refused with :class:`IllegalTransition` and logged, so a bug
 shows up as a refused move instead of a corrupted record.
 """
@@ -14,8 +15,10 @@ __all__ = [
     "TASK_ACTIVE",
     "TASK_TERMINAL",
     "IllegalTransition",
+    "move_attempt",
     "move_run",
     "move_task",
+    "new_attempt",
     "run_state_name",
     "task_state_name",
 ]
@@ -73,6 +76,15 @@ RUN_TRANSITIONS: dict[int, frozenset[int]] = {
 }
 
 
+# An attempt record follows its task while it is current, and is then left as it ended. An
+# attempt reported SUCCEEDED may still fail on the controller's side (its output is too big).
+_ATTEMPT_OPEN = frozenset({TS.TASK_STATE_UNSPECIFIED, SCHEDULED, RUNNING})
+ATTEMPT_TRANSITIONS: dict[int, frozenset[int]] = {
+    **{s: frozenset({RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST}) for s in _ATTEMPT_OPEN},
+    SUCCEEDED: frozenset({FAILED}),
+}
+
+
 class IllegalTransition(Exception):
     """A state change that the lifecycle tables do not allow."""
 
@@ -114,3 +126,22 @@ def move_run(run: t.Run, dst: int) -> None:
             f"run {run.id}: {run_state_name(run.state)} -> {run_state_name(dst)} is not allowed"
         )
     run.state = dst
+
+
+def new_attempt(task: t.TaskRun, **fields) -> t.Attempt:
+    """Append the task's next attempt record, SCHEDULED, with ``fields`` set."""
+    return task.attempts.add(state=SCHEDULED, **fields)
+
+
+def move_attempt(task: t.TaskRun, attempt: t.Attempt, dst: int) -> None:
+    """Set an attempt record's state to ``dst`` if the move is allowed.
+
+    Raises:
+        IllegalTransition: the move is not in the table.
+    """
+    if dst not in ATTEMPT_TRANSITIONS.get(attempt.state, frozenset()):
+        raise IllegalTransition(
+            f"attempt {attempt.number} of task {task.spec.name} of run {task.run_id}: "
+            f"{task_state_name(attempt.state)} -> {task_state_name(dst)} is not allowed"
+        )
+    attempt.state = dst

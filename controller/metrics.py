@@ -1,24 +1,20 @@
 """Prometheus metrics of a controller: what it runs, how fast it schedules, how its nodes are.
 
-Counters and the histogram are updated on the engine's loop as things happen; the gauges are a
-snapshot the loop refreshes every second, which the HTTP thread only reads. Each controller has
-its own registry, so several can live in one process (tests, ``tether dev``).
+Counters and the histogram are updated on the engine's loop as things happen; the gauges come
+from a :class:`~tether.controller.cache.Snapshot` the loop takes every second, which the HTTP
+thread only reads. Each controller has its own registry, so several can live in one process
+(tests, ``tether dev``).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tether.controller import lifecycle as lc
-
-if TYPE_CHECKING:
-    from tether.controller.engine import Engine
+from tether.controller.cache import Snapshot
 
 __all__ = ["Metrics"]
 
@@ -50,59 +46,14 @@ class Metrics:
         self.registry.register(_Snapshot(self))
         self._http = None
 
-    def refresh(self, engine: Engine | None, leader: bool) -> None:
-        """Recompute the gauges from the engine (call on the engine's loop)."""
+    def refresh(self, snapshot: Snapshot) -> None:
+        """Recompute the gauges from a snapshot of the engine (call on the engine's loop)."""
         families = []
         g = GaugeMetricFamily("tether_leader", "1 if this controller leads.")
-        g.add_metric([], 1.0 if leader else 0.0)
+        g.add_metric([], 1.0 if snapshot.leader else 0.0)
         families.append(g)
-        if engine is not None:
-            by_state: dict[str, int] = {}
-            for run in engine.runs.values():
-                for e in run.tasks.values():
-                    name = lc.task_state_name(e.msg.state)
-                    by_state[name] = by_state.get(name, 0) + 1
-            tasks = GaugeMetricFamily(
-                "tether_tasks", "Tasks of unfinished runs, by state.", labels=["state"]
-            )
-            for name, n in sorted(by_state.items()):
-                tasks.add_metric([name], n)
-            runs = GaugeMetricFamily("tether_runs_active", "Runs not finished yet.")
-            runs.add_metric([], len(engine.runs))
-            ready = GaugeMetricFamily("tether_ready_queue", "READY tasks waiting for a node.")
-            ready.add_metric([], len(engine.ready))
-            families += [tasks, runs, ready]
-            node_families = {
-                name: GaugeMetricFamily(name, doc, labels=["node"])
-                for name, doc in (
-                    ("tether_node_connected", "1 if the node's agent is connected."),
-                    ("tether_node_cpu_capacity", "CPU cores the node offers."),
-                    ("tether_node_cpu_allocated", "CPU cores held by attempts on the node."),
-                    ("tether_node_memory_capacity_bytes", "Memory the node offers."),
-                    ("tether_node_memory_allocated_bytes", "Memory held by attempts."),
-                    ("tether_node_gpus", "GPUs the node offers."),
-                    ("tether_node_gpus_allocated", "GPUs held by attempts."),
-                    ("tether_node_running_attempts", "Attempts bound to the node."),
-                    ("tether_node_heartbeat_age_seconds", "Seconds since the last heartbeat."),
-                )
-            }
-            now = time.monotonic()
-            for node in engine.nodes.values():
-                values = {
-                    "tether_node_connected": 1.0 if node.session is not None else 0.0,
-                    "tether_node_cpu_capacity": node.capacity.cpu,
-                    "tether_node_cpu_allocated": node.cpu_used,
-                    "tether_node_memory_capacity_bytes": node.capacity.memory_bytes,
-                    "tether_node_memory_allocated_bytes": node.memory_used,
-                    "tether_node_gpus": len(node.gpu_indices),
-                    "tether_node_gpus_allocated": len(node.gpus_used),
-                    "tether_node_running_attempts": len(node.attempts),
-                }
-                if node.last_heartbeat:
-                    values["tether_node_heartbeat_age_seconds"] = now - node.last_heartbeat
-                for name, value in values.items():
-                    node_families[name].add_metric([node.name], value)
-            families += list(node_families.values())
+        if snapshot.leader:
+            families += _engine_families(snapshot)
         self._snapshot = families  # one reference swap: the HTTP thread sees old or new
 
     def serve(self, listen: str) -> int:
@@ -124,3 +75,47 @@ class _Snapshot(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield from self._metrics._snapshot
+
+
+_NODE_GAUGES = (
+    ("tether_node_connected", "1 if the node's agent is connected."),
+    ("tether_node_cpu_capacity", "CPU cores the node offers."),
+    ("tether_node_cpu_allocated", "CPU cores held by attempts on the node."),
+    ("tether_node_memory_capacity_bytes", "Memory the node offers."),
+    ("tether_node_memory_allocated_bytes", "Memory held by attempts."),
+    ("tether_node_gpus", "GPUs the node offers."),
+    ("tether_node_gpus_allocated", "GPUs held by attempts."),
+    ("tether_node_running_attempts", "Attempts bound to the node."),
+    ("tether_node_heartbeat_age_seconds", "Seconds since the last heartbeat."),
+)
+
+
+def _engine_families(snap: Snapshot) -> list[GaugeMetricFamily]:
+    tasks = GaugeMetricFamily(
+        "tether_tasks", "Tasks of unfinished runs, by state.", labels=["state"]
+    )
+    for name, n in sorted(snap.tasks_by_state.items()):
+        tasks.add_metric([name], n)
+    runs = GaugeMetricFamily("tether_runs_active", "Runs not finished yet.")
+    runs.add_metric([], snap.active_runs)
+    ready = GaugeMetricFamily("tether_ready_queue", "READY tasks waiting for a node.")
+    ready.add_metric([], snap.ready_queue)
+    node_families = {
+        name: GaugeMetricFamily(name, doc, labels=["node"]) for name, doc in _NODE_GAUGES
+    }
+    for node in snap.nodes:
+        values = {
+            "tether_node_connected": 1.0 if node.connected else 0.0,
+            "tether_node_cpu_capacity": node.cpu_capacity,
+            "tether_node_cpu_allocated": node.cpu_allocated,
+            "tether_node_memory_capacity_bytes": node.memory_capacity,
+            "tether_node_memory_allocated_bytes": node.memory_allocated,
+            "tether_node_gpus": node.gpus,
+            "tether_node_gpus_allocated": node.gpus_allocated,
+            "tether_node_running_attempts": node.running_attempts,
+        }
+        if node.heartbeat_age is not None:
+            values["tether_node_heartbeat_age_seconds"] = node.heartbeat_age
+        for name, value in values.items():
+            node_families[name].add_metric([node.name], value)
+    return [tasks, runs, ready, *node_families.values()]

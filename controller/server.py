@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
+from tether.controller.cache import Snapshot
 from tether.controller.config import ControllerConfig
 from tether.controller.engine import Engine
 from tether.controller.leader import Leadership
@@ -127,7 +128,8 @@ class ControllerServer:
 
     async def _refresh_metrics(self) -> None:
         while True:
-            self.metrics.refresh(self.engine, self.is_leader)
+            engine = self.engine
+            self.metrics.refresh(engine.snapshot() if engine else Snapshot(leader=False))
             await asyncio.sleep(1.0)
 
     async def _campaign_loop(self) -> None:
@@ -177,7 +179,7 @@ class ControllerServer:
             engine = self.engine
             if engine is not None:
                 try:
-                    await asyncio.wait_for(engine.committer.flushed(), grace)
+                    await asyncio.wait_for(engine.flushed(), grace)
                 except TimeoutError:
                     log.warning("unflushed writes at shutdown; the next leader resumes from etcd")
             if self._metrics_task is not None:

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 from collections.abc import Callable
 
 import grpc
 from opentelemetry import trace
 
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
-from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.engine import Engine
-from tether.controller.errors import FailedPrecondition, NotFound, NotLeader, grpc_errors
+from tether.controller.errors import FailedPrecondition, NotLeader, grpc_errors
 from tether.controller.lifecycle import IllegalTransition
 from tether.controller.logs import LogRouter
 from tether.controller.records import AgentSession
@@ -101,82 +99,20 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
         start = None
         if request.page_token:
             try:
-                start = self.engine.keys.run(base64.urlsafe_b64decode(request.page_token).decode())
+                start = base64.urlsafe_b64decode(request.page_token).decode()
             except (ValueError, UnicodeDecodeError):
                 raise InvalidSpecError(
                     [FieldViolation("page_token", "not a token from ListRuns")]
                 ) from None
-        kvs, _ = await self.engine.store.range(
-            self.engine.keys.runs, limit=size + 1, start=start, newest_first=True
-        )
-        runs = []
-        for kv in kvs[:size]:
-            msg = t.Run.FromString(kv.value)
-            cached = self.engine.runs.get(msg.id)
-            runs.append(cached.msg if cached else msg)
-        token = ""
-        if len(kvs) > size:
-            token = base64.urlsafe_b64encode(runs[-1].id.encode()).decode()
+        runs, more = await self.engine.list_runs(size, start)
+        token = base64.urlsafe_b64encode(runs[-1].id.encode()).decode() if more else ""
         return controller_pb2.ListRunsResponse(runs=runs, next_page_token=token)
 
     @grpc_errors
     async def WatchRun(self, request, context):
         _require(request.run_id, "run_id")
-        store, keys = self.engine.store, self.engine.keys
-        run_key, task_prefix = keys.run(request.run_id), keys.tasks_of(request.run_id)
-        seen: dict[str, int] = {}  # task key -> mod_revision last sent
-        revision = request.from_revision
-        if revision <= 0:
-            # A snapshot read at one etcd revision, then every change after it.
-            kvs, revision = await store.range(run_key, limit=1)
-            if not kvs or kvs[0].key != run_key:
-                raise NotFound(f"run {request.run_id!r} not found")
-            run = t.Run.FromString(kvs[0].value)
-            tasks, _ = await store.range(task_prefix, revision=revision)
-            for kv in tasks:
-                seen[kv.key] = kv.mod_revision
-            run.tasks.extend(
-                sorted((t.TaskRun.FromString(kv.value) for kv in tasks), key=lambda m: m.index)
-            )
-            yield controller_pb2.RunEvent(snapshot=run, run_state=run.state, revision=revision)
-            if run.state in lc.RUN_TERMINAL:
-                return
-        else:
-            kv = await store.get(run_key)
-            if kv is None:
-                raise NotFound(f"run {request.run_id!r} not found")
-            final = t.Run.FromString(kv.value).state
-            if final in lc.RUN_TERMINAL and kv.mod_revision <= revision:
-                # Resuming at or after the run's last change: nothing will come; say so.
-                yield controller_pb2.RunEvent(run_state=final, revision=kv.mod_revision)
-                return
-        state = t.RunState.RUN_STATE_UNSPECIFIED
-        async for ev in _merge_watches(store, run_key, task_prefix, revision + 1):
-            if ev.deleted:
-                continue
-            if ev.key != run_key:
-                if seen.get(ev.key, 0) < ev.revision:
-                    seen[ev.key] = ev.revision
-                    yield controller_pb2.RunEvent(
-                        task=t.TaskRun.FromString(ev.value), run_state=state, revision=ev.revision
-                    )
-                continue
-            state = t.Run.FromString(ev.value).state
-            if state in lc.RUN_TERMINAL:
-                # The two watches are not ordered with each other: send every task change up
-                # to the run's final revision before the final event, none twice.
-                tasks, _ = await store.range(task_prefix, revision=ev.revision)
-                for kv in sorted(tasks, key=lambda kv: kv.mod_revision):
-                    if seen.get(kv.key, 0) < kv.mod_revision and kv.mod_revision > revision:
-                        seen[kv.key] = kv.mod_revision
-                        yield controller_pb2.RunEvent(
-                            task=t.TaskRun.FromString(kv.value),
-                            run_state=state,
-                            revision=kv.mod_revision,
-                        )
-                yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
-                return
-            yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
+        async for event in self.engine.watch_run(request.run_id, request.from_revision):
+            yield event
 
     @grpc_errors
     async def CancelRun(self, request, context):
@@ -198,40 +134,6 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
     @grpc_errors
     async def ListNodes(self, request, context):
         return controller_pb2.ListNodesResponse(nodes=await self.engine.list_nodes())
-
-
-async def _merge_watches(store, run_key: str, task_prefix: str, revision: int):
-    """Watch the run key and its task keys through one queue.
-
-    Each key's events come in revision order, but the two etcd watches are not ordered with
-    each other: the caller drains task changes up to the run's final revision before ending.
-    """
-    # Runs and tasks live under different prefixes; watching their common parent would see
-    # every run's changes, so watch both.
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(prefix: str):
-        try:
-            async for ev in store.watch(prefix, revision):
-                if prefix == run_key and ev.key != run_key:
-                    continue
-                await queue.put(ev)
-        except Exception as e:  # surfaced to the consumer of the queue
-            await queue.put(e)
-
-    tasks = [asyncio.create_task(pump(run_key)), asyncio.create_task(pump(task_prefix))]
-    try:
-        while True:
-            item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        for tk in tasks:
-            tk.cancel()
-        for tk in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await tk
 
 
 class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):

@@ -1,0 +1,225 @@
+"""Attempts: what agents report about them (fenced by attempt number), results, retries, and
+attempts lost with their node.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from google.protobuf import timestamp_pb2
+from opentelemetry import trace
+
+from tether.api.v1 import agent_pb2
+from tether.controller import lifecycle as lc
+from tether.controller.cache import Cache
+from tether.controller.committer import Committer
+from tether.controller.config import ControllerConfig
+from tether.controller.dispatch import Dispatch
+from tether.controller.metrics import Metrics
+from tether.controller.progress import Progress
+from tether.controller.records import AgentSession, RunEntry, TaskEntry, now
+from tether.controller.retry import retry_delay
+from tether.controller.timers import Timers
+from tether.sdk.telemetry import context_from_traceparent, get_logger
+
+__all__ = ["Attempts"]
+
+log = get_logger("controller.engine")
+
+_FINAL_REPORTS = {lc.SUCCEEDED, lc.FAILED, lc.CANCELLED}
+_MAX_OUTPUT = 64 * 1024
+_MAX_EVENTS = 50
+
+
+class Attempts:
+    """Applies agents' reports to the current attempt of each task, and retries or loses it."""
+
+    def __init__(
+        self,
+        config: ControllerConfig,
+        tracer: trace.Tracer,
+        cache: Cache,
+        committer: Committer,
+        metrics: Metrics,
+        dispatch: Dispatch,
+        progress: Progress,
+        timers: Timers,
+    ) -> None:
+        self.config = config
+        self.tracer = tracer
+        self.cache = cache
+        self.committer = committer
+        self.metrics = metrics
+        self.dispatch = dispatch
+        self.progress = progress
+        self.timers = timers
+
+    def on_event(self, session: AgentSession, report: agent_pb2.TaskEventReport) -> None:
+        """Record an event of the current attempt (older attempts' events are dropped)."""
+        _, e = self.cache.task(report.ref.run_id, report.ref.task)
+        if e is None or e.msg.attempt != report.ref.attempt or e.msg.node != session.node:
+            return
+        e.msg.events.append(report.event)
+        if len(e.msg.events) > _MAX_EVENTS:
+            del e.msg.events[: len(e.msg.events) - _MAX_EVENTS]
+        self.committer.mark(e)
+
+    def on_status(self, session: AgentSession, s: agent_pb2.TaskStatus) -> None:
+        """Apply an agent's report about one attempt, fenced by the attempt number."""
+        if s.ref.run_id in self.cache.reloading:
+            return  # neither ack nor kill on a half-loaded run: the agent reports again
+        run, e = self.cache.task(s.ref.run_id, s.ref.task)
+        final = s.state in _FINAL_REPORTS
+        stale = (
+            e is None
+            or s.ref.attempt != e.msg.attempt
+            or e.msg.node != session.node
+            or e.msg.state not in lc.TASK_ACTIVE
+        )
+        if stale:
+            if final and e is not None:
+                # Acknowledge only once what this attempt's record says is in etcd: the
+                # result may still be on its way there (a resent report overtaking its write).
+                self.committer.when_written(e, self.dispatch.acker(session, s.ref))
+            elif final:
+                self.dispatch.ack(session, s.ref)
+            else:
+                self.dispatch.cancel(
+                    session, s.ref.run_id, s.ref.task, s.ref.attempt, "stale attempt"
+                )
+            return
+        assert run is not None and e is not None
+        if s.state == lc.RUNNING:
+            self.mark_running(e, s)
+            return
+        if not final:
+            log.warning("ignoring report", state=s.state, task=s.ref.task)
+            return
+        self._record_result(run, e, s, session)
+
+    def mark_running(self, e: TaskEntry, s: agent_pb2.TaskStatus | None) -> None:
+        """The agent started the attempt (``s``: its report; None: it listed it as running)."""
+        if e.msg.state != lc.SCHEDULED:
+            return
+        lc.move_task(e.msg, lc.RUNNING)
+        started = s.started_at if s and s.HasField("started_at") else now()
+        e.msg.started_at.CopyFrom(started)
+        if e.msg.attempts:
+            lc.move_attempt(e.msg, e.msg.attempts[-1], lc.RUNNING)
+            e.msg.attempts[-1].started_at.CopyFrom(started)
+        self.committer.mark(e)
+
+    def _record_result(
+        self, run: RunEntry, e: TaskEntry, s: agent_pb2.TaskStatus, session: AgentSession
+    ) -> None:
+        m = e.msg
+        att = m.attempts[-1] if m.attempts else m.attempts.add(number=m.attempt)
+        lc.move_attempt(m, att, s.state)
+        att.exit_code = s.exit_code
+        att.reason = s.reason
+        att.message = s.message
+        if s.HasField("started_at"):
+            att.started_at.CopyFrom(s.started_at)
+            m.started_at.CopyFrom(s.started_at)
+        finished = s.finished_at if s.HasField("finished_at") else now()
+        att.finished_at.CopyFrom(finished)
+        m.exit_code = s.exit_code
+        m.reason = s.reason
+        m.message = s.message
+        m.stdout_tail = s.stdout_tail[-4096:]
+        m.stderr_tail = s.stderr_tail[-4096:]
+        self.cache.account(e, -1)
+        with self.tracer.start_as_current_span(
+            f"record {m.spec.name}",
+            context=context_from_traceparent(m.traceparent),
+            attributes={
+                "tether.run_id": run.msg.id,
+                "tether.task": m.spec.name,
+                "tether.attempt": m.attempt,
+                "tether.state": lc.task_state_name(s.state),
+                "tether.exit_code": s.exit_code,
+            },
+        ):
+            ack = self.dispatch.acker(session, s.ref)
+            if s.state == lc.SUCCEEDED:
+                if len(s.outputs_json) > _MAX_OUTPUT:
+                    lc.move_attempt(m, att, lc.FAILED)
+                    att.reason = m.reason = "output"
+                    m.message = att.message = f"output larger than {_MAX_OUTPUT} bytes"
+                    self._fail_or_retry(run, e, ack)
+                    return
+                m.outputs_json = s.outputs_json
+                m.finished_at.CopyFrom(finished)
+                self.progress.finish_task(run, e, lc.SUCCEEDED, ack)
+            elif s.state == lc.CANCELLED or m.cancel_requested:
+                m.finished_at.CopyFrom(finished)
+                self.progress.finish_task(run, e, lc.CANCELLED, ack)
+            else:
+                self._fail_or_retry(run, e, ack)
+
+    def _fail_or_retry(self, run: RunEntry, e: TaskEntry, ack: Callable[[], None] | None) -> None:
+        m = e.msg
+        failures = m.attempt - m.lost_attempts
+        if failures <= m.spec.retries and not m.cancel_requested:
+            delay = retry_delay(m.spec, failures, self.config)
+            lc.move_task(m, lc.RETRYING)
+            nb = timestamp_pb2.Timestamp()
+            nb.FromNanoseconds(int((time.time() + delay) * 1e9))
+            m.not_before.CopyFrom(nb)
+            self.committer.mark(e, ack)
+            self.arm_retry(run, e, delay)
+            log.info(
+                "task retrying",
+                run_id=run.msg.id,
+                task=m.spec.name,
+                attempt=m.attempt,
+                delay=round(delay, 3),
+                reason=m.reason,
+            )
+        else:
+            m.finished_at.CopyFrom(now())
+            self.progress.finish_task(run, e, lc.FAILED, ack)
+
+    def arm_retry(self, run: RunEntry, e: TaskEntry, delay: float) -> None:
+        """Ready a RETRYING or LOST task again after ``delay`` seconds."""
+        key = (run.msg.id, e.msg.spec.name)
+        self.timers.arm(key, delay, lambda: self._retry_due(key))
+
+    def _retry_due(self, key: tuple[str, str]) -> None:
+        run, e = self.cache.task(*key)
+        if run is None or e is None or e.msg.state not in (lc.RETRYING, lc.LOST):
+            return
+        self.progress.ready_again(run, e)
+
+    def lose(self, run: RunEntry, e: TaskEntry, why: str) -> None:
+        """The attempt's node is gone: LOST, then READY again (not counted as a failure)."""
+        m = e.msg
+        self.cache.account(e, -1)
+        if m.attempts:
+            lc.move_attempt(m, m.attempts[-1], lc.LOST)
+            m.attempts[-1].reason = "node_lost"
+            m.attempts[-1].message = why
+            m.attempts[-1].finished_at.CopyFrom(now())
+        m.reason, m.message = "node_lost", why
+        if m.cancel_requested:
+            lc.move_task(m, lc.CANCELLED)
+            m.finished_at.CopyFrom(now())
+            self.progress.finish_task(run, e, lc.CANCELLED, already_moved=True)
+            return
+        lc.move_task(m, lc.LOST)
+        m.lost_attempts += 1
+        self.metrics.attempts_lost.inc()
+        self.committer.mark(e)
+        log.warning("attempt lost", run_id=run.msg.id, task=m.spec.name, attempt=m.attempt, why=why)
+        self.arm_retry(run, e, 0.0)
+
+    def expire_orphans(self, orphans: set[tuple[str, str]]) -> None:
+        """Lose the attempts whose nodes did not come back within a lease TTL of a start."""
+        for run_id, name in orphans:
+            run, e = self.cache.task(run_id, name)
+            if run is None or e is None or e.msg.state not in lc.TASK_ACTIVE:
+                continue
+            node = self.cache.nodes.get(e.msg.node)
+            if node is None or node.session is None:
+                self.lose(run, e, f"node {e.msg.node} did not come back")

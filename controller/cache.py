@@ -1,0 +1,212 @@
+"""The controller's memory: unfinished runs, known nodes, the ready queue, resource accounting.
+
+etcd is the source of truth; this cache is what the engine's rooms read and change on the one
+asyncio loop. Each node's entry holds both what placement needs (capacity, what is bound) and
+its liveness (agent stream, lease, heartbeats); placement sees only a read-only
+:class:`~tether.controller.scheduler.NodeView` of it, and metrics only a :class:`Snapshot`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from tether.api.v1 import types_pb2
+from tether.controller import lifecycle as lc
+from tether.controller.records import AgentSession, RunEntry, TaskEntry
+from tether.controller.scheduler import NodeView
+
+__all__ = ["Cache", "NodeSnapshot", "NodeState", "Snapshot"]
+
+TaskKey = tuple[str, str]
+
+
+@dataclass
+class NodeState:
+    """What the controller knows of one node: capacity, what is bound to it, and its stream."""
+
+    name: str
+    capacity: types_pb2.Resources = field(default_factory=types_pb2.Resources)
+    gpu_indices: list[int] = field(default_factory=list)
+    max_tasks: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    cpu_used: float = 0.0
+    memory_used: int = 0
+    gpus_used: set[int] = field(default_factory=set)
+    attempts: set[TaskKey] = field(default_factory=set)
+    session: AgentSession | None = None
+    lease_id: int = 0
+    # When the agent last beat (time.monotonic()); 0 before its first.
+    last_heartbeat: float = 0.0
+    # Attempts RUNNING here that the agent's last heartbeat did not list.
+    unlisted: set[tuple[str, str, int]] = field(default_factory=set)
+
+    @property
+    def schedulable(self) -> bool:
+        return self.session is not None
+
+    def allocated(self) -> types_pb2.Resources:
+        """What attempts bound here hold."""
+        return types_pb2.Resources(
+            cpu=self.cpu_used, memory_bytes=self.memory_used, gpu=len(self.gpus_used)
+        )
+
+    def view(self) -> NodeView:
+        """The read-only placement view of this node."""
+        return NodeView(
+            name=self.name,
+            cpu_total=self.capacity.cpu,
+            cpu_used=self.cpu_used,
+            memory_total=self.capacity.memory_bytes,
+            memory_used=self.memory_used,
+            gpu_indices=tuple(self.gpu_indices),
+            gpus_used=frozenset(self.gpus_used),
+            max_tasks=self.max_tasks,
+            running=len(self.attempts),
+            labels=tuple(sorted(self.labels.items())),
+        )
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    """One node's gauges at one moment."""
+
+    name: str
+    connected: bool
+    cpu_capacity: float
+    cpu_allocated: float
+    memory_capacity: int
+    memory_allocated: int
+    gpus: int
+    gpus_allocated: int
+    running_attempts: int
+    # Seconds since the last heartbeat; None before the first.
+    heartbeat_age: float | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the controller holds at one moment, for metrics; never changes once taken."""
+
+    leader: bool
+    tasks_by_state: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    active_runs: int = 0
+    ready_queue: int = 0
+    nodes: tuple[NodeSnapshot, ...] = ()
+
+
+class Cache:
+    """Unfinished runs, nodes and the ready queue, with each node's resource accounting."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, RunEntry] = {}
+        self.nodes: dict[str, NodeState] = {}
+        # READY tasks in the order they became ready (a dict as an ordered set).
+        self.ready: dict[TaskKey, None] = {}
+        self.ready_since: dict[TaskKey, float] = {}
+        # Runs being rebuilt from etcd after a conflicting write: reports about them wait.
+        self.reloading: set[str] = set()
+        # Set whenever a scheduling pass might place something it could not before.
+        self.wakeup = asyncio.Event()
+
+    def kick(self) -> None:
+        """Ask for a scheduling pass."""
+        self.wakeup.set()
+
+    def task(self, run_id: str, name: str) -> tuple[RunEntry | None, TaskEntry | None]:
+        """The cached run and its task (either None when not cached)."""
+        run = self.runs.get(run_id)
+        return run, (run.tasks.get(name) if run else None)
+
+    def node(self, name: str) -> NodeState:
+        """The node's entry, created empty if it is new."""
+        st = self.nodes.get(name)
+        if st is None:
+            st = self.nodes[name] = NodeState(name)
+        return st
+
+    def enqueue(self, key: TaskKey) -> None:
+        """Put a READY task at the end of the ready queue."""
+        self.ready[key] = None
+        self.ready_since.setdefault(key, time.monotonic())
+
+    def account(self, e: TaskEntry, sign: int) -> None:
+        """Add (+1) or remove (-1) an attempt's resources on its node."""
+        node = self.node(e.msg.node)
+        key = (e.msg.run_id, e.msg.spec.name)
+        r = e.msg.spec.resources
+        if sign > 0:
+            if key in node.attempts:
+                return
+            node.attempts.add(key)
+            node.cpu_used += r.cpu
+            node.memory_used += r.memory_bytes
+            if e.msg.attempts:
+                node.gpus_used.update(e.msg.attempts[-1].gpu_indices)
+        else:
+            if key not in node.attempts:
+                return
+            node.attempts.discard(key)
+            node.cpu_used = max(0.0, node.cpu_used - r.cpu)
+            node.memory_used = max(0, node.memory_used - r.memory_bytes)
+            if e.msg.attempts:
+                node.gpus_used.difference_update(e.msg.attempts[-1].gpu_indices)
+            self.kick()
+
+    def add_run(self, run: RunEntry) -> None:
+        """Cache a run, charging its active attempts to their nodes."""
+        for e in run.tasks.values():
+            if e.msg.state in lc.TASK_ACTIVE:
+                self.account(e, +1)
+        self.runs[run.msg.id] = run
+
+    def drop_run(self, run_id: str) -> None:
+        """Forget a run: its attempts release their nodes, its tasks leave the queue."""
+        old = self.runs.pop(run_id, None)
+        if old:
+            for e in old.tasks.values():
+                self.account(e, -1)
+                self.ready.pop((run_id, e.msg.spec.name), None)
+
+    def evict(self, run: RunEntry) -> None:
+        """Drop a finished run once its final state is in etcd (reads then go to etcd)."""
+        if self.runs.get(run.msg.id) is run and run.msg.state in lc.RUN_TERMINAL:
+            del self.runs[run.msg.id]
+
+    def connected_views(self) -> list[NodeView]:
+        """Placement views of the nodes whose agents are connected."""
+        return [n.view() for n in self.nodes.values() if n.schedulable]
+
+    def snapshot(self) -> Snapshot:
+        """The gauges of this moment, as an immutable value metrics can keep."""
+        by_state: dict[str, int] = {}
+        for run in self.runs.values():
+            for e in run.tasks.values():
+                name = lc.task_state_name(e.msg.state)
+                by_state[name] = by_state.get(name, 0) + 1
+        now = time.monotonic()
+        nodes = tuple(
+            NodeSnapshot(
+                name=n.name,
+                connected=n.session is not None,
+                cpu_capacity=n.capacity.cpu,
+                cpu_allocated=n.cpu_used,
+                memory_capacity=n.capacity.memory_bytes,
+                memory_allocated=n.memory_used,
+                gpus=len(n.gpu_indices),
+                gpus_allocated=len(n.gpus_used),
+                running_attempts=len(n.attempts),
+                heartbeat_age=(now - n.last_heartbeat) if n.last_heartbeat else None,
+            )
+            for n in self.nodes.values()
+        )
+        return Snapshot(
+            leader=True,
+            tasks_by_state=MappingProxyType(by_state),
+            active_runs=len(self.runs),
+            ready_queue=len(self.ready),
+            nodes=nodes,
+        )

@@ -1,0 +1,116 @@
+"""Messages to agents: the one place that builds assignments, cancellations and acks.
+
+Each is sent only after the change it reflects is committed to etcd (the callers arrange
+that), so an agent never runs or stops something a restarted controller would not know of.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from google.protobuf import duration_pb2
+from opentelemetry import trace
+
+from tether.api.v1 import agent_pb2
+from tether.api.v1 import types_pb2 as t
+from tether.controller import lifecycle as lc
+from tether.controller.cache import Cache
+from tether.controller.config import ControllerConfig
+from tether.controller.records import AgentSession, RunEntry, TaskEntry
+from tether.sdk.telemetry import context_from_traceparent, traceparent_of
+from tether.sdk.templating import TemplateError, render_spec
+
+__all__ = ["Dispatch", "render"]
+
+
+def render(run: RunEntry, spec: t.TaskSpec) -> t.TaskSpec | None:
+    """The spec with templates filled in from params and upstream outputs (None: none).
+
+    Raises:
+        TemplateError: a template does not render.
+    """
+
+    def output_of(name: str):
+        raw = run.tasks[name].msg.outputs_json if name in run.tasks else ""
+        return json.loads(raw) if raw else None
+
+    return render_spec(spec, run.msg.params, output_of)
+
+
+class Dispatch:
+    """Sends assignments, cancellations and acknowledgements to connected agents."""
+
+    def __init__(self, config: ControllerConfig, cache: Cache, tracer: trace.Tracer) -> None:
+        self.config = config
+        self.cache = cache
+        self.tracer = tracer
+
+    def assign(self, run: RunEntry, e: TaskEntry) -> None:
+        """Send the task's current attempt to its node, if the node's agent is connected."""
+        m = e.msg
+        if m.state not in lc.TASK_ACTIVE:
+            return
+        node = self.cache.nodes.get(m.node)
+        if node is None or node.session is None:
+            return  # sent again when the node registers; lost if it never does
+        upstream = {d: run.tasks[d].msg.outputs_json for d in m.spec.depends_on}
+        with self.tracer.start_as_current_span(
+            f"dispatch {m.spec.name}",
+            context=context_from_traceparent(m.traceparent),
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                "tether.run_id": run.msg.id,
+                "tether.task": m.spec.name,
+                "tether.attempt": m.attempt,
+                "tether.node": m.node,
+            },
+        ) as span:
+            gpus = list(m.attempts[-1].gpu_indices) if m.attempts else []
+            try:
+                # After a controller restart the rendered spec is rebuilt from etcd's state.
+                spec = e.rendered or render(run, m.spec) or m.spec
+            except TemplateError:
+                spec = m.spec
+            node.session.send(
+                agent_pb2.ControllerMessage(
+                    assign=agent_pb2.AssignTask(
+                        ref=agent_pb2.AttemptRef(
+                            run_id=run.msg.id, task=m.spec.name, attempt=m.attempt
+                        ),
+                        spec=spec,
+                        upstream_outputs=upstream,
+                        gpu_indices=gpus,
+                        traceparent=traceparent_of(span),
+                        params=run.msg.params,
+                    )
+                )
+            )
+            if m.cancel_requested:  # cancelled between the bind and its commit
+                self.cancel(node.session, run.msg.id, m.spec.name, m.attempt, "cancelled")
+
+    def cancel(
+        self, session: AgentSession, run_id: str, task: str, attempt: int, reason: str
+    ) -> None:
+        """Tell an agent to stop an attempt (SIGTERM, then SIGKILL after the grace)."""
+        grace = duration_pb2.Duration()
+        grace.FromNanoseconds(int(self.config.cancel_grace * 1e9))
+        session.send(
+            agent_pb2.ControllerMessage(
+                cancel=agent_pb2.CancelTask(
+                    ref=agent_pb2.AttemptRef(run_id=run_id, task=task, attempt=attempt),
+                    reason=reason,
+                    grace=grace,
+                )
+            )
+        )
+
+    def ack(self, session: AgentSession, ref: agent_pb2.AttemptRef) -> None:
+        """Tell an agent its final report is recorded, so it can forget it."""
+        session.send(agent_pb2.ControllerMessage(ack=agent_pb2.StatusAck(ref=ref)))
+
+    def acker(self, session: AgentSession, ref: agent_pb2.AttemptRef) -> Callable[[], None]:
+        """A callback that acknowledges ``ref`` later (a copy: the report may be reused)."""
+        r = agent_pb2.AttemptRef()
+        r.CopyFrom(ref)
+        return lambda: self.ack(session, r)

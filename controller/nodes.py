@@ -1,0 +1,230 @@
+"""Nodes: registration, heartbeats and leases, the agent streams, and the watch that notices
+a node whose lease expired (its attempts are lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from google.protobuf import duration_pb2
+
+from tether.api.v1 import agent_pb2
+from tether.api.v1 import types_pb2 as t
+from tether.controller import lifecycle as lc
+from tether.controller.attempts import Attempts
+from tether.controller.cache import Cache, NodeState
+from tether.controller.config import ControllerConfig
+from tether.controller.dispatch import Dispatch
+from tether.controller.errors import OutOfRange
+from tether.controller.records import AgentSession, now
+from tether.controller.store import Put, Store
+from tether.sdk.telemetry import get_logger
+
+__all__ = ["Nodes"]
+
+log = get_logger("controller.engine")
+
+
+class Nodes:
+    """Keeps the cache's nodes in step with agents and their etcd leases."""
+
+    def __init__(
+        self,
+        config: ControllerConfig,
+        store: Store,
+        cache: Cache,
+        attempts: Attempts,
+        dispatch: Dispatch,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.keys = store.keys
+        self.cache = cache
+        self.attempts = attempts
+        self.dispatch = dispatch
+
+    async def load(self, revision: int) -> set[str]:
+        """Read the registered nodes' leases at ``revision``; return their names."""
+        nodes, _ = await self.store.range(self.keys.nodes, revision=revision)
+        for kv in nodes:
+            node = t.Node.FromString(kv.value)
+            self.cache.node(node.name).lease_id = kv.lease
+        return {kv.key.rsplit("/", 1)[1] for kv in nodes}
+
+    def session_of(self, node: str) -> AgentSession | None:
+        """The open stream of a node's agent, or None when the node is not connected here."""
+        st = self.cache.nodes.get(node)
+        if st is None or st.session is None or st.session.closed:
+            return None
+        return st.session
+
+    async def list_nodes(self) -> list[t.Node]:
+        """Registered nodes, with what is allocated on each."""
+        kvs, _ = await self.store.range(self.keys.nodes)
+        out = []
+        for kv in kvs:
+            node = t.Node.FromString(kv.value)
+            st = self.cache.nodes.get(node.name)
+            if st:
+                node.allocated.CopyFrom(st.allocated())
+                node.running_tasks = len(st.attempts)
+            node.lease_id = kv.lease
+            out.append(node)
+        return out
+
+    async def register(
+        self, session: AgentSession, reg: agent_pb2.Register
+    ) -> agent_pb2.Registered:
+        """Record a node, bind it to a lease, apply its pending reports, reconcile its attempts."""
+        st = self.cache.node(reg.node)
+        old = st.session
+        if old is not None and old is not session:
+            old.close()
+        lease = await self._lease_for(st)
+        node = t.Node(
+            name=reg.node,
+            capacity=reg.capacity,
+            gpus=reg.gpus,
+            labels=reg.labels,
+            agent_version=reg.agent_version,
+            runtime=reg.runtime,
+            registered_at=now(),
+            lease_id=lease,
+            max_tasks=reg.max_tasks,
+        )
+        await self.store.txn([], [Put(self.keys.node(reg.node), node.SerializeToString(), lease)])
+        st.capacity.CopyFrom(reg.capacity)
+        st.gpu_indices = sorted(g.index for g in reg.gpus)
+        st.labels = dict(reg.labels)
+        st.max_tasks = reg.max_tasks
+        st.lease_id = lease
+        st.session = session
+        st.last_heartbeat = time.monotonic()
+        for report in reg.pending_reports:
+            self.attempts.on_status(session, report)
+        self._reconcile_agent(st, session, {(r.run_id, r.task, r.attempt) for r in reg.running})
+        self.cache.kick()
+        interval = duration_pb2.Duration()
+        interval.FromNanoseconds(int(self.config.heartbeat_interval * 1e9))
+        ttl = duration_pb2.Duration(seconds=self.config.lease_ttl)
+        log.info("node registered", node=reg.node, cpu=reg.capacity.cpu, gpus=len(reg.gpus))
+        return agent_pb2.Registered(heartbeat_interval=interval, lease_ttl=ttl)
+
+    async def _lease_for(self, st: NodeState) -> int:
+        """The node's lease if it is still alive, else a new one."""
+        if st.lease_id:
+            try:
+                if await self.store.keepalive(st.lease_id) > 0:
+                    return st.lease_id
+            except Exception:  # an expired or unknown lease just means a new one
+                pass
+        return await self.store.grant_lease(self.config.lease_ttl)
+
+    def _reconcile_agent(
+        self, st: NodeState, session: AgentSession, running: set[tuple[str, str, int]]
+    ) -> None:
+        """Compare what a registering agent runs with what is bound to its node."""
+        for run_id, name in list(st.attempts):
+            run, e = self.cache.task(run_id, name)
+            if run is None or e is None or e.msg.node != st.name:
+                continue
+            if (run_id, name, e.msg.attempt) in running:
+                if e.msg.state == lc.SCHEDULED:
+                    self.attempts.mark_running(e, None)
+                if e.msg.cancel_requested:  # asked while the agent was away
+                    self.dispatch.cancel(session, run_id, name, e.msg.attempt, "cancelled")
+            elif e.msg.state == lc.SCHEDULED:
+                self.dispatch.assign(run, e)  # the agent never got it
+            else:
+                self.attempts.lose(run, e, f"node {st.name} restarted without the attempt")
+        for run_id, name, attempt in running:
+            _, e = self.cache.task(run_id, name)
+            if (
+                e is None
+                or e.msg.attempt != attempt
+                or e.msg.node != st.name
+                or e.msg.state not in lc.TASK_ACTIVE
+            ):
+                self.dispatch.cancel(session, run_id, name, attempt, "stale attempt")
+
+    async def heartbeat(self, session: AgentSession, hb: agent_pb2.Heartbeat) -> bool:
+        """Keep the node's lease alive; False when it has expired (the agent must re-register).
+
+        Also compares what the agent runs with what it should: an attempt RUNNING here that
+        the agent has not listed in two heartbeats in a row (its final report would have come
+        in between) was lost on the node, and is retried.
+        """
+        st = self.cache.nodes.get(session.node)
+        if st is None or st.session is not session:
+            return False
+        listed = {(r.run_id, r.task, r.attempt) for r in hb.running}
+        missing = set()
+        for run_id, name in list(st.attempts):
+            run, e = self.cache.task(run_id, name)
+            if run is None or e is None or e.msg.state != lc.RUNNING or e.msg.node != st.name:
+                continue
+            key = (run_id, name, e.msg.attempt)
+            if key not in listed:
+                if key in st.unlisted:
+                    self.attempts.lose(run, e, f"node {st.name} no longer runs the attempt")
+                else:
+                    missing.add(key)
+        st.unlisted = missing
+        st.last_heartbeat = time.monotonic()
+        ttl = await self.store.keepalive(st.lease_id)
+        return ttl > 0
+
+    def disconnected(self, session: AgentSession) -> None:
+        """The agent's stream ended. Its node stays until the lease expires."""
+        st = self.cache.nodes.get(session.node)
+        if st is not None and st.session is session:
+            st.session = None
+        session.close()
+
+    def close_sessions(self) -> None:
+        """End every agent stream (the engine is stopping; agents reconnect to the leader)."""
+        for node in self.cache.nodes.values():
+            if node.session:
+                node.session.close()
+
+    def _node_deleted(self, name: str, lease: int) -> None:
+        st = self.cache.nodes.get(name)
+        if st is None:
+            return
+        if lease and st.lease_id and lease != st.lease_id:
+            # The record of an old lease expired after the agent had already registered
+            # again under a new one: the node is alive.
+            return
+        if st.session is not None:
+            st.session.close()
+            st.session = None
+        st.lease_id = 0
+        for run_id, task in list(st.attempts):
+            run, e = self.cache.task(run_id, task)
+            if run and e is not None and e.msg.state in lc.TASK_ACTIVE and e.msg.node == name:
+                self.attempts.lose(run, e, f"node {name} lost (lease expired)")
+        log.warning("node lost", node=name)
+
+    async def watch(self, revision: int) -> None:
+        """Follow node records from ``revision``: a deleted one is a node whose lease expired."""
+        while True:
+            try:
+                async for ev in self.store.watch(self.keys.nodes, revision):
+                    revision = ev.revision + 1
+                    if ev.deleted:
+                        self._node_deleted(ev.key.rsplit("/", 1)[1], ev.prev_lease)
+            except asyncio.CancelledError:
+                raise
+            except OutOfRange:
+                # etcd compacted past where we were: what is gone now was deleted meanwhile.
+                kvs, listed = await self.store.range(self.keys.nodes)
+                alive = {kv.key.rsplit("/", 1)[1] for kv in kvs}
+                for name, st in list(self.cache.nodes.items()):
+                    if name not in alive and st.lease_id:
+                        self._node_deleted(name, 0)
+                revision = listed + 1
+                log.warning("node watch resumed after compaction", revision=revision)
+            except Exception as e:  # keep watching through etcd hiccups
+                log.warning("node watch broke; resuming", error=str(e))
+                await asyncio.sleep(0.5)

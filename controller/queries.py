@@ -1,0 +1,192 @@
+"""Reads for clients: runs and tasks (from the cache while unfinished, else from etcd), pages
+of runs, and the change stream of one run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from tether.api.v1 import controller_pb2
+from tether.api.v1 import types_pb2 as t
+from tether.controller import lifecycle as lc
+from tether.controller.cache import Cache
+from tether.controller.errors import NotFound
+from tether.controller.store import Event, Store
+
+__all__ = ["Queries"]
+
+
+def _by_index(tasks) -> list[t.TaskRun]:
+    return sorted(tasks, key=lambda m: m.index)
+
+
+class Queries:
+    """Answers reads of runs and tasks."""
+
+    def __init__(self, store: Store, cache: Cache) -> None:
+        self.store = store
+        self.keys = store.keys
+        self.cache = cache
+
+    async def get_run(self, run_id: str, with_tasks: bool = True) -> t.Run:
+        """Return a run (from the cache, or etcd for finished runs no longer cached).
+
+        Raises:
+            NotFound: no such run.
+        """
+        entry = self.cache.runs.get(run_id)
+        if entry is not None:
+            out = t.Run()
+            out.CopyFrom(entry.msg)
+            if with_tasks:
+                out.tasks.extend(_by_index(e.msg for e in entry.tasks.values()))
+            return out
+        kv = await self.store.get(self.keys.run(run_id))
+        if kv is None:
+            raise NotFound(f"run {run_id!r} not found")
+        out = t.Run.FromString(kv.value)
+        if with_tasks:
+            tasks, _ = await self.store.range(self.keys.tasks_of(run_id))
+            out.tasks.extend(_by_index(t.TaskRun.FromString(x.value) for x in tasks))
+        return out
+
+    async def get_task(self, run_id: str, task: str) -> t.TaskRun:
+        """Return one task of a run (from the cache, or etcd for finished runs no longer cached).
+
+        Raises:
+            NotFound: no such run, or the run has no such task.
+        """
+        entry = self.cache.runs.get(run_id)
+        if entry is not None:
+            e = entry.tasks.get(task)
+            if e is None:
+                raise NotFound(f"task {task!r} not found in run {run_id}")
+            out = t.TaskRun()
+            out.CopyFrom(e.msg)
+            return out
+        if await self.store.get(self.keys.run(run_id)) is None:
+            raise NotFound(f"run {run_id!r} not found")
+        kv = await self.store.get(self.keys.task(run_id, task))
+        if kv is None:
+            raise NotFound(f"task {task!r} not found in run {run_id}")
+        return t.TaskRun.FromString(kv.value)
+
+    async def list_runs(self, size: int, start_id: str | None) -> tuple[list[t.Run], bool]:
+        """Up to ``size`` runs, newest first, from ``start_id`` on; and whether more follow."""
+        start = self.keys.run(start_id) if start_id is not None else None
+        kvs, _ = await self.store.range(
+            self.keys.runs, limit=size + 1, start=start, newest_first=True
+        )
+        runs = []
+        for kv in kvs[:size]:
+            msg = t.Run.FromString(kv.value)
+            cached = self.cache.runs.get(msg.id)
+            runs.append(cached.msg if cached else msg)
+        return runs, len(kvs) > size
+
+    async def watch_run(
+        self, run_id: str, from_revision: int
+    ) -> AsyncIterator[controller_pb2.RunEvent]:
+        """A run's changes: a snapshot then every change (or, from a revision, changes after
+        it), ending with the run's final state.
+
+        Raises:
+            NotFound: no such run.
+        """
+        store = self.store
+        run_key, task_prefix = self.keys.run(run_id), self.keys.tasks_of(run_id)
+        seen: dict[str, int] = {}  # task key -> mod_revision last sent
+        revision = from_revision
+        if revision <= 0:
+            # A snapshot read at one etcd revision, then every change after it.
+            kvs, revision = await store.range(run_key, limit=1)
+            if not kvs or kvs[0].key != run_key:
+                raise NotFound(f"run {run_id!r} not found")
+            run = t.Run.FromString(kvs[0].value)
+            tasks, _ = await store.range(task_prefix, revision=revision)
+            for kv in tasks:
+                seen[kv.key] = kv.mod_revision
+            run.tasks.extend(_by_index(t.TaskRun.FromString(kv.value) for kv in tasks))
+            yield controller_pb2.RunEvent(snapshot=run, run_state=run.state, revision=revision)
+            if run.state in lc.RUN_TERMINAL:
+                return
+        else:
+            kv = await store.get(run_key)
+            if kv is None:
+                raise NotFound(f"run {run_id!r} not found")
+            final = t.Run.FromString(kv.value).state
+            if final in lc.RUN_TERMINAL and kv.mod_revision <= revision:
+                # Resuming at or after the run's last change: nothing will come; say so.
+                yield controller_pb2.RunEvent(run_state=final, revision=kv.mod_revision)
+                return
+        async for ev in self._changes(run_key, task_prefix, revision, seen):
+            yield ev
+
+    async def _changes(
+        self, run_key: str, task_prefix: str, revision: int, seen: dict[str, int]
+    ) -> AsyncIterator[controller_pb2.RunEvent]:
+        state = t.RunState.RUN_STATE_UNSPECIFIED
+        async for ev in _merge_watches(self.store, run_key, task_prefix, revision + 1):
+            if ev.deleted:
+                continue
+            if ev.key != run_key:
+                if seen.get(ev.key, 0) < ev.revision:
+                    seen[ev.key] = ev.revision
+                    yield controller_pb2.RunEvent(
+                        task=t.TaskRun.FromString(ev.value), run_state=state, revision=ev.revision
+                    )
+                continue
+            state = t.Run.FromString(ev.value).state
+            if state in lc.RUN_TERMINAL:
+                # The two watches are not ordered with each other: send every task change up
+                # to the run's final revision before the final event, none twice.
+                tasks, _ = await self.store.range(task_prefix, revision=ev.revision)
+                for kv in sorted(tasks, key=lambda kv: kv.mod_revision):
+                    if seen.get(kv.key, 0) < kv.mod_revision and kv.mod_revision > revision:
+                        seen[kv.key] = kv.mod_revision
+                        yield controller_pb2.RunEvent(
+                            task=t.TaskRun.FromString(kv.value),
+                            run_state=state,
+                            revision=kv.mod_revision,
+                        )
+                yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
+                return
+            yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
+
+
+async def _merge_watches(
+    store: Store, run_key: str, task_prefix: str, revision: int
+) -> AsyncIterator[Event]:
+    """Watch the run key and its task keys through one queue.
+
+    Each key's events come in revision order, but the two etcd watches are not ordered with
+    each other: the caller drains task changes up to the run's final revision before ending.
+    """
+    # Runs and tasks live under different prefixes; watching their common parent would see
+    # every run's changes, so watch both.
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(prefix: str):
+        try:
+            async for ev in store.watch(prefix, revision):
+                if prefix == run_key and ev.key != run_key:
+                    continue
+                await queue.put(ev)
+        except Exception as e:  # surfaced to the consumer of the queue
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(pump(run_key)), asyncio.create_task(pump(task_prefix))]
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        for tk in tasks:
+            tk.cancel()
+        for tk in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await tk
