@@ -21,14 +21,14 @@ from tether.controller.progress import Progress
 from tether.controller.records import AgentSession, RunEntry, TaskEntry, now
 from tether.controller.retry import retry_delay
 from tether.controller.timers import Timers
+from tether.sdk.constants import LOG_TAIL_BYTES, MAX_OUTPUT_BYTES
+from tether.sdk.states import FINAL_REPORT_STATES
 from tether.sdk.telemetry import context_from_traceparent, get_logger
 
 __all__ = ["Attempts"]
 
 log = get_logger("controller.engine")
 
-_FINAL_REPORTS = {lc.SUCCEEDED, lc.FAILED, lc.CANCELLED}
-_MAX_OUTPUT = 64 * 1024
 _MAX_EVENTS = 50
 
 
@@ -70,7 +70,7 @@ class Attempts:
         if s.ref.run_id in self.cache.reloading:
             return  # neither ack nor kill on a half-loaded run: the agent reports again
         run, e = self.cache.task(s.ref.run_id, s.ref.task)
-        final = s.state in _FINAL_REPORTS
+        final = s.state in FINAL_REPORT_STATES
         stale = (
             e is None
             or s.ref.attempt != e.msg.attempt
@@ -127,8 +127,8 @@ class Attempts:
         m.exit_code = s.exit_code
         m.reason = s.reason
         m.message = s.message
-        m.stdout_tail = s.stdout_tail[-4096:]
-        m.stderr_tail = s.stderr_tail[-4096:]
+        m.stdout_tail = s.stdout_tail[-LOG_TAIL_BYTES:]
+        m.stderr_tail = s.stderr_tail[-LOG_TAIL_BYTES:]
         self.cache.account(e, -1)
         with self.tracer.start_as_current_span(
             f"record {m.spec.name}",
@@ -143,10 +143,10 @@ class Attempts:
         ):
             ack = self.dispatch.acker(session, s.ref)
             if s.state == lc.SUCCEEDED:
-                if len(s.outputs_json) > _MAX_OUTPUT:
+                if len(s.outputs_json) > MAX_OUTPUT_BYTES:
                     lc.move_attempt(m, att, lc.FAILED)
                     att.reason = m.reason = "output"
-                    m.message = att.message = f"output larger than {_MAX_OUTPUT} bytes"
+                    m.message = att.message = f"output larger than {MAX_OUTPUT_BYTES} bytes"
                     self._fail_or_retry(run, e, ack)
                     return
                 m.outputs_json = s.outputs_json

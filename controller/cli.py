@@ -11,6 +11,7 @@ from tether.controller.config import ControllerConfig
 from tether.controller.errors import StoreUnavailable
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
 from tether.controller.server import ControllerServer
+from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.quantities import parse_duration
 from tether.sdk.telemetry import setup_logging
 
@@ -43,7 +44,7 @@ async def serve(config: ControllerConfig) -> None:
 @click.option(
     "--listen",
     envvar="TETHER_LISTEN",
-    default="127.0.0.1:7070",
+    default=DEFAULT_CONTROLLER,
     show_default=True,
     help="gRPC listen address (env TETHER_LISTEN).",
 )

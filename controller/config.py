@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
+from tether.sdk.constants import DEFAULT_CONTROLLER
 
 __all__ = ["ControllerConfig"]
 
@@ -39,7 +40,7 @@ class ControllerConfig:
 
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
     prefix: str = "/tether"
-    listen: str = "127.0.0.1:7070"
+    listen: str = DEFAULT_CONTROLLER
     lease_ttl: int = 10
     heartbeat_interval: float = 0.0
     cancel_grace: float = 10.0

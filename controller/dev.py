@@ -20,6 +20,7 @@ import click
 from tether.controller.config import ControllerConfig
 from tether.controller.etcd_process import EtcdProcess
 from tether.controller.server import ControllerServer
+from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.telemetry import setup_logging
 
 
@@ -149,7 +150,7 @@ def _run_workflow(client, run_file: str) -> int:
     show_default=True,
     help="etcd data, agent work dirs and logs.",
 )
-@click.option("--listen", default="127.0.0.1:7070", show_default=True, help="Controller address.")
+@click.option("--listen", default=DEFAULT_CONTROLLER, show_default=True, help="Controller address.")
 @click.option("--etcd-port", default=0, help="etcd client port [default: a free port].")
 @click.option(
     "--run",

@@ -9,6 +9,12 @@ shows up as a refused move instead of a corrupted record.
 from __future__ import annotations
 
 from tether.api.v1 import types_pb2 as t
+from tether.sdk.states import (
+    TERMINAL_RUN_STATES,
+    TERMINAL_TASK_STATES,
+    run_state_name,
+    task_state_name,
+)
 
 __all__ = [
     "RUN_TERMINAL",
@@ -41,7 +47,8 @@ SUCCEEDED, FAILED, RETRYING, CANCELLED, SKIPPED, LOST = (
     TS.TASK_STATE_LOST,
 )
 
-TASK_TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, SKIPPED})
+# Final states are a fact clients need too; they are defined once, in the SDK.
+TASK_TERMINAL = TERMINAL_TASK_STATES
 # States in which an attempt holds resources on a node.
 TASK_ACTIVE = frozenset({SCHEDULED, RUNNING})
 
@@ -65,7 +72,7 @@ RUN_SUCCEEDED, RUN_FAILED, RUN_CANCELLED = (
     RS.RUN_STATE_FAILED,
     RS.RUN_STATE_CANCELLED,
 )
-RUN_TERMINAL = frozenset({RUN_SUCCEEDED, RUN_FAILED, RUN_CANCELLED})
+RUN_TERMINAL = TERMINAL_RUN_STATES
 
 RUN_TRANSITIONS: dict[int, frozenset[int]] = {
     RUN_PENDING: frozenset({RUN_RUNNING, RUN_SUCCEEDED, RUN_FAILED, RUN_CANCELLED}),
@@ -87,14 +94,6 @@ ATTEMPT_TRANSITIONS: dict[int, frozenset[int]] = {
 
 class IllegalTransition(Exception):
     """A state change that the lifecycle tables do not allow."""
-
-
-def task_state_name(state: int) -> str:
-    return TS.Name(state).removeprefix("TASK_STATE_")
-
-
-def run_state_name(state: int) -> str:
-    return RS.Name(state).removeprefix("RUN_STATE_")
 
 
 def can_move_task(src: int, dst: int) -> bool:

@@ -18,9 +18,8 @@ from tether.controller import lifecycle as lc
 from tether.controller.engine import Engine
 from tether.controller.errors import NodeUnavailable, NotFound, ResourceExhausted
 from tether.controller.records import AgentSession
-from tether.sdk.errors import InvalidSpecError
+from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import get_logger
-from tether.sdk.validation import FieldViolation
 
 __all__ = ["MAX_BUFFERED_BYTES", "LogRouter"]
 

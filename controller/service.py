@@ -20,9 +20,8 @@ from tether.controller.errors import FailedPrecondition, NotLeader, grpc_errors
 from tether.controller.lifecycle import IllegalTransition
 from tether.controller.logs import LogRouter
 from tether.controller.records import AgentSession
-from tether.sdk.errors import InvalidSpecError
+from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
-from tether.sdk.validation import FieldViolation
 
 __all__ = ["AgentServicer", "ControllerServicer"]
 

@@ -12,9 +12,9 @@ from tether.controller.cache import Cache
 from tether.controller.errors import FailedPrecondition
 from tether.controller.records import RunEntry, TaskEntry, new_run_id, now
 from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
-from tether.sdk.errors import InvalidSpecError
+from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import get_logger
-from tether.sdk.validation import FieldViolation, validate_params, validate_workflow
+from tether.sdk.validation import validate_params, validate_workflow
 
 __all__ = ["Submitter"]
 
