@@ -12,6 +12,7 @@ from tether.agent.config import AgentConfig
 from tether.agent.logs import LogStreams
 from tether.agent.resources import detect_cpu, detect_gpus, detect_memory
 from tether.agent.runner import Runner
+from tether.agent.runtimes import registry
 from tether.agent.runtimes.base import Runtime
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from tether.sdk.telemetry import get_logger, make_tracer_provider
@@ -23,14 +24,8 @@ VERSION = "0.1.0"
 
 
 def make_runtime(config: AgentConfig) -> Runtime:
-    """Build the runtime the configuration names."""
-    if config.runtime == "docker":
-        from tether.agent.runtimes.docker import DockerRuntime
-
-        return DockerRuntime(config)
-    from tether.agent.runtimes.process import ProcessRuntime
-
-    return ProcessRuntime()
+    """Build the runtime the configuration names (see :mod:`tether.agent.runtimes.registry`)."""
+    return registry.create(config)
 
 
 class Agent:
