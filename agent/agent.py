@@ -12,6 +12,7 @@ from tether.agent.config import AgentConfig
 from tether.agent.logs import LogStreams
 from tether.agent.resources import detect_cpu, detect_gpus, detect_memory
 from tether.agent.runner import Runner
+from tether.agent.runtimes import registry
 from tether.agent.runtimes.base import Runtime
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from tether.sdk.telemetry import get_logger, make_tracer_provider
@@ -23,14 +24,12 @@ VERSION = "0.1.0"
 
 
 def make_runtime(config: AgentConfig) -> Runtime:
-    """Build the runtime the configuration names."""
-    if config.runtime == "docker":
-        from tether.agent.runtimes.docker import DockerRuntime
-
-        return DockerRuntime(config)
-    from tether.agent.runtimes.process import ProcessRuntime
-
-    return ProcessRuntime()
+    """Build the runtime the configuration names (see :mod:`tether.agent.runtimes.registry`)."""
+    # Built here rather than in the registry: the config already imports the registry to check
+    # names, and the registry importing the config back would make a cycle.
+    info = registry.get(config.runtime)
+    cls = info.load()
+    return cls(config) if info.takes_config else cls()
 
 
 class Agent:
@@ -125,21 +124,7 @@ class Agent:
 
     async def _session(self, address: str) -> None:
         outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
-        outbox.put_nowait(
-            agent_pb2.AgentMessage(
-                register=agent_pb2.Register(
-                    node=self.config.node,
-                    capacity=self.capacity,
-                    gpus=self.gpus,
-                    labels=self.config.labels,
-                    agent_version=VERSION,
-                    runtime=self.runtime.name,
-                    running=self.runner.running_refs(),
-                    pending_reports=self.runner.pending_reports(),
-                    max_tasks=self.max_tasks,
-                )
-            )
-        )
+        outbox.put_nowait(agent_pb2.AgentMessage(register=self._register()))
 
         async def requests():
             while True:
@@ -173,24 +158,10 @@ class Agent:
                         msg = nxt.result()
                     except StopAsyncIteration:
                         return
-                    kind = msg.WhichOneof("msg")
-                    if kind == "registered":
-                        interval = msg.registered.heartbeat_interval.ToNanoseconds() / 1e9
-                        self._outbox = outbox
-                        self.registrations += 1
-                        self.connected.set()
-                        log.info("registered", node=self.config.node, controller=address)
-                        heartbeat = asyncio.create_task(self._heartbeat(outbox, interval or 1.0))
-                    elif kind == "assign":
-                        self.runner.assign(msg.assign)
-                    elif kind == "cancel":
-                        self.runner.cancel(msg.cancel)
-                    elif kind == "ack":
-                        self.runner.ack(msg.ack.ref)
-                    elif kind == "logs":
-                        self.logs.start(msg.logs, outbox)
-                    elif kind == "logs_cancel":
-                        self.logs.cancel(msg.logs_cancel.stream_id)
+                    if msg.WhichOneof("msg") == "registered":
+                        heartbeat = self._registered(msg.registered, outbox, address)
+                    else:
+                        self._dispatch(msg, outbox)
             finally:
                 # Log streams answer this connection's requests; a new one gets new requests.
                 self.logs.cancel_all()
@@ -199,6 +170,45 @@ class Agent:
                     heartbeat.cancel()
                 outbox.put_nowait(None)
                 call.cancel()
+
+    def _register(self) -> agent_pb2.Register:
+        """The first message of a stream: this node, its capacity, and its work so far."""
+        return agent_pb2.Register(
+            node=self.config.node,
+            capacity=self.capacity,
+            gpus=self.gpus,
+            labels=self.config.labels,
+            agent_version=VERSION,
+            runtime=self.runtime.name,
+            running=self.runner.running_refs(),
+            pending_reports=self.runner.pending_reports(),
+            max_tasks=self.max_tasks,
+        )
+
+    def _registered(
+        self, registered: agent_pb2.Registered, outbox: asyncio.Queue, address: str
+    ) -> asyncio.Task:
+        """The controller accepted this node: report through this stream, start beating."""
+        interval = registered.heartbeat_interval.ToNanoseconds() / 1e9
+        self._outbox = outbox
+        self.registrations += 1
+        self.connected.set()
+        log.info("registered", node=self.config.node, controller=address)
+        return asyncio.create_task(self._heartbeat(outbox, interval or 1.0))
+
+    def _dispatch(self, msg: agent_pb2.ControllerMessage, outbox: asyncio.Queue) -> None:
+        """Hand a controller's request to the part of the agent that serves it."""
+        kind = msg.WhichOneof("msg")
+        if kind == "assign":
+            self.runner.assign(msg.assign)
+        elif kind == "cancel":
+            self.runner.cancel(msg.cancel)
+        elif kind == "ack":
+            self.runner.ack(msg.ack.ref)
+        elif kind == "logs":
+            self.logs.start(msg.logs, outbox)
+        elif kind == "logs_cancel":
+            self.logs.cancel(msg.logs_cancel.stream_id)
 
     async def _heartbeat(self, outbox: asyncio.Queue, interval: float) -> None:
         seq = 0

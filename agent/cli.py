@@ -11,6 +11,7 @@ import click
 
 from tether.agent.agent import Agent
 from tether.agent.config import AgentConfig, default_node_name
+from tether.agent.runtimes import registry
 from tether.sdk.cli import key_values
 from tether.sdk.quantities import parse_memory
 from tether.sdk.telemetry import setup_logging
@@ -50,8 +51,8 @@ async def run_agent(config: AgentConfig) -> None:
 @click.option("--label", multiple=True, help="Node label KEY=VALUE (repeatable).")
 @click.option(
     "--runtime",
-    type=click.Choice(["process", "docker"]),
-    default="process",
+    type=click.Choice(registry.names()),
+    default=registry.DEFAULT,
     show_default=True,
     envvar="TETHER_RUNTIME",
     help="How tasks run.",

@@ -8,6 +8,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tether.agent.runtimes import registry
+
 __all__ = ["DEFAULT_LOG_LIMIT", "AgentConfig", "default_node_name"]
 
 DEFAULT_LOG_LIMIT = 64 * 2**20
@@ -27,7 +29,8 @@ class AgentConfig:
         controller: ``host:port`` of the controller.
         node: This node's name, unique in the mesh.
         labels: Free-form ``key=value`` labels shown in ``tether nodes``.
-        runtime: ``process`` (subprocesses) or ``docker`` (Docker Engine API).
+        runtime: A name in :mod:`tether.agent.runtimes.registry`: ``process``
+            (subprocesses) or ``docker`` (Docker Engine API).
         work_dir: Where attempt directories (outputs, logs) are kept.
         cpu: CPU cores offered; 0 detects them.
         memory_bytes: Memory offered; 0 detects it.
@@ -50,7 +53,7 @@ class AgentConfig:
     controller: str = "127.0.0.1:7070"
     node: str = field(default_factory=default_node_name)
     labels: dict[str, str] = field(default_factory=dict)
-    runtime: str = "process"
+    runtime: str = registry.DEFAULT
     work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "tether-agent")
     cpu: float = 0.0
     memory_bytes: int = 0
@@ -68,13 +71,15 @@ class AgentConfig:
         # Tasks run in their attempt directory and get file paths in their environment: a
         # relative work_dir would make those paths point nowhere.
         object.__setattr__(self, "work_dir", Path(self.work_dir).resolve())
-        if self.runtime not in ("process", "docker"):
-            raise ValueError(f"runtime: must be 'process' or 'docker', got {self.runtime!r}")
+        runtime = registry.get(self.runtime)  # raises ValueError for an unknown name
         if self.cpu < 0 or self.memory_bytes < 0 or self.max_tasks < 0:
             raise ValueError("cpu, memory and max_tasks must not be negative")
         if self.log_limit_bytes < 0:
             raise ValueError("log_limit_bytes must not be negative")
-        if self.leave_running and self.runtime != "docker":
-            raise ValueError("leave_running needs the docker runtime, the one that recovers work")
+        if self.leave_running and not runtime.recovers:
+            recovering = " or ".join(registry.recovering_names())
+            raise ValueError(
+                f"leave_running needs the {recovering} runtime, the one that recovers work"
+            )
         if self.reconnect_initial <= 0 or self.reconnect_max < self.reconnect_initial:
             raise ValueError("reconnect_initial must be > 0 and <= reconnect_max")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 
+from fake_runtime import FakeHandle, FakeRuntime
 from helpers import S
 from opentelemetry import trace
 
@@ -14,50 +15,6 @@ from tether.agent.config import AgentConfig
 from tether.agent.runner import Runner
 from tether.agent.runtimes.base import ExitStatus, RecoveredTask
 from tether.api.v1 import agent_pb2
-
-
-class FakeHandle:
-    """An attempt that ends when ``finish`` is called (or has ended already)."""
-
-    def __init__(self, result: ExitStatus | None = None) -> None:
-        self.ended = asyncio.Event()
-        self.result = result
-        self.stopped_with: float | None = None
-        self.removed = 0
-        if result is not None:
-            self.ended.set()
-
-    def finish(self, result: ExitStatus) -> None:
-        self.result = result
-        self.ended.set()
-
-    async def wait(self) -> ExitStatus:
-        await self.ended.wait()
-        assert self.result is not None
-        return self.result
-
-    async def stop(self, grace: float) -> None:
-        self.stopped_with = grace
-        self.finish(ExitStatus(143))
-
-    async def remove(self) -> None:
-        self.removed += 1
-
-
-class FakeRuntime:
-    name = "fake"
-
-    def __init__(self, found: list[RecoveredTask]) -> None:
-        self.found = found
-
-    def task_path(self, host_path):
-        return str(host_path)
-
-    async def start(self, spec):
-        raise AssertionError("nothing is started in these tests")
-
-    async def recover(self) -> list[RecoveredTask]:
-        return self.found
 
 
 def labels(task: str, attempt: int = 1, **extra: str) -> dict[str, str]:
@@ -128,6 +85,7 @@ def test_ended_attempts_become_pending_reports_and_running_ones_are_tracked(tmp_
     assert done_handle.removed == 1
     assert reports[-1].ref.task == "busy" and reports[-1].state == S.TASK_STATE_SUCCEEDED
     assert {s.ref.task for s in runner.pending_reports()} == {"cancelled", "oom", "busy"}
+    assert runner.runtime.started == []  # recovery starts nothing
 
 
 def test_recovered_attempt_honours_cancel_and_its_timeout(tmp_path):

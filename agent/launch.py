@@ -1,0 +1,176 @@
+"""What an attempt is given and what it gives back: its directory, environment and labels.
+
+Everything here is plain computation over the assignment (plus small synchronous file
+writes and reads in the attempt directory), with no event loop and no runtime, so that the
+contract between a task and the agent is testable on its own:
+
+* in: ``inputs.json`` (params and upstream outputs), ``TETHER_*`` variables, ``TRACEPARENT``,
+  the GPU selection, and labels that let a restarted agent recognise the attempt;
+* out: ``output.json`` (JSON, at most :data:`MAX_OUTPUT_BYTES`) and the tails of its logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from tether.agent import layout
+from tether.agent.runtimes.base import LaunchSpec
+from tether.api.v1 import agent_pb2
+from tether.api.v1 import types_pb2 as t
+
+__all__ = [
+    "MAX_OUTPUT_BYTES",
+    "TAIL_BYTES",
+    "inputs_of",
+    "labels_of",
+    "launch_spec",
+    "read_output",
+    "stage",
+    "tail",
+    "task_env",
+    "timeout_of",
+]
+
+MAX_OUTPUT_BYTES = 64 * 1024
+TAIL_BYTES = 4096
+
+
+def timeout_of(spec: t.TaskSpec) -> float:
+    """The task's timeout in seconds; 0 means none."""
+    return spec.timeout.seconds + spec.timeout.nanos / 1e9
+
+
+def inputs_of(a: agent_pb2.AssignTask) -> dict:
+    """The content of ``inputs.json``: the run's params and the upstream tasks' outputs."""
+    return {
+        "params": dict(a.params),
+        "tasks": {k: (json.loads(v) if v else None) for k, v in a.upstream_outputs.items()},
+    }
+
+
+def stage(d: Path, a: agent_pb2.AssignTask) -> None:
+    """Prepare the attempt directory ``d``: create it, write the inputs file.
+
+    A retried assignment of the same attempt may find an earlier output or final report
+    there; they are removed so that neither is mistaken for this run's.
+    """
+    d.mkdir(parents=True, exist_ok=True)
+    for stale in (d / layout.OUTPUT_FILE, d / layout.STATUS_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+    (d / layout.INPUTS_FILE).write_text(json.dumps(inputs_of(a)))
+
+
+def task_env(
+    a: agent_pb2.AssignTask, d: Path, traceparent: str, task_path: Callable[[Path], str]
+) -> dict[str, str]:
+    """The task's environment: its spec's ``env`` plus what tether sets.
+
+    Args:
+        a: The assignment.
+        d: The attempt directory on this host.
+        traceparent: W3C trace context of the run span, so the task's spans join the trace.
+        task_path: Maps a host path to the path the task sees (inside a container, say).
+    """
+    spec, ref = a.spec, a.ref
+    env = dict(spec.env)
+    env.update(
+        {
+            "TETHER_RUN_ID": ref.run_id,
+            "TETHER_TASK": spec.name,
+            "TETHER_ATTEMPT": str(ref.attempt),
+            "TETHER_OUTPUT_FILE": task_path(d / layout.OUTPUT_FILE),
+            "TETHER_INPUTS_FILE": task_path(d / layout.INPUTS_FILE),
+            "TRACEPARENT": traceparent,
+        }
+    )
+    if a.gpu_indices:
+        devices = ",".join(str(i) for i in a.gpu_indices)
+        env["CUDA_VISIBLE_DEVICES"] = env["NVIDIA_VISIBLE_DEVICES"] = devices
+    return env
+
+
+def labels_of(a: agent_pb2.AssignTask, node: str, traceparent: str) -> dict[str, str]:
+    """The attempt's labels: what a restarted agent needs to adopt it (see ``layout``)."""
+    spec, ref = a.spec, a.ref
+    labels = {
+        layout.RUN_LABEL: ref.run_id,
+        layout.TASK_LABEL: spec.name,
+        layout.ATTEMPT_LABEL: str(ref.attempt),
+        layout.NODE_LABEL: node,
+        layout.TRACEPARENT_LABEL: traceparent,
+    }
+    timeout = timeout_of(spec)
+    if timeout:
+        labels[layout.TIMEOUT_LABEL] = f"{timeout:g}"
+    return labels
+
+
+def launch_spec(
+    a: agent_pb2.AssignTask,
+    d: Path,
+    *,
+    node: str,
+    traceparent: str,
+    task_path: Callable[[Path], str],
+    log_limit_bytes: int,
+    on_event: Callable[[str, str], None] | None = None,
+) -> LaunchSpec:
+    """Everything the runtime needs to start the attempt whose directory is ``d``."""
+    spec, ref = a.spec, a.ref
+    return LaunchSpec(
+        name=f"{ref.run_id}-{spec.name}-{ref.attempt}",
+        command=list(spec.command),
+        env=task_env(a, d, traceparent, task_path),
+        working_dir=spec.working_dir,
+        attempt_dir=d,
+        stdout_path=d / layout.STDOUT_FILE,
+        stderr_path=d / layout.STDERR_FILE,
+        image=spec.image,
+        cpu=spec.resources.cpu,
+        memory_bytes=spec.resources.memory_bytes,
+        gpu_indices=list(a.gpu_indices),
+        labels=labels_of(a, node, traceparent),
+        image_pull_policy=spec.image_pull_policy,
+        log_limit_bytes=log_limit_bytes,
+        on_event=on_event,
+    )
+
+
+def tail(path: Path) -> str:
+    """The last :data:`TAIL_BYTES` of a log file ("" if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - TAIL_BYTES))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def read_output(path: Path, status: agent_pb2.TaskStatus) -> None:
+    """Judge a cleanly exited attempt by its output file: succeeded with ``outputs_json``,
+    or failed (``reason="output"``) when the file is too large or not JSON. No file is an
+    empty output."""
+    status.state = t.TaskState.TASK_STATE_SUCCEEDED
+    if not path.exists():
+        return
+    size = path.stat().st_size
+    if size > MAX_OUTPUT_BYTES:
+        status.state = t.TaskState.TASK_STATE_FAILED
+        status.reason = "output"
+        status.message = f"output file is {size} bytes; at most {MAX_OUTPUT_BYTES}"
+        return
+    text = path.read_text(errors="replace")
+    try:
+        json.loads(text or "null")
+    except ValueError as e:
+        status.state = t.TaskState.TASK_STATE_FAILED
+        status.reason = "output"
+        status.message = f"output file is not JSON: {e}"
+        return
+    status.outputs_json = text

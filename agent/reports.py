@@ -1,0 +1,103 @@
+"""Final reports the controller has not acknowledged yet, in memory and on disk.
+
+A final report is kept until the controller acknowledges it, so that a result survives a
+broken stream or a controller restart: the agent sends every pending report again when it
+registers (``Register.pending_reports``) and before each heartbeat. A copy is written beside
+the attempt's files (``status.pb``) for a restarted agent, which finds it when it recovers
+the ended attempt. Only once acknowledged is the attempt removed from the runtime (its
+container deleted): until then the runtime's record is what a restarted agent recovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from tether.agent import layout
+from tether.agent.runtimes.base import TaskHandle
+from tether.agent.supervision import Key, key_of
+from tether.api.v1 import agent_pb2
+from tether.api.v1 import types_pb2 as t
+from tether.sdk.telemetry import get_logger
+
+__all__ = ["Reports", "saved_status"]
+
+log = get_logger("agent.runner")
+
+
+def saved_status(d: Path, ref: agent_pb2.AttemptRef) -> agent_pb2.TaskStatus | None:
+    """The final report a previous agent kept in the attempt directory ``d``, if any."""
+    try:
+        saved = agent_pb2.TaskStatus.FromString((d / layout.STATUS_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return saved if key_of(saved.ref) == key_of(ref) else None
+
+
+class Reports:
+    """The unacknowledged final reports and the runtime handles of their ended attempts."""
+
+    def __init__(self) -> None:
+        self.unacked: dict[Key, agent_pb2.TaskStatus] = {}
+        # Ended attempts whose reports are not acknowledged yet: removed from the runtime on ack.
+        self.ended: dict[Key, TaskHandle] = {}
+        self._background: set[asyncio.Task] = set()
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.unacked
+
+    def get(self, key: Key) -> agent_pb2.TaskStatus | None:
+        """The pending final report of an attempt, if any."""
+        return self.unacked.get(key)
+
+    def pending(self) -> list[agent_pb2.TaskStatus]:
+        """Every final report to send (again) to the controller."""
+        return list(self.unacked.values())
+
+    def keep(self, status: agent_pb2.TaskStatus, handle: TaskHandle | None, d: Path) -> None:
+        """Keep a final report until acknowledged, in memory and in ``d`` when it exists."""
+        key = key_of(status.ref)
+        if d.is_dir():
+            try:
+                (d / layout.STATUS_FILE).write_bytes(status.SerializeToString())
+            except OSError as e:
+                log.warning("cannot keep the final report", attempt=key, error=str(e))
+        self.unacked[key] = status
+        if handle is not None:
+            self.ended[key] = handle
+
+    def ack(self, ref: agent_pb2.AttemptRef) -> None:
+        """The controller has the report: forget it, remove the attempt from the runtime."""
+        key = key_of(ref)
+        self.unacked.pop(key, None)
+        handle = self.ended.pop(key, None)
+        if handle is not None:
+            task = asyncio.create_task(_remove(key, handle), name=f"remove {key}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def forget_cancelled(self, keys: set[Key]) -> None:
+        """Remove from the runtime those of ``keys`` that ended CANCELLED, keeping no record.
+
+        Attempts the agent stopped itself on shutdown did not fail: a restarted agent must
+        not resend their CANCELLED reports, so that the controller, seeing them gone, retries
+        them as lost.
+        """
+        for key in keys:
+            report = self.unacked.get(key)
+            handle = self.ended.get(key)
+            if report and handle and report.state == t.TaskState.TASK_STATE_CANCELLED:
+                del self.ended[key]
+                await _remove(key, handle)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) for removals under way."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)
+
+
+async def _remove(key: Key, handle: TaskHandle) -> None:
+    try:
+        await handle.remove()
+    except Exception as e:
+        log.warning("cannot remove an ended attempt", attempt=key, error=str(e))

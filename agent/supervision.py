@@ -1,0 +1,136 @@
+"""Watching a started attempt until it ends: exit, timeout, or cancel with a grace period.
+
+The result goes into the attempt's ``TaskStatus``: state, reason, exit code, output and the
+tails of its logs. Whether the attempt was started by this agent or recovered from a
+previous one makes no difference here, except for how long it has run already.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import timestamp_pb2
+
+from tether.agent import layout
+from tether.agent.launch import read_output, tail
+from tether.agent.runtimes.base import ExitStatus, TaskHandle
+from tether.api.v1 import agent_pb2
+from tether.api.v1 import types_pb2 as t
+
+__all__ = ["DEFAULT_CANCEL_GRACE", "Attempt", "Key", "key_of", "now", "supervise"]
+
+# The grace of a CancelTask that names none, seconds.
+DEFAULT_CANCEL_GRACE = 10.0
+
+Key = tuple[str, str, int]
+
+
+def key_of(ref: agent_pb2.AttemptRef) -> Key:
+    """The attempt's identity as a dictionary key."""
+    return (ref.run_id, ref.task, ref.attempt)
+
+
+def now() -> timestamp_pb2.Timestamp:
+    """The current time as a protobuf timestamp."""
+    ts = timestamp_pb2.Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+@dataclass
+class Attempt:
+    """One attempt assigned to or adopted by this agent and not over yet.
+
+    Attributes:
+        ref: Which attempt.
+        task: The asyncio task running and watching it.
+        handle: The runtime's handle, once started.
+        cancel_reason: Why it is being cancelled (the final report's message).
+        cancel_grace: SIGTERM-to-SIGKILL grace of the cancel, seconds.
+        cancelled: Set to have the supervisor stop the attempt.
+    """
+
+    ref: agent_pb2.AttemptRef
+    task: asyncio.Task | None = None
+    handle: TaskHandle | None = None
+    cancel_reason: str = ""
+    cancel_grace: float = DEFAULT_CANCEL_GRACE
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_cancel(self, reason: str, grace: float) -> None:
+        """Have the supervisor stop the attempt and report it cancelled with ``reason``."""
+        self.cancel_reason = reason
+        self.cancel_grace = grace
+        self.cancelled.set()
+
+
+async def supervise(
+    att: Attempt,
+    status: agent_pb2.TaskStatus,
+    *,
+    timeout: float,
+    elapsed: float,
+    stop_grace: float,
+    d: Path,
+) -> None:
+    """Wait for a started attempt to end, be cancelled or time out; fill in ``status``.
+
+    Args:
+        att: The attempt; its ``handle`` is set.
+        status: The final report to fill in.
+        timeout: The task's timeout, seconds; 0 means none.
+        elapsed: How long the attempt has run already (a recovered one), seconds.
+        stop_grace: The grace of a stop on timeout, seconds.
+        d: The attempt directory (output and log files).
+
+    Cancelling the calling task lets go of the attempt without stopping it: it keeps
+    running in the runtime for the next agent to adopt.
+    """
+    assert att.handle is not None
+    wait = asyncio.ensure_future(att.handle.wait())
+    cancel = asyncio.ensure_future(att.cancelled.wait())
+    started = time.monotonic() - elapsed
+    try:
+        done, _ = await asyncio.wait(
+            {wait, cancel},
+            timeout=max(0.0, timeout - elapsed) if timeout else None,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    except asyncio.CancelledError:
+        wait.cancel()
+        cancel.cancel()
+        raise
+    cancel.cancel()
+    status.stdout_tail = ""
+    if wait in done:
+        _ended(wait.result(), status, d)
+    else:
+        cancelled = cancel in done
+        await att.handle.stop(att.cancel_grace if cancelled else stop_grace)
+        status.exit_code = (await wait).exit_code
+        if cancelled:
+            status.state = t.TaskState.TASK_STATE_CANCELLED
+            status.reason, status.message = "cancelled", att.cancel_reason
+        else:
+            status.state = t.TaskState.TASK_STATE_FAILED
+            status.reason = "timeout"
+            status.message = (
+                f"killed after {time.monotonic() - started:.1f}s (timeout {timeout:g}s)"
+            )
+    status.finished_at.CopyFrom(now())
+    status.stdout_tail = tail(d / layout.STDOUT_FILE)
+    status.stderr_tail = tail(d / layout.STDERR_FILE)
+
+
+def _ended(result: ExitStatus, status: agent_pb2.TaskStatus, d: Path) -> None:
+    """The attempt ended by itself: a clean exit is judged by its output file."""
+    status.exit_code = result.exit_code
+    if result.exit_code == 0 and not result.reason:
+        read_output(d / layout.OUTPUT_FILE, status)
+    else:
+        status.state = t.TaskState.TASK_STATE_FAILED
+        status.reason = result.reason or "exit_code"
+        status.message = result.message or f"exited with code {result.exit_code}"

@@ -1,0 +1,61 @@
+"""The runtime registry: one list of names and capabilities, read by config, CLI and agent."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+import pytest
+
+from tether.agent.agent import make_runtime
+from tether.agent.cli import agent_command
+from tether.agent.config import AgentConfig
+from tether.agent.runtimes import registry
+
+
+def test_names_and_capabilities():
+    assert registry.names() == ["process", "docker"]
+    assert registry.DEFAULT == "process" == AgentConfig().runtime
+    assert registry.get("process").recovers is False
+    assert registry.get("docker").recovers is True
+    assert registry.recovering_names() == ["docker"]
+
+
+def test_unknown_runtime_is_rejected():
+    with pytest.raises(ValueError, match="must be 'process' or 'docker', got 'podman'"):
+        registry.get("podman")
+    with pytest.raises(ValueError, match="runtime"):
+        AgentConfig(runtime="podman")
+
+
+def test_leave_running_needs_a_recovering_runtime(tmp_path):
+    with pytest.raises(ValueError, match="leave_running"):
+        AgentConfig(runtime="process", leave_running=True, work_dir=tmp_path)
+    assert AgentConfig(runtime="docker", leave_running=True, work_dir=tmp_path).leave_running
+
+
+def test_cli_offers_the_registered_runtimes():
+    option = next(p for p in agent_command.params if p.name == "runtime")
+    assert isinstance(option.type, click.Choice)
+    assert list(option.type.choices) == registry.names()
+    assert option.default == registry.DEFAULT
+
+
+def test_process_runtime_is_built_from_the_registry(tmp_path):
+    runtime = make_runtime(AgentConfig(work_dir=tmp_path))
+    assert runtime.name == "process"
+
+
+def test_importing_the_registry_does_not_import_docker():
+    code = (
+        "import sys\n"
+        "import tether.agent.runtimes.registry, tether.agent.config, tether.agent.agent\n"
+        "import tether.agent.cli\n"
+        "bad = [m for m in sys.modules if m == 'docker' or m.startswith('docker.')\n"
+        "       or m == 'tether.agent.runtimes.docker']\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
