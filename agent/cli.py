@@ -12,9 +12,10 @@ import click
 from tether.agent.agent import Agent
 from tether.agent.config import AgentConfig, default_node_name
 from tether.agent.runtimes import registry
-from tether.sdk.cli import key_values
+from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.quantities import parse_memory
 from tether.sdk.telemetry import setup_logging
+from tether.sdk.terminal import key_values
 
 
 async def run_agent(config: AgentConfig) -> None:
@@ -37,7 +38,7 @@ async def run_agent(config: AgentConfig) -> None:
     "--controller",
     "controller_addr",
     envvar="TETHER_CONTROLLER",
-    default="127.0.0.1:7070",
+    default=DEFAULT_CONTROLLER,
     show_default=True,
     help="Controller address.",
 )

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tether.agent.runtimes import registry
+from tether.sdk.constants import DEFAULT_CONTROLLER
 
 __all__ = ["DEFAULT_LOG_LIMIT", "AgentConfig", "default_node_name"]
 
@@ -50,7 +51,7 @@ class AgentConfig:
         service_name: OpenTelemetry service name of this process.
     """
 
-    controller: str = "127.0.0.1:7070"
+    controller: str = DEFAULT_CONTROLLER
     node: str = field(default_factory=default_node_name)
     labels: dict[str, str] = field(default_factory=dict)
     runtime: str = registry.DEFAULT

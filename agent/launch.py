@@ -20,6 +20,7 @@ from tether.agent import layout
 from tether.agent.runtimes.base import LaunchSpec
 from tether.api.v1 import agent_pb2
 from tether.api.v1 import types_pb2 as t
+from tether.sdk.constants import LOG_TAIL_BYTES, MAX_OUTPUT_BYTES
 
 __all__ = [
     "MAX_OUTPUT_BYTES",
@@ -34,8 +35,8 @@ __all__ = [
     "timeout_of",
 ]
 
-MAX_OUTPUT_BYTES = 64 * 1024
-TAIL_BYTES = 4096
+# Both limits are shared with the controller, which enforces them again.
+TAIL_BYTES = LOG_TAIL_BYTES
 
 
 def timeout_of(spec: t.TaskSpec) -> float:
