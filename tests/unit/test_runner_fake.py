@@ -1,0 +1,78 @@
+"""The runner's start path on the shared fake runtime: reports, timeout, cancel, start errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fake_runtime import FakeRuntime
+from google.protobuf import duration_pb2
+from opentelemetry import trace
+
+from tether.agent import layout
+from tether.agent.config import AgentConfig
+from tether.agent.runner import Runner
+from tether.agent.runtimes.base import ExitStatus, RuntimeError_
+from tether.api.v1 import agent_pb2
+from tether.api.v1 import types_pb2 as t
+
+S = t.TaskState
+REF = agent_pb2.AttemptRef(run_id="run1", task="t", attempt=1)
+
+
+def assign(timeout: int = 0) -> agent_pb2.AssignTask:
+    spec = t.TaskSpec(name="t", command=["true"])
+    if timeout:
+        spec.timeout.CopyFrom(duration_pb2.Duration(seconds=timeout))
+    return agent_pb2.AssignTask(ref=REF, spec=spec)
+
+
+def run(tmp_path, runtime: FakeRuntime, act=None):
+    async def go():
+        reports: list[agent_pb2.TaskStatus] = []
+        runner = Runner(
+            AgentConfig(node="n1", work_dir=tmp_path, stop_grace=0.5),
+            runtime,
+            trace.get_tracer("test"),
+            reports.append,
+        )
+        runner.assign(assign(timeout=1 if act == "timeout" else 0))
+        task = runner.attempts[("run1", "t", 1)].task
+        if act == "cancel":
+            while not runtime.handles:
+                await asyncio.sleep(0.01)
+            runner.cancel(
+                agent_pb2.CancelTask(ref=REF, reason="user", grace=duration_pb2.Duration(seconds=2))
+            )
+        await asyncio.wait_for(task, 5)
+        return reports, runner
+
+    return asyncio.run(go())
+
+
+def test_a_started_attempt_reports_running_then_its_result(tmp_path):
+    runtime = FakeRuntime(exit_status=ExitStatus(0))
+    reports, runner = run(tmp_path, runtime)
+    assert [r.state for r in reports] == [S.TASK_STATE_RUNNING, S.TASK_STATE_SUCCEEDED]
+    assert runtime.started[0].labels[layout.NODE_LABEL] == "n1"
+    assert runner.pending_reports() == [reports[-1]]
+    d = layout.attempt_dir(tmp_path, "run1", "t", 1)
+    assert agent_pb2.TaskStatus.FromString((d / layout.STATUS_FILE).read_bytes()) == reports[-1]
+
+
+def test_an_attempt_that_cannot_start_fails_with_the_runtime_reason(tmp_path):
+    runtime = FakeRuntime(start_error=RuntimeError_("no such image", reason="image"))
+    reports, _ = run(tmp_path, runtime)
+    assert [(r.state, r.reason, r.exit_code) for r in reports] == [
+        (S.TASK_STATE_FAILED, "image", -1)
+    ]
+
+
+def test_timeout_stops_with_the_stop_grace_and_cancel_with_its_own(tmp_path):
+    timed_out = FakeRuntime()
+    reports, _ = run(tmp_path / "a", timed_out, act="timeout")
+    assert (reports[-1].state, reports[-1].reason) == (S.TASK_STATE_FAILED, "timeout")
+    assert timed_out.handles[0].stopped_with == 0.5
+    cancelled = FakeRuntime()
+    reports, _ = run(tmp_path / "b", cancelled, act="cancel")
+    assert (reports[-1].state, reports[-1].message) == (S.TASK_STATE_CANCELLED, "user")
+    assert cancelled.handles[0].stopped_with == 2.0
