@@ -42,6 +42,8 @@ class _Stream:
     queue: asyncio.Queue[agent_pb2.LogChunk | Exception] = field(default_factory=asyncio.Queue)
     buffered: int = 0
     failed: bool = False
+    # The agent sent its end of file: nothing to cancel on its side.
+    ended: bool = False
 
     def fail(self, error: Exception) -> None:
         if not self.failed:
@@ -120,15 +122,7 @@ class LogRouter:
             NotLeader: this controller is standing by.
             ResourceExhausted: the caller read too slowly (see ``max_buffered_bytes``).
         """
-        problems = []
-        if not run_id:
-            problems.append(FieldViolation("run_id", "must not be empty"))
-        if not task:
-            problems.append(FieldViolation("task", "must not be empty"))
-        if attempt < 0:
-            problems.append(FieldViolation("attempt", "must be >= 0 (0: the current attempt)"))
-        if problems:
-            raise InvalidSpecError(problems)
+        _check_request(run_id, task, attempt)
         found = await self._resolve(current_engine, run_id, task, attempt, follow)
         if found is None:
             return  # the attempt has not started: nothing is logged yet
@@ -142,7 +136,6 @@ class LogRouter:
         stream_id = uuid.uuid4().hex
         s = _Stream(session)
         self._streams[stream_id] = s
-        ended = False
         try:
             session.send(
                 agent_pb2.ControllerMessage(
@@ -153,21 +146,11 @@ class LogRouter:
                     )
                 )
             )
-            while True:
-                item = await s.queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                s.buffered -= len(item.data)
-                if item.data:
-                    yield controller_pb2.LogData(stream=item.stream, data=item.data, attempt=number)
-                if item.eof:
-                    ended = True
-                    if item.error:
-                        raise NotFound(item.error)
-                    return
+            async for data in _relay(s, number):
+                yield data
         finally:
             del self._streams[stream_id]
-            if not ended:
+            if not s.ended:
                 # The client went away (or fell behind): the agent can stop reading.
                 session.send(
                     agent_pb2.ControllerMessage(
@@ -207,3 +190,31 @@ class LogRouter:
                 if not follow:
                     return None
             await asyncio.sleep(_START_POLL)
+
+
+def _check_request(run_id: str, task: str, attempt: int) -> None:
+    problems = []
+    if not run_id:
+        problems.append(FieldViolation("run_id", "must not be empty"))
+    if not task:
+        problems.append(FieldViolation("task", "must not be empty"))
+    if attempt < 0:
+        problems.append(FieldViolation("attempt", "must be >= 0 (0: the current attempt)"))
+    if problems:
+        raise InvalidSpecError(problems)
+
+
+async def _relay(s: _Stream, number: int) -> AsyncIterator[controller_pb2.LogData]:
+    """The stream's chunks as LogData, until the agent's end of file (or its error)."""
+    while True:
+        item = await s.queue.get()
+        if isinstance(item, Exception):
+            raise item
+        s.buffered -= len(item.data)
+        if item.data:
+            yield controller_pb2.LogData(stream=item.stream, data=item.data, attempt=number)
+        if item.eof:
+            s.ended = True
+            if item.error:
+                raise NotFound(item.error)
+            return

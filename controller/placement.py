@@ -72,7 +72,8 @@ class Placer:
             return
         queue = self._queue()
         while queue:
-            p = plan([(k, e.msg.spec.resources) for k, e in queue], self._views(), self.policy)
+            ready = [(k, e.msg.spec.resources) for k, e in queue]
+            p = plan(ready, self.cache.connected_views(), self.policy)
             bound = {b.key: b for b in p.bindings}
             for i, (key, e) in enumerate(queue):
                 why = p.reasons.get(key, "")
@@ -86,9 +87,6 @@ class Placer:
                     break
             else:
                 return
-
-    def _views(self):
-        return self.cache.connected_views()
 
     def _place(self, key: TaskKey, e: TaskEntry, b: Binding) -> bool:
         """Render and bind one planned task; False when its template failed it."""
