@@ -122,7 +122,8 @@ class Agent:
                 if e.code() in _REFUSALS and self.registrations == 0:
                     # Refused before ever registering: retrying cannot help, say so and exit.
                     raise AgentRefused(
-                        f"controller {address} refused node {self.config.node}: {e.details()}"
+                        f"controller {address} refused node {self.config.node} "
+                        f"({e.code().name}): {e.details()}"
                     ) from None
                 log.info(
                     "controller stream ended",

@@ -138,7 +138,7 @@ def controller_command(
             insecure=insecure,
         )
     except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+        raise click.ClickException(str(e)) from None
     if not config.tls and not is_loopback(listen):
         click.secho(
             f"WARNING: serving plaintext on {listen} (--insecure): anyone who reaches this "
