@@ -7,7 +7,7 @@ import signal
 
 import click
 
-from tether.controller.config import ControllerConfig
+from tether.controller.config import ControllerConfig, is_loopback
 from tether.controller.errors import StoreUnavailable
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
 from tether.controller.server import ControllerServer
@@ -85,9 +85,40 @@ async def serve(config: ControllerConfig) -> None:
     type=click.Choice(sorted(POLICIES)),
     help="Placement policy: which node gets each ready task (env TETHER_POLICY).",
 )
+@click.option(
+    "--tls-cert",
+    envvar="TETHER_TLS_CERT",
+    default="",
+    help="Server certificate (PEM, from 'tether certs issue controller'); serves TLS.",
+)
+@click.option("--tls-key", envvar="TETHER_TLS_KEY", default="", help="Its key (PEM).")
+@click.option(
+    "--tls-ca",
+    envvar="TETHER_TLS_CA",
+    default="",
+    help="CA of the node certificates agents must present (PEM).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    envvar="TETHER_INSECURE",
+    help="Serve plaintext on a non-loopback address (anyone reaching it can run commands).",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 def controller_command(
-    etcd, prefix, listen, lease_ttl, cancel_grace, metrics_listen, retention, policy, log_level
+    etcd,
+    prefix,
+    listen,
+    lease_ttl,
+    cancel_grace,
+    metrics_listen,
+    retention,
+    policy,
+    tls_cert,
+    tls_key,
+    tls_ca,
+    insecure,
+    log_level,
 ):
     """Run a controller (state in etcd, gRPC API for clients and agents)."""
     setup_logging(log_level)
@@ -101,9 +132,21 @@ def controller_command(
             metrics_listen=metrics_listen,
             retention=parse_duration(retention),
             policy=policy,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+            insecure=insecure,
         )
     except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+        raise click.ClickException(str(e)) from None
+    if not config.tls and not is_loopback(listen):
+        click.secho(
+            f"WARNING: serving plaintext on {listen} (--insecure): anyone who reaches this "
+            "port can run commands on every node",
+            err=True,
+            fg="red",
+            bold=True,
+        )
     try:
         asyncio.run(serve(config))
     except StoreUnavailable as e:
