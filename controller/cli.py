@@ -104,6 +104,21 @@ async def serve(config: ControllerConfig) -> None:
     envvar="TETHER_INSECURE",
     help="Serve plaintext on a non-loopback address (anyone reaching it can run commands).",
 )
+@click.option(
+    "--advertise",
+    envvar="TETHER_ADVERTISE",
+    default="",
+    help="host:port where clients and agents reach this controller; standbys send callers "
+    "there when it leads (default: from --listen, this host's name for 0.0.0.0).",
+)
+@click.option(
+    "--leader-ttl",
+    envvar="TETHER_LEADER_TTL",
+    default=3,
+    show_default=True,
+    type=int,
+    help="Seconds a dead leader keeps standbys waiting (env TETHER_LEADER_TTL).",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 def controller_command(
     etcd,
@@ -118,6 +133,8 @@ def controller_command(
     tls_key,
     tls_ca,
     insecure,
+    advertise,
+    leader_ttl,
     log_level,
 ):
     """Run a controller (state in etcd, gRPC API for clients and agents)."""
@@ -136,6 +153,8 @@ def controller_command(
             tls_key=tls_key,
             tls_ca=tls_ca,
             insecure=insecure,
+            advertise=advertise,
+            leader_ttl=leader_ttl,
         )
     except ValueError as e:
         raise click.ClickException(str(e)) from None

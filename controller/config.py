@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field
 
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
 from tether.sdk.constants import DEFAULT_CONTROLLER
 
-__all__ = ["ControllerConfig", "is_loopback"]
+__all__ = ["ControllerConfig", "advertised", "is_loopback"]
 
 
 def is_loopback(listen: str) -> bool:
@@ -20,6 +21,15 @@ def is_loopback(listen: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name, or empty/0.0.0.0-like wildcards: reachable from others
         return False
+
+
+def advertised(listen: str, port: int) -> str:
+    """The ``host:port`` a controller listening on ``listen`` (bound to ``port``) is reached
+    at: a wildcard host becomes this host's name."""
+    host = listen.rpartition(":")[0]
+    if host.strip("[]") in ("", "0.0.0.0", "::"):
+        host = socket.getfqdn() or socket.gethostname()
+    return f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,13 @@ class ControllerConfig:
         tls_ca: PEM file of the CA whose node certificates agents must present; empty
             accepts agents without checking their node (only the node-id rule applies).
         insecure: Allow plaintext on a non-loopback listen address.
+        advertise: ``host:port`` where clients and agents reach this controller, written
+            in the leader key so that standbys can send callers to the leader; empty
+            derives it from ``listen`` (this host's name for a wildcard host, the bound port
+            for port 0).
+        leader_ttl: Seconds the leader's etcd lease lives without renewal: how long a dead
+            leader keeps a standby from taking over, and how long a leader that cannot reach
+            etcd keeps acting before it steps down.
     """
 
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
@@ -74,6 +91,8 @@ class ControllerConfig:
     tls_key: str = ""
     tls_ca: str = ""
     insecure: bool = False
+    advertise: str = ""
+    leader_ttl: int = 3
 
     @property
     def tls(self) -> bool:
@@ -97,6 +116,11 @@ class ControllerConfig:
             raise ValueError(f"prefix: must start and not end with '/', got {self.prefix!r}")
         if self.lease_ttl < 1:
             raise ValueError("lease_ttl: must be >= 1 second")
+        if self.leader_ttl < 2:
+            # etcd's own floor is about 1.5 s (it rounds shorter leases up).
+            raise ValueError("leader_ttl: must be >= 2 seconds")
+        if self.advertise and not self.advertise.rpartition(":")[2].isdigit():
+            raise ValueError(f"advertise: expected host:port, got {self.advertise!r}")
         if self.heartbeat_interval < 0 or self.heartbeat_interval >= self.lease_ttl:
             raise ValueError("heartbeat_interval: must be in [0, lease_ttl)")
         if self.retention < 0:

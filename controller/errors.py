@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import grpc
 
-from tether.sdk.errors import ERROR_REASON_KEY, InvalidSpecError
+from tether.sdk.errors import ERROR_REASON_KEY, LEADER_KEY, InvalidSpecError
 from tether.sdk.telemetry import get_logger
 
 __all__ = [
@@ -23,9 +23,13 @@ __all__ = [
     "Unauthenticated",
     "grpc_errors",
     "status_for",
+    "store_unavailable",
+    "trailers_for",
 ]
 
 log = get_logger("controller.errors")
+# gRPC's retry pushback: a negative value tells the client's channel not to retry the call.
+_NO_RETRY_KEY = "grpc-retry-pushback-ms"
 
 
 class NotFound(Exception):
@@ -45,7 +49,33 @@ class StoreUnavailable(Exception):
 
 
 class NotLeader(Exception):
-    """This controller is not (or no longer) the leader; another one serves."""
+    """This controller is not (or no longer) the leader; another one serves.
+
+    Args:
+        message: What to tell the caller.
+        leader: The leader's advertised address when known; sent to the caller in trailing
+            metadata (:data:`~tether.sdk.errors.LEADER_KEY`) so it goes straight there.
+    """
+
+    def __init__(self, message: str, leader: str = "") -> None:
+        super().__init__(message)
+        self.leader = leader
+
+
+def store_unavailable(exc: BaseException, endpoints: str = "") -> StoreUnavailable:
+    """A :class:`StoreUnavailable` saying why etcd failed: no quorum, or no member reached.
+
+    etcd answers "no leader" or lets a request time out when its members cannot form a
+    quorum, and gRPC answers UNAVAILABLE when no member accepts a connection.
+    """
+    detail = str(exc) or type(exc).__name__
+    where = f" at {endpoints}" if endpoints else ""
+    text = detail.lower()
+    if "no leader" in text or "timed out" in text or "deadline" in text or "timeout" in text:
+        why = f"etcd has no quorum (or does not answer in time){where}"
+    else:
+        why = f"etcd is unreachable{where} (no member answers, or it has no quorum)"
+    return StoreUnavailable(f"{why}: {detail}")
 
 
 class OutOfRange(Exception):
@@ -99,12 +129,22 @@ _REASONS: dict[type[BaseException], str] = {
 
 def _trailers(exc: BaseException, code: grpc.StatusCode) -> tuple[tuple[str, str], ...]:
     reason = next((r for cls, r in _REASONS.items() if isinstance(exc, cls)), code.name.lower())
+    if code == grpc.StatusCode.UNAVAILABLE and reason == "unavailable":
+        reason = "store_unavailable"  # an etcd error that reached here unwrapped
+    if isinstance(exc, NotLeader) and exc.leader:
+        # Go to the leader at once: gRPC's own retries would only ask this standby again.
+        return ((ERROR_REASON_KEY, reason), (LEADER_KEY, exc.leader), (_NO_RETRY_KEY, "-1"))
     return ((ERROR_REASON_KEY, reason),)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message an exception is answered with."""
     return _status_for(exc)
+
+
+def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata an exception is answered with (reason; where the leader is)."""
+    return _trailers(exc, _status_for(exc)[0])
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -114,7 +154,7 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     from etcd3aio import EtcdError
 
     if isinstance(exc, EtcdError | ConnectionError | OSError):
-        return grpc.StatusCode.UNAVAILABLE, f"etcd unavailable: {exc}"
+        return grpc.StatusCode.UNAVAILABLE, str(store_unavailable(exc))
     log.exception("internal error", error=repr(exc))
     return grpc.StatusCode.INTERNAL, "internal error (see controller log)"
 

@@ -5,6 +5,11 @@ creates the key (bound to its own lease) leads; the others watch the key and cam
 when it disappears (its holder resigned, or its lease expired because it died). Every write
 the leader makes carries a compare on the key's create_revision, so a leader that lost the
 key — paused, partitioned, or simply slow to notice — cannot change anything.
+
+A controller that finds its own address in the key (it was SIGKILLed and restarted, or it
+stepped down while etcd was away and etcd kept the lease alive) deletes the key at once
+instead of waiting out the lease: no other live process can hold that address, since this
+one has bound its port. The next term creates the key anew, so its fence differs.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import contextlib
 
 from etcd3aio._protobuf import Compare
 
-from tether.controller.store import Put, Store
+from tether.controller.store import Delete, Put, Store, mod_revision_is
 from tether.sdk.telemetry import get_logger
 
 __all__ = ["Leadership"]
@@ -42,6 +47,8 @@ class Leadership:
         self.ttl = ttl
         self.revision = 0
         self.lease = 0
+        # The identity in the leader key as last read ("" while unknown or free).
+        self.holder = ""
         self.lost = asyncio.Event()
         # Set once another controller is seen leading (start() can return then).
         self.standing_by = standing_by or asyncio.Event()
@@ -82,14 +89,32 @@ class Leadership:
                 return
             with contextlib.suppress(Exception):
                 await self.store.revoke_lease(lease)
-            self.standing_by.set()
             holder = await self.store.get(self.key)
             if holder is None:
                 continue
-            log.info("standing by", leader=holder.value.decode())
+            self.holder = holder.value.decode()
+            if self.holder == self.identity:
+                await self._take_back(holder)
+                continue
+            self.standing_by.set()
+            log.info("standing by", leader=self.holder)
             async for ev in self.store.watch(self.key, holder.mod_revision + 1):
                 if ev.key == self.key and ev.deleted:
+                    self.holder = ""
                     break
+
+    async def _take_back(self, holder) -> None:
+        """Delete a leader key that names this controller: its holder was this controller's
+        previous process or term, and it no longer acts."""
+        ok, _ = await self.store.txn(
+            [mod_revision_is(self.key, holder.mod_revision)], [Delete(self.key)], fenced=False
+        )
+        if ok:
+            log.info("taking back leadership from a previous run of this controller")
+            self.holder = ""
+            if holder.lease:
+                with contextlib.suppress(Exception):
+                    await self.store.revoke_lease(holder.lease)
 
     async def _keep_alive(self) -> None:
         loop = asyncio.get_running_loop()
@@ -97,7 +122,8 @@ class Leadership:
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
-                if await self.store.keepalive(self.lease) <= 0:
+                # Bounded so that a hung call cannot keep us acting past the lease.
+                if await self.store.keepalive(self.lease, timeout=self.ttl / 3) <= 0:
                     break
                 last_ok = loop.time()
             except Exception as e:  # etcd unreachable: hold on until the TTL
@@ -122,11 +148,17 @@ class Leadership:
             return
         self.lost.set()
 
-    async def resign(self) -> None:
-        """Give up leadership now (graceful shutdown), so a standby takes over at once."""
+    def abandon(self) -> None:
+        """Stop renewing and watching (leadership is lost, or was never used); the lease
+        expires by itself, or this controller takes its key back in its next term."""
         for task in (self._keepalive, self._watch):
             if task:
                 task.cancel()
+        self.lost.set()
+
+    async def resign(self) -> None:
+        """Give up leadership now (graceful shutdown), so a standby takes over at once."""
+        self.abandon()
         if self.lease:
             with contextlib.suppress(Exception):
                 await self.store.revoke_lease(self.lease)

@@ -13,8 +13,9 @@ from grpc_reflection.v1alpha import reflection
 
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tether.controller.cache import Snapshot
-from tether.controller.config import ControllerConfig, is_loopback
+from tether.controller.config import ControllerConfig, advertised, is_loopback
 from tether.controller.engine import Engine
+from tether.controller.errors import NotLeader, store_unavailable
 from tether.controller.leader import Leadership
 from tether.controller.logs import LogRouter
 from tether.controller.metrics import Metrics
@@ -25,6 +26,10 @@ from tether.sdk.telemetry import get_logger, make_tracer_provider
 __all__ = ["ControllerServer"]
 
 log = get_logger("controller.server")
+
+# Delays between campaigns while etcd does not answer, seconds.
+_RETRY_INITIAL = 0.2
+_RETRY_MAX = 1.0
 
 _SERVICES = (
     controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name,
@@ -62,11 +67,32 @@ class ControllerServer:
         self._standing_by = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping = False
+        # Why the last campaign failed (etcd unreachable, no quorum); "" while etcd answers.
+        self.store_error = ""
 
     @property
     def address(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
+
+    @property
+    def advertise(self) -> str:
+        """Where others reach this controller (``--advertise``, else derived from --listen)."""
+        return self.config.advertise or advertised(self.config.listen, self.port)
+
+    def current_engine(self) -> Engine:
+        """The engine of this term, or the error that says why there is none and where to go."""
+        engine = self.engine
+        if engine is not None:
+            return engine
+        if self.store_error:
+            raise store_unavailable(
+                RuntimeError(self.store_error), ",".join(self.config.etcd_endpoints)
+            )
+        holder = self.leadership.holder if self.leadership else ""
+        if holder and holder != self.advertise:
+            raise NotLeader(f"this controller is standing by; the leader is {holder}", holder)
+        raise NotLeader("this controller is standing by (no leader elected yet); retry shortly")
 
     @property
     def is_leader(self) -> bool:
@@ -91,7 +117,7 @@ class ControllerServer:
             ("grpc.so_reuseport", 0),
         ]
         server = grpc.aio.server(options=opts)
-        current = lambda: self.engine  # noqa: E731 - the servicers' view of the current term
+        current = self.current_engine  # the servicers' view of the current term
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(
             ControllerServicer(current, self.tracer, self.logs), server
         )
@@ -138,6 +164,7 @@ class ControllerServer:
         log.info(
             "controller serving",
             address=self.address,
+            advertise=self.advertise,
             prefix=self.config.prefix,
             leader=self.is_leader,
             tls=self.config.tls,
@@ -151,40 +178,61 @@ class ControllerServer:
             await asyncio.sleep(1.0)
 
     async def _campaign_loop(self) -> None:
-        """Lead when possible; on losing the lease, step down and campaign again."""
+        """Lead when possible; on losing the lease, step down and campaign again — forever:
+        an etcd that is down or without quorum only delays the next term."""
+        delay = _RETRY_INITIAL
         while not self._stopping:
-            leadership = self.leadership = Leadership(
-                self.store, self.address, self.config.lease_ttl, standing_by=self._standing_by
-            )
-            await leadership.acquire()
-            self.store.fence = leadership.fence()
-            engine = Engine(
-                self.config,
-                self.store,
-                self.tracer,
-                on_not_leader=leadership.lost.set,
-                metrics=self.metrics,
-            )
             try:
-                await engine.start()
-            except Exception:
-                await leadership.resign()
+                await self._term()
+                delay = _RETRY_INITIAL
+            except asyncio.CancelledError:
                 raise
-            self.engine = engine
-            self.terms += 1
-            for name in _SERVICES:
-                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-            self._leading.set()
-            await leadership.lost.wait()
-            # Step down: stop acting before anyone else can; agents reconnect to the new leader.
-            self.engine = None
-            self._leading.clear()
-            for name in _SERVICES:
-                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-            # The fence stays: it names our old term, so anything the stopped engine still
-            # tries to write is refused until a new term sets a new fence.
+            except Exception as e:  # etcd away: stand by until it answers
+                if not self.store_error:
+                    log.warning("cannot campaign; retrying until etcd answers", error=str(e))
+                self.store_error = str(e) or type(e).__name__
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+
+    async def _term(self) -> None:
+        """One leadership term: campaign, lead until the lease is lost, step down."""
+        leadership = self.leadership = Leadership(
+            self.store, self.advertise, self.config.leader_ttl, standing_by=self._standing_by
+        )
+        await leadership.acquire()
+        if self.store_error:
+            log.info("etcd answers again", address=self.advertise)
+        self.store_error = ""
+        self.store.fence = leadership.fence()
+        engine = Engine(
+            self.config,
+            self.store,
+            self.tracer,
+            on_not_leader=leadership.lost.set,
+            metrics=self.metrics,
+        )
+        try:
+            await engine.start()
+        except BaseException:
             await engine.stop()
-            log.warning("stepped down", address=self.address)
+            leadership.abandon()  # the key names us: the next term takes it back at once
+            raise
+        self.engine = engine
+        self.terms += 1
+        for name in _SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._leading.set()
+        await leadership.lost.wait()
+        # Step down: stop acting before anyone else can; agents reconnect to the new leader.
+        self.engine = None
+        self._leading.clear()
+        for name in _SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # The fence stays: it names our old term, so anything the stopped engine still
+        # tries to write is refused until a new term sets a new fence.
+        await engine.stop()
+        leadership.abandon()
+        log.warning("stepped down", address=self.advertise)
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving: NOT_SERVING, drain RPCs, flush writes, resign, close etcd. Idempotent."""

@@ -22,9 +22,11 @@ from tether.controller.errors import (
     FailedPrecondition,
     NotLeader,
     PermissionDenied,
+    StoreUnavailable,
     Unauthenticated,
     grpc_errors,
     status_for,
+    trailers_for,
 )
 from tether.controller.lifecycle import IllegalTransition
 from tether.controller.logs import LogRouter
@@ -225,6 +227,9 @@ class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
             code, msg = status_for(e)
             log.warning("registration refused", node=reg.node, code=code.name, error=msg)
             await context.abort(code, msg)
+        except (NotLeader, StoreUnavailable) as e:  # the agent goes to the leader, or waits
+            code, msg = status_for(e)
+            await context.abort(code, msg, trailing_metadata=trailers_for(e))
         except Exception as e:  # tell the agent to retry; keep serving others
             log.warning("registration failed", node=reg.node, error=str(e))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"registration failed: {e}")

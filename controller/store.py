@@ -275,11 +275,11 @@ class Store:
         resp = await self._client.lease.grant(ttl, timeout=self._timeout)
         return resp.ID
 
-    async def keepalive(self, lease_id: int) -> int:
+    async def keepalive(self, lease_id: int, timeout: float | None = None) -> int:
         """Refresh a lease once; return its TTL, or 0 when it has expired."""
         call = self._client.lease.keep_alive(lease_id)
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(timeout or self._timeout):
                 async for resp in call:
                     return max(resp.TTL, 0)
         finally:

@@ -13,6 +13,7 @@ import grpc
 
 __all__ = [
     "ERROR_REASON_KEY",
+    "LEADER_KEY",
     "AlreadyExistsError",
     "FailedPreconditionError",
     "FieldViolation",
@@ -21,6 +22,7 @@ __all__ = [
     "TetherError",
     "UnavailableError",
     "from_rpc_error",
+    "leader_of",
 ]
 
 
@@ -29,6 +31,10 @@ __all__ = [
 # controller; "node_unavailable": another controller will not help), else the code's name in
 # lower case ("not_found"). Absent when gRPC could not reach the controller at all.
 ERROR_REASON_KEY = "tether-error-reason"
+
+# Trailing metadata a standby controller adds to its refusals: the address the leader
+# advertises, so that clients and agents go straight there.
+LEADER_KEY = "tether-leader"
 
 
 @dataclass(frozen=True)
@@ -126,8 +132,17 @@ def from_rpc_error(err: grpc.RpcError) -> TetherError:
     return exc
 
 
-def _reason_of(err: grpc.RpcError) -> str:
-    """The controller's reason for the status; empty when gRPC failed to reach it."""
+def _trailer(err: grpc.RpcError, key: str) -> str:
     trailing = getattr(err, "trailing_metadata", None)  # absent on a bare RpcError
     metadata = (trailing() if callable(trailing) else None) or ()
-    return next((v for k, v in metadata if k == ERROR_REASON_KEY), "")
+    return next((v for k, v in metadata if k == key), "")
+
+
+def _reason_of(err: grpc.RpcError) -> str:
+    """The controller's reason for the status; empty when gRPC failed to reach it."""
+    return _trailer(err, ERROR_REASON_KEY)
+
+
+def leader_of(err: grpc.RpcError) -> str:
+    """The leader's address a standby controller named in its refusal; empty if none."""
+    return _trailer(err, LEADER_KEY)
