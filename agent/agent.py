@@ -278,5 +278,8 @@ class Agent:
             self.config.stop_grace if grace is None else grace,
             self.config.leave_running if leave_running is None else leave_running,
         )
+        close = getattr(self.runtime, "close", None)
+        if close is not None:
+            await close()
         self._lock.release()
         self.tracer_provider.shutdown()

@@ -135,10 +135,15 @@ class Nodes:
         return agent_pb2.Registered(heartbeat_interval=interval, lease_ttl=ttl)
 
     async def _lease_for(self, st: NodeState) -> int:
-        """The node's lease if it is still alive, else a new one."""
+        """The node's lease if it is still alive and has the configured TTL, else a new one.
+
+        A lease granted under another ``--lease-ttl`` (before a controller restart with a new
+        setting) is replaced: the node record moves to the new lease, and the old one expires
+        with nothing attached.
+        """
         if st.lease_id:
             try:
-                if await self.store.keepalive(st.lease_id) > 0:
+                if await self.store.keepalive(st.lease_id) == self.config.lease_ttl:
                     return st.lease_id
             except Exception:  # an expired or unknown lease just means a new one
                 pass
