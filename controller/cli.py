@@ -9,6 +9,7 @@ import click
 
 from tether.controller.config import ControllerConfig
 from tether.controller.errors import StoreUnavailable
+from tether.controller.etcd_options import etcd_options
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
 from tether.controller.server import ControllerServer
 from tether.sdk.constants import DEFAULT_CONTROLLER
@@ -32,8 +33,9 @@ async def serve(config: ControllerConfig) -> None:
     envvar="TETHER_ETCD",
     default="127.0.0.1:2379",
     show_default=True,
-    help="etcd endpoints, comma-separated (env TETHER_ETCD).",
+    help="etcd endpoints, comma-separated: host:port, http:// or https:// URLs (env TETHER_ETCD).",
 )
+@etcd_options
 @click.option(
     "--prefix",
     envvar="TETHER_PREFIX",
@@ -87,7 +89,16 @@ async def serve(config: ControllerConfig) -> None:
 )
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 def controller_command(
-    etcd, prefix, listen, lease_ttl, cancel_grace, metrics_listen, retention, policy, log_level
+    etcd,
+    prefix,
+    listen,
+    lease_ttl,
+    cancel_grace,
+    metrics_listen,
+    retention,
+    policy,
+    log_level,
+    **etcd_flags,
 ):
     """Run a controller (state in etcd, gRPC API for clients and agents)."""
     setup_logging(log_level)
@@ -101,6 +112,7 @@ def controller_command(
             metrics_listen=metrics_listen,
             retention=parse_duration(retention),
             policy=policy,
+            **etcd_flags,
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None

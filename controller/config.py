@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tether.controller.etcd_connection import EtcdConnection
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
 from tether.sdk.constants import DEFAULT_CONTROLLER
 
@@ -18,7 +19,13 @@ class ControllerConfig:
     --help``); never changed afterwards.
 
     Attributes:
-        etcd_endpoints: ``host:port`` of etcd members.
+        etcd_endpoints: etcd members as etcdctl takes them: ``host:port``, ``http://h:p`` or
+            ``https://h:p`` (see :mod:`tether.controller.etcd_connection`).
+        etcd_ca: PEM CA file that signed etcd's certificates (TLS to etcd).
+        etcd_cert: PEM client certificate for etcd (with ``etcd_key``).
+        etcd_key: PEM key of ``etcd_cert``.
+        etcd_user: etcd user (etcd auth); its password is read from ``etcd_password_file``.
+        etcd_password_file: File holding ``etcd_user``'s password.
         prefix: Key prefix under which every Tether record lives; several meshes can share
             one etcd with different prefixes.
         listen: ``host:port`` the gRPC server binds; port 0 picks a free port.
@@ -53,10 +60,16 @@ class ControllerConfig:
     retention: float = 0.0
     policy: str = DEFAULT_POLICY
     service_name: str = field(default="tether-controller")
+    etcd_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_user: str = ""
+    etcd_password_file: str = ""
 
     def __post_init__(self) -> None:
         if not self.etcd_endpoints:
             raise ValueError("etcd_endpoints: at least one endpoint is needed")
+        EtcdConnection.from_config(self)  # raises ValueError naming what is wrong
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):
             raise ValueError(f"prefix: must start and not end with '/', got {self.prefix!r}")
         if self.lease_ttl < 1:

@@ -14,6 +14,7 @@ from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_
 from tether.controller.cache import Snapshot
 from tether.controller.config import ControllerConfig
 from tether.controller.engine import Engine
+from tether.controller.etcd_connection import EtcdConnection
 from tether.controller.leader import Leadership
 from tether.controller.logs import LogRouter
 from tether.controller.metrics import Metrics
@@ -42,7 +43,7 @@ class ControllerServer:
         self.config = config
         self.tracer_provider = make_tracer_provider(config.service_name)
         self.tracer = self.tracer_provider.get_tracer("tether.controller")
-        self.store = Store(config.etcd_endpoints, config.prefix)
+        self.store = Store(EtcdConnection.from_config(config), config.prefix)
         # The engine of the current leadership term; None while standing by.
         self.engine: Engine | None = None
         self.leadership: Leadership | None = None
