@@ -26,7 +26,8 @@ def etcd_options(command: Callable) -> Callable:
             f"--{flag}",
             name,
             envvar=env,
-            default="",
+            default=None,
+            callback=lambda _ctx, _param, value: value or "",
             type=click.Path(exists=True, dir_okay=False) if flag != "etcd-user" else str,
             help=f"{help_text} (env {env})",
         )(command)

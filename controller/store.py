@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+import grpc
 from etcd3aio import Etcd3Client, EtcdError, SortOrder, prefix_range_end
 from etcd3aio._protobuf import Compare, RequestOp, rpc_pb2
 from etcd3aio.errors import EtcdPermissionDeniedError, EtcdUnauthenticatedError
@@ -168,9 +169,14 @@ class Store:
                     await self._log_in()
                 await self._client.kv.get(self.keys.prefix, timeout=1.0, max_attempts=1)
                 return
-            except (EtcdUnauthenticatedError, EtcdPermissionDeniedError) as e:
+            except (EtcdUnauthenticatedError, EtcdPermissionDeniedError, grpc.aio.AioRpcError) as e:
+                # etcd answers a wrong password or a missing user with INVALID_ARGUMENT.
+                rpc = isinstance(e, grpc.aio.AioRpcError)
+                if rpc and e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                detail = e.details() if rpc else str(e)
                 who = f"user {conn.user!r}" if conn.user else "no user (give --etcd-user)"
-                raise StoreUnavailable(f"etcd refused {who}: {e}") from None
+                raise StoreUnavailable(f"etcd refused {who}: {detail}") from None
             except (EtcdError, TimeoutError) as e:
                 if loop.time() > end:
                     raise StoreUnavailable(f"etcd not reachable at {conn.describe()}: {e}") from e
