@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from tether.controller.etcd_connection import EtcdConnection
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
 from tether.sdk.constants import DEFAULT_CONTROLLER
+from tether.sdk.validation import Limits
 
 __all__ = ["ControllerConfig"]
 
@@ -26,6 +27,8 @@ class ControllerConfig:
         etcd_key: PEM key of ``etcd_cert``.
         etcd_user: etcd user (etcd auth); its password is read from ``etcd_password_file``.
         etcd_password_file: File holding ``etcd_user``'s password.
+        limits: Sizes and counts a request may not exceed (refused with INVALID_ARGUMENT
+            naming the field and the limit).
         prefix: Key prefix under which every Tether record lives; several meshes can share
             one etcd with different prefixes.
         listen: ``host:port`` the gRPC server binds; port 0 picks a free port.
@@ -65,6 +68,7 @@ class ControllerConfig:
     etcd_key: str = ""
     etcd_user: str = ""
     etcd_password_file: str = ""
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         if not self.etcd_endpoints:

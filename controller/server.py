@@ -17,6 +17,7 @@ from tether.controller.engine import Engine
 from tether.controller.etcd_connection import EtcdConnection
 from tether.controller.leader import Leadership
 from tether.controller.logs import LogRouter
+from tether.controller.malformed import MalformedRequests
 from tether.controller.metrics import Metrics
 from tether.controller.service import AgentServicer, ControllerServicer
 from tether.controller.store import Store
@@ -90,7 +91,7 @@ class ControllerServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=opts)
+        server = grpc.aio.server(options=opts, interceptors=[MalformedRequests()])
         current = lambda: self.engine  # noqa: E731 - the servicers' view of the current term
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(
             ControllerServicer(current, self.tracer, self.logs), server
