@@ -10,6 +10,7 @@ import click
 from tether.controller.config import ControllerConfig
 from tether.controller.errors import StoreUnavailable
 from tether.controller.etcd_options import etcd_options
+from tether.controller.limit_options import limit_options, limits_from_flags
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
 from tether.controller.server import ControllerServer
 from tether.sdk.constants import DEFAULT_CONTROLLER
@@ -88,6 +89,7 @@ async def serve(config: ControllerConfig) -> None:
     help="Placement policy: which node gets each ready task (env TETHER_POLICY).",
 )
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
+@limit_options
 def controller_command(
     etcd,
     prefix,
@@ -98,7 +100,7 @@ def controller_command(
     retention,
     policy,
     log_level,
-    **etcd_flags,
+    **flags,
 ):
     """Run a controller (state in etcd, gRPC API for clients and agents)."""
     setup_logging(log_level)
@@ -112,7 +114,8 @@ def controller_command(
             metrics_listen=metrics_listen,
             retention=parse_duration(retention),
             policy=policy,
-            **etcd_flags,
+            **{k: v for k, v in flags.items() if k.startswith("etcd_")},
+            **limits_from_flags(flags),
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
