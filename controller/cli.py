@@ -9,6 +9,8 @@ import click
 
 from tether.controller.config import ControllerConfig, is_loopback
 from tether.controller.errors import StoreUnavailable
+from tether.controller.etcd_options import etcd_options
+from tether.controller.limit_options import limit_options, limits_from_flags
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
 from tether.controller.server import ControllerServer
 from tether.sdk.constants import DEFAULT_CONTROLLER
@@ -32,8 +34,9 @@ async def serve(config: ControllerConfig) -> None:
     envvar="TETHER_ETCD",
     default="127.0.0.1:2379",
     show_default=True,
-    help="etcd endpoints, comma-separated (env TETHER_ETCD).",
+    help="etcd endpoints, comma-separated: host:port, http:// or https:// URLs (env TETHER_ETCD).",
 )
+@etcd_options
 @click.option(
     "--prefix",
     envvar="TETHER_PREFIX",
@@ -105,6 +108,7 @@ async def serve(config: ControllerConfig) -> None:
     help="Serve plaintext on a non-loopback address (anyone reaching it can run commands).",
 )
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
+@limit_options
 def controller_command(
     etcd,
     prefix,
@@ -119,6 +123,7 @@ def controller_command(
     tls_ca,
     insecure,
     log_level,
+    **flags,
 ):
     """Run a controller (state in etcd, gRPC API for clients and agents)."""
     setup_logging(log_level)
@@ -136,6 +141,8 @@ def controller_command(
             tls_key=tls_key,
             tls_ca=tls_ca,
             insecure=insecure,
+            **{k: v for k, v in flags.items() if k.startswith("etcd_")},
+            **limits_from_flags(flags),
         )
     except ValueError as e:
         raise click.ClickException(str(e)) from None

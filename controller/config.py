@@ -5,8 +5,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from tether.controller.etcd_connection import EtcdConnection
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
 from tether.sdk.constants import DEFAULT_CONTROLLER
+from tether.sdk.validation import Limits
 
 __all__ = ["ControllerConfig", "is_loopback"]
 
@@ -30,7 +32,15 @@ class ControllerConfig:
     --help``); never changed afterwards.
 
     Attributes:
-        etcd_endpoints: ``host:port`` of etcd members.
+        etcd_endpoints: etcd members as etcdctl takes them: ``host:port``, ``http://h:p`` or
+            ``https://h:p`` (see :mod:`tether.controller.etcd_connection`).
+        etcd_ca: PEM CA file that signed etcd's certificates (TLS to etcd).
+        etcd_cert: PEM client certificate for etcd (with ``etcd_key``).
+        etcd_key: PEM key of ``etcd_cert``.
+        etcd_user: etcd user (etcd auth); its password is read from ``etcd_password_file``.
+        etcd_password_file: File holding ``etcd_user``'s password.
+        limits: Sizes and counts a request may not exceed (refused with INVALID_ARGUMENT
+            naming the field and the limit).
         prefix: Key prefix under which every Tether record lives; several meshes can share
             one etcd with different prefixes.
         listen: ``host:port`` the gRPC server binds; port 0 picks a free port.
@@ -80,6 +90,13 @@ class ControllerConfig:
         """Whether the gRPC port serves TLS."""
         return bool(self.tls_cert)
 
+    etcd_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_user: str = ""
+    etcd_password_file: str = ""
+    limits: Limits = field(default_factory=Limits)
+
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert, tls_key: give both the certificate and its key")
@@ -93,6 +110,7 @@ class ControllerConfig:
             )
         if not self.etcd_endpoints:
             raise ValueError("etcd_endpoints: at least one endpoint is needed")
+        EtcdConnection.from_config(self)  # raises ValueError naming what is wrong
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):
             raise ValueError(f"prefix: must start and not end with '/', got {self.prefix!r}")
         if self.lease_ttl < 1:

@@ -96,7 +96,9 @@ class Engine:
         self._placer = Placer(
             cache, committer, self.metrics, dispatch, progress, get_policy(config.policy)
         )
-        self._submitter = Submitter(store, cache, self._loader.ensure_loaded, cancels.arm_deadline)
+        self._submitter = Submitter(
+            store, cache, self._loader.ensure_loaded, cancels.arm_deadline, config.limits
+        )
         self._queries = Queries(store, cache)
         self._retention = Retention(store, cache, config.retention)
         self._tasks: list[asyncio.Task] = []

@@ -15,8 +15,10 @@ from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_
 from tether.controller.cache import Snapshot
 from tether.controller.config import ControllerConfig, is_loopback
 from tether.controller.engine import Engine
+from tether.controller.etcd_connection import EtcdConnection
 from tether.controller.leader import Leadership
 from tether.controller.logs import LogRouter
+from tether.controller.malformed import MalformedRequests
 from tether.controller.metrics import Metrics
 from tether.controller.service import AgentServicer, ControllerServicer
 from tether.controller.store import Store
@@ -43,7 +45,7 @@ class ControllerServer:
         self.config = config
         self.tracer_provider = make_tracer_provider(config.service_name)
         self.tracer = self.tracer_provider.get_tracer("tether.controller")
-        self.store = Store(config.etcd_endpoints, config.prefix)
+        self.store = Store(EtcdConnection.from_config(config), config.prefix)
         # The engine of the current leadership term; None while standing by.
         self.engine: Engine | None = None
         self.leadership: Leadership | None = None
@@ -90,7 +92,7 @@ class ControllerServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=opts)
+        server = grpc.aio.server(options=opts, interceptors=[MalformedRequests()])
         current = lambda: self.engine  # noqa: E731 - the servicers' view of the current term
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(
             ControllerServicer(current, self.tracer, self.logs), server

@@ -32,6 +32,7 @@ from tether.controller.records import AgentSession
 from tether.sdk.certs import CertError, verify_node
 from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
+from tether.sdk.validation import LIMITS
 
 __all__ = ["AgentServicer", "ControllerServicer"]
 
@@ -40,9 +41,20 @@ _PROOF_TIMEOUT = 10.0
 _NODE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789.-")
 
 
+_MAX_REASON = 1024
+
+
 def _require(value: str, field: str) -> None:
     if not value:
         raise InvalidSpecError([FieldViolation(field, "must not be empty")])
+
+
+def _bounded(value: str, field: str, limit: int, name: str = "max_id_length") -> None:
+    # Checked before any lookup: a 10 MB id must not become a 10 MB etcd key.
+    if len(value) > limit:
+        raise InvalidSpecError(
+            [FieldViolation(field, f"{len(value)} characters; at most {limit} (limit {name})")]
+        )
 
 
 class _LeaderOnly:
@@ -50,6 +62,13 @@ class _LeaderOnly:
 
     def __init__(self, current_engine: Callable[[], Engine | None]) -> None:
         self._current_engine = current_engine
+
+    def _check_ids(self, **fields: str) -> None:
+        """Refuse an id (a run id, a task name) longer than the configured limit."""
+        engine = self._current_engine()
+        limit = (engine.config.limits if engine else LIMITS).max_id_length
+        for field, value in fields.items():
+            _bounded(value, field, limit)
 
     @property
     def engine(self) -> Engine:
@@ -98,6 +117,7 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
 
     @grpc_errors
     async def GetRun(self, request, context):
+        self._check_ids(run_id=request.run_id)
         _require(request.run_id, "run_id")
         return controller_pb2.GetRunResponse(run=await self.engine.get_run(request.run_id))
 
@@ -107,6 +127,7 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
             raise InvalidSpecError([FieldViolation("page_size", "must be in 0..1000")])
         size = request.page_size or 50
         start = None
+        _bounded(request.page_token, "page_token", 1024, "page token length")
         if request.page_token:
             try:
                 start = base64.urlsafe_b64decode(request.page_token).decode()
@@ -120,12 +141,15 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
 
     @grpc_errors
     async def WatchRun(self, request, context):
+        self._check_ids(run_id=request.run_id)
         _require(request.run_id, "run_id")
         async for event in self.engine.watch_run(request.run_id, request.from_revision):
             yield event
 
     @grpc_errors
     async def CancelRun(self, request, context):
+        self._check_ids(run_id=request.run_id, task=request.task)
+        _bounded(request.reason, "reason", _MAX_REASON, "reason length")
         _require(request.run_id, "run_id")
         if await self.engine.ensure_loaded(request.run_id) is None:
             # Finished runs leave the engine's cache; etcd says whether it exists at all.
@@ -136,6 +160,7 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
 
     @grpc_errors
     async def StreamLogs(self, request, context):
+        self._check_ids(run_id=request.run_id, task=request.task)
         async for data in self.logs.stream(
             lambda: self.engine, request.run_id, request.task, request.attempt, request.follow
         ):

@@ -4,6 +4,7 @@ transactions when too big for one), and taking the new run into the cache.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 
@@ -15,7 +16,7 @@ from tether.controller.records import RunEntry, TaskEntry, new_run_id, now
 from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
 from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import get_logger
-from tether.sdk.validation import validate_params, validate_workflow
+from tether.sdk.validation import LIMITS, Limits, validate_params, validate_workflow
 
 __all__ = ["Submitter"]
 
@@ -30,6 +31,7 @@ class Submitter:
         cache: Where the new run goes once written.
         ensure_loaded: Takes up a run found only in etcd (an earlier submit's lost reply).
         arm_deadline: Starts the run's deadline timer.
+        limits: What a submitted spec and its parameters may not exceed.
     """
 
     def __init__(
@@ -38,7 +40,9 @@ class Submitter:
         cache: Cache,
         ensure_loaded: Callable[[str], Awaitable[object]],
         arm_deadline: Callable[[RunEntry], None],
+        limits: Limits = LIMITS,
     ) -> None:
+        self.limits = limits
         self.store = store
         self.keys = store.keys
         self.cache = cache
@@ -49,9 +53,9 @@ class Submitter:
         self, spec: t.WorkflowSpec, params: dict[str, str], request_id: str, traceparent: str
     ) -> tuple[str, bool]:
         """Validate and store a new run; return (run id, whether it already existed)."""
-        validate_workflow(spec)
-        validate_params(spec, params)
-        _validate_request(request_id, params)
+        # In a thread: a big spec takes a while to check, and the loop must keep serving
+        # heartbeats and leadership meanwhile.
+        await asyncio.to_thread(_validate, spec, params, request_id, self.limits)
         run, entries = self._build(spec, params, request_id, traceparent)
         run_id = run.msg.id
         puts = [Put(e.key, e.serialize()) for e in entries]
@@ -185,14 +189,44 @@ def _fingerprint(spec: t.WorkflowSpec, params: dict[str, str]) -> str:
     return h.hexdigest()[:32]
 
 
-def _validate_request(request_id: str, params: dict[str, str]) -> None:
+def _validate(
+    spec: t.WorkflowSpec, params: dict[str, str], request_id: str, limits: Limits
+) -> None:
+    # The request's own fields first: they are cheap, and a huge one must not be echoed.
+    _validate_request(request_id, params, limits)
+    validate_workflow(spec, limits)
+    validate_params(spec, params)
+
+
+def _validate_request(request_id: str, params: dict[str, str], limits: Limits) -> None:
     problems = []
-    if len(request_id) > 128 or any(not c.isprintable() for c in request_id):
-        problems.append(FieldViolation("request_id", "at most 128 printable characters"))
+    if len(request_id) > limits.max_id_length or any(not c.isprintable() for c in request_id):
+        problems.append(
+            FieldViolation(
+                "request_id",
+                f"at most {limits.max_id_length} printable characters (limit max_id_length)",
+            )
+        )
+    total = 0
     for k, v in params.items():
+        size = len(v.encode())
+        total += len(k.encode()) + size
         if not k or len(k) > 128:
             problems.append(FieldViolation(f"params.{k}", "keys must be 1-128 characters"))
-        if len(v) > 4096:
-            problems.append(FieldViolation(f"params.{k}", "values must be at most 4 KiB"))
+        if size > limits.max_param_value_bytes:
+            problems.append(
+                FieldViolation(
+                    f"params.{k}",
+                    f"value is {size} bytes; at most {limits.max_param_value_bytes} "
+                    "(limit max_param_value_bytes)",
+                )
+            )
+    if total > limits.max_params_bytes:
+        problems.append(
+            FieldViolation(
+                "params",
+                f"{total} bytes in all; at most {limits.max_params_bytes} (limit max_params_bytes)",
+            )
+        )
     if problems:
         raise InvalidSpecError(problems)
