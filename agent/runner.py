@@ -110,6 +110,16 @@ class Runner:
         grace = c.grace.seconds + c.grace.nanos / 1e9 if has_grace else DEFAULT_CANCEL_GRACE
         att.request_cancel(c.reason or "cancelled", grace)
 
+    def fence(self, reason: str, grace: float) -> int:
+        """Stop every attempt because this node is out of contact; return how many were
+        newly stopped. Their final reports say FENCED, and are sent once contact is back."""
+        count = 0
+        for att in self.attempts.values():
+            if not att.cancelled.is_set():
+                att.fence(reason, grace)
+                count += 1
+        return count
+
     def ack(self, ref: agent_pb2.AttemptRef) -> None:
         """The controller has the attempt's final report: forget it, remove it from the runtime."""
         self.reports.ack(ref)

@@ -281,9 +281,15 @@ class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
                     # A refused move is a bug to see in the logs, not a reason to drop the node.
                     log.error("refused state change", node=session.node, error=str(e))
                     continue
-                if kind == "heartbeat" and not await engine.heartbeat(session, msg.heartbeat):
-                    log.warning("lease expired; asking agent to re-register", node=session.node)
-                    break
+                if kind == "heartbeat":
+                    if not await engine.heartbeat(session, msg.heartbeat):
+                        log.warning("lease expired; asking agent to re-register", node=session.node)
+                        break
+                    session.send(
+                        agent_pb2.ControllerMessage(
+                            heartbeat_ack=agent_pb2.HeartbeatAck(seq=msg.heartbeat.seq)
+                        )
+                    )
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a broken stream ends this session only
