@@ -78,6 +78,8 @@ class _ProcessHandle:
         return _exit_status(code)
 
     async def _drain(self) -> None:
+        if not self._copies:  # leave_running: the task writes its log files itself
+            return
         _, pending = await asyncio.wait(self._copies, timeout=_DRAIN_GRACE)
         for task in pending:
             task.cancel()
