@@ -10,6 +10,7 @@ import click
 from tether.controller.config import ControllerConfig
 from tether.controller.errors import StoreUnavailable
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
+from tether.controller.secretbox import KeyFileError
 from tether.controller.server import ControllerServer
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.quantities import parse_duration
@@ -85,9 +86,25 @@ async def serve(config: ControllerConfig) -> None:
     type=click.Choice(sorted(POLICIES)),
     help="Placement policy: which node gets each ready task (env TETHER_POLICY).",
 )
+@click.option(
+    "--secrets-key-file",
+    envvar="TETHER_SECRETS_KEY_FILE",
+    default="",
+    help="File with the 32-byte key (raw or base64) that encrypts secrets in etcd; "
+    "without it secrets are off (env TETHER_SECRETS_KEY_FILE).",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 def controller_command(
-    etcd, prefix, listen, lease_ttl, cancel_grace, metrics_listen, retention, policy, log_level
+    etcd,
+    prefix,
+    listen,
+    lease_ttl,
+    cancel_grace,
+    metrics_listen,
+    retention,
+    policy,
+    secrets_key_file,
+    log_level,
 ):
     """Run a controller (state in etcd, gRPC API for clients and agents)."""
     setup_logging(log_level)
@@ -101,11 +118,14 @@ def controller_command(
             metrics_listen=metrics_listen,
             retention=parse_duration(retention),
             policy=policy,
+            secrets_key_file=secrets_key_file,
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     try:
         asyncio.run(serve(config))
+    except KeyFileError as e:
+        raise click.ClickException(f"--secrets-key-file: {e}") from None
     except StoreUnavailable as e:
         raise click.ClickException(f"{e} (is etcd running at {etcd}?)") from None
     except (OSError, RuntimeError) as e:  # e.g. the listen address is taken

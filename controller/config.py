@@ -36,6 +36,8 @@ class ControllerConfig:
             tasks and request id; 0 keeps runs forever.
         policy: Name of the placement policy (a key of
             :data:`tether.controller.scheduler.POLICIES`).
+        secrets_key_file: File with the 32-byte AES key (raw or base64) that encrypts
+            secrets in etcd; empty turns secrets off (their RPCs answer FAILED_PRECONDITION).
     """
 
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
@@ -52,6 +54,7 @@ class ControllerConfig:
     metrics_listen: str = ""
     retention: float = 0.0
     policy: str = DEFAULT_POLICY
+    secrets_key_file: str = ""
     service_name: str = field(default="tether-controller")
 
     def __post_init__(self) -> None:

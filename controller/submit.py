@@ -11,6 +11,7 @@ from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
 from tether.controller.errors import FailedPrecondition
 from tether.controller.records import RunEntry, TaskEntry, new_run_id, now
+from tether.controller.secrets import Secrets
 from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
 from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import get_logger
@@ -29,6 +30,7 @@ class Submitter:
         cache: Where the new run goes once written.
         ensure_loaded: Takes up a run found only in etcd (an earlier submit's lost reply).
         arm_deadline: Starts the run's deadline timer.
+        secrets: Where the secrets tasks refer to must exist (None: no task may refer to one).
     """
 
     def __init__(
@@ -37,12 +39,14 @@ class Submitter:
         cache: Cache,
         ensure_loaded: Callable[[str], Awaitable[object]],
         arm_deadline: Callable[[RunEntry], None],
+        secrets: Secrets | None = None,
     ) -> None:
         self.store = store
         self.keys = store.keys
         self.cache = cache
         self.ensure_loaded = ensure_loaded
         self.arm_deadline = arm_deadline
+        self.secrets = secrets or Secrets(store, None)
 
     async def submit(
         self, spec: t.WorkflowSpec, params: dict[str, str], request_id: str, traceparent: str
@@ -51,6 +55,7 @@ class Submitter:
         validate_workflow(spec)
         validate_params(spec, params)
         _validate_request(request_id, params)
+        await self.secrets.check(spec)
         run, entries = self._build(spec, params, request_id, traceparent)
         run_id = run.msg.id
         puts = [Put(e.key, e.serialize()) for e in entries]

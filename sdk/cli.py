@@ -17,6 +17,7 @@ import click
 from rich.table import Table
 
 from tether.api.v1 import types_pb2 as t
+from tether.sdk.cli_secrets import add_secrets_commands
 from tether.sdk.client import Client
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.errors import TetherError
@@ -258,6 +259,9 @@ def nodes(ctx, as_json):
             ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),
         )
     console.print(table)
+
+
+add_secrets_commands(cli, _client)
 
 
 def main() -> None:
