@@ -89,17 +89,17 @@ class SecretBox:
             UndecryptableSecret: another key encrypted it, or the value is damaged.
         """
         if len(stored) < _HEADER or stored[:1] != _VERSION:
-            raise UndecryptableSecret(f"secret {name!r}: stored value is damaged")
+            raise UndecryptableSecret(f'secret "{name}": stored value is damaged')
         if stored[1 : 1 + _KEY_ID_BYTES] != self.key_id:
             raise UndecryptableSecret(
-                f"secret {name!r} was encrypted with another key than this controller's "
-                "--secrets-key-file; set it again or start the controller with that key"
+                f'secret "{name}" was encrypted with another key than the one in this '
+                "controller's --secrets-key-file; set it again, or start with that key"
             )
         nonce = stored[1 + _KEY_ID_BYTES : _HEADER]
         try:
             return self._aead.decrypt(nonce, stored[_HEADER:], name.encode())
         except InvalidTag:
-            raise UndecryptableSecret(f"secret {name!r}: stored value is damaged") from None
+            raise UndecryptableSecret(f'secret "{name}": stored value is damaged') from None
 
     def can_decrypt(self, stored: bytes) -> bool:
         """Whether ``stored`` was encrypted with this key (without decrypting it)."""

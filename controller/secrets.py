@@ -135,7 +135,7 @@ class Secrets:
         _check_name(name)
         key = self.prefix + name
         if await self.store.get(key) is None:
-            raise NotFound(f"secret {name!r} does not exist")
+            raise NotFound(f'secret "{name}" does not exist')
         _, revision = await self.store.txn([], [Delete(key)], fenced=False)
         self._remember(name, None, revision)
         log.info("secret deleted", secret=name)
@@ -164,9 +164,9 @@ class Secrets:
         for i, ts, var, name in refs:
             stored = found[name]
             if stored is None:
-                why = f"secret {name!r} does not exist"
+                why = f'secret "{name}" does not exist'
             elif not box.can_decrypt(stored):
-                why = f"secret {name!r} was encrypted with another --secrets-key-file; set it again"
+                why = f'secret "{name}" was encrypted with another --secrets-key-file; set it again'
             else:
                 continue
             problems.append(FieldViolation(f"tasks[{i}] ({ts.name}).env.{var}", why))
@@ -188,7 +188,7 @@ class Secrets:
         for var, name in spec.env_secrets.items():
             known = self._stored.get(name)
             if known is None:
-                raise SecretUnavailable(f"env.{var}: secret {name!r} does not exist (deleted?)")
+                raise SecretUnavailable(f'env.{var}: secret "{name}" does not exist (deleted?)')
             try:
                 out[var] = self.box.decrypt(name, known[0]).decode("utf-8")
             except (UndecryptableSecret, UnicodeDecodeError) as e:
