@@ -9,18 +9,31 @@ import random
 import grpc
 
 from tether.agent.config import AgentConfig
+from tether.agent.identity import TlsFiles, WorkDirLock, load_node_id
 from tether.agent.logs import LogStreams
 from tether.agent.resources import detect_cpu, detect_gpus, detect_memory
 from tether.agent.runner import Runner
 from tether.agent.runtimes import registry
 from tether.agent.runtimes.base import Runtime
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from tether.sdk.certs import sign_challenge
 from tether.sdk.telemetry import get_logger, make_tracer_provider
 
-__all__ = ["Agent", "make_runtime"]
+__all__ = ["Agent", "AgentRefused", "make_runtime"]
 
 log = get_logger("agent")
 VERSION = "0.1.0"
+# Answers to a first registration that mean "not you": retrying would only repeat them.
+_REFUSALS = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+class AgentRefused(RuntimeError):
+    """The controller refused this node before it ever registered (identity, name clash)."""
 
 
 def make_runtime(config: AgentConfig) -> Runtime:
@@ -70,6 +83,9 @@ class Agent:
         self.controllers = [a.strip() for a in config.controller.split(",") if a.strip()]
         self._current = 0
         self._recovered = False
+        self.tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_ca)
+        self.node_id = ""
+        self._lock = WorkDirLock(config.work_dir)
 
     def _report(self, status: agent_pb2.TaskStatus) -> None:
         if self._outbox is not None:
@@ -83,6 +99,8 @@ class Agent:
         """Recover this node's work, then connect, and reconnect with backoff and jitter,
         until stopped."""
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        self.node_id = load_node_id(self.config.work_dir)
         if not self._recovered:
             self._recovered = True
             try:
@@ -101,6 +119,12 @@ class Agent:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
+                if e.code() in _REFUSALS and self.registrations == 0:
+                    # Refused before ever registering: retrying cannot help, say so and exit.
+                    raise AgentRefused(
+                        f"controller {address} refused node {self.config.node} "
+                        f"({e.code().name}): {e.details()}"
+                    ) from None
                 log.info(
                     "controller stream ended",
                     node=self.config.node,
@@ -123,8 +147,10 @@ class Agent:
             delay = min(delay * 2, self.config.reconnect_max)
 
     async def _session(self, address: str) -> None:
+        # Read at every connection: replacing the files (and reconnecting) rotates them.
+        cert, key = self.tls.read_cert(), self.tls.read_key()
         outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
-        outbox.put_nowait(agent_pb2.AgentMessage(register=self._register()))
+        outbox.put_nowait(agent_pb2.AgentMessage(register=self._register(cert)))
 
         async def requests():
             while True:
@@ -133,13 +159,15 @@ class Agent:
                     return
                 yield msg
 
-        async with grpc.aio.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_receive_message_length", 64 * 2**20),
-                ("grpc.keepalive_time_ms", 10_000),
-            ],
-        ) as channel:
+        options = [
+            ("grpc.max_receive_message_length", 64 * 2**20),
+            ("grpc.keepalive_time_ms", 10_000),
+        ]
+        if self.tls.enabled:
+            channel = grpc.aio.secure_channel(address, self.tls.credentials(), options)
+        else:
+            channel = grpc.aio.insecure_channel(address, options)
+        async with channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             call = stub.Connect(requests())
             stop_waiter = asyncio.ensure_future(self._stop.wait())
@@ -158,8 +186,11 @@ class Agent:
                         msg = nxt.result()
                     except StopAsyncIteration:
                         return
-                    if msg.WhichOneof("msg") == "registered":
+                    kind = msg.WhichOneof("msg")
+                    if kind == "registered":
                         heartbeat = self._registered(msg.registered, outbox, address)
+                    elif kind == "challenge":
+                        outbox.put_nowait(self._proof(key, msg.challenge.challenge))
                     else:
                         self._dispatch(msg, outbox)
             finally:
@@ -171,10 +202,17 @@ class Agent:
                 outbox.put_nowait(None)
                 call.cancel()
 
-    def _register(self) -> agent_pb2.Register:
+    def _proof(self, key: bytes, challenge: bytes) -> agent_pb2.AgentMessage:
+        """Answer the controller's node challenge with the node key's signature."""
+        signature = sign_challenge(key, challenge, self.config.node) if key else b""
+        return agent_pb2.AgentMessage(proof=agent_pb2.NodeProof(signature=signature))
+
+    def _register(self, certificate: bytes = b"") -> agent_pb2.Register:
         """The first message of a stream: this node, its capacity, and its work so far."""
         return agent_pb2.Register(
             node=self.config.node,
+            node_id=self.node_id,
+            certificate=certificate,
             capacity=self.capacity,
             gpus=self.gpus,
             labels=self.config.labels,
@@ -240,4 +278,8 @@ class Agent:
             self.config.stop_grace if grace is None else grace,
             self.config.leave_running if leave_running is None else leave_running,
         )
+        close = getattr(self.runtime, "close", None)
+        if close is not None:
+            await close()
+        self._lock.release()
         self.tracer_provider.shutdown()

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import click
 
-from tether.agent.agent import Agent
+from tether.agent.agent import Agent, AgentRefused
 from tether.agent.config import AgentConfig, default_node_name
+from tether.agent.identity import WorkDirBusy
 from tether.agent.runtimes import registry
+from tether.sdk.certs import CertError, node_name_of
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.quantities import parse_memory
 from tether.sdk.telemetry import setup_logging
@@ -26,8 +28,15 @@ async def run_agent(config: AgentConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     runner = asyncio.create_task(agent.run())
-    await stopping.wait()
+    stop_waiter = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({runner, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+    stop_waiter.cancel()
     await agent.stop()  # stops running attempts: SIGTERM, then SIGKILL after the grace
+    if runner.done() and runner.exception() is not None:
+        exc = runner.exception()
+        if isinstance(exc, AgentRefused | WorkDirBusy):
+            raise click.ClickException(str(exc))
+        raise exc
     runner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner
@@ -46,8 +55,8 @@ async def run_agent(config: AgentConfig) -> None:
     "--name",
     envvar="TETHER_NODE",
     default=default_node_name,
-    show_default="hostname",
-    help="Node name (env TETHER_NODE).",
+    show_default="the certificate's node, else the hostname",
+    help="Node name (env TETHER_NODE); with --tls-cert it must be the certificate's node.",
 )
 @click.option("--label", multiple=True, help="Node label KEY=VALUE (repeatable).")
 @click.option(
@@ -84,8 +93,23 @@ async def run_agent(config: AgentConfig) -> None:
     envvar="TETHER_LEAVE_RUNNING",
     help="On exit, leave containers running for the next agent on this node to adopt.",
 )
+@click.option(
+    "--tls-cert",
+    envvar="TETHER_TLS_CERT",
+    default="",
+    help="This node's certificate (PEM, from 'tether certs issue node NAME').",
+)
+@click.option("--tls-key", envvar="TETHER_TLS_KEY", default="", help="Its key (PEM).")
+@click.option(
+    "--tls-ca",
+    envvar="TETHER_TLS_CA",
+    default="",
+    help="CA of the controller's certificate (PEM); connects over TLS.",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
+@click.pass_context
 def agent_command(
+    ctx,
     controller_addr,
     name,
     label,
@@ -97,10 +121,18 @@ def agent_command(
     log_limit,
     docker_host,
     leave_running,
+    tls_cert,
+    tls_key,
+    tls_ca,
     log_level,
 ):
     """Run an agent: register this node and run the tasks the controller assigns."""
     setup_logging(log_level)
+    if tls_cert and ctx.get_parameter_source("name") == click.core.ParameterSource.DEFAULT:
+        try:
+            name = node_name_of(Path(tls_cert).read_bytes())
+        except (OSError, CertError) as e:
+            raise click.BadParameter(str(e), param_hint="--tls-cert") from None
     try:
         kw = {}
         if work_dir is not None:
@@ -120,6 +152,9 @@ def agent_command(
             log_limit_bytes=parse_memory(log_limit),
             docker_host=docker_host,
             leave_running=leave_running,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
             **kw,
         )
     except ValueError as e:

@@ -49,6 +49,11 @@ class AgentConfig:
         leave_running: On shutdown, leave containers running for the next agent on this node
             to adopt instead of stopping them (``docker`` runtime).
         service_name: OpenTelemetry service name of this process.
+        tls_cert: PEM file of this node's certificate (``tether certs issue node NAME``);
+            with it the agent proves its node to a controller that checks node certificates.
+        tls_key: PEM file of that certificate's key.
+        tls_ca: PEM file of the CA the controller's certificate must chain to; with it (or
+            with ``tls_cert``) the agent connects over TLS.
     """
 
     controller: str = DEFAULT_CONTROLLER
@@ -67,8 +72,13 @@ class AgentConfig:
     docker_host: str = ""
     leave_running: bool = False
     service_name: str = "tether-agent"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
     def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert, tls_key: give both the node certificate and its key")
         # Tasks run in their attempt directory and get file paths in their environment: a
         # relative work_dir would make those paths point nowhere.
         object.__setattr__(self, "work_dir", Path(self.work_dir).resolve())

@@ -38,6 +38,8 @@ class NodeState:
     gpus_used: set[int] = field(default_factory=set)
     attempts: set[TaskKey] = field(default_factory=set)
     session: AgentSession | None = None
+    # The node id of the agent that last registered (kept in its work dir).
+    node_id: str = ""
     lease_id: int = 0
     # When the agent last beat (time.monotonic()); 0 before its first.
     last_heartbeat: float = 0.0

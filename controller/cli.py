@@ -7,7 +7,7 @@ import signal
 
 import click
 
-from tether.controller.config import ControllerConfig
+from tether.controller.config import ControllerConfig, is_loopback
 from tether.controller.errors import StoreUnavailable
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
 from tether.controller.secretbox import KeyFileError
@@ -87,6 +87,25 @@ async def serve(config: ControllerConfig) -> None:
     help="Placement policy: which node gets each ready task (env TETHER_POLICY).",
 )
 @click.option(
+    "--tls-cert",
+    envvar="TETHER_TLS_CERT",
+    default="",
+    help="Server certificate (PEM, from 'tether certs issue controller'); serves TLS.",
+)
+@click.option("--tls-key", envvar="TETHER_TLS_KEY", default="", help="Its key (PEM).")
+@click.option(
+    "--tls-ca",
+    envvar="TETHER_TLS_CA",
+    default="",
+    help="CA of the node certificates agents must present (PEM).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    envvar="TETHER_INSECURE",
+    help="Serve plaintext on a non-loopback address (anyone reaching it can run commands).",
+)
+@click.option(
     "--secrets-key-file",
     envvar="TETHER_SECRETS_KEY_FILE",
     default="",
@@ -103,6 +122,10 @@ def controller_command(
     metrics_listen,
     retention,
     policy,
+    tls_cert,
+    tls_key,
+    tls_ca,
+    insecure,
     secrets_key_file,
     log_level,
 ):
@@ -118,10 +141,22 @@ def controller_command(
             metrics_listen=metrics_listen,
             retention=parse_duration(retention),
             policy=policy,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+            insecure=insecure,
             secrets_key_file=secrets_key_file,
         )
     except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+        raise click.ClickException(str(e)) from None
+    if not config.tls and not is_loopback(listen):
+        click.secho(
+            f"WARNING: serving plaintext on {listen} (--insecure): anyone who reaches this "
+            "port can run commands on every node",
+            err=True,
+            fg="red",
+            bold=True,
+        )
     try:
         asyncio.run(serve(config))
     except KeyFileError as e:

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
 from tether.sdk.constants import DEFAULT_CONTROLLER
 
-__all__ = ["ControllerConfig"]
+__all__ = ["ControllerConfig", "is_loopback"]
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether a ``host:port`` listen address is reachable only from this host."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or empty/0.0.0.0-like wildcards: reachable from others
+        return False
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,11 @@ class ControllerConfig:
             tasks and request id; 0 keeps runs forever.
         policy: Name of the placement policy (a key of
             :data:`tether.controller.scheduler.POLICIES`).
+        tls_cert: PEM file of the controller's server certificate; empty serves plaintext.
+        tls_key: PEM file of that certificate's key.
+        tls_ca: PEM file of the CA whose node certificates agents must present; empty
+            accepts agents without checking their node (only the node-id rule applies).
+        insecure: Allow plaintext on a non-loopback listen address.
         secrets_key_file: File with the 32-byte AES key (raw or base64) that encrypts
             secrets in etcd; empty turns secrets off (their RPCs answer FAILED_PRECONDITION).
     """
@@ -56,8 +73,27 @@ class ControllerConfig:
     policy: str = DEFAULT_POLICY
     secrets_key_file: str = ""
     service_name: str = field(default="tether-controller")
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    insecure: bool = False
+
+    @property
+    def tls(self) -> bool:
+        """Whether the gRPC port serves TLS."""
+        return bool(self.tls_cert)
 
     def __post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert, tls_key: give both the certificate and its key")
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError("tls_ca: checking node certificates needs TLS (tls_cert, tls_key)")
+        if not self.tls and not self.insecure and not is_loopback(self.listen):
+            raise ValueError(
+                f"listen: {self.listen} is reachable from other hosts, and plaintext would let "
+                "anyone on the network run commands on every node; serve TLS (--tls-cert, "
+                "--tls-key, --tls-ca) or pass --insecure"
+            )
         if not self.etcd_endpoints:
             raise ValueError("etcd_endpoints: at least one endpoint is needed")
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):

@@ -50,7 +50,11 @@ def _spawn_agent(i: int, address: str, data_dir: Path, log_level: str) -> subpro
         stdout=log,
         stderr=log,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "TETHER_LOG_FORMAT": "json"},
+        # dev is plaintext on loopback: a user's TLS settings are for their real cluster.
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("TETHER_TLS_")},
+            "TETHER_LOG_FORMAT": "json",
+        },
     )
 
 
@@ -89,9 +93,14 @@ async def run_dev(
             f"{agents} agents; logs in {data_dir}/",
             err=True,
         )
+        click.echo(
+            f"tether dev: plaintext gRPC on loopback {address}, no TLS and no tokens "
+            "(development only; see 'Running a real cluster' in the README)",
+            err=True,
+        )
         from tether.sdk.client import Client
 
-        client = Client(address)
+        client = Client(address, tls_ca="")
         await _wait_for_nodes(client, agents)
         click.echo(f"tether dev: {agents} nodes registered", err=True)
         if run_file:

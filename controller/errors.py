@@ -12,13 +12,17 @@ from tether.sdk.errors import ERROR_REASON_KEY, InvalidSpecError
 from tether.sdk.telemetry import get_logger
 
 __all__ = [
+    "AlreadyExists",
     "Conflict",
     "FailedPrecondition",
     "NodeUnavailable",
     "NotFound",
+    "PermissionDenied",
     "ResourceExhausted",
     "StoreUnavailable",
+    "Unauthenticated",
     "grpc_errors",
+    "status_for",
 ]
 
 log = get_logger("controller.errors")
@@ -56,6 +60,18 @@ class ResourceExhausted(Exception):
     """A per-request limit was reached (say, a log stream's client fell too far behind)."""
 
 
+class AlreadyExists(Exception):
+    """Something with this name exists, or is held by someone else (say, a node's stream)."""
+
+
+class Unauthenticated(Exception):
+    """The caller did not prove who it is (no or a bad credential)."""
+
+
+class PermissionDenied(Exception):
+    """The caller is known but may not do this."""
+
+
 _CODES: dict[type[BaseException], grpc.StatusCode] = {
     InvalidSpecError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -66,6 +82,9 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     NodeUnavailable: grpc.StatusCode.UNAVAILABLE,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 # Reasons sent with the status (trailing metadata, see ERROR_REASON_KEY) where the code alone
@@ -81,6 +100,11 @@ _REASONS: dict[type[BaseException], str] = {
 def _trailers(exc: BaseException, code: grpc.StatusCode) -> tuple[tuple[str, str], ...]:
     reason = next((r for cls, r in _REASONS.items() if isinstance(exc, cls)), code.name.lower())
     return ((ERROR_REASON_KEY, reason),)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message an exception is answered with."""
+    return _status_for(exc)
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

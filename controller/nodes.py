@@ -16,7 +16,7 @@ from tether.controller.attempts import Attempts
 from tether.controller.cache import Cache, NodeState
 from tether.controller.config import ControllerConfig
 from tether.controller.dispatch import Dispatch
-from tether.controller.errors import OutOfRange
+from tether.controller.errors import AlreadyExists, OutOfRange
 from tether.controller.records import AgentSession, now
 from tether.controller.store import Put, Store
 from tether.sdk.telemetry import get_logger
@@ -24,6 +24,19 @@ from tether.sdk.telemetry import get_logger
 __all__ = ["Nodes"]
 
 log = get_logger("controller.engine")
+
+
+def _check_claim(st: NodeState, session: AgentSession, reg: agent_pb2.Register) -> None:
+    """Refuse a second agent for a node whose agent is connected (another node id)."""
+    old = st.session
+    if old is None or old.closed or old is session or reg.node_id == st.node_id:
+        return
+    # Two agents claiming one node would take it from each other at every reconnect.
+    raise AlreadyExists(
+        f"node {reg.node} is connected from another agent (node id {st.node_id[:8] or '-'}, "
+        f"this agent's is {reg.node_id[:8] or '-'}); stop that agent, or give this one "
+        "another --name"
+    )
 
 
 class Nodes:
@@ -78,10 +91,12 @@ class Nodes:
     ) -> agent_pb2.Registered:
         """Record a node, bind it to a lease, apply its pending reports, reconcile its attempts."""
         st = self.cache.node(reg.node)
-        old = st.session
-        if old is not None and old is not session:
-            old.close()
+        _check_claim(st, session, reg)
         lease = await self._lease_for(st)
+        _check_claim(st, session, reg)  # again: another agent may have registered meanwhile
+        # Claim the node before the write, so no other agent's record can overwrite ours.
+        old, old_id = st.session, st.node_id
+        st.session, st.node_id = session, reg.node_id
         node = t.Node(
             name=reg.node,
             capacity=reg.capacity,
@@ -93,13 +108,21 @@ class Nodes:
             lease_id=lease,
             max_tasks=reg.max_tasks,
         )
-        await self.store.txn([], [Put(self.keys.node(reg.node), node.SerializeToString(), lease)])
+        try:
+            await self.store.txn(
+                [], [Put(self.keys.node(reg.node), node.SerializeToString(), lease)]
+            )
+        except BaseException:
+            if st.session is session:
+                st.session, st.node_id = old, old_id
+            raise
+        if old is not None and old is not session:
+            old.close()  # the same agent coming back: its old stream is dead
         st.capacity.CopyFrom(reg.capacity)
         st.gpu_indices = sorted(g.index for g in reg.gpus)
         st.labels = dict(reg.labels)
         st.max_tasks = reg.max_tasks
         st.lease_id = lease
-        st.session = session
         st.last_heartbeat = time.monotonic()
         for report in reg.pending_reports:
             self.attempts.on_status(session, report)
@@ -112,10 +135,15 @@ class Nodes:
         return agent_pb2.Registered(heartbeat_interval=interval, lease_ttl=ttl)
 
     async def _lease_for(self, st: NodeState) -> int:
-        """The node's lease if it is still alive, else a new one."""
+        """The node's lease if it is still alive and has the configured TTL, else a new one.
+
+        A lease granted under another ``--lease-ttl`` (before a controller restart with a new
+        setting) is replaced: the node record moves to the new lease, and the old one expires
+        with nothing attached.
+        """
         if st.lease_id:
             try:
-                if await self.store.keepalive(st.lease_id) > 0:
+                if await self.store.keepalive(st.lease_id) == self.config.lease_ttl:
                     return st.lease_id
             except Exception:  # an expired or unknown lease just means a new one
                 pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -12,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tether.controller.cache import Snapshot
-from tether.controller.config import ControllerConfig
+from tether.controller.config import ControllerConfig, is_loopback
 from tether.controller.engine import Engine
 from tether.controller.leader import Leadership
 from tether.controller.logs import LogRouter
@@ -103,12 +104,27 @@ class ControllerServer:
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(
             ControllerServicer(current, self.tracer, self.logs, self.secrets), server
         )
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(current, self.logs), server)
+        node_ca = _read(self.config.tls_ca, "tls_ca") if self.config.tls_ca else b""
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(current, self.logs, node_ca), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*_SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.port = server.add_insecure_port(self.config.listen)
+        if self.config.tls:
+            creds = grpc.ssl_server_credentials(
+                [(_read(self.config.tls_key, "tls_key"), _read(self.config.tls_cert, "tls_cert"))]
+            )
+            self.port = server.add_secure_port(self.config.listen, creds)
+        else:
+            if not is_loopback(self.config.listen):
+                log.warning(
+                    "SERVING PLAINTEXT ON A NETWORK ADDRESS (--insecure): anyone who reaches "
+                    "this port can run commands on every node",
+                    listen=self.config.listen,
+                )
+            self.port = server.add_insecure_port(self.config.listen)
         if not self.port:
             raise OSError(f"cannot listen on {self.config.listen}")
         for name in _SERVICES:
@@ -133,6 +149,8 @@ class ControllerServer:
             address=self.address,
             prefix=self.config.prefix,
             leader=self.is_leader,
+            tls=self.config.tls,
+            node_certificates=bool(self.config.tls_ca),
         )
 
     async def _refresh_metrics(self) -> None:
@@ -223,6 +241,13 @@ class ControllerServer:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise OSError(f"{what}: cannot read {path}: {e.strerror}") from None
 
 
 def _check_free(listen: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import secrets
 from collections.abc import Callable
 
 import grpc
@@ -16,17 +17,27 @@ from opentelemetry import trace
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tether.controller import lifecycle as lc
 from tether.controller.engine import Engine
-from tether.controller.errors import FailedPrecondition, NotLeader, grpc_errors
+from tether.controller.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotLeader,
+    PermissionDenied,
+    Unauthenticated,
+    grpc_errors,
+    status_for,
+)
 from tether.controller.lifecycle import IllegalTransition
 from tether.controller.logs import LogRouter
 from tether.controller.records import AgentSession
 from tether.controller.secrets import NO_KEY, Secrets
+from tether.sdk.certs import CertError, verify_node
 from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
 
 __all__ = ["AgentServicer", "ControllerServicer"]
 
 log = get_logger("controller.service")
+_PROOF_TIMEOUT = 10.0
 _NODE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789.-")
 
 
@@ -166,9 +177,49 @@ class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
         logs: Where the agents' log chunks go; shared with the :class:`ControllerServicer`.
     """
 
-    def __init__(self, current_engine: Callable[[], Engine | None], logs: LogRouter) -> None:
+    def __init__(
+        self,
+        current_engine: Callable[[], Engine | None],
+        logs: LogRouter,
+        node_ca: bytes = b"",
+    ) -> None:
         super().__init__(current_engine)
         self.logs = logs
+        # With a CA, every agent proves its node with a certificate the CA issued.
+        self.node_ca = node_ca
+
+    async def _check_proof(
+        self, reg: agent_pb2.Register, challenge: bytes, request_iterator
+    ) -> None:
+        """Check the agent's answer to ``challenge``: signed by its node certificate's key,
+        a certificate the CA issued for the node it registers as.
+
+        Raises:
+            Unauthenticated: No certificate, one the CA did not issue, or a wrong signature.
+            PermissionDenied: The certificate is for another node than the one registered.
+        """
+        if not reg.certificate:
+            raise Unauthenticated(
+                f"node {reg.node}: no node certificate; start the agent with --tls-cert and "
+                "--tls-key (a certificate from 'tether certs issue node NAME')"
+            )
+        try:
+            answer = await asyncio.wait_for(anext(aiter(request_iterator)), _PROOF_TIMEOUT)
+        except (StopAsyncIteration, TimeoutError):
+            raise Unauthenticated(f"node {reg.node}: no answer to the node challenge") from None
+        if answer.WhichOneof("msg") != "proof":
+            raise Unauthenticated(f"node {reg.node}: expected the answer to the node challenge")
+        try:
+            name = verify_node(
+                self.node_ca, reg.certificate, challenge, reg.node, answer.proof.signature
+            )
+        except CertError as e:
+            raise Unauthenticated(f"node {reg.node}: {e}") from None
+        if name != reg.node:
+            raise PermissionDenied(
+                f"agent registers as node '{reg.node}' but its certificate is for node "
+                f"'{name}'; use --name {name} or that node's certificate"
+            )
 
     async def Connect(self, request_iterator, context):
         try:
@@ -182,10 +233,21 @@ class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         session = AgentSession(reg.node)
+        challenge = secrets.token_bytes(32)
+        if self.node_ca:
+            yield agent_pb2.ControllerMessage(
+                challenge=agent_pb2.NodeChallenge(challenge=challenge)
+            )
         try:
+            if self.node_ca:
+                await self._check_proof(reg, challenge, request_iterator)
             # One engine for the whole stream: if leadership changes, the stream ends.
             engine = self.engine
             registered = await engine.register(session, reg)
+        except (AlreadyExists, PermissionDenied, Unauthenticated) as e:
+            code, msg = status_for(e)
+            log.warning("registration refused", node=reg.node, code=code.name, error=msg)
+            await context.abort(code, msg)
         except Exception as e:  # tell the agent to retry; keep serving others
             log.warning("registration failed", node=reg.node, error=str(e))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"registration failed: {e}")
@@ -237,6 +299,10 @@ def _check_register(reg: agent_pb2.Register) -> str:
         or not reg.node[-1].isalnum()
     ):
         return "register.node: use 1-63 lowercase letters, digits, '.', '-'"
+    if len(reg.node_id) > 64:
+        return "register.node_id: at most 64 characters"
+    if len(reg.certificate) > 64 * 1024:
+        return "register.certificate: at most 64 KiB"
     c = reg.capacity
     if c.cpu < 0 or c.memory_bytes < 0 or c.gpu < 0:
         return "register.capacity: must not be negative"

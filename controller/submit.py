@@ -4,12 +4,13 @@ transactions when too big for one), and taking the new run into the cache.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
 
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
-from tether.controller.errors import FailedPrecondition
+from tether.controller.errors import AlreadyExists, FailedPrecondition
 from tether.controller.records import RunEntry, TaskEntry, new_run_id, now
 from tether.controller.secrets import Secrets
 from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
@@ -62,8 +63,9 @@ class Submitter:
         req_key = self.keys.request(request_id) if request_id else ""
         final = [Put(run.key, run.serialize())]
         compares = [mod_revision_is(run.key, 0)]
+        fingerprint = _fingerprint(spec, params)
         if req_key:
-            final.append(Put(req_key, run_id.encode()))
+            final.append(Put(req_key, f"{run_id} {fingerprint}".encode()))
             compares.append(mod_revision_is(req_key, 0))
         size = sum(len(p.value) + len(p.key) for p in puts + final)
         if len(puts) + len(final) <= MAX_TXN_OPS and size <= MAX_TXN_BYTES:
@@ -76,7 +78,7 @@ class Submitter:
             if req_key:
                 existing = await self.store.get(req_key)
                 if existing:
-                    return await self._existing(existing.value.decode()), True
+                    return await self._existing(existing.value, request_id, fingerprint), True
             await self._write_chunks(entries, puts)
             ops = final
         if req_key:
@@ -88,7 +90,7 @@ class Submitter:
             if len(ops) == len(final) and len(puts):
                 await self.store.delete_prefix(self.keys.tasks_of(run_id))
             if existing is not None:
-                return await self._existing(existing.decode()), True
+                return await self._existing(existing, request_id, fingerprint), True
             raise FailedPrecondition("run id collision; submit again")
         self._take_up(run, entries, revision)
         log.info("run submitted", run_id=run_id, workflow=spec.name, tasks=len(entries))
@@ -162,11 +164,30 @@ class Submitter:
                 self.cache.enqueue((run.msg.id, e.msg.spec.name))
         self.cache.kick()
 
-    async def _existing(self, run_id: str) -> str:
+    async def _existing(self, record: bytes, request_id: str, fingerprint: str) -> str:
         """The run an earlier submit with the same request id created. If that submit's reply
-        was lost after etcd applied it, the run is in etcd but not here yet: take it up."""
+        was lost after etcd applied it, the run is in etcd but not here yet: take it up.
+
+        Raises:
+            AlreadyExists: The earlier submit had another workflow or other params: returning
+                its run would tell the caller that their submit was done when it was not.
+        """
+        run_id, _, stored = record.decode().partition(" ")
+        if stored and stored != fingerprint:
+            raise AlreadyExists(
+                f"request_id {request_id[:64]!r} belongs to run {run_id}, submitted with a "
+                "different workflow or params; use a new request id for a new run"
+            )
         await self.ensure_loaded(run_id)
         return run_id
+
+
+def _fingerprint(spec: t.WorkflowSpec, params: dict[str, str]) -> str:
+    """A digest of what was submitted, to tell a retry from another submit reusing its id."""
+    h = hashlib.sha256(spec.SerializeToString(deterministic=True))
+    for k in sorted(params):
+        h.update(b"\0" + k.encode() + b"\0" + params[k].encode())
+    return h.hexdigest()[:32]
 
 
 def _validate_request(request_id: str, params: dict[str, str]) -> None:

@@ -17,6 +17,7 @@ import click
 from rich.table import Table
 
 from tether.api.v1 import types_pb2 as t
+from tether.sdk.certs_cli import certs_group
 from tether.sdk.cli_secrets import add_secrets_commands
 from tether.sdk.client import Client
 from tether.sdk.constants import DEFAULT_CONTROLLER
@@ -68,14 +69,20 @@ class _LazyGroup(click.Group):
     show_default=True,
     help="Controller address (env TETHER_CONTROLLER).",
 )
+@click.option(
+    "--tls-ca",
+    envvar="TETHER_TLS_CA",
+    default="",
+    help="CA of the controller's certificate (PEM); connects over TLS (env TETHER_TLS_CA).",
+)
 @click.pass_context
-def cli(ctx: click.Context, controller: str) -> None:
+def cli(ctx: click.Context, controller: str, tls_ca: str) -> None:
     """Tether: run AI workflows (DAGs of tasks) on your own nodes."""
-    ctx.obj = {"controller": controller}
+    ctx.obj = {"controller": controller, "tls_ca": tls_ca}
 
 
 def _client(ctx: click.Context) -> Client:
-    return Client(ctx.obj["controller"])
+    return Client(ctx.obj["controller"], tls_ca=ctx.obj["tls_ca"])
 
 
 @cli.command()
@@ -261,6 +268,7 @@ def nodes(ctx, as_json):
     console.print(table)
 
 
+cli.add_command(certs_group)
 add_secrets_commands(cli, _client)
 
 

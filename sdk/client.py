@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 import grpc
@@ -115,11 +116,16 @@ class Client:
         address: ``host:port`` of the controller; defaults to ``$TETHER_CONTROLLER`` or
             ``127.0.0.1:7070`` (where ``tether dev`` listens).
         timeout: Deadline of each unary call, seconds.
+        tls_ca: PEM file of the CA the controller's certificate chains to; connects over TLS.
+            Defaults to ``$TETHER_TLS_CA``; without either the connection is plaintext.
     """
 
-    def __init__(self, address: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, address: str | None = None, timeout: float = 30.0, tls_ca: str | None = None
+    ) -> None:
         self.address = address or os.environ.get("TETHER_CONTROLLER") or DEFAULT_CONTROLLER
         self.timeout = timeout
+        self.tls_ca = tls_ca if tls_ca is not None else os.environ.get("TETHER_TLS_CA", "")
         options = [
             ("grpc.service_config", _SERVICE_CONFIG),
             ("grpc.enable_retries", 1),
@@ -129,10 +135,19 @@ class Client:
         # Several comma-separated addresses name the controllers of an HA deployment: calls go
         # to one, and move to the next when it answers UNAVAILABLE (down, or standing by).
         addresses = [a.strip() for a in self.address.split(",") if a.strip()]
-        self._channels = [grpc.insecure_channel(a, options=options) for a in addresses]
+        self._channels = [self._channel(a, options) for a in addresses]
         traced = [grpc.intercept_channel(c, _TraceContext()) for c in self._channels]
         self._stubs = [controller_pb2_grpc.ControllerServiceStub(c) for c in traced]
         self._current = 0
+
+    def _channel(self, address: str, options: list) -> grpc.Channel:
+        if not self.tls_ca:
+            return grpc.insecure_channel(address, options=options)
+        try:
+            ca = Path(self.tls_ca).read_bytes()
+        except OSError as e:
+            raise TetherError(f"tls_ca: cannot read {self.tls_ca}: {e.strerror}") from None
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca), options=options)
 
     @property
     def _stub(self) -> controller_pb2_grpc.ControllerServiceStub:

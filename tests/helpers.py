@@ -192,8 +192,9 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> No
 class ControllerProcess:
     """`tether controller` as a real subprocess, on a fixed port so agents find it again."""
 
-    def __init__(self, etcd: str, prefix: str, log_path) -> None:
+    def __init__(self, etcd: str, prefix: str, log_path, extra_args=(), tls_ca: str = "") -> None:
         self.port = free_port()
+        self.tls_ca = tls_ca
         self.args = [
             sys.executable,
             "-m",
@@ -207,6 +208,7 @@ class ControllerProcess:
             f"127.0.0.1:{self.port}",
             "--lease-ttl",
             "2",
+            *extra_args,
         ]
         self.log = open(log_path, "ab")
         self.proc: subprocess.Popen | None = None
@@ -223,14 +225,14 @@ class ControllerProcess:
             stderr=self.log,
             env={**os.environ, "TETHER_LOG_FORMAT": "json"},
         )
-        client = Client(self.address, timeout=2)
+        client = Client(self.address, timeout=2, tls_ca=self.tls_ca)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 if leader:
                     client.nodes()
                 else:
-                    health(self.address, "")
+                    health(self.address, "", self.tls_ca)
                 client.close()
                 return
             except Exception:
@@ -248,11 +250,16 @@ class ControllerProcess:
             self.proc.wait(10)
 
 
-def health(address: str, service: str) -> int:
+def health(address: str, service: str, tls_ca: str = "") -> int:
     """The gRPC health status a server reports for ``service`` ("" for the server)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as ch:
+    if tls_ca:
+        creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+        channel = grpc.secure_channel(address, creds)
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel as ch:
         return (
             health_pb2_grpc.HealthStub(ch)
             .Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
@@ -300,3 +307,14 @@ async def success_events(endpoint: str, prefix: str) -> Counter:
             if resp.events and resp.events[-1].kv.mod_revision >= head:
                 break
     return counts
+
+
+def etcd_dump(endpoint: str, prefix: str) -> dict[bytes, bytes]:
+    """Every key and value under ``prefix`` (to show that a refused request changed nothing)."""
+
+    async def dump():
+        async with Etcd3Client([endpoint]) as c:
+            resp = await c.kv.get(prefix + "/", range_end=prefix_range_end(prefix + "/"))
+            return {kv.key: kv.value for kv in resp.kvs}
+
+    return asyncio.run(dump())

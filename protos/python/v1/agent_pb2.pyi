@@ -22,18 +22,20 @@ class AttemptRef(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., task: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("register", "heartbeat", "status", "event", "log_chunk")
+    __slots__ = ("register", "heartbeat", "status", "event", "log_chunk", "proof")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     LOG_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     register: Register
     heartbeat: Heartbeat
     status: TaskStatus
     event: TaskEventReport
     log_chunk: LogChunk
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., status: _Optional[_Union[TaskStatus, _Mapping]] = ..., event: _Optional[_Union[TaskEventReport, _Mapping]] = ..., log_chunk: _Optional[_Union[LogChunk, _Mapping]] = ...) -> None: ...
+    proof: NodeProof
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., status: _Optional[_Union[TaskStatus, _Mapping]] = ..., event: _Optional[_Union[TaskEventReport, _Mapping]] = ..., log_chunk: _Optional[_Union[LogChunk, _Mapping]] = ..., proof: _Optional[_Union[NodeProof, _Mapping]] = ...) -> None: ...
 
 class TaskEventReport(_message.Message):
     __slots__ = ("ref", "event")
@@ -58,7 +60,7 @@ class LogChunk(_message.Message):
     def __init__(self, stream_id: _Optional[str] = ..., stream: _Optional[str] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("node", "capacity", "gpus", "labels", "agent_version", "runtime", "running", "pending_reports", "max_tasks")
+    __slots__ = ("node", "capacity", "gpus", "labels", "agent_version", "runtime", "running", "pending_reports", "max_tasks", "node_id", "certificate")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +77,8 @@ class Register(_message.Message):
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     PENDING_REPORTS_FIELD_NUMBER: _ClassVar[int]
     MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     node: str
     capacity: _types_pb2.Resources
     gpus: _containers.RepeatedCompositeFieldContainer[_types_pb2.Gpu]
@@ -84,7 +88,21 @@ class Register(_message.Message):
     running: _containers.RepeatedCompositeFieldContainer[AttemptRef]
     pending_reports: _containers.RepeatedCompositeFieldContainer[TaskStatus]
     max_tasks: int
-    def __init__(self, node: _Optional[str] = ..., capacity: _Optional[_Union[_types_pb2.Resources, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[_types_pb2.Gpu, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., runtime: _Optional[str] = ..., running: _Optional[_Iterable[_Union[AttemptRef, _Mapping]]] = ..., pending_reports: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., max_tasks: _Optional[int] = ...) -> None: ...
+    node_id: str
+    certificate: bytes
+    def __init__(self, node: _Optional[str] = ..., capacity: _Optional[_Union[_types_pb2.Resources, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[_types_pb2.Gpu, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., runtime: _Optional[str] = ..., running: _Optional[_Iterable[_Union[AttemptRef, _Mapping]]] = ..., pending_reports: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., max_tasks: _Optional[int] = ..., node_id: _Optional[str] = ..., certificate: _Optional[bytes] = ...) -> None: ...
+
+class NodeChallenge(_message.Message):
+    __slots__ = ("challenge",)
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    challenge: bytes
+    def __init__(self, challenge: _Optional[bytes] = ...) -> None: ...
+
+class NodeProof(_message.Message):
+    __slots__ = ("signature",)
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    signature: bytes
+    def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("seq", "running")
@@ -119,20 +137,22 @@ class TaskStatus(_message.Message):
     def __init__(self, ref: _Optional[_Union[AttemptRef, _Mapping]] = ..., state: _Optional[_Union[_types_pb2.TaskState, str]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., outputs_json: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stdout_tail: _Optional[str] = ..., stderr_tail: _Optional[str] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("registered", "assign", "cancel", "ack", "logs", "logs_cancel")
+    __slots__ = ("registered", "assign", "cancel", "ack", "logs", "logs_cancel", "challenge")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     LOGS_FIELD_NUMBER: _ClassVar[int]
     LOGS_CANCEL_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
     registered: Registered
     assign: AssignTask
     cancel: CancelTask
     ack: StatusAck
     logs: LogRequest
     logs_cancel: LogCancel
-    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[AssignTask, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., ack: _Optional[_Union[StatusAck, _Mapping]] = ..., logs: _Optional[_Union[LogRequest, _Mapping]] = ..., logs_cancel: _Optional[_Union[LogCancel, _Mapping]] = ...) -> None: ...
+    challenge: NodeChallenge
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., assign: _Optional[_Union[AssignTask, _Mapping]] = ..., cancel: _Optional[_Union[CancelTask, _Mapping]] = ..., ack: _Optional[_Union[StatusAck, _Mapping]] = ..., logs: _Optional[_Union[LogRequest, _Mapping]] = ..., logs_cancel: _Optional[_Union[LogCancel, _Mapping]] = ..., challenge: _Optional[_Union[NodeChallenge, _Mapping]] = ...) -> None: ...
 
 class LogRequest(_message.Message):
     __slots__ = ("stream_id", "ref", "follow")
