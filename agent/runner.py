@@ -269,6 +269,7 @@ class Runner:
         except RuntimeError_ as e:
             status.state = t.TaskState.TASK_STATE_FAILED
             status.reason, status.message, status.exit_code = e.reason, str(e), -1
+            launch.redact(status, a.secret_env.values())
             return
         self.started_count += 1
         self.report(
@@ -276,7 +277,10 @@ class Runner:
                 ref=ref, state=t.TaskState.TASK_STATE_RUNNING, started_at=status.started_at
             )
         )
-        await self._supervise(att, status, launch.timeout_of(a.spec), 0.0)
+        try:
+            await self._supervise(att, status, launch.timeout_of(a.spec), 0.0)
+        finally:
+            launch.redact(status, a.secret_env.values())
 
     async def _supervise(
         self, att: Attempt, status: agent_pb2.TaskStatus, timeout: float, elapsed: float

@@ -104,6 +104,21 @@ class Attempts:
             return
         self._record_result(run, e, s, session)
 
+    def unstartable(self, session: AgentSession, ref: agent_pb2.AttemptRef, why: str) -> None:
+        """The controller cannot send the attempt (say, its secret was deleted): it fails
+        as one its agent could not start would, and is retried as such."""
+        self.on_status(
+            session,
+            agent_pb2.TaskStatus(
+                ref=ref,
+                state=lc.FAILED,
+                exit_code=-1,
+                reason="runtime_error",
+                message=why,
+                finished_at=now(),
+            ),
+        )
+
     def mark_running(self, e: TaskEntry, s: agent_pb2.TaskStatus | None) -> None:
         """The agent started the attempt (``s``: its report; None: it listed it as running)."""
         if e.msg.state != lc.SCHEDULED:

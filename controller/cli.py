@@ -12,6 +12,7 @@ from tether.controller.errors import StoreUnavailable
 from tether.controller.etcd_options import etcd_options
 from tether.controller.limit_options import limit_options, limits_from_flags
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
+from tether.controller.secretbox import KeyFileError
 from tether.controller.server import ControllerServer
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.quantities import parse_duration
@@ -107,6 +108,13 @@ async def serve(config: ControllerConfig) -> None:
     envvar="TETHER_INSECURE",
     help="Serve plaintext on a non-loopback address (anyone reaching it can run commands).",
 )
+@click.option(
+    "--secrets-key-file",
+    envvar="TETHER_SECRETS_KEY_FILE",
+    default="",
+    help="File with the 32-byte key (raw or base64) that encrypts secrets in etcd; "
+    "without it secrets are off (env TETHER_SECRETS_KEY_FILE).",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 @limit_options
 def controller_command(
@@ -122,6 +130,7 @@ def controller_command(
     tls_key,
     tls_ca,
     insecure,
+    secrets_key_file,
     log_level,
     **flags,
 ):
@@ -143,6 +152,7 @@ def controller_command(
             insecure=insecure,
             **{k: v for k, v in flags.items() if k.startswith("etcd_")},
             **limits_from_flags(flags),
+            secrets_key_file=secrets_key_file,
         )
     except ValueError as e:
         raise click.ClickException(str(e)) from None
@@ -156,6 +166,8 @@ def controller_command(
         )
     try:
         asyncio.run(serve(config))
+    except KeyFileError as e:
+        raise click.ClickException(f"--secrets-key-file: {e}") from None
     except StoreUnavailable as e:
         raise click.ClickException(f"{e} (is etcd running at {etcd}?)") from None
     except (OSError, RuntimeError) as e:  # e.g. the listen address is taken

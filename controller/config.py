@@ -63,6 +63,8 @@ class ControllerConfig:
         tls_ca: PEM file of the CA whose node certificates agents must present; empty
             accepts agents without checking their node (only the node-id rule applies).
         insecure: Allow plaintext on a non-loopback listen address.
+        secrets_key_file: File with the 32-byte AES key (raw or base64) that encrypts
+            secrets in etcd; empty turns secrets off (their RPCs answer FAILED_PRECONDITION).
     """
 
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
@@ -79,6 +81,7 @@ class ControllerConfig:
     metrics_listen: str = ""
     retention: float = 0.0
     policy: str = DEFAULT_POLICY
+    secrets_key_file: str = ""
     service_name: str = field(default="tether-controller")
     tls_cert: str = ""
     tls_key: str = ""

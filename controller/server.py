@@ -20,6 +20,8 @@ from tether.controller.leader import Leadership
 from tether.controller.logs import LogRouter
 from tether.controller.malformed import MalformedRequests
 from tether.controller.metrics import Metrics
+from tether.controller.secretbox import SecretBox
+from tether.controller.secrets import Secrets
 from tether.controller.service import AgentServicer, ControllerServicer
 from tether.controller.store import Store
 from tether.sdk.telemetry import get_logger, make_tracer_provider
@@ -46,6 +48,10 @@ class ControllerServer:
         self.tracer_provider = make_tracer_provider(config.service_name)
         self.tracer = self.tracer_provider.get_tracer("tether.controller")
         self.store = Store(EtcdConnection.from_config(config), config.prefix)
+        # Raises KeyFileError (a ValueError) now, before anything is started, for a bad file.
+        box = SecretBox.from_file(config.secrets_key_file) if config.secrets_key_file else None
+        self.secrets = Secrets(self.store, box)
+        self._secrets_task: asyncio.Task | None = None
         # The engine of the current leadership term; None while standing by.
         self.engine: Engine | None = None
         self.leadership: Leadership | None = None
@@ -84,6 +90,9 @@ class ControllerServer:
         _check_free(self.config.listen)
         await self.store.connect()
         await self.store.wait_ready()
+        # Loaded before any term starts: assignments a new leader re-sends need them.
+        await self.secrets.load()
+        self._secrets_task = asyncio.create_task(self.secrets.follow(), name="secrets")
         opts = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
@@ -95,7 +104,7 @@ class ControllerServer:
         server = grpc.aio.server(options=opts, interceptors=[MalformedRequests()])
         current = lambda: self.engine  # noqa: E731 - the servicers' view of the current term
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(
-            ControllerServicer(current, self.tracer, self.logs), server
+            ControllerServicer(current, self.tracer, self.logs, self.secrets), server
         )
         node_ca = _read(self.config.tls_ca, "tls_ca") if self.config.tls_ca else b""
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
@@ -166,6 +175,7 @@ class ControllerServer:
                 self.tracer,
                 on_not_leader=leadership.lost.set,
                 metrics=self.metrics,
+                secrets=self.secrets,
             )
             try:
                 await engine.start()
@@ -204,6 +214,8 @@ class ControllerServer:
                     log.warning("unflushed writes at shutdown; the next leader resumes from etcd")
             if self._metrics_task is not None:
                 self._metrics_task.cancel()
+            if self._secrets_task is not None:
+                self._secrets_task.cancel()
             self.metrics.close()
             if self._campaign is not None:
                 self._campaign.cancel()

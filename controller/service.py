@@ -29,6 +29,7 @@ from tether.controller.errors import (
 from tether.controller.lifecycle import IllegalTransition
 from tether.controller.logs import LogRouter
 from tether.controller.records import AgentSession
+from tether.controller.secrets import NO_KEY, Secrets
 from tether.sdk.certs import CertError, verify_node
 from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
@@ -85,6 +86,7 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
         current_engine: The engine of the current leadership term (None while standing by).
         tracer: Tracer for submit spans.
         logs: Relays attempt logs from agents; shared with the :class:`AgentServicer`.
+        secrets: The mesh's secrets; served by any controller, leading or not.
     """
 
     def __init__(
@@ -92,10 +94,12 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
         current_engine: Callable[[], Engine | None],
         tracer: trace.Tracer,
         logs: LogRouter,
+        secrets: Secrets | None = None,
     ) -> None:
         super().__init__(current_engine)
         self.tracer = tracer
         self.logs = logs
+        self.secrets = secrets
 
     @grpc_errors
     async def SubmitWorkflow(self, request, context):
@@ -169,6 +173,25 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
     @grpc_errors
     async def ListNodes(self, request, context):
         return controller_pb2.ListNodesResponse(nodes=await self.engine.list_nodes())
+
+    def _secrets(self) -> Secrets:
+        if self.secrets is None:
+            raise FailedPrecondition(NO_KEY)
+        return self.secrets
+
+    @grpc_errors
+    async def SetSecret(self, request, context):
+        replaced = await self._secrets().set(request.name, request.value)
+        return controller_pb2.SetSecretResponse(replaced=replaced)
+
+    @grpc_errors
+    async def ListSecrets(self, request, context):
+        return controller_pb2.ListSecretsResponse(names=await self._secrets().names())
+
+    @grpc_errors
+    async def DeleteSecret(self, request, context):
+        await self._secrets().delete(request.name)
+        return controller_pb2.DeleteSecretResponse()
 
 
 class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):

@@ -13,6 +13,7 @@ from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
 from tether.controller.errors import AlreadyExists, FailedPrecondition
 from tether.controller.records import RunEntry, TaskEntry, new_run_id, now
+from tether.controller.secrets import Secrets
 from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
 from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import get_logger
@@ -32,6 +33,7 @@ class Submitter:
         ensure_loaded: Takes up a run found only in etcd (an earlier submit's lost reply).
         arm_deadline: Starts the run's deadline timer.
         limits: What a submitted spec and its parameters may not exceed.
+        secrets: Where the secrets tasks refer to must exist (None: no task may refer to one).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class Submitter:
         ensure_loaded: Callable[[str], Awaitable[object]],
         arm_deadline: Callable[[RunEntry], None],
         limits: Limits = LIMITS,
+        secrets: Secrets | None = None,
     ) -> None:
         self.limits = limits
         self.store = store
@@ -48,6 +51,7 @@ class Submitter:
         self.cache = cache
         self.ensure_loaded = ensure_loaded
         self.arm_deadline = arm_deadline
+        self.secrets = secrets or Secrets(store, None)
 
     async def submit(
         self, spec: t.WorkflowSpec, params: dict[str, str], request_id: str, traceparent: str
@@ -56,6 +60,7 @@ class Submitter:
         # In a thread: a big spec takes a while to check, and the loop must keep serving
         # heartbeats and leadership meanwhile.
         await asyncio.to_thread(_validate, spec, params, request_id, self.limits)
+        await self.secrets.check(spec)
         run, entries = self._build(spec, params, request_id, traceparent)
         run_id = run.msg.id
         puts = [Put(e.key, e.serialize()) for e in entries]

@@ -12,7 +12,7 @@ from tether.sdk.errors import (
     TetherError,
     UnavailableError,
 )
-from tether.sdk.spec import Task, Workflow, load_workflow
+from tether.sdk.spec import Secret, Task, Workflow, load_workflow
 
 __all__ = [
     "AlreadyExistsError",
@@ -22,6 +22,7 @@ __all__ = [
     "LogChunk",
     "NotFoundError",
     "RunHandle",
+    "Secret",
     "Task",
     "TetherError",
     "UnavailableError",

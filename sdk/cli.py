@@ -18,6 +18,7 @@ from rich.table import Table
 
 from tether.api.v1 import types_pb2 as t
 from tether.sdk.certs_cli import certs_group
+from tether.sdk.cli_secrets import add_secrets_commands
 from tether.sdk.client import Client
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.errors import TetherError
@@ -268,6 +269,7 @@ def nodes(ctx, as_json):
 
 
 cli.add_command(certs_group)
+add_secrets_commands(cli, _client)
 
 
 def main() -> None:

@@ -307,6 +307,28 @@ class Client:
         """The registered nodes."""
         return list(self._call("ListNodes", controller_pb2.ListNodesRequest()).nodes)
 
+    def set_secret(self, name: str, value: str | bytes) -> bool:
+        """Create or replace the secret ``name``; return whether it replaced a value.
+
+        Tasks refer to it as ``env={"VAR": Secret(name)}``. Needs the admin role.
+
+        Raises:
+            InvalidSpecError: bad name, or the value is empty, not UTF-8, holds a NUL byte
+                or is over 32 KiB.
+            FailedPreconditionError: the controller runs without ``--secrets-key-file``.
+        """
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        req = controller_pb2.SetSecretRequest(name=name, value=data)
+        return self._call("SetSecret", req).replaced
+
+    def list_secrets(self) -> list[str]:
+        """The names of all secrets, sorted (values are never returned)."""
+        return list(self._call("ListSecrets", controller_pb2.ListSecretsRequest()).names)
+
+    def delete_secret(self, name: str) -> None:
+        """Delete the secret ``name``. Raises NotFoundError when there is none."""
+        self._call("DeleteSecret", controller_pb2.DeleteSecretRequest(name=name))
+
 
 class RunHandle:
     """A submitted run."""

@@ -18,6 +18,7 @@ from tether.sdk.templating import TemplateError, references
 __all__ = ["LIMITS", "FieldViolation", "Limits", "validate_params", "validate_workflow"]
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+SECRET_NAME = TASK_NAME
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -298,6 +299,16 @@ def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
             f"{where}.env",
             f"{env_bytes} bytes in all; at most {limits.max_env_bytes} (limit max_env_bytes)",
         )
+    for key, secret in t.env_secrets.items():
+        if not ENV_NAME.match(key):
+            yield FieldViolation(f"{where}.env.{key}", "not a valid environment variable name")
+        elif key in t.env:
+            yield FieldViolation(f"{where}.env.{key}", "set both as a value and as a secret")
+        if not SECRET_NAME.match(secret):
+            yield FieldViolation(
+                f"{where}.env.{key}",
+                f"secret name {secret[:64]!r} must match {SECRET_NAME.pattern}",
+            )
     for j, arg in enumerate(t.command):
         if "\0" in arg:
             yield FieldViolation(f"{where}.command[{j}]", "must not contain a NUL byte")

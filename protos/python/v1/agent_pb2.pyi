@@ -189,7 +189,7 @@ class Registered(_message.Message):
     def __init__(self, heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AssignTask(_message.Message):
-    __slots__ = ("ref", "spec", "upstream_outputs", "gpu_indices", "traceparent", "params")
+    __slots__ = ("ref", "spec", "upstream_outputs", "gpu_indices", "traceparent", "params", "secret_env")
     class UpstreamOutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -204,19 +204,28 @@ class AssignTask(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class SecretEnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REF_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    SECRET_ENV_FIELD_NUMBER: _ClassVar[int]
     ref: AttemptRef
     spec: _types_pb2.TaskSpec
     upstream_outputs: _containers.ScalarMap[str, str]
     gpu_indices: _containers.RepeatedScalarFieldContainer[int]
     traceparent: str
     params: _containers.ScalarMap[str, str]
-    def __init__(self, ref: _Optional[_Union[AttemptRef, _Mapping]] = ..., spec: _Optional[_Union[_types_pb2.TaskSpec, _Mapping]] = ..., upstream_outputs: _Optional[_Mapping[str, str]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., traceparent: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    secret_env: _containers.ScalarMap[str, str]
+    def __init__(self, ref: _Optional[_Union[AttemptRef, _Mapping]] = ..., spec: _Optional[_Union[_types_pb2.TaskSpec, _Mapping]] = ..., upstream_outputs: _Optional[_Mapping[str, str]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., traceparent: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., secret_env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CancelTask(_message.Message):
     __slots__ = ("ref", "reason", "grace")

@@ -71,6 +71,21 @@ class ControllerServiceStub:
                 request_serializer=tether_dot_v1_dot_controller__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_controller__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.SetSecret = channel.unary_unary(
+                '/tether.v1.ControllerService/SetSecret',
+                request_serializer=tether_dot_v1_dot_controller__pb2.SetSecretRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.SetSecretResponse.FromString,
+                _registered_method=True)
+        self.ListSecrets = channel.unary_unary(
+                '/tether.v1.ControllerService/ListSecrets',
+                request_serializer=tether_dot_v1_dot_controller__pb2.ListSecretsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.ListSecretsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSecret = channel.unary_unary(
+                '/tether.v1.ControllerService/DeleteSecret',
+                request_serializer=tether_dot_v1_dot_controller__pb2.DeleteSecretRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.DeleteSecretResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -160,6 +175,34 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSecret(self, request, context):
+        """Creates or replaces a secret; its value is stored encrypted (AES-GCM).
+        Errors: INVALID_ARGUMENT (bad `name`, `value` empty, not UTF-8, with a
+        NUL byte or over 32 KiB), FAILED_PRECONDITION (the controller has no
+        --secrets-key-file), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSecrets(self, request, context):
+        """Lists the secrets' names (never their values), sorted.
+        Errors: FAILED_PRECONDITION (no --secrets-key-file), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSecret(self, request, context):
+        """Deletes a secret. Runs already submitted that refer to it fail the
+        attempts that start afterwards.
+        Errors: INVALID_ARGUMENT (bad `name`), NOT_FOUND, FAILED_PRECONDITION (no
+        --secrets-key-file), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +240,21 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=tether_dot_v1_dot_controller__pb2.ListNodesRequest.FromString,
                     response_serializer=tether_dot_v1_dot_controller__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'SetSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSecret,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.SetSecretRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.SetSecretResponse.SerializeToString,
+            ),
+            'ListSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSecrets,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.ListSecretsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.ListSecretsResponse.SerializeToString,
+            ),
+            'DeleteSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSecret,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.DeleteSecretRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.DeleteSecretResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +448,87 @@ class ControllerService:
             '/tether.v1.ControllerService/ListNodes',
             tether_dot_v1_dot_controller__pb2.ListNodesRequest.SerializeToString,
             tether_dot_v1_dot_controller__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControllerService/SetSecret',
+            tether_dot_v1_dot_controller__pb2.SetSecretRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.SetSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControllerService/ListSecrets',
+            tether_dot_v1_dot_controller__pb2.ListSecretsRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.ListSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControllerService/DeleteSecret',
+            tether_dot_v1_dot_controller__pb2.DeleteSecretRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.DeleteSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

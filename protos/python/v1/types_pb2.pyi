@@ -74,8 +74,15 @@ class RetryBackoff(_message.Message):
     def __init__(self, initial: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., factor: _Optional[float] = ..., max: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., jitter: _Optional[float] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("name", "image", "command", "env", "resources", "depends_on", "retries", "timeout", "working_dir", "allow_failure", "backoff", "image_pull_policy")
+    __slots__ = ("name", "image", "command", "env", "resources", "depends_on", "retries", "timeout", "working_dir", "allow_failure", "backoff", "image_pull_policy", "env_secrets")
     class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class EnvSecretsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +101,7 @@ class TaskSpec(_message.Message):
     ALLOW_FAILURE_FIELD_NUMBER: _ClassVar[int]
     BACKOFF_FIELD_NUMBER: _ClassVar[int]
     IMAGE_PULL_POLICY_FIELD_NUMBER: _ClassVar[int]
+    ENV_SECRETS_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     command: _containers.RepeatedScalarFieldContainer[str]
@@ -106,7 +114,8 @@ class TaskSpec(_message.Message):
     allow_failure: bool
     backoff: RetryBackoff
     image_pull_policy: str
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retries: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., working_dir: _Optional[str] = ..., allow_failure: _Optional[bool] = ..., backoff: _Optional[_Union[RetryBackoff, _Mapping]] = ..., image_pull_policy: _Optional[str] = ...) -> None: ...
+    env_secrets: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retries: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., working_dir: _Optional[str] = ..., allow_failure: _Optional[bool] = ..., backoff: _Optional[_Union[RetryBackoff, _Mapping]] = ..., image_pull_policy: _Optional[str] = ..., env_secrets: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class WorkflowSpec(_message.Message):
     __slots__ = ("name", "tasks", "timeout")
