@@ -85,9 +85,42 @@ async def serve(config: ControllerConfig) -> None:
     type=click.Choice(sorted(POLICIES)),
     help="Placement policy: which node gets each ready task (env TETHER_POLICY).",
 )
+@click.option(
+    "--auth",
+    envvar="TETHER_AUTH",
+    is_flag=True,
+    help="Require bearer tokens without TLS too (with TLS they are always required).",
+)
+@click.option(
+    "--rate-limit",
+    envvar="TETHER_RATE_LIMIT",
+    default=50.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Requests per second each token may make on average (0: unlimited).",
+)
+@click.option(
+    "--rate-burst",
+    envvar="TETHER_RATE_BURST",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests a token may make at once before --rate-limit applies.",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 def controller_command(
-    etcd, prefix, listen, lease_ttl, cancel_grace, metrics_listen, retention, policy, log_level
+    etcd,
+    prefix,
+    listen,
+    lease_ttl,
+    cancel_grace,
+    metrics_listen,
+    retention,
+    policy,
+    auth,
+    rate_limit,
+    rate_burst,
+    log_level,
 ):
     """Run a controller (state in etcd, gRPC API for clients and agents)."""
     setup_logging(log_level)
@@ -101,6 +134,9 @@ def controller_command(
             metrics_listen=metrics_listen,
             retention=parse_duration(retention),
             policy=policy,
+            auth=auth,
+            rate_limit=rate_limit,
+            rate_burst=rate_burst,
         )
     except ValueError as e:
         raise click.BadParameter(str(e)) from None

@@ -36,6 +36,10 @@ class ControllerConfig:
             tasks and request id; 0 keeps runs forever.
         policy: Name of the placement policy (a key of
             :data:`tether.controller.scheduler.POLICIES`).
+        auth: Check bearer tokens even without TLS (with TLS they are always checked; see
+            :func:`tether.controller.auth.auth_required`).
+        rate_limit: Requests a second each token may make on average; 0 is unlimited.
+        rate_burst: Requests a token may make at once before the rate applies.
     """
 
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
@@ -53,6 +57,9 @@ class ControllerConfig:
     retention: float = 0.0
     policy: str = DEFAULT_POLICY
     service_name: str = field(default="tether-controller")
+    auth: bool = False
+    rate_limit: float = 50.0
+    rate_burst: int = 200
 
     def __post_init__(self) -> None:
         if not self.etcd_endpoints:
@@ -68,5 +75,7 @@ class ControllerConfig:
         if self.policy not in POLICIES:
             known = ", ".join(sorted(POLICIES))
             raise ValueError(f"policy: unknown {self.policy!r}; known: {known}")
+        if self.rate_limit < 0 or self.rate_burst < 1:
+            raise ValueError("rate_limit: must be >= 0, and rate_burst >= 1")
         if self.heartbeat_interval == 0:
             object.__setattr__(self, "heartbeat_interval", self.lease_ttl / 3)

@@ -11,14 +11,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
+from tether.controller.auth import auth_required
 from tether.controller.cache import Snapshot
 from tether.controller.config import ControllerConfig
 from tether.controller.engine import Engine
+from tether.controller.guard import Guard
 from tether.controller.leader import Leadership
 from tether.controller.logs import LogRouter
 from tether.controller.metrics import Metrics
 from tether.controller.service import AgentServicer, ControllerServicer
 from tether.controller.store import Store
+from tether.controller.tokens import TokenStore
 from tether.sdk.telemetry import get_logger, make_tracer_provider
 
 __all__ = ["ControllerServer"]
@@ -43,6 +46,8 @@ class ControllerServer:
         self.tracer_provider = make_tracer_provider(config.service_name)
         self.tracer = self.tracer_provider.get_tracer("tether.controller")
         self.store = Store(config.etcd_endpoints, config.prefix)
+        self.tokens = TokenStore(self.store)
+        self.auth = auth_required(config)
         # The engine of the current leadership term; None while standing by.
         self.engine: Engine | None = None
         self.leadership: Leadership | None = None
@@ -89,10 +94,11 @@ class ControllerServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=opts)
+        guard = Guard(self.tokens, self.auth, self.config.rate_limit, self.config.rate_burst)
+        server = grpc.aio.server(options=opts, interceptors=[guard])
         current = lambda: self.engine  # noqa: E731 - the servicers' view of the current term
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(
-            ControllerServicer(current, self.tracer, self.logs), server
+            ControllerServicer(current, self.tracer, self.logs, self.tokens), server
         )
         agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(current, self.logs), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -124,6 +130,7 @@ class ControllerServer:
             address=self.address,
             prefix=self.config.prefix,
             leader=self.is_leader,
+            auth=self.auth,
         )
 
     async def _refresh_metrics(self) -> None:

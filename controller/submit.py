@@ -45,13 +45,19 @@ class Submitter:
         self.arm_deadline = arm_deadline
 
     async def submit(
-        self, spec: t.WorkflowSpec, params: dict[str, str], request_id: str, traceparent: str
+        self,
+        spec: t.WorkflowSpec,
+        params: dict[str, str],
+        request_id: str,
+        traceparent: str,
+        submitted_by: str = "",
     ) -> tuple[str, bool]:
         """Validate and store a new run; return (run id, whether it already existed)."""
         validate_workflow(spec)
         validate_params(spec, params)
         _validate_request(request_id, params)
         run, entries = self._build(spec, params, request_id, traceparent)
+        run.msg.submitted_by = submitted_by
         run_id = run.msg.id
         puts = [Put(e.key, e.serialize()) for e in entries]
         req_key = self.keys.request(request_id) if request_id else ""

@@ -17,6 +17,7 @@ import click
 from rich.table import Table
 
 from tether.api.v1 import types_pb2 as t
+from tether.sdk.acl_cli import acl, tokens
 from tether.sdk.client import Client
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.errors import TetherError
@@ -67,14 +68,21 @@ class _LazyGroup(click.Group):
     show_default=True,
     help="Controller address (env TETHER_CONTROLLER).",
 )
+@click.option(
+    "--token",
+    envvar="TETHER_TOKEN",
+    default="",
+    help="Bearer token for controllers with auth (env TETHER_TOKEN).",
+)
 @click.pass_context
-def cli(ctx: click.Context, controller: str) -> None:
+def cli(ctx: click.Context, controller: str, token: str) -> None:
     """Tether: run AI workflows (DAGs of tasks) on your own nodes."""
-    ctx.obj = {"controller": controller}
+    # Subcommands from other modules build their client with the same function.
+    ctx.obj = {"controller": controller, "token": token, "make_client": _client}
 
 
 def _client(ctx: click.Context) -> Client:
-    return Client(ctx.obj["controller"])
+    return Client(ctx.obj["controller"], token=ctx.obj["token"])
 
 
 @cli.command()
@@ -258,6 +266,10 @@ def nodes(ctx, as_json):
             ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),
         )
     console.print(table)
+
+
+cli.add_command(acl)
+cli.add_command(tokens)
 
 
 def main() -> None:
