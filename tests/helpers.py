@@ -192,7 +192,7 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> No
 class ControllerProcess:
     """`tether controller` as a real subprocess, on a fixed port so agents find it again."""
 
-    def __init__(self, etcd: str, prefix: str, log_path) -> None:
+    def __init__(self, etcd: str, prefix: str, log_path, extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.args = [
             sys.executable,
@@ -207,6 +207,7 @@ class ControllerProcess:
             f"127.0.0.1:{self.port}",
             "--lease-ttl",
             "2",
+            *extra_args,
         ]
         self.log = open(log_path, "ab")
         self.proc: subprocess.Popen | None = None
@@ -246,6 +247,17 @@ class ControllerProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+def etcd_dump(endpoint: str, prefix: str) -> dict[str, bytes]:
+    """Every key under ``prefix`` with its value: compare two dumps to see that nothing changed."""
+
+    async def dump() -> dict[str, bytes]:
+        async with Etcd3Client([endpoint]) as c:
+            resp = await c.kv.get(prefix, range_end=prefix_range_end(prefix.encode()))
+            return {kv.key.decode(): kv.value for kv in resp.kvs}
+
+    return asyncio.run(dump())
 
 
 def health(address: str, service: str) -> int:
