@@ -9,7 +9,10 @@ from tether.sdk.errors import (
     FailedPreconditionError,
     InvalidSpecError,
     NotFoundError,
+    PermissionDeniedError,
+    RateLimitedError,
     TetherError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from tether.sdk.spec import Task, Workflow, load_workflow
@@ -21,9 +24,12 @@ __all__ = [
     "InvalidSpecError",
     "LogChunk",
     "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitedError",
     "RunHandle",
     "Task",
     "TetherError",
+    "UnauthenticatedError",
     "UnavailableError",
     "Workflow",
     "load_workflow",

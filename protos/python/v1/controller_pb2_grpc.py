@@ -150,6 +150,7 @@ class ControllerServiceServicer:
         Errors: INVALID_ARGUMENT (empty run_id), NOT_FOUND (run or task; also a
         finished run the controller no longer holds in memory, e.g. after a
         restart), FAILED_PRECONDITION (run or task already finished),
+        PERMISSION_DENIED (a `submitter` cancelling a run it did not submit),
         UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
