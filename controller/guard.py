@@ -109,7 +109,8 @@ class Guard(grpc.aio.ServerInterceptor):
         log.info(
             "audit",
             who=principal.name if principal else "unknown",
-            role=principal.role.label if principal else "",
+            # No role for callers without a token (bootstrap, or auth off): they proved nothing.
+            role=principal.role.label if principal and principal.authenticated else "",
             method=_short(method),
             run_id=run_id,
             result=(code or grpc.StatusCode.OK).name,

@@ -283,7 +283,7 @@ def test_every_mutating_call_writes_an_audit_line(etcd, prefix, tmp_path, workfl
         wait_for(lambda: len(audits()) >= 5, 10, "five audit lines")
         got = [(a["who"], a["role"], a["method"], a["run_id"], a["result"]) for a in audits()]
         assert got == [
-            ("anonymous", "viewer", "BootstrapAcl", "", "OK"),
+            ("anonymous", "", "BootstrapAcl", "", "OK"),
             ("admin", "admin", "CreateToken", "", "OK"),
             ("admin", "admin", "CreateToken", "", "OK"),
             ("sub", "submitter", "SubmitWorkflow", run_id, "OK"),
