@@ -115,6 +115,28 @@ async def serve(config: ControllerConfig) -> None:
     help="File with the 32-byte key (raw or base64) that encrypts secrets in etcd; "
     "without it secrets are off (env TETHER_SECRETS_KEY_FILE).",
 )
+@click.option(
+    "--auth",
+    envvar="TETHER_AUTH",
+    is_flag=True,
+    help="Require bearer tokens without TLS too (with TLS they are always required).",
+)
+@click.option(
+    "--rate-limit",
+    envvar="TETHER_RATE_LIMIT",
+    default=50.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Requests per second each token may make on average (0: unlimited).",
+)
+@click.option(
+    "--rate-burst",
+    envvar="TETHER_RATE_BURST",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests a token may make at once before --rate-limit applies.",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 @limit_options
 def controller_command(
@@ -131,6 +153,9 @@ def controller_command(
     tls_ca,
     insecure,
     secrets_key_file,
+    auth,
+    rate_limit,
+    rate_burst,
     log_level,
     **flags,
 ):
@@ -153,6 +178,9 @@ def controller_command(
             **{k: v for k, v in flags.items() if k.startswith("etcd_")},
             **limits_from_flags(flags),
             secrets_key_file=secrets_key_file,
+            auth=auth,
+            rate_limit=rate_limit,
+            rate_burst=rate_burst,
         )
     except ValueError as e:
         raise click.ClickException(str(e)) from None

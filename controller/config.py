@@ -65,6 +65,10 @@ class ControllerConfig:
         insecure: Allow plaintext on a non-loopback listen address.
         secrets_key_file: File with the 32-byte AES key (raw or base64) that encrypts
             secrets in etcd; empty turns secrets off (their RPCs answer FAILED_PRECONDITION).
+        auth: Check bearer tokens even without TLS (with TLS they are always checked; see
+            :func:`tether.controller.auth.auth_required`).
+        rate_limit: Requests a second each token may make on average; 0 is unlimited.
+        rate_burst: Requests a token may make at once before the rate applies.
     """
 
     etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
@@ -99,6 +103,9 @@ class ControllerConfig:
     etcd_user: str = ""
     etcd_password_file: str = ""
     limits: Limits = field(default_factory=Limits)
+    auth: bool = False
+    rate_limit: float = 50.0
+    rate_burst: int = 200
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -125,5 +132,7 @@ class ControllerConfig:
         if self.policy not in POLICIES:
             known = ", ".join(sorted(POLICIES))
             raise ValueError(f"policy: unknown {self.policy!r}; known: {known}")
+        if self.rate_limit < 0 or self.rate_burst < 1:
+            raise ValueError("rate_limit: must be >= 0, and rate_burst >= 1")
         if self.heartbeat_interval == 0:
             object.__setattr__(self, "heartbeat_interval", self.lease_ttl / 3)

@@ -181,10 +181,15 @@ class Engine:
     # Clients ----------------------------------------------------------------------------------
 
     async def submit(
-        self, spec: t.WorkflowSpec, params: dict[str, str], request_id: str, traceparent: str
+        self,
+        spec: t.WorkflowSpec,
+        params: dict[str, str],
+        request_id: str,
+        traceparent: str,
+        submitted_by: str = "",
     ) -> tuple[str, bool]:
         """Validate and store a new run; return (run id, whether it already existed)."""
-        return await self._submitter.submit(spec, params, request_id, traceparent)
+        return await self._submitter.submit(spec, params, request_id, traceparent, submitted_by)
 
     async def ensure_loaded(self, run_id: str) -> RunEntry | None:
         """The cached run; an unfinished run found only in etcd is loaded and reconciled."""

@@ -18,9 +18,11 @@ __all__ = [
     "NodeUnavailable",
     "NotFound",
     "PermissionDenied",
+    "RateLimited",
     "ResourceExhausted",
     "StoreUnavailable",
     "Unauthenticated",
+    "abort_for",
     "grpc_errors",
     "status_for",
 ]
@@ -72,6 +74,14 @@ class PermissionDenied(Exception):
     """The caller is known but may not do this."""
 
 
+class RateLimited(Exception):
+    """The caller's token sent requests faster than its rate; retry after ``retry_after`` s."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 _CODES: dict[type[BaseException], grpc.StatusCode] = {
     InvalidSpecError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -85,6 +95,7 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 # Reasons sent with the status (trailing metadata, see ERROR_REASON_KEY) where the code alone
@@ -99,6 +110,8 @@ _REASONS: dict[type[BaseException], str] = {
 
 def _trailers(exc: BaseException, code: grpc.StatusCode) -> tuple[tuple[str, str], ...]:
     reason = next((r for cls, r in _REASONS.items() if isinstance(exc, cls)), code.name.lower())
+    if isinstance(exc, RateLimited):
+        return ((ERROR_REASON_KEY, "rate_limited"), *_retry_details(exc, code))
     return ((ERROR_REASON_KEY, reason),)
 
 
@@ -135,6 +148,29 @@ def _message(exc: BaseException) -> str:
             parts.append(f"and {len(exc.violations) - len(shown)} more problems")
         return shorten("; ".join(parts), _MAX_MESSAGE)
     return shorten(str(exc), _MAX_MESSAGE)
+
+
+def _retry_details(exc: RateLimited, code: grpc.StatusCode) -> tuple:
+    """google.rpc.RetryInfo in the status details (grpc-status-details-bin), as Google APIs
+    send it, so any gRPC client library can read how long to wait."""
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(max(1, int(exc.retry_after * 1e9)))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=str(exc), details=[detail])
+    )
+    return tuple(status.trailing_metadata)
+
+
+async def abort_for(context, exc: BaseException) -> None:
+    """End the call with the status for ``exc`` (for code outside the handlers: the guard)."""
+    code, msg = _status_for(exc)
+    await context.abort(code, msg, trailing_metadata=_trailers(exc, code))
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

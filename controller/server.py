@@ -12,10 +12,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
+from tether.controller.auth import auth_required
 from tether.controller.cache import Snapshot
 from tether.controller.config import ControllerConfig, is_loopback
 from tether.controller.engine import Engine
 from tether.controller.etcd_connection import EtcdConnection
+from tether.controller.guard import Guard
 from tether.controller.leader import Leadership
 from tether.controller.logs import LogRouter
 from tether.controller.malformed import MalformedRequests
@@ -24,6 +26,7 @@ from tether.controller.secretbox import SecretBox
 from tether.controller.secrets import Secrets
 from tether.controller.service import AgentServicer, ControllerServicer
 from tether.controller.store import Store
+from tether.controller.tokens import TokenStore
 from tether.sdk.telemetry import get_logger, make_tracer_provider
 
 __all__ = ["ControllerServer"]
@@ -52,6 +55,8 @@ class ControllerServer:
         box = SecretBox.from_file(config.secrets_key_file) if config.secrets_key_file else None
         self.secrets = Secrets(self.store, box)
         self._secrets_task: asyncio.Task | None = None
+        self.tokens = TokenStore(self.store)
+        self.auth = auth_required(config)
         # The engine of the current leadership term; None while standing by.
         self.engine: Engine | None = None
         self.leadership: Leadership | None = None
@@ -101,10 +106,11 @@ class ControllerServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=opts, interceptors=[MalformedRequests()])
+        guard = Guard(self.tokens, self.auth, self.config.rate_limit, self.config.rate_burst)
+        server = grpc.aio.server(options=opts, interceptors=[MalformedRequests(), guard])
         current = lambda: self.engine  # noqa: E731 - the servicers' view of the current term
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(
-            ControllerServicer(current, self.tracer, self.logs, self.secrets), server
+            ControllerServicer(current, self.tracer, self.logs, self.tokens, self.secrets), server
         )
         node_ca = _read(self.config.tls_ca, "tls_ca") if self.config.tls_ca else b""
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
@@ -153,6 +159,7 @@ class ControllerServer:
             leader=self.is_leader,
             tls=self.config.tls,
             node_certificates=bool(self.config.tls_ca),
+            auth=self.auth,
         )
 
     async def _refresh_metrics(self) -> None:

@@ -16,6 +16,7 @@ from opentelemetry import trace
 
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tether.controller import lifecycle as lc
+from tether.controller.auth import Role, current_principal
 from tether.controller.engine import Engine
 from tether.controller.errors import (
     AlreadyExists,
@@ -30,6 +31,7 @@ from tether.controller.lifecycle import IllegalTransition
 from tether.controller.logs import LogRouter
 from tether.controller.records import AgentSession
 from tether.controller.secrets import NO_KEY, Secrets
+from tether.controller.tokens import TokenStore
 from tether.sdk.certs import CertError, verify_node
 from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
@@ -86,6 +88,7 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
         current_engine: The engine of the current leadership term (None while standing by).
         tracer: Tracer for submit spans.
         logs: Relays attempt logs from agents; shared with the :class:`AgentServicer`.
+        tokens: The user tokens in etcd (served by any controller, leading or not).
         secrets: The mesh's secrets; served by any controller, leading or not.
     """
 
@@ -94,11 +97,13 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
         current_engine: Callable[[], Engine | None],
         tracer: trace.Tracer,
         logs: LogRouter,
+        tokens: TokenStore,
         secrets: Secrets | None = None,
     ) -> None:
         super().__init__(current_engine)
         self.tracer = tracer
         self.logs = logs
+        self.tokens = tokens
         self.secrets = secrets
 
     @grpc_errors
@@ -113,8 +118,13 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
                 "tether.tasks": len(request.spec.tasks),
             },
         ) as span:
+            caller = current_principal()
             run_id, existing = await self.engine.submit(
-                request.spec, dict(request.params), request.request_id, traceparent_of(span)
+                request.spec,
+                dict(request.params),
+                request.request_id,
+                traceparent_of(span),
+                submitted_by=caller.name if caller.authenticated else "",
             )
             span.set_attribute("tether.run_id", run_id)
         return controller_pb2.SubmitWorkflowResponse(run_id=run_id, existing=existing)
@@ -155,6 +165,13 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
         self._check_ids(run_id=request.run_id, task=request.task)
         _bounded(request.reason, "reason", _MAX_REASON, "reason length")
         _require(request.run_id, "run_id")
+        caller = current_principal()
+        if not caller.may(Role.OPERATOR):
+            run = await self.engine.get_run(request.run_id, with_tasks=False)
+            if run.submitted_by != caller.name:
+                raise PermissionDenied(
+                    f"CancelRun of a run {caller.name!r} did not submit needs role operator"
+                )
         if await self.engine.ensure_loaded(request.run_id) is None:
             # Finished runs leave the engine's cache; etcd says whether it exists at all.
             run = await self.engine.get_run(request.run_id, with_tasks=False)
@@ -192,6 +209,28 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
     async def DeleteSecret(self, request, context):
         await self._secrets().delete(request.name)
         return controller_pb2.DeleteSecretResponse()
+
+    @grpc_errors
+    async def BootstrapAcl(self, request, context):
+        token, info = await self.tokens.bootstrap(request.name)
+        return controller_pb2.BootstrapAclResponse(token=token, info=info)
+
+    @grpc_errors
+    async def CreateToken(self, request, context):
+        ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else 0.0
+        token, info = await self.tokens.create(
+            request.name, request.role, ttl, current_principal().name
+        )
+        return controller_pb2.CreateTokenResponse(token=token, info=info)
+
+    @grpc_errors
+    async def ListTokens(self, request, context):
+        return controller_pb2.ListTokensResponse(tokens=await self.tokens.list())
+
+    @grpc_errors
+    async def RevokeToken(self, request, context):
+        await self.tokens.revoke(request.name)
+        return controller_pb2.RevokeTokenResponse()
 
 
 class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):

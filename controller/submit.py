@@ -54,7 +54,12 @@ class Submitter:
         self.secrets = secrets or Secrets(store, None)
 
     async def submit(
-        self, spec: t.WorkflowSpec, params: dict[str, str], request_id: str, traceparent: str
+        self,
+        spec: t.WorkflowSpec,
+        params: dict[str, str],
+        request_id: str,
+        traceparent: str,
+        submitted_by: str = "",
     ) -> tuple[str, bool]:
         """Validate and store a new run; return (run id, whether it already existed)."""
         # In a thread: a big spec takes a while to check, and the loop must keep serving
@@ -62,6 +67,7 @@ class Submitter:
         await asyncio.to_thread(_validate, spec, params, request_id, self.limits)
         await self.secrets.check(spec)
         run, entries = self._build(spec, params, request_id, traceparent)
+        run.msg.submitted_by = submitted_by
         run_id = run.msg.id
         puts = [Put(e.key, e.serialize()) for e in entries]
         req_key = self.keys.request(request_id) if request_id else ""

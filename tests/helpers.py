@@ -225,18 +225,16 @@ class ControllerProcess:
             stderr=self.log,
             env={**os.environ, "TETHER_LOG_FORMAT": "json"},
         )
-        client = Client(self.address, timeout=2, tls_ca=self.tls_ca)
+        # The controller's service reports SERVING only while it leads; health needs no token.
+        service = "tether.v1.ControllerService" if leader else ""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                if leader:
-                    client.nodes()
-                else:
-                    health(self.address, "", self.tls_ca)
-                client.close()
-                return
+                if health(self.address, service, self.tls_ca) == 1:  # SERVING
+                    return
             except Exception:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         raise AssertionError("controller did not start")
 
     def kill(self) -> None:
