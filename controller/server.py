@@ -169,41 +169,61 @@ class ControllerServer:
             await asyncio.sleep(1.0)
 
     async def _campaign_loop(self) -> None:
-        """Lead when possible; on losing the lease, step down and campaign again."""
+        """Lead when possible; on losing the lease, step down and campaign again — forever.
+
+        A failure on the way (etcd without quorum, restarted, or a long pause) is logged and
+        the campaign starts over after a short backoff: a controller that cannot reach etcd
+        now serves again by itself once etcd answers, with no restart.
+        """
+        delay = 0.2
         while not self._stopping:
-            leadership = self.leadership = Leadership(
-                self.store, self.address, self.config.lease_ttl, standing_by=self._standing_by
-            )
-            await leadership.acquire()
-            self.store.fence = leadership.fence()
-            engine = Engine(
-                self.config,
-                self.store,
-                self.tracer,
-                on_not_leader=leadership.lost.set,
-                metrics=self.metrics,
-                secrets=self.secrets,
-            )
             try:
-                await engine.start()
-            except Exception:
-                await leadership.resign()
+                await self._term()
+                delay = 0.2
+            except asyncio.CancelledError:
                 raise
-            self.engine = engine
-            self.terms += 1
-            for name in _SERVICES:
-                await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-            self._leading.set()
-            await leadership.lost.wait()
-            # Step down: stop acting before anyone else can; agents reconnect to the new leader.
-            self.engine = None
-            self._leading.clear()
-            for name in _SERVICES:
-                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-            # The fence stays: it names our old term, so anything the stopped engine still
-            # tries to write is refused until a new term sets a new fence.
-            await engine.stop()
-            log.warning("stepped down", address=self.address)
+            except Exception as e:
+                log.warning("campaign failed; campaigning again", error=str(e), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _term(self) -> None:
+        """One leadership term: acquire, run the engine until the lease is lost, step down."""
+        leadership = self.leadership = Leadership(
+            self.store, self.address, self.config.lease_ttl, standing_by=self._standing_by
+        )
+        await leadership.acquire()
+        self.store.fence = leadership.fence()
+        engine = Engine(
+            self.config,
+            self.store,
+            self.tracer,
+            on_not_leader=leadership.lost.set,
+            metrics=self.metrics,
+            secrets=self.secrets,
+        )
+        try:
+            await engine.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await engine.stop()
+            await leadership.resign()
+            raise
+        self.engine = engine
+        self.terms += 1
+        for name in _SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._leading.set()
+        await leadership.lost.wait()  # a cancel here is stop(), which shuts the engine down
+        # Step down: stop acting before anyone else can; agents reconnect to the new leader.
+        self.engine = None
+        self._leading.clear()
+        for name in _SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # The fence stays: it names our old term, so anything the stopped engine still
+        # tries to write is refused until a new term sets a new fence.
+        await engine.stop()
+        log.warning("stepped down", address=self.address)
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving: NOT_SERVING, drain RPCs, flush writes, resign, close etcd. Idempotent."""
