@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 
 import grpc
+from google.protobuf import duration_pb2
 
 from tether.agent.config import AgentConfig
 from tether.agent.identity import TlsFiles, WorkDirLock, load_node_id
@@ -30,6 +32,14 @@ _REFUSALS = {
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.INVALID_ARGUMENT,
 }
+
+
+def _duration(seconds: float) -> duration_pb2.Duration | None:
+    if not seconds:
+        return None
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
 
 
 class AgentRefused(RuntimeError):
@@ -84,6 +94,11 @@ class Agent:
         self._current = 0
         self._recovered = False
         self.tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_ca)
+        # When a controller last renewed this node's lease (time.monotonic(); 0: never), and
+        # the lease's TTL as the controller gave it.
+        self.last_contact = 0.0
+        self.lease_ttl = 0.0
+        self.fenced = 0  # attempts this agent stopped for want of contact
         self.node_id = ""
         self._lock = WorkDirLock(config.work_dir)
 
@@ -110,6 +125,46 @@ class Agent:
             except Exception as e:
                 # An engine that is down now may be up by the first assignment.
                 log.warning("cannot recover attempts", node=self.config.node, error=str(e))
+        fence = asyncio.create_task(self._fence_loop(), name="fence")
+        try:
+            await self._connect_loop()
+        finally:
+            fence.cancel()
+
+    @property
+    def disconnect_grace(self) -> float:
+        """Seconds of lost contact after which this agent stops its attempts (0: not known
+        before the first registration)."""
+        return self.config.disconnect_grace or self.lease_ttl
+
+    async def _fence_loop(self) -> None:
+        """Stop every attempt once the node has been out of contact for its grace.
+
+        The controller declares the node lost when its lease expires and starts the attempts
+        elsewhere no earlier than the grace after the last contact, so the attempts here must
+        be dead by then: the stop begins early enough for SIGTERM, its grace and SIGKILL.
+        """
+        while True:
+            await asyncio.sleep(0.05)
+            grace = self.disconnect_grace
+            if not grace or not self.last_contact or not self.runner.attempts:
+                continue
+            kill_grace = min(self.config.stop_grace, grace / 4)
+            away = time.monotonic() - self.last_contact
+            if away < grace - kill_grace - min(0.25, grace / 10):
+                continue
+            fenced = self.runner.fence(
+                f"node {self.config.node} had no contact with a controller for {away:.1f}s "
+                f"(disconnect grace {grace:g}s); stopped so that it can run elsewhere",
+                kill_grace,
+            )
+            if fenced:
+                self.fenced += fenced
+                log.warning(
+                    "out of contact: stopping attempts", node=self.config.node, count=fenced
+                )
+
+    async def _connect_loop(self) -> None:
         delay = self.config.reconnect_initial
         while not self._stop.is_set():
             registrations = self.registrations
@@ -172,23 +227,33 @@ class Agent:
             call = stub.Connect(requests())
             stop_waiter = asyncio.ensure_future(self._stop.wait())
             heartbeat: asyncio.Task | None = None
+            # Ends the session when the agent stops, or when heartbeats go unanswered (a
+            # stream that looks open but leads nowhere): reconnecting may find a controller.
+            waiting: set[asyncio.Future] = {stop_waiter}
             try:
                 it = call.__aiter__()
                 while True:
                     nxt = asyncio.ensure_future(it.__anext__())
                     done, _ = await asyncio.wait(
-                        {nxt, stop_waiter}, return_when=asyncio.FIRST_COMPLETED
+                        {nxt, *waiting}, return_when=asyncio.FIRST_COMPLETED
                     )
                     if nxt not in done:
                         nxt.cancel()
+                        if heartbeat in done:
+                            log.warning(
+                                "heartbeats unanswered; reconnecting", node=self.config.node
+                            )
                         return
                     try:
                         msg = nxt.result()
                     except StopAsyncIteration:
                         return
                     kind = msg.WhichOneof("msg")
-                    if kind == "registered":
+                    if kind == "heartbeat_ack":
+                        self.last_contact = time.monotonic()
+                    elif kind == "registered":
                         heartbeat = self._registered(msg.registered, outbox, address)
+                        waiting.add(heartbeat)
                     elif kind == "challenge":
                         outbox.put_nowait(self._proof(key, msg.challenge.challenge))
                     else:
@@ -213,6 +278,7 @@ class Agent:
             node=self.config.node,
             node_id=self.node_id,
             certificate=certificate,
+            disconnect_grace=_duration(self.config.disconnect_grace),
             capacity=self.capacity,
             gpus=self.gpus,
             labels=self.config.labels,
@@ -228,6 +294,8 @@ class Agent:
     ) -> asyncio.Task:
         """The controller accepted this node: report through this stream, start beating."""
         interval = registered.heartbeat_interval.ToNanoseconds() / 1e9
+        self.lease_ttl = registered.lease_ttl.ToNanoseconds() / 1e9
+        self.last_contact = time.monotonic()
         self._outbox = outbox
         self.registrations += 1
         self.connected.set()
@@ -249,8 +317,11 @@ class Agent:
             self.logs.cancel(msg.logs_cancel.stream_id)
 
     async def _heartbeat(self, outbox: asyncio.Queue, interval: float) -> None:
+        """Beat every ``interval``; return when answers stop (the session is then ended)."""
         seq = 0
         while True:
+            if time.monotonic() - self.last_contact > 2.5 * interval + 0.5:
+                return
             # ±10% jitter so that thousands of agents do not beat in step.
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
             seq += 1
@@ -278,5 +349,8 @@ class Agent:
             self.config.stop_grace if grace is None else grace,
             self.config.leave_running if leave_running is None else leave_running,
         )
+        close = getattr(self.runtime, "close", None)
+        if close is not None:
+            await close()
         self._lock.release()
         self.tracer_provider.shutdown()

@@ -15,7 +15,7 @@ from tether.agent.identity import WorkDirBusy
 from tether.agent.runtimes import registry
 from tether.sdk.certs import CertError, node_name_of
 from tether.sdk.constants import DEFAULT_CONTROLLER
-from tether.sdk.quantities import parse_memory
+from tether.sdk.quantities import parse_duration, parse_memory
 from tether.sdk.telemetry import setup_logging
 from tether.sdk.terminal import key_values
 
@@ -106,6 +106,13 @@ async def run_agent(config: AgentConfig) -> None:
     default="",
     help="CA of the controller's certificate (PEM); connects over TLS.",
 )
+@click.option(
+    "--disconnect-grace",
+    envvar="TETHER_DISCONNECT_GRACE",
+    default="0s",
+    show_default="the lease TTL",
+    help="How long to keep attempts running without reaching a controller, e.g. 30s.",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 @click.pass_context
 def agent_command(
@@ -124,6 +131,7 @@ def agent_command(
     tls_cert,
     tls_key,
     tls_ca,
+    disconnect_grace,
     log_level,
 ):
     """Run an agent: register this node and run the tasks the controller assigns."""
@@ -155,6 +163,7 @@ def agent_command(
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_ca=tls_ca,
+            disconnect_grace=parse_duration(disconnect_grace),
             **kw,
         )
     except ValueError as e:

@@ -54,6 +54,9 @@ class AgentConfig:
         tls_key: PEM file of that certificate's key.
         tls_ca: PEM file of the CA the controller's certificate must chain to; with it (or
             with ``tls_cert``) the agent connects over TLS.
+        disconnect_grace: Seconds the agent keeps its attempts running without reaching a
+            controller before it stops them itself (their copies may be starting elsewhere);
+            0 uses the node's lease TTL, which the controller gives at registration.
     """
 
     controller: str = DEFAULT_CONTROLLER
@@ -75,8 +78,11 @@ class AgentConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    disconnect_grace: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.disconnect_grace < 0:
+            raise ValueError("disconnect_grace must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert, tls_key: give both the node certificate and its key")
         # Tasks run in their attempt directory and get file paths in their environment: a

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tether.agent import layout
@@ -29,6 +29,7 @@ __all__ = [
     "labels_of",
     "launch_spec",
     "read_output",
+    "redact",
     "stage",
     "tail",
     "task_env",
@@ -37,6 +38,8 @@ __all__ = [
 
 # Both limits are shared with the controller, which enforces them again.
 TAIL_BYTES = LOG_TAIL_BYTES
+# What a secret's value becomes in the log tails an attempt reports.
+REDACTED = "[secret]"
 
 
 def timeout_of(spec: t.TaskSpec) -> float:
@@ -68,7 +71,7 @@ def stage(d: Path, a: agent_pb2.AssignTask) -> None:
 def task_env(
     a: agent_pb2.AssignTask, d: Path, traceparent: str, task_path: Callable[[Path], str]
 ) -> dict[str, str]:
-    """The task's environment: its spec's ``env`` plus what tether sets.
+    """The task's environment: its spec's ``env``, its secrets' values, and what tether sets.
 
     Args:
         a: The assignment.
@@ -78,6 +81,7 @@ def task_env(
     """
     spec, ref = a.spec, a.ref
     env = dict(spec.env)
+    env.update(a.secret_env)
     env.update(
         {
             "TETHER_RUN_ID": ref.run_id,
@@ -139,6 +143,22 @@ def launch_spec(
         log_limit_bytes=log_limit_bytes,
         on_event=on_event,
     )
+
+
+def redact(status: agent_pb2.TaskStatus, secret_values: Iterable[str]) -> None:
+    """Mask the task's secret values in the log tails and message its report carries.
+
+    The report is stored in etcd and shown by ``tether status``; only the task's own log
+    files keep what it printed.
+    """
+    values = sorted({v for v in secret_values if v}, key=len, reverse=True)
+    if not values:
+        return
+    for name in ("stdout_tail", "stderr_tail", "message"):
+        text = getattr(status, name)
+        for v in values:
+            text = text.replace(v, REDACTED)
+        setattr(status, name, text)
 
 
 def tail(path: Path) -> str:

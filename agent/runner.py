@@ -110,6 +110,16 @@ class Runner:
         grace = c.grace.seconds + c.grace.nanos / 1e9 if has_grace else DEFAULT_CANCEL_GRACE
         att.request_cancel(c.reason or "cancelled", grace)
 
+    def fence(self, reason: str, grace: float) -> int:
+        """Stop every attempt because this node is out of contact; return how many were
+        newly stopped. Their final reports say FENCED, and are sent once contact is back."""
+        count = 0
+        for att in self.attempts.values():
+            if not att.cancelled.is_set():
+                att.fence(reason, grace)
+                count += 1
+        return count
+
     def ack(self, ref: agent_pb2.AttemptRef) -> None:
         """The controller has the attempt's final report: forget it, remove it from the runtime."""
         self.reports.ack(ref)
@@ -259,6 +269,7 @@ class Runner:
         except RuntimeError_ as e:
             status.state = t.TaskState.TASK_STATE_FAILED
             status.reason, status.message, status.exit_code = e.reason, str(e), -1
+            launch.redact(status, a.secret_env.values())
             return
         self.started_count += 1
         self.report(
@@ -266,7 +277,10 @@ class Runner:
                 ref=ref, state=t.TaskState.TASK_STATE_RUNNING, started_at=status.started_at
             )
         )
-        await self._supervise(att, status, launch.timeout_of(a.spec), 0.0)
+        try:
+            await self._supervise(att, status, launch.timeout_of(a.spec), 0.0)
+        finally:
+            launch.redact(status, a.secret_env.values())
 
     async def _supervise(
         self, att: Attempt, status: agent_pb2.TaskStatus, timeout: float, elapsed: float

@@ -19,6 +19,7 @@ from tether.agent.launch import read_output, tail
 from tether.agent.runtimes.base import ExitStatus, TaskHandle
 from tether.api.v1 import agent_pb2
 from tether.api.v1 import types_pb2 as t
+from tether.sdk.states import FENCED
 
 __all__ = ["DEFAULT_CANCEL_GRACE", "Attempt", "Key", "key_of", "now", "supervise"]
 
@@ -59,12 +60,20 @@ class Attempt:
     cancel_reason: str = ""
     cancel_grace: float = DEFAULT_CANCEL_GRACE
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # Stopped by the agent out of contact: reported FAILED with reason FENCED, not CANCELLED.
+    fenced: bool = False
 
     def request_cancel(self, reason: str, grace: float) -> None:
         """Have the supervisor stop the attempt and report it cancelled with ``reason``."""
         self.cancel_reason = reason
         self.cancel_grace = grace
         self.cancelled.set()
+
+    def fence(self, reason: str, grace: float) -> None:
+        """Stop the attempt because this node lost contact; the controller retries it."""
+        if not self.cancelled.is_set():
+            self.fenced = True
+            self.request_cancel(reason, grace)
 
 
 async def supervise(
@@ -111,7 +120,10 @@ async def supervise(
         cancelled = cancel in done
         await att.handle.stop(att.cancel_grace if cancelled else stop_grace)
         status.exit_code = (await wait).exit_code
-        if cancelled:
+        if cancelled and att.fenced:
+            status.state = t.TaskState.TASK_STATE_FAILED
+            status.reason, status.message = FENCED, att.cancel_reason
+        elif cancelled:
             status.state = t.TaskState.TASK_STATE_CANCELLED
             status.reason, status.message = "cancelled", att.cancel_reason
         else:

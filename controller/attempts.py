@@ -22,7 +22,7 @@ from tether.controller.records import AgentSession, RunEntry, TaskEntry, now
 from tether.controller.retry import retry_delay
 from tether.controller.timers import Timers
 from tether.sdk.constants import LOG_TAIL_BYTES, MAX_OUTPUT_BYTES
-from tether.sdk.states import FINAL_REPORT_STATES
+from tether.sdk.states import FENCED, FINAL_REPORT_STATES
 from tether.sdk.telemetry import context_from_traceparent, get_logger
 
 __all__ = ["Attempts"]
@@ -90,6 +90,12 @@ class Attempts:
                 )
             return
         assert run is not None and e is not None
+        if final and s.reason == FENCED:
+            # The agent lost contact for longer than its grace and stopped the attempt itself:
+            # the node's fault, not the task's, so retried without using up `retries`.
+            self.lose(run, e, s.message or "stopped by its agent out of contact")
+            self.committer.when_written(e, self.dispatch.acker(session, s.ref))
+            return
         if s.state == lc.RUNNING:
             self.mark_running(e, s)
             return
@@ -97,6 +103,21 @@ class Attempts:
             log.warning("ignoring report", state=s.state, task=s.ref.task)
             return
         self._record_result(run, e, s, session)
+
+    def unstartable(self, session: AgentSession, ref: agent_pb2.AttemptRef, why: str) -> None:
+        """The controller cannot send the attempt (say, its secret was deleted): it fails
+        as one its agent could not start would, and is retried as such."""
+        self.on_status(
+            session,
+            agent_pb2.TaskStatus(
+                ref=ref,
+                state=lc.FAILED,
+                exit_code=-1,
+                reason="runtime_error",
+                message=why,
+                finished_at=now(),
+            ),
+        )
 
     def mark_running(self, e: TaskEntry, s: agent_pb2.TaskStatus | None) -> None:
         """The agent started the attempt (``s``: its report; None: it listed it as running)."""
@@ -192,8 +213,9 @@ class Attempts:
             return
         self.progress.ready_again(run, e)
 
-    def lose(self, run: RunEntry, e: TaskEntry, why: str) -> None:
-        """The attempt's node is gone: LOST, then READY again (not counted as a failure)."""
+    def lose(self, run: RunEntry, e: TaskEntry, why: str, delay: float = 0.0) -> None:
+        """The attempt's node is gone: LOST, then READY again (not counted as a failure)
+        after ``delay`` seconds (while the lost node may still be stopping the attempt)."""
         m = e.msg
         self.cache.account(e, -1)
         if m.attempts:
@@ -211,8 +233,12 @@ class Attempts:
         m.lost_attempts += 1
         self.metrics.attempts_lost.inc()
         self.committer.mark(e)
+        if delay > 0:
+            nb = timestamp_pb2.Timestamp()
+            nb.FromNanoseconds(int((time.time() + delay) * 1e9))
+            m.not_before.CopyFrom(nb)
         log.warning("attempt lost", run_id=run.msg.id, task=m.spec.name, attempt=m.attempt, why=why)
-        self.arm_retry(run, e, 0.0)
+        self.arm_retry(run, e, delay)
 
     def expire_orphans(self, orphans: set[tuple[str, str]]) -> None:
         """Lose the attempts whose nodes did not come back within a lease TTL of a start."""

@@ -43,6 +43,10 @@ class NodeState:
     lease_id: int = 0
     # When the agent last beat (time.monotonic()); 0 before its first.
     last_heartbeat: float = 0.0
+    # When the node last renewed its lease (registration or heartbeat; time.monotonic()).
+    last_contact: float = 0.0
+    # How long its agent keeps working without contact (Register.disconnect_grace), seconds.
+    disconnect_grace: float = 0.0
     # Attempts RUNNING here that the agent's last heartbeat did not list.
     unlisted: set[tuple[str, str, int]] = field(default_factory=set)
 

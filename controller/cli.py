@@ -9,7 +9,10 @@ import click
 
 from tether.controller.config import ControllerConfig, is_loopback
 from tether.controller.errors import StoreUnavailable
+from tether.controller.etcd_options import etcd_options
+from tether.controller.limit_options import limit_options, limits_from_flags
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
+from tether.controller.secretbox import KeyFileError
 from tether.controller.server import ControllerServer
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.quantities import parse_duration
@@ -32,8 +35,9 @@ async def serve(config: ControllerConfig) -> None:
     envvar="TETHER_ETCD",
     default="127.0.0.1:2379",
     show_default=True,
-    help="etcd endpoints, comma-separated (env TETHER_ETCD).",
+    help="etcd endpoints, comma-separated: host:port, http:// or https:// URLs (env TETHER_ETCD).",
 )
+@etcd_options
 @click.option(
     "--prefix",
     envvar="TETHER_PREFIX",
@@ -105,6 +109,35 @@ async def serve(config: ControllerConfig) -> None:
     help="Serve plaintext on a non-loopback address (anyone reaching it can run commands).",
 )
 @click.option(
+    "--secrets-key-file",
+    envvar="TETHER_SECRETS_KEY_FILE",
+    default="",
+    help="File with the 32-byte key (raw or base64) that encrypts secrets in etcd; "
+    "without it secrets are off (env TETHER_SECRETS_KEY_FILE).",
+)
+@click.option(
+    "--auth",
+    envvar="TETHER_AUTH",
+    is_flag=True,
+    help="Require bearer tokens without TLS too (with TLS they are always required).",
+)
+@click.option(
+    "--rate-limit",
+    envvar="TETHER_RATE_LIMIT",
+    default=50.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Requests per second each token may make on average (0: unlimited).",
+)
+@click.option(
+    "--rate-burst",
+    envvar="TETHER_RATE_BURST",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests a token may make at once before --rate-limit applies.",
+)
+@click.option(
     "--advertise",
     envvar="TETHER_ADVERTISE",
     default="",
@@ -120,6 +153,7 @@ async def serve(config: ControllerConfig) -> None:
     help="Seconds a dead leader keeps standbys waiting (env TETHER_LEADER_TTL).",
 )
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
+@limit_options
 def controller_command(
     etcd,
     prefix,
@@ -133,9 +167,14 @@ def controller_command(
     tls_key,
     tls_ca,
     insecure,
+    secrets_key_file,
+    auth,
+    rate_limit,
+    rate_burst,
     advertise,
     leader_ttl,
     log_level,
+    **flags,
 ):
     """Run a controller (state in etcd, gRPC API for clients and agents)."""
     setup_logging(log_level)
@@ -153,6 +192,12 @@ def controller_command(
             tls_key=tls_key,
             tls_ca=tls_ca,
             insecure=insecure,
+            **{k: v for k, v in flags.items() if k.startswith("etcd_")},
+            **limits_from_flags(flags),
+            secrets_key_file=secrets_key_file,
+            auth=auth,
+            rate_limit=rate_limit,
+            rate_burst=rate_burst,
             advertise=advertise,
             leader_ttl=leader_ttl,
         )
@@ -168,6 +213,8 @@ def controller_command(
         )
     try:
         asyncio.run(serve(config))
+    except KeyFileError as e:
+        raise click.ClickException(f"--secrets-key-file: {e}") from None
     except StoreUnavailable as e:
         raise click.ClickException(f"{e} (is etcd running at {etcd}?)") from None
     except (OSError, RuntimeError) as e:  # e.g. the listen address is taken

@@ -6,8 +6,10 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 
+from tether.controller.etcd_connection import EtcdConnection
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
 from tether.sdk.constants import DEFAULT_CONTROLLER
+from tether.sdk.validation import Limits
 
 __all__ = ["ControllerConfig", "advertised", "is_loopback"]
 
@@ -40,7 +42,15 @@ class ControllerConfig:
     --help``); never changed afterwards.
 
     Attributes:
-        etcd_endpoints: ``host:port`` of etcd members.
+        etcd_endpoints: etcd members as etcdctl takes them: ``host:port``, ``http://h:p`` or
+            ``https://h:p`` (see :mod:`tether.controller.etcd_connection`).
+        etcd_ca: PEM CA file that signed etcd's certificates (TLS to etcd).
+        etcd_cert: PEM client certificate for etcd (with ``etcd_key``).
+        etcd_key: PEM key of ``etcd_cert``.
+        etcd_user: etcd user (etcd auth); its password is read from ``etcd_password_file``.
+        etcd_password_file: File holding ``etcd_user``'s password.
+        limits: Sizes and counts a request may not exceed (refused with INVALID_ARGUMENT
+            naming the field and the limit).
         prefix: Key prefix under which every Tether record lives; several meshes can share
             one etcd with different prefixes.
         listen: ``host:port`` the gRPC server binds; port 0 picks a free port.
@@ -63,6 +73,12 @@ class ControllerConfig:
         tls_ca: PEM file of the CA whose node certificates agents must present; empty
             accepts agents without checking their node (only the node-id rule applies).
         insecure: Allow plaintext on a non-loopback listen address.
+        secrets_key_file: File with the 32-byte AES key (raw or base64) that encrypts
+            secrets in etcd; empty turns secrets off (their RPCs answer FAILED_PRECONDITION).
+        auth: Check bearer tokens even without TLS (with TLS they are always checked; see
+            :func:`tether.controller.auth.auth_required`).
+        rate_limit: Requests a second each token may make on average; 0 is unlimited.
+        rate_burst: Requests a token may make at once before the rate applies.
         advertise: ``host:port`` where clients and agents reach this controller, written
             in the leader key so that standbys can send callers to the leader; empty
             derives it from ``listen`` (this host's name for a wildcard host, the bound port
@@ -86,6 +102,7 @@ class ControllerConfig:
     metrics_listen: str = ""
     retention: float = 0.0
     policy: str = DEFAULT_POLICY
+    secrets_key_file: str = ""
     service_name: str = field(default="tether-controller")
     tls_cert: str = ""
     tls_key: str = ""
@@ -98,6 +115,16 @@ class ControllerConfig:
     def tls(self) -> bool:
         """Whether the gRPC port serves TLS."""
         return bool(self.tls_cert)
+
+    etcd_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_user: str = ""
+    etcd_password_file: str = ""
+    limits: Limits = field(default_factory=Limits)
+    auth: bool = False
+    rate_limit: float = 50.0
+    rate_burst: int = 200
 
     def __post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -112,6 +139,7 @@ class ControllerConfig:
             )
         if not self.etcd_endpoints:
             raise ValueError("etcd_endpoints: at least one endpoint is needed")
+        EtcdConnection.from_config(self)  # raises ValueError naming what is wrong
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):
             raise ValueError(f"prefix: must start and not end with '/', got {self.prefix!r}")
         if self.lease_ttl < 1:
@@ -128,5 +156,7 @@ class ControllerConfig:
         if self.policy not in POLICIES:
             known = ", ".join(sorted(POLICIES))
             raise ValueError(f"policy: unknown {self.policy!r}; known: {known}")
+        if self.rate_limit < 0 or self.rate_burst < 1:
+            raise ValueError("rate_limit: must be >= 0, and rate_burst >= 1")
         if self.heartbeat_interval == 0:
             object.__setattr__(self, "heartbeat_interval", self.lease_ttl / 3)

@@ -19,6 +19,7 @@ import click
 
 from tether.controller.config import ControllerConfig
 from tether.controller.etcd_process import EtcdProcess
+from tether.controller.secretbox import generate_key_file
 from tether.controller.server import ControllerServer
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.telemetry import setup_logging
@@ -72,11 +73,14 @@ async def run_dev(
     setup_logging(log_level, json=True, stream=open(data_dir / "controller.log", "a"))
     etcd = EtcdProcess(data_dir / "etcd", etcd_port).start()
     procs: list[subprocess.Popen] = []
+    # Kept with the data dir, so secrets set in one session decrypt in the next.
+    key_file = generate_key_file(data_dir / "secrets.key")
     server = ControllerServer(
         ControllerConfig(
             etcd_endpoints=(etcd.endpoint,),
             listen=listen,
             lease_ttl=lease_ttl,
+            secrets_key_file=str(key_file),
         )
     )
     code = 0

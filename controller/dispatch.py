@@ -18,6 +18,7 @@ from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
 from tether.controller.config import ControllerConfig
 from tether.controller.records import AgentSession, RunEntry, TaskEntry
+from tether.controller.secrets import Secrets, SecretUnavailable
 from tether.sdk.telemetry import context_from_traceparent, traceparent_of
 from tether.sdk.templating import TemplateError, render_spec
 
@@ -41,10 +42,21 @@ def render(run: RunEntry, spec: t.TaskSpec) -> t.TaskSpec | None:
 class Dispatch:
     """Sends assignments, cancellations and acknowledgements to connected agents."""
 
-    def __init__(self, config: ControllerConfig, cache: Cache, tracer: trace.Tracer) -> None:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        cache: Cache,
+        tracer: trace.Tracer,
+        secrets: Secrets | None = None,
+    ) -> None:
         self.config = config
         self.cache = cache
         self.tracer = tracer
+        self.secrets = secrets
+        # Fails an attempt that cannot be sent (its secret is gone); set by the engine.
+        self.unstartable: Callable[[AgentSession, agent_pb2.AttemptRef, str], None] = lambda *_: (
+            None
+        )
 
     def assign(self, run: RunEntry, e: TaskEntry) -> None:
         """Send the task's current attempt to its node, if the node's agent is connected."""
@@ -72,17 +84,22 @@ class Dispatch:
                 spec = e.rendered or render(run, m.spec) or m.spec
             except TemplateError:
                 spec = m.spec
+            ref = agent_pb2.AttemptRef(run_id=run.msg.id, task=m.spec.name, attempt=m.attempt)
+            try:
+                secret_env = self.secrets.resolve(m.spec) if self.secrets else {}
+            except SecretUnavailable as err:
+                self.unstartable(node.session, ref, str(err))
+                return
             node.session.send(
                 agent_pb2.ControllerMessage(
                     assign=agent_pb2.AssignTask(
-                        ref=agent_pb2.AttemptRef(
-                            run_id=run.msg.id, task=m.spec.name, attempt=m.attempt
-                        ),
+                        ref=ref,
                         spec=spec,
                         upstream_outputs=upstream,
                         gpu_indices=gpus,
                         traceparent=traceparent_of(span),
                         params=run.msg.params,
+                        secret_env=secret_env,
                     )
                 )
             )

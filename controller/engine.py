@@ -45,6 +45,7 @@ from tether.controller.queries import Queries
 from tether.controller.records import AgentSession, RunEntry
 from tether.controller.retention import Retention
 from tether.controller.scheduler import get_policy
+from tether.controller.secrets import Secrets
 from tether.controller.store import Store
 from tether.controller.submit import Submitter
 from tether.controller.timers import Timers
@@ -65,6 +66,7 @@ class Engine:
         on_not_leader: Called when a write is refused because this controller no longer
             leads; the server then stops this engine.
         metrics: Where counters and latencies are recorded.
+        secrets: The mesh's secrets, checked at submit and put into assignments.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class Engine:
         tracer: trace.Tracer,
         on_not_leader: Callable[[], None] = lambda: None,
         metrics: Metrics | None = None,
+        secrets: Secrets | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
@@ -85,18 +88,26 @@ class Engine:
         self._committer = committer = Committer(
             store, lambda records: self._loader.on_conflict(records), on_not_leader
         )
-        self._dispatch = dispatch = Dispatch(config, cache, tracer)
+        self._dispatch = dispatch = Dispatch(config, cache, tracer, secrets)
         self._progress = progress = Progress(cache, committer, self.metrics)
         self._attempts = attempts = Attempts(
             config, tracer, cache, committer, self.metrics, dispatch, progress, timers
         )
+        dispatch.unstartable = attempts.unstartable
         self._cancels = cancels = Cancels(cache, committer, dispatch, progress, timers)
         self._nodes = Nodes(config, store, cache, attempts, dispatch)
         self._loader = Loader(store, cache, committer, progress, attempts, cancels, dispatch)
         self._placer = Placer(
             cache, committer, self.metrics, dispatch, progress, get_policy(config.policy)
         )
-        self._submitter = Submitter(store, cache, self._loader.ensure_loaded, cancels.arm_deadline)
+        self._submitter = Submitter(
+            store,
+            cache,
+            self._loader.ensure_loaded,
+            cancels.arm_deadline,
+            config.limits,
+            secrets,
+        )
         self._queries = Queries(store, cache)
         self._retention = Retention(store, cache, config.retention)
         self._tasks: list[asyncio.Task] = []
@@ -170,10 +181,15 @@ class Engine:
     # Clients ----------------------------------------------------------------------------------
 
     async def submit(
-        self, spec: t.WorkflowSpec, params: dict[str, str], request_id: str, traceparent: str
+        self,
+        spec: t.WorkflowSpec,
+        params: dict[str, str],
+        request_id: str,
+        traceparent: str,
+        submitted_by: str = "",
     ) -> tuple[str, bool]:
         """Validate and store a new run; return (run id, whether it already existed)."""
-        return await self._submitter.submit(spec, params, request_id, traceparent)
+        return await self._submitter.submit(spec, params, request_id, traceparent, submitted_by)
 
     async def ensure_loaded(self, run_id: str) -> RunEntry | None:
         """The cached run; an unfinished run found only in etcd is loaded and reconciled."""

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import grpc
 
-from tether.sdk.errors import ERROR_REASON_KEY, LEADER_KEY, InvalidSpecError
+from tether.sdk.errors import ERROR_REASON_KEY, LEADER_KEY, FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import get_logger
 
 __all__ = [
@@ -18,9 +18,11 @@ __all__ = [
     "NodeUnavailable",
     "NotFound",
     "PermissionDenied",
+    "RateLimited",
     "ResourceExhausted",
     "StoreUnavailable",
     "Unauthenticated",
+    "abort_for",
     "grpc_errors",
     "status_for",
     "store_unavailable",
@@ -102,6 +104,14 @@ class PermissionDenied(Exception):
     """The caller is known but may not do this."""
 
 
+class RateLimited(Exception):
+    """The caller's token sent requests faster than its rate; retry after ``retry_after`` s."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 _CODES: dict[type[BaseException], grpc.StatusCode] = {
     InvalidSpecError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -115,6 +125,7 @@ _CODES: dict[type[BaseException], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 # Reasons sent with the status (trailing metadata, see ERROR_REASON_KEY) where the code alone
@@ -134,6 +145,8 @@ def _trailers(exc: BaseException, code: grpc.StatusCode) -> tuple[tuple[str, str
     if isinstance(exc, NotLeader) and exc.leader:
         # Go to the leader at once: gRPC's own retries would only ask this standby again.
         return ((ERROR_REASON_KEY, reason), (LEADER_KEY, exc.leader), (_NO_RETRY_KEY, "-1"))
+    if isinstance(exc, RateLimited):
+        return ((ERROR_REASON_KEY, "rate_limited"), *_retry_details(exc, code))
     return ((ERROR_REASON_KEY, reason),)
 
 
@@ -147,14 +160,67 @@ def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
     return _trailers(exc, _status_for(exc)[0])
 
 
+# A status message travels in a header, and gRPC refuses headers over 16 KiB (the client then
+# sees RESOURCE_EXHAUSTED, not our status): list a few violations, each cut short, and cap the
+# whole. Refusals echo what the client sent, which can be a megabyte.
+_MAX_LISTED = 20
+_MAX_PART = 240
+_MAX_MESSAGE = 4096
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` with its middle elided to at most ``limit`` characters (both ends say most:
+    a field path ends with the field's name)."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, InvalidSpecError):
+        shown = exc.violations[:_MAX_LISTED]
+        parts = [
+            str(FieldViolation(shorten(v.field, _MAX_PART), shorten(v.description, _MAX_PART)))
+            for v in shown
+        ]
+        if len(exc.violations) > len(shown):
+            parts.append(f"and {len(exc.violations) - len(shown)} more problems")
+        return shorten("; ".join(parts), _MAX_MESSAGE)
+    return shorten(str(exc), _MAX_MESSAGE)
+
+
+def _retry_details(exc: RateLimited, code: grpc.StatusCode) -> tuple:
+    """google.rpc.RetryInfo in the status details (grpc-status-details-bin), as Google APIs
+    send it, so any gRPC client library can read how long to wait."""
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(max(1, int(exc.retry_after * 1e9)))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=str(exc), details=[detail])
+    )
+    return tuple(status.trailing_metadata)
+
+
+async def abort_for(context, exc: BaseException) -> None:
+    """End the call with the status for ``exc`` (for code outside the handlers: the guard)."""
+    code, msg = _status_for(exc)
+    await context.abort(code, msg, trailing_metadata=_trailers(exc, code))
+
+
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for cls, code in _CODES.items():
         if isinstance(exc, cls):
-            return code, str(exc)
+            return code, _message(exc)
     from etcd3aio import EtcdError
 
     if isinstance(exc, EtcdError | ConnectionError | OSError):
-        return grpc.StatusCode.UNAVAILABLE, str(store_unavailable(exc))
+        return grpc.StatusCode.UNAVAILABLE, shorten(str(store_unavailable(exc)), _MAX_MESSAGE)
     log.exception("internal error", error=repr(exc))
     return grpc.StatusCode.INTERNAL, "internal error (see controller log)"
 

@@ -21,9 +21,16 @@ from tether.controller.records import AgentSession, now
 from tether.controller.store import Put, Store
 from tether.sdk.telemetry import get_logger
 
-__all__ = ["Nodes"]
+__all__ = ["Nodes", "grace_deadline"]
 
 log = get_logger("controller.engine")
+
+
+def grace_deadline(st: NodeState) -> float:
+    """When (time.monotonic()) a node out of contact has stopped its attempts by itself: its
+    last contact plus its agent's disconnect grace. Before then, none of them may start
+    elsewhere."""
+    return st.last_contact + st.disconnect_grace if st.last_contact else 0.0
 
 
 def _check_claim(st: NodeState, session: AgentSession, reg: agent_pb2.Register) -> None:
@@ -123,7 +130,9 @@ class Nodes:
         st.labels = dict(reg.labels)
         st.max_tasks = reg.max_tasks
         st.lease_id = lease
-        st.last_heartbeat = time.monotonic()
+        st.last_heartbeat = st.last_contact = time.monotonic()
+        grace = reg.disconnect_grace.ToNanoseconds() / 1e9
+        st.disconnect_grace = grace if grace > 0 else float(self.config.lease_ttl)
         for report in reg.pending_reports:
             self.attempts.on_status(session, report)
         self._reconcile_agent(st, session, {(r.run_id, r.task, r.attempt) for r in reg.running})
@@ -135,10 +144,15 @@ class Nodes:
         return agent_pb2.Registered(heartbeat_interval=interval, lease_ttl=ttl)
 
     async def _lease_for(self, st: NodeState) -> int:
-        """The node's lease if it is still alive, else a new one."""
+        """The node's lease if it is still alive and has the configured TTL, else a new one.
+
+        A lease granted under another ``--lease-ttl`` (before a controller restart with a new
+        setting) is replaced: the node record moves to the new lease, and the old one expires
+        with nothing attached.
+        """
         if st.lease_id:
             try:
-                if await self.store.keepalive(st.lease_id) > 0:
+                if await self.store.keepalive(st.lease_id) == self.config.lease_ttl:
                     return st.lease_id
             except Exception:  # an expired or unknown lease just means a new one
                 pass
@@ -196,6 +210,8 @@ class Nodes:
         st.unlisted = missing
         st.last_heartbeat = time.monotonic()
         ttl = await self.store.keepalive(st.lease_id)
+        if ttl > 0:
+            st.last_contact = time.monotonic()
         return ttl > 0
 
     def disconnected(self, session: AgentSession) -> None:
@@ -223,11 +239,14 @@ class Nodes:
             st.session.close()
             st.session = None
         st.lease_id = 0
+        # The agent may still run these attempts until its grace is over (it then stops them
+        # itself): their next copies wait for that, so two never overlap.
+        hold = max(0.0, grace_deadline(st) - time.monotonic())
         for run_id, task in list(st.attempts):
             run, e = self.cache.task(run_id, task)
             if run and e is not None and e.msg.state in lc.TASK_ACTIVE and e.msg.node == name:
-                self.attempts.lose(run, e, f"node {name} lost (lease expired)")
-        log.warning("node lost", node=name)
+                self.attempts.lose(run, e, f"node {name} lost (lease expired)", delay=hold)
+        log.warning("node lost", node=name, retry_after=round(hold, 3))
 
     async def watch(self, revision: int) -> None:
         """Follow node records from ``revision``: a deleted one is a node whose lease expired."""

@@ -12,15 +12,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
+from tether.controller.auth import auth_required
 from tether.controller.cache import Snapshot
 from tether.controller.config import ControllerConfig, advertised, is_loopback
 from tether.controller.engine import Engine
 from tether.controller.errors import NotLeader, store_unavailable
+from tether.controller.etcd_connection import EtcdConnection
+from tether.controller.guard import Guard
 from tether.controller.leader import Leadership
 from tether.controller.logs import LogRouter
+from tether.controller.malformed import MalformedRequests
 from tether.controller.metrics import Metrics
+from tether.controller.secretbox import SecretBox
+from tether.controller.secrets import Secrets
 from tether.controller.service import AgentServicer, ControllerServicer
 from tether.controller.store import Store
+from tether.controller.tokens import TokenStore
 from tether.sdk.telemetry import get_logger, make_tracer_provider
 
 __all__ = ["ControllerServer"]
@@ -48,7 +55,13 @@ class ControllerServer:
         self.config = config
         self.tracer_provider = make_tracer_provider(config.service_name)
         self.tracer = self.tracer_provider.get_tracer("tether.controller")
-        self.store = Store(config.etcd_endpoints, config.prefix)
+        self.store = Store(EtcdConnection.from_config(config), config.prefix)
+        # Raises KeyFileError (a ValueError) now, before anything is started, for a bad file.
+        box = SecretBox.from_file(config.secrets_key_file) if config.secrets_key_file else None
+        self.secrets = Secrets(self.store, box)
+        self._secrets_task: asyncio.Task | None = None
+        self.tokens = TokenStore(self.store)
+        self.auth = auth_required(config)
         # The engine of the current leadership term; None while standing by.
         self.engine: Engine | None = None
         self.leadership: Leadership | None = None
@@ -87,7 +100,7 @@ class ControllerServer:
             return engine
         if self.store_error:
             raise store_unavailable(
-                RuntimeError(self.store_error), ",".join(self.config.etcd_endpoints)
+                RuntimeError(self.store_error), self.store.connection.describe()
             )
         holder = self.leadership.holder if self.leadership else ""
         if holder and holder != self.advertise:
@@ -108,6 +121,9 @@ class ControllerServer:
         _check_free(self.config.listen)
         await self.store.connect()
         await self.store.wait_ready()
+        # Loaded before any term starts: assignments a new leader re-sends need them.
+        await self.secrets.load()
+        self._secrets_task = asyncio.create_task(self.secrets.follow(), name="secrets")
         opts = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
@@ -116,10 +132,11 @@ class ControllerServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=opts)
+        guard = Guard(self.tokens, self.auth, self.config.rate_limit, self.config.rate_burst)
+        server = grpc.aio.server(options=opts, interceptors=[MalformedRequests(), guard])
         current = self.current_engine  # the servicers' view of the current term
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(
-            ControllerServicer(current, self.tracer, self.logs), server
+            ControllerServicer(current, self.tracer, self.logs, self.tokens, self.secrets), server
         )
         node_ca = _read(self.config.tls_ca, "tls_ca") if self.config.tls_ca else b""
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
@@ -169,6 +186,7 @@ class ControllerServer:
             leader=self.is_leader,
             tls=self.config.tls,
             node_certificates=bool(self.config.tls_ca),
+            auth=self.auth,
         )
 
     async def _refresh_metrics(self) -> None:
@@ -210,11 +228,13 @@ class ControllerServer:
             self.tracer,
             on_not_leader=leadership.lost.set,
             metrics=self.metrics,
+            secrets=self.secrets,
         )
         try:
             await engine.start()
         except BaseException:
-            await engine.stop()
+            with contextlib.suppress(Exception):
+                await engine.stop()
             leadership.abandon()  # the key names us: the next term takes it back at once
             raise
         self.engine = engine
@@ -222,7 +242,7 @@ class ControllerServer:
         for name in _SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._leading.set()
-        await leadership.lost.wait()
+        await leadership.lost.wait()  # a cancel here is stop(), which shuts the engine down
         # Step down: stop acting before anyone else can; agents reconnect to the new leader.
         self.engine = None
         self._leading.clear()
@@ -250,6 +270,8 @@ class ControllerServer:
                     log.warning("unflushed writes at shutdown; the next leader resumes from etcd")
             if self._metrics_task is not None:
                 self._metrics_task.cancel()
+            if self._secrets_task is not None:
+                self._secrets_task.cancel()
             self.metrics.close()
             if self._campaign is not None:
                 self._campaign.cancel()

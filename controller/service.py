@@ -16,6 +16,7 @@ from opentelemetry import trace
 
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tether.controller import lifecycle as lc
+from tether.controller.auth import Role, current_principal
 from tether.controller.engine import Engine
 from tether.controller.errors import (
     AlreadyExists,
@@ -31,9 +32,12 @@ from tether.controller.errors import (
 from tether.controller.lifecycle import IllegalTransition
 from tether.controller.logs import LogRouter
 from tether.controller.records import AgentSession
+from tether.controller.secrets import NO_KEY, Secrets
+from tether.controller.tokens import TokenStore
 from tether.sdk.certs import CertError, verify_node
 from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
+from tether.sdk.validation import LIMITS
 
 __all__ = ["AgentServicer", "ControllerServicer"]
 
@@ -42,9 +46,20 @@ _PROOF_TIMEOUT = 10.0
 _NODE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789.-")
 
 
+_MAX_REASON = 1024
+
+
 def _require(value: str, field: str) -> None:
     if not value:
         raise InvalidSpecError([FieldViolation(field, "must not be empty")])
+
+
+def _bounded(value: str, field: str, limit: int, name: str = "max_id_length") -> None:
+    # Checked before any lookup: a 10 MB id must not become a 10 MB etcd key.
+    if len(value) > limit:
+        raise InvalidSpecError(
+            [FieldViolation(field, f"{len(value)} characters; at most {limit} (limit {name})")]
+        )
 
 
 class _LeaderOnly:
@@ -52,6 +67,13 @@ class _LeaderOnly:
 
     def __init__(self, current_engine: Callable[[], Engine | None]) -> None:
         self._current_engine = current_engine
+
+    def _check_ids(self, **fields: str) -> None:
+        """Refuse an id (a run id, a task name) longer than the configured limit."""
+        engine = self._current_engine()
+        limit = (engine.config.limits if engine else LIMITS).max_id_length
+        for field, value in fields.items():
+            _bounded(value, field, limit)
 
     @property
     def engine(self) -> Engine:
@@ -68,6 +90,8 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
         current_engine: The engine of the current leadership term (None while standing by).
         tracer: Tracer for submit spans.
         logs: Relays attempt logs from agents; shared with the :class:`AgentServicer`.
+        tokens: The user tokens in etcd (served by any controller, leading or not).
+        secrets: The mesh's secrets; served by any controller, leading or not.
     """
 
     def __init__(
@@ -75,10 +99,14 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
         current_engine: Callable[[], Engine | None],
         tracer: trace.Tracer,
         logs: LogRouter,
+        tokens: TokenStore,
+        secrets: Secrets | None = None,
     ) -> None:
         super().__init__(current_engine)
         self.tracer = tracer
         self.logs = logs
+        self.tokens = tokens
+        self.secrets = secrets
 
     @grpc_errors
     async def SubmitWorkflow(self, request, context):
@@ -92,14 +120,20 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
                 "tether.tasks": len(request.spec.tasks),
             },
         ) as span:
+            caller = current_principal()
             run_id, existing = await self.engine.submit(
-                request.spec, dict(request.params), request.request_id, traceparent_of(span)
+                request.spec,
+                dict(request.params),
+                request.request_id,
+                traceparent_of(span),
+                submitted_by=caller.name if caller.authenticated else "",
             )
             span.set_attribute("tether.run_id", run_id)
         return controller_pb2.SubmitWorkflowResponse(run_id=run_id, existing=existing)
 
     @grpc_errors
     async def GetRun(self, request, context):
+        self._check_ids(run_id=request.run_id)
         _require(request.run_id, "run_id")
         return controller_pb2.GetRunResponse(run=await self.engine.get_run(request.run_id))
 
@@ -109,6 +143,7 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
             raise InvalidSpecError([FieldViolation("page_size", "must be in 0..1000")])
         size = request.page_size or 50
         start = None
+        _bounded(request.page_token, "page_token", 1024, "page token length")
         if request.page_token:
             try:
                 start = base64.urlsafe_b64decode(request.page_token).decode()
@@ -122,13 +157,23 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
 
     @grpc_errors
     async def WatchRun(self, request, context):
+        self._check_ids(run_id=request.run_id)
         _require(request.run_id, "run_id")
         async for event in self.engine.watch_run(request.run_id, request.from_revision):
             yield event
 
     @grpc_errors
     async def CancelRun(self, request, context):
+        self._check_ids(run_id=request.run_id, task=request.task)
+        _bounded(request.reason, "reason", _MAX_REASON, "reason length")
         _require(request.run_id, "run_id")
+        caller = current_principal()
+        if not caller.may(Role.OPERATOR):
+            run = await self.engine.get_run(request.run_id, with_tasks=False)
+            if run.submitted_by != caller.name:
+                raise PermissionDenied(
+                    f"CancelRun of a run {caller.name!r} did not submit needs role operator"
+                )
         if await self.engine.ensure_loaded(request.run_id) is None:
             # Finished runs leave the engine's cache; etcd says whether it exists at all.
             run = await self.engine.get_run(request.run_id, with_tasks=False)
@@ -138,6 +183,7 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
 
     @grpc_errors
     async def StreamLogs(self, request, context):
+        self._check_ids(run_id=request.run_id, task=request.task)
         async for data in self.logs.stream(
             lambda: self.engine, request.run_id, request.task, request.attempt, request.follow
         ):
@@ -146,6 +192,47 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
     @grpc_errors
     async def ListNodes(self, request, context):
         return controller_pb2.ListNodesResponse(nodes=await self.engine.list_nodes())
+
+    def _secrets(self) -> Secrets:
+        if self.secrets is None:
+            raise FailedPrecondition(NO_KEY)
+        return self.secrets
+
+    @grpc_errors
+    async def SetSecret(self, request, context):
+        replaced = await self._secrets().set(request.name, request.value)
+        return controller_pb2.SetSecretResponse(replaced=replaced)
+
+    @grpc_errors
+    async def ListSecrets(self, request, context):
+        return controller_pb2.ListSecretsResponse(names=await self._secrets().names())
+
+    @grpc_errors
+    async def DeleteSecret(self, request, context):
+        await self._secrets().delete(request.name)
+        return controller_pb2.DeleteSecretResponse()
+
+    @grpc_errors
+    async def BootstrapAcl(self, request, context):
+        token, info = await self.tokens.bootstrap(request.name)
+        return controller_pb2.BootstrapAclResponse(token=token, info=info)
+
+    @grpc_errors
+    async def CreateToken(self, request, context):
+        ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else 0.0
+        token, info = await self.tokens.create(
+            request.name, request.role, ttl, current_principal().name
+        )
+        return controller_pb2.CreateTokenResponse(token=token, info=info)
+
+    @grpc_errors
+    async def ListTokens(self, request, context):
+        return controller_pb2.ListTokensResponse(tokens=await self.tokens.list())
+
+    @grpc_errors
+    async def RevokeToken(self, request, context):
+        await self.tokens.revoke(request.name)
+        return controller_pb2.RevokeTokenResponse()
 
 
 class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
@@ -261,9 +348,15 @@ class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
                     # A refused move is a bug to see in the logs, not a reason to drop the node.
                     log.error("refused state change", node=session.node, error=str(e))
                     continue
-                if kind == "heartbeat" and not await engine.heartbeat(session, msg.heartbeat):
-                    log.warning("lease expired; asking agent to re-register", node=session.node)
-                    break
+                if kind == "heartbeat":
+                    if not await engine.heartbeat(session, msg.heartbeat):
+                        log.warning("lease expired; asking agent to re-register", node=session.node)
+                        break
+                    session.send(
+                        agent_pb2.ControllerMessage(
+                            heartbeat_ack=agent_pb2.HeartbeatAck(seq=msg.heartbeat.seq)
+                        )
+                    )
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a broken stream ends this session only

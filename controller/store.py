@@ -18,10 +18,13 @@ import hashlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+import grpc
 from etcd3aio import Etcd3Client, EtcdError, SortOrder, prefix_range_end
 from etcd3aio._protobuf import Compare, RequestOp, rpc_pb2
+from etcd3aio.errors import EtcdPermissionDeniedError, EtcdUnauthenticatedError
 
 from tether.controller.errors import StoreUnavailable
+from tether.controller.etcd_connection import EtcdConnection, parse_endpoints
 
 __all__ = ["Delete", "Event", "KeyValue", "Keys", "Put", "Store"]
 
@@ -118,14 +121,23 @@ class Store:
     """Async access to etcd under one key prefix.
 
     Args:
-        endpoints: ``host:port`` of etcd members.
+        endpoints: etcd members (``host:port`` or URLs), or a whole :class:`EtcdConnection`
+            with TLS and user.
         prefix: Key prefix for every record.
         timeout: Deadline of each etcd call, seconds.
     """
 
-    def __init__(self, endpoints: Sequence[str], prefix: str, timeout: float = 5.0) -> None:
+    def __init__(
+        self, endpoints: Sequence[str] | EtcdConnection, prefix: str, timeout: float = 5.0
+    ) -> None:
         self.keys = Keys(prefix)
-        self._client = Etcd3Client(list(endpoints), rpc_max_attempts=3)
+        if not isinstance(endpoints, EtcdConnection):
+            endpoints = EtcdConnection(parse_endpoints(endpoints))
+        self.connection = endpoints
+        self._client = Etcd3Client([e.address for e in endpoints.endpoints], rpc_max_attempts=3)
+        # etcd3aio dials IP literals only; this one also takes names, IPv6 and TLS settings.
+        self._client._manager = endpoints.channel_manager()
+        self._token_refresher = None
         self._timeout = timeout
         self.txn_count = 0
         self.put_count = 0
@@ -134,23 +146,52 @@ class Store:
         self.fence: Compare | None = None
 
     async def connect(self) -> None:
-        await self._client.connect()
+        try:
+            await self._client.connect()
+        except ValueError as e:  # an unreadable TLS file
+            raise StoreUnavailable(str(e)) from None
 
     async def close(self) -> None:
+        if self._token_refresher is not None:
+            await self._token_refresher.__aexit__(None, None, None)
+            self._token_refresher = None
         await self._client.close()
 
     async def wait_ready(self, deadline: float = 15.0) -> None:
-        """Wait until etcd answers, or raise StoreUnavailable."""
+        """Wait until etcd answers (logging in first when a user is configured), or raise
+        StoreUnavailable; a refused user or password fails at once."""
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
+        conn = self.connection
         while True:
             try:
+                if conn.user and self._token_refresher is None:
+                    await self._log_in()
                 await self._client.kv.get(self.keys.prefix, timeout=1.0, max_attempts=1)
                 return
+            except (EtcdUnauthenticatedError, EtcdPermissionDeniedError, grpc.aio.AioRpcError) as e:
+                # etcd answers a wrong password or a missing user with INVALID_ARGUMENT.
+                rpc = isinstance(e, grpc.aio.AioRpcError)
+                if rpc and e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                detail = e.details() if rpc else str(e)
+                who = f"user {conn.user!r}" if conn.user else "no user (give --etcd-user)"
+                raise StoreUnavailable(f"etcd refused {who}: {detail}") from None
             except (EtcdError, TimeoutError) as e:
                 if loop.time() > end:
-                    raise StoreUnavailable(f"etcd not reachable: {e}") from e
+                    raise StoreUnavailable(f"etcd not reachable at {conn.describe()}: {e}") from e
                 await asyncio.sleep(0.2)
+
+    async def _log_in(self) -> None:
+        try:
+            password = self.connection.password()
+        except ValueError as e:
+            raise StoreUnavailable(str(e)) from None
+        # etcd's simple tokens expire after 5 minutes and die with an etcd restart; a short
+        # refresh interval bounds how long a restarted etcd refuses this controller.
+        refresher = self._client.token_refresher(self.connection.user, password, interval=30.0)
+        await asyncio.wait_for(refresher.__aenter__(), 2.0)
+        self._token_refresher = refresher
 
     async def get(self, key: str) -> KeyValue | None:
         resp = await self._client.kv.get(key, timeout=self._timeout)

@@ -9,10 +9,13 @@ from tether.sdk.errors import (
     FailedPreconditionError,
     InvalidSpecError,
     NotFoundError,
+    PermissionDeniedError,
+    RateLimitedError,
     TetherError,
+    UnauthenticatedError,
     UnavailableError,
 )
-from tether.sdk.spec import Task, Workflow, load_workflow
+from tether.sdk.spec import Secret, Task, Workflow, load_workflow
 
 __all__ = [
     "AlreadyExistsError",
@@ -21,9 +24,13 @@ __all__ = [
     "InvalidSpecError",
     "LogChunk",
     "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitedError",
     "RunHandle",
+    "Secret",
     "Task",
     "TetherError",
+    "UnauthenticatedError",
     "UnavailableError",
     "Workflow",
     "load_workflow",

@@ -17,7 +17,9 @@ import click
 from rich.table import Table
 
 from tether.api.v1 import types_pb2 as t
+from tether.sdk.acl_cli import acl, tokens
 from tether.sdk.certs_cli import certs_group
+from tether.sdk.cli_secrets import add_secrets_commands
 from tether.sdk.client import Client
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.errors import TetherError
@@ -74,14 +76,21 @@ class _LazyGroup(click.Group):
     default="",
     help="CA of the controller's certificate (PEM); connects over TLS (env TETHER_TLS_CA).",
 )
+@click.option(
+    "--token",
+    envvar="TETHER_TOKEN",
+    default="",
+    help="Bearer token for controllers with auth (env TETHER_TOKEN).",
+)
 @click.pass_context
-def cli(ctx: click.Context, controller: str, tls_ca: str) -> None:
+def cli(ctx: click.Context, controller: str, tls_ca: str, token: str) -> None:
     """Tether: run AI workflows (DAGs of tasks) on your own nodes."""
-    ctx.obj = {"controller": controller, "tls_ca": tls_ca}
+    # Subcommands from other modules build their client with the same function.
+    ctx.obj = {"controller": controller, "tls_ca": tls_ca, "token": token, "make_client": _client}
 
 
 def _client(ctx: click.Context) -> Client:
-    return Client(ctx.obj["controller"], tls_ca=ctx.obj["tls_ca"])
+    return Client(ctx.obj["controller"], tls_ca=ctx.obj["tls_ca"], token=ctx.obj["token"])
 
 
 @cli.command()
@@ -268,6 +277,9 @@ def nodes(ctx, as_json):
 
 
 cli.add_command(certs_group)
+add_secrets_commands(cli, _client)
+cli.add_command(acl)
+cli.add_command(tokens)
 
 
 def main() -> None:

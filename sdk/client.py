@@ -85,14 +85,18 @@ class _CallDetails(
 
 
 class _TraceContext(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Every call carries the caller's W3C trace context (``traceparent``), if it has one."""
+    """Every call carries the caller's W3C trace context (``traceparent``), if it has one,
+    and the bearer token, if the client has one."""
 
-    @staticmethod
-    def _with_context(details):
+    def __init__(self, token: str = "") -> None:
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def _with_context(self, details):
         traceparent = current_traceparent()
-        if not traceparent:
+        extra = (*self._auth, *((("traceparent", traceparent),) if traceparent else ()))
+        if not extra:
             return details
-        metadata = (*(details.metadata or ()), ("traceparent", traceparent))
+        metadata = (*(details.metadata or ()), *extra)
         return _CallDetails(
             details.method,
             details.timeout,
@@ -118,12 +122,19 @@ class Client:
         timeout: Deadline of each unary call, seconds.
         tls_ca: PEM file of the CA the controller's certificate chains to; connects over TLS.
             Defaults to ``$TETHER_TLS_CA``; without either the connection is plaintext.
+        token: Bearer token sent with every call (see ``tether tokens``); defaults to
+            ``$TETHER_TOKEN``. Controllers with auth refuse calls without one.
     """
 
     def __init__(
-        self, address: str | None = None, timeout: float = 30.0, tls_ca: str | None = None
+        self,
+        address: str | None = None,
+        timeout: float = 30.0,
+        tls_ca: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.address = address or os.environ.get("TETHER_CONTROLLER") or DEFAULT_CONTROLLER
+        token = os.environ.get("TETHER_TOKEN", "") if token is None else token
         self.timeout = timeout
         self.tls_ca = tls_ca if tls_ca is not None else os.environ.get("TETHER_TLS_CA", "")
         options = [
@@ -136,7 +147,7 @@ class Client:
         # to one, and move to the next when it answers UNAVAILABLE (down, or standing by).
         addresses = [a.strip() for a in self.address.split(",") if a.strip()]
         self._channels = [self._channel(a, options) for a in addresses]
-        traced = [grpc.intercept_channel(c, _TraceContext()) for c in self._channels]
+        traced = [grpc.intercept_channel(c, _TraceContext(token.strip())) for c in self._channels]
         self._stubs = [controller_pb2_grpc.ControllerServiceStub(c) for c in traced]
         self._current = 0
 
@@ -306,6 +317,57 @@ class Client:
     def nodes(self) -> list[t.Node]:
         """The registered nodes."""
         return list(self._call("ListNodes", controller_pb2.ListNodesRequest()).nodes)
+
+    def set_secret(self, name: str, value: str | bytes) -> bool:
+        """Create or replace the secret ``name``; return whether it replaced a value.
+
+        Tasks refer to it as ``env={"VAR": Secret(name)}``. Needs the admin role.
+
+        Raises:
+            InvalidSpecError: bad name, or the value is empty, not UTF-8, holds a NUL byte
+                or is over 32 KiB.
+            FailedPreconditionError: the controller runs without ``--secrets-key-file``.
+        """
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        req = controller_pb2.SetSecretRequest(name=name, value=data)
+        return self._call("SetSecret", req).replaced
+
+    def list_secrets(self) -> list[str]:
+        """The names of all secrets, sorted (values are never returned)."""
+        return list(self._call("ListSecrets", controller_pb2.ListSecretsRequest()).names)
+
+    def delete_secret(self, name: str) -> None:
+        """Delete the secret ``name``. Raises NotFoundError when there is none."""
+        self._call("DeleteSecret", controller_pb2.DeleteSecretRequest(name=name))
+
+    def bootstrap_acl(self, name: str = "admin") -> tuple[str, t.TokenInfo]:
+        """Create the first admin token (once per mesh); return it and its description.
+
+        Raises:
+            FailedPreconditionError: the mesh was bootstrapped already.
+        """
+        resp = self._call("BootstrapAcl", controller_pb2.BootstrapAclRequest(name=name))
+        return resp.token, resp.info
+
+    def create_token(
+        self, name: str, role: str, ttl: float | None = None
+    ) -> tuple[str, t.TokenInfo]:
+        """Create a token with ``role`` (viewer, submitter, operator, admin) that expires
+        after ``ttl`` seconds (None: never); return it (shown only now) and its description.
+        Needs an admin token."""
+        request = controller_pb2.CreateTokenRequest(name=name, role=role)
+        if ttl:
+            request.ttl.FromNanoseconds(int(ttl * 1e9))
+        resp = self._call("CreateToken", request)
+        return resp.token, resp.info
+
+    def list_tokens(self) -> list[t.TokenInfo]:
+        """Every token's name, role and times (never the tokens). Needs an admin token."""
+        return list(self._call("ListTokens", controller_pb2.ListTokensRequest()).tokens)
+
+    def revoke_token(self, name: str) -> None:
+        """Revoke a token: every controller refuses it from now on. Needs an admin token."""
+        self._call("RevokeToken", controller_pb2.RevokeTokenRequest(name=name))
 
 
 class RunHandle:

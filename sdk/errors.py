@@ -19,7 +19,10 @@ __all__ = [
     "FieldViolation",
     "InvalidSpecError",
     "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitedError",
     "TetherError",
+    "UnauthenticatedError",
     "UnavailableError",
     "from_rpc_error",
     "leader_of",
@@ -108,12 +111,37 @@ class TimeoutError(TetherError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class UnauthenticatedError(TetherError):
+    """The call has no valid token: missing, unknown, revoked or expired
+    (``UNAUTHENTICATED``). Pass ``token=`` or set ``TETHER_TOKEN``."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(TetherError):
+    """The token's role may not make the call; the message names the role needed
+    (``PERMISSION_DENIED``)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class RateLimitedError(TetherError):
+    """A limit was reached (``RESOURCE_EXHAUSTED``). ``retry_after`` is the number of seconds
+    to wait when the controller said (a token's request rate), else None."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry_after: float | None = None
+
+
 _BY_CODE: dict[grpc.StatusCode, type[TetherError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: TimeoutError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitedError,
 }
 
 
@@ -128,8 +156,27 @@ def from_rpc_error(err: grpc.RpcError) -> TetherError:
         if code == grpc.StatusCode.UNAVAILABLE and not reason:
             details = f"controller unavailable: {details}"
         exc = _BY_CODE.get(code, TetherError)(details, code)
+    if isinstance(exc, RateLimitedError):
+        exc.retry_after = _retry_after(err)
     exc.reason = reason
     return exc
+
+
+def _retry_after(err: grpc.RpcError) -> float | None:
+    """The delay of a google.rpc.RetryInfo in the status details, if the status has one."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    try:
+        status = rpc_status.from_call(err)
+    except (AttributeError, ValueError):  # no call behind the error, or mismatched details
+        return None
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None
 
 
 def _trailer(err: grpc.RpcError, key: str) -> str:

@@ -11,12 +11,15 @@ YAML::
         depends_on: [collect]
         retries: 2
         timeout: 30s
+        env:
+          API_KEY: {secret: openai-key}    # a secret set with `tether secrets set`
 
 Python::
 
     wf = Workflow("fraud-detection")
     collect = wf.task("collect", command=["python3", "-c", "..."], cpu=0.5, memory="256Mi")
-    wf.task("features", command=[...], depends_on=[collect], retries=2, timeout="30s")
+    wf.task("features", command=[...], depends_on=[collect], retries=2, timeout="30s",
+            env={"API_KEY": Secret("openai-key")})
 
 Unknown fields are errors, so a typo never silently changes what runs.
 """
@@ -24,6 +27,7 @@ Unknown fields are errors, so a typo never silently changes what runs.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +40,24 @@ from tether.sdk.errors import InvalidSpecError
 from tether.sdk.quantities import parse_duration, parse_memory
 from tether.sdk.validation import FieldViolation, validate_workflow
 
-__all__ = ["Backoff", "Resources", "Task", "Workflow", "load_workflow"]
+__all__ = ["Backoff", "Resources", "Secret", "Task", "Workflow", "load_workflow"]
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A reference to a secret (set with ``tether secrets set NAME``) as an ``env`` value.
+
+    Only the name travels with the workflow and is stored with the run; the controller puts
+    the decrypted value into the task's environment when it starts the task.
+
+    Args:
+        name: The secret's name.
+    """
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"secret:{self.name}"
 
 
 class _Strict(BaseModel):
@@ -76,7 +97,7 @@ class Task(_Strict):
     name: str
     command: list[str]
     image: str = ""
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str | Secret] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     depends_on: list[str] = Field(default_factory=list)
     retries: int = 0
@@ -96,7 +117,7 @@ class Task(_Strict):
     def _env(cls, v: Any) -> Any:
         # YAML turns `X: 1` into an int; environment values are strings.
         if isinstance(v, Mapping):
-            return {k: v2 if isinstance(v2, str) else _scalar(v2) for k, v2 in v.items()}
+            return {k: _env_value(k, v2) for k, v2 in v.items()}
         return v
 
     def to_proto(self) -> types_pb2.TaskSpec:
@@ -105,7 +126,8 @@ class Task(_Strict):
             name=self.name,
             image=self.image,
             command=self.command,
-            env=self.env,
+            env={k: v for k, v in self.env.items() if isinstance(v, str)},
+            env_secrets={k: v.name for k, v in self.env.items() if isinstance(v, Secret)},
             resources=types_pb2.Resources(
                 cpu=self.resources.cpu, memory_bytes=self.resources.memory, gpu=self.resources.gpu
             ),
@@ -128,6 +150,17 @@ class Task(_Strict):
                 )
             )
         return msg
+
+
+def _env_value(key: Any, v: Any) -> Any:
+    if isinstance(v, str | Secret):
+        return v
+    if isinstance(v, Mapping):
+        # YAML's form of a secret reference: `{secret: NAME}`.
+        if set(v) != {"secret"} or not isinstance(v["secret"], str):
+            raise ValueError(f"{key}: a secret reference is {{secret: NAME}} with a string NAME")
+        return Secret(v["secret"])
+    return _scalar(v)
 
 
 def _scalar(v: Any) -> Any:
@@ -180,7 +213,7 @@ class Workflow:
         *,
         depends_on: Iterable[str | Task] = (),
         image: str = "",
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str | Secret] | None = None,
         cpu: float = 0.0,
         memory: str | int = 0,
         gpu: int = 0,

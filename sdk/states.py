@@ -9,6 +9,7 @@ from __future__ import annotations
 from tether.api.v1 import types_pb2 as t
 
 __all__ = [
+    "FENCED",
     "FINAL_REPORT_STATES",
     "TERMINAL_RUN_STATES",
     "TERMINAL_TASK_STATES",
@@ -32,6 +33,11 @@ TERMINAL_TASK_STATES = frozenset(
         t.TaskState.TASK_STATE_SKIPPED,
     }
 )
+
+# The reason of a final report for an attempt its agent stopped because it had been out of
+# contact with every controller for longer than its disconnect grace (the attempt may be
+# running elsewhere by now). The controller retries it without counting it as a failure.
+FENCED = "fenced"
 
 # The states in which an agent reports an attempt as ended (it never reports SKIPPED: that is
 # decided by the controller for tasks that never ran).

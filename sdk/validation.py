@@ -18,12 +18,30 @@ from tether.sdk.templating import TemplateError, references
 __all__ = ["LIMITS", "FieldViolation", "Limits", "validate_params", "validate_workflow"]
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+SECRET_NAME = TASK_NAME
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds that keep specs sane and every etcd value far below its 1.5 MiB cap."""
+    """Bounds that keep specs sane and every etcd value far below its 1.5 MiB cap.
+
+    The controller enforces the ones it is configured with (``tether controller --max-*``);
+    the SDK checks the defaults early.
+
+    Attributes:
+        max_tasks: Tasks per run.
+        max_task_bytes: Encoded size of one task's spec (each task is one etcd value).
+        max_spec_bytes: Encoded size of a whole workflow spec.
+        max_env_value_bytes: One environment value: Linux refuses to exec a process with a
+            single ``NAME=value`` string over 128 KiB.
+        max_env_bytes: All of one task's environment names and values together.
+        max_arg_bytes: One command argument (the same exec limit as an env value).
+        max_params_bytes: All of a run's parameter names and values together (the run record
+            holds them, in one etcd value).
+        max_param_value_bytes: One parameter value.
+        max_id_length: Run ids, task names and request ids a request names.
+    """
 
     max_tasks: int = 20_000
     max_task_bytes: int = 256 * 1024
@@ -34,6 +52,17 @@ class Limits:
     max_retries: int = 100
     max_timeout_seconds: float = 30 * 86400
     max_name: int = 128
+    max_env_value_bytes: int = 32 * 1024
+    max_env_bytes: int = 128 * 1024
+    max_arg_bytes: int = 64 * 1024
+    max_params_bytes: int = 256 * 1024
+    max_param_value_bytes: int = 4096
+    max_id_length: int = 128
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value <= 0:
+                raise ValueError(f"limits: {name} must be > 0, got {value}")
 
 
 LIMITS = Limits()
@@ -60,14 +89,20 @@ def _violations(spec: types_pb2.WorkflowSpec, limits: Limits):
         yield FieldViolation("tasks", "a workflow needs at least one task")
         return
     if len(spec.tasks) > limits.max_tasks:
-        yield FieldViolation("tasks", f"{len(spec.tasks)} tasks; at most {limits.max_tasks}")
+        yield FieldViolation(
+            "tasks", f"{len(spec.tasks)} tasks; at most {limits.max_tasks} (limit max_tasks)"
+        )
         return
     run_timeout = spec.timeout.seconds + spec.timeout.nanos / 1e9
-    if run_timeout < 0 or run_timeout > limits.max_timeout_seconds:
+    if bad := _bad_duration(spec.timeout):
+        yield FieldViolation("timeout", bad)
+    elif run_timeout < 0 or run_timeout > limits.max_timeout_seconds:
         yield FieldViolation("timeout", "must be between 0 and 30 days")
     size = spec.ByteSize()
     if size > limits.max_spec_bytes:
-        yield FieldViolation("", f"spec is {size} bytes; at most {limits.max_spec_bytes}")
+        yield FieldViolation(
+            "", f"spec is {size} bytes; at most {limits.max_spec_bytes} (limit max_spec_bytes)"
+        )
         return
 
     index: dict[str, int] = {}
@@ -119,19 +154,9 @@ def _templated_fields(task: types_pb2.TaskSpec):
 
 
 def _template_violations(spec: types_pb2.WorkflowSpec, index: dict[str, int]):
-
-    def is_upstream(name: str, of: str) -> bool:
-        # A walk up the dependencies per reference: references are few, DAGs can be long.
-        seen, todo = set(), [of]
-        while todo:
-            for dep in spec.tasks[index[todo.pop()]].depends_on:
-                if dep == name:
-                    return True
-                if dep in index and dep not in seen:
-                    seen.add(dep)
-                    todo.append(dep)
-        return False
-
+    # All task references first, then one pass over the DAG: a walk up the dependencies per
+    # reference was quadratic in a long chain whose tasks refer to tasks far upstream.
+    found: list[tuple[int, str, list[str]]] = []
     for i, t in enumerate(spec.tasks):
         where = f"tasks[{i}]" + (f" ({t.name})" if t.name else "")
         if index.get(t.name) != i:
@@ -142,12 +167,57 @@ def _template_violations(spec: types_pb2.WorkflowSpec, index: dict[str, int]):
             except TemplateError as e:
                 yield FieldViolation(f"{where}.{field}", str(e))
                 continue
-            for ref in refs:
-                if ref.kind == "task" and not is_upstream(ref.name, t.name):
-                    yield FieldViolation(
-                        f"{where}.{field}",
-                        f"task {ref.name!r} is not upstream of {t.name!r}; add it to depends_on",
-                    )
+            names = [r.name for r in refs if r.kind == "task"]
+            if names:
+                found.append((i, f"{where}.{field}", names))
+    if not found:
+        return
+    targets: dict[str, int] = {}
+    for _, _, names in found:
+        for name in names:
+            targets.setdefault(name, len(targets))
+    upstream = _upstream_bits(spec, index, targets)
+    for i, field, names in found:
+        for name in names:
+            if not upstream[i] >> targets[name] & 1:
+                yield FieldViolation(
+                    field,
+                    f"task {name!r} is not upstream of {spec.tasks[i].name!r}; "
+                    "add it to depends_on",
+                )
+
+
+def _upstream_bits(
+    spec: types_pb2.WorkflowSpec, index: dict[str, int], targets: dict[str, int]
+) -> list[int]:
+    """For each task, a bit set (an int; bit ``targets[name]``) of the referenced tasks
+    upstream of it. One post-order walk: each task's set is its dependencies' sets joined."""
+    deps = [[index[d] for d in t.depends_on if d in index] for t in spec.tasks]
+    bits = [0] * len(deps)
+    state = [0] * len(deps)  # 1: on the walk's stack, 2: done
+    own = {index[n]: 1 << b for n, b in targets.items() if n in index}
+    for root in range(len(deps)):
+        if state[root]:
+            continue
+        stack = [(root, 0)]
+        state[root] = 1
+        while stack:
+            node, k = stack[-1]
+            if k < len(deps[node]):
+                stack[-1] = (node, k + 1)
+                child = deps[node][k]
+                if not state[child]:
+                    state[child] = 1
+                    stack.append((child, 0))
+                continue
+            stack.pop()
+            acc = 0
+            for d in deps[node]:
+                if state[d] == 2:  # a cycle (reported elsewhere) leaves the back edge out
+                    acc |= bits[d] | own.get(d, 0)
+            bits[node] = acc
+            state[node] = 2
+    return bits
 
 
 def validate_params(spec: types_pb2.WorkflowSpec, params: dict[str, str]) -> None:
@@ -179,7 +249,8 @@ def validate_params(spec: types_pb2.WorkflowSpec, params: dict[str, str]) -> Non
 def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
     if t.ByteSize() > limits.max_task_bytes:
         yield FieldViolation(
-            where, f"task is {t.ByteSize()} bytes; at most {limits.max_task_bytes}"
+            where,
+            f"task is {t.ByteSize()} bytes; at most {limits.max_task_bytes} (limit max_task_bytes)",
         )
     if not t.command:
         yield FieldViolation(f"{where}.command", "must not be empty")
@@ -203,18 +274,49 @@ def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
             f"{where}.retries", f"must be in 0..{limits.max_retries}, got {t.retries}"
         )
     timeout = t.timeout.seconds + t.timeout.nanos / 1e9
-    if timeout < 0:
+    if bad := _bad_duration(t.timeout):
+        yield FieldViolation(f"{where}.timeout", bad)
+    elif timeout < 0:
         yield FieldViolation(f"{where}.timeout", "must be >= 0")
     elif timeout > limits.max_timeout_seconds:
         yield FieldViolation(f"{where}.timeout", "longer than 30 days")
+    env_bytes = 0
     for key, value in t.env.items():
+        size = len(value.encode())
+        env_bytes += len(key.encode()) + size
         if not ENV_NAME.match(key):
             yield FieldViolation(f"{where}.env.{key}", "not a valid environment variable name")
         elif "\0" in value:
             yield FieldViolation(f"{where}.env.{key}", "must not contain a NUL byte")
+        elif size > limits.max_env_value_bytes:
+            yield FieldViolation(
+                f"{where}.env.{key}",
+                f"value is {size} bytes; at most {limits.max_env_value_bytes} "
+                "(limit max_env_value_bytes)",
+            )
+    if env_bytes > limits.max_env_bytes:
+        yield FieldViolation(
+            f"{where}.env",
+            f"{env_bytes} bytes in all; at most {limits.max_env_bytes} (limit max_env_bytes)",
+        )
+    for key, secret in t.env_secrets.items():
+        if not ENV_NAME.match(key):
+            yield FieldViolation(f"{where}.env.{key}", "not a valid environment variable name")
+        elif key in t.env:
+            yield FieldViolation(f"{where}.env.{key}", "set both as a value and as a secret")
+        if not SECRET_NAME.match(secret):
+            yield FieldViolation(
+                f"{where}.env.{key}",
+                f"secret name {secret[:64]!r} must match {SECRET_NAME.pattern}",
+            )
     for j, arg in enumerate(t.command):
         if "\0" in arg:
             yield FieldViolation(f"{where}.command[{j}]", "must not contain a NUL byte")
+        elif len(arg.encode()) > limits.max_arg_bytes:
+            yield FieldViolation(
+                f"{where}.command[{j}]",
+                f"{len(arg.encode())} bytes; at most {limits.max_arg_bytes} (limit max_arg_bytes)",
+            )
     if t.image_pull_policy not in ("", "if-not-present", "always", "never"):
         yield FieldViolation(
             f"{where}.image_pull_policy", "must be if-not-present, always or never"
@@ -223,10 +325,20 @@ def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
         b = t.backoff
         if b.initial.seconds < 0 or b.max.seconds < 0:
             yield FieldViolation(f"{where}.backoff", "durations must be >= 0")
+        for name in ("initial", "max"):
+            if bad := _bad_duration(getattr(b, name)):
+                yield FieldViolation(f"{where}.backoff.{name}", bad)
         if b.factor and (not math.isfinite(b.factor) or b.factor < 1):
             yield FieldViolation(f"{where}.backoff.factor", "must be >= 1")
         if not math.isfinite(b.jitter) or not 0 <= b.jitter <= 1:
             yield FieldViolation(f"{where}.backoff.jitter", "must be in [0, 1]")
+
+
+def _bad_duration(d) -> str:
+    """Why a Duration is malformed (nanos outside 0..999,999,999), or ""."""
+    if not 0 <= d.nanos < 1_000_000_000:
+        return f"nanos must be in 0..999999999, got {d.nanos}"
+    return ""
 
 
 def _find_cycle(spec: types_pb2.WorkflowSpec, index: dict[str, int]) -> list[str] | None:

@@ -225,18 +225,16 @@ class ControllerProcess:
             stderr=self.log,
             env={**os.environ, "TETHER_LOG_FORMAT": "json"},
         )
-        client = Client(self.address, timeout=2, tls_ca=self.tls_ca)
+        # The controller's service reports SERVING only while it leads; health needs no token.
+        service = "tether.v1.ControllerService" if leader else ""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                if leader:
-                    client.nodes()
-                else:
-                    health(self.address, "", self.tls_ca)
-                client.close()
-                return
+                if health(self.address, service, self.tls_ca) == 1:  # SERVING
+                    return
             except Exception:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         raise AssertionError("controller did not start")
 
     def kill(self) -> None:
@@ -318,3 +316,79 @@ def etcd_dump(endpoint: str, prefix: str) -> dict[bytes, bytes]:
             return {kv.key: kv.value for kv in resp.kvs}
 
     return asyncio.run(dump())
+
+
+class TcpProxy:
+    """A TCP proxy on a free port, on its own thread, that can cut the network (``pause``).
+
+    A paused proxy stops reading and writing, connections stay open and new ones are accepted
+    but get nothing, as behind a partition: TCP backs up, and what was in flight is delivered
+    once ``resume`` is called (or lost, if a side gave up on the connection meanwhile).
+    """
+
+    def __init__(self, target: str) -> None:
+        self.target_host, port = target.rsplit(":", 1)
+        self.target_port = int(port)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self._open: asyncio.Event = self._call(self._make_event())
+        self._server = self._call(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    async def _make_event(self) -> asyncio.Event:
+        ev = asyncio.Event()
+        ev.set()
+        return ev
+
+    async def _handle(self, reader, writer) -> None:
+        await self._open.wait()
+        try:
+            up_r, up_w = await asyncio.open_connection(self.target_host, self.target_port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
+
+    async def _pipe(self, reader, writer) -> None:
+        try:
+            while True:
+                await self._open.wait()
+                data = await reader.read(65536)
+                if not data:
+                    break
+                await self._open.wait()
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def pause(self) -> None:
+        self.loop.call_soon_threadsafe(self._open.clear)
+
+    def resume(self) -> None:
+        self.loop.call_soon_threadsafe(self._open.set)
+
+    async def _shutdown(self) -> None:
+        self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        """Cut every connection and stop the proxy's thread."""
+        self.resume()
+        self._call(self._shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()

@@ -1,15 +1,33 @@
-"""The ``process`` runtime: each attempt is a plain subprocess in its own process group."""
+"""The ``process`` runtime: each attempt is a plain subprocess in its own process group.
+
+Tasks die with their agent: a reaper process (:mod:`tether.agent.runtimes.reaper`) stops
+their process groups when the agent's pipe to it closes, however the agent ended. With
+``leave_running`` they are left for the next agent instead: their output goes straight to the
+log files (the log limit is not applied then) and a shell records their exit code, so that an
+agent restarted with the same work dir adopts them. Either way each attempt's process (pid and
+start time, against pid reuse) is recorded in ``process.json`` in its directory, from which a
+restarted agent adopts live attempts or reports ended ones; the controller decides which are
+current and has the others stopped.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+from tether.agent import layout
+from tether.agent.config import AgentConfig
 from tether.agent.runtimes.base import ExitStatus, LaunchSpec, RecoveredTask, RuntimeError_
 from tether.agent.runtimes.capped_log import CappedLog, copy_to_log
+from tether.agent.runtimes.reaper import alive, start_ticks
+from tether.sdk.telemetry import get_logger
 
 __all__ = ["ProcessRuntime"]
 
@@ -17,43 +35,107 @@ __all__ = ["ProcessRuntime"]
 # inherited them and lives on keeps them open. Stop reading after this long so that such a child
 # cannot hold the attempt open.
 _DRAIN_GRACE = 1.0
+PROCESS_FILE = "process.json"
+EXIT_FILE = "exit_code"
+# Runs the task and records its exit code, for an agent that adopts it later.
+_RECORD_EXIT = 'trap "" HUP; "$@"; c=$?; echo $c > "$0.tmp" && mv "$0.tmp" "$0"; exit $c'
+
+log = get_logger("agent.runtime")
+
+
+def _exit_status(code: int) -> ExitStatus:
+    if code < 0:
+        return ExitStatus(128 - code, "signal", f"killed by {signal.Signals(-code).name}")
+    if code > 128 and code - 128 in signal.valid_signals():
+        # A shell's report of a signal death (leave_running's wrapper).
+        return ExitStatus(code, "signal", f"killed by {signal.Signals(code - 128).name}")
+    return ExitStatus(code)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    # The whole group, so that shells and their children stop too.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
 
 
 class _ProcessHandle:
-    def __init__(self, proc: asyncio.subprocess.Process, copies: list[asyncio.Task]) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        copies: list[asyncio.Task],
+        attempt_dir: Path,
+        ended=lambda: None,
+    ) -> None:
         self._proc = proc
         self._copies = copies
+        self._dir = attempt_dir
+        self._ended = ended
 
     async def wait(self) -> ExitStatus:
         code = await self._proc.wait()
+        self._ended()
         await self._drain()
-        if code < 0:
-            return ExitStatus(128 - code, "signal", f"killed by {signal.Signals(-code).name}")
-        return ExitStatus(code)
+        return _exit_status(code)
 
     async def _drain(self) -> None:
+        if not self._copies:  # leave_running: the task writes its log files itself
+            return
         _, pending = await asyncio.wait(self._copies, timeout=_DRAIN_GRACE)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    def _signal(self, sig: int) -> None:
-        # The whole group, so that shells and their children stop too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, sig)
-
     async def stop(self, grace: float) -> None:
         if self._proc.returncode is not None:
             return
-        self._signal(signal.SIGTERM)
+        _signal_group(self._proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(self._proc.wait(), grace)
         except TimeoutError:
-            self._signal(signal.SIGKILL)
+            _signal_group(self._proc.pid, signal.SIGKILL)
             await self._proc.wait()
 
     async def remove(self) -> None:
-        return None  # an ended subprocess leaves nothing behind
+        _forget(self._dir)
+
+
+class _AdoptedHandle:
+    """A task a previous agent started: not our child, so watched through /proc."""
+
+    def __init__(self, pid: int, ticks: int, attempt_dir: Path) -> None:
+        self._pid = pid
+        self._ticks = ticks
+        self._dir = attempt_dir
+
+    async def wait(self) -> ExitStatus:
+        while alive(self._pid, self._ticks):
+            await asyncio.sleep(0.1)
+        try:
+            return _exit_status(int((self._dir / EXIT_FILE).read_text()))
+        except (OSError, ValueError):
+            return ExitStatus(
+                -1, "lost", "the task ended while no agent watched it; its exit code is unknown"
+            )
+
+    async def stop(self, grace: float) -> None:
+        if not alive(self._pid, self._ticks):
+            return
+        _signal_group(self._pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while alive(self._pid, self._ticks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if alive(self._pid, self._ticks):
+            _signal_group(self._pid, signal.SIGKILL)
+
+    async def remove(self) -> None:
+        _forget(self._dir)
+
+
+def _forget(attempt_dir: Path) -> None:
+    """The controller has the attempt's result: a restarted agent must not find it again."""
+    for name in (PROCESS_FILE, EXIT_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (attempt_dir / name).unlink()
 
 
 async def _copy_pipe(fd: int, log: CappedLog) -> None:
@@ -79,36 +161,81 @@ class ProcessRuntime:
 
     Resources are accounted by the scheduler but not enforced; ``image`` is ignored.
     The task's stdout and stderr go through the agent into the attempt's log files, which stop
-    at ``LaunchSpec.log_limit_bytes`` each. A subprocess does not outlive its agent, so there
-    is nothing to recover.
+    at ``LaunchSpec.log_limit_bytes`` each (with ``leave_running``, straight into the files,
+    without the limit). Tasks die with the agent unless it runs with ``leave_running``.
     """
 
     name = "process"
 
+    def __init__(self, config: AgentConfig | None = None) -> None:
+        self.config = config or AgentConfig()
+        self._reaper: subprocess.Popen | None = None
+
     def task_path(self, host_path: Path) -> str:
         return str(host_path)
+
+    def _tell_reaper(self, line: str) -> None:
+        if self.config.leave_running:
+            return
+        if self._reaper is None or self._reaper.poll() is not None:
+            self._reaper = subprocess.Popen(
+                [sys.executable, "-m", "tether.agent.runtimes.reaper"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        assert self._reaper.stdin is not None
+        try:
+            self._reaper.stdin.write(line.encode() + b"\n")
+            self._reaper.stdin.flush()
+        except BrokenPipeError:  # the reaper died: the next task starts a new one
+            log.warning("task reaper died; tasks may outlive a crashed agent")
+
+    async def close(self) -> None:
+        """Let the reaper go (the agent is stopping and has stopped its tasks)."""
+        if self._reaper is not None and self._reaper.stdin is not None:
+            self._reaper.stdin.close()
+            await asyncio.to_thread(self._reaper.wait)
+            self._reaper = None
 
     async def start(self, spec: LaunchSpec) -> _ProcessHandle:
         env = {**os.environ, **spec.env}
         cwd = spec.working_dir or str(spec.attempt_dir)
+        leave = self.config.leave_running
+        command = list(spec.command)
+        if leave:
+            command = ["/bin/sh", "-c", _RECORD_EXIT, str(spec.attempt_dir / EXIT_FILE), *command]
         try:
-            logs = [
-                CappedLog(path, spec.log_limit_bytes, _truncation_reporter(spec, stream))
-                for stream, path in (("stdout", spec.stdout_path), ("stderr", spec.stderr_path))
-            ]
+            if leave:
+                outputs = [
+                    os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                    for p in (spec.stdout_path, spec.stderr_path)
+                ]
+                logs: list[CappedLog] = []
+                pipes: list[tuple[int, int]] = []
+            else:
+                logs = [
+                    CappedLog(path, spec.log_limit_bytes, _truncation_reporter(spec, stream))
+                    for stream, path in (
+                        ("stdout", spec.stdout_path),
+                        ("stderr", spec.stderr_path),
+                    )
+                ]
+                # Our own pipes rather than asyncio's PIPE: Process.wait() would otherwise also
+                # wait for the pipes to close, which a background child of the task can put
+                # off forever.
+                pipes = [os.pipe(), os.pipe()]
+                outputs = [w for _, w in pipes]
         except OSError as e:
             raise RuntimeError_(f"cannot create the attempt's log files: {e}") from e
-        # Our own pipes rather than asyncio's PIPE: Process.wait() would otherwise also wait
-        # for the pipes to close, which a background child of the task can put off forever.
-        pipes = [os.pipe(), os.pipe()]
         try:
             proc = await asyncio.create_subprocess_exec(
-                *spec.command,
+                *command,
                 env=env,
                 cwd=cwd,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=pipes[0][1],
-                stderr=pipes[1][1],
+                stdout=outputs[0],
+                stderr=outputs[1],
                 start_new_session=True,
             )
         except BaseException as e:
@@ -116,23 +243,64 @@ class ProcessRuntime:
             # cancel), the read ends and log files must not leak.
             for r, _ in pipes:
                 os.close(r)
-            for log in logs:
-                log.close()
+            for log_ in logs:
+                log_.close()
             if not isinstance(e, OSError | ValueError):
                 raise
             what = e.strerror if isinstance(e, FileNotFoundError) else e
             raise RuntimeError_(f"cannot start {spec.command[0]!r}: {what}") from e
         finally:
-            for _, w in pipes:
+            for w in outputs:
                 os.close(w)  # the child has its copies; ours would keep the pipes open
+        ticks = start_ticks(proc.pid)
+        self._tell_reaper(f"+{proc.pid} {ticks}")
+        _record(spec, proc.pid, ticks)
         copies = [
-            asyncio.create_task(_copy_pipe(r, log), name=f"{spec.name} {log.path.name}")
-            for (r, _), log in zip(pipes, logs, strict=True)
+            asyncio.create_task(_copy_pipe(r, log_), name=f"{spec.name} {log_.path.name}")
+            for (r, _), log_ in zip(pipes, logs, strict=True)
         ]
-        return _ProcessHandle(proc, copies)
+        return _ProcessHandle(
+            proc, copies, spec.attempt_dir, lambda: self._tell_reaper(f"-{proc.pid}")
+        )
 
     async def recover(self) -> list[RecoveredTask]:
-        return []
+        """The attempts a previous agent with this work dir left: live ones to adopt, and
+        ended ones whose result is known (an exit code, or a final report not yet acked)."""
+        found = []
+        for path in sorted(self.config.work_dir.glob(f"*/*/*/{PROCESS_FILE}")):
+            try:
+                rec = json.loads(path.read_text())
+                pid, ticks, labels = int(rec["pid"]), int(rec["ticks"]), dict(rec["labels"])
+                started_at = float(rec.get("started_at", 0))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("unreadable process record", path=str(path), error=str(e))
+                continue
+            d = path.parent
+            running = alive(pid, ticks)
+            if not running and not ((d / EXIT_FILE).exists() or (d / layout.STATUS_FILE).exists()):
+                # Died with its agent, result unknown: the controller finds the attempt gone
+                # when this agent registers, and runs it again.
+                _forget(d)
+                continue
+            found.append(
+                RecoveredTask(
+                    labels=labels,
+                    handle=_AdoptedHandle(pid, ticks, d),
+                    running=running,
+                    started_at=started_at,
+                )
+            )
+        return found
+
+
+def _record(spec: LaunchSpec, pid: int, ticks: int) -> None:
+    record = {"pid": pid, "ticks": ticks, "started_at": time.time(), "labels": spec.labels}
+    tmp = spec.attempt_dir / (PROCESS_FILE + ".tmp")
+    try:
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, spec.attempt_dir / PROCESS_FILE)
+    except OSError as e:  # the task runs on; only its adoption after a restart is lost
+        log.warning("cannot record the task's process", path=str(tmp), error=str(e))
 
 
 def _truncation_reporter(spec: LaunchSpec, stream: str):

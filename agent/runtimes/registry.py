@@ -45,6 +45,8 @@ RUNTIMES: dict[str, RuntimeInfo] = {
         RuntimeInfo(
             "process",
             "tether.agent.runtimes.process:ProcessRuntime",
+            takes_config=True,
+            recovers=True,
             description="subprocesses of the agent",
         ),
         RuntimeInfo(

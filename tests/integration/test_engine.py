@@ -15,6 +15,7 @@ from helpers import R, S, by_name, py, secs
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import InvalidSpecError, Workflow
+from tether.sdk.errors import AlreadyExistsError
 
 FAIL_TIMES = (
     "import os,sys;p=os.path.join({d!r},'count');n=int(open(p).read()) if os.path.exists(p) "
@@ -308,6 +309,28 @@ def test_idempotent_submit_returns_the_first_run(mesh):
         big.task(f"t{i}", py("pass"))
     a, b = client.submit(big, request_id="req-big"), client.submit(big, request_id="req-big")
     assert a.id == b.id and b.existing
+
+
+def test_reused_request_id_with_another_workflow_or_params_is_refused(mesh):
+    client = mesh.client()
+    wf = Workflow("first")
+    wf.task("x", py("pass"))
+    run = client.submit(wf, params={"p": "1"}, request_id="req-7")
+    other = Workflow("second")
+    other.task("y", py("pass"))
+    for spec, params in ((other, {"p": "1"}), (wf, {"p": "2"}), (wf, {})):
+        with pytest.raises(AlreadyExistsError) as e:
+            client.submit(spec, params=params, request_id="req-7")
+        assert "req-7" in str(e.value) and run.id in str(e.value)
+    assert client.submit(wf, params={"p": "1"}, request_id="req-7").id == run.id
+    big = Workflow("big")  # the chunked path checks the same way
+    for i in range(300):
+        big.task(f"t{i}", py("pass"))
+    client.submit(big, request_id="req-big-2")
+    with pytest.raises(AlreadyExistsError, match="belongs to run"):
+        client.submit(big, params={"p": "x"}, request_id="req-big-2")
+    names = [r.workflow_name for r in client.list_runs()]
+    assert names.count("first") == 1 and "second" not in names and names.count("big") == 1
 
 
 class FakeAgent:

@@ -72,6 +72,9 @@ def tls_controller(etcd, prefix, pki, tmp_path):
         tls_ca=str(pki / "ca.pem"),
     )
     ctl.start()
+    # TLS turns auth on: the tests act as the mesh's first admin.
+    with Client(ctl.address, timeout=5, tls_ca=str(pki / "ca.pem"), token="") as c:
+        ctl.token, _ = c.bootstrap_acl()
     yield ctl
     ctl.stop()
 
@@ -129,7 +132,9 @@ def test_agent_with_its_node_certificate_runs_a_task_over_tls(tls_controller, pk
         stderr=subprocess.DEVNULL,
     )
     try:
-        with Client(tls_controller.address, timeout=5, tls_ca=ca) as client:
+        with Client(
+            tls_controller.address, timeout=5, tls_ca=ca, token=tls_controller.token
+        ) as client:
             # No --name: the node is the one its certificate names.
             wait_for(lambda: node_names(client) == ["node-a"], 20, "node-a registered")
             wf = Workflow("over-tls")
@@ -137,7 +142,14 @@ def test_agent_with_its_node_certificate_runs_a_task_over_tls(tls_controller, pk
             run = client.submit(wf).wait(timeout=30)
             assert run.state == t.RunState.RUN_STATE_SUCCEEDED
             assert run.tasks[0].node == "node-a"
-        listed = tether("--tls-ca", ca, "nodes", controller=tls_controller.address)
+        listed = tether(
+            "--tls-ca",
+            ca,
+            "--token",
+            tls_controller.token,
+            "nodes",
+            controller=tls_controller.address,
+        )
         assert listed.returncode == 0, listed.stderr
         assert "node-a" in listed.stdout
     finally:
@@ -192,7 +204,7 @@ def test_agent_without_a_valid_node_certificate_is_refused(
     res = run_agent(tls_controller.address, tmp_path / "w", *args)
     assert_one_line_error(res, *needles)
     assert etcd_dump(etcd.endpoint, prefix) == before
-    with Client(tls_controller.address, timeout=5, tls_ca=ca) as client:
+    with Client(tls_controller.address, timeout=5, tls_ca=ca, token=tls_controller.token) as client:
         assert node_names(client) == []
 
 

@@ -17,9 +17,10 @@ from tether.agent.runtimes import registry
 def test_names_and_capabilities():
     assert registry.names() == ["process", "docker"]
     assert registry.DEFAULT == "process" == AgentConfig().runtime
-    assert registry.get("process").recovers is False
+    # Both keep a record of their work that a restarted agent recovers (process.json, labels).
+    assert registry.get("process").recovers is True
     assert registry.get("docker").recovers is True
-    assert registry.recovering_names() == ["docker"]
+    assert registry.recovering_names() == ["process", "docker"]
 
 
 def test_unknown_runtime_is_rejected():
@@ -29,10 +30,10 @@ def test_unknown_runtime_is_rejected():
         AgentConfig(runtime="podman")
 
 
-def test_leave_running_needs_a_recovering_runtime(tmp_path):
-    with pytest.raises(ValueError, match="leave_running"):
-        AgentConfig(runtime="process", leave_running=True, work_dir=tmp_path)
-    assert AgentConfig(runtime="docker", leave_running=True, work_dir=tmp_path).leave_running
+def test_leave_running_is_offered_by_every_recovering_runtime(tmp_path):
+    assert registry.recovering_names() == ["process", "docker"]
+    for name in registry.recovering_names():
+        assert AgentConfig(runtime=name, leave_running=True, work_dir=tmp_path).leave_running
 
 
 def test_cli_offers_the_registered_runtimes():

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from tether.api.v1 import types_pb2 as tether_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atether/v1/controller.proto\x12\ttether.v1\x1a\x15tether/v1/types.proto\"\xbf\x01\n\x15SubmitWorkflowRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.tether.v1.WorkflowSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12<\n\x06params\x18\x03 \x03(\x0b\x32,.tether.v1.SubmitWorkflowRequest.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x16SubmitWorkflowResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"-\n\x0eGetRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.tether.v1.Run\"8\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"I\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.tether.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rfrom_revision\x18\x02 \x01(\x03\"\x88\x01\n\x08RunEvent\x12 \n\x08snapshot\x18\x01 \x01(\x0b\x32\x0e.tether.v1.Run\x12 \n\x04task\x18\x02 \x01(\x0b\x32\x12.tether.v1.TaskRun\x12&\n\trun_state\x18\x03 \x01(\x0e\x32\x13.tether.v1.RunState\x12\x10\n\x08revision\x18\x04 \x01(\x03\"@\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x13\n\x11\x43\x61ncelRunResponse\"\x12\n\x10ListNodesRequest\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.tether.v1.Node\"R\n\x11StreamLogsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"8\n\x07LogData\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x32\xff\x03\n\x11\x43ontrollerService\x12U\n\x0eSubmitWorkflow\x12 .tether.v1.SubmitWorkflowRequest\x1a!.tether.v1.SubmitWorkflowResponse\x12=\n\x06GetRun\x12\x18.tether.v1.GetRunRequest\x1a\x19.tether.v1.GetRunResponse\x12\x43\n\x08ListRuns\x12\x1a.tether.v1.ListRunsRequest\x1a\x1b.tether.v1.ListRunsResponse\x12=\n\x08WatchRun\x12\x1a.tether.v1.WatchRunRequest\x1a\x13.tether.v1.RunEvent0\x01\x12\x46\n\tCancelRun\x12\x1b.tether.v1.CancelRunRequest\x1a\x1c.tether.v1.CancelRunResponse\x12@\n\nStreamLogs\x12\x1c.tether.v1.StreamLogsRequest\x1a\x12.tether.v1.LogData0\x01\x12\x46\n\tListNodes\x12\x1b.tether.v1.ListNodesRequest\x1a\x1c.tether.v1.ListNodesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atether/v1/controller.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15tether/v1/types.proto\"\xbf\x01\n\x15SubmitWorkflowRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.tether.v1.WorkflowSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12<\n\x06params\x18\x03 \x03(\x0b\x32,.tether.v1.SubmitWorkflowRequest.ParamsEntry\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\":\n\x16SubmitWorkflowResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"-\n\x0eGetRunResponse\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0e.tether.v1.Run\"8\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"I\n\x10ListRunsResponse\x12\x1c\n\x04runs\x18\x01 \x03(\x0b\x32\x0e.tether.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rfrom_revision\x18\x02 \x01(\x03\"\x88\x01\n\x08RunEvent\x12 \n\x08snapshot\x18\x01 \x01(\x0b\x32\x0e.tether.v1.Run\x12 \n\x04task\x18\x02 \x01(\x0b\x32\x12.tether.v1.TaskRun\x12&\n\trun_state\x18\x03 \x01(\x0e\x32\x13.tether.v1.RunState\x12\x10\n\x08revision\x18\x04 \x01(\x03\"@\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x13\n\x11\x43\x61ncelRunResponse\"\x12\n\x10ListNodesRequest\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.tether.v1.Node\"R\n\x11StreamLogsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"8\n\x07LogData\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"/\n\x10SetSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"%\n\x11SetSecretResponse\x12\x10\n\x08replaced\x18\x01 \x01(\x08\"\x14\n\x12ListSecretsRequest\"$\n\x13ListSecretsResponse\x12\r\n\x05names\x18\x01 \x03(\t\"#\n\x13\x44\x65leteSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteSecretResponse\"#\n\x13\x42ootstrapAclRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"I\n\x14\x42ootstrapAclResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\"\n\x04info\x18\x02 \x01(\x0b\x32\x14.tether.v1.TokenInfo\"X\n\x12\x43reateTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"H\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\"\n\x04info\x18\x02 \x01(\x0b\x32\x14.tether.v1.TokenInfo\"\x13\n\x11ListTokensRequest\":\n\x12ListTokensResponse\x12$\n\x06tokens\x18\x01 \x03(\x0b\x32\x14.tether.v1.TokenInfo\"\"\n\x12RevokeTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13RevokeTokenResponse2\x9e\x08\n\x11\x43ontrollerService\x12U\n\x0eSubmitWorkflow\x12 .tether.v1.SubmitWorkflowRequest\x1a!.tether.v1.SubmitWorkflowResponse\x12=\n\x06GetRun\x12\x18.tether.v1.GetRunRequest\x1a\x19.tether.v1.GetRunResponse\x12\x43\n\x08ListRuns\x12\x1a.tether.v1.ListRunsRequest\x1a\x1b.tether.v1.ListRunsResponse\x12=\n\x08WatchRun\x12\x1a.tether.v1.WatchRunRequest\x1a\x13.tether.v1.RunEvent0\x01\x12\x46\n\tCancelRun\x12\x1b.tether.v1.CancelRunRequest\x1a\x1c.tether.v1.CancelRunResponse\x12@\n\nStreamLogs\x12\x1c.tether.v1.StreamLogsRequest\x1a\x12.tether.v1.LogData0\x01\x12\x46\n\tListNodes\x12\x1b.tether.v1.ListNodesRequest\x1a\x1c.tether.v1.ListNodesResponse\x12\x46\n\tSetSecret\x12\x1b.tether.v1.SetSecretRequest\x1a\x1c.tether.v1.SetSecretResponse\x12L\n\x0bListSecrets\x12\x1d.tether.v1.ListSecretsRequest\x1a\x1e.tether.v1.ListSecretsResponse\x12O\n\x0c\x44\x65leteSecret\x12\x1e.tether.v1.DeleteSecretRequest\x1a\x1f.tether.v1.DeleteSecretResponse\x12O\n\x0c\x42ootstrapAcl\x12\x1e.tether.v1.BootstrapAclRequest\x1a\x1f.tether.v1.BootstrapAclResponse\x12L\n\x0b\x43reateToken\x12\x1d.tether.v1.CreateTokenRequest\x1a\x1e.tether.v1.CreateTokenResponse\x12I\n\nListTokens\x12\x1c.tether.v1.ListTokensRequest\x1a\x1d.tether.v1.ListTokensResponse\x12L\n\x0bRevokeToken\x12\x1d.tether.v1.RevokeTokenRequest\x1a\x1e.tether.v1.RevokeTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,36 +35,64 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITWORKFLOWREQUEST_PARAMSENTRY']._loaded_options = None
   _globals['_SUBMITWORKFLOWREQUEST_PARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_SUBMITWORKFLOWREQUEST']._serialized_start=65
-  _globals['_SUBMITWORKFLOWREQUEST']._serialized_end=256
-  _globals['_SUBMITWORKFLOWREQUEST_PARAMSENTRY']._serialized_start=211
-  _globals['_SUBMITWORKFLOWREQUEST_PARAMSENTRY']._serialized_end=256
-  _globals['_SUBMITWORKFLOWRESPONSE']._serialized_start=258
-  _globals['_SUBMITWORKFLOWRESPONSE']._serialized_end=316
-  _globals['_GETRUNREQUEST']._serialized_start=318
-  _globals['_GETRUNREQUEST']._serialized_end=349
-  _globals['_GETRUNRESPONSE']._serialized_start=351
-  _globals['_GETRUNRESPONSE']._serialized_end=396
-  _globals['_LISTRUNSREQUEST']._serialized_start=398
-  _globals['_LISTRUNSREQUEST']._serialized_end=454
-  _globals['_LISTRUNSRESPONSE']._serialized_start=456
-  _globals['_LISTRUNSRESPONSE']._serialized_end=529
-  _globals['_WATCHRUNREQUEST']._serialized_start=531
-  _globals['_WATCHRUNREQUEST']._serialized_end=587
-  _globals['_RUNEVENT']._serialized_start=590
-  _globals['_RUNEVENT']._serialized_end=726
-  _globals['_CANCELRUNREQUEST']._serialized_start=728
-  _globals['_CANCELRUNREQUEST']._serialized_end=792
-  _globals['_CANCELRUNRESPONSE']._serialized_start=794
-  _globals['_CANCELRUNRESPONSE']._serialized_end=813
-  _globals['_LISTNODESREQUEST']._serialized_start=815
-  _globals['_LISTNODESREQUEST']._serialized_end=833
-  _globals['_LISTNODESRESPONSE']._serialized_start=835
-  _globals['_LISTNODESRESPONSE']._serialized_end=886
-  _globals['_STREAMLOGSREQUEST']._serialized_start=888
-  _globals['_STREAMLOGSREQUEST']._serialized_end=970
-  _globals['_LOGDATA']._serialized_start=972
-  _globals['_LOGDATA']._serialized_end=1028
-  _globals['_CONTROLLERSERVICE']._serialized_start=1031
-  _globals['_CONTROLLERSERVICE']._serialized_end=1542
+  _globals['_SUBMITWORKFLOWREQUEST']._serialized_start=97
+  _globals['_SUBMITWORKFLOWREQUEST']._serialized_end=288
+  _globals['_SUBMITWORKFLOWREQUEST_PARAMSENTRY']._serialized_start=243
+  _globals['_SUBMITWORKFLOWREQUEST_PARAMSENTRY']._serialized_end=288
+  _globals['_SUBMITWORKFLOWRESPONSE']._serialized_start=290
+  _globals['_SUBMITWORKFLOWRESPONSE']._serialized_end=348
+  _globals['_GETRUNREQUEST']._serialized_start=350
+  _globals['_GETRUNREQUEST']._serialized_end=381
+  _globals['_GETRUNRESPONSE']._serialized_start=383
+  _globals['_GETRUNRESPONSE']._serialized_end=428
+  _globals['_LISTRUNSREQUEST']._serialized_start=430
+  _globals['_LISTRUNSREQUEST']._serialized_end=486
+  _globals['_LISTRUNSRESPONSE']._serialized_start=488
+  _globals['_LISTRUNSRESPONSE']._serialized_end=561
+  _globals['_WATCHRUNREQUEST']._serialized_start=563
+  _globals['_WATCHRUNREQUEST']._serialized_end=619
+  _globals['_RUNEVENT']._serialized_start=622
+  _globals['_RUNEVENT']._serialized_end=758
+  _globals['_CANCELRUNREQUEST']._serialized_start=760
+  _globals['_CANCELRUNREQUEST']._serialized_end=824
+  _globals['_CANCELRUNRESPONSE']._serialized_start=826
+  _globals['_CANCELRUNRESPONSE']._serialized_end=845
+  _globals['_LISTNODESREQUEST']._serialized_start=847
+  _globals['_LISTNODESREQUEST']._serialized_end=865
+  _globals['_LISTNODESRESPONSE']._serialized_start=867
+  _globals['_LISTNODESRESPONSE']._serialized_end=918
+  _globals['_STREAMLOGSREQUEST']._serialized_start=920
+  _globals['_STREAMLOGSREQUEST']._serialized_end=1002
+  _globals['_LOGDATA']._serialized_start=1004
+  _globals['_LOGDATA']._serialized_end=1060
+  _globals['_SETSECRETREQUEST']._serialized_start=1062
+  _globals['_SETSECRETREQUEST']._serialized_end=1109
+  _globals['_SETSECRETRESPONSE']._serialized_start=1111
+  _globals['_SETSECRETRESPONSE']._serialized_end=1148
+  _globals['_LISTSECRETSREQUEST']._serialized_start=1150
+  _globals['_LISTSECRETSREQUEST']._serialized_end=1170
+  _globals['_LISTSECRETSRESPONSE']._serialized_start=1172
+  _globals['_LISTSECRETSRESPONSE']._serialized_end=1208
+  _globals['_DELETESECRETREQUEST']._serialized_start=1210
+  _globals['_DELETESECRETREQUEST']._serialized_end=1245
+  _globals['_DELETESECRETRESPONSE']._serialized_start=1247
+  _globals['_DELETESECRETRESPONSE']._serialized_end=1269
+  _globals['_BOOTSTRAPACLREQUEST']._serialized_start=1271
+  _globals['_BOOTSTRAPACLREQUEST']._serialized_end=1306
+  _globals['_BOOTSTRAPACLRESPONSE']._serialized_start=1308
+  _globals['_BOOTSTRAPACLRESPONSE']._serialized_end=1381
+  _globals['_CREATETOKENREQUEST']._serialized_start=1383
+  _globals['_CREATETOKENREQUEST']._serialized_end=1471
+  _globals['_CREATETOKENRESPONSE']._serialized_start=1473
+  _globals['_CREATETOKENRESPONSE']._serialized_end=1545
+  _globals['_LISTTOKENSREQUEST']._serialized_start=1547
+  _globals['_LISTTOKENSREQUEST']._serialized_end=1566
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=1568
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=1626
+  _globals['_REVOKETOKENREQUEST']._serialized_start=1628
+  _globals['_REVOKETOKENREQUEST']._serialized_end=1662
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=1664
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=1685
+  _globals['_CONTROLLERSERVICE']._serialized_start=1688
+  _globals['_CONTROLLERSERVICE']._serialized_end=2742
 # @@protoc_insertion_point(module_scope)

@@ -71,6 +71,41 @@ class ControllerServiceStub:
                 request_serializer=tether_dot_v1_dot_controller__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_controller__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.SetSecret = channel.unary_unary(
+                '/tether.v1.ControllerService/SetSecret',
+                request_serializer=tether_dot_v1_dot_controller__pb2.SetSecretRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.SetSecretResponse.FromString,
+                _registered_method=True)
+        self.ListSecrets = channel.unary_unary(
+                '/tether.v1.ControllerService/ListSecrets',
+                request_serializer=tether_dot_v1_dot_controller__pb2.ListSecretsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.ListSecretsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSecret = channel.unary_unary(
+                '/tether.v1.ControllerService/DeleteSecret',
+                request_serializer=tether_dot_v1_dot_controller__pb2.DeleteSecretRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.DeleteSecretResponse.FromString,
+                _registered_method=True)
+        self.BootstrapAcl = channel.unary_unary(
+                '/tether.v1.ControllerService/BootstrapAcl',
+                request_serializer=tether_dot_v1_dot_controller__pb2.BootstrapAclRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.BootstrapAclResponse.FromString,
+                _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/tether.v1.ControllerService/CreateToken',
+                request_serializer=tether_dot_v1_dot_controller__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/tether.v1.ControllerService/ListTokens',
+                request_serializer=tether_dot_v1_dot_controller__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/tether.v1.ControllerService/RevokeToken',
+                request_serializer=tether_dot_v1_dot_controller__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -130,6 +165,7 @@ class ControllerServiceServicer:
         Errors: INVALID_ARGUMENT (empty run_id), NOT_FOUND (run or task; also a
         finished run the controller no longer holds in memory, e.g. after a
         restart), FAILED_PRECONDITION (run or task already finished),
+        PERMISSION_DENIED (a `submitter` cancelling a run it did not submit),
         UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -155,6 +191,68 @@ class ControllerServiceServicer:
     def ListNodes(self, request, context):
         """Lists the registered nodes with capacity, allocation and labels.
         Errors: UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSecret(self, request, context):
+        """Creates or replaces a secret; its value is stored encrypted (AES-GCM).
+        Errors: INVALID_ARGUMENT (bad `name`, `value` empty, not UTF-8, with a
+        NUL byte or over 32 KiB), FAILED_PRECONDITION (the controller has no
+        --secrets-key-file), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSecrets(self, request, context):
+        """Lists the secrets' names (never their values), sorted.
+        Errors: FAILED_PRECONDITION (no --secrets-key-file), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSecret(self, request, context):
+        """Deletes a secret. Runs already submitted that refer to it fail the
+        attempts that start afterwards.
+        Errors: INVALID_ARGUMENT (bad `name`), NOT_FOUND, FAILED_PRECONDITION (no
+        --secrets-key-file), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BootstrapAcl(self, request, context):
+        """Creates the first admin token; needs no token, and works once per
+        prefix (an etcd marker records that it happened).
+        Errors: FAILED_PRECONDITION (already bootstrapped), INVALID_ARGUMENT
+        (bad name), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateToken(self, request, context):
+        """Creates a token with a role; the reply holds the token, shown only then.
+        Needs role admin. Errors: INVALID_ARGUMENT (`name`, `role`, `ttl`),
+        ALREADY_EXISTS (a token of that name exists), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Lists the tokens (names, roles, times; never the tokens). Needs admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Deletes a token: every controller refuses it from then on. Needs admin.
+        Errors: NOT_FOUND, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -197,6 +295,41 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=tether_dot_v1_dot_controller__pb2.ListNodesRequest.FromString,
                     response_serializer=tether_dot_v1_dot_controller__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'SetSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSecret,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.SetSecretRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.SetSecretResponse.SerializeToString,
+            ),
+            'ListSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSecrets,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.ListSecretsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.ListSecretsResponse.SerializeToString,
+            ),
+            'DeleteSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSecret,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.DeleteSecretRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.DeleteSecretResponse.SerializeToString,
+            ),
+            'BootstrapAcl': grpc.unary_unary_rpc_method_handler(
+                    servicer.BootstrapAcl,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.BootstrapAclRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.BootstrapAclResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.CreateTokenRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.ListTokensRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.RevokeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -390,6 +523,195 @@ class ControllerService:
             '/tether.v1.ControllerService/ListNodes',
             tether_dot_v1_dot_controller__pb2.ListNodesRequest.SerializeToString,
             tether_dot_v1_dot_controller__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControllerService/SetSecret',
+            tether_dot_v1_dot_controller__pb2.SetSecretRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.SetSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControllerService/ListSecrets',
+            tether_dot_v1_dot_controller__pb2.ListSecretsRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.ListSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControllerService/DeleteSecret',
+            tether_dot_v1_dot_controller__pb2.DeleteSecretRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.DeleteSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BootstrapAcl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControllerService/BootstrapAcl',
+            tether_dot_v1_dot_controller__pb2.BootstrapAclRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.BootstrapAclResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControllerService/CreateToken',
+            tether_dot_v1_dot_controller__pb2.CreateTokenRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControllerService/ListTokens',
+            tether_dot_v1_dot_controller__pb2.ListTokensRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControllerService/RevokeToken',
+            tether_dot_v1_dot_controller__pb2.RevokeTokenRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,89 @@
+"""The reaper: a small process that stops an agent's tasks when the agent dies.
+
+A task of the ``process`` runtime is a child of its agent. If the agent is SIGKILLed (or
+crashes), its children are re-parented to init and run on, while the controller, rightly,
+runs their attempts again elsewhere once the node's lease expires: the task would run twice at
+once. The reaper closes that gap. The agent starts one reaper and tells it, over the reaper's
+stdin, each task's process group as it starts (``+PID STARTTIME``) and ends (``-PID``). The
+pipe closes when the agent dies, however it dies, and the reaper then stops every group it was
+told of (SIGTERM, then SIGKILL after a short grace) and exits.
+
+Run as ``python -m tether.agent.runtimes.reaper``; the start time (from ``/proc``) guards
+against a reused pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+
+__all__ = ["GRACE", "alive", "main", "start_ticks"]
+
+# SIGTERM-to-SIGKILL grace once the agent is gone: short, since the controller will run these
+# attempts elsewhere, and they must be gone before it does.
+GRACE = 0.5
+
+
+def _stat(pid: int) -> list[bytes]:
+    """Fields 3 on of /proc/PID/stat (state first); empty when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return []
+    # The command name (field 2) is in parentheses and may itself contain spaces or ')'.
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
+def start_ticks(pid: int) -> int:
+    """When process ``pid`` started (clock ticks since boot, field 22 of /proc/PID/stat);
+    0 when there is no such process."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else 0
+
+
+def alive(pid: int, ticks: int) -> bool:
+    """Whether ``pid`` is still the process that started at ``ticks`` (and not a zombie)."""
+    fields = _stat(pid)
+    return bool(fields) and int(fields[19]) == ticks and fields[0] != b"Z"
+
+
+def _kill_groups(groups: dict[int, int], sig: int) -> None:
+    for pid, ticks in groups.items():
+        if alive(pid, ticks):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+
+
+def stop_groups(groups: dict[int, int], grace: float = GRACE) -> None:
+    """SIGTERM each live group, then SIGKILL those whose leader outlives ``grace``."""
+    _kill_groups(groups, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(alive(p, t) for p, t in groups.items()):
+        time.sleep(0.02)
+    _kill_groups(groups, signal.SIGKILL)
+
+
+def main() -> None:
+    # The agent's terminal or service manager may signal the whole session; the reaper must
+    # outlive the agent to do its job, and ends by itself when the agent's pipe closes.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    groups: dict[int, int] = {}
+    for line in sys.stdin.buffer:
+        parts = line.split()
+        try:
+            if line.startswith(b"+") and len(parts) == 2:
+                groups[int(parts[0][1:])] = int(parts[1])
+            elif line.startswith(b"-") and len(parts) == 1:
+                groups.pop(int(parts[0][1:]), None)
+        except ValueError:
+            continue
+    stop_groups(groups)
+
+
+if __name__ == "__main__":
+    main()
