@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2
 from tether.agent.config import AgentConfig
 from tether.agent.identity import TlsFiles, WorkDirLock, load_node_id
 from tether.agent.logs import LogStreams
+from tether.agent.reconnect import Reconnect
 from tether.agent.resources import detect_cpu, detect_gpus, detect_memory
 from tether.agent.runner import Runner
 from tether.agent.runtimes import registry
@@ -90,8 +91,11 @@ class Agent:
         self._main: asyncio.Task | None = None
         # Several comma-separated controllers (HA): a broken or refused stream moves on to the
         # next one, so the agent finds whichever controller leads.
-        self.controllers = [a.strip() for a in config.controller.split(",") if a.strip()]
-        self._current = 0
+        self.reconnect = Reconnect(
+            [a.strip() for a in config.controller.split(",") if a.strip()],
+            config.reconnect_initial,
+            config.reconnect_max,
+        )
         self._recovered = False
         self.tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_ca)
         # When a controller last renewed this node's lease (time.monotonic(); 0: never), and
@@ -165,15 +169,16 @@ class Agent:
                 )
 
     async def _connect_loop(self) -> None:
-        delay = self.config.reconnect_initial
         while not self._stop.is_set():
             registrations = self.registrations
-            address = self.controllers[self._current % len(self.controllers)]
+            address = self.reconnect.address
+            error: grpc.aio.AioRpcError | None = None
             try:
                 await self._session(address)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
+                error = e
                 if e.code() in _REFUSALS and self.registrations == 0:
                     # Refused before ever registering: retrying cannot help, say so and exit.
                     raise AgentRefused(
@@ -193,13 +198,9 @@ class Agent:
                 self.connected.clear()
             if self._stop.is_set():
                 break
-            self._current += 1
-            if self.registrations > registrations:
-                delay = self.config.reconnect_initial  # it worked: reconnect quickly
-            sleep = random.uniform(delay / 2, delay)  # jitter: agents do not reconnect in step
+            sleep = self.reconnect.after(self.registrations > registrations, error)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), sleep)
-            delay = min(delay * 2, self.config.reconnect_max)
 
     async def _session(self, address: str) -> None:
         # Read at every connection: replacing the files (and reconnecting) rotates them.

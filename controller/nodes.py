@@ -5,6 +5,7 @@ a node whose lease expired (its attempts are lost).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from google.protobuf import duration_pb2
@@ -24,6 +25,8 @@ from tether.sdk.telemetry import get_logger
 __all__ = ["Nodes", "grace_deadline"]
 
 log = get_logger("controller.engine")
+# Lease renewals in flight at once when a new leader takes over.
+_REFRESH_CONCURRENCY = 64
 
 
 def grace_deadline(st: NodeState) -> float:
@@ -67,10 +70,31 @@ class Nodes:
     async def load(self, revision: int) -> set[str]:
         """Read the registered nodes' leases at ``revision``; return their names."""
         nodes, _ = await self.store.range(self.keys.nodes, revision=revision)
+        taken_over = time.monotonic()
         for kv in nodes:
             node = t.Node.FromString(kv.value)
-            self.cache.node(node.name).lease_id = kv.lease
+            st = self.cache.node(node.name)
+            st.lease_id = kv.lease
+            # Failover grace: the controller was away, not the node. Each node counts as just
+            # heard from, so none is declared lost (nor its attempts retried) sooner than a
+            # full grace after this takeover.
+            st.last_contact = taken_over
+            st.disconnect_grace = max(st.disconnect_grace, float(self.config.lease_ttl))
+        await self._refresh_leases([kv.lease for kv in nodes if kv.lease])
         return {kv.key.rsplit("/", 1)[1] for kv in nodes}
+
+    async def _refresh_leases(self, leases: list[int]) -> None:
+        """Renew each node's lease once at takeover, so that it lives a full TTL from now:
+        nobody renewed it while no controller led, and its agent needs a moment to find
+        this one."""
+        gate = asyncio.Semaphore(_REFRESH_CONCURRENCY)
+
+        async def refresh(lease: int) -> None:
+            async with gate:
+                with contextlib.suppress(Exception):  # expired: the node watch handles it
+                    await self.store.keepalive(lease)
+
+        await asyncio.gather(*(refresh(lease) for lease in leases))
 
     def session_of(self, node: str) -> AgentSession | None:
         """The open stream of a node's agent, or None when the node is not connected here."""

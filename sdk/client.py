@@ -24,7 +24,7 @@ from opentelemetry import trace
 from tether.api.v1 import controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
 from tether.sdk.constants import DEFAULT_CONTROLLER
-from tether.sdk.errors import TetherError, TimeoutError, from_rpc_error
+from tether.sdk.errors import TetherError, TimeoutError, from_rpc_error, leader_of
 from tether.sdk.spec import Workflow
 from tether.sdk.states import TERMINAL_RUN_STATES
 from tether.sdk.telemetry import current_traceparent
@@ -145,11 +145,24 @@ class Client:
         ]
         # Several comma-separated addresses name the controllers of an HA deployment: calls go
         # to one, and move to the next when it answers UNAVAILABLE (down, or standing by).
-        addresses = [a.strip() for a in self.address.split(",") if a.strip()]
-        self._channels = [self._channel(a, options) for a in addresses]
-        traced = [grpc.intercept_channel(c, _TraceContext(token.strip())) for c in self._channels]
-        self._stubs = [controller_pb2_grpc.ControllerServiceStub(c) for c in traced]
+        self._options = options
+        self._token = token.strip()
+        self._addresses: list[str] = []
+        self._channels: list[grpc.Channel] = []
+        self._stubs: list[controller_pb2_grpc.ControllerServiceStub] = []
+        for a in self.address.split(","):
+            if a.strip():
+                self._add_controller(a.strip())
         self._current = 0
+
+    def _add_controller(self, address: str) -> int:
+        """Open a channel to one more controller; return its index."""
+        channel = self._channel(address, self._options)
+        traced = grpc.intercept_channel(channel, _TraceContext(self._token))
+        self._addresses.append(address)
+        self._channels.append(channel)
+        self._stubs.append(controller_pb2_grpc.ControllerServiceStub(traced))
+        return len(self._stubs) - 1
 
     def _channel(self, address: str, options: list) -> grpc.Channel:
         if not self.tls_ca:
@@ -164,8 +177,15 @@ class Client:
     def _stub(self) -> controller_pb2_grpc.ControllerServiceStub:
         return self._stubs[self._current]
 
-    def _next_controller(self) -> None:
+    def _next_controller(self, err: grpc.RpcError | None = None) -> bool:
+        """Move to the leader a standby named in ``err`` (True), else to the next controller."""
+        leader = leader_of(err) if err is not None else ""
+        if leader and leader != self._addresses[self._current]:
+            known = leader in self._addresses
+            self._current = self._addresses.index(leader) if known else self._add_controller(leader)
+            return True
         self._current = (self._current + 1) % len(self._stubs)
+        return False
 
     def close(self) -> None:
         for channel in self._channels:
@@ -179,13 +199,14 @@ class Client:
 
     def _call(self, method: str, request, **kw):
         timeout = kw.pop("timeout", self.timeout)
-        for tried in range(len(self._stubs)):
+        tries = len(self._stubs) + 1  # each controller, and the leader a standby names
+        for tried in range(tries):
             try:
                 return getattr(self._stub, method)(request, timeout=timeout, **kw)
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE and tried + 1 < len(self._stubs):
-                    self._next_controller()
-                    continue
+                if e.code() == grpc.StatusCode.UNAVAILABLE and tried + 1 < tries:
+                    if self._next_controller(e) or tried + 1 < len(self._stubs):
+                        continue
                 raise from_rpc_error(e) from None
         raise AssertionError("unreachable")
 
@@ -254,7 +275,7 @@ class Client:
             )
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
-                self._next_controller()  # callers resume from the last revision
+                self._next_controller(e)  # callers resume from the last revision
             raise from_rpc_error(e) from None
 
     def logs(
@@ -287,7 +308,8 @@ class Client:
         request = controller_pb2.StreamLogsRequest(
             run_id=run_id, task=task, attempt=attempt, follow=follow
         )
-        for tried in range(len(self._stubs)):
+        rounds = len(self._stubs) + 1  # each controller, and the leader a standby names
+        for tried in range(rounds):
             call = self._stub.StreamLogs(request)
             started = False
             try:
@@ -301,8 +323,9 @@ class Client:
                     raise err from None
                 # This controller is down or standing by: the next one may lead. A stream cut
                 # mid-way is not resumed (it would repeat output); the caller asks again.
-                self._next_controller()
-                if started or tried + 1 == len(self._stubs):
+                followed = self._next_controller(e)
+                last = tried + 1 == rounds or (tried + 2 >= rounds and not followed)
+                if started or last:
                     raise err from None
             finally:
                 call.cancel()  # a no-op once the stream has ended
