@@ -50,7 +50,7 @@ class Reconnect:
             registered: The session registered the node (it worked for a while).
             err: The error that ended it, if any.
         """
-        if registered:
+        if registered or _reason(err) in _SOON:
             self.delay = self.initial
         leader = leader_of(err) if err is not None else ""
         if leader and leader != self.address:
@@ -59,8 +59,6 @@ class Reconnect:
             self.current = self.controllers.index(leader)
             return random.uniform(0, self.initial / 4)  # at once; jitter spreads a fleet
         self.current = (self.current + 1) % len(self.controllers)
-        if _reason(err) in _SOON:
-            self.delay = self.initial
         sleep = random.uniform(self.delay / 2, self.delay)  # agents do not reconnect in step
         self.delay = min(self.delay * 2, self.maximum)
         return sleep

@@ -95,7 +95,7 @@ class Engine:
         )
         dispatch.unstartable = attempts.unstartable
         self._cancels = cancels = Cancels(cache, committer, dispatch, progress, timers)
-        self._nodes = Nodes(config, store, cache, attempts, dispatch)
+        self._nodes = Nodes(config, store, cache, attempts, dispatch, timers)
         self._loader = Loader(store, cache, committer, progress, attempts, cancels, dispatch)
         self._placer = Placer(
             cache, committer, self.metrics, dispatch, progress, get_policy(config.policy)

@@ -20,6 +20,7 @@ from tether.controller.dispatch import Dispatch
 from tether.controller.errors import AlreadyExists, OutOfRange
 from tether.controller.records import AgentSession, now
 from tether.controller.store import Put, Store
+from tether.controller.timers import Timers
 from tether.sdk.telemetry import get_logger
 
 __all__ = ["Nodes", "grace_deadline"]
@@ -59,8 +60,12 @@ class Nodes:
         cache: Cache,
         attempts: Attempts,
         dispatch: Dispatch,
+        timers: Timers | None = None,
     ) -> None:
         self.config = config
+        self.timers = timers
+        # Nodes known at takeover whose agents have not registered with this term yet.
+        self.awaited: set[str] = set()
         self.store = store
         self.keys = store.keys
         self.cache = cache
@@ -80,6 +85,7 @@ class Nodes:
             # full grace after this takeover.
             st.last_contact = taken_over
             st.disconnect_grace = max(st.disconnect_grace, float(self.config.lease_ttl))
+            self.awaited.add(node.name)
         await self._refresh_leases([kv.lease for kv in nodes if kv.lease])
         return {kv.key.rsplit("/", 1)[1] for kv in nodes}
 
@@ -149,6 +155,7 @@ class Nodes:
             raise
         if old is not None and old is not session:
             old.close()  # the same agent coming back: its old stream is dead
+        self.awaited.discard(reg.node)
         st.capacity.CopyFrom(reg.capacity)
         st.gpu_indices = sorted(g.index for g in reg.gpus)
         st.labels = dict(reg.labels)
@@ -266,6 +273,24 @@ class Nodes:
         # The agent may still run these attempts until its grace is over (it then stops them
         # itself): their next copies wait for that, so two never overlap.
         hold = max(0.0, grace_deadline(st) - time.monotonic())
+        if name in self.awaited and hold > 0 and self.timers is not None:
+            # Its lease ran out while no controller led: the agent may be on its way back to
+            # this new leader, and then its attempts simply go on.
+            log.info("node record expired during failover; awaiting its agent", node=name)
+            self.timers.later(hold, self._failover_grace_over, name)
+            return
+        self._lose_node(st, hold)
+
+    def _failover_grace_over(self, name: str) -> None:
+        """A node known at takeover whose record expired: lost unless its agent came back."""
+        st = self.cache.nodes.get(name)
+        if st is None or st.session is not None or name not in self.awaited:
+            return
+        self.awaited.discard(name)
+        self._lose_node(st, 0.0)
+
+    def _lose_node(self, st: NodeState, hold: float) -> None:
+        name = st.name
         for run_id, task in list(st.attempts):
             run, e = self.cache.task(run_id, task)
             if run and e is not None and e.msg.state in lc.TASK_ACTIVE and e.msg.node == name:
