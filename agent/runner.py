@@ -29,6 +29,7 @@ from tether.agent.runtimes.base import Runtime, RuntimeError_
 from tether.agent.supervision import DEFAULT_CANCEL_GRACE, Attempt, Key, key_of, now, supervise
 from tether.api.v1 import agent_pb2
 from tether.api.v1 import types_pb2 as t
+from tether.sdk.states import DRAINED
 from tether.sdk.telemetry import context_from_traceparent, get_logger, traceparent_of
 
 __all__ = ["Runner"]
@@ -108,7 +109,10 @@ class Runner:
             return
         has_grace = c.HasField("grace")
         grace = c.grace.seconds + c.grace.nanos / 1e9 if has_grace else DEFAULT_CANCEL_GRACE
-        att.request_cancel(c.reason or "cancelled", grace)
+        if c.requeue:
+            att.fence(c.reason or "node drained", grace, DRAINED)
+        else:
+            att.request_cancel(c.reason or "cancelled", grace)
 
     def fence(self, reason: str, grace: float) -> int:
         """Stop every attempt because this node is out of contact; return how many were

@@ -60,8 +60,9 @@ class Attempt:
     cancel_reason: str = ""
     cancel_grace: float = DEFAULT_CANCEL_GRACE
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    # Stopped by the agent out of contact: reported FAILED with reason FENCED, not CANCELLED.
-    fenced: bool = False
+    # Stopped for the node's sake (FENCED: out of contact; DRAINED: a drain): reported FAILED
+    # with that reason rather than CANCELLED, and retried elsewhere free of charge.
+    node_reason: str = ""
 
     def request_cancel(self, reason: str, grace: float) -> None:
         """Have the supervisor stop the attempt and report it cancelled with ``reason``."""
@@ -69,10 +70,11 @@ class Attempt:
         self.cancel_grace = grace
         self.cancelled.set()
 
-    def fence(self, reason: str, grace: float) -> None:
-        """Stop the attempt because this node lost contact; the controller retries it."""
+    def fence(self, reason: str, grace: float, code: str = FENCED) -> None:
+        """Stop the attempt for the node's sake (``code``: FENCED or DRAINED); the controller
+        retries it elsewhere."""
         if not self.cancelled.is_set():
-            self.fenced = True
+            self.node_reason = code
             self.request_cancel(reason, grace)
 
 
@@ -120,9 +122,9 @@ async def supervise(
         cancelled = cancel in done
         await att.handle.stop(att.cancel_grace if cancelled else stop_grace)
         status.exit_code = (await wait).exit_code
-        if cancelled and att.fenced:
+        if cancelled and att.node_reason:
             status.state = t.TaskState.TASK_STATE_FAILED
-            status.reason, status.message = FENCED, att.cancel_reason
+            status.reason, status.message = att.node_reason, att.cancel_reason
         elif cancelled:
             status.state = t.TaskState.TASK_STATE_CANCELLED
             status.reason, status.message = "cancelled", att.cancel_reason

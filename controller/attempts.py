@@ -22,7 +22,7 @@ from tether.controller.records import AgentSession, RunEntry, TaskEntry, now
 from tether.controller.retry import retry_delay
 from tether.controller.timers import Timers
 from tether.sdk.constants import LOG_TAIL_BYTES, MAX_OUTPUT_BYTES
-from tether.sdk.states import FENCED, FINAL_REPORT_STATES
+from tether.sdk.states import DRAINED, FENCED, FINAL_REPORT_STATES
 from tether.sdk.telemetry import context_from_traceparent, get_logger
 
 __all__ = ["Attempts"]
@@ -90,7 +90,7 @@ class Attempts:
                 )
             return
         assert run is not None and e is not None
-        if final and s.reason == FENCED:
+        if final and s.reason in (FENCED, DRAINED):
             # The agent lost contact for longer than its grace and stopped the attempt itself:
             # the node's fault, not the task's, so retried without using up `retries`.
             self.lose(run, e, s.message or "stopped by its agent out of contact")

@@ -47,12 +47,17 @@ class NodeState:
     last_contact: float = 0.0
     # How long its agent keeps working without contact (Register.disconnect_grace), seconds.
     disconnect_grace: float = 0.0
+    # An operator's cordon or drain (types.NodeControl, kept in etcd).
+    cordoned: bool = False
+    draining: bool = False
+    drain_deadline: float = 0.0  # seconds since the epoch
+    drain_timer: asyncio.TimerHandle | None = None
     # Attempts RUNNING here that the agent's last heartbeat did not list.
     unlisted: set[tuple[str, str, int]] = field(default_factory=set)
 
     @property
     def schedulable(self) -> bool:
-        return self.session is not None
+        return self.session is not None and not self.cordoned
 
     def allocated(self) -> types_pb2.Resources:
         """What attempts bound here hold."""

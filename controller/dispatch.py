@@ -107,9 +107,16 @@ class Dispatch:
                 self.cancel(node.session, run.msg.id, m.spec.name, m.attempt, "cancelled")
 
     def cancel(
-        self, session: AgentSession, run_id: str, task: str, attempt: int, reason: str
+        self,
+        session: AgentSession,
+        run_id: str,
+        task: str,
+        attempt: int,
+        reason: str,
+        requeue: bool = False,
     ) -> None:
-        """Tell an agent to stop an attempt (SIGTERM, then SIGKILL after the grace)."""
+        """Tell an agent to stop an attempt (SIGTERM, then SIGKILL after the grace);
+        ``requeue``: for the node's sake, so it is retried elsewhere free of charge."""
         grace = duration_pb2.Duration()
         grace.FromNanoseconds(int(self.config.cancel_grace * 1e9))
         session.send(
@@ -118,6 +125,7 @@ class Dispatch:
                     ref=agent_pb2.AttemptRef(run_id=run_id, task=task, attempt=attempt),
                     reason=reason,
                     grace=grace,
+                    requeue=requeue,
                 )
             )
         )

@@ -215,6 +215,12 @@ class Engine:
         """Ask to cancel a run, or one task of it (desired state; the engine converges)."""
         self._cancels.cancel(run_id, task, reason)
 
+    async def set_node_control(
+        self, name: str, cordoned: bool, draining: bool = False, deadline: float = 0.0
+    ) -> None:
+        """Cordon, drain or uncordon a node (see :meth:`Nodes.set_control`)."""
+        await self._nodes.set_control(name, cordoned, draining, deadline)
+
     async def list_nodes(self) -> list[t.Node]:
         """Registered nodes, with what is allocated on each."""
         return await self._nodes.list_nodes()

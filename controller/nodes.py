@@ -17,9 +17,9 @@ from tether.controller.attempts import Attempts
 from tether.controller.cache import Cache, NodeState
 from tether.controller.config import ControllerConfig
 from tether.controller.dispatch import Dispatch
-from tether.controller.errors import AlreadyExists, OutOfRange
+from tether.controller.errors import AlreadyExists, NotFound, OutOfRange
 from tether.controller.records import AgentSession, now
-from tether.controller.store import Put, Store
+from tether.controller.store import Delete, Put, Store
 from tether.controller.timers import Timers
 from tether.sdk.telemetry import get_logger
 
@@ -28,6 +28,12 @@ __all__ = ["Nodes", "grace_deadline"]
 log = get_logger("controller.engine")
 # Lease renewals in flight at once when a new leader takes over.
 _REFRESH_CONCURRENCY = 64
+
+
+def _schedule_state(st: NodeState) -> str:
+    if st.draining:
+        return "draining" if st.attempts else "drained"
+    return "cordoned" if st.cordoned else "ready"
 
 
 def grace_deadline(st: NodeState) -> float:
@@ -73,7 +79,8 @@ class Nodes:
         self.dispatch = dispatch
 
     async def load(self, revision: int) -> set[str]:
-        """Read the registered nodes' leases at ``revision``; return their names."""
+        """Read the registered nodes' leases and the operators' cordons and drains at
+        ``revision``; return the registered nodes' names."""
         nodes, _ = await self.store.range(self.keys.nodes, revision=revision)
         taken_over = time.monotonic()
         for kv in nodes:
@@ -87,6 +94,9 @@ class Nodes:
             st.disconnect_grace = max(st.disconnect_grace, float(self.config.lease_ttl))
             self.awaited.add(node.name)
         await self._refresh_leases([kv.lease for kv in nodes if kv.lease])
+        controls, _ = await self.store.range(self.keys.node_controls, revision=revision)
+        for kv in controls:
+            self._apply_control(kv.key.rsplit("/", 1)[1], t.NodeControl.FromString(kv.value))
         return {kv.key.rsplit("/", 1)[1] for kv in nodes}
 
     async def _refresh_leases(self, leases: list[int]) -> None:
@@ -109,6 +119,51 @@ class Nodes:
             return None
         return st.session
 
+    async def set_control(
+        self, name: str, cordoned: bool, draining: bool = False, deadline: float = 0.0
+    ) -> None:
+        """Cordon, drain (``deadline``: seconds from now) or uncordon a known node."""
+        if name not in self.cache.nodes and await self.store.get(self.keys.node(name)) is None:
+            raise NotFound(f"node {name[:64]!r} is not registered")
+        control = t.NodeControl(cordoned=cordoned, draining=draining)
+        if draining:
+            control.drain_deadline.FromNanoseconds(int((time.time() + deadline) * 1e9))
+        key = self.keys.node_control(name)
+        if cordoned:
+            await self.store.txn([], [Put(key, control.SerializeToString())])
+        else:
+            await self.store.txn([], [Delete(key)])
+        self._apply_control(name, control)
+        log.info("node control", node=name, cordoned=cordoned, draining=draining)
+
+    def _apply_control(self, name: str, control: t.NodeControl) -> None:
+        st = self.cache.node(name)
+        st.cordoned, st.draining = control.cordoned, control.draining
+        st.drain_deadline = control.drain_deadline.ToNanoseconds() / 1e9 if control.draining else 0
+        if st.drain_timer is not None:
+            st.drain_timer.cancel()
+            st.drain_timer = None
+        if st.draining:
+            delay = max(0.0, st.drain_deadline - time.time())
+            st.drain_timer = asyncio.get_running_loop().call_later(delay, self._drain_due, name)
+        self.cache.kick()
+
+    def _drain_due(self, name: str) -> None:
+        """The drain's deadline: stop what still runs on the node, to be retried elsewhere."""
+        st = self.cache.nodes.get(name)
+        if st is None or not st.draining:
+            return
+        st.drain_timer = None
+        session = self.session_of(name)
+        for run_id, task in list(st.attempts):
+            _, e = self.cache.task(run_id, task)
+            if e is None or e.msg.node != name or e.msg.state not in lc.TASK_ACTIVE:
+                continue
+            if session is not None:
+                self.dispatch.cancel(
+                    session, run_id, task, e.msg.attempt, f"node {name} drained", requeue=True
+                )
+
     async def list_nodes(self) -> list[t.Node]:
         """Registered nodes, with what is allocated on each."""
         kvs, _ = await self.store.range(self.keys.nodes)
@@ -119,6 +174,11 @@ class Nodes:
             if st:
                 node.allocated.CopyFrom(st.allocated())
                 node.running_tasks = len(st.attempts)
+                node.schedule_state = _schedule_state(st)
+                if st.draining:
+                    node.drain_deadline.FromNanoseconds(int(st.drain_deadline * 1e9))
+            else:
+                node.schedule_state = "ready"
             node.lease_id = kv.lease
             out.append(node)
         return out

@@ -190,6 +190,29 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
             yield data
 
     @grpc_errors
+    async def CordonNode(self, request, context):
+        _require(request.node, "node")
+        await self.engine.set_node_control(request.node, cordoned=True)
+        return controller_pb2.CordonNodeResponse()
+
+    @grpc_errors
+    async def UncordonNode(self, request, context):
+        _require(request.node, "node")
+        await self.engine.set_node_control(request.node, cordoned=False)
+        return controller_pb2.UncordonNodeResponse()
+
+    @grpc_errors
+    async def DrainNode(self, request, context):
+        _require(request.node, "node")
+        deadline = request.deadline.ToNanoseconds() / 1e9 if request.HasField("deadline") else 600
+        if deadline < 0:
+            raise InvalidSpecError([FieldViolation("deadline", "must not be negative")])
+        await self.engine.set_node_control(
+            request.node, cordoned=True, draining=True, deadline=deadline
+        )
+        return controller_pb2.DrainNodeResponse()
+
+    @grpc_errors
     async def ListNodes(self, request, context):
         return controller_pb2.ListNodesResponse(nodes=await self.engine.list_nodes())
 

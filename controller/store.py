@@ -41,6 +41,7 @@ class Keys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.nodes = f"{prefix}/nodes/"
+        self.node_controls = f"{prefix}/node-control/"
         self.runs = f"{prefix}/runs/"
         self.tasks = f"{prefix}/tasks/"
         self.requests = f"{prefix}/requests/"
@@ -48,6 +49,9 @@ class Keys:
 
     def node(self, name: str) -> str:
         return self.nodes + name
+
+    def node_control(self, name: str) -> str:
+        return self.node_controls + name
 
     def run(self, run_id: str) -> str:
         return self.runs + run_id

@@ -23,7 +23,7 @@ from tether.sdk.cli_secrets import add_secrets_commands
 from tether.sdk.client import Client
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.errors import TetherError
-from tether.sdk.quantities import format_memory
+from tether.sdk.quantities import format_memory, parse_duration
 from tether.sdk.spec import load_workflow
 from tether.sdk.states import TERMINAL_RUN_STATES
 from tether.sdk.terminal import (
@@ -249,11 +249,13 @@ def logs(ctx, run_id, task, attempt, follow, stdout_only, stderr_only):
         sys.exit(1)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print nodes as JSON.")
 @click.pass_context
 def nodes(ctx, as_json):
-    """List the registered nodes and their resources."""
+    """List the registered nodes and their resources; cordon, uncordon or drain one."""
+    if ctx.invoked_subcommand is not None:
+        return
     ns = _client(ctx).nodes()
     if as_json:
         from google.protobuf.json_format import MessageToDict
@@ -261,11 +263,12 @@ def nodes(ctx, as_json):
         click.echo(json.dumps([MessageToDict(n) for n in ns], indent=2))
         return
     table = Table(title="nodes")
-    for col in ("node", "cpu", "memory", "gpus", "running", "runtime", "labels"):
+    for col in ("node", "state", "cpu", "memory", "gpus", "running", "runtime", "labels"):
         table.add_column(col)
     for n in ns:
         table.add_row(
             n.name,
+            n.schedule_state or "ready",
             f"{n.allocated.cpu:g}/{n.capacity.cpu:g}",
             f"{format_memory(n.allocated.memory_bytes)}/{format_memory(n.capacity.memory_bytes)}",
             f"{n.allocated.gpu}/{len(n.gpus)}",
@@ -280,6 +283,43 @@ cli.add_command(certs_group)
 add_secrets_commands(cli, _client)
 cli.add_command(acl)
 cli.add_command(tokens)
+
+
+@nodes.command("cordon")
+@click.argument("node")
+@click.pass_context
+def nodes_cordon(ctx, node):
+    """No new placements on NODE (running attempts go on)."""
+    _client(ctx).cordon_node(node)
+    click.echo(f"node {node} cordoned")
+
+
+@nodes.command("uncordon")
+@click.argument("node")
+@click.pass_context
+def nodes_uncordon(ctx, node):
+    """Place work on NODE again (ends a cordon or a drain)."""
+    _client(ctx).uncordon_node(node)
+    click.echo(f"node {node} uncordoned")
+
+
+@nodes.command("drain")
+@click.argument("node")
+@click.option(
+    "--deadline",
+    default="10m",
+    show_default=True,
+    help="How long running attempts may take to finish; then they are retried elsewhere.",
+)
+@click.pass_context
+def nodes_drain(ctx, node, deadline):
+    """Cordon NODE, let its attempts finish, stop what remains at the deadline."""
+    try:
+        seconds = parse_duration(deadline)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--deadline") from None
+    _client(ctx).drain_node(node, seconds)
+    click.echo(f"node {node} draining (deadline {deadline})")
 
 
 def main() -> None:

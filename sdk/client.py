@@ -341,6 +341,22 @@ class Client:
         """The registered nodes."""
         return list(self._call("ListNodes", controller_pb2.ListNodesRequest()).nodes)
 
+    def cordon_node(self, node: str) -> None:
+        """Stop new placements on ``node``; what runs there goes on. Needs the operator role."""
+        self._call("CordonNode", controller_pb2.CordonNodeRequest(node=node))
+
+    def uncordon_node(self, node: str) -> None:
+        """Undo a cordon or drain of ``node``."""
+        self._call("UncordonNode", controller_pb2.UncordonNodeRequest(node=node))
+
+    def drain_node(self, node: str, deadline: float | None = None) -> None:
+        """Cordon ``node`` and let its attempts finish; after ``deadline`` seconds (None: 10
+        minutes) stop what remains, to be retried elsewhere without using up retries."""
+        req = controller_pb2.DrainNodeRequest(node=node)
+        if deadline is not None:
+            req.deadline.FromNanoseconds(int(deadline * 1e9))
+        self._call("DrainNode", req)
+
     def set_secret(self, name: str, value: str | bytes) -> bool:
         """Create or replace the secret ``name``; return whether it replaced a value.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from tether.api.v1 import types_pb2 as t
 
 __all__ = [
+    "DRAINED",
     "FENCED",
     "FINAL_REPORT_STATES",
     "TERMINAL_RUN_STATES",
@@ -38,6 +39,9 @@ TERMINAL_TASK_STATES = frozenset(
 # contact with every controller for longer than its disconnect grace (the attempt may be
 # running elsewhere by now). The controller retries it without counting it as a failure.
 FENCED = "fenced"
+# The reason of a final report for an attempt stopped because its node was drained; retried
+# elsewhere, not counted as a failure either.
+DRAINED = "drained"
 
 # The states in which an agent reports an attempt as ended (it never reports SKIPPED: that is
 # decided by the controller for tasks that never ran).

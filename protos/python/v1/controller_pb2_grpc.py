@@ -106,6 +106,21 @@ class ControllerServiceStub:
                 request_serializer=tether_dot_v1_dot_controller__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_controller__pb2.RevokeTokenResponse.FromString,
                 _registered_method=True)
+        self.CordonNode = channel.unary_unary(
+                '/tether.v1.ControllerService/CordonNode',
+                request_serializer=tether_dot_v1_dot_controller__pb2.CordonNodeRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.CordonNodeResponse.FromString,
+                _registered_method=True)
+        self.UncordonNode = channel.unary_unary(
+                '/tether.v1.ControllerService/UncordonNode',
+                request_serializer=tether_dot_v1_dot_controller__pb2.UncordonNodeRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.UncordonNodeResponse.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/tether.v1.ControllerService/DrainNode',
+                request_serializer=tether_dot_v1_dot_controller__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_controller__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -258,6 +273,31 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CordonNode(self, request, context):
+        """Stops new placements on a node (its running attempts go on). Kept in etcd
+        across controller restarts. Errors: NOT_FOUND (no such node), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UncordonNode(self, request, context):
+        """Undoes CordonNode and DrainNode. Errors: NOT_FOUND, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Cordons a node and lets its running attempts finish; at the deadline what
+        still runs there is stopped and retried elsewhere without counting
+        against `retries`. Errors: NOT_FOUND, INVALID_ARGUMENT (`deadline`
+        negative), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -330,6 +370,21 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=tether_dot_v1_dot_controller__pb2.RevokeTokenRequest.FromString,
                     response_serializer=tether_dot_v1_dot_controller__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'CordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonNode,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.CordonNodeRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.CordonNodeResponse.SerializeToString,
+            ),
+            'UncordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UncordonNode,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.UncordonNodeRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.UncordonNodeResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=tether_dot_v1_dot_controller__pb2.DrainNodeRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_controller__pb2.DrainNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -712,6 +767,87 @@ class ControllerService:
             '/tether.v1.ControllerService/RevokeToken',
             tether_dot_v1_dot_controller__pb2.RevokeTokenRequest.SerializeToString,
             tether_dot_v1_dot_controller__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControllerService/CordonNode',
+            tether_dot_v1_dot_controller__pb2.CordonNodeRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.CordonNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UncordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControllerService/UncordonNode',
+            tether_dot_v1_dot_controller__pb2.UncordonNodeRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.UncordonNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControllerService/DrainNode',
+            tether_dot_v1_dot_controller__pb2.DrainNodeRequest.SerializeToString,
+            tether_dot_v1_dot_controller__pb2.DrainNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -265,7 +265,7 @@ class Gpu(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "capacity", "gpus", "labels", "agent_version", "runtime", "registered_at", "allocated", "running_tasks", "lease_id", "max_tasks")
+    __slots__ = ("name", "capacity", "gpus", "labels", "agent_version", "runtime", "registered_at", "allocated", "running_tasks", "lease_id", "max_tasks", "schedule_state", "drain_deadline")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +284,8 @@ class Node(_message.Message):
     RUNNING_TASKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_STATE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     name: str
     capacity: Resources
     gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
@@ -295,7 +297,9 @@ class Node(_message.Message):
     running_tasks: int
     lease_id: int
     max_tasks: int
-    def __init__(self, name: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., runtime: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., running_tasks: _Optional[int] = ..., lease_id: _Optional[int] = ..., max_tasks: _Optional[int] = ...) -> None: ...
+    schedule_state: str
+    drain_deadline: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., runtime: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., running_tasks: _Optional[int] = ..., lease_id: _Optional[int] = ..., max_tasks: _Optional[int] = ..., schedule_state: _Optional[str] = ..., drain_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TokenInfo(_message.Message):
     __slots__ = ("name", "role", "created_at", "expires_at", "created_by")
@@ -318,3 +322,13 @@ class TokenRecord(_message.Message):
     info: TokenInfo
     sha256: bytes
     def __init__(self, info: _Optional[_Union[TokenInfo, _Mapping]] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class NodeControl(_message.Message):
+    __slots__ = ("cordoned", "draining", "drain_deadline")
+    CORDONED_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    cordoned: bool
+    draining: bool
+    drain_deadline: _timestamp_pb2.Timestamp
+    def __init__(self, cordoned: _Optional[bool] = ..., draining: _Optional[bool] = ..., drain_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
