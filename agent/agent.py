@@ -20,6 +20,7 @@ from tether.agent.runtimes import registry
 from tether.agent.runtimes.base import Runtime
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from tether.sdk.certs import sign_challenge
+from tether.sdk.states import DRAINED
 from tether.sdk.telemetry import get_logger, make_tracer_provider
 
 __all__ = ["Agent", "AgentRefused", "make_runtime"]
@@ -105,6 +106,8 @@ class Agent:
         self.fenced = 0  # attempts this agent stopped for want of contact
         self.node_id = ""
         self._lock = WorkDirLock(config.work_dir)
+        self.draining = False  # set by drain(): the node takes no new work
+        self._beat_seq = 0
 
     def _report(self, status: agent_pb2.TaskStatus) -> None:
         if self._outbox is not None:
@@ -288,6 +291,7 @@ class Agent:
             running=self.runner.running_refs(),
             pending_reports=self.runner.pending_reports(),
             max_tasks=self.max_tasks,
+            draining=self.draining,
         )
 
     def _registered(
@@ -298,6 +302,7 @@ class Agent:
         self.lease_ttl = registered.lease_ttl.ToNanoseconds() / 1e9
         self.last_contact = time.monotonic()
         self._outbox = outbox
+        self._beat_seq = 0
         self.registrations += 1
         self.connected.set()
         log.info("registered", node=self.config.node, controller=address)
@@ -319,23 +324,67 @@ class Agent:
 
     async def _heartbeat(self, outbox: asyncio.Queue, interval: float) -> None:
         """Beat every ``interval``; return when answers stop (the session is then ended)."""
-        seq = 0
         while True:
             if time.monotonic() - self.last_contact > 2.5 * interval + 0.5:
                 return
             # ±10% jitter so that thousands of agents do not beat in step.
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))
-            seq += 1
             # Reports not acknowledged yet (e.g. the ack was lost) are sent again — before the
             # heartbeat, whose list of running attempts the controller reads as "everything
             # else I was given is gone".
             for status in self.runner.pending_reports():
                 outbox.put_nowait(agent_pb2.AgentMessage(status=status))
-            outbox.put_nowait(
-                agent_pb2.AgentMessage(
-                    heartbeat=agent_pb2.Heartbeat(seq=seq, running=self.runner.running_refs())
+            self._beat(outbox)
+
+    def _beat(self, outbox: asyncio.Queue) -> None:
+        self._beat_seq += 1
+        outbox.put_nowait(
+            agent_pb2.AgentMessage(
+                heartbeat=agent_pb2.Heartbeat(
+                    seq=self._beat_seq,
+                    running=self.runner.running_refs(),
+                    draining=self.draining,
                 )
             )
+        )
+
+    async def drain(self, grace: float | None = None) -> int:
+        """Drain this node before the agent exits; return how many attempts had to be stopped.
+
+        The controller hears at once (a heartbeat saying so) and places nothing new here;
+        an assignment already on its way is handed back unstarted. Running attempts get
+        ``grace`` seconds (default ``config.drain_grace``) to finish; the rest are stopped
+        (SIGTERM, ``stop_grace``, SIGKILL) with reason ``drained``, which the controller
+        retries elsewhere without using up ``retries``. Their final reports go out before
+        this returns, while a controller answers (at most a few seconds more).
+        """
+        grace = self.config.drain_grace if grace is None else grace
+        node = self.config.node
+        self.draining = True
+        self.runner.refusing = f"node {node} is shutting down"
+        if self._outbox is not None:
+            self._beat(self._outbox)
+        log.info("draining", node=node, running=len(self.runner.attempts), grace=grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.runner.attempts and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        stopped = self.runner.fence(
+            f"node {node} shut down; the attempt had not finished within its drain grace "
+            f"({grace:g}s)",
+            self.config.stop_grace,
+            DRAINED,
+        )
+        tasks = [a.task for a in self.runner.attempts.values() if a.task]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.config.stop_grace + 5)
+        # Reports not acknowledged when the agent exits stay in the work dir and are sent by
+        # the next agent here; waiting a little spares the controller that detour.
+        ack_deadline = loop.time() + 5
+        while self.runner.unacked and self.connected.is_set() and loop.time() < ack_deadline:
+            await asyncio.sleep(0.05)
+        log.info("drained", node=node, stopped=stopped)
+        return stopped
 
     async def stop(self, grace: float | None = None, leave_running: bool | None = None) -> None:
         """Stop attempts and disconnect. Idempotent.

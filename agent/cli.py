@@ -20,17 +20,35 @@ from tether.sdk.telemetry import setup_logging
 from tether.sdk.terminal import key_values
 
 
+async def _until_signal(stopping: asyncio.Event, *aws: asyncio.Future) -> bool:
+    """Wait for a signal or for the first of ``aws``; True if it was the signal."""
+    stopping.clear()
+    waiter = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait({waiter, *aws}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    return stopping.is_set()
+
+
 async def run_agent(config: AgentConfig) -> None:
-    """Run an agent until SIGINT or SIGTERM."""
+    """Run an agent until SIGINT or SIGTERM.
+
+    The first signal drains the node (``config.drain_grace``; see :meth:`Agent.drain`), a
+    second one, or the end of the drain, stops what still runs and exits.
+    """
     agent = Agent(config)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     runner = asyncio.create_task(agent.run())
-    stop_waiter = asyncio.ensure_future(stopping.wait())
-    await asyncio.wait({runner, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
-    stop_waiter.cancel()
+    signalled = await _until_signal(stopping, runner)
+    if signalled and config.drain_grace > 0 and not config.leave_running:
+        drain = asyncio.create_task(agent.drain())
+        if await _until_signal(stopping, drain, runner):
+            click.echo("tether agent: second signal; stopping attempts now", err=True)
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
     await agent.stop()  # stops running attempts: SIGTERM, then SIGKILL after the grace
     if runner.done() and runner.exception() is not None:
         exc = runner.exception()
@@ -113,6 +131,14 @@ async def run_agent(config: AgentConfig) -> None:
     show_default="the lease TTL",
     help="How long to keep attempts running without reaching a controller, e.g. 30s.",
 )
+@click.option(
+    "--drain-grace",
+    envvar="TETHER_DRAIN_GRACE",
+    default="20s",
+    show_default=True,
+    help="On SIGTERM, how long running attempts may finish before they are stopped and "
+    "retried elsewhere (no new ones are placed here meanwhile); 0s: stop them at once.",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 @click.pass_context
 def agent_command(
@@ -132,6 +158,7 @@ def agent_command(
     tls_key,
     tls_ca,
     disconnect_grace,
+    drain_grace,
     log_level,
 ):
     """Run an agent: register this node and run the tasks the controller assigns."""
@@ -164,6 +191,7 @@ def agent_command(
             tls_key=tls_key,
             tls_ca=tls_ca,
             disconnect_grace=parse_duration(disconnect_grace),
+            drain_grace=parse_duration(drain_grace),
             **kw,
         )
     except ValueError as e:

@@ -57,6 +57,10 @@ class AgentConfig:
         disconnect_grace: Seconds the agent keeps its attempts running without reaching a
             controller before it stops them itself (their copies may be starting elsewhere);
             0 uses the node's lease TTL, which the controller gives at registration.
+        drain_grace: On SIGTERM, seconds the agent lets running attempts finish while the
+            controller places nothing new on the node; then it stops what remains (retried
+            elsewhere free of charge) and exits. 0 stops attempts at once. Not used with
+            ``leave_running``, whose attempts outlive the agent anyway.
     """
 
     controller: str = DEFAULT_CONTROLLER
@@ -79,10 +83,13 @@ class AgentConfig:
     tls_key: str = ""
     tls_ca: str = ""
     disconnect_grace: float = 0.0
+    drain_grace: float = 20.0
 
     def __post_init__(self) -> None:
         if self.disconnect_grace < 0:
             raise ValueError("disconnect_grace must not be negative")
+        if self.drain_grace < 0:
+            raise ValueError("drain_grace must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert, tls_key: give both the node certificate and its key")
         # Tasks run in their attempt directory and get file paths in their environment: a

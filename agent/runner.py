@@ -29,7 +29,7 @@ from tether.agent.runtimes.base import Runtime, RuntimeError_
 from tether.agent.supervision import DEFAULT_CANCEL_GRACE, Attempt, Key, key_of, now, supervise
 from tether.api.v1 import agent_pb2
 from tether.api.v1 import types_pb2 as t
-from tether.sdk.states import DRAINED
+from tether.sdk.states import DRAINED, FENCED
 from tether.sdk.telemetry import context_from_traceparent, get_logger, traceparent_of
 
 __all__ = ["Runner"]
@@ -64,6 +64,8 @@ class Runner:
         self.attempts: dict[Key, Attempt] = {}
         self.reports = Reports()
         self.started_count = 0
+        # Set while the agent drains itself: why new assignments are turned away.
+        self.refusing = ""
 
     @property
     def unacked(self) -> dict[Key, agent_pb2.TaskStatus]:
@@ -98,6 +100,18 @@ class Runner:
         if pending is not None:
             self.report(pending)
             return
+        if self.refusing:
+            # Sent before the controller saw this node draining: hand it straight back, never
+            # started, to be retried elsewhere free of charge.
+            status = agent_pb2.TaskStatus(
+                ref=a.ref,
+                state=t.TaskState.TASK_STATE_FAILED,
+                reason=DRAINED,
+                message=self.refusing,
+                finished_at=now(),
+            )
+            self._conclude(Attempt(ref=a.ref), status, self._dir(a.ref))
+            return
         att = Attempt(ref=a.ref)
         self.attempts[key] = att
         att.task = asyncio.create_task(self._run(att, a), name=f"attempt {key}")
@@ -114,13 +128,17 @@ class Runner:
         else:
             att.request_cancel(c.reason or "cancelled", grace)
 
-    def fence(self, reason: str, grace: float) -> int:
-        """Stop every attempt because this node is out of contact; return how many were
-        newly stopped. Their final reports say FENCED, and are sent once contact is back."""
+    def fence(self, reason: str, grace: float, code: str = FENCED) -> int:
+        """Stop every attempt for the node's sake; return how many were newly stopped.
+
+        Their final reports fail with ``code`` — FENCED (out of contact; sent once contact is
+        back) or DRAINED (the agent is shutting down) — and are retried elsewhere free of
+        charge.
+        """
         count = 0
         for att in self.attempts.values():
             if not att.cancelled.is_set():
-                att.fence(reason, grace)
+                att.fence(reason, grace, code)
                 count += 1
         return count
 

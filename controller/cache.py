@@ -52,12 +52,15 @@ class NodeState:
     draining: bool = False
     drain_deadline: float = 0.0  # seconds since the epoch
     drain_timer: asyncio.TimerHandle | None = None
+    # The agent drains itself before it exits (Register/Heartbeat.draining); not kept in
+    # etcd: the next agent on the node starts out ready.
+    agent_draining: bool = False
     # Attempts RUNNING here that the agent's last heartbeat did not list.
     unlisted: set[tuple[str, str, int]] = field(default_factory=set)
 
     @property
     def schedulable(self) -> bool:
-        return self.session is not None and not self.cordoned
+        return self.session is not None and not self.cordoned and not self.agent_draining
 
     def allocated(self) -> types_pb2.Resources:
         """What attempts bound here hold."""

@@ -31,7 +31,7 @@ _REFRESH_CONCURRENCY = 64
 
 
 def _schedule_state(st: NodeState) -> str:
-    if st.draining:
+    if st.draining or st.agent_draining:
         return "draining" if st.attempts else "drained"
     return "cordoned" if st.cordoned else "ready"
 
@@ -220,6 +220,7 @@ class Nodes:
         st.gpu_indices = sorted(g.index for g in reg.gpus)
         st.labels = dict(reg.labels)
         st.max_tasks = reg.max_tasks
+        st.agent_draining = reg.draining
         st.lease_id = lease
         st.last_heartbeat = st.last_contact = time.monotonic()
         grace = reg.disconnect_grace.ToNanoseconds() / 1e9
@@ -299,6 +300,9 @@ class Nodes:
                 else:
                     missing.add(key)
         st.unlisted = missing
+        if hb.draining != st.agent_draining:
+            st.agent_draining = hb.draining
+            log.info("node draining itself", node=st.name, draining=hb.draining)
         st.last_heartbeat = time.monotonic()
         ttl = await self.store.keepalive(st.lease_id)
         if ttl > 0:

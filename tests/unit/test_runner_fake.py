@@ -76,3 +76,25 @@ def test_timeout_stops_with_the_stop_grace_and_cancel_with_its_own(tmp_path):
     reports, _ = run(tmp_path / "b", cancelled, act="cancel")
     assert (reports[-1].state, reports[-1].message) == (S.TASK_STATE_CANCELLED, "user")
     assert cancelled.handles[0].stopped_with == 2.0
+
+
+def test_a_draining_runner_hands_assignments_back_unstarted(tmp_path):
+    async def go():
+        reports: list[agent_pb2.TaskStatus] = []
+        runtime = FakeRuntime(exit_status=ExitStatus(0))
+        runner = Runner(
+            AgentConfig(node="n1", work_dir=tmp_path),
+            runtime,
+            trace.get_tracer("t"),
+            reports.append,
+        )
+        runner.refusing = "node n1 is shutting down"
+        runner.assign(assign())
+        return reports, runner, runtime
+
+    reports, runner, runtime = asyncio.run(go())
+    assert runtime.started == [] and runner.attempts == {}
+    (report,) = reports
+    assert report.state == S.TASK_STATE_FAILED and report.reason == "drained"
+    assert report.message == "node n1 is shutting down"
+    assert runner.pending_reports() == [report]  # kept until the controller acknowledges it

@@ -60,7 +60,7 @@ class LogChunk(_message.Message):
     def __init__(self, stream_id: _Optional[str] = ..., stream: _Optional[str] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("node", "capacity", "gpus", "labels", "agent_version", "runtime", "running", "pending_reports", "max_tasks", "node_id", "certificate", "disconnect_grace")
+    __slots__ = ("node", "capacity", "gpus", "labels", "agent_version", "runtime", "running", "pending_reports", "max_tasks", "node_id", "certificate", "disconnect_grace", "draining")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class Register(_message.Message):
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     DISCONNECT_GRACE_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     node: str
     capacity: _types_pb2.Resources
     gpus: _containers.RepeatedCompositeFieldContainer[_types_pb2.Gpu]
@@ -92,7 +93,8 @@ class Register(_message.Message):
     node_id: str
     certificate: bytes
     disconnect_grace: _duration_pb2.Duration
-    def __init__(self, node: _Optional[str] = ..., capacity: _Optional[_Union[_types_pb2.Resources, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[_types_pb2.Gpu, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., runtime: _Optional[str] = ..., running: _Optional[_Iterable[_Union[AttemptRef, _Mapping]]] = ..., pending_reports: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., max_tasks: _Optional[int] = ..., node_id: _Optional[str] = ..., certificate: _Optional[bytes] = ..., disconnect_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, node: _Optional[str] = ..., capacity: _Optional[_Union[_types_pb2.Resources, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[_types_pb2.Gpu, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., runtime: _Optional[str] = ..., running: _Optional[_Iterable[_Union[AttemptRef, _Mapping]]] = ..., pending_reports: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., max_tasks: _Optional[int] = ..., node_id: _Optional[str] = ..., certificate: _Optional[bytes] = ..., disconnect_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class NodeChallenge(_message.Message):
     __slots__ = ("challenge",)
@@ -107,12 +109,14 @@ class NodeProof(_message.Message):
     def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("seq", "running")
+    __slots__ = ("seq", "running", "draining")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     seq: int
     running: _containers.RepeatedCompositeFieldContainer[AttemptRef]
-    def __init__(self, seq: _Optional[int] = ..., running: _Optional[_Iterable[_Union[AttemptRef, _Mapping]]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, seq: _Optional[int] = ..., running: _Optional[_Iterable[_Union[AttemptRef, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
     __slots__ = ("ref", "state", "exit_code", "reason", "message", "outputs_json", "started_at", "finished_at", "stdout_tail", "stderr_tail")
