@@ -1,0 +1,233 @@
+"""Benchmark: the control plane alone — a controller process and etcd (fsync on), driven by
+simulated agents — beside Ray and etcd's raw transaction rate, measured in the same run.
+
+    .venv/bin/python tests/bench/bench_control_plane.py [--agents 50] [--tasks 10000]
+        [--ray-python /path/to/python-with-ray]
+
+The controller runs as its own process (``tether controller``) so its CPU time is its own;
+this process holds the simulated agents (:mod:`sim_agents`: real ``AgentService`` streams that
+succeed each assignment at once) and the client. Prints one JSON object:
+
+- ``etcd_baseline_txn_per_s``: single-put transactions/s straight to etcd (16 in flight);
+- ``tasks_per_s``: no-op tasks of one wide workflow completed per second, and
+  ``ratio_to_etcd_txn`` / ``ratio_to_ray``;
+- ``dag_seconds``: a 1,000-task layered DAG (10 layers of 100, two parents each);
+- ``round_trip_ms``: submit of a one-task run -> its SUCCEEDED result, p50/p99, one at a time;
+- ``submit_to_running_ms``: submit -> the attempt's start as the agent reports it;
+- ``controller_cpu_s_per_1k_tasks`` and the etcd requests per task;
+- ``ray``: :mod:`ray_baseline`'s figures, when ``--ray-python`` is given or Ray imports here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from local_mesh import etcd_baseline
+from sim_agents import SimAgents
+
+from tether.api.v1 import types_pb2 as t
+from tether.controller.etcd_process import EtcdProcess, free_port
+from tether.sdk import Client, Workflow
+
+HERE = Path(__file__).resolve().parent
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def etcd_metric(endpoint: str, name: str) -> float:
+    """Sum of one Prometheus counter from etcd's /metrics (e.g. its txn count)."""
+    import urllib.request
+
+    url = endpoint if "://" in endpoint else f"http://{endpoint}"
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def etcd_requests(endpoint: str) -> dict[str, float]:
+    return {
+        "txn": etcd_metric(endpoint, "etcd_mvcc_txn_total"),
+        "put": etcd_metric(endpoint, "etcd_mvcc_put_total"),
+    }
+
+
+def layered_dag(layers: int, width: int) -> Workflow:
+    wf = Workflow("layered")
+    for layer in range(layers):
+        for i in range(width):
+            deps = [f"l{layer - 1}-{i}", f"l{layer - 1}-{(i + 1) % width}"] if layer else []
+            wf.task(f"l{layer}-{i}", ["true"], depends_on=deps)
+    return wf
+
+
+def measure(address: str, pid: int, endpoint: str, args) -> dict:
+    client = Client(address, timeout=120)
+    warm = Workflow("warm")
+    for i in range(200):
+        warm.task(f"w{i}", ["true"])
+    client.submit(warm).wait(timeout=120)
+
+    wide = Workflow("wide")
+    for i in range(args.tasks):
+        wide.task(f"t{i}", ["true"])
+    cpu0, etcd0 = cpu_seconds(pid), etcd_requests(endpoint)
+    start = time.perf_counter()
+    final = client.submit(wide).wait(timeout=600)
+    elapsed = time.perf_counter() - start
+    assert final.state == t.RunState.RUN_STATE_SUCCEEDED, final.message
+    cpu, etcd1 = cpu_seconds(pid) - cpu0, etcd_requests(endpoint)
+
+    start = time.perf_counter()
+    dag = client.submit(layered_dag(args.layers, args.width)).wait(timeout=600)
+    dag_s = time.perf_counter() - start
+    assert dag.state == t.RunState.RUN_STATE_SUCCEEDED, dag.message
+
+    rtts, to_running = [], []
+    one = Workflow("one")
+    one.task("x", ["true"])
+    for _ in range(args.latency_runs):
+        t0 = time.time()
+        p0 = time.perf_counter()
+        done = client.submit(one).wait(timeout=30)
+        rtts.append((time.perf_counter() - p0) * 1000)
+        started = done.tasks[0].attempts[-1].started_at.ToNanoseconds() / 1e9
+        to_running.append((started - t0) * 1000)
+    client.close()
+    return {
+        "tasks": args.tasks,
+        "tasks_per_s": round(args.tasks / elapsed, 1),
+        "wide_run_seconds": round(elapsed, 3),
+        "controller_cpu_s_per_1k_tasks": round(cpu / args.tasks * 1000, 3),
+        "etcd_txns_per_task": round((etcd1["txn"] - etcd0["txn"]) / args.tasks, 3),
+        "etcd_puts_per_task": round((etcd1["put"] - etcd0["put"]) / args.tasks, 3),
+        "dag_tasks": args.layers * args.width,
+        "dag_seconds": round(dag_s, 3),
+        "round_trip_ms": {"p50": round(statistics.median(rtts), 2), "p99": round(pct(rtts, 99), 2)},
+        "submit_to_running_ms": {
+            "p50": round(statistics.median(to_running), 2),
+            "p99": round(pct(to_running, 99), 2),
+        },
+    }
+
+
+def ray_figures(args) -> dict | None:
+    python = args.ray_python
+    if not python:
+        if importlib.util.find_spec("ray") is None:
+            return None
+        python = sys.executable
+    out = subprocess.run(
+        [python, str(HERE / "ray_baseline.py"), "--tasks", str(args.tasks)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def main_async(args) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-cp-"))
+    etcd = EtcdProcess(tmp / "etcd").start()
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    log = open(tmp / "controller.log", "wb")
+    controller = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tether.sdk.cli",
+            "controller",
+            "--etcd",
+            etcd.endpoint,
+            "--listen",
+            address,
+            "--prefix",
+            "/bench",
+            "--rate-limit",
+            "0",
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        baseline = await etcd_baseline(etcd.endpoint)
+        client = Client(address, timeout=5)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await asyncio.to_thread(client.nodes)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        client.close()
+        async with SimAgents(address, args.agents, args.slots):
+            result = await asyncio.to_thread(measure, address, controller.pid, etcd.endpoint, args)
+    finally:
+        controller.terminate()
+        controller.wait(20)
+        log.close()
+        etcd.stop()
+    out = {
+        "etcd_baseline_txn_per_s": round(baseline, 1),
+        **result,
+        "ratio_to_etcd_txn": round(result["tasks_per_s"] / baseline, 3),
+        "agents": args.agents,
+        "slots_per_agent": args.slots,
+        "cpus": len(os.sched_getaffinity(0)),
+    }
+    ray = await asyncio.to_thread(ray_figures, args)
+    if ray is not None:
+        out["ray"] = ray
+        if "ray_tasks_per_s" in ray:
+            out["ratio_to_ray"] = round(result["tasks_per_s"] / ray["ray_tasks_per_s"], 3)
+            out["dag_ratio_to_ray"] = round(result["dag_seconds"] / ray["ray_dag_seconds"], 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--agents", type=int, default=50)
+    ap.add_argument("--slots", type=int, default=8, help="max tasks at once per agent")
+    ap.add_argument("--tasks", type=int, default=10_000)
+    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--width", type=int, default=100)
+    ap.add_argument("--latency-runs", type=int, default=100)
+    ap.add_argument("--ray-python", default="", help="a Python that has Ray, for the baseline")
+    args = ap.parse_args()
+    from tether.sdk.telemetry import setup_logging
+
+    setup_logging("warning")
+    print(json.dumps(asyncio.run(main_async(args)), indent=2))
+
+
+if __name__ == "__main__":
+    main()

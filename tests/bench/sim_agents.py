@@ -1,0 +1,136 @@
+"""Simulated agents: real ``AgentService`` streams over real gRPC that succeed every assignment
+at once, so that a benchmark measures the controller and etcd alone — as at cluster scale, where
+the agents' own work is spread over many nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import grpc
+
+from tether.agent.supervision import now
+from tether.api.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+
+__all__ = ["SimAgents"]
+
+
+class SimAgent:
+    """One simulated node: registers, heartbeats, and answers each assignment with success."""
+
+    def __init__(self, channel: grpc.aio.Channel, name: str, slots: int) -> None:
+        self.stub = agent_pb2_grpc.AgentServiceStub(channel)
+        self.name = name
+        self.slots = slots
+        self.registered = asyncio.Event()
+        self.completed = 0
+        self.heartbeats = 0
+        self.heartbeat_interval = 0.0
+        self._outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
+
+    def _register(self) -> agent_pb2.Register:
+        return agent_pb2.Register(
+            node=self.name,
+            node_id=f"sim-{self.name}",
+            capacity=types_pb2.Resources(cpu=float(self.slots), memory_bytes=64 * 2**30),
+            agent_version="sim",
+            runtime="sim",
+            max_tasks=self.slots,
+        )
+
+    async def run(self) -> None:
+        self._outbox.put_nowait(agent_pb2.AgentMessage(register=self._register()))
+
+        async def requests():
+            while (msg := await self._outbox.get()) is not None:
+                yield msg
+
+        call = self.stub.Connect(requests())
+        beat: asyncio.Task | None = None
+        try:
+            async for msg in call:
+                kind = msg.WhichOneof("msg")
+                if kind == "assign":
+                    ref = msg.assign.ref
+                    started = now()
+                    self._outbox.put_nowait(
+                        agent_pb2.AgentMessage(
+                            status=agent_pb2.TaskStatus(
+                                ref=ref,
+                                state=types_pb2.TaskState.TASK_STATE_SUCCEEDED,
+                                exit_code=0,
+                                started_at=started,
+                                finished_at=started,
+                            )
+                        )
+                    )
+                    self.completed += 1
+                elif kind == "registered":
+                    interval = msg.registered.heartbeat_interval.ToNanoseconds() / 1e9
+                    self.heartbeat_interval = interval
+                    beat = asyncio.create_task(self._beat(self.heartbeat_interval or 1.0))
+                    self.registered.set()
+                elif kind == "heartbeat_ack":
+                    self.heartbeats += 1
+        finally:
+            if beat:
+                beat.cancel()
+            call.cancel()
+
+    async def _beat(self, interval: float) -> None:
+        seq = 0
+        while True:
+            await asyncio.sleep(interval)
+            seq += 1
+            self._outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=seq)))
+
+    def close(self) -> None:
+        self._outbox.put_nowait(None)
+
+
+class SimAgents:
+    """``count`` simulated agents on one channel each, in this process's event loop.
+
+    ``async with SimAgents(address, 50, slots=8) as sims:`` returns once all are registered.
+    """
+
+    def __init__(self, address: str, count: int, slots: int = 8, prefix: str = "sim") -> None:
+        self.address = address
+        self.count = count
+        self.slots = slots
+        self.prefix = prefix
+        self.agents: list[SimAgent] = []
+        self._channels: list[grpc.aio.Channel] = []
+        self._tasks: list[asyncio.Task] = []
+
+    async def __aenter__(self) -> SimAgents:
+        for i in range(self.count):
+            ch = grpc.aio.insecure_channel(self.address)
+            self._channels.append(ch)
+            agent = SimAgent(ch, f"{self.prefix}-{i:05d}", self.slots)
+            self.agents.append(agent)
+            self._tasks.append(asyncio.create_task(agent.run()))
+        deadline = time.monotonic() + max(30.0, self.count / 50)
+        for agent in self.agents:
+            remaining = deadline - time.monotonic()
+            await asyncio.wait_for(agent.registered.wait(), max(remaining, 0.1))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for agent in self.agents:
+            agent.close()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await task
+        for ch in self._channels:
+            await ch.close()
+
+    @property
+    def completed(self) -> int:
+        return sum(a.completed for a in self.agents)
+
+    @property
+    def heartbeats(self) -> int:
+        return sum(a.heartbeats for a in self.agents)
