@@ -33,10 +33,10 @@ import time
 from pathlib import Path
 
 from local_mesh import etcd_baseline
-from sim_agents import SimAgents
+from sim_agents import SimAgents, controller_process, cpu_seconds, etcd_requests
 
 from tether.api.v1 import types_pb2 as t
-from tether.controller.etcd_process import EtcdProcess, free_port
+from tether.controller.etcd_process import EtcdProcess
 from tether.sdk import Client, Workflow
 
 HERE = Path(__file__).resolve().parent
@@ -45,32 +45,6 @@ HERE = Path(__file__).resolve().parent
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def etcd_metric(endpoint: str, name: str) -> float:
-    """Sum of one Prometheus counter from etcd's /metrics (e.g. its txn count)."""
-    import urllib.request
-
-    url = endpoint if "://" in endpoint else f"http://{endpoint}"
-    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def etcd_requests(endpoint: str) -> dict[str, float]:
-    return {
-        "txn": etcd_metric(endpoint, "etcd_mvcc_txn_total"),
-        "put": etcd_metric(endpoint, "etcd_mvcc_put_total"),
-    }
 
 
 def layered_dag(layers: int, width: int) -> Workflow:
@@ -152,49 +126,12 @@ def ray_figures(args) -> dict | None:
 async def main_async(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="tether-bench-cp-"))
     etcd = EtcdProcess(tmp / "etcd").start()
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    log = open(tmp / "controller.log", "wb")
-    controller = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tether.sdk.cli",
-            "controller",
-            "--etcd",
-            etcd.endpoint,
-            "--listen",
-            address,
-            "--prefix",
-            "/bench",
-            "--rate-limit",
-            "0",
-            "--log-level",
-            "warning",
-        ],
-        stdout=log,
-        stderr=log,
-        stdin=subprocess.DEVNULL,
-    )
     try:
         baseline = await etcd_baseline(etcd.endpoint)
-        client = Client(address, timeout=5)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                await asyncio.to_thread(client.nodes)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-        client.close()
-        async with SimAgents(address, args.agents, args.slots):
-            result = await asyncio.to_thread(measure, address, controller.pid, etcd.endpoint, args)
+        async with controller_process(etcd.endpoint, tmp / "controller.log") as (address, pid):
+            async with SimAgents(address, args.agents, args.slots):
+                result = await asyncio.to_thread(measure, address, pid, etcd.endpoint, args)
     finally:
-        controller.terminate()
-        controller.wait(20)
-        log.close()
         etcd.stop()
     out = {
         "etcd_baseline_txn_per_s": round(baseline, 1),

@@ -6,14 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import random
+import subprocess
+import sys
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
 from tether.agent.supervision import now
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from tether.controller.etcd_process import free_port
+from tether.sdk import Client
 
-__all__ = ["SimAgents"]
+__all__ = ["SimAgents", "controller_process", "cpu_seconds", "etcd_requests"]
 
 
 class SimAgent:
@@ -80,8 +88,9 @@ class SimAgent:
 
     async def _beat(self, interval: float) -> None:
         seq = 0
+        await asyncio.sleep(interval * random.random())  # as real agents' jitter spreads them
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))
             seq += 1
             self._outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(seq=seq)))
 
@@ -90,24 +99,34 @@ class SimAgent:
 
 
 class SimAgents:
-    """``count`` simulated agents on one channel each, in this process's event loop.
+    """``count`` simulated agents in this process's event loop, on ``channels`` gRPC channels
+    (default: one each; thousands of agents share fewer, their streams multiplexed).
 
     ``async with SimAgents(address, 50, slots=8) as sims:`` returns once all are registered.
     """
 
-    def __init__(self, address: str, count: int, slots: int = 8, prefix: str = "sim") -> None:
+    def __init__(
+        self,
+        address: str,
+        count: int,
+        slots: int = 8,
+        prefix: str = "sim",
+        channels: int = 0,
+    ) -> None:
         self.address = address
         self.count = count
         self.slots = slots
         self.prefix = prefix
+        self.channel_count = channels or count
         self.agents: list[SimAgent] = []
         self._channels: list[grpc.aio.Channel] = []
         self._tasks: list[asyncio.Task] = []
 
     async def __aenter__(self) -> SimAgents:
+        for _ in range(self.channel_count):
+            self._channels.append(grpc.aio.insecure_channel(self.address))
         for i in range(self.count):
-            ch = grpc.aio.insecure_channel(self.address)
-            self._channels.append(ch)
+            ch = self._channels[i % self.channel_count]
             agent = SimAgent(ch, f"{self.prefix}-{i:05d}", self.slots)
             self.agents.append(agent)
             self._tasks.append(asyncio.create_task(agent.run()))
@@ -134,3 +153,77 @@ class SimAgents:
     @property
     def heartbeats(self) -> int:
         return sum(a.heartbeats for a in self.agents)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def etcd_metric(endpoint: str, name: str) -> float:
+    """Sum of one Prometheus counter from etcd's /metrics (e.g. its txn count)."""
+    import urllib.request
+
+    url = endpoint if "://" in endpoint else f"http://{endpoint}"
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def etcd_requests(endpoint: str) -> dict[str, float]:
+    return {
+        "txn": etcd_metric(endpoint, "etcd_mvcc_txn_total"),
+        "put": etcd_metric(endpoint, "etcd_mvcc_put_total"),
+    }
+
+
+@contextlib.asynccontextmanager
+async def controller_process(
+    etcd_endpoint: str, log_path: Path, *extra: str
+) -> AsyncIterator[tuple[str, int]]:
+    """A ``tether controller`` process on ``etcd_endpoint``; yields (address, pid) once it
+    answers. Its own process, so that its CPU time can be read apart from the agents'."""
+    address = f"127.0.0.1:{free_port()}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tether.sdk.cli",
+                "controller",
+                "--etcd",
+                etcd_endpoint,
+                "--listen",
+                address,
+                "--prefix",
+                "/bench",
+                "--rate-limit",
+                "0",
+                "--log-level",
+                "warning",
+                *extra,
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            client = Client(address, timeout=5)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    await asyncio.to_thread(client.nodes)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise
+                    await asyncio.sleep(0.2)
+            client.close()
+            yield address, proc.pid
+        finally:
+            proc.terminate()
+            proc.wait(30)
