@@ -123,7 +123,7 @@ class Leadership:
             await asyncio.sleep(self.ttl / 3)
             try:
                 # Bounded so that a hung call cannot keep us acting past the lease.
-                if await self.store.keepalive(self.lease, timeout=self.ttl / 3) <= 0:
+                if await self.store.keepalive(self.lease, timeout=self.ttl / 3, shared=False) <= 0:
                     break
                 last_ok = loop.time()
             except Exception as e:  # etcd unreachable: hold on until the TTL

@@ -25,6 +25,7 @@ from etcd3aio.errors import EtcdPermissionDeniedError, EtcdUnauthenticatedError
 
 from tether.controller.errors import StoreUnavailable
 from tether.controller.etcd_connection import EtcdConnection, parse_endpoints
+from tether.controller.lease_stream import LeaseStream
 
 __all__ = ["Delete", "Event", "KeyValue", "Keys", "Put", "Store"]
 
@@ -148,6 +149,7 @@ class Store:
         self.max_request_bytes = 0
         # Set while this controller leads: a compare added to every write transaction.
         self.fence: Compare | None = None
+        self._leases = LeaseStream(self._open_keepalive)
 
     async def connect(self) -> None:
         try:
@@ -159,6 +161,7 @@ class Store:
         if self._token_refresher is not None:
             await self._token_refresher.__aexit__(None, None, None)
             self._token_refresher = None
+        await self._leases.close()
         await self._client.close()
 
     async def wait_ready(self, deadline: float = 15.0) -> None:
@@ -320,8 +323,22 @@ class Store:
         resp = await self._client.lease.grant(ttl, timeout=self._timeout)
         return resp.ID
 
-    async def keepalive(self, lease_id: int, timeout: float | None = None) -> int:
-        """Refresh a lease once; return its TTL, or 0 when it has expired."""
+    def _open_keepalive(self, requests):
+        lease = self._client.lease
+        # The library opens a stream per renewal; the shared stream needs the raw call.
+        return lease._stub.LeaseKeepAlive(requests, metadata=lease._metadata or None)
+
+    async def keepalive(
+        self, lease_id: int, timeout: float | None = None, shared: bool = True
+    ) -> int:
+        """Refresh a lease once; return its TTL, or 0 when it has expired.
+
+        Renewals share one long-lived stream (see :mod:`tether.controller.lease_stream`);
+        ``shared=False`` opens a stream of its own, so that one lease (the leader's) does
+        not wait behind thousands of nodes' or fail with their stream.
+        """
+        if shared:
+            return await self._leases.keepalive(lease_id, timeout or self._timeout)
         call = self._client.lease.keep_alive(lease_id)
         try:
             async with asyncio.timeout(timeout or self._timeout):

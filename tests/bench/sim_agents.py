@@ -189,9 +189,13 @@ async def controller_process(
     answers. Its own process, so that its CPU time can be read apart from the agents'."""
     address = f"127.0.0.1:{free_port()}"
     with open(log_path, "wb") as log:
+        # BENCH_PROFILE=FILE: profile the controller (cProfile), written when it stops.
+        profile = os.environ.get("BENCH_PROFILE")
+        profiler = ["-m", "cProfile", "-o", profile] if profile else []
         proc = subprocess.Popen(
             [
                 sys.executable,
+                *profiler,
                 "-m",
                 "tether.sdk.cli",
                 "controller",
