@@ -99,20 +99,7 @@ class Queries:
         run_key, task_prefix = self.keys.run(run_id), self.keys.tasks_of(run_id)
         seen: dict[str, int] = {}  # task key -> mod_revision last sent
         revision = from_revision
-        if revision <= 0:
-            # A snapshot read at one etcd revision, then every change after it.
-            kvs, revision = await store.range(run_key, limit=1)
-            if not kvs or kvs[0].key != run_key:
-                raise NotFound(f"run {run_id!r} not found")
-            run = t.Run.FromString(kvs[0].value)
-            tasks, _ = await store.range(task_prefix, revision=revision)
-            for kv in tasks:
-                seen[kv.key] = kv.mod_revision
-            run.tasks.extend(_by_index(t.TaskRun.FromString(kv.value) for kv in tasks))
-            yield controller_pb2.RunEvent(snapshot=run, run_state=run.state, revision=revision)
-            if run.state in lc.RUN_TERMINAL:
-                return
-        else:
+        if revision > 0:
             kv = await store.get(run_key)
             if kv is None:
                 raise NotFound(f"run {run_id!r} not found")
@@ -121,16 +108,37 @@ class Queries:
                 # Resuming at or after the run's last change: nothing will come; say so.
                 yield controller_pb2.RunEvent(run_state=final, revision=kv.mod_revision)
                 return
-        async for ev in self._changes(run_key, task_prefix, revision, seen):
-            yield ev
+        async with _Watches(store, run_key, task_prefix, revision + 1 if revision > 0 else 0) as w:
+            if revision <= 0:
+                # Watches from now first, then the snapshot at the revision they start after:
+                # a watch from the snapshot's (past) revision would wait for etcd's catch-up.
+                revision = await w.created()
+                kvs, _ = await store.range(run_key, limit=1, revision=revision)
+                if not kvs or kvs[0].key != run_key:
+                    raise NotFound(f"run {run_id!r} not found")
+                run = t.Run.FromString(kvs[0].value)
+                tasks, _ = await store.range(task_prefix, revision=revision)
+                for kv in tasks:
+                    seen[kv.key] = kv.mod_revision
+                run.tasks.extend(_by_index(t.TaskRun.FromString(kv.value) for kv in tasks))
+                yield controller_pb2.RunEvent(snapshot=run, run_state=run.state, revision=revision)
+                if run.state in lc.RUN_TERMINAL:
+                    return
+            async for ev in self._changes(w, run_key, task_prefix, revision, seen):
+                yield ev
 
     async def _changes(
-        self, run_key: str, task_prefix: str, revision: int, seen: dict[str, int]
+        self,
+        watches: _Watches,
+        run_key: str,
+        task_prefix: str,
+        revision: int,
+        seen: dict[str, int],
     ) -> AsyncIterator[controller_pb2.RunEvent]:
         state = t.RunState.RUN_STATE_UNSPECIFIED
-        async for ev in _merge_watches(self.store, run_key, task_prefix, revision + 1):
-            if ev.deleted:
-                continue
+        async for ev in watches.events():
+            if ev.deleted or ev.revision <= revision:
+                continue  # deleted, or already in the snapshot
             if ev.key != run_key:
                 if seen.get(ev.key, 0) < ev.revision:
                     seen[ev.key] = ev.revision
@@ -156,37 +164,58 @@ class Queries:
             yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
 
 
-async def _merge_watches(
-    store: Store, run_key: str, task_prefix: str, revision: int
-) -> AsyncIterator[Event]:
-    """Watch the run key and its task keys through one queue.
+class _Watches:
+    """The run key and its task keys watched through one queue, from ``start_revision``
+    (0: from now).
 
     Each key's events come in revision order, but the two etcd watches are not ordered with
     each other: the caller drains task changes up to the run's final revision before ending.
     """
-    # Runs and tasks live under different prefixes; watching their common parent would see
-    # every run's changes, so watch both.
-    queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(prefix: str):
+    def __init__(self, store: Store, run_key: str, task_prefix: str, start_revision: int) -> None:
+        self.store = store
+        self.run_key = run_key
+        self.task_prefix = task_prefix
+        self.start_revision = start_revision
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._created: list[asyncio.Future[int]] = []
+        self._tasks: list[asyncio.Task] = []
+
+    async def __aenter__(self) -> _Watches:
+        # Runs and tasks live under different prefixes; watching their common parent would
+        # see every run's changes, so watch both.
+        loop = asyncio.get_running_loop()
+        for prefix in (self.run_key, self.task_prefix):
+            created: asyncio.Future[int] = loop.create_future()
+            self._created.append(created)
+            self._tasks.append(asyncio.create_task(self._pump(prefix, created)))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for tk in self._tasks:
+            tk.cancel()
+        for tk in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await tk
+
+    async def _pump(self, prefix: str, created: asyncio.Future[int]) -> None:
         try:
-            async for ev in store.watch(prefix, revision):
-                if prefix == run_key and ev.key != run_key:
+            async for ev in self.store.watch(prefix, self.start_revision, created):
+                if prefix == self.run_key and ev.key != self.run_key:
                     continue
-                await queue.put(ev)
+                await self.queue.put(ev)
         except Exception as e:  # surfaced to the consumer of the queue
-            await queue.put(e)
+            if not created.done():
+                created.set_exception(e)
+            await self.queue.put(e)
 
-    tasks = [asyncio.create_task(pump(run_key)), asyncio.create_task(pump(task_prefix))]
-    try:
+    async def created(self) -> int:
+        """The revision both watches start after (the later of the two)."""
+        return max(await asyncio.gather(*self._created))
+
+    async def events(self) -> AsyncIterator[Event]:
         while True:
-            item = await queue.get()
+            item = await self.queue.get()
             if isinstance(item, Exception):
                 raise item
             yield item
-    finally:
-        for tk in tasks:
-            tk.cancel()
-        for tk in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await tk

@@ -353,8 +353,16 @@ class Store:
 
     # Watches ------------------------------------------------------------------------------
 
-    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[Event]:
-        """Yield every change under ``prefix`` from ``start_revision`` on (reconnecting)."""
+    async def watch(
+        self, prefix: str, start_revision: int, created: asyncio.Future[int] | None = None
+    ) -> AsyncIterator[Event]:
+        """Yield every change under ``prefix`` from ``start_revision`` on (reconnecting).
+
+        ``start_revision`` 0 watches from now; ``created`` then gets the revision the watch
+        starts after. A watch from now is served at once, while one from a past revision
+        waits for etcd's catch-up pass (every 100 ms): read a snapshot at ``created``'s
+        revision instead of watching from an older snapshot's.
+        """
         stream = self._client.watch.watch(
             prefix,
             range_end=prefix_range_end(prefix.encode()),
@@ -362,6 +370,8 @@ class Store:
             prev_kv=True,
         )
         async for resp in stream:
+            if created is not None and not created.done() and resp.created:
+                created.set_result(resp.header.revision)
             if resp.compact_revision:
                 from tether.controller.errors import OutOfRange
 
