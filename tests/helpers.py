@@ -189,6 +189,30 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> No
         assert n in err, err
 
 
+def agent_process(
+    address: str, name: str, work_dir: Path, *args: str, log: Path | None = None
+) -> subprocess.Popen:
+    """``tether agent`` as a real subprocess (2 cores, 1Gi) with none of the caller's
+    ``TETHER_*`` settings; output to ``log`` (appended) or nowhere."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tether.sdk.cli",
+            "agent",
+            *("--controller", address, "--name", name, "--work-dir", str(work_dir)),
+            *("--cpu", "2", "--memory", "1Gi"),
+            *args,
+        ],
+        stdout=out,
+        stderr=out,
+        stdin=subprocess.DEVNULL,
+        env={**env, "TETHER_LOG_FORMAT": "json"},
+    )
+
+
 class ControllerProcess:
     """`tether controller` as a real subprocess, on a fixed port so agents find it again."""
 

@@ -4,14 +4,13 @@ again elsewhere without using up its retries."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from helpers import Mesh, wait_for
+from helpers import Mesh, agent_process, wait_for
 
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import Workflow
@@ -20,31 +19,8 @@ S = t.TaskState
 
 
 def spawn_agent(mesh: Mesh, name: str, work_dir: Path, drain_grace: str) -> subprocess.Popen:
-    log = open(work_dir.parent / f"{name}.log", "ab")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tether.sdk.cli",
-            "agent",
-            "--controller",
-            mesh.address,
-            "--name",
-            name,
-            "--work-dir",
-            str(work_dir),
-            "--cpu",
-            "4",
-            "--memory",
-            "8Gi",
-            "--drain-grace",
-            drain_grace,
-        ],
-        stdout=log,
-        stderr=log,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "TETHER_LOG_FORMAT": "json"},
-    )
+    log = work_dir.parent / f"{name}.log"
+    return agent_process(mesh.address, name, work_dir, "--drain-grace", drain_grace, log=log)
 
 
 def schedule_states(mesh: Mesh) -> dict[str, str]:

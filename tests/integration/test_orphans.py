@@ -3,14 +3,13 @@ next agent on the node, which adopts it when current or stops it when stale."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from helpers import Mesh, wait_for
+from helpers import Mesh, agent_process, wait_for
 
 from tether.agent.runtimes.reaper import alive, start_ticks
 from tether.api.v1 import types_pb2 as t
@@ -20,29 +19,7 @@ S = t.TaskState
 
 
 def start_agent(mesh: Mesh, name: str, work_dir: Path, *args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tether.sdk.cli",
-            "agent",
-            "--controller",
-            mesh.address,
-            "--name",
-            name,
-            "--work-dir",
-            str(work_dir),
-            "--cpu",
-            "2",
-            "--memory",
-            "1Gi",
-            *args,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
+    return agent_process(mesh.address, name, work_dir, *args)
 
 
 def sleeper(pid_file: Path, seconds: float) -> Workflow:
