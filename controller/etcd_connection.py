@@ -178,6 +178,15 @@ class _Channels(ConnectionManager):
 
     def __init__(self, connection: EtcdConnection) -> None:
         super().__init__([e.address for e in connection.endpoints])
+        # gRPC's default reconnect backoff grows to 120 s: after etcd was away for a few
+        # seconds the channel would sit out its backoff well past etcd's return, and the
+        # controller would serve again seconds late. etcd is a few local members: redial often.
+        self.grpc_options = [
+            *self.grpc_options,
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
         self._connection = connection
         eps = connection.endpoints
         self._server_name: str | None = None

@@ -53,6 +53,9 @@ class Leadership:
         # Set once another controller is seen leading (start() can return then).
         self.standing_by = standing_by or asyncio.Event()
         self._keepalive: asyncio.Task | None = None
+        # Why the lease could not be renewed, when etcd failed (so the controller can say why
+        # it stepped down at once, not after its next campaign times out).
+        self.etcd_error = ""
         self._watch: asyncio.Task | None = None
 
     def fence(self) -> Compare:
@@ -128,8 +131,12 @@ class Leadership:
                 last_ok = loop.time()
             except Exception as e:  # etcd unreachable: hold on until the TTL
                 log.warning("leader lease keepalive failed", error=str(e))
+                why = str(e) or type(e).__name__
+                self.etcd_error = f"the leader lease could not be renewed: {why}"
                 if loop.time() - last_ok >= self.ttl:
                     break
+            else:
+                self.etcd_error = ""
         log.warning("leadership lost (lease expired)")
         self.lost.set()
 

@@ -17,7 +17,7 @@ from tether.controller.attempts import Attempts
 from tether.controller.cache import Cache, NodeState
 from tether.controller.config import ControllerConfig
 from tether.controller.dispatch import Dispatch
-from tether.controller.errors import AlreadyExists, NotFound, OutOfRange
+from tether.controller.errors import AlreadyExists, NotFound, NotLeader, OutOfRange
 from tether.controller.records import AgentSession, now
 from tether.controller.store import Delete, Put, Store
 from tether.controller.timers import Timers
@@ -72,6 +72,10 @@ class Nodes:
         self.timers = timers
         # Nodes known at takeover whose agents have not registered with this term yet.
         self.awaited: set[str] = set()
+        # Set when the engine stops: a registration that was waiting on etcd (a lease grant
+        # through a quorum loss, say) must not bind its agent to a stopped engine, where its
+        # heartbeats would be answered and its reports go nowhere.
+        self.closed = False
         self.store = store
         self.keys = store.keys
         self.cache = cache
@@ -187,9 +191,11 @@ class Nodes:
         self, session: AgentSession, reg: agent_pb2.Register
     ) -> agent_pb2.Registered:
         """Record a node, bind it to a lease, apply its pending reports, reconcile its attempts."""
+        self._check_open()
         st = self.cache.node(reg.node)
         _check_claim(st, session, reg)
         lease = await self._lease_for(st)
+        self._check_open()
         _check_claim(st, session, reg)  # again: another agent may have registered meanwhile
         # Claim the node before the write, so no other agent's record can overwrite ours.
         old, old_id = st.session, st.node_id
@@ -209,6 +215,7 @@ class Nodes:
             await self.store.txn(
                 [], [Put(self.keys.node(reg.node), node.SerializeToString(), lease)]
             )
+            self._check_open()
         except BaseException:
             if st.session is session:
                 st.session, st.node_id = old, old_id
@@ -284,6 +291,7 @@ class Nodes:
         the agent has not listed in two heartbeats in a row (its final report would have come
         in between) was lost on the node, and is retried.
         """
+        self._check_open()
         st = self.cache.nodes.get(session.node)
         if st is None or st.session is not session:
             return False
@@ -316,8 +324,13 @@ class Nodes:
             st.session = None
         session.close()
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise NotLeader("this controller's leadership term has ended; reconnect")
+
     def close_sessions(self) -> None:
         """End every agent stream (the engine is stopping; agents reconnect to the leader)."""
+        self.closed = True
         for node in self.cache.nodes.values():
             if node.session:
                 node.session.close()

@@ -250,9 +250,11 @@ class ControllerServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         # The fence stays: it names our old term, so anything the stopped engine still
         # tries to write is refused until a new term sets a new fence.
+        if leadership.etcd_error:
+            self.store_error = leadership.etcd_error
         await engine.stop()
         leadership.abandon()
-        log.warning("stepped down", address=self.advertise)
+        log.warning("stepped down", address=self.advertise, error=leadership.etcd_error)
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving: NOT_SERVING, drain RPCs, flush writes, resign, close etcd. Idempotent."""

@@ -311,8 +311,9 @@ def chain_workflow(marks) -> Workflow:
     return wf
 
 
-async def success_events(endpoint: str, prefix: str) -> Counter:
-    """How many times etcd saw each task key move into SUCCEEDED (its full history)."""
+async def success_events(endpoint: str, prefix: str, by_run: bool = False) -> Counter:
+    """How many times etcd saw each task move into SUCCEEDED (its full history), by task
+    name, or with ``by_run`` by ``RUN_ID/TASK``."""
     counts: Counter = Counter()
     async with Etcd3Client([endpoint]) as c:
         key = prefix + "/tasks/"
@@ -325,7 +326,7 @@ async def success_events(endpoint: str, prefix: str) -> Counter:
                 new = t.TaskRun.FromString(ev.kv.value) if ev.kv.value else None
                 old = t.TaskRun.FromString(ev.prev_kv.value) if ev.prev_kv.value else None
                 if new and new.state == SUCCEEDED and (old is None or old.state != SUCCEEDED):
-                    counts[new.spec.name] += 1
+                    counts[ev.kv.key.decode()[len(key) :] if by_run else new.spec.name] += 1
             if resp.events and resp.events[-1].kv.mod_revision >= head:
                 break
     return counts
