@@ -32,11 +32,12 @@ from tether.controller.errors import (
 from tether.controller.lifecycle import IllegalTransition
 from tether.controller.logs import LogRouter
 from tether.controller.records import AgentSession
+from tether.controller.run_span import new_run_trace, parse_traceparent
 from tether.controller.secrets import NO_KEY, Secrets
 from tether.controller.tokens import TokenStore
 from tether.sdk.certs import CertError, verify_node
 from tether.sdk.errors import FieldViolation, InvalidSpecError
-from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
+from tether.sdk.telemetry import context_from_metadata, context_from_traceparent, get_logger
 from tether.sdk.validation import LIMITS
 
 __all__ = ["AgentServicer", "ControllerServicer"]
@@ -110,10 +111,13 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
 
     @grpc_errors
     async def SubmitWorkflow(self, request, context):
-        ctx = context_from_metadata(dict(context.invocation_metadata() or ()))
+        metadata = dict(context.invocation_metadata() or ())
+        ctx = context_from_metadata(metadata)
+        # The run's span (recorded when it ends) is the root; submit is its first child.
+        run_traceparent = new_run_trace(ctx)
         with self.tracer.start_as_current_span(
             f"submit {request.spec.name or 'workflow'}",
-            context=ctx,
+            context=context_from_traceparent(run_traceparent),
             kind=trace.SpanKind.SERVER,
             attributes={
                 "tether.workflow": request.spec.name,
@@ -125,8 +129,9 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
                 request.spec,
                 dict(request.params),
                 request.request_id,
-                traceparent_of(span),
+                run_traceparent,
                 submitted_by=caller.name if caller.authenticated else "",
+                parent_traceparent=_valid_traceparent(metadata.get("traceparent", "")),
             )
             span.set_attribute("tether.run_id", run_id)
         return controller_pb2.SubmitWorkflowResponse(run_id=run_id, existing=existing)
@@ -405,3 +410,8 @@ def _check_register(reg: agent_pb2.Register) -> str:
     if c.cpu < 0 or c.memory_bytes < 0 or c.gpu < 0:
         return "register.capacity: must not be negative"
     return ""
+
+
+def _valid_traceparent(value: str) -> str:
+    """``value`` if it is a W3C traceparent (the caller's span), else ``""``."""
+    return value if parse_traceparent(value) else ""
