@@ -52,6 +52,7 @@ class _Call:
         self.service, self.method = _split(method)
         self.kind = kind
         self.start = time.perf_counter()
+        metrics.grpc_started.labels(self.service, self.method, kind).inc()
 
     def done(self, context, error: BaseException | None) -> None:
         labels = (self.service, self.method, self.kind, _code_of(context, error))
@@ -121,8 +122,9 @@ def _wrap(metrics: Metrics, handler: grpc.RpcMethodHandler, method: str):
 
 
 class GrpcMetrics(grpc.aio.ServerInterceptor):
-    """Counts and times every RPC into ``metrics`` (``grpc_server_handled_total``,
-    ``grpc_server_handling_seconds``), labelled by service, method, type and code."""
+    """Counts and times every RPC into ``metrics`` (``grpc_server_started_total``,
+    ``grpc_server_handled_total``, ``grpc_server_handling_seconds``), labelled by service,
+    method, type and (once it ends) status code."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics

@@ -78,6 +78,12 @@ class Metrics:
             registry=self.registry,
         )
         # Names and labels as go-grpc-prometheus has them, so existing dashboards work.
+        self.grpc_started = Counter(
+            "grpc_server_started",
+            "RPCs started on the server, by method (started - handled: open streams).",
+            ["grpc_service", "grpc_method", "grpc_type"],
+            registry=self.registry,
+        )
         self.grpc_handled = Counter(
             "grpc_server_handled",
             "RPCs completed on the server, by method and status code.",
