@@ -238,19 +238,19 @@ def render(tl: Timeline, width: int = 100, trace_link: str = "") -> str:
     names = [f"{'*' if b.critical else ' '} {b.task}#{b.attempt}" for b in tl.attempts]
     name_w = max([len(n) for n in names] + [6])
     node_w = max([len(b.node) for b in tl.attempts] + [4])
-    fixed = name_w + node_w + 3 * 8 + 12 + 6
+    fixed = name_w + node_w + 3 * 8 + 17 + 6
     bar_w = max(10, width - fixed)
     scale = bar_w / tl.duration if tl.duration > 0 else 0.0
     header = (
         f"{'task':<{name_w}} {'node':<{node_w}} {'wait':>7} {'start':>7} {'run':>7} "
-        f"{'state':<11} |{'0s':<{bar_w - len(_secs(tl.duration))}}{_secs(tl.duration)}|"
+        f"{'state':<16} |{'0s':<{bar_w - len(_secs(tl.duration))}}{_secs(tl.duration)}|"
     )
     lines.append(header)
     for name, b in zip(names, tl.attempts, strict=True):
         state = b.state.lower() if not b.reason else f"{b.state.lower()}:{b.reason}"
         lines.append(
             f"{name:<{name_w}} {b.node:<{node_w}} {_secs(b.wait):>7} {_secs(b.start):>7} "
-            f"{_secs(b.run):>7} {state[:11]:<11} |{_bar(b, scale, bar_w, tl.duration)}|"
+            f"{_secs(b.run):>7} {state[:16]:<16} |{_bar(b, scale, bar_w, tl.duration)}|"
         )
     lines.append(
         f"{_WAIT} waiting for a node   {_START} starting   {_RUN} running   {_FAILED} failed"
