@@ -56,12 +56,12 @@ def _ns(ts) -> int:
 
 def record_run_span(tracer: trace.Tracer, run: t.Run, tasks: list[t.TaskRun]) -> bool:
     """Record the finished ``run``'s span with the ids chosen at submit; False if the run
-    has no valid ``traceparent`` (stored before runs had spans).
+    has none (stored before runs had spans: its ``traceparent`` is its submit span's).
 
     Retries and attempts lost with their node become the span's events, at the times the
     task records give.
     """
-    ids = parse_traceparent(run.traceparent)
+    ids = parse_traceparent(run.traceparent) if run.run_span else None
     if ids is None:
         return False
     trace_id, span_id, _flags = ids

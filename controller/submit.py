@@ -70,6 +70,7 @@ class Submitter:
         run, entries = self._build(spec, params, request_id, traceparent)
         run.msg.submitted_by = submitted_by
         run.msg.parent_traceparent = parent_traceparent
+        run.msg.run_span = bool(traceparent)
         run_id = run.msg.id
         puts = [Put(e.key, e.serialize()) for e in entries]
         req_key = self.keys.request(request_id) if request_id else ""

@@ -52,6 +52,7 @@ def test_the_run_span_has_the_stored_ids_times_and_events():
         finished_at=ts(130),
         task_count=1,
         traceparent=traceparent,
+        run_span=True,
         message="task a failed",
     )
     task = t.TaskRun(spec=t.TaskSpec(name="a"), attempt=3, state=S.TASK_STATE_FAILED)
@@ -91,8 +92,13 @@ def test_a_run_with_a_caller_is_the_callers_child_and_old_runs_are_skipped():
         finished_at=ts(2),
         traceparent="00-" + "ab" * 16 + "-" + "ef" * 8 + "-01",
         parent_traceparent=parent,
+        run_span=True,
     )
     assert record_run_span(tracer, run, [])
     (span,) = exporter.get_finished_spans()
     assert span.parent.span_id == int("cd" * 8, 16)
-    assert not record_run_span(tracer, t.Run(workflow_name="old"), [])
+    assert not record_run_span(tracer, t.Run(workflow_name="new", run_span=True), [])
+    # A run stored by an older controller: its traceparent is its submit span's, recorded.
+    old = t.Run(workflow_name="old", traceparent=run.traceparent, finished_at=ts(2))
+    assert not record_run_span(tracer, old, [])
+    assert len(exporter.get_finished_spans()) == 1
