@@ -142,9 +142,8 @@ async def supervise(
                 f"killed after {time.monotonic() - started:.1f}s (timeout {timeout:g}s)"
             )
     status.finished_at.CopyFrom(now())
-    with phase("log tails"):
-        status.stdout_tail = tail(d / layout.STDOUT_FILE)
-        status.stderr_tail = tail(d / layout.STDERR_FILE)
+    status.stdout_tail = tail(d / layout.STDOUT_FILE)
+    status.stderr_tail = tail(d / layout.STDERR_FILE)
 
 
 def _ended(result: ExitStatus, status: agent_pb2.TaskStatus, d: Path) -> None:
