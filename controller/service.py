@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
+import time
 from collections.abc import Callable
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.context import Context
 
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tether.controller import lifecycle as lc
@@ -112,19 +114,12 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
     @grpc_errors
     async def SubmitWorkflow(self, request, context):
         metadata = dict(context.invocation_metadata() or ())
-        ctx = context_from_metadata(metadata)
+        ctx = context_from_metadata(metadata) or Context()
         # The run's span (recorded when it ends) is the root; submit is its first child.
         run_traceparent = new_run_trace(ctx)
-        with self.tracer.start_as_current_span(
-            f"submit {request.spec.name or 'workflow'}",
-            context=context_from_traceparent(run_traceparent),
-            kind=trace.SpanKind.SERVER,
-            attributes={
-                "tether.workflow": request.spec.name,
-                "tether.tasks": len(request.spec.tasks),
-            },
-        ) as span:
-            caller = current_principal()
+        start = time.time_ns()
+        caller = current_principal()
+        try:
             run_id, existing = await self.engine.submit(
                 request.spec,
                 dict(request.params),
@@ -133,8 +128,41 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
                 submitted_by=caller.name if caller.authenticated else "",
                 parent_traceparent=_valid_traceparent(metadata.get("traceparent", "")),
             )
-            span.set_attribute("tether.run_id", run_id)
+        except Exception as e:
+            # No run was stored, so no run span will be: the caller's span is the parent.
+            self._submit_span(request, ctx, start, error=e)
+            raise
+        # A resubmit returns the first run, which has a run span of its own already.
+        parent = ctx if existing else context_from_traceparent(run_traceparent)
+        self._submit_span(request, parent, start, run_id=run_id, existing=existing)
         return controller_pb2.SubmitWorkflowResponse(run_id=run_id, existing=existing)
+
+    def _submit_span(
+        self,
+        request,
+        parent: Context | None,
+        start: int,
+        run_id: str = "",
+        existing: bool = False,
+        error: Exception | None = None,
+    ) -> None:
+        """Record the submit's span, once its outcome says which trace it belongs to."""
+        span = self.tracer.start_span(
+            f"submit {request.spec.name or 'workflow'}",
+            context=parent or Context(),
+            kind=trace.SpanKind.SERVER,
+            start_time=start,
+            attributes={
+                "tether.workflow": request.spec.name,
+                "tether.tasks": len(request.spec.tasks),
+                "tether.run_id": run_id,
+                "tether.existing": existing,
+            },
+        )
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)[:256]))
+        span.end()
 
     @grpc_errors
     async def GetRun(self, request, context):

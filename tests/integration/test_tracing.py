@@ -14,7 +14,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from tether.api.v1 import types_pb2 as t
 from tether.controller.etcd_process import free_port
-from tether.sdk import Workflow
+from tether.sdk import Secret, Workflow
+from tether.sdk.errors import TetherError
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -260,3 +261,36 @@ def test_client_calls_carry_the_callers_trace_context(mesh):
     trace_hex = status.traceparent.split("-")[1]
     assert int(trace_hex, 16) == caller.trace_id
     assert status.parent_traceparent == f"00-{caller.trace_id:032x}-{caller.span_id:016x}-01"
+
+
+def test_refused_and_repeated_submits_leave_no_orphans(etcd, prefix, tmp_path, receiver):
+    mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents")
+    try:
+        mesh.start_controller()
+        mesh.add_agent("n1")
+        client = mesh.client()
+        wf = Workflow("again")
+        wf.task("x", [sys.executable, "-c", "pass"])
+        first = client.submit(wf, request_id="same")
+        assert client.submit(wf, request_id="same").existing
+        refused = Workflow("refused")
+        refused.task("y", [sys.executable, "-c", "pass"], env={"K": Secret("missing")})
+        with pytest.raises(TetherError):
+            client.submit(refused)
+        first.wait(timeout=30)
+        mesh.wait_for(
+            lambda: (
+                _names(receiver).count("submit again") == 2
+                and {"run again", "submit refused"} <= set(_names(receiver))
+            ),
+            15,
+            "spans exported",
+        )
+    finally:
+        mesh.close()
+    spans = [s for _, s in receiver.spans]
+    ids = {s.span_id for s in spans}
+    assert all(not s.parent_span_id or s.parent_span_id in ids for s in spans), "no orphans"
+    roots = sorted(s.name for s in spans if not s.parent_span_id)
+    # The run's trace; the resubmit and the refused submit, each a trace of one span.
+    assert roots == ["run again", "submit again", "submit refused"]
