@@ -101,9 +101,12 @@ class AgentMetrics:
         host, _, port = listen.rpartition(":")
         if not port.isdigit():
             raise ValueError(f"metrics_listen: {listen!r} is not HOST:PORT")
-        self._http, _ = start_http_server(
-            int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry
-        )
+        try:
+            self._http, _ = start_http_server(
+                int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry
+            )
+        except OSError as e:
+            raise OSError(f"metrics_listen: cannot listen on {listen}: {e.strerror}") from None
         return self._http.server_port
 
     def close(self) -> None:

@@ -65,13 +65,13 @@ class Runner:
         metrics: AgentMetrics | None = None,
     ) -> None:
         self.config = config
-        self.metrics = metrics or AgentMetrics(config.node, runtime.name)
-        self.metrics.count_running(lambda: len(self.attempts))
         self.runtime = runtime
         self.tracer = tracer
         self.report = report
         self.on_event = on_event
         self.attempts: dict[Key, Attempt] = {}
+        self.metrics = metrics or AgentMetrics(config.node, runtime.name)
+        self.metrics.count_running(lambda: len(self.attempts))
         self.reports = Reports()
         self.started_count = 0
         # Set while the agent drains itself: why new assignments are turned away.

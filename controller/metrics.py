@@ -37,7 +37,12 @@ def serve_registry(registry: CollectorRegistry, listen: str):
     host, _, port = listen.rpartition(":")
     if not port.isdigit():
         raise ValueError(f"metrics_listen: {listen!r} is not HOST:PORT")
-    server, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
+    try:
+        server, _ = start_http_server(
+            int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry
+        )
+    except OSError as e:
+        raise OSError(f"metrics_listen: cannot listen on {listen}: {e.strerror}") from None
     return server
 
 

@@ -11,7 +11,7 @@ import sys
 import urllib.request
 
 import pytest
-from helpers import Mesh, py, wait_for
+from helpers import Mesh, assert_one_line_error, py, tether, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from tether.sdk import Workflow
@@ -178,3 +178,28 @@ def test_dev_serves_metrics_for_the_controller_and_each_agent(tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.stderr.read()
         assert proc.wait(60) == 0
+
+
+def test_a_taken_or_malformed_metrics_address_is_one_line(metered: Mesh, tmp_path):
+    taken = f"127.0.0.1:{metered.controller.metrics_port}"
+    work = str(tmp_path / "w")
+    res = tether(
+        "agent",
+        "--name",
+        "m1",
+        "--work-dir",
+        work,
+        "--metrics-listen",
+        taken,
+        controller=metered.address,
+    )
+    assert_one_line_error(res, "metrics_listen", taken, "in use")
+    # Malformed: a usage error (click's usage lines, then the one line naming the field).
+    for args in (
+        ("agent", "--name", "m1", "--work-dir", work, "--metrics-listen", "nowhere"),
+        ("dev", "--metrics-listen", "nowhere"),
+    ):
+        res = tether(*args)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert "metrics" in res.stderr.strip().splitlines()[-1]
+        assert "'nowhere' is not HOST:PORT" in res.stderr
