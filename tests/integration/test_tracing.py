@@ -294,3 +294,39 @@ def test_refused_and_repeated_submits_leave_no_orphans(etcd, prefix, tmp_path, r
     roots = sorted(s.name for s in spans if not s.parent_span_id)
     # The run's trace; the resubmit and the refused submit, each a trace of one span.
     assert roots == ["run again", "submit again", "submit refused"]
+
+
+def test_an_attempt_lost_with_its_node_is_an_event_of_the_run_span(
+    etcd, prefix, tmp_path, receiver
+):
+    mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents")
+    try:
+        mesh.start_controller()
+        mesh.add_agent("n1")
+        mesh.add_agent("n2")
+        client = mesh.client()
+        client.cordon_node("n2")  # so that the first attempt runs on n1
+        code = "import os,time; time.sleep(30 if os.environ['TETHER_ATTEMPT'] == '1' else 0)"
+        wf = Workflow("moved")
+        wf.task("long", [sys.executable, "-c", code])
+        run = client.submit(wf)
+        mesh.wait_for(lambda: run.status().tasks[0].state == S.TASK_STATE_RUNNING, 20, "running")
+        client.uncordon_node("n2")
+        client.drain_node("n1", deadline=0.2)  # its attempt is stopped and lost, retried on n2
+        final = run.wait(timeout=30)
+        mesh.wait_for(lambda: "run moved" in _names(receiver), 15, "the run's span")
+    finally:
+        mesh.close()
+    root = _check_one_tree(receiver.spans, "run moved")
+    (lost,) = [e for e in root.events if e.name == "node lost"]
+    attrs = {a.key: a.value for a in lost.attributes}
+    assert attrs["tether.node"].string_value == "n1"
+    assert attrs["tether.attempt"].int_value == 1
+    assert lost.time_unix_nano == final.tasks[0].attempts[0].finished_at.ToNanoseconds()
+    assert not [e for e in root.events if e.name == "retry"], "a lost attempt is no retry"
+    nodes = [
+        {a.key: a.value.string_value for a in s.attributes}["tether.node"]
+        for _, s in receiver.spans
+        if s.name == "schedule long"
+    ]
+    assert nodes == ["n1", "n2"]
