@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2
 from tether.agent.config import AgentConfig
 from tether.agent.identity import TlsFiles, WorkDirLock, load_node_id
 from tether.agent.logs import LogStreams
+from tether.agent.metrics import AgentMetrics
 from tether.agent.reconnect import Reconnect
 from tether.agent.resources import detect_cpu, detect_gpus, detect_memory
 from tether.agent.runner import Runner
@@ -69,12 +70,15 @@ class Agent:
         self.config = config
         self.tracer_provider = make_tracer_provider(config.service_name)
         self.runtime = runtime or make_runtime(config)
+        self.metrics = AgentMetrics(config.node, self.runtime.name)
+        self.metrics_port = 0
         self.runner = Runner(
             config,
             self.runtime,
             self.tracer_provider.get_tracer("tether.agent"),
             self._report,
             self._send_event,
+            self.metrics,
         )
         self.logs = LogStreams(config.work_dir, self.runner.is_running, config.node)
         cpu = config.cpu or detect_cpu()
@@ -108,6 +112,8 @@ class Agent:
         self._lock = WorkDirLock(config.work_dir)
         self.draining = False  # set by drain(): the node takes no new work
         self._beat_seq = 0
+        # When each unanswered heartbeat was sent (time.monotonic()), by seq.
+        self._beats_sent: dict[int, float] = {}
 
     def _report(self, status: agent_pb2.TaskStatus) -> None:
         if self._outbox is not None:
@@ -123,6 +129,9 @@ class Agent:
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
         self.node_id = load_node_id(self.config.work_dir)
+        if self.config.metrics_listen and not self.metrics_port:
+            self.metrics_port = self.metrics.serve(self.config.metrics_listen)
+            log.info("serving metrics", node=self.config.node, port=self.metrics_port)
         if not self._recovered:
             self._recovered = True
             try:
@@ -255,6 +264,9 @@ class Agent:
                     kind = msg.WhichOneof("msg")
                     if kind == "heartbeat_ack":
                         self.last_contact = time.monotonic()
+                        sent = self._beats_sent.pop(msg.heartbeat_ack.seq, None)
+                        if sent is not None:
+                            self.metrics.heartbeat_acked(self.last_contact - sent)
                     elif kind == "registered":
                         heartbeat = self._registered(msg.registered, outbox, address)
                         waiting.add(heartbeat)
@@ -303,6 +315,7 @@ class Agent:
         self.last_contact = time.monotonic()
         self._outbox = outbox
         self._beat_seq = 0
+        self._beats_sent.clear()
         self.registrations += 1
         self.connected.set()
         log.info("registered", node=self.config.node, controller=address)
@@ -338,6 +351,9 @@ class Agent:
 
     def _beat(self, outbox: asyncio.Queue) -> None:
         self._beat_seq += 1
+        if len(self._beats_sent) > 64:  # answers lost for good: forget the oldest
+            self._beats_sent.pop(min(self._beats_sent))
+        self._beats_sent[self._beat_seq] = time.monotonic()
         outbox.put_nowait(
             agent_pb2.AgentMessage(
                 heartbeat=agent_pb2.Heartbeat(
@@ -403,4 +419,5 @@ class Agent:
         if close is not None:
             await close()
         self._lock.release()
+        self.metrics.close()
         self.tracer_provider.shutdown()

@@ -139,6 +139,12 @@ async def run_agent(config: AgentConfig) -> None:
     help="On SIGTERM, how long running attempts may finish before they are stopped and "
     "retried elsewhere (no new ones are placed here meanwhile); 0s: stop them at once.",
 )
+@click.option(
+    "--metrics-listen",
+    envvar="TETHER_METRICS_LISTEN",
+    default="",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (env TETHER_METRICS_LISTEN).",
+)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 @click.pass_context
 def agent_command(
@@ -159,6 +165,7 @@ def agent_command(
     tls_ca,
     disconnect_grace,
     drain_grace,
+    metrics_listen,
     log_level,
 ):
     """Run an agent: register this node and run the tasks the controller assigns."""
@@ -192,6 +199,7 @@ def agent_command(
             tls_ca=tls_ca,
             disconnect_grace=parse_duration(disconnect_grace),
             drain_grace=parse_duration(drain_grace),
+            metrics_listen=metrics_listen,
             **kw,
         )
     except ValueError as e:

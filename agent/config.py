@@ -61,6 +61,8 @@ class AgentConfig:
             controller places nothing new on the node; then it stops what remains (retried
             elsewhere free of charge) and exits. 0 stops attempts at once. Not used with
             ``leave_running``, whose attempts outlive the agent anyway.
+        metrics_listen: ``host:port`` where the agent serves Prometheus metrics at
+            ``/metrics`` over HTTP (port 0 picks a free one); empty serves none.
     """
 
     controller: str = DEFAULT_CONTROLLER
@@ -84,6 +86,7 @@ class AgentConfig:
     tls_ca: str = ""
     disconnect_grace: float = 0.0
     drain_grace: float = 20.0
+    metrics_listen: str = ""
 
     def __post_init__(self) -> None:
         if self.disconnect_grace < 0:
@@ -105,5 +108,7 @@ class AgentConfig:
             raise ValueError(
                 f"leave_running needs the {recovering} runtime, the one that recovers work"
             )
+        if self.metrics_listen and not self.metrics_listen.rpartition(":")[2].isdigit():
+            raise ValueError(f"metrics_listen: {self.metrics_listen!r} is not HOST:PORT")
         if self.reconnect_initial <= 0 or self.reconnect_max < self.reconnect_initial:
             raise ValueError("reconnect_initial must be > 0 and <= reconnect_max")

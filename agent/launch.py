@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from tether.agent import layout
@@ -123,8 +124,10 @@ def launch_spec(
     task_path: Callable[[Path], str],
     log_limit_bytes: int,
     on_event: Callable[[str, str], None] | None = None,
+    phase: Callable[[str], AbstractContextManager] | None = None,
 ) -> LaunchSpec:
     """Everything the runtime needs to start the attempt whose directory is ``d``."""
+    extra = {"phase": phase} if phase is not None else {}
     spec, ref = a.spec, a.ref
     return LaunchSpec(
         name=f"{ref.run_id}-{spec.name}-{ref.attempt}",
@@ -142,6 +145,7 @@ def launch_spec(
         image_pull_policy=spec.image_pull_policy,
         log_limit_bytes=log_limit_bytes,
         on_event=on_event,
+        **extra,
     )
 
 

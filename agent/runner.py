@@ -16,13 +16,16 @@ This module ties them together and wraps each attempt in its run span.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from opentelemetry import trace
 
 from tether.agent import launch, layout
 from tether.agent.config import AgentConfig
+from tether.agent.metrics import AgentMetrics
 from tether.agent.recovery import Found, found_attempts
 from tether.agent.reports import Reports, saved_status
 from tether.agent.runtimes.base import Runtime, RuntimeError_
@@ -36,6 +39,9 @@ __all__ = ["Runner"]
 
 log = get_logger("agent.runner")
 
+# Reasons of failures that are the runtime's (or the agent's), not the task's.
+_RUNTIME_REASONS = frozenset({"runtime_error", "image"})
+
 
 class Runner:
     """Starts, watches and stops attempts; reports what it sees through ``report``.
@@ -46,6 +52,7 @@ class Runner:
         tracer: Tracer for the run spans.
         report: Called with every status to send to the controller.
         on_event: Called with every attempt event to send to the controller.
+        metrics: Where attempts are counted and timed.
     """
 
     def __init__(
@@ -55,6 +62,7 @@ class Runner:
         tracer: trace.Tracer,
         report: Callable[[agent_pb2.TaskStatus], None],
         on_event: Callable[[agent_pb2.TaskEventReport], None] | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.config = config
         self.runtime = runtime
@@ -62,6 +70,8 @@ class Runner:
         self.report = report
         self.on_event = on_event
         self.attempts: dict[Key, Attempt] = {}
+        self.metrics = metrics or AgentMetrics(config.node, runtime.name)
+        self.metrics.count_running(lambda: len(self.attempts))
         self.reports = Reports()
         self.started_count = 0
         # Set while the agent drains itself: why new assignments are turned away.
@@ -266,16 +276,38 @@ class Runner:
 
     def _conclude(self, att: Attempt, status: agent_pb2.TaskStatus, d: Path) -> None:
         """Keep the final report until acknowledged, then send it."""
+        self._count(status)
         self.reports.keep(status, att.handle, d)
         self.attempts.pop(key_of(att.ref), None)
         self.report(status)
+
+    def _count(self, status: agent_pb2.TaskStatus) -> None:
+        """Count the finished attempt by outcome: its state, or why it failed."""
+        if status.state == t.TaskState.TASK_STATE_FAILED and status.reason:
+            outcome = status.reason
+        else:
+            outcome = t.TaskState.Name(status.state).removeprefix("TASK_STATE_").lower()
+        seconds = None
+        if status.HasField("started_at") and status.HasField("finished_at"):
+            ns = status.finished_at.ToNanoseconds() - status.started_at.ToNanoseconds()
+            seconds = ns / 1e9
+        self.metrics.attempt_finished(outcome, seconds)
+        if status.reason in _RUNTIME_REASONS:
+            self.metrics.runtime_error(status.reason)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """A step of the current attempt as a child span of its run span."""
+        with self.tracer.start_as_current_span(name):
+            yield
 
     async def _execute(
         self, att: Attempt, a: agent_pb2.AssignTask, status: agent_pb2.TaskStatus, traceparent: str
     ) -> None:
         ref = a.ref
         d = self._dir(ref)
-        launch.stage(d, a)
+        with self._phase("stage"):
+            launch.stage(d, a)
         spec = launch.launch_spec(
             a,
             d,
@@ -284,16 +316,20 @@ class Runner:
             task_path=self.runtime.task_path,
             log_limit_bytes=self.config.log_limit_bytes,
             on_event=lambda kind, message: self.event(ref, kind, message),
+            phase=self._phase,
         )
         status.started_at.CopyFrom(now())
+        began = time.perf_counter()
         try:
-            att.handle = await self.runtime.start(spec)
+            with self._phase(f"{self.runtime.name} start"):
+                att.handle = await self.runtime.start(spec)
         except RuntimeError_ as e:
             status.state = t.TaskState.TASK_STATE_FAILED
             status.reason, status.message, status.exit_code = e.reason, str(e), -1
             launch.redact(status, a.secret_env.values())
             return
         self.started_count += 1
+        self.metrics.started(time.perf_counter() - began)
         self.report(
             agent_pb2.TaskStatus(
                 ref=ref, state=t.TaskState.TASK_STATE_RUNNING, started_at=status.started_at
@@ -314,6 +350,7 @@ class Runner:
             elapsed=elapsed,
             stop_grace=self.config.stop_grace,
             d=self._dir(att.ref),
+            phase=self._phase,
         )
 
 

@@ -8,7 +8,10 @@ previous one makes no difference here, except for how long it has run already.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +89,7 @@ async def supervise(
     elapsed: float,
     stop_grace: float,
     d: Path,
+    phase: Callable[[str], AbstractContextManager] = lambda _name: contextlib.nullcontext(),
 ) -> None:
     """Wait for a started attempt to end, be cancelled or time out; fill in ``status``.
 
@@ -96,6 +100,7 @@ async def supervise(
         elapsed: How long the attempt has run already (a recovered one), seconds.
         stop_grace: The grace of a stop on timeout, seconds.
         d: The attempt directory (output and log files).
+        phase: Wraps the steps "wait" and "outputs" (the runner makes each a span).
 
     Cancelling the calling task lets go of the attempt without stopping it: it keeps
     running in the runtime for the next agent to adopt.
@@ -105,11 +110,12 @@ async def supervise(
     cancel = asyncio.ensure_future(att.cancelled.wait())
     started = time.monotonic() - elapsed
     try:
-        done, _ = await asyncio.wait(
-            {wait, cancel},
-            timeout=max(0.0, timeout - elapsed) if timeout else None,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        with phase("wait"):
+            done, _ = await asyncio.wait(
+                {wait, cancel},
+                timeout=max(0.0, timeout - elapsed) if timeout else None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
     except asyncio.CancelledError:
         wait.cancel()
         cancel.cancel()
@@ -117,7 +123,8 @@ async def supervise(
     cancel.cancel()
     status.stdout_tail = ""
     if wait in done:
-        _ended(wait.result(), status, d)
+        with phase("outputs"):
+            _ended(wait.result(), status, d)
     else:
         cancelled = cancel in done
         await att.handle.stop(att.cancel_grace if cancelled else stop_grace)

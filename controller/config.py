@@ -147,6 +147,8 @@ class ControllerConfig:
         if self.leader_ttl < 2:
             # etcd's own floor is about 1.5 s (it rounds shorter leases up).
             raise ValueError("leader_ttl: must be >= 2 seconds")
+        if self.metrics_listen and not self.metrics_listen.rpartition(":")[2].isdigit():
+            raise ValueError(f"metrics_listen: expected host:port, got {self.metrics_listen!r}")
         if self.advertise and not self.advertise.rpartition(":")[2].isdigit():
             raise ValueError(f"advertise: expected host:port, got {self.advertise!r}")
         if self.heartbeat_interval < 0 or self.heartbeat_interval >= self.lease_ttl:

@@ -18,16 +18,32 @@ from pathlib import Path
 import click
 
 from tether.controller.config import ControllerConfig
-from tether.controller.etcd_process import EtcdProcess
+from tether.controller.etcd_process import EtcdProcess, free_port
 from tether.controller.secretbox import generate_key_file
 from tether.controller.server import ControllerServer
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.telemetry import setup_logging
 
 
-def _spawn_agent(i: int, address: str, data_dir: Path, log_level: str) -> subprocess.Popen:
+def metrics_addresses(listen: str, agents: int) -> list[str]:
+    """Where the controller (first) and each agent serve metrics under ``--metrics-listen
+    HOST:PORT``: PORT, PORT+1, ... (free ports when PORT is 0)."""
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or not host:
+        raise click.BadParameter(f"{listen!r} is not HOST:PORT", param_hint="--metrics-listen")
+    first = int(port)
+    ports = [first + i for i in range(agents + 1)] if first else []
+    if not first:
+        ports = [free_port() for _ in range(agents + 1)]
+    return [f"{host}:{p}" for p in ports]
+
+
+def _spawn_agent(
+    i: int, address: str, data_dir: Path, log_level: str, metrics_listen: str = ""
+) -> subprocess.Popen:
     name = f"dev-{i}"
     log = open(data_dir / f"agent-{name}.log", "ab")
+    metrics = ["--metrics-listen", metrics_listen] if metrics_listen else []
     return subprocess.Popen(
         [
             sys.executable,
@@ -46,13 +62,19 @@ def _spawn_agent(i: int, address: str, data_dir: Path, log_level: str) -> subpro
             str(data_dir / "agents" / name),
             "--log-level",
             log_level,
+            *metrics,
         ],
         stdout=log,
         stderr=log,
         stdin=subprocess.DEVNULL,
         # dev is plaintext on loopback: a user's TLS settings are for their real cluster.
+        # Nor the controller's metrics address, which the agents would all try to take.
         env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("TETHER_TLS_")},
+            **{
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith("TETHER_TLS_") and k != "TETHER_METRICS_LISTEN"
+            },
             "TETHER_LOG_FORMAT": "json",
         },
     )
@@ -66,8 +88,14 @@ async def run_dev(
     run_file: str | None,
     log_level: str,
     lease_ttl: int,
+    metrics_listen: str = "",
 ) -> int:
-    """Bring the mesh up; with ``run_file``, run that workflow to completion and stop."""
+    """Bring the mesh up; with ``run_file``, run that workflow to completion and stop.
+
+    With ``metrics_listen`` (``HOST:PORT``) the controller serves metrics on PORT and agent
+    i on PORT+i (see :func:`metrics_addresses`).
+    """
+    metrics = metrics_addresses(metrics_listen, agents) if metrics_listen else []
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(log_level, json=True, stream=open(data_dir / "controller.log", "a"))
@@ -81,18 +109,25 @@ async def run_dev(
             listen=listen,
             lease_ttl=lease_ttl,
             secrets_key_file=str(key_file),
+            metrics_listen=metrics[0] if metrics else "",
         )
     )
     code = 0
     try:
         await server.start()
         address = server.address
-        procs = [_spawn_agent(i + 1, address, data_dir, log_level) for i in range(agents)]
+        procs = [
+            _spawn_agent(i + 1, address, data_dir, log_level, metrics[i + 1] if metrics else "")
+            for i in range(agents)
+        ]
         click.echo(
             f"tether dev: etcd {etcd.endpoint}, controller {address}, "
             f"{agents} agents; logs in {data_dir}/",
             err=True,
         )
+        names = ["controller"] + [f"dev-{i + 1}" for i in range(agents)]
+        for who, where in zip(names, metrics, strict=False):
+            click.echo(f"tether dev: metrics of {who} at http://{where}/metrics", err=True)
         click.echo(
             f"tether dev: plaintext gRPC on loopback {address}, no TLS and no tokens "
             "(development only; see 'Running a real cluster' in the README)",
@@ -174,9 +209,21 @@ def _run_workflow(client, run_file: str) -> int:
 )
 @click.option("--lease-ttl", default=10, show_default=True, help="Node lease TTL, seconds.")
 @click.option("--log-level", default="info", show_default=True)
-def dev_command(agents, data_dir, listen, etcd_port, run_file, log_level, lease_ttl):
+@click.option(
+    "--metrics-listen",
+    default="",
+    help="Serve Prometheus metrics: the controller's at http://HOST:PORT/metrics, agent i's "
+    "on PORT+i (PORT 0: free ports, printed).",
+)
+def dev_command(
+    agents, data_dir, listen, etcd_port, run_file, log_level, lease_ttl, metrics_listen
+):
     """Run a local mesh: etcd, a controller and AGENTS agents, in the foreground."""
     if agents < 1:
         raise click.BadParameter("at least one agent", param_hint="--agents")
-    code = asyncio.run(run_dev(agents, data_dir, listen, etcd_port, run_file, log_level, lease_ttl))
+    if metrics_listen:
+        metrics_addresses(metrics_listen, agents)  # a bad address fails before anything starts
+    code = asyncio.run(
+        run_dev(agents, data_dir, listen, etcd_port, run_file, log_level, lease_ttl, metrics_listen)
+    )
     sys.exit(code)

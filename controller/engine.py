@@ -62,7 +62,7 @@ class Engine:
     Args:
         config: The controller's configuration.
         store: The etcd store.
-        tracer: Tracer for scheduling and dispatch spans.
+        tracer: Tracer for the run, scheduling and dispatch spans.
         on_not_leader: Called when a write is refused because this controller no longer
             leads; the server then stops this engine.
         metrics: Where counters and latencies are recorded.
@@ -89,7 +89,7 @@ class Engine:
             store, lambda records: self._loader.on_conflict(records), on_not_leader
         )
         self._dispatch = dispatch = Dispatch(config, cache, tracer, secrets)
-        self._progress = progress = Progress(cache, committer, self.metrics)
+        self._progress = progress = Progress(cache, committer, self.metrics, tracer)
         self._attempts = attempts = Attempts(
             config, tracer, cache, committer, self.metrics, dispatch, progress, timers
         )
@@ -98,7 +98,7 @@ class Engine:
         self._nodes = Nodes(config, store, cache, attempts, dispatch, timers)
         self._loader = Loader(store, cache, committer, progress, attempts, cancels, dispatch)
         self._placer = Placer(
-            cache, committer, self.metrics, dispatch, progress, get_policy(config.policy)
+            cache, committer, self.metrics, dispatch, progress, get_policy(config.policy), tracer
         )
         self._submitter = Submitter(
             store,
@@ -187,9 +187,12 @@ class Engine:
         request_id: str,
         traceparent: str,
         submitted_by: str = "",
+        parent_traceparent: str = "",
     ) -> tuple[str, bool]:
         """Validate and store a new run; return (run id, whether it already existed)."""
-        return await self._submitter.submit(spec, params, request_id, traceparent, submitted_by)
+        return await self._submitter.submit(
+            spec, params, request_id, traceparent, submitted_by, parent_traceparent
+        )
 
     async def ensure_loaded(self, run_id: str) -> RunEntry | None:
         """The cached run; an unfinished run found only in etcd is loaded and reconciled."""

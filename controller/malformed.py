@@ -17,7 +17,7 @@ import grpc
 from tether.sdk.errors import ERROR_REASON_KEY
 from tether.sdk.telemetry import get_logger
 
-__all__ = ["MalformedRequests"]
+__all__ = ["MalformedRequests", "drain"]
 
 log = get_logger("controller.malformed")
 
@@ -62,7 +62,7 @@ def _checked_stream(method: str, requests, context):
     return stream()
 
 
-async def _drain(result):
+async def drain(result):
     """Yield what a streaming handler produces, whether it yields or writes to its context."""
     if inspect.isasyncgen(result):
         async for item in result:
@@ -92,7 +92,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         async def unary_stream(request, context):
             if isinstance(request, _Malformed):
                 await _refuse(context, method, request)
-            async for item in _drain(inner_us(request, context)):
+            async for item in drain(inner_us(request, context)):
                 yield item
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, des, ser)
@@ -106,7 +106,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     inner_ss = handler.stream_stream
 
     async def stream_stream(requests, context):
-        async for item in _drain(inner_ss(_checked_stream(method, requests, context), context)):
+        async for item in drain(inner_ss(_checked_stream(method, requests, context), context)):
             yield item
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, des, ser)

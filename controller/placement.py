@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from opentelemetry import trace
+
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache, TaskKey
@@ -17,7 +19,7 @@ from tether.controller.metrics import Metrics
 from tether.controller.progress import Progress
 from tether.controller.records import RunEntry, TaskEntry, now
 from tether.controller.scheduler import Binding, Policy, plan
-from tether.sdk.telemetry import get_logger
+from tether.sdk.telemetry import context_from_traceparent, get_logger
 from tether.sdk.templating import TemplateError
 
 __all__ = ["Placer"]
@@ -36,7 +38,9 @@ class Placer:
         dispatch: Dispatch,
         progress: Progress,
         policy: Policy,
+        tracer: trace.Tracer | None = None,
     ) -> None:
+        self.tracer = tracer or trace.get_tracer("tether.controller")
         self.cache = cache
         self.committer = committer
         self.metrics = metrics
@@ -98,15 +102,16 @@ class Placer:
             e.msg.reason, e.msg.message = "template", str(err)
             self.progress.finish_task(run, e, lc.FAILED)
             return False
-        self._bind(run, e, b.node, list(b.gpu_indices), rendered)
+        self._bind(run, e, b, rendered)
         return True
 
-    def _bind(
-        self, run: RunEntry, e: TaskEntry, node: str, gpus: list[int], rendered: t.TaskSpec | None
-    ) -> None:
+    def _bind(self, run: RunEntry, e: TaskEntry, b: Binding, rendered: t.TaskSpec | None) -> None:
+        node, gpus = b.node, list(b.gpu_indices)
         since = self.cache.ready_since.pop((run.msg.id, e.msg.spec.name), None)
+        waited = time.monotonic() - since if since is not None else 0.0
         if since is not None:
-            self.metrics.schedule_latency.observe(time.monotonic() - since)
+            self.metrics.schedule_latency.observe(waited)
+        self._decision_span(run, e, b, waited)
         self.metrics.attempts_started.inc()
         m = e.msg
         lc.move_task(m, lc.SCHEDULED)
@@ -122,3 +127,24 @@ class Placer:
             self.committer.mark(run)
         e.rendered = rendered
         self.committer.mark(e, lambda: self.dispatch.assign(run, e))
+
+    def _decision_span(self, run: RunEntry, e: TaskEntry, b: Binding, waited: float) -> None:
+        """One span per scheduling decision, from READY to bound: the policy, the node it
+        chose and why the others were turned down."""
+        m = e.msg
+        end = time.time_ns()
+        span = self.tracer.start_span(
+            f"schedule {m.spec.name}",
+            context=context_from_traceparent(m.traceparent),
+            start_time=end - int(waited * 1e9),
+            attributes={
+                "tether.run_id": run.msg.id,
+                "tether.task": m.spec.name,
+                "tether.attempt": m.attempt + 1,
+                "tether.policy": self.policy.name,
+                "tether.node": b.node,
+                "tether.queue_wait_seconds": waited,
+                "tether.rejected": [f"{name}: {why}" for name, why in b.rejected],
+            },
+        )
+        span.end(end_time=end)

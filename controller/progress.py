@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from opentelemetry import trace
+
 from tether.controller import dag
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
 from tether.controller.committer import Committer
 from tether.controller.metrics import Metrics
 from tether.controller.records import RunEntry, TaskEntry, now
+from tether.controller.run_span import record_run_span
 from tether.sdk.telemetry import get_logger
 
 __all__ = ["Progress"]
@@ -22,10 +25,17 @@ log = get_logger("controller.engine")
 class Progress:
     """Readies, skips and finishes tasks, and finishes runs whose tasks are all done."""
 
-    def __init__(self, cache: Cache, committer: Committer, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        committer: Committer,
+        metrics: Metrics,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
         self.cache = cache
         self.committer = committer
         self.metrics = metrics
+        self.tracer = tracer or trace.get_tracer("tether.controller")
 
     def advance(self, run: RunEntry, e: TaskEntry) -> None:
         """Count a PENDING task's unfinished upstream tasks; ready or skip it if it can be.
@@ -82,5 +92,18 @@ class Progress:
         run.msg.finished_at.CopyFrom(now())
         # Once the final state is in etcd the run leaves memory: reads of finished runs go to
         # etcd, so a long-lived controller holds only what is still running.
-        self.committer.mark(run, lambda: self.cache.evict(run))
+        self.committer.mark(run, lambda: self._finished(run))
         log.info("run finished", run_id=run.msg.id, state=lc.run_state_name(final))
+
+    def _finished(self, run: RunEntry) -> None:
+        """The run's final state is in etcd: count it, record its span, let it go."""
+        m = run.msg
+        state = lc.run_state_name(m.state)
+        self.metrics.runs_finished.labels(state).inc()
+        duration = (m.finished_at.ToNanoseconds() - m.created_at.ToNanoseconds()) / 1e9
+        self.metrics.run_duration.labels(state).observe(max(duration, 0.0))
+        try:
+            record_run_span(self.tracer, m, [e.msg for e in run.tasks.values()])
+        except Exception:  # a tracing bug must not keep a finished run in memory
+            log.exception("cannot record the run's span", run_id=m.id)
+        self.cache.evict(run)

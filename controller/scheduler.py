@@ -78,6 +78,19 @@ class NodeView:
             and self.has_slot
         )
 
+    def why_not(self, r: types_pb2.Resources) -> str:
+        """What keeps ``r`` off this node now, or ``""`` if it fits."""
+        if not self.has_slot:
+            return f"at its task limit ({self.max_tasks})"
+        if self.cpu_used + r.cpu > self.cpu_total + _EPS:
+            return f"cpu: {self.cpu_free:g} free < {r.cpu:g}"
+        if self.memory_used + r.memory_bytes > self.memory_total:
+            return f"memory: {self.memory_free} bytes free < {r.memory_bytes}"
+        free = len(self.gpu_indices) - len(self.gpus_used)
+        if free < r.gpu:
+            return f"gpu: {free} free < {r.gpu}"
+        return ""
+
     def could_ever_fit(self, r: types_pb2.Resources) -> bool:
         """Whether ``r`` fits in the node's whole capacity, all else gone."""
         return (
@@ -142,13 +155,19 @@ def get_policy(name: str) -> Policy:
         raise ValueError(f"unknown placement policy {name!r}; known: {known}") from None
 
 
+# Most rejected nodes a binding lists (its scheduling span shows them).
+MAX_REJECTED = 16
+
+
 @dataclass(frozen=True)
 class Binding:
-    """One placed task: its key, the node chosen and the GPU indices it gets there."""
+    """One placed task: its key, the node chosen and the GPU indices it gets there, and
+    (at most :data:`MAX_REJECTED` of) the nodes the policy turned down, with why."""
 
     key: Hashable
     node: str
     gpu_indices: tuple[int, ...] = ()
+    rejected: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -192,7 +211,7 @@ def plan(
             if unplaceable[shape]:
                 out.reasons[key] = unplaceable[shape]
             continue
-        node = _choose(r, views.values(), policy)
+        node, rejected = _choose(r, views.values(), policy)
         if node is None:
             if not slots_left():
                 break
@@ -201,20 +220,26 @@ def plan(
                 out.reasons[key] = why
             continue
         gpus = node.free_gpus[: r.gpu]
-        out.bindings.append(Binding(key, node.name, gpus))
+        out.bindings.append(Binding(key, node.name, gpus, rejected))
         views[node.name] = node.with_bound(r, gpus)
     return out
 
 
-def _choose(r: types_pb2.Resources, nodes: Iterable[NodeView], policy: Policy) -> NodeView | None:
+def _choose(
+    r: types_pb2.Resources, nodes: Iterable[NodeView], policy: Policy
+) -> tuple[NodeView | None, tuple[tuple[str, str], ...]]:
+    """The best node for ``r`` (None: none fits) and the nodes the filter turned down."""
     best, best_score = None, 0.0
+    rejected: list[tuple[str, str]] = []
     for node in nodes:
         if not policy.filter(r, node):
+            if len(rejected) < MAX_REJECTED:
+                rejected.append((node.name, node.why_not(r) or f"refused by {policy.name}"))
             continue
         score = policy.score(r, node)
         if best is None or score > best_score:
             best, best_score = node, score
-    return best
+    return best, tuple(rejected)
 
 
 def never_fits(request: types_pb2.Resources, nodes: Iterable[NodeView]) -> str:

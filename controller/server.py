@@ -18,6 +18,7 @@ from tether.controller.config import ControllerConfig, advertised, is_loopback
 from tether.controller.engine import Engine
 from tether.controller.errors import NotLeader, store_unavailable
 from tether.controller.etcd_connection import EtcdConnection
+from tether.controller.grpc_metrics import GrpcMetrics
 from tether.controller.guard import Guard
 from tether.controller.leader import Leadership
 from tether.controller.logs import LogRouter
@@ -71,8 +72,8 @@ class ControllerServer:
         self.logs = LogRouter()
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
+        self.store.observe = self.metrics.observe_etcd
         self.metrics_port = 0
-        self._metrics_task: asyncio.Task | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._campaign: asyncio.Task | None = None
@@ -133,7 +134,9 @@ class ControllerServer:
             ("grpc.so_reuseport", 0),
         ]
         guard = Guard(self.tokens, self.auth, self.config.rate_limit, self.config.rate_burst)
-        server = grpc.aio.server(options=opts, interceptors=[MalformedRequests(), guard])
+        # Metrics first: the outermost, so it counts what the others refuse.
+        interceptors = [GrpcMetrics(self.metrics), MalformedRequests(), guard]
+        server = grpc.aio.server(options=opts, interceptors=interceptors)
         current = self.current_engine  # the servicers' view of the current term
         controller_pb2_grpc.add_ControllerServiceServicer_to_server(
             ControllerServicer(current, self.tracer, self.logs, self.tokens, self.secrets), server
@@ -168,7 +171,7 @@ class ControllerServer:
         self._server = server
         if self.config.metrics_listen:
             self.metrics_port = self.metrics.serve(self.config.metrics_listen)
-        self._metrics_task = asyncio.create_task(self._refresh_metrics(), name="metrics")
+        self.metrics.follow(asyncio.get_running_loop(), self._snapshot)
         self._campaign = asyncio.create_task(self._campaign_loop(), name="campaign")
         waiters = [asyncio.ensure_future(self._leading.wait()), self._campaign]
         if not wait_for_leadership:
@@ -189,11 +192,9 @@ class ControllerServer:
             auth=self.auth,
         )
 
-    async def _refresh_metrics(self) -> None:
-        while True:
-            engine = self.engine
-            self.metrics.refresh(engine.snapshot() if engine else Snapshot(leader=False))
-            await asyncio.sleep(1.0)
+    def _snapshot(self) -> Snapshot:
+        engine = self.engine
+        return engine.snapshot() if engine else Snapshot(leader=False)
 
     async def _campaign_loop(self) -> None:
         """Lead when possible; on losing the lease, step down and campaign again — forever:
@@ -270,8 +271,6 @@ class ControllerServer:
                     await asyncio.wait_for(engine.flushed(), grace)
                 except TimeoutError:
                     log.warning("unflushed writes at shutdown; the next leader resumes from etcd")
-            if self._metrics_task is not None:
-                self._metrics_task.cancel()
             if self._secrets_task is not None:
                 self._secrets_task.cancel()
             self.metrics.close()

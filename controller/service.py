@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
+import time
 from collections.abc import Callable
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.context import Context
 
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tether.controller import lifecycle as lc
@@ -32,11 +34,12 @@ from tether.controller.errors import (
 from tether.controller.lifecycle import IllegalTransition
 from tether.controller.logs import LogRouter
 from tether.controller.records import AgentSession
+from tether.controller.run_span import new_run_trace, parse_traceparent
 from tether.controller.secrets import NO_KEY, Secrets
 from tether.controller.tokens import TokenStore
 from tether.sdk.certs import CertError, verify_node
 from tether.sdk.errors import FieldViolation, InvalidSpecError
-from tether.sdk.telemetry import context_from_metadata, get_logger, traceparent_of
+from tether.sdk.telemetry import context_from_metadata, context_from_traceparent, get_logger
 from tether.sdk.validation import LIMITS
 
 __all__ = ["AgentServicer", "ControllerServicer"]
@@ -110,26 +113,56 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
 
     @grpc_errors
     async def SubmitWorkflow(self, request, context):
-        ctx = context_from_metadata(dict(context.invocation_metadata() or ()))
-        with self.tracer.start_as_current_span(
-            f"submit {request.spec.name or 'workflow'}",
-            context=ctx,
-            kind=trace.SpanKind.SERVER,
-            attributes={
-                "tether.workflow": request.spec.name,
-                "tether.tasks": len(request.spec.tasks),
-            },
-        ) as span:
-            caller = current_principal()
+        metadata = dict(context.invocation_metadata() or ())
+        ctx = context_from_metadata(metadata) or Context()
+        # The run's span (recorded when it ends) is the root; submit is its first child.
+        run_traceparent = new_run_trace(ctx)
+        start = time.time_ns()
+        caller = current_principal()
+        try:
             run_id, existing = await self.engine.submit(
                 request.spec,
                 dict(request.params),
                 request.request_id,
-                traceparent_of(span),
+                run_traceparent,
                 submitted_by=caller.name if caller.authenticated else "",
+                parent_traceparent=_valid_traceparent(metadata.get("traceparent", "")),
             )
-            span.set_attribute("tether.run_id", run_id)
+        except Exception as e:
+            # No run was stored, so no run span will be: the caller's span is the parent.
+            self._submit_span(request, ctx, start, error=e)
+            raise
+        # A resubmit returns the first run, which has a run span of its own already.
+        parent = ctx if existing else context_from_traceparent(run_traceparent)
+        self._submit_span(request, parent, start, run_id=run_id, existing=existing)
         return controller_pb2.SubmitWorkflowResponse(run_id=run_id, existing=existing)
+
+    def _submit_span(
+        self,
+        request,
+        parent: Context | None,
+        start: int,
+        run_id: str = "",
+        existing: bool = False,
+        error: Exception | None = None,
+    ) -> None:
+        """Record the submit's span, once its outcome says which trace it belongs to."""
+        span = self.tracer.start_span(
+            f"submit {request.spec.name or 'workflow'}",
+            context=parent or Context(),
+            kind=trace.SpanKind.SERVER,
+            start_time=start,
+            attributes={
+                "tether.workflow": request.spec.name,
+                "tether.tasks": len(request.spec.tasks),
+                "tether.run_id": run_id,
+                "tether.existing": existing,
+            },
+        )
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)[:256]))
+        span.end()
 
     @grpc_errors
     async def GetRun(self, request, context):
@@ -405,3 +438,8 @@ def _check_register(reg: agent_pb2.Register) -> str:
     if c.cpu < 0 or c.memory_bytes < 0 or c.gpu < 0:
         return "register.capacity: must not be negative"
     return ""
+
+
+def _valid_traceparent(value: str) -> str:
+    """``value`` if it is a W3C traceparent (the caller's span), else ``""``."""
+    return value if parse_traceparent(value) else ""

@@ -14,8 +14,10 @@ Key layout under the configured prefix ``P``::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -150,6 +152,23 @@ class Store:
         # Set while this controller leads: a compare added to every write transaction.
         self.fence: Compare | None = None
         self._leases = LeaseStream(self._open_keepalive)
+        # Told of every etcd request: (operation, seconds, failed). Metrics set it.
+        self.observe: Callable[[str, float, bool], None] = lambda *_: None
+
+    @contextlib.asynccontextmanager
+    async def _request(self, operation: str) -> AsyncIterator[None]:
+        """Time one etcd request for :attr:`observe` (the one place every call goes through)."""
+        start = time.perf_counter()
+        failed = False
+        try:
+            yield
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            failed = True
+            raise
+        finally:
+            self.observe(operation, time.perf_counter() - start, failed)
 
     async def connect(self) -> None:
         try:
@@ -201,7 +220,8 @@ class Store:
         self._token_refresher = refresher
 
     async def get(self, key: str) -> KeyValue | None:
-        resp = await self._client.kv.get(key, timeout=self._timeout)
+        async with self._request("get"):
+            resp = await self._client.kv.get(key, timeout=self._timeout)
         if not resp.kvs:
             return None
         kv = resp.kvs[0]
@@ -233,14 +253,15 @@ class Store:
         header_rev = revision
         while True:
             want = _RANGE_PAGE if not limit else min(_RANGE_PAGE, limit - len(out))
-            resp = await self._client.kv.get(
-                lo,
-                range_end=hi,
-                limit=want,
-                revision=header_rev,
-                timeout=self._timeout,
-                sort_order=SortOrder.DESCEND if newest_first else SortOrder.ASCEND,
-            )
+            async with self._request("range"):
+                resp = await self._client.kv.get(
+                    lo,
+                    range_end=hi,
+                    limit=want,
+                    revision=header_rev,
+                    timeout=self._timeout,
+                    sort_order=SortOrder.DESCEND if newest_first else SortOrder.ASCEND,
+                )
             header_rev = header_rev or resp.header.revision
             for kv in resp.kvs:
                 out.append(KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.lease))
@@ -284,9 +305,10 @@ class Store:
         self.max_request_bytes = max(self.max_request_bytes, size)
         self.txn_count += 1
         self.put_count += sum(1 for o in ops if isinstance(o, Put))
-        resp = await self._client.kv.txn(
-            compares, request_ops, [_op(o) for o in failure], timeout=self._timeout
-        )
+        async with self._request("txn"):
+            resp = await self._client.kv.txn(
+                compares, request_ops, [_op(o) for o in failure], timeout=self._timeout
+            )
         if not resp.succeeded and fenced:
             await self._check_fence()
         return resp.succeeded, resp.header.revision
@@ -300,12 +322,13 @@ class Store:
         request_ops = [_op(o) for o in ops]
         self.txn_count += 1
         self.put_count += sum(1 for o in ops if isinstance(o, Put))
-        resp = await self._client.kv.txn(
-            compares,
-            request_ops,
-            [RequestOp(request_range=rpc_pb2.RangeRequest(key=get_on_failure.encode()))],
-            timeout=self._timeout,
-        )
+        async with self._request("txn"):
+            resp = await self._client.kv.txn(
+                compares,
+                request_ops,
+                [RequestOp(request_range=rpc_pb2.RangeRequest(key=get_on_failure.encode()))],
+                timeout=self._timeout,
+            )
         if resp.succeeded:
             return True, resp.header.revision, None
         await self._check_fence()
@@ -313,14 +336,16 @@ class Store:
         return False, resp.header.revision, (kvs[0].value if kvs else None)
 
     async def delete_prefix(self, prefix: str) -> None:
-        await self._client.kv.delete(
-            prefix, range_end=prefix_range_end(prefix.encode()), timeout=self._timeout
-        )
+        async with self._request("delete"):
+            await self._client.kv.delete(
+                prefix, range_end=prefix_range_end(prefix.encode()), timeout=self._timeout
+            )
 
     # Leases -------------------------------------------------------------------------------
 
     async def grant_lease(self, ttl: int) -> int:
-        resp = await self._client.lease.grant(ttl, timeout=self._timeout)
+        async with self._request("lease_grant"):
+            resp = await self._client.lease.grant(ttl, timeout=self._timeout)
         return resp.ID
 
     def _open_keepalive(self, requests):
@@ -337,19 +362,21 @@ class Store:
         ``shared=False`` opens a stream of its own, so that one lease (the leader's) does
         not wait behind thousands of nodes' or fail with their stream.
         """
-        if shared:
-            return await self._leases.keepalive(lease_id, timeout or self._timeout)
-        call = self._client.lease.keep_alive(lease_id)
-        try:
-            async with asyncio.timeout(timeout or self._timeout):
-                async for resp in call:
-                    return max(resp.TTL, 0)
-        finally:
-            call.cancel()
-        return 0
+        async with self._request("lease_keepalive"):
+            if shared:
+                return await self._leases.keepalive(lease_id, timeout or self._timeout)
+            call = self._client.lease.keep_alive(lease_id)
+            try:
+                async with asyncio.timeout(timeout or self._timeout):
+                    async for resp in call:
+                        return max(resp.TTL, 0)
+            finally:
+                call.cancel()
+            return 0
 
     async def revoke_lease(self, lease_id: int) -> None:
-        await self._client.lease.revoke(lease_id, timeout=self._timeout)
+        async with self._request("lease_revoke"):
+            await self._client.lease.revoke(lease_id, timeout=self._timeout)
 
     # Watches ------------------------------------------------------------------------------
 

@@ -60,6 +60,7 @@ class Submitter:
         request_id: str,
         traceparent: str,
         submitted_by: str = "",
+        parent_traceparent: str = "",
     ) -> tuple[str, bool]:
         """Validate and store a new run; return (run id, whether it already existed)."""
         # In a thread: a big spec takes a while to check, and the loop must keep serving
@@ -68,6 +69,8 @@ class Submitter:
         await self.secrets.check(spec)
         run, entries = self._build(spec, params, request_id, traceparent)
         run.msg.submitted_by = submitted_by
+        run.msg.parent_traceparent = parent_traceparent
+        run.msg.run_span = bool(traceparent)
         run_id = run.msg.id
         puts = [Put(e.key, e.serialize()) for e in entries]
         req_key = self.keys.request(request_id) if request_id else ""

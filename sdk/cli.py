@@ -35,6 +35,7 @@ from tether.sdk.terminal import (
     state_label,
     task_table,
 )
+from tether.sdk.waterfall import render, timeline, trace_id_of, trace_url
 
 
 class _LazyGroup(click.Group):
@@ -109,6 +110,7 @@ def submit(ctx, file, wait_, param, request_id):
     console.print(
         f"run [bold]{run.id}[/]" + (" (existing)" if run.existing else ""), highlight=False
     )
+    _print_trace(client.get_run(run.id).traceparent)
     if not wait_:
         return
     final = follow_run(client, run.id)
@@ -132,6 +134,7 @@ def status(ctx, run_id, as_json):
             click.echo(MessageToJson(run))
             return
         console.print(task_table(run))
+        _print_trace(run.traceparent)
         return
     table = Table(title="runs")
     for col in ("run", "workflow", "state", "tasks", "created"):
@@ -148,6 +151,31 @@ def status(ctx, run_id, as_json):
             created,
         )
     console.print(table)
+
+
+def _print_trace(traceparent: str) -> None:
+    """The run's trace id, and its link when ``$TETHER_TRACE_URL`` is set."""
+    trace_id = trace_id_of(traceparent)
+    if trace_id:
+        link = trace_url(trace_id)
+        click.echo(f"trace {trace_id}" + (f"  {link}" if link else ""))
+
+
+@cli.command("trace")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the timeline as JSON.")
+@click.option("--width", type=int, default=0, help="Line width [default: the terminal's].")
+@click.pass_context
+def trace_cmd(ctx, run_id, as_json, width):
+    """Show where RUN_ID's time went: each attempt's wait, start and run as a waterfall,
+    the critical path marked, from the run's own records."""
+    run = _client(ctx).get_run(run_id)
+    tl = timeline(run)
+    if as_json:
+        click.echo(json.dumps(tl.as_dict(), indent=2))
+        return
+    width = width or (console.width if console.is_terminal else 120)
+    click.echo(render(tl, width, trace_url(tl.trace_id)))
 
 
 @cli.command()

@@ -8,21 +8,26 @@ controller and agents in one process and still see them as separate services.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import structlog
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 __all__ = [
+    "SpanIds",
     "context_from_traceparent",
     "current_traceparent",
+    "fixed_span_ids",
     "get_logger",
     "make_tracer_provider",
     "setup_logging",
@@ -32,9 +37,52 @@ __all__ = [
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
+# Ids the next span started in this context must have (see fixed_span_ids).
+_FIXED_IDS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "tether_fixed_span_ids", default=None
+)
+
+
+class SpanIds(IdGenerator):
+    """Random ids, except inside :func:`fixed_span_ids`, which sets the next span's ids.
+
+    A run's span is recorded when the run ends, but its children were started long before
+    (by other processes, perhaps other controllers) with its ids as their parent: those ids
+    are chosen at submit and stored with the run, and this generator gives them back when
+    the span is finally recorded.
+    """
+
+    def __init__(self) -> None:
+        self._random = RandomIdGenerator()
+
+    def generate_span_id(self) -> int:
+        fixed = _FIXED_IDS.get()
+        return fixed[1] if fixed else self._random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        fixed = _FIXED_IDS.get()
+        return fixed[0] if fixed else self._random.generate_trace_id()
+
+
+@contextlib.contextmanager
+def fixed_span_ids(trace_id: int, span_id: int) -> Iterator[None]:
+    """Start spans inside this block with these ids (providers from make_tracer_provider).
+
+    Start exactly one span inside it. A span with a parent takes the parent's trace id, so
+    only a root span gets ``trace_id``.
+    """
+    token = _FIXED_IDS.set((trace_id, span_id))
+    try:
+        yield
+    finally:
+        _FIXED_IDS.reset(token)
+
+
 def make_tracer_provider(service_name: str) -> TracerProvider:
     """Return a provider for one component, exporting over OTLP/gRPC if an endpoint is set."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service_name}), id_generator=SpanIds()
+    )
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     ):

@@ -7,7 +7,9 @@ runtime only turns a :class:`LaunchSpec` into a running unit of work and back in
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -47,6 +49,11 @@ class LaunchSpec:
     log_limit_bytes: int = 0
     # Report an event of this attempt to the controller: on_event(kind, message).
     on_event: Callable[[str, str], None] | None = field(default=None, compare=False)
+    # Wrap a step of starting the attempt ("pull", "create", "start"): the runner makes each
+    # a span of the attempt's trace. ``with spec.phase("pull"): ...``
+    phase: Callable[[str], AbstractContextManager] = field(
+        default=lambda _name: contextlib.nullcontext(), compare=False
+    )
 
 
 @dataclass(frozen=True)

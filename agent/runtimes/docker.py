@@ -320,21 +320,24 @@ class DockerRuntime:
     async def _start(self, spec: LaunchSpec) -> _ContainerHandle:
         container, host = create_args(spec, self.config.node)
         api = await self.api()
-        await self._ensure_image(api, spec)
+        with spec.phase("pull"):
+            await self._ensure_image(api, spec)
         # The image may run as a user other than root; it must still write its output file.
         spec.attempt_dir.chmod(0o777)
-        try:
-            cid = await asyncio.to_thread(self._create, api, container, host)
-        except docker.errors.ImageNotFound as e:
-            raise RuntimeError_(f"image {spec.image}: {_explain(e)}", "image") from e
-        except docker.errors.APIError as e:
-            raise RuntimeError_(f"cannot create the container: {_explain(e)}") from e
-        try:
-            await asyncio.to_thread(api.start, cid)
-        except docker.errors.APIError as e:
-            with contextlib.suppress(docker.errors.DockerException):
-                await asyncio.to_thread(api.remove_container, cid, force=True)
-            raise RuntimeError_(f"cannot start the container: {_explain(e)}") from e
+        with spec.phase("create"):
+            try:
+                cid = await asyncio.to_thread(self._create, api, container, host)
+            except docker.errors.ImageNotFound as e:
+                raise RuntimeError_(f"image {spec.image}: {_explain(e)}", "image") from e
+            except docker.errors.APIError as e:
+                raise RuntimeError_(f"cannot create the container: {_explain(e)}") from e
+        with spec.phase("start"):
+            try:
+                await asyncio.to_thread(api.start, cid)
+            except docker.errors.APIError as e:
+                with contextlib.suppress(docker.errors.DockerException):
+                    await asyncio.to_thread(api.remove_container, cid, force=True)
+                raise RuntimeError_(f"cannot start the container: {_explain(e)}") from e
         logs = follow_logs(
             api,
             cid,

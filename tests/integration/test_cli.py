@@ -131,3 +131,37 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
     f = tmp_path / "binary.yaml"
     f.write_bytes(b"\xff\xfename: x\n")
     assert_one_line_error(tether("submit", str(f), controller="127.0.0.1:1"), "not UTF-8")
+
+
+def test_submit_and_status_print_the_trace_and_trace_draws_the_timeline(
+    mesh, tmp_path, monkeypatch
+):
+    mesh.add_agent("n1")
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(
+        "name: timed\ntasks:\n"
+        f"  - name: first\n    command: [{sys.executable}, -c, 'import time; time.sleep(0.2)']\n"
+        f"  - name: second\n    depends_on: [first]\n    command: [{sys.executable}, -c, 'pass']\n"
+    )
+    res = tether("submit", str(wf), "--wait", controller=mesh.address)
+    assert res.returncode == 0, res.stderr
+    run_id = res.stdout.split()[1]
+    run = mesh.client().get_run(run_id)
+    trace_id = run.traceparent.split("-")[1]
+    assert f"trace {trace_id}\n" in res.stdout
+
+    monkeypatch.setenv("TETHER_TRACE_URL", "http://jaeger:16686/trace/{trace_id}")
+    res = tether("status", run_id, controller=mesh.address)
+    assert f"trace {trace_id}  http://jaeger:16686/trace/{trace_id}" in res.stdout
+
+    res = tether("trace", run_id, "--width", "100", controller=mesh.address)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith(f"run {run_id} (timed) SUCCEEDED in ")
+    assert lines[1] == f"trace {trace_id}  http://jaeger:16686/trace/{trace_id}"
+    assert "critical path (*): first → second" in res.stdout
+    rows = [line for line in lines if line.startswith("* ")]
+    assert [r.split()[1] for r in rows] == ["first#1", "second#1"]
+    assert all(len(line) <= 100 for line in lines)
+
+    assert_one_line_error(tether("trace", "0" * 20, controller=mesh.address), "not found")

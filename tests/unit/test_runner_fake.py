@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from fake_runtime import FakeRuntime
 from google.protobuf import duration_pb2
 from opentelemetry import trace
@@ -98,3 +99,28 @@ def test_a_draining_runner_hands_assignments_back_unstarted(tmp_path):
     assert report.state == S.TASK_STATE_FAILED and report.reason == "drained"
     assert report.message == "node n1 is shutting down"
     assert runner.pending_reports() == [report]  # kept until the controller acknowledges it
+
+
+def test_the_runner_counts_attempts_by_outcome_and_times_their_start(tmp_path):
+    _, ok = run(tmp_path / "ok", FakeRuntime(exit_status=ExitStatus(0)))
+    _, bad = run(tmp_path / "bad", FakeRuntime(start_error=RuntimeError_("no engine", "image")))
+    _, slow = run(tmp_path / "slow", FakeRuntime(exit_status=None), act="timeout")
+
+    def sample(runner, name, **labels):
+        return runner.metrics.registry.get_sample_value(name, {"node": "n1", **labels})
+
+    finished = "tether_agent_attempts_finished_total"
+    assert sample(ok, finished, outcome="succeeded") == 1
+    assert sample(ok, "tether_agent_start_duration_seconds_count", runtime="fake") == 1
+    assert sample(bad, finished, outcome="image") == 1
+    assert sample(bad, "tether_agent_runtime_errors_total", runtime="fake", reason="image") == 1
+    assert sample(bad, "tether_agent_start_duration_seconds_count", runtime="fake") is None
+    assert sample(slow, finished, outcome="timeout") == 1
+    assert sample(slow, "tether_agent_attempt_duration_seconds_count", outcome="timeout") == 1
+    assert sample(slow, "tether_agent_attempts_running") == 0
+
+
+def test_metrics_listen_must_be_host_and_port(tmp_path):
+    with pytest.raises(ValueError, match="metrics_listen"):
+        AgentConfig(work_dir=tmp_path, metrics_listen="nowhere")
+    assert AgentConfig(work_dir=tmp_path, metrics_listen="127.0.0.1:0").metrics_listen

@@ -153,3 +153,23 @@ def test_a_policy_scores_among_nodes_that_pass_its_filter():
     p = plan([("x", req(cpu=1)), ("y", req(cpu=1))], nodes, MostFreeCpu())
     # Ties go to the earlier name; "b" is charged for x before y is placed.
     assert placed(p) == {"x": "b", "y": "c"}
+
+
+def test_a_binding_says_why_the_other_nodes_were_turned_down():
+    nodes = [
+        node("a", cpu=0.5),
+        node("b", mem=GiB // 2),
+        node("c", gpus=()),
+        node("d", max_tasks=1, running=1),
+        node("e", gpus=(0,)),
+    ]
+    p = plan([("t", req(cpu=1, mem=GiB, gpu=1))], nodes, FirstFit())
+    (b,) = p.bindings
+    assert b.node == "e"
+    assert dict(b.rejected) == {
+        "a": "cpu: 0.5 free < 1",
+        "b": f"memory: {GiB // 2} bytes free < {GiB}",
+        "c": "gpu: 0 free < 1",
+        "d": "at its task limit (1)",
+    }
+    assert node("e", gpus=(0,)).why_not(req(gpu=1)) == ""

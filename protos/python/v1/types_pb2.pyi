@@ -210,7 +210,7 @@ class TaskRun(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., node: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., outputs_json: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., stdout_tail: _Optional[str] = ..., stderr_tail: _Optional[str] = ..., traceparent: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., index: _Optional[int] = ..., events: _Optional[_Iterable[_Union[TaskEvent, _Mapping]]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "workflow_name", "state", "created_at", "started_at", "finished_at", "task_count", "request_id", "params", "traceparent", "message", "cancel_requested", "tasks", "timed_out", "deadline", "submitted_by")
+    __slots__ = ("id", "workflow_name", "state", "created_at", "started_at", "finished_at", "task_count", "request_id", "params", "traceparent", "message", "cancel_requested", "tasks", "timed_out", "deadline", "submitted_by", "parent_traceparent", "run_span")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,8 @@ class Run(_message.Message):
     TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_BY_FIELD_NUMBER: _ClassVar[int]
+    PARENT_TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    RUN_SPAN_FIELD_NUMBER: _ClassVar[int]
     id: str
     workflow_name: str
     state: RunState
@@ -250,7 +252,9 @@ class Run(_message.Message):
     timed_out: bool
     deadline: _timestamp_pb2.Timestamp
     submitted_by: str
-    def __init__(self, id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_count: _Optional[int] = ..., request_id: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., traceparent: _Optional[str] = ..., message: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., tasks: _Optional[_Iterable[_Union[TaskRun, _Mapping]]] = ..., timed_out: _Optional[bool] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., submitted_by: _Optional[str] = ...) -> None: ...
+    parent_traceparent: str
+    run_span: bool
+    def __init__(self, id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_count: _Optional[int] = ..., request_id: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., traceparent: _Optional[str] = ..., message: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., tasks: _Optional[_Iterable[_Union[TaskRun, _Mapping]]] = ..., timed_out: _Optional[bool] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., submitted_by: _Optional[str] = ..., parent_traceparent: _Optional[str] = ..., run_span: _Optional[bool] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "model", "memory_bytes")
