@@ -61,7 +61,11 @@ def test_sigkilled_agents_task_is_gone_within_a_second(mesh: Mesh, tmp_path):
         agent.wait()
 
 
-def test_left_running_task_is_adopted_by_the_next_agent(mesh: Mesh, tmp_path):
+def test_left_running_task_is_adopted_by_the_next_agent(etcd, prefix, tmp_path):
+    # A lease far longer than an agent's start-up on a loaded machine: the node must still be
+    # alive when the second agent registers, or its attempt is (rightly) lost and run again.
+    mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents", lease_ttl=15)
+    mesh.start_controller()
     pid_file = tmp_path / "pids"
     first = start_agent(mesh, "n1", tmp_path / "n1", "--leave-running")
     wait_for(lambda: node_names(mesh) == ["n1"], 20, "n1 registered")
@@ -84,6 +88,7 @@ def test_left_running_task_is_adopted_by_the_next_agent(mesh: Mesh, tmp_path):
     finally:
         second.terminate()
         second.wait(10)
+        mesh.close()
 
 
 def test_stale_left_running_task_is_stopped_when_its_agent_returns(mesh: Mesh, tmp_path):
