@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic.dataclasses import dataclass
 
 from tether.agent.runtimes import registry
+from tether.sdk.address import split_addresses
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.settings import ByteSize, Duration, KeyValues, setting
 
@@ -147,6 +148,7 @@ class AgentConfig:
     )
 
     def __post_init__(self) -> None:
+        split_addresses(self.controller)  # a missing port is refused, not dialled as :443
         if self.disconnect_grace < 0:
             raise ValueError("disconnect_grace must not be negative")
         if self.drain_grace < 0:

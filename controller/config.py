@@ -9,6 +9,7 @@ from pydantic.dataclasses import dataclass
 
 from tether.controller.etcd_connection import EtcdConnection
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
+from tether.sdk.address import check_address
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.settings import ByteSize, CommaList, Duration, setting
 from tether.sdk.validation import Limits
@@ -192,6 +193,7 @@ class ControllerConfig:
         return bool(self.tls_cert)
 
     def __post_init__(self) -> None:
+        check_address(self.listen, "listen", any_port=True)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert, tls_key: give both the certificate and its key")
         if self.tls_ca and not self.tls_cert:
@@ -212,8 +214,8 @@ class ControllerConfig:
         if self.leader_ttl < 2:
             # etcd's own floor is about 1.5 s (it rounds shorter leases up).
             raise ValueError("leader_ttl: must be >= 2 seconds")
-        if self.advertise and not self.advertise.rpartition(":")[2].isdigit():
-            raise ValueError(f"advertise: expected host:port, got {self.advertise!r}")
+        if self.advertise:
+            check_address(self.advertise, "advertise")
         if self.heartbeat_interval < 0 or self.heartbeat_interval >= self.lease_ttl:
             raise ValueError("heartbeat_interval: must be in [0, lease_ttl)")
         if self.retention < 0:

@@ -23,6 +23,7 @@ from tether.controller.secretbox import generate_key_file
 from tether.controller.server import ControllerServer
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.telemetry import setup_logging
+from tether.sdk.terminal import key_values
 
 
 def _spawn_agent(i: int, address: str, data_dir: Path, log_level: str) -> subprocess.Popen:
@@ -66,8 +67,10 @@ async def run_dev(
     run_file: str | None,
     log_level: str,
     lease_ttl: int,
+    params: dict[str, str] | None = None,
 ) -> int:
-    """Bring the mesh up; with ``run_file``, run that workflow to completion and stop."""
+    """Bring the mesh up; with ``run_file``, run that workflow (with ``params``) to
+    completion and stop."""
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(log_level, json=True, stream=open(data_dir / "controller.log", "a"))
@@ -104,7 +107,7 @@ async def run_dev(
         await _wait_for_nodes(client, agents)
         click.echo(f"tether dev: {agents} nodes registered", err=True)
         if run_file:
-            code = await asyncio.to_thread(_run_workflow, client, run_file)
+            code = await asyncio.to_thread(_run_workflow, client, run_file, params or {})
         else:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -141,13 +144,13 @@ async def _wait_for_nodes(client, n: int, timeout: float = 60.0) -> None:
     raise click.ClickException(f"agents did not register within {timeout:.0f}s; see the logs")
 
 
-def _run_workflow(client, run_file: str) -> int:
+def _run_workflow(client, run_file: str, params: dict[str, str]) -> int:
     from tether.api.v1 import types_pb2 as t
     from tether.sdk.spec import load_workflow
     from tether.sdk.terminal import console, follow_run, print_results
 
     wf = load_workflow(run_file)
-    run = client.submit(wf)
+    run = client.submit(wf, params=params)
     console.print(f"run [bold]{run.id}[/] ({wf.name})", highlight=False)
     final = follow_run(client, run.id)
     print_results(final)
@@ -172,11 +175,22 @@ def _run_workflow(client, run_file: str) -> int:
     default=None,
     help="Run this workflow to completion, print its results, then stop.",
 )
+@click.option(
+    "--param",
+    "-p",
+    multiple=True,
+    help="Parameter KEY=VALUE of the --run workflow (repeatable), as for 'tether submit'.",
+)
 @click.option("--lease-ttl", default=10, show_default=True, help="Node lease TTL, seconds.")
 @click.option("--log-level", default="info", show_default=True)
-def dev_command(agents, data_dir, listen, etcd_port, run_file, log_level, lease_ttl):
+def dev_command(agents, data_dir, listen, etcd_port, run_file, param, log_level, lease_ttl):
     """Run a local mesh: etcd, a controller and AGENTS agents, in the foreground."""
     if agents < 1:
         raise click.BadParameter("at least one agent", param_hint="--agents")
-    code = asyncio.run(run_dev(agents, data_dir, listen, etcd_port, run_file, log_level, lease_ttl))
+    if param and not run_file:
+        raise click.UsageError("--param is for the workflow of --run")
+    params = key_values(param, "--param")
+    code = asyncio.run(
+        run_dev(agents, data_dir, listen, etcd_port, run_file, log_level, lease_ttl, params)
+    )
     sys.exit(code)

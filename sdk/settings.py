@@ -337,7 +337,11 @@ def _explain(e: ValidationError, values: dict[tuple[str, ...], tuple[Any, str]])
             where = f" (from {source})" if source else ""
             parts.append(f"{'.'.join(loc)}: {msg}{where}")
         else:
-            parts.append(msg)
+            # A check across fields names its field first ("controller: ..."): say where
+            # that field's value came from, as for the others.
+            field = tuple(msg.partition(":")[0].split("."))
+            source = values.get(field, (None, ""))[1]
+            parts.append(f"{msg} (from {source})" if source else msg)
     return "; ".join(parts)
 
 

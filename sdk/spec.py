@@ -26,10 +26,11 @@ Unknown fields are errors, so a typo never silently changes what runs.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from google.protobuf import duration_pb2
@@ -39,6 +40,7 @@ from tether.api.v1 import types_pb2
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.quantities import parse_duration, parse_memory
 from tether.sdk.validation import FieldViolation, validate_workflow
+from tether.sdk.yaml_source import yaml_error_text
 
 __all__ = ["Backoff", "Resources", "Secret", "Task", "Workflow", "load_workflow"]
 
@@ -277,7 +279,8 @@ class Workflow:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise InvalidSpecError([FieldViolation("", f"not valid YAML: {e}")]) from None
+            where = str(path) if path else "workflow"
+            raise InvalidSpecError([FieldViolation("", yaml_error_text(e, where))]) from None
         return cls.from_dict(data)
 
     def to_proto(self) -> types_pb2.WorkflowSpec:
@@ -317,8 +320,39 @@ def _violations(e: ValidationError, prefix: str = "", data: Any = None) -> list[
                 node = None
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = "unknown field" + _did_you_mean(err["loc"])
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         out.append(FieldViolation("".join(parts), msg))
     return out
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """`` (did you mean 'retries'?)`` for an unknown field at ``loc``, when one is close."""
+    model: Any = _WorkflowModel
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(part) if _is_model(model) else None
+        if info is None:
+            return ""
+        model = _model_in(info.annotation)
+    if not _is_model(model):
+        return ""
+    hint = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _model_in(annotation: Any) -> Any:
+    """The model a field holds: itself, or the model inside ``list[M]`` or ``M | None``."""
+    if _is_model(annotation):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
