@@ -40,7 +40,7 @@ from tether.api.v1 import types_pb2
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.quantities import parse_duration, parse_memory
 from tether.sdk.validation import FieldViolation, validate_workflow
-from tether.sdk.yaml_source import yaml_error_text
+from tether.sdk.yaml_source import YamlSourceError, key_lines, load_yaml, yaml_error_text
 
 __all__ = ["Backoff", "Resources", "Secret", "Task", "Workflow", "load_workflow"]
 
@@ -254,7 +254,7 @@ class Workflow:
         return t
 
     @classmethod
-    def from_dict(cls, data: Any) -> Workflow:
+    def from_dict(cls, data: Any, *, _source: tuple[str, dict] | None = None) -> Workflow:
         """Build a workflow from parsed YAML/JSON data.
 
         Raises:
@@ -263,25 +263,30 @@ class Workflow:
         try:
             model = _WorkflowModel.model_validate(data)
         except ValidationError as e:
-            raise InvalidSpecError(_violations(e, data=data)) from None
+            raise InvalidSpecError(_violations(e, data=data, source=_source)) from None
         return cls(model.name, model.tasks, model.timeout)
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> Workflow:
-        """Load a workflow from a YAML file path or a YAML string."""
+        """Load a workflow from a YAML file path or a YAML string.
+
+        Errors name the file (``"workflow"`` for a string) and the line of what is wrong.
+        """
         path = source if isinstance(source, Path) else None
         if isinstance(source, str) and "\n" not in source and Path(source).exists():
             path = Path(source)
+        if path is not None:
+            try:
+                data, lines = load_yaml(path)
+            except YamlSourceError as e:
+                raise InvalidSpecError([FieldViolation("", str(e))]) from None
+            return cls.from_dict(data, _source=(str(path), lines))
         try:
-            text = path.read_text(encoding="utf-8") if path else source
-        except UnicodeDecodeError as e:
-            raise InvalidSpecError([FieldViolation("", f"{path} is not UTF-8 text: {e}")]) from None
-        try:
-            data = yaml.safe_load(text)
+            data = yaml.safe_load(source)
+            lines = key_lines(yaml.compose(source, Loader=yaml.SafeLoader))
         except yaml.YAMLError as e:
-            where = str(path) if path else "workflow"
-            raise InvalidSpecError([FieldViolation("", yaml_error_text(e, where))]) from None
-        return cls.from_dict(data)
+            raise InvalidSpecError([FieldViolation("", yaml_error_text(e, "workflow"))]) from None
+        return cls.from_dict(data, _source=("", lines))
 
     def to_proto(self) -> types_pb2.WorkflowSpec:
         """Return the API message, after the same validation the controller runs."""
@@ -297,9 +302,12 @@ def load_workflow(path: str | Path) -> Workflow:
     return Workflow.from_yaml(Path(path))
 
 
-def _violations(e: ValidationError, prefix: str = "", data: Any = None) -> list[FieldViolation]:
+def _violations(
+    e: ValidationError, prefix: str = "", data: Any = None, source: tuple[str, dict] | None = None
+) -> list[FieldViolation]:
     out = []
     for err in e.errors():
+        where = _where(err["loc"], source)
         parts: list[str] = [prefix] if prefix else []
         node = data
         for loc in err["loc"]:
@@ -323,8 +331,21 @@ def _violations(e: ValidationError, prefix: str = "", data: Any = None) -> list[
             msg = "unknown field" + _did_you_mean(err["loc"])
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        out.append(FieldViolation("".join(parts), msg))
+        out.append(FieldViolation("".join(parts), msg + where))
     return out
+
+
+def _where(loc: tuple, source: tuple[str, dict] | None) -> str:
+    """`` (wf.yaml:7)`` or `` (line 7)``: the line of ``loc``, or of the nearest enclosing
+    item that has one."""
+    if source is None:
+        return ""
+    name, lines = source
+    for n in range(len(loc), 0, -1):
+        line = lines.get(tuple(loc[:n]))
+        if line is not None:
+            return f" ({name}:{line})" if name else f" (line {line})"
+    return ""
 
 
 def _did_you_mean(loc: tuple) -> str:

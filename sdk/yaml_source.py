@@ -52,12 +52,18 @@ def load_yaml(path: str | Path) -> tuple[Any, dict[tuple[str, ...], int]]:
     return data, key_lines(node)
 
 
-def key_lines(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
-    """The line (from 1) of every mapping key under ``node``, by its path of keys."""
-    out: dict[tuple[str, ...], int] = {}
+def key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
+    """The line (from 1) of every mapping key and list item under ``node``, by its path
+    (keys as strings, list positions as ints: ``("tasks", 0, "name")``)."""
+    out: dict[tuple, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             path = (*prefix, str(key.value))
             out[path] = key.start_mark.line + 1
             out.update(key_lines(value, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            path = (*prefix, i)
+            out[path] = item.start_mark.line + 1
+            out.update(key_lines(item, path))
     return out

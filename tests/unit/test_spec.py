@@ -124,10 +124,10 @@ def test_yaml_and_python_build_the_same_spec():
 def test_unknown_fields_are_errors():
     with pytest.raises(InvalidSpecError) as e:
         Workflow.from_yaml("name: x\ntasks:\n  - name: a\n    command: [x]\n    retires: 2\n")
-    assert str(e.value) == "tasks[0] (a).retires: unknown field (did you mean 'retries'?)"
+    assert str(e.value) == "tasks[0] (a).retires: unknown field (did you mean 'retries'?) (line 5)"
     with pytest.raises(InvalidSpecError) as e:
         Workflow.from_yaml("name: x\nowner: me\ntasks: []\n")
-    assert str(e.value) == "owner: unknown field"  # nothing close: no guess
+    assert str(e.value) == "owner: unknown field (line 2)"  # nothing close: no guess
     with pytest.raises(InvalidSpecError) as e:
         Workflow.from_yaml("name: x\ntasks:\n  - {name: a, command: [x], backoff: {intial: 1s}}\n")
     assert "tasks[0] (a).backoff.intial: unknown field (did you mean 'initial'?)" in str(e.value)
@@ -139,6 +139,13 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(InvalidSpecError) as e:
         Workflow.from_yaml(f)
     assert str(e.value).startswith(f"{f}:4:1: not valid YAML") and "unicode" not in str(e.value)
+    f.write_text("name: x\ntasks:\n  - name: a\n    command: [x]\n    resources: {memory: lots}\n")
+    with pytest.raises(InvalidSpecError) as e:
+        Workflow.from_yaml(f)
+    assert str(e.value) == (
+        f"tasks[0] (a).resources.memory: invalid memory quantity 'lots' (use e.g. 512Mi, 2Gi) "
+        f"({f}:5)"
+    )
 
 
 def test_malformed_values_name_the_field():
