@@ -205,15 +205,17 @@ def config_options(cls: type) -> Callable[[Callable], Callable]:
             env = f" (env {s.env})" if s.env else ""
             default = f"  [default: {shown}]" if shown and not isinstance(s.default, bool) else ""
             kw: dict[str, Any] = {"help": s.description + env + default, "default": None}
+            decls = [s.flag, s.param]
             if isinstance(s.default, bool):
-                kw["is_flag"] = True
+                # --no-X too, so that a flag can turn off what a config file turned on.
+                decls[0] = f"{s.flag}/--no-{s.flag.removeprefix('--')}"
             elif not s.choices:
                 kw["metavar"] = {"bytes": "SIZE", "duration": "DURATION"}.get(s.kind, "TEXT")
             if s.multiple:
                 kw["multiple"] = True
             if s.choices:
                 kw["type"] = click.Choice(s.choices)
-            command = click.option(s.flag, s.param, **kw)(command)
+            command = click.option(*decls, **kw)(command)
         return click.option(
             "--config",
             "config_file",
@@ -354,8 +356,11 @@ def markdown_table(cls: type) -> str:
     for s in settings_of(cls):
         default = _shown(s.default, s.kind)
         description = " ".join(s.description.split()).replace("|", "\\|")
+        flag = s.flag or ""
+        if flag and isinstance(s.default, bool):
+            flag = "--[no-]" + flag.removeprefix("--")
         rows.append(
-            f"| `{s.name}` | {f'`{s.flag}`' if s.flag else ''} | "
+            f"| `{s.name}` | {f'`{flag}`' if flag else ''} | "
             f"{f'`{s.env}`' if s.env else ''} | {f'`{default}`' if default else ''} | "
             f"{description} |"
         )

@@ -32,6 +32,11 @@ def test_file_then_environment_then_flags(tmp_path):
     assert (c.lease_ttl, c.prefix, c.retention) == (9, "/from-env", 7 * 86400)
     # Nothing given: the class's defaults, not click's.
     assert controller_config().lease_ttl == 10
+    # A flag turns off what the file turned on.
+    auth = _file(tmp_path, "auth: true\n")
+    assert controller_config("--config", auth).auth
+    assert not controller_config("--config", auth, "--no-auth").auth
+    assert controller_config("--auth").auth and not controller_config().auth
 
 
 def test_unknown_setting_names_file_line_and_the_likely_one(tmp_path):
