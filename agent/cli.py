@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import tempfile
 from pathlib import Path
 
 import click
@@ -12,12 +13,9 @@ import click
 from tether.agent.agent import Agent, AgentRefused
 from tether.agent.config import AgentConfig, default_node_name
 from tether.agent.identity import WorkDirBusy
-from tether.agent.runtimes import registry
 from tether.sdk.certs import CertError, node_name_of
-from tether.sdk.constants import DEFAULT_CONTROLLER
-from tether.sdk.quantities import parse_duration, parse_memory
+from tether.sdk.settings import ConfigError, config_options, layered
 from tether.sdk.telemetry import setup_logging
-from tether.sdk.terminal import key_values
 
 
 async def _until_signal(stopping: asyncio.Event, *aws: asyncio.Future) -> bool:
@@ -60,148 +58,31 @@ async def run_agent(config: AgentConfig) -> None:
         await runner
 
 
+def _derived_defaults(kwargs: dict) -> None:
+    """Defaults that depend on other settings: the node from its certificate, the work dir
+    from the node."""
+    if "node" not in kwargs and kwargs.get("tls_cert"):
+        try:
+            kwargs["node"] = node_name_of(Path(kwargs["tls_cert"]).read_bytes())
+        except (OSError, CertError) as e:
+            raise ConfigError(f"tls_cert: {e}") from None
+    if "work_dir" not in kwargs:
+        node = kwargs.get("node") or default_node_name()
+        kwargs["work_dir"] = Path(tempfile.gettempdir()) / f"tether-agent-{node}"
+
+
 @click.command("agent")
-@click.option(
-    "--controller",
-    "controller_addr",
-    envvar="TETHER_CONTROLLER",
-    default=DEFAULT_CONTROLLER,
-    show_default=True,
-    help="Controller address.",
-)
-@click.option(
-    "--name",
-    envvar="TETHER_NODE",
-    default=default_node_name,
-    show_default="the certificate's node, else the hostname",
-    help="Node name (env TETHER_NODE); with --tls-cert it must be the certificate's node.",
-)
-@click.option("--label", multiple=True, help="Node label KEY=VALUE (repeatable).")
-@click.option(
-    "--runtime",
-    type=click.Choice(registry.names()),
-    default=registry.DEFAULT,
-    show_default=True,
-    envvar="TETHER_RUNTIME",
-    help="How tasks run.",
-)
-@click.option(
-    "--work-dir",
-    type=click.Path(path_type=Path),
-    envvar="TETHER_WORK_DIR",
-    default=None,
-    help="Attempt files and logs [default: $TMPDIR/tether-agent-NAME].",
-)
-@click.option("--cpu", type=float, default=0.0, help="Cores offered [default: detected].")
-@click.option("--memory", default="0", help="Memory offered, e.g. 8Gi [default: detected].")
-@click.option(
-    "--max-tasks", type=int, default=0, help="Most attempts at once [default: 2 per core]."
-)
-@click.option(
-    "--log-limit",
-    envvar="TETHER_LOG_LIMIT",
-    default="64Mi",
-    show_default=True,
-    help="Most bytes kept of each attempt's stdout and of its stderr, e.g. 1Gi; 0: no limit.",
-)
-@click.option("--docker-host", envvar="DOCKER_HOST", default="", help="Docker/Podman socket.")
-@click.option(
-    "--leave-running",
-    is_flag=True,
-    envvar="TETHER_LEAVE_RUNNING",
-    help="On exit, leave containers running for the next agent on this node to adopt.",
-)
-@click.option(
-    "--tls-cert",
-    envvar="TETHER_TLS_CERT",
-    default="",
-    help="This node's certificate (PEM, from 'tether certs issue node NAME').",
-)
-@click.option("--tls-key", envvar="TETHER_TLS_KEY", default="", help="Its key (PEM).")
-@click.option(
-    "--tls-ca",
-    envvar="TETHER_TLS_CA",
-    default="",
-    help="CA of the controller's certificate (PEM); connects over TLS.",
-)
-@click.option(
-    "--disconnect-grace",
-    envvar="TETHER_DISCONNECT_GRACE",
-    default="0s",
-    show_default="the lease TTL",
-    help="How long to keep attempts running without reaching a controller, e.g. 30s.",
-)
-@click.option(
-    "--drain-grace",
-    envvar="TETHER_DRAIN_GRACE",
-    default="20s",
-    show_default=True,
-    help="On SIGTERM, how long running attempts may finish before they are stopped and "
-    "retried elsewhere (no new ones are placed here meanwhile); 0s: stop them at once.",
-)
-@click.option(
-    "--metrics-listen",
-    envvar="TETHER_METRICS_LISTEN",
-    default="",
-    help="Serve Prometheus metrics at http://HOST:PORT/metrics (env TETHER_METRICS_LISTEN).",
-)
+@config_options(AgentConfig)
 @click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
 @click.pass_context
-def agent_command(
-    ctx,
-    controller_addr,
-    name,
-    label,
-    runtime,
-    work_dir,
-    cpu,
-    memory,
-    max_tasks,
-    log_limit,
-    docker_host,
-    leave_running,
-    tls_cert,
-    tls_key,
-    tls_ca,
-    disconnect_grace,
-    drain_grace,
-    metrics_listen,
-    log_level,
-):
-    """Run an agent: register this node and run the tasks the controller assigns."""
-    setup_logging(log_level)
-    if tls_cert and ctx.get_parameter_source("name") == click.core.ParameterSource.DEFAULT:
-        try:
-            name = node_name_of(Path(tls_cert).read_bytes())
-        except (OSError, CertError) as e:
-            raise click.BadParameter(str(e), param_hint="--tls-cert") from None
-    try:
-        kw = {}
-        if work_dir is not None:
-            kw["work_dir"] = work_dir
-        else:
-            import tempfile
+def agent_command(ctx: click.Context, log_level: str, **_flags) -> None:
+    """Run an agent: register this node and run the tasks the controller assigns.
 
-            kw["work_dir"] = Path(tempfile.gettempdir()) / f"tether-agent-{name}"
-        config = AgentConfig(
-            controller=controller_addr,
-            node=name,
-            labels=key_values(label, "--label"),
-            runtime=runtime,
-            cpu=cpu,
-            memory_bytes=parse_memory(memory),
-            max_tasks=max_tasks,
-            log_limit_bytes=parse_memory(log_limit),
-            docker_host=docker_host,
-            leave_running=leave_running,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_ca=tls_ca,
-            disconnect_grace=parse_duration(disconnect_grace),
-            drain_grace=parse_duration(drain_grace),
-            metrics_listen=metrics_listen,
-            **kw,
-        )
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+    Settings come from defaults, then --config FILE, then TETHER_* variables, then flags.
+    """
+    setup_logging(log_level)
+    try:
+        config = layered(AgentConfig, ctx, derive=_derived_defaults)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
     asyncio.run(run_agent(config))

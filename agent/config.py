@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic.dataclasses import dataclass
+
 from tether.agent.runtimes import registry
+from tether.sdk.address import check_address, split_addresses
 from tether.sdk.constants import DEFAULT_CONTROLLER
+from tether.sdk.settings import ByteSize, Duration, KeyValues, setting
 
 __all__ = ["DEFAULT_LOG_LIMIT", "AgentConfig", "default_node_name"]
 
@@ -22,77 +25,142 @@ def default_node_name() -> str:
     return name.strip(".-")[:63] or "node"
 
 
+def _default_work_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "tether-agent"
+
+
 @dataclass(frozen=True)
 class AgentConfig:
-    """Everything an agent process is configured with (see ``tether agent --help``).
+    """Everything an agent process is configured with; never changed once built.
 
-    Attributes:
-        controller: ``host:port`` of the controller.
-        node: This node's name, unique in the mesh.
-        labels: Free-form ``key=value`` labels shown in ``tether nodes``.
-        runtime: A name in :mod:`tether.agent.runtimes.registry`: ``process``
-            (subprocesses) or ``docker`` (Docker Engine API).
-        work_dir: Where attempt directories (outputs, logs) are kept.
-        cpu: CPU cores offered; 0 detects them.
-        memory_bytes: Memory offered; 0 detects it.
-        max_tasks: Most attempts run at once; 0 means twice the CPU count.
-        reconnect_initial: First reconnect delay after the stream breaks, seconds.
-        reconnect_max: Cap of the reconnect delay, seconds.
-        stop_grace: SIGTERM-to-SIGKILL grace when the agent itself shuts down.
-        log_limit_bytes: Most bytes kept of each attempt's stdout and of its stderr on this
-            node's disk (64 MiB each by default); later output is discarded and a note says
-            so at the end of the file. 0 keeps everything.
-        fake_gpus: Test-only: GPUs to pretend this node has (``TETHER_FAKE_GPUS``), e.g.
-            ``"2"`` or ``"A100:80Gi,A100:80Gi"``. Never set this in production.
-        docker_host: Docker Engine API socket for the ``docker`` runtime, e.g.
-            ``unix:///run/podman/podman.sock``; empty uses ``DOCKER_HOST`` or the default socket.
-        leave_running: On shutdown, leave containers running for the next agent on this node
-            to adopt instead of stopping them (``docker`` runtime).
-        service_name: OpenTelemetry service name of this process.
-        tls_cert: PEM file of this node's certificate (``tether certs issue node NAME``);
-            with it the agent proves its node to a controller that checks node certificates.
-        tls_key: PEM file of that certificate's key.
-        tls_ca: PEM file of the CA the controller's certificate must chain to; with it (or
-            with ``tls_cert``) the agent connects over TLS.
-        disconnect_grace: Seconds the agent keeps its attempts running without reaching a
-            controller before it stops them itself (their copies may be starting elsewhere);
-            0 uses the node's lease TTL, which the controller gives at registration.
-        drain_grace: On SIGTERM, seconds the agent lets running attempts finish while the
-            controller places nothing new on the node; then it stops what remains (retried
-            elsewhere free of charge) and exits. 0 stops attempts at once. Not used with
-            ``leave_running``, whose attempts outlive the agent anyway.
-        metrics_listen: ``host:port`` where the agent serves Prometheus metrics at
-            ``/metrics`` over HTTP (port 0 picks a free one); empty serves none.
+    ``tether agent`` builds it with :func:`tether.sdk.settings.layered`: defaults, then
+    ``--config FILE``, then ``TETHER_*`` environment variables, then flags. Each field's
+    meaning is in its ``description`` (shown by ``--help`` and in the README's table).
     """
 
-    controller: str = DEFAULT_CONTROLLER
-    node: str = field(default_factory=default_node_name)
-    labels: dict[str, str] = field(default_factory=dict)
-    runtime: str = registry.DEFAULT
-    work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "tether-agent")
-    cpu: float = 0.0
-    memory_bytes: int = 0
-    max_tasks: int = 0
-    reconnect_initial: float = 0.2
-    reconnect_max: float = 10.0
-    stop_grace: float = 5.0
-    log_limit_bytes: int = DEFAULT_LOG_LIMIT
-    fake_gpus: str = field(default_factory=lambda: os.environ.get("TETHER_FAKE_GPUS", ""))
-    docker_host: str = ""
-    leave_running: bool = False
-    service_name: str = "tether-agent"
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
-    disconnect_grace: float = 0.0
-    drain_grace: float = 20.0
-    metrics_listen: str = ""
+    controller: str = setting(
+        DEFAULT_CONTROLLER,
+        description="host:port of the controller (several, comma-separated, for HA).",
+        flag="--controller",
+    )
+    node: str = setting(
+        default_factory=default_node_name,
+        shown_default="the certificate's node, else the host name",
+        description="This node's name, unique in the mesh; with tls_cert it must be the "
+        "certificate's node.",
+        flag="--name",
+        env="TETHER_NODE",
+    )
+    labels: KeyValues = setting(
+        default_factory=dict,
+        description="Free-form KEY=VALUE labels shown in 'tether nodes' and matched by "
+        "selectors (a mapping in the file; the flag repeats).",
+        flag="--label",
+        multiple=True,
+    )
+    runtime: str = setting(
+        registry.DEFAULT,
+        description="How tasks run: process (subprocesses) or docker (Docker Engine API, "
+        "Docker or Podman).",
+        flag="--runtime",
+        choices=tuple(registry.names()),
+    )
+    work_dir: Path = setting(
+        default_factory=_default_work_dir,
+        shown_default="$TMPDIR/tether-agent-NODE",
+        description="Where attempt directories (outputs, logs) are kept.",
+        flag="--work-dir",
+    )
+    cpu: float = setting(0.0, description="CPU cores offered; 0 detects them.", flag="--cpu")
+    memory_bytes: ByteSize = setting(
+        0,
+        description="Memory offered, e.g. 8Gi; 0 detects it.",
+        flag="--memory",
+        env="TETHER_MEMORY",
+    )
+    max_tasks: int = setting(
+        0, description="Most attempts run at once; 0 is twice the CPU count.", flag="--max-tasks"
+    )
+    reconnect_initial: Duration = setting(
+        0.2, description="First reconnect delay after the stream breaks, seconds."
+    )
+    reconnect_max: Duration = setting(10.0, description="Cap of the reconnect delay, seconds.")
+    stop_grace: Duration = setting(
+        5.0, description="SIGTERM-to-SIGKILL grace when the agent itself shuts down."
+    )
+    log_limit_bytes: ByteSize = setting(
+        DEFAULT_LOG_LIMIT,
+        description="Most bytes kept of each attempt's stdout and of its stderr on this node's "
+        "disk, e.g. 1Gi; later output is discarded and a note says so at the end of the "
+        "file. 0 keeps everything.",
+        flag="--log-limit",
+        env="TETHER_LOG_LIMIT",
+    )
+    fake_gpus: str = setting(
+        default_factory=lambda: os.environ.get("TETHER_FAKE_GPUS", ""),
+        shown_default="",
+        description="Test only: GPUs to pretend this node has, e.g. 2 or "
+        "A100:80Gi,A100:80Gi. Never set this in production.",
+    )
+    docker_host: str = setting(
+        "",
+        description="Docker Engine API socket for the docker runtime, e.g. "
+        "unix:///run/podman/podman.sock; empty uses the default socket.",
+        flag="--docker-host",
+        env="DOCKER_HOST",
+    )
+    leave_running: bool = setting(
+        False,
+        description="On shutdown, leave containers running for the next agent on this node "
+        "to adopt instead of stopping them (docker runtime).",
+        flag="--leave-running",
+    )
+    service_name: str = setting(
+        "tether-agent", description="OpenTelemetry service name of this process."
+    )
+    tls_cert: str = setting(
+        "",
+        description="PEM file of this node's certificate (tether certs issue node NAME); "
+        "with it the agent proves its node to a controller that checks node certificates.",
+        flag="--tls-cert",
+    )
+    tls_key: str = setting("", description="PEM key of tls_cert.", flag="--tls-key")
+    tls_ca: str = setting(
+        "",
+        description="PEM CA the controller's certificate must chain to; with it (or with "
+        "tls_cert) the agent connects over TLS.",
+        flag="--tls-ca",
+    )
+    disconnect_grace: Duration = setting(
+        0.0,
+        description="How long the agent keeps its attempts running without reaching a "
+        "controller before it stops them itself (their copies may be starting elsewhere), "
+        "e.g. 30s; 0 uses the node's lease TTL, which the controller gives at registration.",
+        flag="--disconnect-grace",
+    )
+    drain_grace: Duration = setting(
+        20.0,
+        description="On SIGTERM, how long running attempts may finish while the controller "
+        "places nothing new on the node; then what remains is stopped (retried elsewhere "
+        "free of charge) and the agent exits. 0 stops attempts at once. Not used with "
+        "leave_running, whose attempts outlive the agent anyway.",
+        flag="--drain-grace",
+    )
+    metrics_listen: str = setting(
+        "",
+        description="host:port where the agent serves Prometheus metrics at /metrics over "
+        "HTTP; empty serves none; port 0 picks a free port.",
+        flag="--metrics-listen",
+    )
 
     def __post_init__(self) -> None:
+        split_addresses(self.controller)  # a missing port is refused, not dialled as :443
         if self.disconnect_grace < 0:
             raise ValueError("disconnect_grace must not be negative")
         if self.drain_grace < 0:
             raise ValueError("drain_grace must not be negative")
+        if self.metrics_listen:
+            check_address(self.metrics_listen, "metrics_listen", any_port=True)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert, tls_key: give both the node certificate and its key")
         # Tasks run in their attempt directory and get file paths in their environment: a
@@ -108,7 +176,5 @@ class AgentConfig:
             raise ValueError(
                 f"leave_running needs the {recovering} runtime, the one that recovers work"
             )
-        if self.metrics_listen and not self.metrics_listen.rpartition(":")[2].isdigit():
-            raise ValueError(f"metrics_listen: {self.metrics_listen!r} is not HOST:PORT")
         if self.reconnect_initial <= 0 or self.reconnect_max < self.reconnect_initial:
             raise ValueError("reconnect_initial must be > 0 and <= reconnect_max")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass, field
+
+from pydantic.dataclasses import dataclass
 
 from tether.controller.etcd_connection import EtcdConnection
 from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
+from tether.sdk.address import check_address
 from tether.sdk.constants import DEFAULT_CONTROLLER
+from tether.sdk.settings import ByteSize, CommaList, Duration, setting
 from tether.sdk.validation import Limits
 
 __all__ = ["ControllerConfig", "advertised", "is_loopback"]
@@ -36,97 +39,163 @@ def advertised(listen: str, port: int) -> str:
 
 @dataclass(frozen=True)
 class ControllerConfig:
-    """Everything a controller process is configured with.
+    """Everything a controller process is configured with; never changed once built.
 
-    Built once from flags and ``TETHER_*`` environment variables (see ``tether controller
-    --help``); never changed afterwards.
-
-    Attributes:
-        etcd_endpoints: etcd members as etcdctl takes them: ``host:port``, ``http://h:p`` or
-            ``https://h:p`` (see :mod:`tether.controller.etcd_connection`).
-        etcd_ca: PEM CA file that signed etcd's certificates (TLS to etcd).
-        etcd_cert: PEM client certificate for etcd (with ``etcd_key``).
-        etcd_key: PEM key of ``etcd_cert``.
-        etcd_user: etcd user (etcd auth); its password is read from ``etcd_password_file``.
-        etcd_password_file: File holding ``etcd_user``'s password.
-        limits: Sizes and counts a request may not exceed (refused with INVALID_ARGUMENT
-            naming the field and the limit).
-        prefix: Key prefix under which every Tether record lives; several meshes can share
-            one etcd with different prefixes.
-        listen: ``host:port`` the gRPC server binds; port 0 picks a free port.
-        lease_ttl: Seconds a node stays registered without heartbeats (an etcd lease TTL).
-        heartbeat_interval: Seconds between agent heartbeats; defaults to a third of the TTL.
-        cancel_grace: Seconds between SIGTERM and SIGKILL when an attempt is cancelled.
-        retry_initial: Default first retry delay, seconds.
-        retry_factor: Default multiplier of the retry delay.
-        retry_max: Default cap of the retry delay, seconds.
-        retry_jitter: Default fraction of each delay that is randomised.
-        max_message_bytes: Largest gRPC message accepted or sent.
-        metrics_listen: ``host:port`` for Prometheus metrics at ``/metrics`` over HTTP; empty
-            serves none; port 0 picks a free port.
-        retention: Seconds a finished run is kept in etcd before it is deleted, with its
-            tasks and request id; 0 keeps runs forever.
-        policy: Name of the placement policy (a key of
-            :data:`tether.controller.scheduler.POLICIES`).
-        tls_cert: PEM file of the controller's server certificate; empty serves plaintext.
-        tls_key: PEM file of that certificate's key.
-        tls_ca: PEM file of the CA whose node certificates agents must present; empty
-            accepts agents without checking their node (only the node-id rule applies).
-        insecure: Allow plaintext on a non-loopback listen address.
-        secrets_key_file: File with the 32-byte AES key (raw or base64) that encrypts
-            secrets in etcd; empty turns secrets off (their RPCs answer FAILED_PRECONDITION).
-        auth: Check bearer tokens even without TLS (with TLS they are always checked; see
-            :func:`tether.controller.auth.auth_required`).
-        rate_limit: Requests a second each token may make on average; 0 is unlimited.
-        rate_burst: Requests a token may make at once before the rate applies.
-        advertise: ``host:port`` where clients and agents reach this controller, written
-            in the leader key so that standbys can send callers to the leader; empty
-            derives it from ``listen`` (this host's name for a wildcard host, the bound port
-            for port 0).
-        leader_ttl: Seconds the leader's etcd lease lives without renewal: how long a dead
-            leader keeps a standby from taking over, and how long a leader that cannot reach
-            etcd keeps acting before it steps down.
+    ``tether controller`` builds it with :func:`tether.sdk.settings.layered`: defaults, then
+    ``--config FILE``, then ``TETHER_*`` environment variables, then flags. Each field's
+    meaning is in its ``description`` (shown by ``--help`` and in the README's table).
     """
 
-    etcd_endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
-    prefix: str = "/tether"
-    listen: str = DEFAULT_CONTROLLER
-    lease_ttl: int = 10
-    heartbeat_interval: float = 0.0
-    cancel_grace: float = 10.0
-    retry_initial: float = 1.0
-    retry_factor: float = 2.0
-    retry_max: float = 60.0
-    retry_jitter: float = 0.2
-    max_message_bytes: int = 64 * 1024 * 1024
-    metrics_listen: str = ""
-    retention: float = 0.0
-    policy: str = DEFAULT_POLICY
-    secrets_key_file: str = ""
-    service_name: str = field(default="tether-controller")
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
-    insecure: bool = False
-    advertise: str = ""
-    leader_ttl: int = 3
+    etcd_endpoints: CommaList = setting(
+        ("127.0.0.1:2379",),
+        description="etcd members as etcdctl takes them: host:port, http://h:p or https://h:p "
+        "(comma-separated in a flag or the environment).",
+        flag="--etcd",
+        env="TETHER_ETCD",
+    )
+    etcd_ca: str = setting(
+        "", description="PEM CA that signed etcd's certificates (TLS to etcd).", flag="--etcd-ca"
+    )
+    etcd_cert: str = setting(
+        "", description="PEM client certificate for etcd (with etcd_key).", flag="--etcd-cert"
+    )
+    etcd_key: str = setting("", description="PEM key of etcd_cert.", flag="--etcd-key")
+    etcd_user: str = setting(
+        "",
+        description="etcd user, when etcd has auth enabled; its password is read from "
+        "etcd_password_file.",
+        flag="--etcd-user",
+    )
+    etcd_password_file: str = setting(
+        "",
+        description="File whose first line is etcd_user's password.",
+        flag="--etcd-password-file",
+    )
+    prefix: str = setting(
+        "/tether",
+        description="Key prefix under which every Tether record lives; several meshes can "
+        "share one etcd with different prefixes.",
+        flag="--prefix",
+    )
+    listen: str = setting(
+        DEFAULT_CONTROLLER,
+        description="host:port the gRPC server binds; port 0 picks a free port.",
+        flag="--listen",
+    )
+    advertise: str = setting(
+        "",
+        description="host:port where clients and agents reach this controller, written in "
+        "the leader key so that standbys can send callers to the leader; empty derives it "
+        "from listen (this host's name for 0.0.0.0, the bound port for port 0).",
+        flag="--advertise",
+    )
+    lease_ttl: int = setting(
+        10,
+        description="Seconds a node stays registered without heartbeats (an etcd lease TTL).",
+        flag="--lease-ttl",
+    )
+    heartbeat_interval: float = setting(
+        0.0, description="Seconds between agent heartbeats; 0 is a third of lease_ttl."
+    )
+    leader_ttl: int = setting(
+        3,
+        description="Seconds the leader's etcd lease lives without renewal: how long a dead "
+        "leader keeps a standby from taking over, and how long a leader that cannot reach "
+        "etcd keeps acting before it steps down.",
+        flag="--leader-ttl",
+    )
+    cancel_grace: Duration = setting(
+        10.0,
+        description="Seconds between SIGTERM and SIGKILL when an attempt is cancelled.",
+        flag="--cancel-grace",
+    )
+    retry_initial: Duration = setting(1.0, description="Default first retry delay, seconds.")
+    retry_factor: float = setting(2.0, description="Default multiplier of the retry delay.")
+    retry_max: Duration = setting(60.0, description="Default cap of the retry delay, seconds.")
+    retry_jitter: float = setting(
+        0.2, description="Default fraction of each retry delay that is randomised."
+    )
+    retention: Duration = setting(
+        0.0,
+        description="How long a finished run is kept in etcd (with its tasks and request id) "
+        "before it is deleted, e.g. 7d; 0 keeps runs forever.",
+        flag="--retention",
+    )
+    policy: str = setting(
+        DEFAULT_POLICY,
+        description="Placement policy: which node gets each ready task.",
+        flag="--policy",
+        choices=tuple(sorted(POLICIES)),
+    )
+    metrics_listen: str = setting(
+        "",
+        description="host:port serving Prometheus metrics at /metrics over HTTP; empty "
+        "serves none; port 0 picks a free port.",
+        flag="--metrics-listen",
+    )
+    tls_cert: str = setting(
+        "",
+        description="PEM server certificate (from 'tether certs issue controller'); serves "
+        "TLS. Empty serves plaintext.",
+        flag="--tls-cert",
+    )
+    tls_key: str = setting("", description="PEM key of tls_cert.", flag="--tls-key")
+    tls_ca: str = setting(
+        "",
+        description="PEM CA of the node certificates agents must present; empty accepts "
+        "agents without checking their node (only the node-id rule applies).",
+        flag="--tls-ca",
+    )
+    insecure: bool = setting(
+        False,
+        description="Serve plaintext on a non-loopback address (anyone reaching it can run "
+        "commands on every node).",
+        flag="--insecure",
+    )
+    auth: bool = setting(
+        False,
+        description="Require bearer tokens without TLS too (with TLS they are always required).",
+        flag="--auth",
+    )
+    rate_limit: float = setting(
+        50.0,
+        description="Requests a second each token may make on average; 0 is unlimited.",
+        flag="--rate-limit",
+    )
+    rate_burst: int = setting(
+        200,
+        description="Requests a token may make at once before rate_limit applies.",
+        flag="--rate-burst",
+    )
+    secrets_key_file: str = setting(
+        "",
+        description="File with the 32-byte AES key (raw or base64) that encrypts secrets in "
+        "etcd; empty turns secrets off (their RPCs answer FAILED_PRECONDITION).",
+        flag="--secrets-key-file",
+    )
+    max_message_bytes: ByteSize = setting(
+        64 * 1024 * 1024,
+        description="Largest gRPC message received or sent.",
+        flag="--max-message-bytes",
+    )
+    limits: Limits = setting(
+        default_factory=Limits,
+        description="Sizes and counts a request may not exceed (refused with "
+        "INVALID_ARGUMENT naming the field and the limit).",
+    )
+    service_name: str = setting(
+        "tether-controller", description="OpenTelemetry service name of this process."
+    )
 
     @property
     def tls(self) -> bool:
         """Whether the gRPC port serves TLS."""
         return bool(self.tls_cert)
 
-    etcd_ca: str = ""
-    etcd_cert: str = ""
-    etcd_key: str = ""
-    etcd_user: str = ""
-    etcd_password_file: str = ""
-    limits: Limits = field(default_factory=Limits)
-    auth: bool = False
-    rate_limit: float = 50.0
-    rate_burst: int = 200
-
     def __post_init__(self) -> None:
+        check_address(self.listen, "listen", any_port=True)
+        if self.metrics_listen:
+            check_address(self.metrics_listen, "metrics_listen", any_port=True)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert, tls_key: give both the certificate and its key")
         if self.tls_ca and not self.tls_cert:
@@ -147,10 +216,8 @@ class ControllerConfig:
         if self.leader_ttl < 2:
             # etcd's own floor is about 1.5 s (it rounds shorter leases up).
             raise ValueError("leader_ttl: must be >= 2 seconds")
-        if self.metrics_listen and not self.metrics_listen.rpartition(":")[2].isdigit():
-            raise ValueError(f"metrics_listen: expected host:port, got {self.metrics_listen!r}")
-        if self.advertise and not self.advertise.rpartition(":")[2].isdigit():
-            raise ValueError(f"advertise: expected host:port, got {self.advertise!r}")
+        if self.advertise:
+            check_address(self.advertise, "advertise")
         if self.heartbeat_interval < 0 or self.heartbeat_interval >= self.lease_ttl:
             raise ValueError("heartbeat_interval: must be in [0, lease_ttl)")
         if self.retention < 0:

@@ -23,6 +23,7 @@ from tether.controller.secretbox import generate_key_file
 from tether.controller.server import ControllerServer
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.telemetry import setup_logging
+from tether.sdk.terminal import key_values
 
 
 def metrics_addresses(listen: str, agents: int) -> list[str]:
@@ -89,8 +90,10 @@ async def run_dev(
     log_level: str,
     lease_ttl: int,
     metrics_listen: str = "",
+    params: dict[str, str] | None = None,
 ) -> int:
-    """Bring the mesh up; with ``run_file``, run that workflow to completion and stop.
+    """Bring the mesh up; with ``run_file``, run that workflow (with ``params``) to
+    completion and stop.
 
     With ``metrics_listen`` (``HOST:PORT``) the controller serves metrics on PORT and agent
     i on PORT+i (see :func:`metrics_addresses`).
@@ -139,7 +142,7 @@ async def run_dev(
         await _wait_for_nodes(client, agents)
         click.echo(f"tether dev: {agents} nodes registered", err=True)
         if run_file:
-            code = await asyncio.to_thread(_run_workflow, client, run_file)
+            code = await asyncio.to_thread(_run_workflow, client, run_file, params or {})
         else:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -176,13 +179,13 @@ async def _wait_for_nodes(client, n: int, timeout: float = 60.0) -> None:
     raise click.ClickException(f"agents did not register within {timeout:.0f}s; see the logs")
 
 
-def _run_workflow(client, run_file: str) -> int:
+def _run_workflow(client, run_file: str, params: dict[str, str]) -> int:
     from tether.api.v1 import types_pb2 as t
     from tether.sdk.spec import load_workflow
     from tether.sdk.terminal import console, follow_run, print_results
 
     wf = load_workflow(run_file)
-    run = client.submit(wf)
+    run = client.submit(wf, params=params)
     console.print(f"run [bold]{run.id}[/] ({wf.name})", highlight=False)
     final = follow_run(client, run.id)
     print_results(final)
@@ -207,6 +210,12 @@ def _run_workflow(client, run_file: str) -> int:
     default=None,
     help="Run this workflow to completion, print its results, then stop.",
 )
+@click.option(
+    "--param",
+    "-p",
+    multiple=True,
+    help="Parameter KEY=VALUE of the --run workflow (repeatable), as for 'tether submit'.",
+)
 @click.option("--lease-ttl", default=10, show_default=True, help="Node lease TTL, seconds.")
 @click.option("--log-level", default="info", show_default=True)
 @click.option(
@@ -216,14 +225,27 @@ def _run_workflow(client, run_file: str) -> int:
     "on PORT+i (PORT 0: free ports, printed).",
 )
 def dev_command(
-    agents, data_dir, listen, etcd_port, run_file, log_level, lease_ttl, metrics_listen
+    agents, data_dir, listen, etcd_port, run_file, param, log_level, lease_ttl, metrics_listen
 ):
     """Run a local mesh: etcd, a controller and AGENTS agents, in the foreground."""
     if agents < 1:
         raise click.BadParameter("at least one agent", param_hint="--agents")
+    if param and not run_file:
+        raise click.UsageError("--param is for the workflow of --run")
+    params = key_values(param, "--param")
     if metrics_listen:
         metrics_addresses(metrics_listen, agents)  # a bad address fails before anything starts
     code = asyncio.run(
-        run_dev(agents, data_dir, listen, etcd_port, run_file, log_level, lease_ttl, metrics_listen)
+        run_dev(
+            agents,
+            data_dir,
+            listen,
+            etcd_port,
+            run_file,
+            log_level,
+            lease_ttl,
+            metrics_listen,
+            params,
+        )
     )
     sys.exit(code)

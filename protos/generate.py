@@ -50,6 +50,8 @@ def generate(out: Path) -> None:
             text = _IMPORT.sub("from tether.api.v1 import", f.read_text())
             (v1 / f.name).write_text(text)
     (out / "__init__.py").write_text('"""Generated Tether API (see protos/generate.py)."""\n')
+    # PEP 561: type checkers read the generated stubs (*.pyi) of an installed tether.api.
+    (out / "py.typed").write_text("")
     (v1 / "__init__.py").write_text(
         '"""Generated code for the tether.v1 protos. Do not edit: run protos/generate.py."""\n'
     )

@@ -16,6 +16,7 @@ from tether.sdk.errors import (
     UnavailableError,
 )
 from tether.sdk.spec import Secret, Task, Workflow, load_workflow
+from tether.sdk.states import RunState, TaskState
 
 __all__ = [
     "AlreadyExistsError",
@@ -27,8 +28,10 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitedError",
     "RunHandle",
+    "RunState",
     "Secret",
     "Task",
+    "TaskState",
     "TetherError",
     "UnauthenticatedError",
     "UnavailableError",

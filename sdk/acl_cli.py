@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import click
 from rich.table import Table
 
+from tether.sdk.cli_output import emit, output_option, resolve
 from tether.sdk.quantities import parse_duration
 from tether.sdk.terminal import console, err_console
 
@@ -62,16 +62,20 @@ def create(ctx, name, role, ttl):
 
 
 @tokens.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print the tokens as JSON.")
+@output_option(json_flag=True)
 @click.pass_context
-def list_(ctx, as_json):
+def list_(ctx, output, as_json):
     """List tokens: names, roles and times (never the tokens themselves)."""
     infos = _client(ctx).list_tokens()
-    if as_json:
-        from google.protobuf.json_format import MessageToDict
+    emit(
+        resolve(output, as_json),
+        infos,
+        table=lambda _wide: _tokens_table(infos),
+        names=lambda: [i.name for i in infos],
+    )
 
-        click.echo(json.dumps([MessageToDict(i) for i in infos], indent=2))
-        return
+
+def _tokens_table(infos) -> Table:
     table = Table(title="tokens")
     for col in ("name", "role", "created", "expires", "created by"):
         table.add_column(col)
@@ -83,7 +87,7 @@ def list_(ctx, as_json):
             _when(i.expires_at.seconds) if i.HasField("expires_at") else "never",
             i.created_by,
         )
-    console.print(table)
+    return table
 
 
 @tokens.command()

@@ -7,6 +7,7 @@ client-only install has a working ``tether``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -19,9 +20,17 @@ from rich.table import Table
 from tether.api.v1 import types_pb2 as t
 from tether.sdk.acl_cli import acl, tokens
 from tether.sdk.certs_cli import certs_group
+from tether.sdk.cli_globals import add_global_options, global_options
+from tether.sdk.cli_output import (
+    STREAM_FORMATS,
+    emit,
+    emit_stream,
+    output_option,
+    resolve,
+    to_dict,
+)
 from tether.sdk.cli_secrets import add_secrets_commands
 from tether.sdk.client import Client
-from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.errors import TetherError
 from tether.sdk.quantities import format_memory, parse_duration
 from tether.sdk.spec import load_workflow
@@ -31,11 +40,15 @@ from tether.sdk.terminal import (
     err_console,
     follow_run,
     key_values,
+    print_failures,
     print_results,
     state_label,
     task_table,
 )
 from tether.sdk.waterfall import render, timeline, trace_id_of, trace_url
+
+# Client commands that talk to no controller, so take none of its options.
+_LOCAL_COMMANDS = frozenset({"certs"})
 
 
 class _LazyGroup(click.Group):
@@ -50,6 +63,8 @@ class _LazyGroup(click.Group):
     def get_command(self, ctx, name):
         cmd = super().get_command(ctx, name)
         if cmd is not None:
+            if name not in _LOCAL_COMMANDS:
+                add_global_options(cmd)
             return cmd
         ep = self._contributed().get(name)
         if ep is None:
@@ -63,35 +78,25 @@ class _LazyGroup(click.Group):
             ) from None
 
 
-@click.group(cls=_LazyGroup)
-@click.option(
-    "--controller",
-    envvar="TETHER_CONTROLLER",
-    default=DEFAULT_CONTROLLER,
-    show_default=True,
-    help="Controller address (env TETHER_CONTROLLER).",
-)
-@click.option(
-    "--tls-ca",
-    envvar="TETHER_TLS_CA",
-    default="",
-    help="CA of the controller's certificate (PEM); connects over TLS (env TETHER_TLS_CA).",
-)
-@click.option(
-    "--token",
-    envvar="TETHER_TOKEN",
-    default="",
-    help="Bearer token for controllers with auth (env TETHER_TOKEN).",
-)
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tether", prog_name="tether", message="%(prog)s %(version)s")
+@global_options
 @click.pass_context
 def cli(ctx: click.Context, controller: str, tls_ca: str, token: str) -> None:
-    """Tether: run AI workflows (DAGs of tasks) on your own nodes."""
+    """Tether: run AI workflows (DAGs of tasks) on your own nodes.
+
+    --controller, --tls-ca and --token may come before or after the command.
+    """
     # Subcommands from other modules build their client with the same function.
     ctx.obj = {"controller": controller, "tls_ca": tls_ca, "token": token, "make_client": _client}
 
 
 def _client(ctx: click.Context) -> Client:
-    return Client(ctx.obj["controller"], tls_ca=ctx.obj["tls_ca"], token=ctx.obj["token"])
+    obj = ctx.find_root().obj
+    try:
+        return Client(obj["controller"], tls_ca=obj["tls_ca"], token=obj["token"])
+    except ValueError as e:  # an address without a port
+        raise click.ClickException(f"--controller: {e}") from None
 
 
 @cli.command()
@@ -103,7 +108,11 @@ def _client(ctx: click.Context) -> Client:
 )
 @click.pass_context
 def submit(ctx, file, wait_, param, request_id):
-    """Submit the workflow in FILE (YAML); print the run id."""
+    """Submit the workflow in FILE (YAML); print the run id.
+
+    With --wait, follow it, print what its final tasks printed and the stderr tail of each
+    failed task, and exit non-zero unless it succeeded.
+    """
     wf = load_workflow(file)
     client = _client(ctx)
     run = client.submit(wf, params=key_values(param, "--param"), request_id=request_id)
@@ -121,36 +130,53 @@ def submit(ctx, file, wait_, param, request_id):
 
 @cli.command()
 @click.argument("run_id", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@output_option(json_flag=True)
+@click.option("--limit", default=50, show_default=True, help="Most runs listed.")
 @click.pass_context
-def status(ctx, run_id, as_json):
-    """Show RUN_ID with each task's state, or list recent runs."""
+def status(ctx, run_id, output, as_json, limit):
+    """Show RUN_ID with each task's state, or list recent runs.
+
+    A run's failed tasks are followed by the end of their stderr.
+    """
+    fmt = resolve(output, as_json)
     client = _client(ctx)
     if run_id:
         run = client.get_run(run_id)
-        if as_json:
-            from google.protobuf.json_format import MessageToJson
-
-            click.echo(MessageToJson(run))
-            return
-        console.print(task_table(run))
-        _print_trace(run.traceparent)
+        emit(
+            fmt,
+            run,
+            table=lambda wide: task_table(run, wide=wide),
+            names=lambda: [tk.spec.name for tk in sorted(run.tasks, key=lambda x: x.index)],
+        )
+        if fmt in ("table", "wide"):
+            _print_trace(run.traceparent)
+            print_failures(run)
         return
+    runs = list(itertools.islice(client.list_runs(), limit))
+    emit(fmt, runs, table=lambda wide: _runs_table(runs, wide), names=lambda: [r.id for r in runs])
+
+
+def _runs_table(runs: list[t.Run], wide: bool) -> Table:
     table = Table(title="runs")
-    for col in ("run", "workflow", "state", "tasks", "created"):
-        table.add_column(col)
-    for i, run in enumerate(client.list_runs()):
-        if i >= 50:
-            break
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created_at.seconds))
-        table.add_row(
+    cols = ["run", "workflow", "state", "tasks", "created"] + (["ended", "message"] if wide else [])
+    for col in cols:
+        table.add_column(col, no_wrap=col == "run")
+    for run in runs:
+        row = [
             run.id,
             run.workflow_name,
             state_label(run.state, run=True),
             str(run.task_count),
-            created,
-        )
-    console.print(table)
+            _when(run.created_at),
+        ]
+        if wide:
+            row += [_when(run.finished_at) if run.HasField("finished_at") else "", run.message]
+        table.add_row(*row)
+    return table
+
+
+def _when(ts) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts.seconds))
 
 
 def _print_trace(traceparent: str) -> None:
@@ -186,12 +212,14 @@ def trace_cmd(ctx, run_id, as_json, width):
     type=int,
     help="Resume after this revision (printed with each change) instead of a snapshot.",
 )
+@output_option(STREAM_FORMATS)
 @click.pass_context
-def watch(ctx, run_id, from_revision):
+def watch(ctx, run_id, from_revision, output):
     """Print every state change of RUN_ID until it finishes.
 
     If the controller goes away (a restart, say), the watch resumes from the last revision it
-    printed, so no change is missed or printed twice.
+    printed, so no change is missed or printed twice. With -o json, each change is one JSON
+    object a line (NDJSON), with its ``revision``.
     """
     client = _client(ctx)
     revision = from_revision
@@ -199,7 +227,10 @@ def watch(ctx, run_id, from_revision):
         try:
             for ev in client.watch(run_id, revision):
                 revision = max(revision, ev.revision)
-                _print_event(ev)
+                if output in ("json", "yaml"):
+                    emit_stream(output, _event_record(ev))
+                else:
+                    _print_event(ev, wide=output == "wide")
                 state = ev.snapshot.state if ev.HasField("snapshot") else ev.run_state
                 if state in TERMINAL_RUN_STATES and not ev.HasField("task"):
                     return
@@ -210,7 +241,16 @@ def watch(ctx, run_id, from_revision):
             time.sleep(1.0)
 
 
-def _print_event(ev) -> None:
+def _event_record(ev) -> dict:
+    """One change as data: its revision and a snapshot, a task, or the run's new state."""
+    data = to_dict(ev)
+    data["revision"] = ev.revision  # an int, though the proto's JSON makes int64 a string
+    if not ev.HasField("snapshot") and not ev.HasField("task"):
+        data["runState"] = t.RunState.Name(ev.run_state)
+    return data
+
+
+def _print_event(ev, wide: bool = False) -> None:
     if ev.HasField("snapshot"):
         console.print(
             f"rev {ev.revision}: run {ev.snapshot.id} {state_label(ev.snapshot.state, True)}"
@@ -219,9 +259,11 @@ def _print_event(ev) -> None:
             console.print(f"  {tk.spec.name}: {state_label(tk.state)}")
     elif ev.HasField("task"):
         tk = ev.task
+        detail = f": {tk.message}" if wide and tk.message else ""
         console.print(
             f"rev {ev.revision}: {tk.spec.name} {state_label(tk.state)}"
             + (f" on {tk.node} (attempt {tk.attempt})" if tk.node else "")
+            + detail
         )
     else:
         console.print(f"rev {ev.revision}: run {state_label(ev.run_state, True)}")
@@ -249,11 +291,13 @@ def cancel(ctx, run_id, task):
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the attempt ends.")
 @click.option("--stdout-only", is_flag=True, help="Print only the task's stdout.")
 @click.option("--stderr-only", is_flag=True, help="Print only the task's stderr.")
+@output_option(("raw", "json", "yaml"))
 @click.pass_context
-def logs(ctx, run_id, task, attempt, follow, stdout_only, stderr_only):
+def logs(ctx, run_id, task, attempt, follow, stdout_only, stderr_only, output):
     """Print what TASK of RUN_ID wrote: its stdout to stdout, its stderr to stderr.
 
-    The logs come from the node that ran the attempt, which must be connected.
+    The logs come from the node that ran the attempt, which must be connected. With -o json,
+    each chunk is one JSON object a line on stdout (NDJSON: stream, attempt, data as text).
     """
     if stdout_only and stderr_only:
         raise click.UsageError("--stdout-only and --stderr-only exclude each other")
@@ -266,9 +310,20 @@ def logs(ctx, run_id, task, attempt, follow, stdout_only, stderr_only):
     try:
         for chunk in chunks:
             sink = sinks.get(chunk.stream)
-            if sink is not None:
+            if sink is None:
+                continue
+            if output == "raw":
                 sink.write(chunk.data)
                 sink.flush()
+            else:
+                record = {
+                    "run": run_id,
+                    "task": task,
+                    "attempt": chunk.attempt,
+                    "stream": chunk.stream,
+                    "data": chunk.data.decode("utf-8", errors="replace"),
+                }
+                emit_stream(output, record)
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly. Point stdout at /dev/null so the
         # interpreter's final flush does not complain about the closed pipe.
@@ -278,23 +333,30 @@ def logs(ctx, run_id, task, attempt, follow, stdout_only, stderr_only):
 
 
 @cli.group(invoke_without_command=True)
-@click.option("--json", "as_json", is_flag=True, help="Print nodes as JSON.")
+@output_option(json_flag=True)
 @click.pass_context
-def nodes(ctx, as_json):
+def nodes(ctx, output, as_json):
     """List the registered nodes and their resources; cordon, uncordon or drain one."""
     if ctx.invoked_subcommand is not None:
         return
     ns = _client(ctx).nodes()
-    if as_json:
-        from google.protobuf.json_format import MessageToDict
+    emit(
+        resolve(output, as_json),
+        ns,
+        table=lambda wide: _nodes_table(ns, wide),
+        names=lambda: [n.name for n in ns],
+    )
 
-        click.echo(json.dumps([MessageToDict(n) for n in ns], indent=2))
-        return
+
+def _nodes_table(ns, wide: bool) -> Table:
     table = Table(title="nodes")
-    for col in ("node", "state", "cpu", "memory", "gpus", "running", "runtime", "labels"):
-        table.add_column(col)
+    cols = ["node", "state", "cpu", "memory", "gpus", "running", "runtime", "labels"]
+    if wide:
+        cols += ["max tasks", "version", "registered", "gpu models"]
+    for col in cols:
+        table.add_column(col, no_wrap=col == "node")
     for n in ns:
-        table.add_row(
+        row = [
             n.name,
             n.schedule_state or "ready",
             f"{n.allocated.cpu:g}/{n.capacity.cpu:g}",
@@ -303,8 +365,16 @@ def nodes(ctx, as_json):
             str(n.running_tasks),
             n.runtime,
             ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),
-        )
-    console.print(table)
+        ]
+        if wide:
+            row += [
+                str(n.max_tasks or ""),
+                n.agent_version,
+                _when(n.registered_at),
+                ",".join(g.model for g in n.gpus),
+            ]
+        table.add_row(*row)
+    return table
 
 
 cli.add_command(certs_group)
@@ -353,7 +423,7 @@ def nodes_drain(ctx, node, deadline):
 def main() -> None:
     """Entry point: run the CLI; errors print one line and exit non-zero."""
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, prog_name="tether")
     except click.exceptions.Abort:
         err_console.print("aborted")
         sys.exit(130)

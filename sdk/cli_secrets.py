@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 
 import click
+import yaml
 
+from tether.sdk.cli_output import output_option
 from tether.sdk.terminal import console
 
 __all__ = ["add_secrets_commands", "secrets"]
@@ -56,11 +59,18 @@ def set_secret(ctx, name):
 
 
 @secrets.command("list")
+@output_option(("name", "json", "yaml"))
 @click.pass_context
-def list_secrets(ctx):
-    """List the secrets' names (never their values)."""
-    for name in _client(ctx).list_secrets():
-        click.echo(name)
+def list_secrets(ctx, output):
+    """List the secrets' names (never their values), one a line."""
+    names = _client(ctx).list_secrets()
+    if output == "json":
+        click.echo(json.dumps(names, indent=2))
+    elif output == "yaml":
+        click.echo(yaml.safe_dump(names), nl=False)
+    else:
+        for name in names:
+            click.echo(name)
 
 
 @secrets.command("delete")

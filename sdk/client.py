@@ -23,10 +23,11 @@ from opentelemetry import trace
 
 from tether.api.v1 import controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
+from tether.sdk.address import split_addresses
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.errors import TetherError, TimeoutError, from_rpc_error, leader_of
 from tether.sdk.spec import Workflow
-from tether.sdk.states import TERMINAL_RUN_STATES
+from tether.sdk.states import TERMINAL_RUN_STATES, RunState
 from tether.sdk.telemetry import current_traceparent
 from tether.sdk.validation import validate_params
 
@@ -124,6 +125,9 @@ class Client:
             Defaults to ``$TETHER_TLS_CA``; without either the connection is plaintext.
         token: Bearer token sent with every call (see ``tether tokens``); defaults to
             ``$TETHER_TOKEN``. Controllers with auth refuse calls without one.
+
+    Raises:
+        ValueError: an address has no port (gRPC would silently dial port 443).
     """
 
     def __init__(
@@ -150,9 +154,8 @@ class Client:
         self._addresses: list[str] = []
         self._channels: list[grpc.Channel] = []
         self._stubs: list[controller_pb2_grpc.ControllerServiceStub] = []
-        for a in self.address.split(","):
-            if a.strip():
-                self._add_controller(a.strip())
+        for a in split_addresses(self.address):
+            self._add_controller(a)
         self._current = 0
 
     def _add_controller(self, address: str) -> int:
@@ -423,6 +426,10 @@ class RunHandle:
     def status(self) -> t.Run:
         """The run and its tasks now."""
         return self.client.get_run(self.id)
+
+    def state(self) -> RunState:
+        """The run's state now, by name: ``run.state().name == "RUNNING"``."""
+        return RunState(self.status().state)
 
     def watch(self, from_revision: int = 0) -> Iterator[controller_pb2.RunEvent]:
         """Every change of the run until it finishes; resumes from a revision."""

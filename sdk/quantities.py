@@ -46,14 +46,21 @@ def parse_memory(value: str | int | float) -> int:
 
 
 def format_memory(n: int) -> str:
-    """Format bytes with the largest binary unit that divides them evenly."""
-    for unit in ("Pi", "Ti", "Gi", "Mi", "Ki"):
-        if n and n % _MEMORY_UNITS[unit] == 0:
-            return f"{n // _MEMORY_UNITS[unit]}{unit}"
-    if n >= 2**30:
-        return f"{n / 2**30:.1f}Gi"
-    if n >= 2**20:
-        return f"{n / 2**20:.0f}Mi"
+    """Format bytes as people read them: ``64Mi``, ``23.5Gi``, ``1000``.
+
+    Whole multiples of a binary unit print exactly (so the result parses back to the same
+    number); other values print in the largest unit they reach, with one decimal.
+    """
+    units = ("Pi", "Ti", "Gi", "Mi", "Ki")
+    for i, unit in enumerate(units):
+        size = _MEMORY_UNITS[unit]
+        if n < size:
+            continue
+        if n % size == 0:
+            return f"{n // size}{unit}"
+        if round(n / size, 1) >= 1024 and i > 0:  # 1023.97Mi reads as 1Gi, not 1024Mi
+            unit, size = units[i - 1], _MEMORY_UNITS[units[i - 1]]
+        return f"{n / size:.1f}".removesuffix(".0") + unit
     return str(n)
 
 

@@ -26,10 +26,11 @@ Unknown fields are errors, so a typo never silently changes what runs.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from google.protobuf import duration_pb2
@@ -39,6 +40,7 @@ from tether.api.v1 import types_pb2
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.quantities import parse_duration, parse_memory
 from tether.sdk.validation import FieldViolation, validate_workflow
+from tether.sdk.yaml_source import YamlSourceError, key_lines, load_yaml, yaml_error_text
 
 __all__ = ["Backoff", "Resources", "Secret", "Task", "Workflow", "load_workflow"]
 
@@ -252,7 +254,7 @@ class Workflow:
         return t
 
     @classmethod
-    def from_dict(cls, data: Any) -> Workflow:
+    def from_dict(cls, data: Any, *, _source: tuple[str, dict] | None = None) -> Workflow:
         """Build a workflow from parsed YAML/JSON data.
 
         Raises:
@@ -261,24 +263,30 @@ class Workflow:
         try:
             model = _WorkflowModel.model_validate(data)
         except ValidationError as e:
-            raise InvalidSpecError(_violations(e, data=data)) from None
+            raise InvalidSpecError(_violations(e, data=data, source=_source)) from None
         return cls(model.name, model.tasks, model.timeout)
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> Workflow:
-        """Load a workflow from a YAML file path or a YAML string."""
+        """Load a workflow from a YAML file path or a YAML string.
+
+        Errors name the file (``"workflow"`` for a string) and the line of what is wrong.
+        """
         path = source if isinstance(source, Path) else None
         if isinstance(source, str) and "\n" not in source and Path(source).exists():
             path = Path(source)
+        if path is not None:
+            try:
+                data, lines = load_yaml(path)
+            except YamlSourceError as e:
+                raise InvalidSpecError([FieldViolation("", str(e))]) from None
+            return cls.from_dict(data, _source=(str(path), lines))
         try:
-            text = path.read_text(encoding="utf-8") if path else source
-        except UnicodeDecodeError as e:
-            raise InvalidSpecError([FieldViolation("", f"{path} is not UTF-8 text: {e}")]) from None
-        try:
-            data = yaml.safe_load(text)
+            data = yaml.safe_load(source)
+            lines = key_lines(yaml.compose(source, Loader=yaml.SafeLoader))
         except yaml.YAMLError as e:
-            raise InvalidSpecError([FieldViolation("", f"not valid YAML: {e}")]) from None
-        return cls.from_dict(data)
+            raise InvalidSpecError([FieldViolation("", yaml_error_text(e, "workflow"))]) from None
+        return cls.from_dict(data, _source=("", lines))
 
     def to_proto(self) -> types_pb2.WorkflowSpec:
         """Return the API message, after the same validation the controller runs."""
@@ -294,9 +302,12 @@ def load_workflow(path: str | Path) -> Workflow:
     return Workflow.from_yaml(Path(path))
 
 
-def _violations(e: ValidationError, prefix: str = "", data: Any = None) -> list[FieldViolation]:
+def _violations(
+    e: ValidationError, prefix: str = "", data: Any = None, source: tuple[str, dict] | None = None
+) -> list[FieldViolation]:
     out = []
     for err in e.errors():
+        where = _where(err["loc"], source)
         parts: list[str] = [prefix] if prefix else []
         node = data
         for loc in err["loc"]:
@@ -317,8 +328,52 @@ def _violations(e: ValidationError, prefix: str = "", data: Any = None) -> list[
                 node = None
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = "unknown field" + _did_you_mean(err["loc"])
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        out.append(FieldViolation("".join(parts), msg))
+        out.append(FieldViolation("".join(parts), msg + where))
     return out
+
+
+def _where(loc: tuple, source: tuple[str, dict] | None) -> str:
+    """`` (wf.yaml:7)`` or `` (line 7)``: the line of ``loc``, or of the nearest enclosing
+    item that has one."""
+    if source is None:
+        return ""
+    name, lines = source
+    for n in range(len(loc), 0, -1):
+        line = lines.get(tuple(loc[:n]))
+        if line is not None:
+            return f" ({name}:{line})" if name else f" (line {line})"
+    return ""
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """`` (did you mean 'retries'?)`` for an unknown field at ``loc``, when one is close."""
+    model: Any = _WorkflowModel
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(part) if _is_model(model) else None
+        if info is None:
+            return ""
+        model = _model_in(info.annotation)
+    if not _is_model(model):
+        return ""
+    hint = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _model_in(annotation: Any) -> Any:
+    """The model a field holds: itself, or the model inside ``list[M]`` or ``M | None``."""
+    if _is_model(annotation):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

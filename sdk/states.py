@@ -6,6 +6,8 @@ the facts a client needs too, so they are defined here once and used by both.
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 from tether.api.v1 import types_pb2 as t
 
 __all__ = [
@@ -14,9 +16,56 @@ __all__ = [
     "FINAL_REPORT_STATES",
     "TERMINAL_RUN_STATES",
     "TERMINAL_TASK_STATES",
+    "RunState",
+    "TaskState",
     "run_state_name",
     "task_state_name",
 ]
+
+
+class RunState(IntEnum):
+    """A run's state with its name: ``RunState(run.state).name == "SUCCEEDED"``.
+
+    The values are the API's ``tether.v1.RunState`` (a unit test keeps them equal), so a
+    member compares equal to the integer a :class:`~tether.api.v1.types_pb2.Run` carries.
+    """
+
+    UNSPECIFIED = 0
+    PENDING = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the run has ended (it changes no more)."""
+        return self in TERMINAL_RUN_STATES
+
+
+class TaskState(IntEnum):
+    """A task's state with its name: ``TaskState(task.state).name == "RUNNING"``.
+
+    The values are the API's ``tether.v1.TaskState`` (a unit test keeps them equal).
+    """
+
+    UNSPECIFIED = 0
+    PENDING = 1
+    READY = 2
+    SCHEDULED = 3
+    RUNNING = 4
+    SUCCEEDED = 5
+    FAILED = 6
+    RETRYING = 7
+    CANCELLED = 8
+    SKIPPED = 9
+    LOST = 10
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the task has ended (it changes no more)."""
+        return self in TERMINAL_TASK_STATES
+
 
 TERMINAL_RUN_STATES = frozenset(
     {

@@ -7,6 +7,7 @@ them imports another's command module.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import click
@@ -25,13 +26,19 @@ __all__ = [
     "err_console",
     "follow_run",
     "key_values",
+    "print_failures",
     "print_results",
     "state_label",
     "task_table",
 ]
 
-console = Console()
+# Off a terminal (a pipe, a file) nothing is cut to fit a width: scripts get whole ids.
+_PIPE_WIDTH = 10_000
+console = Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH)
 err_console = Console(stderr=True)
+
+# How much of a failed task's stderr tail is shown under its run (the tail holds 4 KiB).
+FAILURE_TAIL_LINES = 15
 
 _STATE_STYLE = {
     "SUCCEEDED": "green",
@@ -64,14 +71,17 @@ def key_values(values: tuple[str, ...], option: str) -> dict[str, str]:
     return out
 
 
-def task_table(run: t.Run) -> Table:
-    """A table of a run's tasks and their states."""
+def task_table(run: t.Run, wide: bool = False) -> Table:
+    """A table of a run's tasks and their states; ``wide`` adds columns and cuts nothing."""
     table = Table(
         title=f"run {run.id} ({run.workflow_name}): " + state_label(run.state, run=True),
         title_justify="left",
     )
-    for col in ("task", "state", "node", "attempt", "duration", "exit", "detail"):
-        table.add_column(col)
+    cols = ["task", "state", "node", "attempt", "duration", "exit", "detail"]
+    if wide:
+        cols[6:6] = ["reason", "lost", "image"]
+    for col in cols:
+        table.add_column(col, no_wrap=col == "task")
     for tk in sorted(run.tasks, key=lambda x: x.index):
         dur = ""
         if tk.HasField("started_at"):
@@ -81,16 +91,46 @@ def task_table(run: t.Run) -> Table:
         detail = tk.waiting_reason or (
             tk.message if tk.state != t.TaskState.TASK_STATE_SUCCEEDED else ""
         )
-        table.add_row(
+        row = [
             tk.spec.name,
             state_label(tk.state),
             tk.node,
             str(tk.attempt or ""),
             dur,
             str(tk.exit_code) if finished else "",
-            detail[:80],
-        )
+        ]
+        if wide:
+            row += [tk.reason, str(tk.lost_attempts or ""), tk.spec.image]
+        row.append(detail if wide else detail[:80])
+        table.add_row(*row)
     return table
+
+
+def print_failures(run: t.Run, target: Console | None = None) -> None:
+    """Under a run, the end of each failed task's stderr: why it failed, without a search.
+
+    The tail is what the controller keeps with the task (the last 4 KiB); ``tether logs``
+    prints the whole of it from the node.
+    """
+    out = target or console
+    for tk in sorted(run.tasks, key=lambda x: x.index):
+        if tk.state != t.TaskState.TASK_STATE_FAILED:
+            continue
+        why = tk.message or f"exited with code {tk.exit_code}"
+        out.print(f"[bold red]{tk.spec.name} failed[/]: {why}", highlight=False)
+        lines = tk.stderr_tail.rstrip().splitlines()
+        if not lines:
+            continue
+        shown = lines[-FAILURE_TAIL_LINES:]
+        cut = len(lines) - len(shown)
+        more = f", {cut} lines above" if cut else ""
+        out.print(
+            f"[dim]--- stderr of {tk.spec.name} (attempt {tk.attempt}, last lines{more}; "
+            f"all of it: tether logs {run.id} {tk.spec.name}) ---[/]",
+            highlight=False,
+        )
+        for line in shown:
+            out.print(f"  {line}", markup=False, highlight=False)
 
 
 def follow_run(client: Client, run_id: str) -> t.Run:
@@ -137,5 +177,6 @@ def print_results(run: t.Run) -> None:
         elif tk.outputs_json:
             console.print(f"[bold]{tk.spec.name} output:[/]")
             console.print_json(tk.outputs_json)
+    print_failures(run)
     if run.message:
         console.print(run.message)

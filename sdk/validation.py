@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+
+from pydantic.dataclasses import dataclass
 
 from tether.api.v1 import types_pb2
 from tether.sdk.errors import FieldViolation, InvalidSpecError
+from tether.sdk.settings import ByteSize, Duration, setting
 from tether.sdk.templating import TemplateError, references
 
 __all__ = ["LIMITS", "FieldViolation", "Limits", "validate_params", "validate_workflow"]
@@ -26,38 +28,58 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 class Limits:
     """Bounds that keep specs sane and every etcd value far below its 1.5 MiB cap.
 
-    The controller enforces the ones it is configured with (``tether controller --max-*``);
-    the SDK checks the defaults early.
-
-    Attributes:
-        max_tasks: Tasks per run.
-        max_task_bytes: Encoded size of one task's spec (each task is one etcd value).
-        max_spec_bytes: Encoded size of a whole workflow spec.
-        max_env_value_bytes: One environment value: Linux refuses to exec a process with a
-            single ``NAME=value`` string over 128 KiB.
-        max_env_bytes: All of one task's environment names and values together.
-        max_arg_bytes: One command argument (the same exec limit as an env value).
-        max_params_bytes: All of a run's parameter names and values together (the run record
-            holds them, in one etcd value).
-        max_param_value_bytes: One parameter value.
-        max_id_length: Run ids, task names and request ids a request names.
+    The controller enforces the ones it is configured with (the ``limits`` section of its
+    config, ``tether controller --max-*``); the SDK checks the defaults early.
     """
 
-    max_tasks: int = 20_000
-    max_task_bytes: int = 256 * 1024
-    max_spec_bytes: int = 32 * 1024 * 1024
-    max_cpu: float = 4096.0
-    max_memory_bytes: int = 64 * 2**40
-    max_gpu: int = 1024
-    max_retries: int = 100
-    max_timeout_seconds: float = 30 * 86400
-    max_name: int = 128
-    max_env_value_bytes: int = 32 * 1024
-    max_env_bytes: int = 128 * 1024
-    max_arg_bytes: int = 64 * 1024
-    max_params_bytes: int = 256 * 1024
-    max_param_value_bytes: int = 4096
-    max_id_length: int = 128
+    max_tasks: int = setting(
+        20_000,
+        description="Most tasks in one run.",
+        flag="--max-tasks-per-run",
+        env="TETHER_MAX_TASKS_PER_RUN",
+    )
+    max_task_bytes: ByteSize = setting(
+        256 * 1024, description="Encoded size of one task's spec (each task is one etcd value)."
+    )
+    max_spec_bytes: ByteSize = setting(
+        32 * 1024 * 1024, description="Largest workflow spec (encoded).", flag="--max-spec-bytes"
+    )
+    max_cpu: float = setting(4096.0, description="Most CPU cores one task may ask for.")
+    max_memory_bytes: ByteSize = setting(
+        64 * 2**40, description="Most memory one task may ask for."
+    )
+    max_gpu: int = setting(1024, description="Most GPUs one task may ask for.")
+    max_retries: int = setting(100, description="Most retries a task may declare.")
+    max_timeout_seconds: Duration = setting(
+        30 * 86400, description="Longest timeout a task or a run may declare."
+    )
+    max_name: int = setting(128, description="Longest workflow name.")
+    max_env_value_bytes: ByteSize = setting(
+        32 * 1024,
+        description="One task environment value: Linux refuses to exec a process with a "
+        "single NAME=value string over 128 KiB.",
+        flag="--max-env-value-bytes",
+    )
+    max_env_bytes: ByteSize = setting(
+        128 * 1024,
+        description="All of one task's environment names and values together.",
+        flag="--max-env-bytes",
+    )
+    max_arg_bytes: ByteSize = setting(
+        64 * 1024, description="One command argument (the same exec limit as an env value)."
+    )
+    max_params_bytes: ByteSize = setting(
+        256 * 1024,
+        description="All of a run's parameter names and values together (the run record "
+        "holds them, in one etcd value).",
+        flag="--max-params-bytes",
+    )
+    max_param_value_bytes: ByteSize = setting(4096, description="One parameter value.")
+    max_id_length: int = setting(
+        128,
+        description="Longest run id, task name or request id a request may name.",
+        flag="--max-id-length",
+    )
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

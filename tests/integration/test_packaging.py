@@ -43,6 +43,10 @@ def test_wheel_installs_only_the_tether_namespace(tmp_path):
         "tether/sdk/client.py",
         "tether/controller/engine.py",
         "tether/agent/runner.py",
+        # PEP 561 markers: type checkers use the SDK's annotations and the API's stubs.
+        "tether/sdk/py.typed",
+        "tether/api/py.typed",
+        "tether/api/v1/types_pb2.pyi",
     ):
         assert module in names
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from config_helpers import controller_config
 
 from tether.api.v1 import types_pb2 as t
 from tether.controller.errors import _message, shorten
-from tether.controller.limit_options import limits_from_flags
 from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.validation import LIMITS, Limits, validate_workflow
 
@@ -67,17 +67,18 @@ def test_refusal_messages_are_short_and_count_the_rest():
 
 
 def test_limit_flags_build_the_config():
-    flags = {
-        "max_message_bytes": 1 << 20,
-        "max_spec_bytes": 1 << 19,
-        "max_tasks_per_run": 10,
-        "max_params_bytes": 1000,
-        "max_env_value_bytes": 100,
-        "max_env_bytes": 200,
-        "max_id_length": 64,
-    }
-    kw = limits_from_flags(flags)
-    assert kw["max_message_bytes"] == 1 << 20
-    assert kw["limits"].max_tasks == 10 and kw["limits"].max_id_length == 64
+    config = controller_config(
+        "--max-message-bytes",
+        "1Mi",
+        "--max-spec-bytes",
+        "512Ki",
+        "--max-tasks-per-run",
+        "10",
+        "--max-id-length",
+        "64",
+    )
+    assert config.max_message_bytes == 1 << 20 and config.limits.max_spec_bytes == 1 << 19
+    assert config.limits.max_tasks == 10 and config.limits.max_id_length == 64
+    assert config.limits.max_env_bytes == LIMITS.max_env_bytes
     with pytest.raises(ValueError, match="max_tasks must be > 0"):
         Limits(max_tasks=0)

@@ -7,6 +7,7 @@ import sys
 
 import click
 import pytest
+from config_helpers import agent_config
 
 from tether.agent.agent import make_runtime
 from tether.agent.cli import agent_command
@@ -40,7 +41,9 @@ def test_cli_offers_the_registered_runtimes():
     option = next(p for p in agent_command.params if p.name == "runtime")
     assert isinstance(option.type, click.Choice)
     assert list(option.type.choices) == registry.names()
-    assert option.default == registry.DEFAULT
+    # The default is the config's (a file or the environment may set it), not click's.
+    assert agent_config().runtime == registry.DEFAULT
+    assert agent_config("--runtime", registry.names()[-1]).runtime == registry.names()[-1]
 
 
 def test_process_runtime_is_built_from_the_registry(tmp_path):

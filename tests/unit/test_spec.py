@@ -124,10 +124,28 @@ def test_yaml_and_python_build_the_same_spec():
 def test_unknown_fields_are_errors():
     with pytest.raises(InvalidSpecError) as e:
         Workflow.from_yaml("name: x\ntasks:\n  - name: a\n    command: [x]\n    retires: 2\n")
-    assert str(e.value) == "tasks[0] (a).retires: unknown field"
+    assert str(e.value) == "tasks[0] (a).retires: unknown field (did you mean 'retries'?) (line 5)"
     with pytest.raises(InvalidSpecError) as e:
         Workflow.from_yaml("name: x\nowner: me\ntasks: []\n")
-    assert "owner: unknown field" in str(e.value)
+    assert str(e.value) == "owner: unknown field (line 2)"  # nothing close: no guess
+    with pytest.raises(InvalidSpecError) as e:
+        Workflow.from_yaml("name: x\ntasks:\n  - {name: a, command: [x], backoff: {intial: 1s}}\n")
+    assert "tasks[0] (a).backoff.intial: unknown field (did you mean 'initial'?)" in str(e.value)
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    f = tmp_path / "wf.yaml"
+    f.write_text("name: x\ntasks:\n  - {name: a, command: [x]\n")
+    with pytest.raises(InvalidSpecError) as e:
+        Workflow.from_yaml(f)
+    assert str(e.value).startswith(f"{f}:4:1: not valid YAML") and "unicode" not in str(e.value)
+    f.write_text("name: x\ntasks:\n  - name: a\n    command: [x]\n    resources: {memory: lots}\n")
+    with pytest.raises(InvalidSpecError) as e:
+        Workflow.from_yaml(f)
+    assert str(e.value) == (
+        f"tasks[0] (a).resources.memory: invalid memory quantity 'lots' (use e.g. 512Mi, 2Gi) "
+        f"({f}:5)"
+    )
 
 
 def test_malformed_values_name_the_field():
@@ -160,3 +178,19 @@ def test_nul_bytes_are_rejected():
     v = violations(spec(task("a", command=["echo", "x\0y"], env={"A": "b\0"})))
     assert "tasks[0] (a).command[1]: must not contain a NUL byte" in v
     assert "tasks[0] (a).env.A: must not contain a NUL byte" in v
+
+
+def test_state_enums_mirror_the_api_and_carry_names():
+    from tether.api.v1 import types_pb2 as t
+    from tether.sdk import RunState, TaskState
+
+    assert {m.name: m.value for m in RunState} == {
+        n.removeprefix("RUN_STATE_"): v for n, v in t.RunState.items()
+    }
+    assert {m.name: m.value for m in TaskState} == {
+        n.removeprefix("TASK_STATE_"): v for n, v in t.TaskState.items()
+    }
+    run = t.Run(state=t.RunState.RUN_STATE_SUCCEEDED)
+    assert RunState(run.state).name == "SUCCEEDED" and run.state == RunState.SUCCEEDED
+    assert RunState.SUCCEEDED.terminal and not RunState.RUNNING.terminal
+    assert TaskState(t.TaskState.TASK_STATE_LOST).name == "LOST" and not TaskState.LOST.terminal
