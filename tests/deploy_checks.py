@@ -1,0 +1,90 @@
+"""What the deployment tests share: finding an outside tool, and checking that the command
+lines and ``TETHER_*`` variables written in deploy/ are ones the ``tether`` commands take."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+import pytest
+
+from tether.agent.cli import agent_command
+from tether.controller.cli import controller_command
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+# The server commands that deploy/ runs, by their subcommand name.
+COMMANDS: dict[str, click.Command] = {"controller": controller_command, "agent": agent_command}
+
+# Read outside the commands' options: logging set-up, and the health probe.
+OTHER_VARIABLES = frozenset({"TETHER_LOG_FORMAT", "TETHER_HEALTH_ADDRESS"})
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def unavailable(reason: str) -> None:
+    """Skip with ``reason``; under CI fail instead, since .ci/run installs the tools."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI installs it: see .ci/run)")
+    pytest.skip(reason)
+
+
+def require_tool(name: str, why: str) -> str:
+    """The path of the executable ``name``, or skip (fail under CI) saying ``why`` it is needed."""
+    path = shutil.which(name)
+    if path is None:
+        unavailable(f"{name} is not installed: {why}")
+    return path
+
+
+def compose_command() -> list[str]:
+    """``docker compose`` (the v2 plugin) or Debian's ``docker-compose``, whichever exists."""
+    docker = shutil.which("docker")
+    if docker:
+        res = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30)
+        if res.returncode == 0:
+            return [docker, "compose"]
+    return [require_tool("docker-compose", "it validates deploy/docker-compose.yml")]
+
+
+def has_option(command: str, flag: str) -> bool:
+    return any(flag in p.opts for p in COMMANDS[command].params)
+
+
+def parse_command_line(argv: Sequence[str]) -> dict:
+    """Parse ``tether`` arguments (``[controller|agent, flags…]``) as the command would.
+
+    Returns the parsed parameters; raises ``click.UsageError`` for an unknown flag or a bad
+    value, exactly where the real command would refuse to start.
+    """
+    name, *args = argv
+    assert name in COMMANDS, f"{name!r} is not a server subcommand ({', '.join(COMMANDS)})"
+    with COMMANDS[name].make_context(name, list(args)) as ctx:
+        return dict(ctx.params)
+
+
+def variables_of(command: str) -> set[str]:
+    """The environment variables a server command reads for its options."""
+    names: set[str] = set()
+    for p in COMMANDS[command].params:
+        envvar = p.envvar
+        if isinstance(envvar, str):
+            names.add(envvar)
+        elif envvar:
+            names.update(envvar)
+    return names
+
+
+def unknown_variables(names: set[str], *commands: str) -> set[str]:
+    """The ``TETHER_*`` names in ``names`` that none of ``commands`` (nor logging) reads."""
+    known = set(OTHER_VARIABLES)
+    for c in commands:
+        known |= variables_of(c)
+    return {n for n in names if n.startswith("TETHER_") and n not in known}
