@@ -102,6 +102,16 @@ def test_controllers_and_agents_run_valid_command_lines():
         assert not unknown_variables(set(s[name]["environment"]), "controller", "agent")
 
 
+def test_tether_containers_are_confined():
+    s = services()
+    for name in (*CONTROLLERS, *AGENTS):
+        assert s[name]["read_only"] is True, name
+        assert s[name]["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in s[name]["security_opt"], name
+    for name in CONTROLLERS:
+        assert "user" not in s[name], "controllers run as the image's non-root user"
+
+
 def test_prometheus_scrapes_every_controller_and_agent():
     config = yaml.safe_load(PROMETHEUS.read_text())
     targets = {
