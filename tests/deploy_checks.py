@@ -3,9 +3,11 @@ lines and ``TETHER_*`` variables written in deploy/ are ones the ``tether`` comm
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,3 +90,65 @@ def unknown_variables(names: set[str], *commands: str) -> set[str]:
     for c in commands:
         known |= variables_of(c)
     return {n for n in names if n.startswith("TETHER_") and n not in known}
+
+
+# Runs each command line as `tether` would, up to the point where it has built its one config
+# object: serve()/run_agent() are replaced by a capture, so nothing listens or connects. In a
+# subprocess, because the commands set up process-wide logging.
+_CONFIGS = r"""
+import asyncio, dataclasses, json, os, sys
+
+import click
+
+from tether.agent import cli as agent_cli
+from tether.controller import cli as controller_cli
+
+captured = []
+
+
+async def capture(config):
+    captured.append(config)
+
+
+controller_cli.serve = capture
+agent_cli.run_agent = capture
+commands = {"controller": controller_cli.controller_command, "agent": agent_cli.agent_command}
+base = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+results = []
+for argv, env in json.load(sys.stdin):
+    os.environ.clear()
+    os.environ.update(base, **env)
+    captured.clear()
+    name, *args = argv
+    try:
+        commands[name].main(args, prog_name=f"tether {name}", standalone_mode=False)
+        results.append({"config": dataclasses.asdict(captured[0])})
+    except click.ClickException as e:
+        results.append({"error": e.format_message()})
+json.dump(results, sys.stdout, default=str)
+"""
+
+
+def configs_of(cases: Sequence[tuple[Sequence[str], dict[str, str]]]) -> list[dict]:
+    """The config each ``(argv, environment)`` makes its command build, as a dict (values
+    that are not JSON types as strings); ``{"error": message}`` where the command refuses.
+
+    An agent's ``--metrics-listen`` is dropped while the agent has no such option (it comes
+    with the metrics item): the rest of its command line is still checked.
+    """
+    payload = []
+    for argv, env in cases:
+        argv = list(argv)
+        if "--metrics-listen" in argv and not has_option(argv[0], "--metrics-listen"):
+            i = argv.index("--metrics-listen")
+            del argv[i : i + 2]
+        payload.append((argv, env))
+    res = subprocess.run(
+        [sys.executable, "-c", _CONFIGS],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)

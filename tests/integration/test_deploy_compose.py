@@ -11,6 +11,7 @@ import yaml
 from deploy_checks import (
     DEPLOY,
     compose_command,
+    configs_of,
     has_option,
     parse_command_line,
     require_tool,
@@ -136,3 +137,22 @@ def test_prometheus_config_passes_promtool():
         timeout=60,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_controllers_and_agents_build_their_configs():
+    s = services()
+    names = [*CONTROLLERS, *AGENTS]
+    configs = configs_of([(s[n]["command"], s[n]["environment"]) for n in names])
+    by_name = dict(zip(names, configs, strict=True))
+    for name in CONTROLLERS:
+        config = by_name[name].get("config")
+        assert config, by_name[name]
+        # Plaintext on the compose network must be asked for, or the controller exits.
+        assert config["insecure"] is True and config["listen"] == "0.0.0.0:7070"
+        assert config["advertise"] == f"{name}:7070"
+        assert config["etcd_endpoints"] == ["http://etcd:2379"]
+    for name in AGENTS:
+        config = by_name[name].get("config")
+        assert config, by_name[name]
+        assert config["node"] == name and config["runtime"] == "docker"
+        assert config["controller"] == "controller-1:7070,controller-2:7070"

@@ -6,10 +6,18 @@ host's engine and work dir, no RBAC, and command lines the ``tether`` commands a
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
-from deploy_checks import DEPLOY, has_option, parse_command_line, unavailable, unknown_variables
+from deploy_checks import (
+    DEPLOY,
+    configs_of,
+    has_option,
+    parse_command_line,
+    unavailable,
+    unknown_variables,
+)
 
 K8S = DEPLOY / "kubernetes"
 # The oldest Kubernetes with everything used here (gRPC probes, the PDB's
@@ -177,3 +185,41 @@ def test_every_tether_variable_is_read_by_a_command():
         ("DaemonSet", "tether-agent", "agent"),
     ):
         assert not unknown_variables(set(env_of(container(one(kind, name)))), command), name
+
+
+# What the downward API would put in the pods' fields (documentation addresses, never dialled).
+FIELDS = {"status.podIP": "192.0.2.10", "spec.nodeName": "node-a"}
+
+
+def pod_environment(workload: dict) -> dict[str, str]:
+    """The environment Kubernetes gives the container: the ConfigMap, then its own env with
+    downward-API fields filled in and $(VAR) references expanded, as the kubelet does."""
+    c = container(workload)
+    env: dict[str, str] = {}
+    for source in c.get("envFrom", []):
+        env.update(one("ConfigMap", source["configMapRef"]["name"])["data"])
+    for e in c.get("env", []):
+        if "valueFrom" in e:
+            env[e["name"]] = FIELDS[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], e["value"])
+    return env
+
+
+def test_pods_build_their_configs():
+    controller = one("Deployment", "tether-controller")
+    agent = one("DaemonSet", "tether-agent")
+    (ctl, agt) = configs_of(
+        [(container(w)["args"], pod_environment(w)) for w in (controller, agent)]
+    )
+    assert "config" in ctl, ctl
+    ctl = ctl["config"]
+    assert ctl["etcd_endpoints"] == ["http://etcd.tether.svc:2379"]
+    assert ctl["advertise"] == "192.0.2.10:7070"
+    assert ctl["auth"] is True, "tokens required on the cluster network"
+    assert "config" in agt, agt
+    agt = agt["config"]
+    assert agt["node"] == "node-a"
+    assert agt["controller"] == "tether-controller.tether.svc:7070"
+    assert agt["work_dir"] == "/var/lib/tether-agent"
+    assert agt["leave_running"] is True

@@ -11,7 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from deploy_checks import DEPLOY, has_option, parse_command_line, require_tool, unknown_variables
+from deploy_checks import (
+    DEPLOY,
+    configs_of,
+    has_option,
+    parse_command_line,
+    require_tool,
+    unknown_variables,
+)
+
+from tether.sdk.certs import init_ca, issue_node
 
 SYSTEMD = DEPLOY / "systemd"
 UNITS = {"tether-controller.service": "controller", "tether-agent.service": "agent"}
@@ -146,3 +155,25 @@ def test_unit_runs_a_valid_command_line(name):
     if command == "agent":
         # Its work dir is the unit's state directory, the one path it may write.
         assert env["TETHER_WORK_DIR"] == "/var/lib/" + s["StateDirectory"][0]
+
+
+def test_units_build_their_configs(tmp_path):
+    # The agent takes its node name from its certificate: give it a real one where the
+    # unit expects it.
+    init_ca(tmp_path)
+    issue_node(tmp_path, "gpu-1")
+    files = {"/etc/tether/node.pem": tmp_path / "node-gpu-1.pem"}
+    cases = []
+    for name in sorted(UNITS):
+        s = service(SYSTEMD / name)
+        env = dict(e.split("=", 1) for e in s.get("Environment", []))
+        env = {k: str(files.get(v, v)) for k, v in env.items()}
+        cases.append((shlex.split(s["ExecStart"][0])[1:], env))
+    agent, controller = configs_of(cases)
+    assert "config" in controller, controller
+    assert controller["config"]["tls_cert"] == "/etc/tether/controller.pem"
+    assert controller["config"]["metrics_listen"] == "0.0.0.0:9100"
+    assert "config" in agent, agent
+    assert agent["config"]["node"] == "gpu-1"
+    assert agent["config"]["work_dir"] == "/var/lib/tether-agent"
+    assert agent["config"]["runtime"] == "docker" and agent["config"]["leave_running"] is True
