@@ -24,7 +24,14 @@ DEPLOY = ROOT / "deploy"
 COMMANDS: dict[str, click.Command] = {"controller": controller_command, "agent": agent_command}
 
 # Read outside the commands' options: logging set-up, and the health probe.
-OTHER_VARIABLES = frozenset({"TETHER_LOG_FORMAT", "TETHER_HEALTH_ADDRESS"})
+OTHER_VARIABLES = frozenset(
+    {
+        "TETHER_LOG_FORMAT",
+        "TETHER_HEALTH_ADDRESS",
+        "TETHER_HEALTH_TLS_CA",
+        "TETHER_HEALTH_SERVER_NAME",
+    }
+)
 
 
 def in_ci() -> bool:
