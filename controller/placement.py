@@ -16,7 +16,7 @@ from tether.controller.dispatch import Dispatch, render
 from tether.controller.metrics import Metrics
 from tether.controller.progress import Progress
 from tether.controller.records import RunEntry, TaskEntry, now
-from tether.controller.scheduler import Binding, Policy, plan
+from tether.controller.scheduler import Binding, Policy, TaskRequest, plan
 from tether.sdk.telemetry import get_logger
 from tether.sdk.templating import TemplateError
 
@@ -72,7 +72,9 @@ class Placer:
             return
         queue = self._queue()
         while queue:
-            ready = [(k, e.msg.spec.resources) for k, e in queue]
+            ready = [
+                TaskRequest.of(k, e.msg.spec.resources, seq=i) for i, (k, e) in enumerate(queue)
+            ]
             p = plan(ready, self.cache.connected_views(), self.policy)
             bound = {b.key: b for b in p.bindings}
             for i, (key, e) in enumerate(queue):
