@@ -78,6 +78,13 @@ async def run_agent(config: AgentConfig) -> None:
 )
 @click.option("--label", multiple=True, help="Node label KEY=VALUE (repeatable).")
 @click.option(
+    "--address",
+    default="",
+    envvar="TETHER_ADDRESS",
+    help="Host or IP other nodes reach this node at (a gang's TETHER_MASTER_ADDR); "
+    "default: this host's name (env TETHER_ADDRESS).",
+)
+@click.option(
     "--runtime",
     type=click.Choice(registry.names()),
     default=registry.DEFAULT,
@@ -146,6 +153,7 @@ def agent_command(
     controller_addr,
     name,
     label,
+    address,
     runtime,
     work_dir,
     cpu,
@@ -180,6 +188,7 @@ def agent_command(
             controller=controller_addr,
             node=name,
             labels=key_values(label, "--label"),
+            address=address,
             runtime=runtime,
             cpu=cpu,
             memory_bytes=parse_memory(memory),

@@ -29,7 +29,11 @@ class AgentConfig:
     Attributes:
         controller: ``host:port`` of the controller.
         node: This node's name, unique in the mesh.
-        labels: Free-form ``key=value`` labels shown in ``tether nodes``.
+        labels: Free-form ``key=value`` labels shown in ``tether nodes`` and matched by
+            tasks' ``node_selector`` and ``affinity``; the agent adds
+            ``tether.io/gpu-model`` and ``tether.io/gpu-memory`` for its GPUs.
+        address: Host name or address other nodes reach this one at (a gang's
+            ``TETHER_MASTER_ADDR`` when replica 0 runs here); empty: this host's name.
         runtime: A name in :mod:`tether.agent.runtimes.registry`: ``process``
             (subprocesses) or ``docker`` (Docker Engine API).
         work_dir: Where attempt directories (outputs, logs) are kept.
@@ -66,6 +70,7 @@ class AgentConfig:
     controller: str = DEFAULT_CONTROLLER
     node: str = field(default_factory=default_node_name)
     labels: dict[str, str] = field(default_factory=dict)
+    address: str = ""
     runtime: str = registry.DEFAULT
     work_dir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "tether-agent")
     cpu: float = 0.0
@@ -86,6 +91,8 @@ class AgentConfig:
     drain_grace: float = 20.0
 
     def __post_init__(self) -> None:
+        if not self.address:
+            object.__setattr__(self, "address", socket.gethostname())
         if self.disconnect_grace < 0:
             raise ValueError("disconnect_grace must not be negative")
         if self.drain_grace < 0:

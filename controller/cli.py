@@ -11,7 +11,7 @@ from tether.controller.config import ControllerConfig, is_loopback
 from tether.controller.errors import StoreUnavailable
 from tether.controller.etcd_options import etcd_options
 from tether.controller.limit_options import limit_options, limits_from_flags
-from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
+from tether.controller.policies import DEFAULT_POLICY, POLICIES
 from tether.controller.secretbox import KeyFileError
 from tether.controller.server import ControllerServer
 from tether.sdk.constants import DEFAULT_CONTROLLER
@@ -87,7 +87,15 @@ async def serve(config: ControllerConfig) -> None:
     default=DEFAULT_POLICY,
     show_default=True,
     type=click.Choice(sorted(POLICIES)),
-    help="Placement policy: which node gets each ready task (env TETHER_POLICY).",
+    help="Placement policy for workflows that name none (scheduling.policy) (env TETHER_POLICY).",
+)
+@click.option(
+    "--priority-aging",
+    envvar="TETHER_PRIORITY_AGING",
+    default="30s",
+    show_default=True,
+    help="A ready task gains one priority point per this much waiting, so low priorities "
+    "are never starved (0 turns aging off) (env TETHER_PRIORITY_AGING).",
 )
 @click.option(
     "--tls-cert",
@@ -163,6 +171,7 @@ def controller_command(
     metrics_listen,
     retention,
     policy,
+    priority_aging,
     tls_cert,
     tls_key,
     tls_ca,
@@ -188,6 +197,7 @@ def controller_command(
             metrics_listen=metrics_listen,
             retention=parse_duration(retention),
             policy=policy,
+            priority_aging=parse_duration(priority_aging),
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_ca=tls_ca,

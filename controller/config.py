@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 from tether.controller.etcd_connection import EtcdConnection
-from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
+from tether.controller.policies import DEFAULT_POLICY, POLICIES
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.validation import Limits
 
@@ -66,8 +66,10 @@ class ControllerConfig:
             serves none; port 0 picks a free port.
         retention: Seconds a finished run is kept in etcd before it is deleted, with its
             tasks and request id; 0 keeps runs forever.
-        policy: Name of the placement policy (a key of
-            :data:`tether.controller.scheduler.POLICIES`).
+        policy: Name of the placement policy for workflows that name none (a key of
+            :data:`tether.controller.policies.POLICIES`).
+        priority_aging: Seconds of waiting that add one point to a ready task's priority
+            (so low priorities are never starved forever); 0 turns aging off.
         tls_cert: PEM file of the controller's server certificate; empty serves plaintext.
         tls_key: PEM file of that certificate's key.
         tls_ca: PEM file of the CA whose node certificates agents must present; empty
@@ -102,6 +104,7 @@ class ControllerConfig:
     metrics_listen: str = ""
     retention: float = 0.0
     policy: str = DEFAULT_POLICY
+    priority_aging: float = 30.0
     secrets_key_file: str = ""
     service_name: str = field(default="tether-controller")
     tls_cert: str = ""
@@ -153,6 +156,8 @@ class ControllerConfig:
             raise ValueError("heartbeat_interval: must be in [0, lease_ttl)")
         if self.retention < 0:
             raise ValueError("retention: must be >= 0")
+        if self.priority_aging < 0:
+            raise ValueError("priority_aging: must be >= 0")
         if self.policy not in POLICIES:
             known = ", ".join(sorted(POLICIES))
             raise ValueError(f"policy: unknown {self.policy!r}; known: {known}")

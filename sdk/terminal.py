@@ -44,6 +44,7 @@ _STATE_STYLE = {
     "CANCELLED": "magenta",
     "SKIPPED": "dim",
     "LOST": "yellow",
+    "PREEMPTED": "yellow",
 }
 
 
