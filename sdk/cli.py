@@ -262,16 +262,19 @@ def nodes(ctx, as_json):
 
         click.echo(json.dumps([MessageToDict(n) for n in ns], indent=2))
         return
-    table = Table(title="nodes")
+    table = Table(title="nodes (allocated/capacity, free)")
     for col in ("node", "state", "cpu", "memory", "gpus", "running", "runtime", "labels"):
         table.add_column(col)
     for n in ns:
+        a, c = n.allocated, n.capacity
+        free_mem = max(0, c.memory_bytes - a.memory_bytes)
         table.add_row(
             n.name,
             n.schedule_state or "ready",
-            f"{n.allocated.cpu:g}/{n.capacity.cpu:g}",
-            f"{format_memory(n.allocated.memory_bytes)}/{format_memory(n.capacity.memory_bytes)}",
-            f"{n.allocated.gpu}/{len(n.gpus)}",
+            f"{a.cpu:g}/{c.cpu:g}, {max(0.0, c.cpu - a.cpu):g} free",
+            f"{format_memory(a.memory_bytes)}/{format_memory(c.memory_bytes)}, "
+            f"{format_memory(free_mem)} free",
+            f"{a.gpu}/{len(n.gpus)}, {max(0, len(n.gpus) - a.gpu)} free",
             str(n.running_tasks),
             n.runtime,
             ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),

@@ -205,7 +205,7 @@ class Attempt(_message.Message):
     def __init__(self, number: _Optional[int] = ..., node: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TaskRun(_message.Message):
-    __slots__ = ("run_id", "spec", "state", "attempt", "node", "started_at", "finished_at", "exit_code", "reason", "message", "outputs_json", "attempts", "stdout_tail", "stderr_tail", "traceparent", "not_before", "waiting_reason", "lost_attempts", "cancel_requested", "index", "events", "preempted_by", "preempted_attempts", "replicas")
+    __slots__ = ("run_id", "spec", "state", "attempt", "node", "started_at", "finished_at", "exit_code", "reason", "message", "outputs_json", "attempts", "stdout_tail", "stderr_tail", "traceparent", "not_before", "waiting_reason", "lost_attempts", "cancel_requested", "index", "events", "preempted_by", "preempted_attempts", "replicas", "master_addr", "master_port")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +230,8 @@ class TaskRun(_message.Message):
     PREEMPTED_BY_FIELD_NUMBER: _ClassVar[int]
     PREEMPTED_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MASTER_ADDR_FIELD_NUMBER: _ClassVar[int]
+    MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     spec: TaskSpec
     state: TaskState
@@ -254,7 +256,9 @@ class TaskRun(_message.Message):
     preempted_by: str
     preempted_attempts: int
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
-    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., node: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., outputs_json: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., stdout_tail: _Optional[str] = ..., stderr_tail: _Optional[str] = ..., traceparent: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., index: _Optional[int] = ..., events: _Optional[_Iterable[_Union[TaskEvent, _Mapping]]] = ..., preempted_by: _Optional[str] = ..., preempted_attempts: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+    master_addr: str
+    master_port: int
+    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., node: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., outputs_json: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., stdout_tail: _Optional[str] = ..., stderr_tail: _Optional[str] = ..., traceparent: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., index: _Optional[int] = ..., events: _Optional[_Iterable[_Union[TaskEvent, _Mapping]]] = ..., preempted_by: _Optional[str] = ..., preempted_attempts: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ...) -> None: ...
 
 class Replica(_message.Message):
     __slots__ = ("index", "node", "gpu_indices", "state", "exit_code")
@@ -271,7 +275,7 @@ class Replica(_message.Message):
     def __init__(self, index: _Optional[int] = ..., node: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "workflow_name", "state", "created_at", "started_at", "finished_at", "task_count", "request_id", "params", "traceparent", "message", "cancel_requested", "tasks", "timed_out", "deadline", "submitted_by")
+    __slots__ = ("id", "workflow_name", "state", "created_at", "started_at", "finished_at", "task_count", "request_id", "params", "traceparent", "message", "cancel_requested", "tasks", "timed_out", "deadline", "submitted_by", "policy")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +299,7 @@ class Run(_message.Message):
     TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     SUBMITTED_BY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     id: str
     workflow_name: str
     state: RunState
@@ -311,7 +316,8 @@ class Run(_message.Message):
     timed_out: bool
     deadline: _timestamp_pb2.Timestamp
     submitted_by: str
-    def __init__(self, id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_count: _Optional[int] = ..., request_id: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., traceparent: _Optional[str] = ..., message: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., tasks: _Optional[_Iterable[_Union[TaskRun, _Mapping]]] = ..., timed_out: _Optional[bool] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., submitted_by: _Optional[str] = ...) -> None: ...
+    policy: str
+    def __init__(self, id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_count: _Optional[int] = ..., request_id: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., traceparent: _Optional[str] = ..., message: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., tasks: _Optional[_Iterable[_Union[TaskRun, _Mapping]]] = ..., timed_out: _Optional[bool] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., submitted_by: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "model", "memory_bytes")
