@@ -111,12 +111,15 @@ class _Index:
                 self.members[g] = []
             self.members[g].append(n.name)
         self.min_cpu, self.min_mem = min_cpu, min_mem
-        # policy name -> group -> sorted [(node key, node name)] of nodes not yet saturated
-        self.sorted: dict[str, dict[tuple, list[tuple[float, str]]]] = {}
+        # (policy name, level) -> sorted [(node key, node name)] of the level's nodes not yet
+        # saturated; a level is a tuple of groups of equal rank for some task.
+        self.sorted: dict[tuple[str, tuple], list[tuple[float, str]]] = {}
+        # node name -> the sorted lists it is in, with their policy's name
+        self.lists_of: dict[str, list[tuple[str, list[tuple[float, str]]]]] = {}
         self.keys: dict[str, dict[str, float]] = {}
         self.policy_objs: dict[str, Policy] = {}
         self.bad: dict[tuple[float, int, int], set[str]] = {}
-        self.levels: dict[tuple, list[list[tuple]]] = {}
+        self.levels: dict[tuple, list[tuple]] = {}
         self.slots = sum(1 for n in self.nodes.values() if n.has_slot)
         self.preemptible = any(
             r.preemptible and not r.stopping for n in self.nodes.values() for r in n.attempts
@@ -126,28 +129,29 @@ class _Index:
         # No task of this pass fits any more: leave the sorted lists for good.
         return not n.has_slot or n.cpu_free + _EPS < self.min_cpu or n.memory_free < self.min_mem
 
-    def by_policy(self, p: Policy, g: tuple) -> list[tuple[float, str]]:
-        per = self.sorted.get(p.name)
-        if per is None:
-            per = self.sorted[p.name] = {}
-            self.keys[p.name] = {}
-            self.policy_objs[p.name] = p
-        lst = per.get(g)
+    def by_policy(self, p: Policy, level: tuple) -> list[tuple[float, str]]:
+        """The level's unsaturated nodes in ``p``'s order (then by name)."""
+        lst = self.sorted.get((p.name, level))
         if lst is None:
-            keys = self.keys[p.name]
+            keys = self.keys.setdefault(p.name, {})
+            self.policy_objs[p.name] = p
             lst = []
-            for name in self.members[g]:
-                n = self.nodes[name]
-                if not self._saturated(n):
-                    k = keys[name] = p.node_key(n)
-                    lst.append((k, name))
+            for g in level:
+                for name in self.members[g]:
+                    n = self.nodes[name]
+                    if not self._saturated(n):
+                        k = keys.get(name)
+                        if k is None:
+                            k = keys[name] = p.node_key(n)
+                        lst.append((k, name))
+                        self.lists_of.setdefault(name, []).append((p.name, lst))
             lst.sort()
-            per[g] = lst
+            self.sorted[(p.name, level)] = lst
         return lst
 
-    def levels_for(self, r: TaskRequest) -> list[list[tuple]]:
-        """Groups allowed for ``r``, best tier first: (no GPUs for a GPU-less task, then
-        preferred affinity weight)."""
+    def levels_for(self, r: TaskRequest) -> list[tuple]:
+        """Groups allowed for ``r`` in levels, best first: no GPUs for a GPU-less task, then
+        by preferred affinity weight."""
         ck = (r.constraints, r.gpu > 0)
         lv = self.levels.get(ck)
         if lv is None:
@@ -157,67 +161,65 @@ class _Index:
                 if c.empty or c.allows(labels):
                     gpu_penalty = 1 if (g[1] and r.gpu == 0) else 0
                     tiers.setdefault((gpu_penalty, -c.preference(labels)), []).append(g)
-            lv = self.levels[ck] = [tiers[k] for k in sorted(tiers)]
+            lv = self.levels[ck] = [tuple(tiers[k]) for k in sorted(tiers)]
         return lv
 
-    def first_fits(self, r: TaskRequest, p: Policy, level: list[tuple]) -> list[tuple]:
-        """The first fitting node of each group in ``level``, as (key, name)."""
-        out = []
+    def first_fit(self, r: TaskRequest, p: Policy, level: tuple) -> str | None:
+        """The best node of ``level`` that fits ``r`` now, by ``p``'s order."""
         nodes = self.nodes
         cpu, mem, gpu = r.cpu - _EPS, r.memory, r.gpu
         # Within a pass nodes only fill up: a node that cannot hold a shape now never will.
         bad = self.bad.setdefault((cpu, mem, gpu), set())
-        for g in level:
-            lst = self.by_policy(p, g)
-            i = 0
-            while i < len(lst):
-                name = lst[i][1]
-                if name in bad:
-                    i += 1
-                    continue
-                n = nodes[name]
-                if (
-                    n.cpu_used + cpu <= n.cpu_total
-                    and n.memory_used + mem <= n.memory_total
-                    and len(n.gpu_indices) - len(n.gpus_used) >= gpu
-                    and (n.max_tasks <= 0 or n.running < n.max_tasks)
-                ):
-                    out.append(lst[i])
-                    break
-                if self._saturated(n):
-                    del lst[i]
-                    continue
-                bad.add(name)
+        lst = self.by_policy(p, level)
+        i = 0
+        while i < len(lst):
+            name = lst[i][1]
+            if name in bad:
                 i += 1
-        return out
+                continue
+            n = nodes[name]
+            if (
+                n.cpu_used + cpu <= n.cpu_total
+                and n.memory_used + mem <= n.memory_total
+                and (not gpu or len(n.gpu_indices) - len(n.gpus_used) >= gpu)
+                and (n.max_tasks <= 0 or n.running < n.max_tasks)
+            ):
+                return name
+            if self._saturated(n):
+                del lst[i]
+                continue
+            bad.add(name)
+            i += 1
+        return None
 
-    def all_fits(self, r: TaskRequest, p: Policy, level: list[tuple]) -> list[tuple]:
-        out = []
-        for g in level:
-            out.extend(e for e in self.by_policy(p, g) if self.nodes[e[1]].fits(r))
-        out.sort()
-        return out
+    def all_fits(self, r: TaskRequest, p: Policy, level: tuple) -> list[str]:
+        return [name for _, name in self.by_policy(p, level) if self.nodes[name].fits(r)]
 
     def bind(self, name: str, r: TaskRequest, gpus: tuple[int, ...]) -> None:
         old = self.nodes[name]
         new = self.nodes[name] = old.with_bound(r, gpus)
         if old.has_slot and not new.has_slot:
             self.slots -= 1
-        g = self.group_of[name]
-        for pname, per in self.sorted.items():
-            lst = per.get(g)
-            if lst is None:
-                continue
+        lists = self.lists_of.get(name)
+        if not lists:
+            return
+        saturated = self._saturated(new)
+        new_keys: dict[str, float] = {}
+        for pname, lst in lists:
             keys = self.keys[pname]
-            old_key = keys.get(name)
-            if old_key is not None:
-                i = bisect.bisect_left(lst, (old_key, name))
-                if i < len(lst) and lst[i] == (old_key, name):
-                    del lst[i]
-                del keys[name]
-            if not self._saturated(new):
-                k = keys[name] = self.policy_objs[pname].node_key(new)
+            old_key = keys[name]
+            i = bisect.bisect_left(lst, (old_key, name))
+            if i < len(lst) and lst[i] == (old_key, name):
+                del lst[i]
+            if not saturated:
+                k = new_keys.get(pname)
+                if k is None:
+                    k = new_keys[pname] = self.policy_objs[pname].node_key(new)
                 bisect.insort(lst, (k, name))
+        for pname, k in new_keys.items():
+            self.keys[pname][name] = k
+        if saturated:
+            del self.lists_of[name]
 
     def mark_stopping(self, v: Victims) -> None:
         n = self.nodes[v.node]
@@ -307,10 +309,9 @@ def plan(
 
 def _place_one(r: TaskRequest, p: Policy, idx: _Index, out: Plan) -> bool:
     for level in idx.levels_for(r):
-        fits = idx.first_fits(r, p, level)
-        if fits:
-            name = min(fits)[1]
-            gpus = idx.nodes[name].free_gpus[: r.gpu]
+        name = idx.first_fit(r, p, level)
+        if name is not None:
+            gpus = idx.nodes[name].free_gpus[: r.gpu] if r.gpu else ()
             out.bindings.append(Binding(r.key, name, gpus))
             idx.bind(name, r, gpus)
             return True
@@ -320,7 +321,7 @@ def _place_one(r: TaskRequest, p: Policy, idx: _Index, out: Plan) -> bool:
 def _place_gang(r: TaskRequest, p: Policy, idx: _Index, out: Plan) -> bool:
     chosen: list[str] = []
     for level in idx.levels_for(r):
-        for _, name in idx.all_fits(r, p, level):
+        for name in idx.all_fits(r, p, level):
             chosen.append(name)
             if len(chosen) == r.replicas:
                 break
