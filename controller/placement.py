@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 
 from tether.api.v1 import types_pb2 as t
 from tether.controller import gangs
@@ -27,7 +28,7 @@ from tether.sdk.constants import DEFAULT_PRIORITY
 from tether.sdk.telemetry import get_logger
 from tether.sdk.templating import TemplateError
 
-__all__ = ["Placer", "constraints_of"]
+__all__ = ["Placer", "constraints_of", "run_ranks"]
 
 log = get_logger("controller.engine")
 
@@ -42,6 +43,19 @@ def constraints_of(spec: t.TaskSpec) -> Constraints:
         selector=tuple(sorted(spec.node_selector.items())),
         required=tuple(required),
         preferred=tuple(preferred),
+    )
+
+
+def run_ranks(run: RunEntry, learned: Mapping[str, float]) -> dict[str, float]:
+    """Each task's longest remaining path (seconds), from its declared ``expected_duration``,
+    else its ``learned`` duration, else :data:`DEFAULT_SECONDS`."""
+    durations = {}
+    for name, e in run.tasks.items():
+        d = e.msg.spec.expected_duration
+        declared = d.seconds + d.nanos / 1e9
+        durations[name] = declared or learned.get(name, DEFAULT_SECONDS)
+    return remaining_paths(
+        durations, {n: list(e.msg.spec.depends_on) for n, e in run.tasks.items()}
     )
 
 
@@ -103,14 +117,7 @@ class Placer:
     def _ranks(self, run: RunEntry) -> dict[str, float]:
         if run.ranks is None:
             learned = self.durations.of(run.msg.workflow_name) if self.durations else {}
-            durations = {}
-            for name, e in run.tasks.items():
-                d = e.msg.spec.expected_duration
-                declared = d.seconds + d.nanos / 1e9
-                durations[name] = declared or learned.get(name, DEFAULT_SECONDS)
-            run.ranks = remaining_paths(
-                durations, {n: list(e.msg.spec.depends_on) for n, e in run.tasks.items()}
-            )
+            run.ranks = run_ranks(run, learned)
         return run.ranks
 
     def _request(self, i: int, key: TaskKey, e: TaskEntry, clock: float) -> TaskRequest:

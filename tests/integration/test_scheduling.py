@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import R, S, by_name, etcd_dump, py
+from helpers import R, S, by_name, etcd_dump, py, tether
 
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import Workflow
@@ -70,6 +70,10 @@ def test_a_selector_lands_on_the_right_node_and_waits_with_a_reason(mesh):
     why = "needs 2 GPUs with gpu-model=a100; the best node has 1"
     mesh.wait_for(lambda: run.status().tasks[0].waiting_reason == why, 10, "reason")
     assert run.status().tasks[0].state == S.TASK_STATE_READY
+    res = tether("status", run.id, controller=mesh.address)
+    assert res.returncode == 0 and why in res.stdout, res.stdout
+    res = tether("nodes", controller=mesh.address)
+    assert "0/1, 1 free" in res.stdout and "tether.io/gpu-model=a100" in res.stdout, res.stdout
     # A fitting node joins: the task starts there.
     mesh.add_agent("big-a100", fake_gpus="a100:40Gi,a100:40Gi")
     assert nodes_of(run) == {"two": "big-a100"}

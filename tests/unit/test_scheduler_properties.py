@@ -215,3 +215,27 @@ def test_expressions_are_consistent(labels, e):
         assert e.matches(labels) == (v is not None)
     else:
         assert e.matches(labels) == (v is None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([2.0, 4.0, 8.0]), st.integers(0, 6), st.integers(0, 5)),
+        min_size=1,
+        max_size=10,
+    ),
+    st.sampled_from([0.5, 1.0, 2.0]),
+    policies,
+)
+def test_each_policy_takes_its_best_fitting_node(shapes, cpu, policy):
+    ns = [
+        NodeView(f"n{i}", cpu_total=c, cpu_used=min(c, u / 2), memory_total=8, running=r)
+        for i, (c, u, r) in enumerate(shapes)
+    ]
+    p = plan([TaskRequest("t", cpu=cpu)], ns, policy)
+    fitting = [n for n in ns if n.fits(TaskRequest("t", cpu=cpu))]
+    if not fitting:
+        assert p.bindings == []
+        return
+    best = min(fitting, key=lambda n: (policy.node_key(n), n.name))
+    assert [b.node for b in p.bindings] == [best.name]
