@@ -270,6 +270,15 @@ class Nodes:
                     self.attempts.mark_running(e, None)
                 if e.msg.cancel_requested:  # asked while the agent was away
                     self.dispatch.cancel(session, run_id, name, e.msg.attempt, "cancelled")
+                elif e.msg.preempted_by:  # preempted while the agent was away
+                    self.dispatch.cancel(
+                        session,
+                        run_id,
+                        name,
+                        e.msg.attempt,
+                        f"preempted by {e.msg.preempted_by}",
+                        requeue=True,
+                    )
             elif (rep.state if rep is not None else e.msg.state) == lc.SCHEDULED:
                 self.dispatch.assign(run, e, only=st.name)  # the agent never got it
             else:

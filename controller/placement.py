@@ -110,6 +110,7 @@ class Placer:
             _, e = self.cache.task(*key)
             if e is None or e.msg.state != lc.READY:
                 self.cache.ready.pop(key, None)
+                self.preempting.pop(key, None)
                 continue
             out.append((key, e))
         return out
