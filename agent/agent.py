@@ -15,7 +15,13 @@ from tether.agent.identity import TlsFiles, WorkDirLock, load_node_id
 from tether.agent.logs import LogStreams
 from tether.agent.metrics import AgentMetrics
 from tether.agent.reconnect import Reconnect
-from tether.agent.resources import detect_cpu, detect_gpus, detect_memory
+from tether.agent.resources import (
+    detect_cpu,
+    detect_gpus,
+    detect_memory,
+    free_port,
+    gpu_labels,
+)
 from tether.agent.runner import Runner
 from tether.agent.runtimes import registry
 from tether.agent.runtimes.base import Runtime
@@ -297,7 +303,10 @@ class Agent:
             disconnect_grace=_duration(self.config.disconnect_grace),
             capacity=self.capacity,
             gpus=self.gpus,
-            labels=self.config.labels,
+            # The user's --labels win over the detected ones of the same key.
+            labels={**gpu_labels(self.gpus), **self.config.labels},
+            address=self.config.address,
+            free_port=free_port(),
             agent_version=VERSION,
             runtime=self.runtime.name,
             running=self.runner.running_refs(),
@@ -360,6 +369,7 @@ class Agent:
                     seq=self._beat_seq,
                     running=self.runner.running_refs(),
                     draining=self.draining,
+                    free_port=free_port(),
                 )
             )
         )

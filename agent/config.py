@@ -99,8 +99,9 @@ class AgentConfig:
     fake_gpus: str = setting(
         default_factory=lambda: os.environ.get("TETHER_FAKE_GPUS", ""),
         shown_default="",
-        description="Test only: GPUs to pretend this node has, e.g. 2 or "
-        "A100:80Gi,A100:80Gi. Never set this in production.",
+        description="Test only: GPUs to pretend this node has: 2 (two 16 GiB fake GPUs), or "
+        "a model and memory per device, e.g. a100:40Gi,a100:40Gi (labels "
+        "tether.io/gpu-model=a100, tether.io/gpu-memory=40Gi). Never set this in production.",
     )
     docker_host: str = setting(
         "",
@@ -146,6 +147,13 @@ class AgentConfig:
         "leave_running, whose attempts outlive the agent anyway.",
         flag="--drain-grace",
     )
+    address: str = setting(
+        "",
+        shown_default="this host's name",
+        description="Host name or address other nodes reach this one at (a gang's "
+        "TETHER_MASTER_ADDR when replica 0 runs here).",
+        flag="--address",
+    )
     metrics_listen: str = setting(
         "",
         description="host:port where the agent serves Prometheus metrics at /metrics over "
@@ -161,6 +169,8 @@ class AgentConfig:
             raise ValueError("drain_grace must not be negative")
         if self.metrics_listen:
             check_address(self.metrics_listen, "metrics_listen", any_port=True)
+        if not self.address:
+            object.__setattr__(self, "address", socket.gethostname())
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert, tls_key: give both the node certificate and its key")
         # Tasks run in their attempt directory and get file paths in their environment: a

@@ -1,15 +1,71 @@
-"""What this node offers: CPU cores, memory and GPUs, detected for real."""
+"""What this node offers: CPU cores, memory and GPUs, detected for real, and the labels and
+address details that describe them to the scheduler.
+
+``TETHER_FAKE_GPUS`` (the agent config's ``fake_gpus``) is a test-only setting that replaces
+GPU detection: ``2`` pretends two 16 GiB "Fake GPU" devices, ``a100:40Gi,a100:40Gi`` two
+devices of that model and memory (so ``tether.io/gpu-model=a100``).
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 
 from tether.api.v1 import types_pb2
-from tether.sdk.quantities import parse_memory
+from tether.sdk.quantities import format_memory, parse_memory
 
-__all__ = ["detect_cpu", "detect_gpus", "detect_memory"]
+__all__ = [
+    "GPU_MEMORY_LABEL",
+    "GPU_MODEL_LABEL",
+    "detect_cpu",
+    "detect_gpus",
+    "detect_memory",
+    "free_port",
+    "gpu_labels",
+    "gpu_model_label",
+]
+
+GPU_MODEL_LABEL = "tether.io/gpu-model"
+GPU_MEMORY_LABEL = "tether.io/gpu-memory"
+_VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro", "amd", "radeon", "instinct"}
+
+
+def gpu_model_label(model: str) -> str:
+    """A short, selector-friendly model name: ``NVIDIA A100-SXM4-80GB`` -> ``a100``,
+    ``NVIDIA GeForce RTX 4090`` -> ``rtx-4090``; empty for an empty model."""
+    words = [w for w in re.split(r"[\s_-]+", model.lower()) if w and w not in _VENDOR_WORDS]
+    if not words:
+        return ""
+    if words[0] in ("rtx", "gtx") and len(words) > 1:
+        return f"{words[0]}-{words[1]}"
+    return words[0]
+
+
+def gpu_labels(gpus: list[types_pb2.Gpu]) -> dict[str, str]:
+    """The labels an agent reports for its GPUs (those of the first device; none without
+    GPUs): ``tether.io/gpu-model`` (see :func:`gpu_model_label`) and
+    ``tether.io/gpu-memory`` (one device's memory, e.g. ``80Gi``)."""
+    if not gpus:
+        return {}
+    out = {}
+    if model := gpu_model_label(gpus[0].model):
+        out[GPU_MODEL_LABEL] = model
+    if gpus[0].memory_bytes:
+        out[GPU_MEMORY_LABEL] = format_memory(gpus[0].memory_bytes)
+    return out
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (0 when none could be found), for a gang's master."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+    except OSError:
+        return 0
 
 
 def detect_cpu() -> float:

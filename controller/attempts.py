@@ -11,11 +11,13 @@ from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
 from tether.api.v1 import agent_pb2
+from tether.controller import gangs
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
 from tether.controller.committer import Committer
 from tether.controller.config import ControllerConfig
 from tether.controller.dispatch import Dispatch
+from tether.controller.durations import Durations
 from tether.controller.metrics import Metrics
 from tether.controller.progress import Progress
 from tether.controller.records import AgentSession, RunEntry, TaskEntry, now
@@ -54,11 +56,15 @@ class Attempts:
         self.dispatch = dispatch
         self.progress = progress
         self.timers = timers
+        # Learns how long tasks take (critical-path); set by the engine.
+        self.durations: Durations | None = None
 
     def on_event(self, session: AgentSession, report: agent_pb2.TaskEventReport) -> None:
         """Record an event of the current attempt (older attempts' events are dropped)."""
         _, e = self.cache.task(report.ref.run_id, report.ref.task)
-        if e is None or e.msg.attempt != report.ref.attempt or e.msg.node != session.node:
+        if e is None or e.msg.attempt != report.ref.attempt:
+            return
+        if not gangs.is_on(e.msg, session.node):
             return
         e.msg.events.append(report.event)
         if len(e.msg.events) > _MAX_EVENTS:
@@ -74,7 +80,7 @@ class Attempts:
         stale = (
             e is None
             or s.ref.attempt != e.msg.attempt
-            or e.msg.node != session.node
+            or not gangs.is_on(e.msg, session.node)
             or e.msg.state not in lc.TASK_ACTIVE
         )
         if stale:
@@ -90,6 +96,10 @@ class Attempts:
                 )
             return
         assert run is not None and e is not None
+        if final and e.msg.preempted_by and s.state != lc.SUCCEEDED:
+            self.preempted(run, e)
+            self.committer.when_written(e, self.dispatch.acker(session, s.ref))
+            return
         if final and s.reason in (FENCED, DRAINED):
             # The agent lost contact for longer than its grace and stopped the attempt itself:
             # the node's fault, not the task's, so retried without using up `retries`.
@@ -97,12 +107,42 @@ class Attempts:
             self.committer.when_written(e, self.dispatch.acker(session, s.ref))
             return
         if s.state == lc.RUNNING:
+            if gangs.is_gang(e.msg):
+                rep = gangs.replica_on(e.msg, session.node)
+                if rep is not None and rep.state == lc.SCHEDULED:
+                    rep.state = lc.RUNNING
+                    self.committer.mark(e)
             self.mark_running(e, s)
             return
         if not final:
             log.warning("ignoring report", state=s.state, task=s.ref.task)
             return
+        if gangs.is_gang(e.msg) and not self._gang_done(e, s, session):
+            return
         self._record_result(run, e, s, session)
+
+    def _gang_done(self, e: TaskEntry, s: agent_pb2.TaskStatus, session: AgentSession) -> bool:
+        """Record one replica's end; True when the gang's attempt is over with this report
+        (every replica succeeded, or this one did not: the others are then stopped)."""
+        m = e.msg
+        rep = gangs.replica_on(m, session.node)
+        assert rep is not None
+        rep.state = s.state
+        rep.exit_code = s.exit_code
+        if s.state == lc.SUCCEEDED:
+            if rep.index == 0:
+                m.outputs_json = s.outputs_json  # the gang's output is replica 0's
+            if all(r.state == lc.SUCCEEDED for r in m.replicas):
+                s.outputs_json = m.outputs_json
+                return True
+            self.committer.when_written(e, self.dispatch.acker(session, s.ref))
+            self.committer.mark(e)
+            return False
+        s.message = f"replica {rep.index} on {rep.node}: {s.message or s.reason}"
+        self.dispatch.cancel_everywhere(
+            e, f"gang: replica {rep.index} ended {lc.task_state_name(s.state)}", but=session.node
+        )
+        return True
 
     def unstartable(self, session: AgentSession, ref: agent_pb2.AttemptRef, why: str) -> None:
         """The controller cannot send the attempt (say, its secret was deleted): it fails
@@ -172,6 +212,9 @@ class Attempts:
                     return
                 m.outputs_json = s.outputs_json
                 m.finished_at.CopyFrom(finished)
+                if self.durations is not None and att.HasField("started_at"):
+                    took = (finished.ToNanoseconds() - att.started_at.ToNanoseconds()) / 1e9
+                    self.durations.observe(run.msg.workflow_name, m.spec.name, took)
                 self.progress.finish_task(run, e, lc.SUCCEEDED, ack)
             elif s.state == lc.CANCELLED or m.cancel_requested:
                 m.finished_at.CopyFrom(finished)
@@ -181,7 +224,7 @@ class Attempts:
 
     def _fail_or_retry(self, run: RunEntry, e: TaskEntry, ack: Callable[[], None] | None) -> None:
         m = e.msg
-        failures = m.attempt - m.lost_attempts
+        failures = m.attempt - m.lost_attempts - m.preempted_attempts
         if failures <= m.spec.retries and not m.cancel_requested:
             delay = retry_delay(m.spec, failures, self.config)
             lc.move_task(m, lc.RETRYING)
@@ -209,14 +252,49 @@ class Attempts:
 
     def _retry_due(self, key: tuple[str, str]) -> None:
         run, e = self.cache.task(*key)
-        if run is None or e is None or e.msg.state not in (lc.RETRYING, lc.LOST):
+        if run is None or e is None or e.msg.state not in (lc.RETRYING, lc.LOST, lc.PREEMPTED):
             return
+        self.progress.ready_again(run, e)
+
+    def preempted(self, run: RunEntry, e: TaskEntry) -> None:
+        """The attempt was stopped for a task of higher priority: PREEMPTED, then READY
+        again at once, not counted against ``retries``; its message says by whom."""
+        m = e.msg
+        by = m.preempted_by
+        run_id, _, task = by.partition("/")
+        _, by_e = self.cache.task(run_id, task)
+        prio = (
+            by_e.msg.spec.priority
+            if by_e is not None and by_e.msg.spec.HasField("priority")
+            else 50
+        )
+        why = f"preempted by {task} of run {run_id} (priority {prio})"
+        self.cache.account(e, -1)
+        if m.attempts:
+            lc.move_attempt(m, m.attempts[-1], lc.PREEMPTED)
+            m.attempts[-1].reason = "preempted"
+            m.attempts[-1].message = why
+            m.attempts[-1].finished_at.CopyFrom(now())
+        m.reason, m.message = "preempted", why
+        m.preempted_by = ""
+        if m.cancel_requested:
+            lc.move_task(m, lc.CANCELLED)
+            m.finished_at.CopyFrom(now())
+            self.progress.finish_task(run, e, lc.CANCELLED, already_moved=True)
+            return
+        lc.move_task(m, lc.PREEMPTED)
+        m.preempted_attempts += 1
+        self.metrics.attempts_preempted.inc()
+        log.info("attempt preempted", run_id=run.msg.id, task=m.spec.name, by=by)
         self.progress.ready_again(run, e)
 
     def lose(self, run: RunEntry, e: TaskEntry, why: str, delay: float = 0.0) -> None:
         """The attempt's node is gone: LOST, then READY again (not counted as a failure)
-        after ``delay`` seconds (while the lost node may still be stopping the attempt)."""
+        after ``delay`` seconds (while the lost node may still be stopping the attempt).
+        The other replicas of a gang are stopped: the gang is retried whole."""
         m = e.msg
+        if gangs.is_gang(m):
+            self.dispatch.cancel_everywhere(e, f"gang: {why}")
         self.cache.account(e, -1)
         if m.attempts:
             lc.move_attempt(m, m.attempts[-1], lc.LOST)

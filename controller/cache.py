@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from tether.api.v1 import types_pb2
+from tether.controller import gangs
 from tether.controller import lifecycle as lc
 from tether.controller.records import AgentSession, RunEntry, TaskEntry
-from tether.controller.scheduler import NodeView
+from tether.controller.scheduler import NodeView, Running
 
 __all__ = ["Cache", "NodeSnapshot", "NodeState", "Snapshot"]
 
@@ -37,7 +38,12 @@ class NodeState:
     memory_used: int = 0
     gpus_used: set[int] = field(default_factory=set)
     attempts: set[TaskKey] = field(default_factory=set)
+    # Of those, the attempts of preemptible tasks (what preemption may stop).
+    preemptible: set[TaskKey] = field(default_factory=set)
     session: AgentSession | None = None
+    # Where other nodes reach this one, and a port free on it (Register/Heartbeat).
+    address: str = ""
+    free_port: int = 0
     # The node id of the agent that last registered (kept in its work dir).
     node_id: str = ""
     lease_id: int = 0
@@ -68,8 +74,9 @@ class NodeState:
             cpu=self.cpu_used, memory_bytes=self.memory_used, gpu=len(self.gpus_used)
         )
 
-    def view(self) -> NodeView:
-        """The read-only placement view of this node."""
+    def view(self, victims: tuple[Running, ...] = ()) -> NodeView:
+        """The read-only placement view of this node (``victims``: its preemptible
+        attempts)."""
         return NodeView(
             name=self.name,
             cpu_total=self.capacity.cpu,
@@ -81,6 +88,7 @@ class NodeState:
             max_tasks=self.max_tasks,
             running=len(self.attempts),
             labels=tuple(sorted(self.labels.items())),
+            attempts=victims,
         )
 
 
@@ -148,26 +156,33 @@ class Cache:
         self.ready_since.setdefault(key, time.monotonic())
 
     def account(self, e: TaskEntry, sign: int) -> None:
-        """Add (+1) or remove (-1) an attempt's resources on its node."""
-        node = self.node(e.msg.node)
+        """Add (+1) or remove (-1) an attempt's resources on its node (each replica's node,
+        for a gang)."""
         key = (e.msg.run_id, e.msg.spec.name)
         r = e.msg.spec.resources
-        if sign > 0:
-            if key in node.attempts:
-                return
-            node.attempts.add(key)
-            node.cpu_used += r.cpu
-            node.memory_used += r.memory_bytes
-            if e.msg.attempts:
-                node.gpus_used.update(e.msg.attempts[-1].gpu_indices)
-        else:
-            if key not in node.attempts:
-                return
-            node.attempts.discard(key)
-            node.cpu_used = max(0.0, node.cpu_used - r.cpu)
-            node.memory_used = max(0, node.memory_used - r.memory_bytes)
-            if e.msg.attempts:
-                node.gpus_used.difference_update(e.msg.attempts[-1].gpu_indices)
+        preemptible = e.msg.spec.preemptible and not gangs.is_gang(e.msg)
+        freed = False
+        for name, gpus in gangs.placements(e.msg):
+            node = self.node(name)
+            if sign > 0:
+                if key in node.attempts:
+                    continue
+                node.attempts.add(key)
+                if preemptible:
+                    node.preemptible.add(key)
+                node.cpu_used += r.cpu
+                node.memory_used += r.memory_bytes
+                node.gpus_used.update(gpus)
+            else:
+                if key not in node.attempts:
+                    continue
+                node.attempts.discard(key)
+                node.preemptible.discard(key)
+                node.cpu_used = max(0.0, node.cpu_used - r.cpu)
+                node.memory_used = max(0, node.memory_used - r.memory_bytes)
+                node.gpus_used.difference_update(gpus)
+                freed = True
+        if freed:
             self.kick()
 
     def add_run(self, run: RunEntry) -> None:
@@ -192,7 +207,30 @@ class Cache:
 
     def connected_views(self) -> list[NodeView]:
         """Placement views of the nodes whose agents are connected."""
-        return [n.view() for n in self.nodes.values() if n.schedulable]
+        return [n.view(self._victims(n)) for n in self.nodes.values() if n.schedulable]
+
+    def _victims(self, n: NodeState) -> tuple[Running, ...]:
+        out = []
+        for key in n.preemptible:
+            _, e = self.task(*key)
+            if e is None or e.msg.state not in lc.TASK_ACTIVE:
+                continue
+            m = e.msg
+            r = m.spec.resources
+            started = m.attempts[-1].scheduled_at.seconds if m.attempts else 0
+            out.append(
+                Running(
+                    key,
+                    cpu=r.cpu,
+                    memory=r.memory_bytes,
+                    gpus=tuple(m.attempts[-1].gpu_indices) if m.attempts else (),
+                    priority=m.spec.priority if m.spec.HasField("priority") else 50,
+                    preemptible=True,
+                    started=float(started),
+                    stopping=bool(m.preempted_by) or m.cancel_requested,
+                )
+            )
+        return tuple(out)
 
     def snapshot(self) -> Snapshot:
         """The gauges of this moment, as an immutable value metrics can keep."""

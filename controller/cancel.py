@@ -77,11 +77,7 @@ class Cancels:
             return  # e.g. skipped because an upstream task was cancelled a moment ago
         e.msg.cancel_requested = True
         if st in lc.TASK_ACTIVE:
-            node = self.cache.nodes.get(e.msg.node)
-            if node and node.session:
-                self.dispatch.cancel(
-                    node.session, run.msg.id, e.msg.spec.name, e.msg.attempt, reason
-                )
+            self.dispatch.cancel_everywhere(e, reason)
             self.committer.mark(e)
             return  # the agent's CANCELLED report finishes it
         self.cache.ready.pop((run.msg.id, e.msg.spec.name), None)

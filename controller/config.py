@@ -8,7 +8,7 @@ import socket
 from pydantic.dataclasses import dataclass
 
 from tether.controller.etcd_connection import EtcdConnection
-from tether.controller.scheduler import DEFAULT_POLICY, POLICIES
+from tether.controller.policies import DEFAULT_POLICY, POLICIES
 from tether.sdk.address import check_address
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.settings import ByteSize, CommaList, Duration, setting
@@ -123,9 +123,15 @@ class ControllerConfig:
     )
     policy: str = setting(
         DEFAULT_POLICY,
-        description="Placement policy: which node gets each ready task.",
+        description="Placement policy for workflows that name none (scheduling.policy).",
         flag="--policy",
         choices=tuple(sorted(POLICIES)),
+    )
+    priority_aging: Duration = setting(
+        30.0,
+        description="A ready task gains one priority point per this much waiting, so low "
+        "priorities are never starved, e.g. 30s; 0 turns aging off.",
+        flag="--priority-aging",
     )
     metrics_listen: str = setting(
         "",
@@ -196,6 +202,8 @@ class ControllerConfig:
         check_address(self.listen, "listen", any_port=True)
         if self.metrics_listen:
             check_address(self.metrics_listen, "metrics_listen", any_port=True)
+        if self.priority_aging < 0:
+            raise ValueError("priority_aging: must be >= 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert, tls_key: give both the certificate and its key")
         if self.tls_ca and not self.tls_cert:
@@ -222,6 +230,8 @@ class ControllerConfig:
             raise ValueError("heartbeat_interval: must be in [0, lease_ttl)")
         if self.retention < 0:
             raise ValueError("retention: must be >= 0")
+        if self.priority_aging < 0:
+            raise ValueError("priority_aging: must be >= 0")
         if self.policy not in POLICIES:
             known = ", ".join(sorted(POLICIES))
             raise ValueError(f"policy: unknown {self.policy!r}; known: {known}")

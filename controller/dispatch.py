@@ -14,6 +14,7 @@ from opentelemetry import trace
 
 from tether.api.v1 import agent_pb2
 from tether.api.v1 import types_pb2 as t
+from tether.controller import gangs
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
 from tether.controller.config import ControllerConfig
@@ -58,12 +59,32 @@ class Dispatch:
             None
         )
 
-    def assign(self, run: RunEntry, e: TaskEntry) -> None:
-        """Send the task's current attempt to its node, if the node's agent is connected."""
+    def assign(self, run: RunEntry, e: TaskEntry, only: str = "") -> None:
+        """Send the task's current attempt to its node (each replica's node, for a gang;
+        ``only``: to that node alone), where the node's agent is connected."""
         m = e.msg
         if m.state not in lc.TASK_ACTIVE:
             return
-        node = self.cache.nodes.get(m.node)
+        if not m.replicas:
+            if not only or only == m.node:
+                self._assign_to(
+                    run, e, m.node, list(m.attempts[-1].gpu_indices) if m.attempts else []
+                )
+            return
+        for r in m.replicas:
+            if r.state == lc.SCHEDULED and (not only or only == r.node):
+                self._assign_to(run, e, r.node, list(r.gpu_indices), gangs.gang_env(m, r))
+
+    def _assign_to(
+        self,
+        run: RunEntry,
+        e: TaskEntry,
+        node_name: str,
+        gpus: list[int],
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        m = e.msg
+        node = self.cache.nodes.get(node_name)
         if node is None or node.session is None:
             return  # sent again when the node registers; lost if it never does
         upstream = {d: run.tasks[d].msg.outputs_json for d in m.spec.depends_on}
@@ -75,15 +96,19 @@ class Dispatch:
                 "tether.run_id": run.msg.id,
                 "tether.task": m.spec.name,
                 "tether.attempt": m.attempt,
-                "tether.node": m.node,
+                "tether.node": node_name,
             },
         ) as span:
-            gpus = list(m.attempts[-1].gpu_indices) if m.attempts else []
             try:
                 # After a controller restart the rendered spec is rebuilt from etcd's state.
                 spec = e.rendered or render(run, m.spec) or m.spec
             except TemplateError:
                 spec = m.spec
+            if extra_env:
+                copy = t.TaskSpec()
+                copy.CopyFrom(spec)
+                copy.env.update(extra_env)
+                spec = copy
             ref = agent_pb2.AttemptRef(run_id=run.msg.id, task=m.spec.name, attempt=m.attempt)
             try:
                 secret_env = self.secrets.resolve(m.spec) if self.secrets else {}
@@ -105,6 +130,15 @@ class Dispatch:
             )
             if m.cancel_requested:  # cancelled between the bind and its commit
                 self.cancel(node.session, run.msg.id, m.spec.name, m.attempt, "cancelled")
+
+    def cancel_everywhere(self, e: TaskEntry, reason: str, but: str = "") -> None:
+        """Tell every connected node running the current attempt (or a replica of it) to
+        stop it; ``but``: except that node."""
+        m = e.msg
+        for name, _ in gangs.placements(m):
+            node = self.cache.nodes.get(name)
+            if name != but and node is not None and node.session is not None:
+                self.cancel(node.session, m.run_id, m.spec.name, m.attempt, reason)
 
     def cancel(
         self,

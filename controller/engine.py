@@ -36,15 +36,16 @@ from tether.controller.cancel import Cancels
 from tether.controller.committer import Committer
 from tether.controller.config import ControllerConfig
 from tether.controller.dispatch import Dispatch
+from tether.controller.durations import Durations
 from tether.controller.loader import Loader
 from tether.controller.metrics import Metrics
 from tether.controller.nodes import Nodes
 from tether.controller.placement import Placer
+from tether.controller.policies import get_policy
 from tether.controller.progress import Progress
 from tether.controller.queries import Queries
 from tether.controller.records import AgentSession, RunEntry
 from tether.controller.retention import Retention
-from tether.controller.scheduler import get_policy
 from tether.controller.secrets import Secrets
 from tether.controller.store import Store
 from tether.controller.submit import Submitter
@@ -97,8 +98,18 @@ class Engine:
         self._cancels = cancels = Cancels(cache, committer, dispatch, progress, timers)
         self._nodes = Nodes(config, store, cache, attempts, dispatch, timers)
         self._loader = Loader(store, cache, committer, progress, attempts, cancels, dispatch)
+        self._durations = Durations(store, on_loaded=lambda wf: self._placer.learned(wf))
+        attempts.durations = self._durations
         self._placer = Placer(
-            cache, committer, self.metrics, dispatch, progress, get_policy(config.policy), tracer
+            cache,
+            committer,
+            self.metrics,
+            dispatch,
+            progress,
+            get_policy(config.policy),
+            self._durations,
+            config.priority_aging,
+            tracer,
         )
         self._submitter = Submitter(
             store,
@@ -175,6 +186,7 @@ class Engine:
             except (asyncio.CancelledError, Exception):
                 pass
         await self._committer.stop()
+        self._durations.close()
         self._timers.cancel_all()
         self._nodes.close_sessions()
 

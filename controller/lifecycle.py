@@ -38,13 +38,14 @@ PENDING, READY, SCHEDULED, RUNNING = (
     TS.TASK_STATE_SCHEDULED,
     TS.TASK_STATE_RUNNING,
 )
-SUCCEEDED, FAILED, RETRYING, CANCELLED, SKIPPED, LOST = (
+SUCCEEDED, FAILED, RETRYING, CANCELLED, SKIPPED, LOST, PREEMPTED = (
     TS.TASK_STATE_SUCCEEDED,
     TS.TASK_STATE_FAILED,
     TS.TASK_STATE_RETRYING,
     TS.TASK_STATE_CANCELLED,
     TS.TASK_STATE_SKIPPED,
     TS.TASK_STATE_LOST,
+    TS.TASK_STATE_PREEMPTED,
 )
 
 # Final states are a fact clients need too; they are defined once, in the SDK.
@@ -56,10 +57,12 @@ TASK_TRANSITIONS: dict[int, frozenset[int]] = {
     PENDING: frozenset({READY, SKIPPED, CANCELLED}),
     # READY -> FAILED: the attempt could not even be prepared (a template did not render).
     READY: frozenset({SCHEDULED, CANCELLED, FAILED}),
-    SCHEDULED: frozenset({RUNNING, SUCCEEDED, FAILED, RETRYING, CANCELLED, LOST}),
-    RUNNING: frozenset({SUCCEEDED, FAILED, RETRYING, CANCELLED, LOST}),
+    SCHEDULED: frozenset({RUNNING, SUCCEEDED, FAILED, RETRYING, CANCELLED, LOST, PREEMPTED}),
+    RUNNING: frozenset({SUCCEEDED, FAILED, RETRYING, CANCELLED, LOST, PREEMPTED}),
     RETRYING: frozenset({READY, CANCELLED}),
     LOST: frozenset({READY, CANCELLED, FAILED}),
+    # Stopped for a task of higher priority: ready again at once, free of charge.
+    PREEMPTED: frozenset({READY, CANCELLED, FAILED}),
     SUCCEEDED: frozenset(),
     FAILED: frozenset(),
     CANCELLED: frozenset(),
@@ -87,7 +90,10 @@ RUN_TRANSITIONS: dict[int, frozenset[int]] = {
 # attempt reported SUCCEEDED may still fail on the controller's side (its output is too big).
 _ATTEMPT_OPEN = frozenset({TS.TASK_STATE_UNSPECIFIED, SCHEDULED, RUNNING})
 ATTEMPT_TRANSITIONS: dict[int, frozenset[int]] = {
-    **{s: frozenset({RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST}) for s in _ATTEMPT_OPEN},
+    **{
+        s: frozenset({RUNNING, SUCCEEDED, FAILED, CANCELLED, LOST, PREEMPTED})
+        for s in _ATTEMPT_OPEN
+    },
     SUCCEEDED: frozenset({FAILED}),
 }
 

@@ -106,7 +106,7 @@ class Loader:
                 self.progress.advance(run, e)
             elif m.state == lc.READY:
                 self.cache.enqueue((run.msg.id, m.spec.name))
-            elif m.state in (lc.RETRYING, lc.LOST):
+            elif m.state in (lc.RETRYING, lc.LOST, lc.PREEMPTED):
                 delay = max(0.0, m.not_before.ToNanoseconds() / 1e9 - time.time())
                 self.attempts.arm_retry(run, e, delay if m.state == lc.RETRYING else 0.0)
             elif m.state == lc.SCHEDULED:

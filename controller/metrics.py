@@ -63,6 +63,11 @@ class Metrics:
         self.attempts_lost = Counter(
             "tether_attempts_lost", "Attempts lost with their node.", registry=self.registry
         )
+        self.attempts_preempted = Counter(
+            "tether_attempts_preempted",
+            "Attempts stopped for a task of higher priority.",
+            registry=self.registry,
+        )
         self.schedule_latency = Histogram(
             "tether_schedule_latency_seconds",
             "Time from READY to bound to a node.",

@@ -12,6 +12,7 @@ from google.protobuf import duration_pb2
 
 from tether.api.v1 import agent_pb2
 from tether.api.v1 import types_pb2 as t
+from tether.controller import gangs
 from tether.controller import lifecycle as lc
 from tether.controller.attempts import Attempts
 from tether.controller.cache import Cache, NodeState
@@ -161,7 +162,7 @@ class Nodes:
         session = self.session_of(name)
         for run_id, task in list(st.attempts):
             _, e = self.cache.task(run_id, task)
-            if e is None or e.msg.node != name or e.msg.state not in lc.TASK_ACTIVE:
+            if e is None or not gangs.is_on(e.msg, name) or e.msg.state not in lc.TASK_ACTIVE:
                 continue
             if session is not None:
                 self.dispatch.cancel(
@@ -210,6 +211,7 @@ class Nodes:
             registered_at=now(),
             lease_id=lease,
             max_tasks=reg.max_tasks,
+            address=reg.address,
         )
         try:
             await self.store.txn(
@@ -227,6 +229,8 @@ class Nodes:
         st.gpu_indices = sorted(g.index for g in reg.gpus)
         st.labels = dict(reg.labels)
         st.max_tasks = reg.max_tasks
+        st.address = reg.address
+        st.free_port = reg.free_port
         st.agent_draining = reg.draining
         st.lease_id = lease
         st.last_heartbeat = st.last_contact = time.monotonic()
@@ -263,15 +267,27 @@ class Nodes:
         """Compare what a registering agent runs with what is bound to its node."""
         for run_id, name in list(st.attempts):
             run, e = self.cache.task(run_id, name)
-            if run is None or e is None or e.msg.node != st.name:
+            if run is None or e is None or not gangs.is_on(e.msg, st.name):
                 continue
+            rep = gangs.replica_on(e.msg, st.name)
+            if rep is not None and rep.state in lc.TASK_TERMINAL:
+                continue  # this replica is done; the others still run
             if (run_id, name, e.msg.attempt) in running:
                 if e.msg.state == lc.SCHEDULED:
                     self.attempts.mark_running(e, None)
                 if e.msg.cancel_requested:  # asked while the agent was away
                     self.dispatch.cancel(session, run_id, name, e.msg.attempt, "cancelled")
-            elif e.msg.state == lc.SCHEDULED:
-                self.dispatch.assign(run, e)  # the agent never got it
+                elif e.msg.preempted_by:  # preempted while the agent was away
+                    self.dispatch.cancel(
+                        session,
+                        run_id,
+                        name,
+                        e.msg.attempt,
+                        f"preempted by {e.msg.preempted_by}",
+                        requeue=True,
+                    )
+            elif (rep.state if rep is not None else e.msg.state) == lc.SCHEDULED:
+                self.dispatch.assign(run, e, only=st.name)  # the agent never got it
             else:
                 self.attempts.lose(run, e, f"node {st.name} restarted without the attempt")
         for run_id, name, attempt in running:
@@ -279,7 +295,7 @@ class Nodes:
             if (
                 e is None
                 or e.msg.attempt != attempt
-                or e.msg.node != st.name
+                or not gangs.is_on(e.msg, st.name)
                 or e.msg.state not in lc.TASK_ACTIVE
             ):
                 self.dispatch.cancel(session, run_id, name, attempt, "stale attempt")
@@ -299,7 +315,7 @@ class Nodes:
         missing = set()
         for run_id, name in list(st.attempts):
             run, e = self.cache.task(run_id, name)
-            if run is None or e is None or e.msg.state != lc.RUNNING or e.msg.node != st.name:
+            if run is None or e is None or not gangs.running_on(e.msg, st.name):
                 continue
             key = (run_id, name, e.msg.attempt)
             if key not in listed:
@@ -308,6 +324,8 @@ class Nodes:
                 else:
                     missing.add(key)
         st.unlisted = missing
+        if 0 < hb.free_port <= 65535:
+            st.free_port = hb.free_port
         if hb.draining != st.agent_draining:
             st.agent_draining = hb.draining
             log.info("node draining itself", node=st.name, draining=hb.draining)
@@ -370,7 +388,7 @@ class Nodes:
         name = st.name
         for run_id, task in list(st.attempts):
             run, e = self.cache.task(run_id, task)
-            if run and e is not None and e.msg.state in lc.TASK_ACTIVE and e.msg.node == name:
+            if run and e is not None and e.msg.state in lc.TASK_ACTIVE and gangs.is_on(e.msg, name):
                 self.attempts.lose(run, e, f"node {name} lost (lease expired)", delay=hold)
         log.warning("node lost", node=name, retry_after=round(hold, 3))
 

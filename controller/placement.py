@@ -1,30 +1,67 @@
 """The scheduling loop: each pass asks :func:`tether.controller.scheduler.plan` where ready
-tasks go under the configured policy, renders their templates, and binds them to their nodes.
-The assignment is sent once the bind is committed.
+tasks go (priorities, each workflow's policy, selectors, gangs), renders their templates and
+binds them to their nodes, and starts the preemptions the plan chose. An assignment is sent
+once its bind is committed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 
 from opentelemetry import trace
 
 from tether.api.v1 import types_pb2 as t
+from tether.controller import gangs
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache, TaskKey
 from tether.controller.committer import Committer
+from tether.controller.critical_path import DEFAULT_SECONDS, remaining_paths
 from tether.controller.dispatch import Dispatch, render
+from tether.controller.durations import Durations
 from tether.controller.metrics import Metrics
+from tether.controller.policies import POLICIES
 from tether.controller.progress import Progress
 from tether.controller.records import RunEntry, TaskEntry, now
-from tether.controller.scheduler import Binding, Policy, plan
+from tether.controller.scheduler import Binding, Plan, Policy, Preemption, TaskRequest, plan
+from tether.controller.selectors import Constraints, Expr
+from tether.sdk.constants import DEFAULT_PRIORITY
 from tether.sdk.telemetry import context_from_traceparent, get_logger
 from tether.sdk.templating import TemplateError
 
-__all__ = ["Placer"]
+__all__ = ["Placer", "constraints_of", "run_ranks"]
+
+# Most rejected nodes a scheduling span lists.
+MAX_REJECTED = 16
 
 log = get_logger("controller.engine")
+
+
+def constraints_of(spec: t.TaskSpec) -> Constraints:
+    """The spec's ``node_selector`` and ``affinity`` as placement reads them."""
+    required, preferred = [], []
+    for a in spec.affinity:
+        e = Expr(a.key, a.operator, tuple(a.values), a.weight)
+        (preferred if a.weight > 0 else required).append(e)
+    return Constraints(
+        selector=tuple(sorted(spec.node_selector.items())),
+        required=tuple(required),
+        preferred=tuple(preferred),
+    )
+
+
+def run_ranks(run: RunEntry, learned: Mapping[str, float]) -> dict[str, float]:
+    """Each task's longest remaining path (seconds), from its declared ``expected_duration``,
+    else its ``learned`` duration, else :data:`DEFAULT_SECONDS`."""
+    durations = {}
+    for name, e in run.tasks.items():
+        d = e.msg.spec.expected_duration
+        declared = d.seconds + d.nanos / 1e9
+        durations[name] = declared or learned.get(name, DEFAULT_SECONDS)
+    return remaining_paths(
+        durations, {n: list(e.msg.spec.depends_on) for n, e in run.tasks.items()}
+    )
 
 
 class Placer:
@@ -38,6 +75,8 @@ class Placer:
         dispatch: Dispatch,
         progress: Progress,
         policy: Policy,
+        durations: Durations | None = None,
+        aging: float = 0.0,
         tracer: trace.Tracer | None = None,
     ) -> None:
         self.tracer = tracer or trace.get_tracer("tether.controller")
@@ -47,6 +86,11 @@ class Placer:
         self.dispatch = dispatch
         self.progress = progress
         self.policy = policy
+        self.durations = durations
+        self.aging = aging
+        # Tasks whose victims are being stopped -> those victims: no second preemption for
+        # them until the first is over.
+        self.preempting: dict[TaskKey, set[TaskKey]] = {}
 
     async def loop(self) -> None:
         """Run a pass each time the cache is kicked, until cancelled."""
@@ -59,6 +103,13 @@ class Placer:
                 log.exception("scheduling pass failed")
             await asyncio.sleep(0)
 
+    def learned(self, workflow: str) -> None:
+        """Durations of ``workflow`` were read: its runs' critical paths are computed again."""
+        for run in self.cache.runs.values():
+            if run.msg.workflow_name == workflow:
+                run.ranks = None
+        self.cache.kick()
+
     def _queue(self) -> list[tuple[TaskKey, TaskEntry]]:
         """The ready queue in order; entries no longer READY leave it."""
         out = []
@@ -66,19 +117,61 @@ class Placer:
             _, e = self.cache.task(*key)
             if e is None or e.msg.state != lc.READY:
                 self.cache.ready.pop(key, None)
+                self.preempting.pop(key, None)
                 continue
             out.append((key, e))
         return out
+
+    def _ranks(self, run: RunEntry) -> dict[str, float]:
+        if run.ranks is None:
+            learned = self.durations.of(run.msg.workflow_name) if self.durations else {}
+            run.ranks = run_ranks(run, learned)
+        return run.ranks
+
+    def _request(self, i: int, key: TaskKey, e: TaskEntry, clock: float) -> TaskRequest:
+        run = self.cache.runs[key[0]]
+        spec = e.msg.spec
+        if e.constraints is None:
+            e.constraints = constraints_of(spec)
+        policy = POLICIES.get(run.msg.policy) if run.msg.policy else None
+        ranks = (policy or self.policy).ranks
+        victims = self.preempting.get(key)
+        return TaskRequest(
+            key,
+            cpu=spec.resources.cpu,
+            memory=spec.resources.memory_bytes,
+            gpu=spec.resources.gpu,
+            priority=spec.priority if spec.HasField("priority") else DEFAULT_PRIORITY,
+            seq=i,
+            ready_at=self.cache.ready_since.get(key, clock),
+            rank=self._ranks(run).get(spec.name, 0.0) if ranks else 0.0,
+            constraints=e.constraints,
+            preemptible=spec.preemptible,
+            replicas=max(1, spec.replicas),
+            policy=policy,
+            may_preempt=not victims or not self._still_stopping(victims),
+        )
+
+    def _still_stopping(self, victims: set[TaskKey]) -> bool:
+        for key in victims:
+            _, v = self.cache.task(*key)
+            if v is not None and v.msg.state in lc.TASK_ACTIVE and v.msg.preempted_by:
+                return True
+        return False
 
     def schedule_pass(self) -> None:
         """Place what can be placed now; note why tasks no node can hold are waiting."""
         if not self.cache.ready:
             return
         queue = self._queue()
+        clock = time.monotonic()
         while queue:
-            ready = [(k, e.msg.spec.resources) for k, e in queue]
-            p = plan(ready, self.cache.connected_views(), self.policy)
-            bound = {b.key: b for b in p.bindings}
+            ready = [self._request(i, k, e, clock) for i, (k, e) in enumerate(queue)]
+            p = plan(ready, self.cache.connected_views(), self.policy, now=clock, aging=self.aging)
+            self._preempt(p)
+            bound: dict[TaskKey, list[Binding]] = {}
+            for b in p.bindings:
+                bound.setdefault(b.key, []).append(b)
             for i, (key, e) in enumerate(queue):
                 why = p.reasons.get(key, "")
                 if why and e.msg.waiting_reason != why:
@@ -92,34 +185,80 @@ class Placer:
             else:
                 return
 
-    def _place(self, key: TaskKey, e: TaskEntry, b: Binding) -> bool:
-        """Render and bind one planned task; False when its template failed it."""
+    def _preempt(self, p: Plan) -> None:
+        for pre in p.preemptions:
+            self.preempting[pre.key] = {v.key for v in pre.victims.victims}
+            for v in pre.victims.victims:
+                self._stop_victim(pre, v.key)
+
+    def _stop_victim(self, pre: Preemption, key: TaskKey) -> None:
+        run, e = self.cache.task(*key)
+        if run is None or e is None or e.msg.state not in lc.TASK_ACTIVE or e.msg.preempted_by:
+            return
+        by_run, by_task = pre.key
+        _, by = self.cache.task(by_run, by_task)
+        prio = by.msg.spec.priority if by is not None and by.msg.spec.HasField("priority") else 50
+        m = e.msg
+        m.preempted_by = f"{by_run}/{by_task}"
+        why = f"preempted by {by_task} of run {by_run} (priority {prio})"
+        node, attempt = m.node, m.attempt
+        log.info("preempting", run_id=run.msg.id, task=m.spec.name, by=m.preempted_by)
+
+        def stop() -> None:
+            session = self.cache.nodes[node].session if node in self.cache.nodes else None
+            if session is not None:
+                self.dispatch.cancel(session, run.msg.id, m.spec.name, attempt, why, requeue=True)
+
+        self.committer.mark(e, stop)
+
+    def _place(self, key: TaskKey, e: TaskEntry, bs: list[Binding]) -> bool:
+        """Render and bind one planned task (all replicas of a gang); False when its template
+        failed it."""
         run = self.cache.runs[key[0]]
         self.cache.ready.pop(key, None)
+        self.preempting.pop(key, None)
         try:
             rendered = render(run, e.msg.spec)
         except TemplateError as err:
             e.msg.reason, e.msg.message = "template", str(err)
             self.progress.finish_task(run, e, lc.FAILED)
             return False
-        self._bind(run, e, b, rendered)
+        self._bind(run, e, bs, rendered)
         return True
 
-    def _bind(self, run: RunEntry, e: TaskEntry, b: Binding, rendered: t.TaskSpec | None) -> None:
-        node, gpus = b.node, list(b.gpu_indices)
+    def _bind(
+        self, run: RunEntry, e: TaskEntry, bs: list[Binding], rendered: t.TaskSpec | None
+    ) -> None:
         since = self.cache.ready_since.pop((run.msg.id, e.msg.spec.name), None)
         waited = time.monotonic() - since if since is not None else 0.0
         if since is not None:
             self.metrics.schedule_latency.observe(waited)
-        self._decision_span(run, e, b, waited)
+        self._decision_span(run, e, bs, waited)
         self.metrics.attempts_started.inc()
         m = e.msg
+        first = bs[0]
         lc.move_task(m, lc.SCHEDULED)
         m.attempt += 1
-        m.node = node
+        m.node = first.node
         m.waiting_reason = ""
         m.ClearField("not_before")
-        lc.new_attempt(m, number=m.attempt, node=node, scheduled_at=now(), gpu_indices=gpus)
+        m.ClearField("replicas")
+        m.master_addr, m.master_port = "", 0
+        lc.new_attempt(
+            m,
+            number=m.attempt,
+            node=first.node,
+            scheduled_at=now(),
+            gpu_indices=list(first.gpu_indices),
+        )
+        if len(bs) > 1:
+            for b in sorted(bs, key=lambda b: b.replica):
+                m.replicas.add(
+                    index=b.replica, node=b.node, gpu_indices=b.gpu_indices, state=lc.SCHEDULED
+                )
+            master = self.cache.nodes.get(first.node)
+            m.master_addr = (master.address if master else "") or first.node
+            m.master_port = (master.free_port if master else 0) or gangs.DEFAULT_MASTER_PORT
         self.cache.account(e, +1)
         if run.msg.state == lc.RUN_PENDING:
             lc.move_run(run.msg, lc.RUN_RUNNING)
@@ -128,10 +267,12 @@ class Placer:
         e.rendered = rendered
         self.committer.mark(e, lambda: self.dispatch.assign(run, e))
 
-    def _decision_span(self, run: RunEntry, e: TaskEntry, b: Binding, waited: float) -> None:
-        """One span per scheduling decision, from READY to bound: the policy, the node it
-        chose and why the others were turned down."""
+    def _decision_span(self, run: RunEntry, e: TaskEntry, bs: list[Binding], waited: float) -> None:
+        """One span per scheduling decision, from READY to bound: the policy, the node(s) it
+        chose and why (some of) the others were turned down."""
         m = e.msg
+        policy = POLICIES.get(run.msg.policy) if run.msg.policy else None
+        chosen = {b.node for b in bs}
         end = time.time_ns()
         span = self.tracer.start_span(
             f"schedule {m.spec.name}",
@@ -141,10 +282,26 @@ class Placer:
                 "tether.run_id": run.msg.id,
                 "tether.task": m.spec.name,
                 "tether.attempt": m.attempt + 1,
-                "tether.policy": self.policy.name,
-                "tether.node": b.node,
+                "tether.policy": (policy or self.policy).name,
+                "tether.node": ",".join(b.node for b in bs),
                 "tether.queue_wait_seconds": waited,
-                "tether.rejected": [f"{name}: {why}" for name, why in b.rejected],
+                "tether.rejected": self._rejected(m.spec.resources, chosen),
             },
         )
         span.end(end_time=end)
+
+    def _rejected(self, r: t.Resources, chosen: set[str]) -> list[str]:
+        """Up to :data:`MAX_REJECTED` other nodes and why each could not take ``r`` (or that
+        it ranked lower), looking at no more than a few times that many: a span must stay
+        cheap on a mesh of thousands of nodes."""
+        out = []
+        for i, (name, st) in enumerate(self.cache.nodes.items()):
+            if len(out) >= MAX_REJECTED or i >= 4 * MAX_REJECTED:
+                break
+            if name in chosen or st.session is None:
+                continue
+            if not st.schedulable:
+                out.append(f"{name}: cordoned or draining")
+                continue
+            out.append(f"{name}: {st.view().why_not(r) or 'ranked lower'}")
+        return out

@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
@@ -39,6 +40,8 @@ class TaskEntry:
     rendered: t.TaskSpec | None = None
     # Upstream tasks not finished yet (kept only while PENDING).
     waiting: int = 0
+    # The spec's node_selector and affinity as placement reads them (built once).
+    constraints: Any = None
 
     def serialize(self) -> bytes:
         return self.msg.SerializeToString()
@@ -53,6 +56,10 @@ class RunEntry:
     rev: int
     tasks: dict[str, TaskEntry] = field(default_factory=dict)
     unfinished: int = 0
+    # Longest remaining path (seconds) from each task to the end of the DAG, for the
+    # critical-path policy; None until the placer first needs it (reset when durations are
+    # learned).
+    ranks: dict[str, float] | None = None
 
     def serialize(self) -> bytes:
         return self.msg.SerializeToString()

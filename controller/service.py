@@ -437,6 +437,10 @@ def _check_register(reg: agent_pb2.Register) -> str:
     c = reg.capacity
     if c.cpu < 0 or c.memory_bytes < 0 or c.gpu < 0:
         return "register.capacity: must not be negative"
+    if len(reg.address) > 253:
+        return "register.address: at most 253 characters"
+    if not 0 <= reg.free_port <= 65535:
+        return "register.free_port: must be in 0..65535"
     return ""
 
 

@@ -124,6 +124,7 @@ class Submitter:
             request_id=request_id,
             params=params,
             traceparent=traceparent,
+            policy=spec.scheduling.policy,
         )
         if spec.HasField("timeout") and spec.timeout.ToNanoseconds() > 0:
             run_msg.deadline.FromNanoseconds(created.ToNanoseconds() + spec.timeout.ToNanoseconds())

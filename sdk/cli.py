@@ -349,19 +349,22 @@ def nodes(ctx, output, as_json):
 
 
 def _nodes_table(ns, wide: bool) -> Table:
-    table = Table(title="nodes")
+    table = Table(title="nodes (allocated/capacity, free)")
     cols = ["node", "state", "cpu", "memory", "gpus", "running", "runtime", "labels"]
     if wide:
         cols += ["max tasks", "version", "registered", "gpu models"]
     for col in cols:
         table.add_column(col, no_wrap=col == "node")
     for n in ns:
+        a, c = n.allocated, n.capacity
+        free_mem = max(0, c.memory_bytes - a.memory_bytes)
         row = [
             n.name,
             n.schedule_state or "ready",
-            f"{n.allocated.cpu:g}/{n.capacity.cpu:g}",
-            f"{format_memory(n.allocated.memory_bytes)}/{format_memory(n.capacity.memory_bytes)}",
-            f"{n.allocated.gpu}/{len(n.gpus)}",
+            f"{a.cpu:g}/{c.cpu:g}, {max(0.0, c.cpu - a.cpu):g} free",
+            f"{format_memory(a.memory_bytes)}/{format_memory(c.memory_bytes)}, "
+            f"{format_memory(free_mem)} free",
+            f"{a.gpu}/{len(n.gpus)}, {max(0, len(n.gpus) - a.gpu)} free",
             str(n.running_tasks),
             n.runtime,
             ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),

@@ -6,7 +6,13 @@ size of a task's output) is the limit every part enforces.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_CONTROLLER", "LOG_TAIL_BYTES", "MAX_OUTPUT_BYTES"]
+__all__ = [
+    "DEFAULT_CONTROLLER",
+    "DEFAULT_PRIORITY",
+    "LOG_TAIL_BYTES",
+    "MAX_OUTPUT_BYTES",
+    "POLICY_NAMES",
+]
 
 # Where `tether dev` listens and where clients and agents look when told nothing else.
 DEFAULT_CONTROLLER = "127.0.0.1:7070"
@@ -18,3 +24,11 @@ MAX_OUTPUT_BYTES = 64 * 1024
 # How much of the end of each of an attempt's stdout and stderr is kept with the task in etcd;
 # the whole logs stay on the node.
 LOG_TAIL_BYTES = 4096
+
+# Placement policies a workflow may name (`scheduling.policy`); the controller implements
+# exactly these (a test checks the two agree).
+# "first-fit" is the earlier releases' name of fifo, still accepted.
+POLICY_NAMES = ("binpack", "spread", "fifo", "least-connections", "critical-path", "first-fit")
+
+# A task's priority when its spec sets none (0..100, higher first).
+DEFAULT_PRIORITY = 50

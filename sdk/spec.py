@@ -13,6 +13,14 @@ YAML::
         timeout: 30s
         env:
           API_KEY: {secret: openai-key}    # a secret set with `tether secrets set`
+      - name: train
+        depends_on: [features]
+        node_selector: {gpu-model: a100}
+        affinity: ["zone In [z1, z2]", {key: ssd, operator: Exists, weight: 20}]
+        priority: 80
+        replicas: 2
+        expected_duration: 10m
+    scheduling: {policy: critical-path}
 
 Python::
 
@@ -27,6 +35,7 @@ Unknown fields are errors, so a typo never silently changes what runs.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +51,16 @@ from tether.sdk.quantities import parse_duration, parse_memory
 from tether.sdk.validation import FieldViolation, validate_workflow
 from tether.sdk.yaml_source import YamlSourceError, key_lines, load_yaml, yaml_error_text
 
-__all__ = ["Backoff", "Resources", "Secret", "Task", "Workflow", "load_workflow"]
+__all__ = [
+    "Affinity",
+    "Backoff",
+    "Resources",
+    "Scheduling",
+    "Secret",
+    "Task",
+    "Workflow",
+    "load_workflow",
+]
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,44 @@ class Backoff(_Strict):
         return parse_duration(v)
 
 
+_AFFINITY_TEXT = re.compile(
+    r"^\s*(?P<key>\S+)\s+(?P<op>In|NotIn|Exists|DoesNotExist)\s*(?:\[(?P<values>[^\]]*)\])?\s*$"
+)
+
+
+class Affinity(_Strict):
+    """One affinity expression: ``key In [a, b]``, ``NotIn``, ``Exists``, ``DoesNotExist``.
+
+    ``weight`` 0 (the default) makes it required; 1..100 makes it preferred. In YAML either
+    ``{key: zone, operator: In, values: [a, b], weight: 10}`` or the text ``"zone In [a, b]"``.
+    """
+
+    key: str
+    operator: str
+    values: list[str] = Field(default_factory=list)
+    weight: int = 0
+
+    @classmethod
+    def parse(cls, v: Any) -> Any:
+        """The mapping for a text expression; other values are left as they are."""
+        if not isinstance(v, str):
+            return v
+        m = _AFFINITY_TEXT.match(v)
+        if not m:
+            raise ValueError(
+                f"{v!r}: expected 'KEY In [a, b]', 'KEY NotIn [a]', 'KEY Exists' or "
+                "'KEY DoesNotExist'"
+            )
+        values = [x.strip() for x in (m["values"] or "").split(",") if x.strip()]
+        return {"key": m["key"], "operator": m["op"], "values": values}
+
+
+class Scheduling(_Strict):
+    """How a workflow's tasks are placed: ``policy`` names a placement policy."""
+
+    policy: str = ""
+
+
 class Task(_Strict):
     """One task of a workflow. See the README for every field."""
 
@@ -108,11 +164,31 @@ class Task(_Strict):
     allow_failure: bool = False
     image_pull_policy: Literal["", "if-not-present", "always", "never"] = ""
     backoff: Backoff | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    affinity: list[Affinity] = Field(default_factory=list)
+    priority: int | None = None
+    preemptible: bool = False
+    replicas: int = 0
+    expected_duration: float = 0.0
 
-    @field_validator("timeout", mode="before")
+    @field_validator("timeout", "expected_duration", mode="before")
     @classmethod
     def _timeout(cls, v: Any) -> float:
         return parse_duration(v)
+
+    @field_validator("node_selector", mode="before")
+    @classmethod
+    def _selector(cls, v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: _scalar(v2) for k, v2 in v.items()}
+        return v
+
+    @field_validator("affinity", mode="before")
+    @classmethod
+    def _affinity(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [Affinity.parse(x) for x in v]
+        return v
 
     @field_validator("env", mode="before")
     @classmethod
@@ -138,7 +214,20 @@ class Task(_Strict):
             working_dir=self.working_dir,
             allow_failure=self.allow_failure,
             image_pull_policy=self.image_pull_policy,
+            node_selector=self.node_selector,
+            affinity=[
+                types_pb2.AffinityTerm(
+                    key=a.key, operator=a.operator, values=a.values, weight=a.weight
+                )
+                for a in self.affinity
+            ],
+            preemptible=self.preemptible,
+            replicas=self.replicas,
         )
+        if self.priority is not None:
+            msg.priority = self.priority
+        if self.expected_duration:
+            msg.expected_duration.CopyFrom(_duration(self.expected_duration))
         if self.timeout:
             msg.timeout.CopyFrom(_duration(self.timeout))
         if self.backoff:
@@ -183,6 +272,7 @@ class _WorkflowModel(_Strict):
     name: str
     tasks: list[Task]
     timeout: float = 0.0
+    scheduling: Scheduling | None = None
 
     @field_validator("timeout", mode="before")
     @classmethod
@@ -198,10 +288,20 @@ class Workflow:
         tasks: Tasks to start with; more can be added with :meth:`task`.
         timeout: Fail the run if it has not finished this long after submission
             (``"2h"`` or seconds); 0 means no limit.
+        policy: Placement policy for this workflow's tasks (``"binpack"``, ``"spread"``,
+            ``"fifo"``, ``"least-connections"``, ``"critical-path"``); empty takes the
+            controller's ``--policy``.
     """
 
-    def __init__(self, name: str, tasks: Iterable[Task] = (), timeout: str | float = 0.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        tasks: Iterable[Task] = (),
+        timeout: str | float = 0.0,
+        policy: str = "",
+    ) -> None:
         self.name = name
+        self.policy = policy
         self.tasks: list[Task] = list(tasks)
         try:
             self.timeout = parse_duration(timeout)
@@ -225,8 +325,20 @@ class Workflow:
         allow_failure: bool = False,
         image_pull_policy: str = "",
         backoff: Mapping[str, Any] | None = None,
+        node_selector: Mapping[str, str] | None = None,
+        affinity: Iterable[str | Mapping[str, Any]] = (),
+        priority: int | None = None,
+        preemptible: bool = False,
+        replicas: int = 0,
+        expected_duration: str | float = 0.0,
     ) -> Task:
         """Add a task and return it (pass it to ``depends_on`` of later tasks).
+
+        Scheduling arguments: ``node_selector`` labels a node must carry; ``affinity``
+        expressions (``"zone In [a, b]"`` or mappings with ``key``, ``operator``, ``values``,
+        ``weight``); ``priority`` 0..100 (default 50); ``preemptible``; ``replicas`` (a gang
+        of N placed at once); ``expected_duration`` for the critical-path policy. See the
+        README's "Scheduling" section.
 
         Raises:
             InvalidSpecError: a field is malformed (for example ``memory="lots"``).
@@ -245,6 +357,12 @@ class Workflow:
             allow_failure=allow_failure,
             image_pull_policy=image_pull_policy,
             backoff=dict(backoff) if backoff else None,
+            node_selector=dict(node_selector or {}),
+            affinity=list(affinity),
+            priority=priority,
+            preemptible=preemptible,
+            replicas=replicas,
+            expected_duration=expected_duration,
         )
         try:
             t = Task(**fields)
@@ -264,7 +382,8 @@ class Workflow:
             model = _WorkflowModel.model_validate(data)
         except ValidationError as e:
             raise InvalidSpecError(_violations(e, data=data, source=_source)) from None
-        return cls(model.name, model.tasks, model.timeout)
+        policy = model.scheduling.policy if model.scheduling else ""
+        return cls(model.name, model.tasks, model.timeout, policy)
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> Workflow:
@@ -293,6 +412,8 @@ class Workflow:
         spec = types_pb2.WorkflowSpec(name=self.name, tasks=[t.to_proto() for t in self.tasks])
         if self.timeout:
             spec.timeout.CopyFrom(_duration(self.timeout))
+        if self.policy:
+            spec.scheduling.policy = self.policy
         validate_workflow(spec)
         return spec
 

@@ -60,6 +60,7 @@ class TaskState(IntEnum):
     CANCELLED = 8
     SKIPPED = 9
     LOST = 10
+    PREEMPTED = 11
 
     @property
     def terminal(self) -> bool:

@@ -51,6 +51,7 @@ _STATE_STYLE = {
     "CANCELLED": "magenta",
     "SKIPPED": "dim",
     "LOST": "yellow",
+    "PREEMPTED": "yellow",
 }
 
 

@@ -13,6 +13,7 @@ import re
 from pydantic.dataclasses import dataclass
 
 from tether.api.v1 import types_pb2
+from tether.sdk.constants import POLICY_NAMES
 from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.settings import ByteSize, Duration, setting
 from tether.sdk.templating import TemplateError, references
@@ -80,6 +81,11 @@ class Limits:
         description="Longest run id, task name or request id a request may name.",
         flag="--max-id-length",
     )
+    max_replicas: int = setting(1024, description="Most replicas of one gang task.")
+    max_affinity_terms: int = setting(32, description="Most affinity expressions of one task.")
+    max_label_length: int = setting(
+        253, description="Longest node_selector or affinity key or value."
+    )
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -120,6 +126,12 @@ def _violations(spec: types_pb2.WorkflowSpec, limits: Limits):
         yield FieldViolation("timeout", bad)
     elif run_timeout < 0 or run_timeout > limits.max_timeout_seconds:
         yield FieldViolation("timeout", "must be between 0 and 30 days")
+    if spec.HasField("scheduling") and spec.scheduling.policy:
+        if spec.scheduling.policy not in POLICY_NAMES:
+            yield FieldViolation(
+                "scheduling.policy",
+                f"unknown policy {spec.scheduling.policy[:64]!r}; known: {', '.join(POLICY_NAMES)}",
+            )
     size = spec.ByteSize()
     if size > limits.max_spec_bytes:
         yield FieldViolation(
@@ -343,6 +355,7 @@ def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
         yield FieldViolation(
             f"{where}.image_pull_policy", "must be if-not-present, always or never"
         )
+    yield from _scheduling_violations(t, where, limits)
     if t.HasField("backoff"):
         b = t.backoff
         if b.initial.seconds < 0 or b.max.seconds < 0:
@@ -354,6 +367,52 @@ def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
             yield FieldViolation(f"{where}.backoff.factor", "must be >= 1")
         if not math.isfinite(b.jitter) or not 0 <= b.jitter <= 1:
             yield FieldViolation(f"{where}.backoff.jitter", "must be in [0, 1]")
+
+
+_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+def _scheduling_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
+    if t.HasField("priority") and not 0 <= t.priority <= 100:
+        yield FieldViolation(f"{where}.priority", f"must be in 0..100, got {t.priority}")
+    if not 0 <= t.replicas <= limits.max_replicas:
+        yield FieldViolation(
+            f"{where}.replicas", f"must be in 0..{limits.max_replicas}, got {t.replicas}"
+        )
+    d = t.expected_duration
+    if bad := _bad_duration(d):
+        yield FieldViolation(f"{where}.expected_duration", bad)
+    elif d.seconds < 0 or d.seconds > limits.max_timeout_seconds:
+        yield FieldViolation(f"{where}.expected_duration", "must be between 0 and 30 days")
+    n = limits.max_label_length
+    for key, value in t.node_selector.items():
+        if not 0 < len(key) <= n or not 0 < len(value) <= n:
+            yield FieldViolation(
+                f"{where}.node_selector.{key[:64]}", f"keys and values must be 1-{n} characters"
+            )
+    if len(t.affinity) > limits.max_affinity_terms:
+        yield FieldViolation(
+            f"{where}.affinity",
+            f"{len(t.affinity)} expressions; at most {limits.max_affinity_terms}",
+        )
+        return
+    for j, a in enumerate(t.affinity):
+        at = f"{where}.affinity[{j}]"
+        if not 0 < len(a.key) <= n:
+            yield FieldViolation(f"{at}.key", f"must be 1-{n} characters")
+        if a.operator not in _OPERATORS:
+            yield FieldViolation(
+                f"{at}.operator",
+                f"unknown operator {a.operator[:32]!r}; use {', '.join(_OPERATORS)}",
+            )
+        elif a.operator in ("In", "NotIn") and not a.values:
+            yield FieldViolation(f"{at}.values", f"{a.operator} needs at least one value")
+        elif a.operator in ("Exists", "DoesNotExist") and a.values:
+            yield FieldViolation(f"{at}.values", f"{a.operator} takes no values")
+        if any(not 0 < len(v) <= n for v in a.values):
+            yield FieldViolation(f"{at}.values", f"values must be 1-{n} characters")
+        if not 0 <= a.weight <= 100:
+            yield FieldViolation(f"{at}.weight", f"must be in 0..100, got {a.weight}")
 
 
 def _bad_duration(d) -> str:

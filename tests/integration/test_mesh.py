@@ -48,7 +48,13 @@ def test_node_registration_shows_resources_and_expires(mesh):
     assert g.capacity.cpu == 3.5
     assert g.capacity.memory_bytes == 6 * 2**30
     assert g.capacity.gpu == 2 and [x.index for x in g.gpus] == [0, 1]
-    assert dict(g.labels) == {"zone": "eu-1", "tier": "gold"}
+    # The user's labels, and the GPU labels the agent adds by itself.
+    assert dict(g.labels) == {
+        "zone": "eu-1",
+        "tier": "gold",
+        "tether.io/gpu-model": "fake",
+        "tether.io/gpu-memory": "16Gi",
+    }
     assert g.runtime == "process" and g.lease_id != 0
     mesh.stop_agent("cpu-node")
     # Still listed until its lease (2 s in tests) expires, then gone.
@@ -188,7 +194,7 @@ def test_task_no_node_can_hold_waits_with_a_reason(mesh):
     client = mesh.client()
     run = client.submit(wf)
     mesh.wait_for(
-        lambda: "no node can ever hold" in run.status().tasks[0].waiting_reason,
+        lambda: run.status().tasks[0].waiting_reason == "needs cpu=64; the best node has 1",
         10,
         "waiting reason",
     )

@@ -126,7 +126,7 @@ def test_one_run_is_one_trace_across_controller_and_agent(etcd, prefix, tmp_path
         schedule = named[f"schedule {task}"][1]
         assert schedule.parent_span_id == root.span_id
         attrs = {a.key: a.value for a in schedule.attributes}
-        assert attrs["tether.policy"].string_value == "first-fit"
+        assert attrs["tether.policy"].string_value == "critical-path"  # the default
         assert attrs["tether.node"].string_value == "n1"
         # The task process got TRACEPARENT pointing at the agent's run span.
         _version, trace_hex, span_hex, _ = traceparents[task].split("-")

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tether.api.v1 import types_pb2 as tether_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/agent.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tether/v1/types.proto\";\n\nAttemptRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"\x90\x02\n\x0c\x41gentMessage\x12\'\n\x08register\x18\x01 \x01(\x0b\x32\x13.tether.v1.RegisterH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.tether.v1.HeartbeatH\x00\x12\'\n\x06status\x18\x03 \x01(\x0b\x32\x15.tether.v1.TaskStatusH\x00\x12+\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x1a.tether.v1.TaskEventReportH\x00\x12(\n\tlog_chunk\x18\x05 \x01(\x0b\x32\x13.tether.v1.LogChunkH\x00\x12%\n\x05proof\x18\x06 \x01(\x0b\x32\x14.tether.v1.NodeProofH\x00\x42\x05\n\x03msg\"Z\n\x0fTaskEventReport\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.tether.v1.AttemptRef\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.tether.v1.TaskEvent\"W\n\x08LogChunk\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xbe\x03\n\x08Register\x12\x0c\n\x04node\x18\x01 \x01(\t\x12&\n\x08\x63\x61pacity\x18\x02 \x01(\x0b\x32\x14.tether.v1.Resources\x12\x1c\n\x04gpus\x18\x03 \x03(\x0b\x32\x0e.tether.v1.Gpu\x12/\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.tether.v1.Register.LabelsEntry\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x0f\n\x07runtime\x18\x06 \x01(\t\x12&\n\x07running\x18\x07 \x03(\x0b\x32\x15.tether.v1.AttemptRef\x12.\n\x0fpending_reports\x18\x08 \x03(\x0b\x32\x15.tether.v1.TaskStatus\x12\x11\n\tmax_tasks\x18\t \x01(\x05\x12\x0f\n\x07node_id\x18\n \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x0b \x01(\x0c\x12\x33\n\x10\x64isconnect_grace\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x64raining\x18\r \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\rNodeChallenge\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"\x1e\n\tNodeProof\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"R\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x07running\x18\x02 \x03(\x0b\x32\x15.tether.v1.AttemptRef\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\xaa\x02\n\nTaskStatus\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.tether.v1.AttemptRef\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.tether.v1.TaskState\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x14\n\x0coutputs_json\x18\x06 \x01(\t\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bstdout_tail\x18\t \x01(\t\x12\x13\n\x0bstderr_tail\x18\n \x01(\t\"\xf3\x02\n\x11\x43ontrollerMessage\x12+\n\nregistered\x18\x01 \x01(\x0b\x32\x15.tether.v1.RegisteredH\x00\x12\'\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x15.tether.v1.AssignTaskH\x00\x12\'\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x15.tether.v1.CancelTaskH\x00\x12#\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x14.tether.v1.StatusAckH\x00\x12%\n\x04logs\x18\x05 \x01(\x0b\x32\x15.tether.v1.LogRequestH\x00\x12+\n\x0blogs_cancel\x18\x06 \x01(\x0b\x32\x14.tether.v1.LogCancelH\x00\x12-\n\tchallenge\x18\x07 \x01(\x0b\x32\x18.tether.v1.NodeChallengeH\x00\x12\x30\n\rheartbeat_ack\x18\x08 \x01(\x0b\x32\x17.tether.v1.HeartbeatAckH\x00\x42\x05\n\x03msg\"\x1b\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"S\n\nLogRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\"\n\x03ref\x18\x02 \x01(\x0b\x32\x15.tether.v1.AttemptRef\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"\x1e\n\tLogCancel\x12\x11\n\tstream_id\x18\x01 \x01(\t\"q\n\nRegistered\x12\x35\n\x12heartbeat_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc9\x03\n\nAssignTask\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.tether.v1.AttemptRef\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.tether.v1.TaskSpec\x12\x44\n\x10upstream_outputs\x18\x03 \x03(\x0b\x32*.tether.v1.AssignTask.UpstreamOutputsEntry\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\x05\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x12\x31\n\x06params\x18\x06 \x03(\x0b\x32!.tether.v1.AssignTask.ParamsEntry\x12\x38\n\nsecret_env\x18\x07 \x03(\x0b\x32$.tether.v1.AssignTask.SecretEnvEntry\x1a\x36\n\x14UpstreamOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eSecretEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\nCancelTask\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.tether.v1.AttemptRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12(\n\x05grace\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07requeue\x18\x04 \x01(\x08\"/\n\tStatusAck\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.tether.v1.AttemptRef2T\n\x0c\x41gentService\x12\x44\n\x07\x43onnect\x12\x17.tether.v1.AgentMessage\x1a\x1c.tether.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/v1/agent.proto\x12\ttether.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15tether/v1/types.proto\";\n\nAttemptRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\"\x90\x02\n\x0c\x41gentMessage\x12\'\n\x08register\x18\x01 \x01(\x0b\x32\x13.tether.v1.RegisterH\x00\x12)\n\theartbeat\x18\x02 \x01(\x0b\x32\x14.tether.v1.HeartbeatH\x00\x12\'\n\x06status\x18\x03 \x01(\x0b\x32\x15.tether.v1.TaskStatusH\x00\x12+\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x1a.tether.v1.TaskEventReportH\x00\x12(\n\tlog_chunk\x18\x05 \x01(\x0b\x32\x13.tether.v1.LogChunkH\x00\x12%\n\x05proof\x18\x06 \x01(\x0b\x32\x14.tether.v1.NodeProofH\x00\x42\x05\n\x03msg\"Z\n\x0fTaskEventReport\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.tether.v1.AttemptRef\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x14.tether.v1.TaskEvent\"W\n\x08LogChunk\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0e\n\x06stream\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0b\n\x03\x65of\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\xe2\x03\n\x08Register\x12\x0c\n\x04node\x18\x01 \x01(\t\x12&\n\x08\x63\x61pacity\x18\x02 \x01(\x0b\x32\x14.tether.v1.Resources\x12\x1c\n\x04gpus\x18\x03 \x03(\x0b\x32\x0e.tether.v1.Gpu\x12/\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.tether.v1.Register.LabelsEntry\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x0f\n\x07runtime\x18\x06 \x01(\t\x12&\n\x07running\x18\x07 \x03(\x0b\x32\x15.tether.v1.AttemptRef\x12.\n\x0fpending_reports\x18\x08 \x03(\x0b\x32\x15.tether.v1.TaskStatus\x12\x11\n\tmax_tasks\x18\t \x01(\x05\x12\x0f\n\x07node_id\x18\n \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x0b \x01(\x0c\x12\x33\n\x10\x64isconnect_grace\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x64raining\x18\r \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x0e \x01(\t\x12\x11\n\tfree_port\x18\x0f \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\rNodeChallenge\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"\x1e\n\tNodeProof\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"e\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12&\n\x07running\x18\x02 \x03(\x0b\x32\x15.tether.v1.AttemptRef\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x11\n\tfree_port\x18\x04 \x01(\x05\"\xaa\x02\n\nTaskStatus\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.tether.v1.AttemptRef\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.tether.v1.TaskState\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x14\n\x0coutputs_json\x18\x06 \x01(\t\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bstdout_tail\x18\t \x01(\t\x12\x13\n\x0bstderr_tail\x18\n \x01(\t\"\xf3\x02\n\x11\x43ontrollerMessage\x12+\n\nregistered\x18\x01 \x01(\x0b\x32\x15.tether.v1.RegisteredH\x00\x12\'\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x15.tether.v1.AssignTaskH\x00\x12\'\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x15.tether.v1.CancelTaskH\x00\x12#\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x14.tether.v1.StatusAckH\x00\x12%\n\x04logs\x18\x05 \x01(\x0b\x32\x15.tether.v1.LogRequestH\x00\x12+\n\x0blogs_cancel\x18\x06 \x01(\x0b\x32\x14.tether.v1.LogCancelH\x00\x12-\n\tchallenge\x18\x07 \x01(\x0b\x32\x18.tether.v1.NodeChallengeH\x00\x12\x30\n\rheartbeat_ack\x18\x08 \x01(\x0b\x32\x17.tether.v1.HeartbeatAckH\x00\x42\x05\n\x03msg\"\x1b\n\x0cHeartbeatAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"S\n\nLogRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\"\n\x03ref\x18\x02 \x01(\x0b\x32\x15.tether.v1.AttemptRef\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"\x1e\n\tLogCancel\x12\x11\n\tstream_id\x18\x01 \x01(\t\"q\n\nRegistered\x12\x35\n\x12heartbeat_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc9\x03\n\nAssignTask\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.tether.v1.AttemptRef\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.tether.v1.TaskSpec\x12\x44\n\x10upstream_outputs\x18\x03 \x03(\x0b\x32*.tether.v1.AssignTask.UpstreamOutputsEntry\x12\x13\n\x0bgpu_indices\x18\x04 \x03(\x05\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x12\x31\n\x06params\x18\x06 \x03(\x0b\x32!.tether.v1.AssignTask.ParamsEntry\x12\x38\n\nsecret_env\x18\x07 \x03(\x0b\x32$.tether.v1.AssignTask.SecretEnvEntry\x1a\x36\n\x14UpstreamOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eSecretEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\nCancelTask\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.tether.v1.AttemptRef\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12(\n\x05grace\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07requeue\x18\x04 \x01(\x08\"/\n\tStatusAck\x12\"\n\x03ref\x18\x01 \x01(\x0b\x32\x15.tether.v1.AttemptRef2T\n\x0c\x41gentService\x12\x44\n\x07\x43onnect\x12\x17.tether.v1.AgentMessage\x1a\x1c.tether.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,39 +51,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGCHUNK']._serialized_start=552
   _globals['_LOGCHUNK']._serialized_end=639
   _globals['_REGISTER']._serialized_start=642
-  _globals['_REGISTER']._serialized_end=1088
-  _globals['_REGISTER_LABELSENTRY']._serialized_start=1043
-  _globals['_REGISTER_LABELSENTRY']._serialized_end=1088
-  _globals['_NODECHALLENGE']._serialized_start=1090
-  _globals['_NODECHALLENGE']._serialized_end=1124
-  _globals['_NODEPROOF']._serialized_start=1126
-  _globals['_NODEPROOF']._serialized_end=1156
-  _globals['_HEARTBEAT']._serialized_start=1158
-  _globals['_HEARTBEAT']._serialized_end=1240
-  _globals['_TASKSTATUS']._serialized_start=1243
-  _globals['_TASKSTATUS']._serialized_end=1541
-  _globals['_CONTROLLERMESSAGE']._serialized_start=1544
-  _globals['_CONTROLLERMESSAGE']._serialized_end=1915
-  _globals['_HEARTBEATACK']._serialized_start=1917
-  _globals['_HEARTBEATACK']._serialized_end=1944
-  _globals['_LOGREQUEST']._serialized_start=1946
-  _globals['_LOGREQUEST']._serialized_end=2029
-  _globals['_LOGCANCEL']._serialized_start=2031
-  _globals['_LOGCANCEL']._serialized_end=2061
-  _globals['_REGISTERED']._serialized_start=2063
-  _globals['_REGISTERED']._serialized_end=2176
-  _globals['_ASSIGNTASK']._serialized_start=2179
-  _globals['_ASSIGNTASK']._serialized_end=2636
-  _globals['_ASSIGNTASK_UPSTREAMOUTPUTSENTRY']._serialized_start=2485
-  _globals['_ASSIGNTASK_UPSTREAMOUTPUTSENTRY']._serialized_end=2539
-  _globals['_ASSIGNTASK_PARAMSENTRY']._serialized_start=2541
-  _globals['_ASSIGNTASK_PARAMSENTRY']._serialized_end=2586
-  _globals['_ASSIGNTASK_SECRETENVENTRY']._serialized_start=2588
-  _globals['_ASSIGNTASK_SECRETENVENTRY']._serialized_end=2636
-  _globals['_CANCELTASK']._serialized_start=2638
-  _globals['_CANCELTASK']._serialized_end=2761
-  _globals['_STATUSACK']._serialized_start=2763
-  _globals['_STATUSACK']._serialized_end=2810
-  _globals['_AGENTSERVICE']._serialized_start=2812
-  _globals['_AGENTSERVICE']._serialized_end=2896
+  _globals['_REGISTER']._serialized_end=1124
+  _globals['_REGISTER_LABELSENTRY']._serialized_start=1079
+  _globals['_REGISTER_LABELSENTRY']._serialized_end=1124
+  _globals['_NODECHALLENGE']._serialized_start=1126
+  _globals['_NODECHALLENGE']._serialized_end=1160
+  _globals['_NODEPROOF']._serialized_start=1162
+  _globals['_NODEPROOF']._serialized_end=1192
+  _globals['_HEARTBEAT']._serialized_start=1194
+  _globals['_HEARTBEAT']._serialized_end=1295
+  _globals['_TASKSTATUS']._serialized_start=1298
+  _globals['_TASKSTATUS']._serialized_end=1596
+  _globals['_CONTROLLERMESSAGE']._serialized_start=1599
+  _globals['_CONTROLLERMESSAGE']._serialized_end=1970
+  _globals['_HEARTBEATACK']._serialized_start=1972
+  _globals['_HEARTBEATACK']._serialized_end=1999
+  _globals['_LOGREQUEST']._serialized_start=2001
+  _globals['_LOGREQUEST']._serialized_end=2084
+  _globals['_LOGCANCEL']._serialized_start=2086
+  _globals['_LOGCANCEL']._serialized_end=2116
+  _globals['_REGISTERED']._serialized_start=2118
+  _globals['_REGISTERED']._serialized_end=2231
+  _globals['_ASSIGNTASK']._serialized_start=2234
+  _globals['_ASSIGNTASK']._serialized_end=2691
+  _globals['_ASSIGNTASK_UPSTREAMOUTPUTSENTRY']._serialized_start=2540
+  _globals['_ASSIGNTASK_UPSTREAMOUTPUTSENTRY']._serialized_end=2594
+  _globals['_ASSIGNTASK_PARAMSENTRY']._serialized_start=2596
+  _globals['_ASSIGNTASK_PARAMSENTRY']._serialized_end=2641
+  _globals['_ASSIGNTASK_SECRETENVENTRY']._serialized_start=2643
+  _globals['_ASSIGNTASK_SECRETENVENTRY']._serialized_end=2691
+  _globals['_CANCELTASK']._serialized_start=2693
+  _globals['_CANCELTASK']._serialized_end=2816
+  _globals['_STATUSACK']._serialized_start=2818
+  _globals['_STATUSACK']._serialized_end=2865
+  _globals['_AGENTSERVICE']._serialized_start=2867
+  _globals['_AGENTSERVICE']._serialized_end=2951
 # @@protoc_insertion_point(module_scope)

@@ -60,7 +60,7 @@ class LogChunk(_message.Message):
     def __init__(self, stream_id: _Optional[str] = ..., stream: _Optional[str] = ..., data: _Optional[bytes] = ..., eof: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("node", "capacity", "gpus", "labels", "agent_version", "runtime", "running", "pending_reports", "max_tasks", "node_id", "certificate", "disconnect_grace", "draining")
+    __slots__ = ("node", "capacity", "gpus", "labels", "agent_version", "runtime", "running", "pending_reports", "max_tasks", "node_id", "certificate", "disconnect_grace", "draining", "address", "free_port")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,8 @@ class Register(_message.Message):
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     DISCONNECT_GRACE_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FREE_PORT_FIELD_NUMBER: _ClassVar[int]
     node: str
     capacity: _types_pb2.Resources
     gpus: _containers.RepeatedCompositeFieldContainer[_types_pb2.Gpu]
@@ -94,7 +96,9 @@ class Register(_message.Message):
     certificate: bytes
     disconnect_grace: _duration_pb2.Duration
     draining: bool
-    def __init__(self, node: _Optional[str] = ..., capacity: _Optional[_Union[_types_pb2.Resources, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[_types_pb2.Gpu, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., runtime: _Optional[str] = ..., running: _Optional[_Iterable[_Union[AttemptRef, _Mapping]]] = ..., pending_reports: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., max_tasks: _Optional[int] = ..., node_id: _Optional[str] = ..., certificate: _Optional[bytes] = ..., disconnect_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    address: str
+    free_port: int
+    def __init__(self, node: _Optional[str] = ..., capacity: _Optional[_Union[_types_pb2.Resources, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[_types_pb2.Gpu, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., runtime: _Optional[str] = ..., running: _Optional[_Iterable[_Union[AttemptRef, _Mapping]]] = ..., pending_reports: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., max_tasks: _Optional[int] = ..., node_id: _Optional[str] = ..., certificate: _Optional[bytes] = ..., disconnect_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., draining: _Optional[bool] = ..., address: _Optional[str] = ..., free_port: _Optional[int] = ...) -> None: ...
 
 class NodeChallenge(_message.Message):
     __slots__ = ("challenge",)
@@ -109,14 +113,16 @@ class NodeProof(_message.Message):
     def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("seq", "running", "draining")
+    __slots__ = ("seq", "running", "draining", "free_port")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    FREE_PORT_FIELD_NUMBER: _ClassVar[int]
     seq: int
     running: _containers.RepeatedCompositeFieldContainer[AttemptRef]
     draining: bool
-    def __init__(self, seq: _Optional[int] = ..., running: _Optional[_Iterable[_Union[AttemptRef, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    free_port: int
+    def __init__(self, seq: _Optional[int] = ..., running: _Optional[_Iterable[_Union[AttemptRef, _Mapping]]] = ..., draining: _Optional[bool] = ..., free_port: _Optional[int] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
     __slots__ = ("ref", "state", "exit_code", "reason", "message", "outputs_json", "started_at", "finished_at", "stdout_tail", "stderr_tail")

@@ -24,6 +24,7 @@ class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATE_CANCELLED: _ClassVar[TaskState]
     TASK_STATE_SKIPPED: _ClassVar[TaskState]
     TASK_STATE_LOST: _ClassVar[TaskState]
+    TASK_STATE_PREEMPTED: _ClassVar[TaskState]
 
 class RunState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -44,6 +45,7 @@ TASK_STATE_RETRYING: TaskState
 TASK_STATE_CANCELLED: TaskState
 TASK_STATE_SKIPPED: TaskState
 TASK_STATE_LOST: TaskState
+TASK_STATE_PREEMPTED: TaskState
 RUN_STATE_UNSPECIFIED: RunState
 RUN_STATE_PENDING: RunState
 RUN_STATE_RUNNING: RunState
@@ -74,7 +76,7 @@ class RetryBackoff(_message.Message):
     def __init__(self, initial: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., factor: _Optional[float] = ..., max: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., jitter: _Optional[float] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("name", "image", "command", "env", "resources", "depends_on", "retries", "timeout", "working_dir", "allow_failure", "backoff", "image_pull_policy", "env_secrets")
+    __slots__ = ("name", "image", "command", "env", "resources", "depends_on", "retries", "timeout", "working_dir", "allow_failure", "backoff", "image_pull_policy", "env_secrets", "node_selector", "affinity", "priority", "preemptible", "replicas", "expected_duration")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +85,13 @@ class TaskSpec(_message.Message):
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     class EnvSecretsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class NodeSelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +111,12 @@ class TaskSpec(_message.Message):
     BACKOFF_FIELD_NUMBER: _ClassVar[int]
     IMAGE_PULL_POLICY_FIELD_NUMBER: _ClassVar[int]
     ENV_SECRETS_FIELD_NUMBER: _ClassVar[int]
+    NODE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    AFFINITY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIBLE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_DURATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     image: str
     command: _containers.RepeatedScalarFieldContainer[str]
@@ -115,17 +130,43 @@ class TaskSpec(_message.Message):
     backoff: RetryBackoff
     image_pull_policy: str
     env_secrets: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retries: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., working_dir: _Optional[str] = ..., allow_failure: _Optional[bool] = ..., backoff: _Optional[_Union[RetryBackoff, _Mapping]] = ..., image_pull_policy: _Optional[str] = ..., env_secrets: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    node_selector: _containers.ScalarMap[str, str]
+    affinity: _containers.RepeatedCompositeFieldContainer[AffinityTerm]
+    priority: int
+    preemptible: bool
+    replicas: int
+    expected_duration: _duration_pb2.Duration
+    def __init__(self, name: _Optional[str] = ..., image: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., depends_on: _Optional[_Iterable[str]] = ..., retries: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., working_dir: _Optional[str] = ..., allow_failure: _Optional[bool] = ..., backoff: _Optional[_Union[RetryBackoff, _Mapping]] = ..., image_pull_policy: _Optional[str] = ..., env_secrets: _Optional[_Mapping[str, str]] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., affinity: _Optional[_Iterable[_Union[AffinityTerm, _Mapping]]] = ..., priority: _Optional[int] = ..., preemptible: _Optional[bool] = ..., replicas: _Optional[int] = ..., expected_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class AffinityTerm(_message.Message):
+    __slots__ = ("key", "operator", "values", "weight")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    operator: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    weight: int
+    def __init__(self, key: _Optional[str] = ..., operator: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class SchedulingSpec(_message.Message):
+    __slots__ = ("policy",)
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    def __init__(self, policy: _Optional[str] = ...) -> None: ...
 
 class WorkflowSpec(_message.Message):
-    __slots__ = ("name", "tasks", "timeout")
+    __slots__ = ("name", "tasks", "timeout", "scheduling")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_FIELD_NUMBER: _ClassVar[int]
     name: str
     tasks: _containers.RepeatedCompositeFieldContainer[TaskSpec]
     timeout: _duration_pb2.Duration
-    def __init__(self, name: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskSpec, _Mapping]]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    scheduling: SchedulingSpec
+    def __init__(self, name: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskSpec, _Mapping]]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., scheduling: _Optional[_Union[SchedulingSpec, _Mapping]] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
     __slots__ = ("time", "attempt", "kind", "message")
@@ -164,7 +205,7 @@ class Attempt(_message.Message):
     def __init__(self, number: _Optional[int] = ..., node: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TaskRun(_message.Message):
-    __slots__ = ("run_id", "spec", "state", "attempt", "node", "started_at", "finished_at", "exit_code", "reason", "message", "outputs_json", "attempts", "stdout_tail", "stderr_tail", "traceparent", "not_before", "waiting_reason", "lost_attempts", "cancel_requested", "index", "events")
+    __slots__ = ("run_id", "spec", "state", "attempt", "node", "started_at", "finished_at", "exit_code", "reason", "message", "outputs_json", "attempts", "stdout_tail", "stderr_tail", "traceparent", "not_before", "waiting_reason", "lost_attempts", "cancel_requested", "index", "events", "preempted_by", "preempted_attempts", "replicas", "master_addr", "master_port")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +227,11 @@ class TaskRun(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTED_BY_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTED_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MASTER_ADDR_FIELD_NUMBER: _ClassVar[int]
+    MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     spec: TaskSpec
     state: TaskState
@@ -207,10 +253,29 @@ class TaskRun(_message.Message):
     cancel_requested: bool
     index: int
     events: _containers.RepeatedCompositeFieldContainer[TaskEvent]
-    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., node: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., outputs_json: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., stdout_tail: _Optional[str] = ..., stderr_tail: _Optional[str] = ..., traceparent: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., index: _Optional[int] = ..., events: _Optional[_Iterable[_Union[TaskEvent, _Mapping]]] = ...) -> None: ...
+    preempted_by: str
+    preempted_attempts: int
+    replicas: _containers.RepeatedCompositeFieldContainer[Replica]
+    master_addr: str
+    master_port: int
+    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., node: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., outputs_json: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., stdout_tail: _Optional[str] = ..., stderr_tail: _Optional[str] = ..., traceparent: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., index: _Optional[int] = ..., events: _Optional[_Iterable[_Union[TaskEvent, _Mapping]]] = ..., preempted_by: _Optional[str] = ..., preempted_attempts: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ...) -> None: ...
+
+class Replica(_message.Message):
+    __slots__ = ("index", "node", "gpu_indices", "state", "exit_code")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    node: str
+    gpu_indices: _containers.RepeatedScalarFieldContainer[int]
+    state: TaskState
+    exit_code: int
+    def __init__(self, index: _Optional[int] = ..., node: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[TaskState, str]] = ..., exit_code: _Optional[int] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "workflow_name", "state", "created_at", "started_at", "finished_at", "task_count", "request_id", "params", "traceparent", "message", "cancel_requested", "tasks", "timed_out", "deadline", "submitted_by", "parent_traceparent", "run_span")
+    __slots__ = ("id", "workflow_name", "state", "created_at", "started_at", "finished_at", "task_count", "request_id", "params", "traceparent", "message", "cancel_requested", "tasks", "timed_out", "deadline", "submitted_by", "parent_traceparent", "run_span", "policy")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +301,7 @@ class Run(_message.Message):
     SUBMITTED_BY_FIELD_NUMBER: _ClassVar[int]
     PARENT_TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     RUN_SPAN_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     id: str
     workflow_name: str
     state: RunState
@@ -254,7 +320,8 @@ class Run(_message.Message):
     submitted_by: str
     parent_traceparent: str
     run_span: bool
-    def __init__(self, id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_count: _Optional[int] = ..., request_id: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., traceparent: _Optional[str] = ..., message: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., tasks: _Optional[_Iterable[_Union[TaskRun, _Mapping]]] = ..., timed_out: _Optional[bool] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., submitted_by: _Optional[str] = ..., parent_traceparent: _Optional[str] = ..., run_span: _Optional[bool] = ...) -> None: ...
+    policy: str
+    def __init__(self, id: _Optional[str] = ..., workflow_name: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_count: _Optional[int] = ..., request_id: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., traceparent: _Optional[str] = ..., message: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., tasks: _Optional[_Iterable[_Union[TaskRun, _Mapping]]] = ..., timed_out: _Optional[bool] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., submitted_by: _Optional[str] = ..., parent_traceparent: _Optional[str] = ..., run_span: _Optional[bool] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "model", "memory_bytes")
@@ -269,7 +336,7 @@ class Gpu(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("name", "capacity", "gpus", "labels", "agent_version", "runtime", "registered_at", "allocated", "running_tasks", "lease_id", "max_tasks", "schedule_state", "drain_deadline")
+    __slots__ = ("name", "capacity", "gpus", "labels", "agent_version", "runtime", "registered_at", "allocated", "running_tasks", "lease_id", "max_tasks", "schedule_state", "drain_deadline", "address")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -290,6 +357,7 @@ class Node(_message.Message):
     MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_STATE_FIELD_NUMBER: _ClassVar[int]
     DRAIN_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     name: str
     capacity: Resources
     gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
@@ -303,7 +371,21 @@ class Node(_message.Message):
     max_tasks: int
     schedule_state: str
     drain_deadline: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., runtime: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., running_tasks: _Optional[int] = ..., lease_id: _Optional[int] = ..., max_tasks: _Optional[int] = ..., schedule_state: _Optional[str] = ..., drain_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    address: str
+    def __init__(self, name: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., runtime: _Optional[str] = ..., registered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., running_tasks: _Optional[int] = ..., lease_id: _Optional[int] = ..., max_tasks: _Optional[int] = ..., schedule_state: _Optional[str] = ..., drain_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., address: _Optional[str] = ...) -> None: ...
+
+class LearnedDurations(_message.Message):
+    __slots__ = ("seconds",)
+    class SecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    seconds: _containers.ScalarMap[str, float]
+    def __init__(self, seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TokenInfo(_message.Message):
     __slots__ = ("name", "role", "created_at", "expires_at", "created_by")
