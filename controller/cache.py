@@ -126,8 +126,9 @@ class Cache:
     def __init__(self) -> None:
         self.runs: dict[str, RunEntry] = {}
         self.nodes: dict[str, NodeState] = {}
-        # READY tasks in the order they became ready (a dict as an ordered set).
-        self.ready: dict[TaskKey, None] = {}
+        # READY tasks in the order they became ready, each with its place in that order.
+        self.ready: dict[TaskKey, int] = {}
+        self._ready_seq = 0
         self.ready_since: dict[TaskKey, float] = {}
         # Runs being rebuilt from etcd after a conflicting write: reports about them wait.
         self.reloading: set[str] = set()
@@ -152,7 +153,9 @@ class Cache:
 
     def enqueue(self, key: TaskKey) -> None:
         """Put a READY task at the end of the ready queue."""
-        self.ready[key] = None
+        if key not in self.ready:
+            self._ready_seq += 1
+            self.ready[key] = self._ready_seq
         self.ready_since.setdefault(key, time.monotonic())
 
     def account(self, e: TaskEntry, sign: int) -> None:

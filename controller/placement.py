@@ -110,16 +110,17 @@ class Placer:
                 run.ranks = None
         self.cache.kick()
 
-    def _queue(self) -> list[tuple[TaskKey, TaskEntry]]:
-        """The ready queue in order; entries no longer READY leave it."""
+    def _queue(self) -> list[tuple[TaskKey, TaskEntry, int]]:
+        """The ready queue in order, with each task's place; entries no longer READY leave
+        it."""
         out = []
-        for key in list(self.cache.ready):
+        for key, seq in list(self.cache.ready.items()):
             _, e = self.cache.task(*key)
             if e is None or e.msg.state != lc.READY:
                 self.cache.ready.pop(key, None)
                 self.preempting.pop(key, None)
                 continue
-            out.append((key, e))
+            out.append((key, e, seq))
         return out
 
     def _ranks(self, run: RunEntry) -> dict[str, float]:
@@ -128,29 +129,37 @@ class Placer:
             run.ranks = run_ranks(run, learned)
         return run.ranks
 
-    def _request(self, i: int, key: TaskKey, e: TaskEntry, clock: float) -> TaskRequest:
+    def _request(self, seq: int, key: TaskKey, e: TaskEntry, clock: float) -> TaskRequest:
         run = self.cache.runs[key[0]]
+        victims = self.preempting.get(key)
+        may_preempt = not victims or not self._still_stopping(victims)
+        if e.request is not None:
+            cached, ranks = e.request
+            if cached.seq == seq and cached.may_preempt == may_preempt and ranks is run.ranks:
+                return cached
         spec = e.msg.spec
         if e.constraints is None:
             e.constraints = constraints_of(spec)
         policy = POLICIES.get(run.msg.policy) if run.msg.policy else None
         ranks = (policy or self.policy).ranks
-        victims = self.preempting.get(key)
-        return TaskRequest(
+        request = TaskRequest(
             key,
             cpu=spec.resources.cpu,
             memory=spec.resources.memory_bytes,
             gpu=spec.resources.gpu,
             priority=spec.priority if spec.HasField("priority") else DEFAULT_PRIORITY,
-            seq=i,
+            seq=seq,
             ready_at=self.cache.ready_since.get(key, clock),
             rank=self._ranks(run).get(spec.name, 0.0) if ranks else 0.0,
             constraints=e.constraints,
             preemptible=spec.preemptible,
             replicas=max(1, spec.replicas),
             policy=policy,
-            may_preempt=not victims or not self._still_stopping(victims),
+            may_preempt=may_preempt,
         )
+        # Kept with the critical-path ranks it was built from: new durations make new ranks.
+        e.request = (request, run.ranks)
+        return request
 
     def _still_stopping(self, victims: set[TaskKey]) -> bool:
         for key in victims:
@@ -163,27 +172,37 @@ class Placer:
         """Place what can be placed now; note why tasks no node can hold are waiting."""
         if not self.cache.ready:
             return
+        views = self.cache.connected_views()
+        if not any(v.has_slot for v in views) and not any(
+            r.preemptible and not r.stopping for v in views for r in v.attempts
+        ):
+            return  # nothing can be placed or preempted: the plan would place nothing
         queue = self._queue()
         clock = time.monotonic()
         while queue:
-            ready = [self._request(i, k, e, clock) for i, (k, e) in enumerate(queue)]
-            p = plan(ready, self.cache.connected_views(), self.policy, now=clock, aging=self.aging)
+            ready = [self._request(seq, k, e, clock) for k, e, seq in queue]
+            p = plan(ready, views, self.policy, now=clock, aging=self.aging)
             self._preempt(p)
             bound: dict[TaskKey, list[Binding]] = {}
             for b in p.bindings:
                 bound.setdefault(b.key, []).append(b)
-            for i, (key, e) in enumerate(queue):
-                why = p.reasons.get(key, "")
-                if why and e.msg.waiting_reason != why:
+            entries = {k: e for k, e, _ in queue}
+            for key, why in p.reasons.items():
+                e = entries[key]
+                if e.msg.waiting_reason != why:
                     e.msg.waiting_reason = why
                     self.committer.mark(e)
-                if key in bound and not self._place(key, e, bound[key]):
+            done: set[TaskKey] = set()
+            for key, bs in bound.items():  # in plan order
+                done.add(key)
+                if not self._place(key, entries[key], bs):
                     # Its template did not render and it holds nothing: plan the rest again,
                     # so what the plan kept for it goes to the tasks behind it.
-                    queue = queue[i + 1 :]
                     break
             else:
                 return
+            queue = [q for q in queue if q[0] not in done]
+            views = self.cache.connected_views()
 
     def _preempt(self, p: Plan) -> None:
         for pre in p.preemptions:

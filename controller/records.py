@@ -42,6 +42,9 @@ class TaskEntry:
     waiting: int = 0
     # The spec's node_selector and affinity as placement reads them (built once).
     constraints: Any = None
+    # Placement's request for this task while it waits READY, kept across passes: a long
+    # ready queue is planned again on every pass, and building requests was most of it.
+    request: Any = None
 
     def serialize(self) -> bytes:
         return self.msg.SerializeToString()
