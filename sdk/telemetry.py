@@ -27,6 +27,7 @@ __all__ = [
     "SpanIds",
     "context_from_traceparent",
     "current_traceparent",
+    "exports_spans",
     "fixed_span_ids",
     "get_logger",
     "make_tracer_provider",
@@ -78,14 +79,21 @@ def fixed_span_ids(trace_id: int, span_id: int) -> Iterator[None]:
         _FIXED_IDS.reset(token)
 
 
+def exports_spans() -> bool:
+    """Whether spans leave this process (an OTLP endpoint is set): spans that are only
+    leaves of a trace, and that nothing reads, can be skipped when they do not."""
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
 def make_tracer_provider(service_name: str) -> TracerProvider:
     """Return a provider for one component, exporting over OTLP/gRPC if an endpoint is set."""
     provider = TracerProvider(
         resource=Resource.create({"service.name": service_name}), id_generator=SpanIds()
     )
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-    ):
+    if exports_spans():
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 

@@ -4,7 +4,9 @@
 
 Runs with any Python that has Ray (it imports nothing from Tether) and prints one JSON object:
 no-op tasks/s, a 1,000-task layered DAG (10 layers of 100, two parents each) wall time, and
-one task's round trip p50/p99.
+one task's round trip p50/p99. With ``--load-curve 100,200,…`` it instead offers each load
+(tasks/s, open loop, a batch every ``--tick`` s for ``--seconds``) and prints achieved tasks/s and
+latency p50/p99 per level, as ``bench_load_curve.py`` does for Tether.
 """
 
 from __future__ import annotations
@@ -20,6 +22,44 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
+def load_level(ray, noop, level: float, seconds: float, tick: float) -> dict:
+    """Offer ``level`` tasks/s in batches every ``tick`` s for ``seconds``; a task's latency
+    is its submit to when ``ray.wait`` returned it."""
+    batch = max(1, round(level * tick))
+    ticks = max(1, round(seconds / tick))
+    pending: dict = {}
+    latencies: list[float] = []
+    start = time.perf_counter()
+
+    def collect(timeout: float) -> None:
+        if not pending:
+            return
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
+        now = time.perf_counter()
+        for ref in done:
+            latencies.append((now - pending.pop(ref)) * 1000)
+
+    for i in range(ticks):
+        at = time.perf_counter()
+        for _ in range(batch):
+            pending[noop.remote()] = at
+        while (left := start + (i + 1) * tick - time.perf_counter()) > 0:
+            collect(min(left, 0.005))
+    offered_for = time.perf_counter() - start
+    while pending:
+        collect(0.005)
+    elapsed = time.perf_counter() - start
+    tasks = batch * ticks
+    return {
+        "level": level,
+        "offered_tasks_per_s": round(tasks / max(offered_for, tick * ticks), 1),
+        "achieved_tasks_per_s": round(tasks / elapsed, 1),
+        "latency_ms_p50": round(pct(latencies, 50), 2),
+        "latency_ms_p99": round(pct(latencies, 99), 2),
+        "tasks": tasks,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=10_000)
@@ -27,6 +67,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--width", type=int, default=100)
     ap.add_argument("--latency-runs", type=int, default=200)
+    ap.add_argument("--load-curve", default="")
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--tick", type=float, default=0.1)
     args = ap.parse_args()
     import ray
 
@@ -37,6 +80,12 @@ def main() -> None:
         return None
 
     ray.get([noop.remote() for _ in range(200)])  # warm the workers up
+    if args.load_curve:
+        levels = [float(x) for x in args.load_curve.split(",")]
+        curve = [load_level(ray, noop, lv, args.seconds, args.tick) for lv in levels]
+        print(json.dumps({"ray_version": ray.__version__, "load_curve": curve}))
+        ray.shutdown()
+        return
     start = time.perf_counter()
     ray.get([noop.remote() for _ in range(args.tasks)])
     tasks_per_s = args.tasks / (time.perf_counter() - start)
