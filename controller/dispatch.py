@@ -6,6 +6,7 @@ that), so an agent never runs or stops something a restarted controller would no
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 
@@ -20,7 +21,7 @@ from tether.controller.cache import Cache
 from tether.controller.config import ControllerConfig
 from tether.controller.records import AgentSession, RunEntry, TaskEntry
 from tether.controller.secrets import Secrets, SecretUnavailable
-from tether.sdk.telemetry import context_from_traceparent, traceparent_of
+from tether.sdk.telemetry import context_from_traceparent, exports_spans, traceparent_of
 from tether.sdk.templating import TemplateError, render_spec
 
 __all__ = ["Dispatch", "render"]
@@ -53,6 +54,9 @@ class Dispatch:
         self.config = config
         self.cache = cache
         self.tracer = tracer
+        # Its per-attempt spans are leaves nothing reads but a trace viewer: made only when
+        # spans are exported (they cost a tenth of the controller's CPU per task).
+        self.spans = exports_spans()
         self.secrets = secrets
         # Fails an attempt that cannot be sent (its secret is gone); set by the engine.
         self.unstartable: Callable[[AgentSession, agent_pb2.AttemptRef, str], None] = lambda *_: (
@@ -88,17 +92,22 @@ class Dispatch:
         if node is None or node.session is None:
             return  # sent again when the node registers; lost if it never does
         upstream = {d: run.tasks[d].msg.outputs_json for d in m.spec.depends_on}
-        with self.tracer.start_as_current_span(
-            f"dispatch {m.spec.name}",
-            context=context_from_traceparent(m.traceparent),
-            kind=trace.SpanKind.PRODUCER,
-            attributes={
-                "tether.run_id": run.msg.id,
-                "tether.task": m.spec.name,
-                "tether.attempt": m.attempt,
-                "tether.node": node_name,
-            },
-        ) as span:
+        span_cm = (
+            self.tracer.start_as_current_span(
+                f"dispatch {m.spec.name}",
+                context=context_from_traceparent(m.traceparent),
+                kind=trace.SpanKind.PRODUCER,
+                attributes={
+                    "tether.run_id": run.msg.id,
+                    "tether.task": m.spec.name,
+                    "tether.attempt": m.attempt,
+                    "tether.node": node_name,
+                },
+            )
+            if self.spans
+            else contextlib.nullcontext()
+        )
+        with span_cm as span:
             try:
                 # After a controller restart the rendered spec is rebuilt from etcd's state.
                 spec = e.rendered or render(run, m.spec) or m.spec
@@ -122,7 +131,8 @@ class Dispatch:
                         spec=spec,
                         upstream_outputs=upstream,
                         gpu_indices=gpus,
-                        traceparent=traceparent_of(span),
+                        # Not exporting: the agent's spans hang off the run's span.
+                        traceparent=traceparent_of(span) if span else m.traceparent,
                         params=run.msg.params,
                         secret_env=secret_env,
                     )
