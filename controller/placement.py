@@ -32,6 +32,10 @@ from tether.sdk.templating import TemplateError
 
 __all__ = ["Placer", "constraints_of", "run_ranks"]
 
+# Ready queues longer than this are planned at most every _GATHER seconds.
+_LONG_QUEUE = 500
+_GATHER = 0.003
+
 # Most rejected nodes a scheduling span lists.
 MAX_REJECTED = 16
 
@@ -100,6 +104,10 @@ class Placer:
         """Run a pass each time the cache is kicked, until cancelled."""
         while True:
             await self.cache.wakeup.wait()
+            if len(self.cache.ready) > _LONG_QUEUE:
+                # A pass plans the whole queue; under load, results free a few slots at a
+                # time. Let them gather for a moment so that one pass places many tasks.
+                await asyncio.sleep(_GATHER)
             self.cache.wakeup.clear()
             try:
                 self.schedule_pass()
