@@ -8,7 +8,9 @@ and agents as subprocesses with the process runtime, then prints one JSON object
 - ``etcd_baseline_txn_per_s``: single-put transactions/s straight to etcd (16 in flight);
 - ``tasks_per_s``: no-op tasks of one wide workflow completed per second;
 - ``etcd_writes_per_task`` / ``etcd_txns_per_task``: what one task costs the store;
-- ``submit_to_running_ms``: p50/p99 of submit -> RUNNING for single-task runs, one at a time.
+- ``submit_to_running_ms``: p50/p99 of submit -> RUNNING for single-task runs, one at a time;
+- ``spawn_ceiling_per_s``: ``true`` processes/s spawned by a bare asyncio loop with the same
+  concurrency (agents x slots) and count, measured in the same run, and ``ratio_to_spawn``.
 """
 
 from __future__ import annotations
@@ -84,7 +86,25 @@ def measure(address: str, server: ControllerServer, tasks: int, latency_runs: in
     }
 
 
+async def spawn_ceiling(count: int, concurrency: int) -> float:
+    """``true`` processes per second from one asyncio loop, ``concurrency`` at a time: what
+    spawning alone allows on this machine, the ceiling of the process runtime."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with sem:
+            proc = await asyncio.create_subprocess_exec(
+                "true", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+            )
+            await proc.wait()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(count)))
+    return count / (time.perf_counter() - start)
+
+
 async def main_async(args) -> dict:
+    ceiling = await spawn_ceiling(args.tasks, args.agents * args.slots)
     async with local_mesh(args.agents, args.slots) as (server, baseline):
         result = await asyncio.to_thread(
             measure, server.address, server, args.tasks, args.latency_runs
@@ -92,6 +112,8 @@ async def main_async(args) -> dict:
     return {
         "etcd_baseline_txn_per_s": round(baseline, 1),
         **result,
+        "spawn_ceiling_per_s": round(ceiling, 1),
+        "ratio_to_spawn": round(result["tasks_per_s"] / ceiling, 3),
         "agents": args.agents,
         "slots_per_agent": args.slots,
         "cpus": len(os.sched_getaffinity(0)),
