@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -48,11 +49,16 @@ async def local_mesh(agents: int, slots: int) -> AsyncIterator[tuple[ControllerS
     try:
         baseline = await etcd_baseline(etcd.endpoint)
         await server.start()
+        # BENCH_AGENT_PROFILE=DIR: each agent writes a cProfile to DIR/agent-I.prof at exit.
+        profile_dir = os.environ.get("BENCH_AGENT_PROFILE")
         for i in range(agents):
+            out = f"{profile_dir}/agent-{i}.prof"
+            profiler = ["-m", "cProfile", "-o", out] if profile_dir else []
             procs.append(
                 subprocess.Popen(
                     [
                         sys.executable,
+                        *profiler,
                         "-m",
                         "tether.sdk.cli",
                         "agent",
@@ -66,6 +72,8 @@ async def local_mesh(agents: int, slots: int) -> AsyncIterator[tuple[ControllerS
                         str(slots),
                         "--log-level",
                         "warning",
+                        "--drain-grace",
+                        "0s",
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
