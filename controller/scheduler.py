@@ -91,7 +91,9 @@ def effective_priority(r: TaskRequest, now: float, aging: float) -> int:
     ``aging`` 0 turns aging off."""
     if aging <= 0 or now <= r.ready_at:
         return r.priority
-    return min(MAX_PRIORITY, r.priority + int((now - r.ready_at) / aging))
+    # The epsilon: (100 * a) / a can come out a hair under 100, and a task that has waited
+    # exactly N agings must have gained N points.
+    return min(MAX_PRIORITY, r.priority + int((now - r.ready_at) / aging + 1e-9))
 
 
 class _Index:
