@@ -230,9 +230,11 @@ class Nodes:
                 [], [Put(self.keys.node(reg.node), node.SerializeToString(), lease)]
             )
             self._check_open()
-        except BaseException:
+        except BaseException as e:
             if st.session is session:
                 st.session, st.node_id = old, old_id
+            if isinstance(e, Exception) and not isinstance(e, NotLeader):
+                await self.lease.check(lease)
             raise
         if old is not None and old is not session:
             old.close()  # the same agent coming back: its old stream is dead

@@ -55,6 +55,27 @@ class TermLease:
                 log.info("node lease granted", lease=self.id, ttl=self.ttl)
             return self.id
 
+    async def check(self, lease: int) -> None:
+        """After a write on ``lease`` failed: forget the lease if it has expired (revoked, or
+        etcd was away for a TTL), so that the next :meth:`get` grants another at once."""
+        try:
+            sent = time.monotonic()
+            ttl = await self.store.keepalive(lease, timeout=self.ttl / 3)
+        except Exception:  # etcd away: the renewals find out later
+            return
+        if lease == self.id:
+            self._renewed(lease, sent, ttl)
+
+    def _renewed(self, lease: int, sent: float, ttl: int) -> None:
+        if ttl > 0:
+            self._alive_until = sent + ttl
+        else:
+            # Expired: etcd deleted every record on it, and the node watch loses those
+            # nodes; the agents register again, under a new lease.
+            log.warning("node lease expired", lease=lease)
+            self.id = 0
+            self._alive_until = 0.0
+
     async def keep_alive(self) -> None:
         """Renew the lease every TTL/3 (sooner after a failed renewal) until cancelled."""
         period = self.ttl / 3
@@ -74,13 +95,5 @@ class TermLease:
                 log.warning("node lease renewal failed", lease=lease, error=str(e) or repr(e))
                 delay = min(1.0, period / 3)
                 continue
-            if lease != self.id:
-                continue
-            if ttl > 0:
-                self._alive_until = sent + ttl
-            else:
-                # Expired: etcd deleted every record on it, and the node watch loses those
-                # nodes; the agents register again, under a new lease.
-                log.warning("node lease expired", lease=lease)
-                self.id = 0
-                self._alive_until = 0.0
+            if lease == self.id:
+                self._renewed(lease, sent, ttl)
