@@ -36,6 +36,10 @@ __all__ = ["Nodes", "grace_deadline"]
 log = get_logger("controller.engine")
 # Lease renewals in flight at once when a new leader takes over.
 _REFRESH_CONCURRENCY = 64
+# Registrations writing to etcd at once. Thousands of agents register together after a
+# failover; unbounded, their transactions queue on the etcd channel ahead of the leader's own
+# lease renewal, and the new leader loses its lease to the very agents it serves.
+_REGISTER_CONCURRENCY = 64
 
 
 def _schedule_state(st: NodeState) -> str:
@@ -91,6 +95,7 @@ class Nodes:
         self.dispatch = dispatch
         # The lease of the records of nodes registered with this term; liveness is in memory.
         self.lease = TermLease(store, config.lease_ttl)
+        self._registering = asyncio.Semaphore(_REGISTER_CONCURRENCY)
         # Nodes whose record the sweep is deleting (their agents stopped beating).
         self._expiring: set[str] = set()
         self._expiries: set[asyncio.Task] = set()
@@ -204,6 +209,12 @@ class Nodes:
         self, session: AgentSession, reg: agent_pb2.Register
     ) -> agent_pb2.Registered:
         """Record a node, bind it to a lease, apply its pending reports, reconcile its attempts."""
+        async with self._registering:
+            return await self._register(session, reg)
+
+    async def _register(
+        self, session: AgentSession, reg: agent_pb2.Register
+    ) -> agent_pb2.Registered:
         self._check_open()
         st = self.cache.node(reg.node)
         _check_claim(st, session, reg)
