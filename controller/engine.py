@@ -259,7 +259,7 @@ class Engine:
         return await self._nodes.register(session, reg)
 
     def heartbeat(self, session: AgentSession, hb: agent_pb2.Heartbeat) -> bool:
-        """Keep the node's lease alive; False when it has expired (the agent must re-register)."""
+        """Renew the node's liveness; False when its lease time ran out (re-register)."""
         return self._nodes.heartbeat(session, hb)
 
     def disconnected(self, session: AgentSession) -> None:

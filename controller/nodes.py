@@ -122,9 +122,9 @@ class Nodes:
         return {kv.key.rsplit("/", 1)[1] for kv in nodes}
 
     async def _refresh_leases(self, leases: list[int]) -> None:
-        """Renew each node's lease once at takeover, so that it lives a full TTL from now:
-        nobody renewed it while no controller led, and its agent needs a moment to find
-        this one."""
+        """Renew each lease of the nodes' records once at takeover, so that it lives a full
+        TTL from now: nobody renewed it while no controller led, and the agents need a moment
+        to find this one."""
         gate = asyncio.Semaphore(_REFRESH_CONCURRENCY)
 
         async def refresh(lease: int) -> None:
