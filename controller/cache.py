@@ -47,9 +47,11 @@ class NodeState:
     # The node id of the agent that last registered (kept in its work dir).
     node_id: str = ""
     lease_id: int = 0
+    # The etcd revision that wrote the node's record at its registration (0: not this term).
+    record_revision: int = 0
     # When the agent last beat (time.monotonic()); 0 before its first.
     last_heartbeat: float = 0.0
-    # When the node last renewed its lease (registration or heartbeat; time.monotonic()).
+    # When the node last renewed its liveness (registration or heartbeat; time.monotonic()).
     last_contact: float = 0.0
     # How long its agent keeps working without contact (Register.disconnect_grace), seconds.
     disconnect_grace: float = 0.0

@@ -157,6 +157,8 @@ class Engine:
         self._committer.start()
         self._tasks.append(asyncio.create_task(self._placer.loop(), name="scheduler"))
         self._tasks.append(asyncio.create_task(self._nodes.watch(revision + 1), name="node-watch"))
+        self._tasks.append(asyncio.create_task(self._nodes.sweep(), name="node-sweep"))
+        self._tasks.append(asyncio.create_task(self._nodes.lease.keep_alive(), name="node-lease"))
         if self.config.retention > 0:
             self._tasks.append(asyncio.create_task(self._retention.loop(), name="retention"))
         # Attempts bound to nodes that are gone get a lease TTL to re-register before they are
@@ -256,9 +258,9 @@ class Engine:
         """Record a node, bind it to a lease, apply its pending reports, reconcile its attempts."""
         return await self._nodes.register(session, reg)
 
-    async def heartbeat(self, session: AgentSession, hb: agent_pb2.Heartbeat) -> bool:
-        """Keep the node's lease alive; False when it has expired (the agent must re-register)."""
-        return await self._nodes.heartbeat(session, hb)
+    def heartbeat(self, session: AgentSession, hb: agent_pb2.Heartbeat) -> bool:
+        """Renew the node's liveness; False when its lease time ran out (re-register)."""
+        return self._nodes.heartbeat(session, hb)
 
     def disconnected(self, session: AgentSession) -> None:
         """The agent's stream ended. Its node stays until the lease expires."""

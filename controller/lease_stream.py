@@ -1,8 +1,9 @@
 """One etcd ``LeaseKeepAlive`` stream shared by every lease a controller renews.
 
-A heartbeat renews its node's lease. Opening a bidirectional stream per renewal (what the
+Node records share a term's lease (:mod:`tether.controller.term_lease`), but a new leader
+renews every lease it finds at takeover. Opening a bidirectional stream per renewal (what the
 client library's ``keep_alive`` does) costs a stream setup and teardown on both sides each
-time — at thousands of nodes most of the controller's CPU. etcd answers keep-alive requests
+time — for thousands of leases most of the controller's CPU. etcd answers keep-alive requests
 on one stream in order, each answer naming its lease, so one long-lived stream carries them
 all: a renewal is one small message each way.
 """

@@ -18,9 +18,16 @@ from tether.controller.attempts import Attempts
 from tether.controller.cache import Cache, NodeState
 from tether.controller.config import ControllerConfig
 from tether.controller.dispatch import Dispatch
-from tether.controller.errors import AlreadyExists, NotFound, NotLeader, OutOfRange
+from tether.controller.errors import (
+    AlreadyExists,
+    NotFound,
+    NotLeader,
+    OutOfRange,
+    StoreUnavailable,
+)
 from tether.controller.records import AgentSession, now
-from tether.controller.store import Delete, Put, Store
+from tether.controller.store import Delete, Put, Store, mod_revision_is
+from tether.controller.term_lease import TermLease
 from tether.controller.timers import Timers
 from tether.sdk.telemetry import get_logger
 
@@ -29,6 +36,10 @@ __all__ = ["Nodes", "grace_deadline"]
 log = get_logger("controller.engine")
 # Lease renewals in flight at once when a new leader takes over.
 _REFRESH_CONCURRENCY = 64
+# Registrations writing to etcd at once. Thousands of agents register together after a
+# failover; unbounded, their transactions queue on the etcd channel ahead of the leader's own
+# lease renewal, and the new leader loses its lease to the very agents it serves.
+_REGISTER_CONCURRENCY = 64
 
 
 def _schedule_state(st: NodeState) -> str:
@@ -82,6 +93,12 @@ class Nodes:
         self.cache = cache
         self.attempts = attempts
         self.dispatch = dispatch
+        # The lease of the records of nodes registered with this term; liveness is in memory.
+        self.lease = TermLease(store, config.lease_ttl)
+        self._registering = asyncio.Semaphore(_REGISTER_CONCURRENCY)
+        # Nodes whose record the sweep is deleting (their agents stopped beating).
+        self._expiring: set[str] = set()
+        self._expiries: set[asyncio.Task] = set()
 
     async def load(self, revision: int) -> set[str]:
         """Read the registered nodes' leases and the operators' cordons and drains at
@@ -98,16 +115,16 @@ class Nodes:
             st.last_contact = taken_over
             st.disconnect_grace = max(st.disconnect_grace, float(self.config.lease_ttl))
             self.awaited.add(node.name)
-        await self._refresh_leases([kv.lease for kv in nodes if kv.lease])
+        await self._refresh_leases(sorted({kv.lease for kv in nodes if kv.lease}))
         controls, _ = await self.store.range(self.keys.node_controls, revision=revision)
         for kv in controls:
             self._apply_control(kv.key.rsplit("/", 1)[1], t.NodeControl.FromString(kv.value))
         return {kv.key.rsplit("/", 1)[1] for kv in nodes}
 
     async def _refresh_leases(self, leases: list[int]) -> None:
-        """Renew each node's lease once at takeover, so that it lives a full TTL from now:
-        nobody renewed it while no controller led, and its agent needs a moment to find
-        this one."""
+        """Renew each lease of the nodes' records once at takeover, so that it lives a full
+        TTL from now: nobody renewed it while no controller led, and the agents need a moment
+        to find this one."""
         gate = asyncio.Semaphore(_REFRESH_CONCURRENCY)
 
         async def refresh(lease: int) -> None:
@@ -192,10 +209,16 @@ class Nodes:
         self, session: AgentSession, reg: agent_pb2.Register
     ) -> agent_pb2.Registered:
         """Record a node, bind it to a lease, apply its pending reports, reconcile its attempts."""
+        async with self._registering:
+            return await self._register(session, reg)
+
+    async def _register(
+        self, session: AgentSession, reg: agent_pb2.Register
+    ) -> agent_pb2.Registered:
         self._check_open()
         st = self.cache.node(reg.node)
         _check_claim(st, session, reg)
-        lease = await self._lease_for(st)
+        lease = await self.lease.get()
         self._check_open()
         _check_claim(st, session, reg)  # again: another agent may have registered meanwhile
         # Claim the node before the write, so no other agent's record can overwrite ours.
@@ -214,17 +237,20 @@ class Nodes:
             address=reg.address,
         )
         try:
-            await self.store.txn(
+            _, revision = await self.store.txn(
                 [], [Put(self.keys.node(reg.node), node.SerializeToString(), lease)]
             )
             self._check_open()
-        except BaseException:
+        except BaseException as e:
             if st.session is session:
                 st.session, st.node_id = old, old_id
+            if isinstance(e, Exception) and not isinstance(e, NotLeader):
+                await self.lease.check(lease)
             raise
         if old is not None and old is not session:
             old.close()  # the same agent coming back: its old stream is dead
         self.awaited.discard(reg.node)
+        self._expiring.discard(reg.node)
         st.capacity.CopyFrom(reg.capacity)
         st.gpu_indices = sorted(g.index for g in reg.gpus)
         st.labels = dict(reg.labels)
@@ -233,6 +259,7 @@ class Nodes:
         st.free_port = reg.free_port
         st.agent_draining = reg.draining
         st.lease_id = lease
+        st.record_revision = revision
         st.last_heartbeat = st.last_contact = time.monotonic()
         grace = reg.disconnect_grace.ToNanoseconds() / 1e9
         st.disconnect_grace = grace if grace > 0 else float(self.config.lease_ttl)
@@ -245,21 +272,6 @@ class Nodes:
         ttl = duration_pb2.Duration(seconds=self.config.lease_ttl)
         log.info("node registered", node=reg.node, cpu=reg.capacity.cpu, gpus=len(reg.gpus))
         return agent_pb2.Registered(heartbeat_interval=interval, lease_ttl=ttl)
-
-    async def _lease_for(self, st: NodeState) -> int:
-        """The node's lease if it is still alive and has the configured TTL, else a new one.
-
-        A lease granted under another ``--lease-ttl`` (before a controller restart with a new
-        setting) is replaced: the node record moves to the new lease, and the old one expires
-        with nothing attached.
-        """
-        if st.lease_id:
-            try:
-                if await self.store.keepalive(st.lease_id) == self.config.lease_ttl:
-                    return st.lease_id
-            except Exception:  # an expired or unknown lease just means a new one
-                pass
-        return await self.store.grant_lease(self.config.lease_ttl)
 
     def _reconcile_agent(
         self, st: NodeState, session: AgentSession, running: set[tuple[str, str, int]]
@@ -300,17 +312,40 @@ class Nodes:
             ):
                 self.dispatch.cancel(session, run_id, name, attempt, "stale attempt")
 
-    async def heartbeat(self, session: AgentSession, hb: agent_pb2.Heartbeat) -> bool:
-        """Keep the node's lease alive; False when it has expired (the agent must re-register).
+    def heartbeat(self, session: AgentSession, hb: agent_pb2.Heartbeat) -> bool:
+        """Renew the node's liveness; False when its lease time ran out (the agent must
+        re-register), as etcd answers the renewal of an expired lease.
 
-        Also compares what the agent runs with what it should: an attempt RUNNING here that
-        the agent has not listed in two heartbeats in a row (its final report would have come
-        in between) was lost on the node, and is retried.
+        No etcd request: the node's record is on the term's lease (:class:`TermLease`), and
+        :meth:`sweep` deletes it once the node has not beaten for a lease TTL. Also compares
+        what the agent runs with what it should: an attempt RUNNING here that the agent has
+        not listed in two heartbeats in a row (its final report would have come in between)
+        was lost on the node, and is retried.
+
+        Raises:
+            StoreUnavailable: etcd has not confirmed the term's lease lately; the ack would
+                vouch for a contact that the store may not have seen.
         """
         self._check_open()
         st = self.cache.nodes.get(session.node)
         if st is None or st.session is not session:
             return False
+        beat = time.monotonic()
+        if st.lease_id != self.lease.id or beat - st.last_contact > self.config.lease_ttl:
+            return False
+        if not self.lease.confirmed(beat):
+            raise StoreUnavailable("etcd has not confirmed the node lease lately")
+        if st.attempts or st.unlisted:
+            self._check_running(st, hb)
+        if hb.free_port and hb.free_port <= 65535:
+            st.free_port = hb.free_port
+        if hb.draining != st.agent_draining:
+            st.agent_draining = hb.draining
+            log.info("node draining itself", node=st.name, draining=hb.draining)
+        st.last_heartbeat = st.last_contact = beat
+        return True
+
+    def _check_running(self, st: NodeState, hb: agent_pb2.Heartbeat) -> None:
         listed = {(r.run_id, r.task, r.attempt) for r in hb.running}
         missing = set()
         for run_id, name in list(st.attempts):
@@ -324,16 +359,37 @@ class Nodes:
                 else:
                     missing.add(key)
         st.unlisted = missing
-        if 0 < hb.free_port <= 65535:
-            st.free_port = hb.free_port
-        if hb.draining != st.agent_draining:
-            st.agent_draining = hb.draining
-            log.info("node draining itself", node=st.name, draining=hb.draining)
-        st.last_heartbeat = time.monotonic()
-        ttl = await self.store.keepalive(st.lease_id)
-        if ttl > 0:
-            st.last_contact = time.monotonic()
-        return ttl > 0
+
+    async def sweep(self) -> None:
+        """Delete the record of each node of this term whose agent has not beaten for a
+        lease TTL (what etcd did to a node's own lease); the node watch then loses it."""
+        ttl = self.config.lease_ttl
+        # etcd checks its leases' expiry every 500 ms; so often, or more at short TTLs.
+        period = min(0.5, ttl / 10)
+        while True:
+            await asyncio.sleep(period)
+            lease = self.lease.id
+            if not lease:
+                continue
+            due = time.monotonic() - ttl
+            for st in self.cache.nodes.values():
+                if st.lease_id == lease and st.last_contact < due and st.name not in self._expiring:
+                    self._expiring.add(st.name)
+                    task = asyncio.create_task(self._expire(st.name, st.record_revision))
+                    self._expiries.add(task)
+                    task.add_done_callback(self._expiries.discard)
+
+    async def _expire(self, name: str, revision: int) -> None:
+        """Delete a silent node's record unless it changed since (its agent registered again)."""
+        key = self.keys.node(name)
+        deleted = False
+        try:
+            deleted, _ = await self.store.txn([mod_revision_is(key, revision)], [Delete(key)])
+        except Exception as e:  # etcd away or leadership lost: the next sweep tries again
+            log.warning("could not expire node record", node=name, error=str(e) or repr(e))
+        finally:
+            if not deleted:  # else the node watch hears of the delete, and forgets it
+                self._expiring.discard(name)
 
     def disconnected(self, session: AgentSession) -> None:
         """The agent's stream ended. Its node stays until the lease expires."""
@@ -349,17 +405,24 @@ class Nodes:
     def close_sessions(self) -> None:
         """End every agent stream (the engine is stopping; agents reconnect to the leader)."""
         self.closed = True
+        for task in list(self._expiries):
+            task.cancel()
         for node in self.cache.nodes.values():
             if node.session:
                 node.session.close()
 
-    def _node_deleted(self, name: str, lease: int) -> None:
+    def _node_deleted(self, name: str, lease: int, revision: int = 0) -> None:
+        self._expiring.discard(name)
         st = self.cache.nodes.get(name)
         if st is None:
             return
         if lease and st.lease_id and lease != st.lease_id:
             # The record of an old lease expired after the agent had already registered
             # again under a new one: the node is alive.
+            return
+        if revision and revision < st.record_revision:
+            # A record deleted before the agent registered again (on the same term's lease):
+            # the node is alive.
             return
         if st.session is not None:
             st.session.close()
@@ -399,7 +462,7 @@ class Nodes:
                 async for ev in self.store.watch(self.keys.nodes, revision):
                     revision = ev.revision + 1
                     if ev.deleted:
-                        self._node_deleted(ev.key.rsplit("/", 1)[1], ev.prev_lease)
+                        self._node_deleted(ev.key.rsplit("/", 1)[1], ev.prev_lease, ev.revision)
             except asyncio.CancelledError:
                 raise
             except OutOfRange:

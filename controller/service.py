@@ -405,7 +405,7 @@ class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
                     log.error("refused state change", node=session.node, error=str(e))
                     continue
                 if kind == "heartbeat":
-                    if not await engine.heartbeat(session, msg.heartbeat):
+                    if not engine.heartbeat(session, msg.heartbeat):
                         log.warning("lease expired; asking agent to re-register", node=session.node)
                         break
                     session.send(

@@ -5,7 +5,7 @@ Everything the controller persists goes through this module, so the etcd client 
 
 Key layout under the configured prefix ``P``::
 
-    P/nodes/<node>          Node     (bound to the node's lease)
+    P/nodes/<node>          Node     (bound to the node lease of the term it registered in)
     P/runs/<run>            Run      (no tasks inside: they are keys of their own)
     P/tasks/<run>/<task>    TaskRun
     P/requests/<sha256>     run id   (idempotent submit)

@@ -48,6 +48,21 @@ class SimAgent:
         )
 
     async def run(self) -> None:
+        # Of thousands of streams opened at once, a few fail before their registration is
+        # answered (INTERNAL, "Failed execute_batch", or CANCELLED); a real agent would
+        # reconnect with backoff, and so does this one — but only until it is registered.
+        backoff = 0.1
+        while True:
+            try:
+                return await self._session()
+            except grpc.aio.AioRpcError:
+                if self.registered.is_set():
+                    raise
+                self._outbox = asyncio.Queue()
+                await asyncio.sleep(random.uniform(backoff / 2, backoff))
+                backoff = min(2.0, backoff * 2)
+
+    async def _session(self) -> None:
         self._outbox.put_nowait(agent_pb2.AgentMessage(register=self._register()))
 
         async def requests():
