@@ -80,6 +80,13 @@ def test_both_endpoints_move_with_a_run(metered: Mesh, tmp_path):
     # While `ok` runs, the agent's gauge and the controller's per-node gauges (built at
     # scrape time) show it.
     wait_for(lambda: value(scrape(agent_port), "tether_agent_attempts_running") == 1, 20, "running")
+    # The controller counts an attempt until its final report is in: `bad` and `unstartable`
+    # end at once, but their reports may still be on the way.
+    wait_for(
+        lambda: value(scrape(ctl_port), "tether_node_running_attempts", node="n1") == 1,
+        20,
+        "the controller's count of running attempts",
+    )
     during = scrape(ctl_port)
     assert value(during, "tether_node_running_attempts", node="n1") == 1
     assert value(during, "tether_runs_active") == 1
