@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from opentelemetry import trace
 
@@ -78,6 +78,7 @@ class Placer:
         durations: Durations | None = None,
         aging: float = 0.0,
         tracer: trace.Tracer | None = None,
+        window: int = 1024,
     ) -> None:
         self.tracer = tracer or trace.get_tracer("tether.controller")
         self.cache = cache
@@ -88,6 +89,7 @@ class Placer:
         self.policy = policy
         self.durations = durations
         self.aging = aging
+        self.window = window
         # Tasks whose victims are being stopped -> those victims: no second preemption for
         # them until the first is over.
         self.preempting: dict[TaskKey, set[TaskKey]] = {}
@@ -97,11 +99,17 @@ class Placer:
         while True:
             await self.cache.wakeup.wait()
             self.cache.wakeup.clear()
+            start = time.perf_counter()
             try:
                 self.schedule_pass()
             except Exception:  # a bug in one pass must not stop scheduling
                 log.exception("scheduling pass failed")
-            await asyncio.sleep(0)
+            if len(self.cache.ready) > self.window:
+                # A long queue: let reports gather for about as long as the pass took, so that
+                # the next one places a batch instead of the one slot freed meanwhile.
+                await asyncio.sleep(min(time.perf_counter() - start, 0.01))
+            else:
+                await asyncio.sleep(0)
 
     def learned(self, workflow: str) -> None:
         """Durations of ``workflow`` were read: its runs' critical paths are computed again."""
@@ -110,17 +118,24 @@ class Placer:
                 run.ranks = None
         self.cache.kick()
 
-    def _queue(self) -> list[tuple[TaskKey, TaskEntry]]:
-        """The ready queue in order; entries no longer READY leave it."""
-        out = []
-        for key in list(self.cache.ready):
+    def _windows(self) -> Iterator[list[tuple[TaskKey, TaskEntry]]]:
+        """The ready queue in order, ``window`` tasks at a time; entries no longer READY
+        leave it. Planning all of a 100,000-task fan-out for each freed slot would cost
+        O(queue) per task, so a pass plans the oldest tasks first and goes on to the next
+        window only while a node still has a free slot."""
+        out: list[tuple[TaskKey, TaskEntry]] = []
+        for key in list(self.cache.ready):  # a copy: binding takes keys out of the queue
             _, e = self.cache.task(*key)
             if e is None or e.msg.state != lc.READY:
                 self.cache.ready.pop(key, None)
                 self.preempting.pop(key, None)
                 continue
             out.append((key, e))
-        return out
+            if len(out) == self.window:
+                yield out
+                out = []
+        if out:
+            yield out
 
     def _ranks(self, run: RunEntry) -> dict[str, float]:
         if run.ranks is None:
@@ -163,7 +178,12 @@ class Placer:
         """Place what can be placed now; note why tasks no node can hold are waiting."""
         if not self.cache.ready:
             return
-        queue = self._queue()
+        for window in self._windows():
+            self._plan_window(window)
+            if not any(v.has_slot for v in self.cache.connected_views()):
+                return
+
+    def _plan_window(self, queue: list[tuple[TaskKey, TaskEntry]]) -> None:
         clock = time.monotonic()
         while queue:
             ready = [self._request(i, k, e, clock) for i, (k, e) in enumerate(queue)]
