@@ -32,6 +32,9 @@ from tether.sdk.templating import TemplateError
 
 __all__ = ["Placer", "constraints_of", "run_ranks"]
 
+# Runs with more tasks than this are placed without critical paths (FIFO within a priority).
+RANKS_MAX_TASKS = 10_000
+
 # Most rejected nodes a scheduling span lists.
 MAX_REJECTED = 16
 
@@ -139,8 +142,13 @@ class Placer:
 
     def _ranks(self, run: RunEntry) -> dict[str, float]:
         if run.ranks is None:
-            learned = self.durations.of(run.msg.workflow_name) if self.durations else {}
-            run.ranks = run_ranks(run, learned)
+            if len(run.tasks) > RANKS_MAX_TASKS:
+                # Seconds of Python for 100,000 tasks, on the loop or (worse: the loop then
+                # waits for the GIL at every step, past the leader's lease) in a thread.
+                run.ranks = {}
+            else:
+                learned = self.durations.of(run.msg.workflow_name) if self.durations else {}
+                run.ranks = run_ranks(run, learned)
         return run.ranks
 
     def _request(self, i: int, key: TaskKey, e: TaskEntry, clock: float) -> TaskRequest:

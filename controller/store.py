@@ -33,9 +33,10 @@ from tether.controller.lease_stream import LeaseStream
 __all__ = ["Delete", "Event", "KeyValue", "Keys", "Put", "Store"]
 
 # etcd refuses a transaction with more than 128 operations (--max-txn-ops) and a request
-# above 1.5 MiB (--max-request-bytes); stay well inside both.
+# above 1.5 MiB (--max-request-bytes); stay well inside both. Small requests also keep the
+# raft log and the leader's lease renewals moving while a big run is written.
 MAX_TXN_OPS = 120
-MAX_TXN_BYTES = 1024 * 1024
+MAX_TXN_BYTES = 192 * 1024
 _RANGE_PAGE = 1000
 
 

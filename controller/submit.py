@@ -9,6 +9,8 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from etcd3aio._protobuf import Compare
+
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
@@ -21,7 +23,10 @@ from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import get_logger
 from tether.sdk.validation import LIMITS, Limits, validate_params, validate_workflow
 
-__all__ = ["Submitter"]
+__all__ = ["CHUNKS_IN_FLIGHT", "Submitter"]
+
+# Transactions of one large submit written at once.
+CHUNKS_IN_FLIGHT = 8
 
 log = get_logger("controller.engine")
 
@@ -162,7 +167,7 @@ class Submitter:
                 self._build, spec, params, request_id, traceparent, first, extra
             )
         run = new.run
-        wrote_all = await self._write_chunks(new.groups, resumed)
+        revisions = await self._write_chunks(new.groups, resumed)
         done = f"{run.msg.id} {fingerprint}".encode()
         ok, revision = await self.store.txn(
             [mod_revision_is(run.key, 0), mod_revision_is(req_key, marker_rev)],
@@ -174,8 +179,8 @@ class Submitter:
                 raise Conflict("a submit with this request id is under way; retry")
             await self.ensure_loaded(run.msg.id)
             return run.msg.id, True
-        if wrote_all:
-            self._take_up(new, revision)
+        if revisions is not None:
+            self._take_up(new, revision, revisions)
         else:
             # The interrupted submit wrote some tasks: their revisions are etcd's to tell.
             await self.ensure_loaded(run.msg.id)
@@ -225,41 +230,65 @@ class Submitter:
         run = RunEntry(self.keys.run(run_id), run_msg, 0)
         return _NewRun(spec, params, run, entries, groups)
 
-    async def _write_chunks(self, groups: list[list[Put]], resumed: bool) -> bool:
+    async def _write_chunks(self, groups: list[list[Put]], resumed: bool) -> dict[str, int] | None:
         """Write every task's keys, each transaction creating at most ``txn_bytes`` of them
-        (a task's keys may span two). Return whether this call created every key: a resumed
-        submit skips what the interrupted one wrote."""
-        wrote_all = True
-        chunk: list[Put] = []
+        (a task's keys may span two). Return each key's revision, or None when this call did
+        not create every key (a resumed submit skips what the interrupted one wrote)."""
+        chunks: list[list[Put]] = [[]]
         size = 0
         for p in (p for g in groups for p in g):
+            chunk = chunks[-1]
             if chunk and (len(chunk) >= MAX_TXN_OPS or size + _size(p) > self.txn_bytes):
-                wrote_all &= await self._write_chunk(chunk, resumed)
-                chunk, size = [], 0
+                chunks.append(chunk := [])
+                size = 0
             chunk.append(p)
             size += _size(p)
-        if chunk:
-            wrote_all &= await self._write_chunk(chunk, resumed)
-        return wrote_all
+        # A few in flight: nothing reads them before the commit, so their order is free, and
+        # etcd commits concurrent transactions together (one fsync for several).
+        gate = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
 
-    async def _write_chunk(self, chunk: list[Put], resumed: bool) -> bool:
-        ok, _ = await self.store.txn([mod_revision_is(p.key, 0) for p in chunk], chunk)
+        async def write(chunk: list[Put]) -> int:
+            async with gate:
+                return await self._write_chunk(chunk, resumed)
+
+        results = await asyncio.gather(*(write(c) for c in chunks if c))
+        if not all(results):
+            return None
+        return {p.key: rev for c, rev in zip(chunks, results, strict=True) for p in c}
+
+    async def _write_chunk(self, chunk: list[Put], resumed: bool) -> int:
+        """Create the chunk's keys; return the revision, or 0 if some existed already."""
+        ok, revision = await self.store.txn([mod_revision_is(p.key, 0) for p in chunk], chunk)
         if ok:
-            return True
+            return revision
         if not resumed:
             raise FailedPrecondition("run id collision; submit again")
-        # Written, whole or in part, before the interruption (chunks may have been cut
-        # elsewhere then): create each key still missing.
+        # Written before the interruption: usually the whole chunk (one check), else in part
+        # (chunks were cut elsewhere then): create each key still missing.
+        exists = [
+            Compare(
+                key=p.key.encode(),
+                target=Compare.CompareTarget.MOD,
+                result=Compare.CompareResult.GREATER,
+                mod_revision=0,
+            )
+            for p in chunk
+        ]
+        if (await self.store.txn(exists, []))[0]:
+            return 0
         for p in chunk:
             await self.store.txn([mod_revision_is(p.key, 0)], [p])
-        return False
+        return 0
 
-    def _take_up(self, new: _NewRun, revision: int) -> None:
-        """Cache the run just written and queue its tasks that can start."""
+    def _take_up(
+        self, new: _NewRun, revision: int, revisions: dict[str, int] | None = None
+    ) -> None:
+        """Cache the run just written (``revisions``: of tasks written before it) and queue
+        its tasks that can start."""
         run = new.run
         run.rev = revision
         for e in new.entries:
-            e.rev = revision
+            e.rev = revisions[e.key] if revisions else revision
             run.tasks[e.msg.spec.name] = e
             run.unfinished += 1
         for e in new.entries:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import tempfile
 import time
 import urllib.request
@@ -97,6 +98,12 @@ def metric(metrics_address: str, name: str) -> float:
 async def run_sim(args, etcd: EtcdProcess, tmp: Path) -> dict:
     metrics_address = f"127.0.0.1:{free_port()}"
     extra = ["--max-tasks-per-run", str(args.width + 2), "--metrics-listen", metrics_address]
+    if args.leader_ttl:
+        extra += ["--leader-ttl", str(args.leader_ttl)]
+    if args.policy:
+        extra += ["--policy", args.policy]
+    if os.environ.get("BENCH_LOG_LEVEL"):
+        extra += ["--log-level", os.environ["BENCH_LOG_LEVEL"]]
     async with controller_process(etcd.endpoint, tmp / "controller.log", *extra) as (addr, pid):
         async with SimAgents(addr, args.agents, slots=args.slots, channels=args.channels):
             before = etcd_requests(etcd.endpoint)
@@ -161,6 +168,10 @@ def main() -> None:
         "--real-agents", type=int, default=0, help="run N real agents (process runtime) instead"
     )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds the run may take")
+    ap.add_argument("--policy", default="", help="the controller's --policy (default: its own)")
+    ap.add_argument(
+        "--leader-ttl", type=int, default=0, help="the controller's --leader-ttl (0: its default)"
+    )
     args = ap.parse_args()
     from tether.sdk.telemetry import setup_logging
 
