@@ -19,6 +19,7 @@ from tether.controller import gangs
 from tether.controller import lifecycle as lc
 from tether.controller.records import AgentSession, RunEntry, TaskEntry
 from tether.controller.scheduler import NodeView, Running
+from tether.sdk.constants import DEFAULT_PRIORITY
 
 __all__ = ["Cache", "NodeSnapshot", "NodeState", "Snapshot"]
 
@@ -130,6 +131,9 @@ class Cache:
         self.nodes: dict[str, NodeState] = {}
         # READY tasks in the order they became ready, each with its place in that order.
         self.ready: dict[TaskKey, int] = {}
+        # The ready tasks above the default priority (a subset of ``ready``): placement
+        # plans them first however long the queue.
+        self.urgent: dict[TaskKey, int] = {}
         self._ready_seq = 0
         self.ready_since: dict[TaskKey, float] = {}
         # Runs being rebuilt from etcd after a conflicting write: reports about them wait.
@@ -158,6 +162,9 @@ class Cache:
         if key not in self.ready:
             self._ready_seq += 1
             self.ready[key] = self._ready_seq
+            _, e = self.task(*key)
+            if e is not None and e.msg.spec.priority > DEFAULT_PRIORITY:
+                self.urgent[key] = self._ready_seq
         self.ready_since.setdefault(key, time.monotonic())
 
     def account(self, e: TaskEntry, sign: int) -> None:

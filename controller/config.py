@@ -133,6 +133,15 @@ class ControllerConfig:
         "priorities are never starved, e.g. 30s; 0 turns aging off.",
         flag="--priority-aging",
     )
+    schedule_window: int = setting(
+        1024,
+        description="READY tasks a scheduling pass orders at a time, oldest first: "
+        "priorities, aging and policies order the tasks within a window, and the pass goes "
+        "on to the next window only while a node has a free slot; tasks above the default "
+        "priority always join the first window. It keeps a pass's cost bounded with 100,000 "
+        "tasks ready.",
+        flag="--schedule-window",
+    )
     metrics_listen: str = setting(
         "",
         description="host:port serving Prometheus metrics at /metrics over HTTP; empty "
@@ -184,6 +193,12 @@ class ControllerConfig:
         description="Largest gRPC message received or sent.",
         flag="--max-message-bytes",
     )
+    submit_txn_bytes: ByteSize = setting(
+        128 * 1024,
+        description="Largest etcd transaction a submit writes tasks in: a bigger run is "
+        "written in several, and becomes visible only with its last one.",
+        flag="--submit-txn-bytes",
+    )
     limits: Limits = setting(
         default_factory=Limits,
         description="Sizes and counts a request may not exceed (refused with "
@@ -232,6 +247,10 @@ class ControllerConfig:
             raise ValueError("retention: must be >= 0")
         if self.priority_aging < 0:
             raise ValueError("priority_aging: must be >= 0")
+        if not 1024 <= self.submit_txn_bytes <= 1024 * 1024:
+            raise ValueError("submit_txn_bytes: must be between 1KiB and 1MiB")
+        if self.schedule_window < 1:
+            raise ValueError("schedule_window: must be >= 1")
         if self.policy not in POLICIES:
             known = ", ".join(sorted(POLICIES))
             raise ValueError(f"policy: unknown {self.policy!r}; known: {known}")

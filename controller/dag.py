@@ -5,6 +5,7 @@ dependents, and what a run's outcome is. Pure: it changes cached records, never 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tether.api.v1 import types_pb2 as t
@@ -53,13 +54,15 @@ def skip_reason(run: RunEntry, upstream: str) -> str:
     return _skip_message(run.tasks[upstream].msg)
 
 
-def cascade(run: RunEntry, e: TaskEntry, state: int, already_moved: bool = False) -> list[Step]:
-    """Finish ``e`` in ``state`` and carry it down the graph; return every change in order.
+def cascade(run: RunEntry, e: TaskEntry, state: int, already_moved: bool = False) -> Iterator[Step]:
+    """Finish ``e`` in ``state`` and carry it down the graph, yielding every change in order.
 
     Dependents whose last upstream task finished well become READY; dependents of a task that
     finished badly are SKIPPED, and so on down. ``already_moved``: ``e`` is in its final state.
+    Lazy: each change is made as it is yielded, so that a caller can spread a fan-out of
+    100,000 dependents over several turns of the loop; each dependent's state is checked
+    when its turn comes.
     """
-    steps: list[Step] = []
     # A work list, not recursion: a chain may be thousands of tasks long.
     work = [(e, state, already_moved)]
     while work:
@@ -71,7 +74,7 @@ def cascade(run: RunEntry, e: TaskEntry, state: int, already_moved: bool = False
         if not e.msg.HasField("finished_at"):
             e.msg.finished_at.CopyFrom(now())
         run.unfinished -= 1
-        steps.append(Step(e, ready=False))
+        yield Step(e, ready=False)
         ok = satisfies(e.msg)
         for name in e.children:
             child = run.tasks[name]
@@ -81,11 +84,10 @@ def cascade(run: RunEntry, e: TaskEntry, state: int, already_moved: bool = False
                 child.waiting -= 1
                 if child.waiting <= 0:
                     lc.move_task(child.msg, lc.READY)
-                    steps.append(Step(child, ready=True))
+                    yield Step(child, ready=True)
             else:
                 child.msg.message = _skip_message(e.msg)
                 work.append((child, lc.SKIPPED, False))
-    return steps
 
 
 def run_outcome(run: RunEntry) -> tuple[int, str] | None:

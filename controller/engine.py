@@ -110,6 +110,7 @@ class Engine:
             self._durations,
             config.priority_aging,
             tracer,
+            window=config.schedule_window,
         )
         self._submitter = Submitter(
             store,
@@ -118,6 +119,7 @@ class Engine:
             cancels.arm_deadline,
             config.limits,
             secrets,
+            txn_bytes=config.submit_txn_bytes,
         )
         self._queries = Queries(store, cache)
         self._retention = Retention(store, cache, config.retention)

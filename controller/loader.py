@@ -14,6 +14,7 @@ from tether.controller.attempts import Attempts
 from tether.controller.cache import Cache
 from tether.controller.cancel import Cancels
 from tether.controller.committer import Committer
+from tether.controller.depends_on import restore as restore_depends_on
 from tether.controller.dispatch import Dispatch
 from tether.controller.progress import Progress
 from tether.controller.records import RunEntry, TaskEntry
@@ -61,6 +62,7 @@ class Loader:
         for kv in tasks:
             tm = t.TaskRun.FromString(kv.value)
             run.tasks[tm.spec.name] = TaskEntry(kv.key, tm, kv.mod_revision)
+        await restore_depends_on(self.store, (e.msg for e in run.tasks.values()))
         for e in run.tasks.values():
             for dep in e.msg.spec.depends_on:
                 if dep in run.tasks:

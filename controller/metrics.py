@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -119,6 +119,12 @@ class Metrics:
             "tether_etcd_request_errors",
             "etcd requests that failed (unreachable, no quorum, timeout, refused), by operation.",
             ["operation"],
+            registry=self.registry,
+        )
+        # Set from the store (server.py): how close the controller comes to etcd's request cap.
+        self.etcd_largest_request = Gauge(
+            "tether_etcd_largest_request_bytes",
+            "Largest etcd transaction this controller sent (keys and values), bytes.",
             registry=self.registry,
         )
         self._snapshot: Callable[[], Snapshot] = lambda: Snapshot(leader=False)

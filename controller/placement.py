@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from opentelemetry import trace
 
@@ -32,9 +32,8 @@ from tether.sdk.templating import TemplateError
 
 __all__ = ["Placer", "constraints_of", "run_ranks"]
 
-# Ready queues longer than this are planned at most every _GATHER seconds.
-_LONG_QUEUE = 500
-_GATHER = 0.003
+# Runs with more tasks than this are placed without critical paths (FIFO within a priority).
+RANKS_MAX_TASKS = 10_000
 
 # Most rejected nodes a scheduling span lists.
 MAX_REJECTED = 16
@@ -82,6 +81,7 @@ class Placer:
         durations: Durations | None = None,
         aging: float = 0.0,
         tracer: trace.Tracer | None = None,
+        window: int = 1024,
     ) -> None:
         self.tracer = tracer or trace.get_tracer("tether.controller")
         # A decision's span is a leaf nothing reads but a trace viewer: skipped (with its
@@ -96,6 +96,7 @@ class Placer:
         self.policy = policy
         self.durations = durations
         self.aging = aging
+        self.window = window
         # Tasks whose victims are being stopped -> those victims: no second preemption for
         # them until the first is over.
         self.preempting: dict[TaskKey, set[TaskKey]] = {}
@@ -104,16 +105,18 @@ class Placer:
         """Run a pass each time the cache is kicked, until cancelled."""
         while True:
             await self.cache.wakeup.wait()
-            if len(self.cache.ready) > _LONG_QUEUE:
-                # A pass plans the whole queue; under load, results free a few slots at a
-                # time. Let them gather for a moment so that one pass places many tasks.
-                await asyncio.sleep(_GATHER)
             self.cache.wakeup.clear()
+            start = time.perf_counter()
             try:
                 self.schedule_pass()
             except Exception:  # a bug in one pass must not stop scheduling
                 log.exception("scheduling pass failed")
-            await asyncio.sleep(0)
+            if len(self.cache.ready) > self.window:
+                # A long queue: let reports gather for about as long as the pass took, so that
+                # the next one places a batch instead of the one slot freed meanwhile.
+                await asyncio.sleep(min(time.perf_counter() - start, 0.01))
+            else:
+                await asyncio.sleep(0)
 
     def learned(self, workflow: str) -> None:
         """Durations of ``workflow`` were read: its runs' critical paths are computed again."""
@@ -122,23 +125,62 @@ class Placer:
                 run.ranks = None
         self.cache.kick()
 
-    def _queue(self) -> list[tuple[TaskKey, TaskEntry, int]]:
-        """The ready queue in order, with each task's place; entries no longer READY leave
-        it."""
-        out = []
-        for key, seq in list(self.cache.ready.items()):
-            _, e = self.cache.task(*key)
-            if e is None or e.msg.state != lc.READY:
-                self.cache.ready.pop(key, None)
-                self.preempting.pop(key, None)
+    def _windows(self) -> Iterator[list[tuple[TaskKey, TaskEntry, int]]]:
+        """The ready queue in order, ``window`` tasks at a time, each with its place in the
+        queue; entries no longer READY leave it. Planning all of a 100,000-task fan-out for
+        each freed slot would cost O(queue) per task, so a pass plans the oldest tasks first
+        and goes on to the next window only while a node still has a free slot. Tasks above
+        the default priority (few, kept apart by the cache) join the first window wherever
+        they are in the queue, so that a long queue cannot hold them back."""
+        out: list[tuple[TaskKey, TaskEntry, int]] = []
+        first = True
+        for key, seq in list(self.cache.ready.items()):  # a copy: binding takes keys out
+            entry = self._ready_entry(key)
+            if entry is None:
                 continue
-            out.append((key, e, seq))
+            out.append((key, entry, seq))
+            if len(out) == self.window:
+                if first:
+                    out += self._urgent({k for k, _, _ in out})
+                    first = False
+                yield out
+                out = []
+        if out or first:
+            if first:
+                out += self._urgent({k for k, _, _ in out})
+            yield out
+
+    def _ready_entry(self, key: TaskKey) -> TaskEntry | None:
+        _, e = self.cache.task(*key)
+        if e is None or e.msg.state != lc.READY:
+            self.cache.ready.pop(key, None)
+            self.cache.urgent.pop(key, None)
+            self.preempting.pop(key, None)
+            return None
+        return e
+
+    def _urgent(self, have: set[TaskKey]) -> list[tuple[TaskKey, TaskEntry, int]]:
+        out = []
+        for key, seq in list(self.cache.urgent.items()):
+            if key in have:
+                continue
+            if key not in self.cache.ready:
+                self.cache.urgent.pop(key, None)
+                continue
+            entry = self._ready_entry(key)
+            if entry is not None:
+                out.append((key, entry, seq))
         return out
 
     def _ranks(self, run: RunEntry) -> dict[str, float]:
         if run.ranks is None:
-            learned = self.durations.of(run.msg.workflow_name) if self.durations else {}
-            run.ranks = run_ranks(run, learned)
+            if len(run.tasks) > RANKS_MAX_TASKS:
+                # Seconds of Python for 100,000 tasks, on the loop or (worse: the loop then
+                # waits for the GIL at every step, past the leader's lease) in a thread.
+                run.ranks = {}
+            else:
+                learned = self.durations.of(run.msg.workflow_name) if self.durations else {}
+                run.ranks = run_ranks(run, learned)
         return run.ranks
 
     def _request(self, seq: int, key: TaskKey, e: TaskEntry, clock: float) -> TaskRequest:
@@ -189,7 +231,13 @@ class Placer:
             r.preemptible and not r.stopping for v in views for r in v.attempts
         ):
             return  # nothing can be placed or preempted: the plan would place nothing
-        queue = self._queue()
+        for window in self._windows():
+            self._plan_window(window, views)
+            views = self.cache.connected_views()
+            if not any(v.has_slot for v in views):
+                return
+
+    def _plan_window(self, queue: list[tuple[TaskKey, TaskEntry, int]], views) -> None:
         clock = time.monotonic()
         while queue:
             ready = [self._request(seq, k, e, clock) for k, e, seq in queue]

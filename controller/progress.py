@@ -4,7 +4,9 @@ decisions to the cache and hands each changed record to the committer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import itertools
+from collections.abc import Callable, Iterator
 
 from opentelemetry import trace
 
@@ -20,6 +22,9 @@ from tether.sdk.telemetry import get_logger
 __all__ = ["Progress"]
 
 log = get_logger("controller.engine")
+
+# Most changes a cascade makes in one turn of the loop.
+CASCADE_SLICE = 256
 
 
 class Progress:
@@ -58,8 +63,9 @@ class Progress:
         lc.move_task(e.msg, lc.READY)
         self._readied(run, e)
 
-    def _readied(self, run: RunEntry, e: TaskEntry) -> None:
-        self.committer.mark(e)
+    def _readied(self, run: RunEntry, e: TaskEntry, write: bool = True) -> None:
+        if write:
+            self.committer.mark(e)
         self.cache.enqueue((run.msg.id, e.msg.spec.name))
         self.cache.kick()
 
@@ -71,16 +77,41 @@ class Progress:
         ack: Callable[[], None] | None = None,
         already_moved: bool = False,
     ) -> None:
-        """Finish a task in ``state`` (``ack`` runs once that is in etcd) and cascade."""
-        for step in dag.cascade(run, e, state, already_moved):
+        """Finish a task in ``state`` (``ack`` runs once that is in etcd) and cascade.
+
+        A cascade of more than :data:`CASCADE_SLICE` changes (the start of a wide fan-out)
+        goes on in later turns of the loop: done at once it would hold the loop for seconds,
+        past the leader's lease. Its READY dependents are not written to etcd then: a burst
+        of 100,000 writes would hold up etcd's lease renewals, and READY need not be stored,
+        since a controller that loads the run readies every PENDING task whose upstream tasks
+        are done (their next write, when bound, compares the revision they were stored at)."""
+        wide = len(e.children) > CASCADE_SLICE
+        self._go_on(run, e, dag.cascade(run, e, state, already_moved), ack, not wide)
+
+    def _go_on(
+        self,
+        run: RunEntry,
+        e: TaskEntry,
+        steps: Iterator[dag.Step],
+        ack: Callable[[], None] | None,
+        write_ready: bool = True,
+    ) -> None:
+        if self.cache.runs.get(run.msg.id, run) is not run:
+            return  # reloaded from etcd meanwhile: the fresh copy is reconciled as a whole
+        done = 0
+        for step in itertools.islice(steps, CASCADE_SLICE):
+            done += 1
             if step.ready:
-                self._readied(run, step.entry)
+                self._readied(run, step.entry, write_ready)
                 continue
             m = step.entry.msg
             self.cache.ready_since.pop((run.msg.id, m.spec.name), None)
             self.metrics.tasks_finished.labels(lc.task_state_name(m.state)).inc()
             self.committer.mark(step.entry, ack if step.entry is e else None)
-        self.finish_run_if_done(run)
+        if done < CASCADE_SLICE:
+            self.finish_run_if_done(run)
+        else:
+            asyncio.get_running_loop().call_soon(self._go_on, run, e, steps, None, write_ready)
 
     def finish_run_if_done(self, run: RunEntry) -> None:
         """Give a run whose tasks have all finished its final state."""

@@ -12,6 +12,7 @@ from tether.api.v1 import controller_pb2
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
+from tether.controller.depends_on import restore as restore_depends_on
 from tether.controller.errors import NotFound
 from tether.controller.store import Event, Store
 
@@ -50,6 +51,7 @@ class Queries:
         if with_tasks:
             tasks, _ = await self.store.range(self.keys.tasks_of(run_id))
             out.tasks.extend(_by_index(t.TaskRun.FromString(x.value) for x in tasks))
+            await restore_depends_on(self.store, out.tasks)
         return out
 
     async def get_task(self, run_id: str, task: str) -> t.TaskRun:
@@ -71,7 +73,9 @@ class Queries:
         kv = await self.store.get(self.keys.task(run_id, task))
         if kv is None:
             raise NotFound(f"task {task!r} not found in run {run_id}")
-        return t.TaskRun.FromString(kv.value)
+        out = t.TaskRun.FromString(kv.value)
+        await restore_depends_on(self.store, [out])
+        return out
 
     async def list_runs(self, size: int, start_id: str | None) -> tuple[list[t.Run], bool]:
         """Up to ``size`` runs, newest first, from ``start_id`` on; and whether more follow."""
@@ -121,6 +125,7 @@ class Queries:
                 for kv in tasks:
                     seen[kv.key] = kv.mod_revision
                 run.tasks.extend(_by_index(t.TaskRun.FromString(kv.value) for kv in tasks))
+                await restore_depends_on(store, run.tasks, revision)
                 yield controller_pb2.RunEvent(snapshot=run, run_state=run.state, revision=revision)
                 if run.state in lc.RUN_TERMINAL:
                     return
@@ -142,9 +147,9 @@ class Queries:
             if ev.key != run_key:
                 if seen.get(ev.key, 0) < ev.revision:
                     seen[ev.key] = ev.revision
-                    yield controller_pb2.RunEvent(
-                        task=t.TaskRun.FromString(ev.value), run_state=state, revision=ev.revision
-                    )
+                    task = t.TaskRun.FromString(ev.value)
+                    await restore_depends_on(self.store, [task])
+                    yield controller_pb2.RunEvent(task=task, run_state=state, revision=ev.revision)
                 continue
             state = t.Run.FromString(ev.value).state
             if state in lc.RUN_TERMINAL:
@@ -154,8 +159,10 @@ class Queries:
                 for kv in sorted(tasks, key=lambda kv: kv.mod_revision):
                     if seen.get(kv.key, 0) < kv.mod_revision and kv.mod_revision > revision:
                         seen[kv.key] = kv.mod_revision
+                        task = t.TaskRun.FromString(kv.value)
+                        await restore_depends_on(self.store, [task])
                         yield controller_pb2.RunEvent(
-                            task=t.TaskRun.FromString(kv.value),
+                            task=task,
                             run_state=state,
                             revision=kv.mod_revision,
                         )

@@ -12,6 +12,7 @@ from google.protobuf import timestamp_pb2
 
 from tether.api.v1 import agent_pb2
 from tether.api.v1 import types_pb2 as t
+from tether.controller.depends_on import stored_record
 
 __all__ = ["AgentSession", "RunEntry", "TaskEntry", "new_run_id", "now"]
 
@@ -47,7 +48,7 @@ class TaskEntry:
     request: Any = None
 
     def serialize(self) -> bytes:
-        return self.msg.SerializeToString()
+        return stored_record(self.msg)
 
 
 @dataclass(eq=False)

@@ -50,7 +50,11 @@ class Retention:
                 continue
             if msg.finished_at.ToNanoseconds() / 1e9 > cutoff:
                 continue
-            ops = [Delete(kv.key), Delete(self.keys.tasks_of(msg.id), prefix=True)]
+            ops = [
+                Delete(kv.key),
+                Delete(self.keys.tasks_of(msg.id), prefix=True),
+                Delete(self.keys.deps_of(msg.id), prefix=True),
+            ]
             if msg.request_id:
                 ops.append(Delete(self.keys.request(msg.request_id)))
             # Compare: the run is still the finished record we read (nobody revived it).

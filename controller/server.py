@@ -73,6 +73,7 @@ class ControllerServer:
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
         self.store.observe = self.metrics.observe_etcd
+        self.metrics.etcd_largest_request.set_function(lambda: self.store.max_request_bytes)
         self.metrics_port = 0
         self.port = 0
         self._server: grpc.aio.Server | None = None

@@ -8,6 +8,7 @@ Key layout under the configured prefix ``P``::
     P/nodes/<node>          Node     (bound to the node lease of the term it registered in)
     P/runs/<run>            Run      (no tasks inside: they are keys of their own)
     P/tasks/<run>/<task>    TaskRun
+    P/deps/<run>/<task>/<n> DependsOnPart (a long depends_on list, written once)
     P/requests/<sha256>     run id   (idempotent submit)
 """
 
@@ -32,9 +33,10 @@ from tether.controller.lease_stream import LeaseStream
 __all__ = ["Delete", "Event", "KeyValue", "Keys", "Put", "Store"]
 
 # etcd refuses a transaction with more than 128 operations (--max-txn-ops) and a request
-# above 1.5 MiB (--max-request-bytes); stay well inside both.
+# above 1.5 MiB (--max-request-bytes); stay well inside both. Small requests also keep the
+# raft log and the leader's lease renewals moving while a big run is written.
 MAX_TXN_OPS = 120
-MAX_TXN_BYTES = 1024 * 1024
+MAX_TXN_BYTES = 192 * 1024
 _RANGE_PAGE = 1000
 
 
@@ -48,6 +50,7 @@ class Keys:
         self.runs = f"{prefix}/runs/"
         self.tasks = f"{prefix}/tasks/"
         self.requests = f"{prefix}/requests/"
+        self.deps = f"{prefix}/deps/"
         self.leader = f"{prefix}/leader"
 
     def node(self, name: str) -> str:
@@ -64,6 +67,15 @@ class Keys:
 
     def task(self, run_id: str, task: str) -> str:
         return f"{self.tasks}{run_id}/{task}"
+
+    def deps_of(self, run_id: str) -> str:
+        return f"{self.deps}{run_id}/"
+
+    def depends_on_of(self, run_id: str, task: str) -> str:
+        return f"{self.deps}{run_id}/{task}/"
+
+    def depends_on_part(self, run_id: str, task: str, part: int) -> str:
+        return f"{self.deps}{run_id}/{task}/{part:06d}"
 
     def request(self, request_id: str) -> str:
         return self.requests + hashlib.sha256(request_id.encode()).hexdigest()

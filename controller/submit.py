@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from etcd3aio._protobuf import Compare
 
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
-from tether.controller.errors import AlreadyExists, FailedPrecondition
+from tether.controller.depends_on import part_puts
+from tether.controller.errors import AlreadyExists, Conflict, FailedPrecondition
 from tether.controller.records import RunEntry, TaskEntry, new_run_id, now
 from tether.controller.secrets import Secrets
 from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
@@ -19,13 +23,30 @@ from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import get_logger
 from tether.sdk.validation import LIMITS, Limits, validate_params, validate_workflow
 
-__all__ = ["Submitter"]
+__all__ = ["CHUNKS_IN_FLIGHT", "Submitter"]
+
+# Transactions of one large submit written at once.
+CHUNKS_IN_FLIGHT = 8
 
 log = get_logger("controller.engine")
 
 
 class Submitter:
     """Writes new runs to etcd and caches them.
+
+    A run whose tasks fit in one transaction of ``txn_bytes`` is written in that one. A bigger
+    run is written in several, with its request key as the commit protocol:
+
+    1. the request key is created holding ``<run id> <fingerprint> pending``;
+    2. the tasks (and their long ``depends_on`` lists) are written in transactions of at
+       most ``txn_bytes`` and :data:`MAX_TXN_OPS` keys, each creating its keys;
+    3. the run record is created and the request key set to ``<run id> <fingerprint>`` in
+       one transaction that compares the request key's revision: the commit point.
+
+    Until step 3 nothing reads the tasks (runs are found through their records), so no user
+    sees half a run. A submit that died on the way is finished by a retry with the same
+    request id: it finds the pending key, writes the tasks still missing under the same run
+    id, and commits; two submits racing on one request id commit once.
 
     Args:
         store: The etcd store.
@@ -34,6 +55,7 @@ class Submitter:
         arm_deadline: Starts the run's deadline timer.
         limits: What a submitted spec and its parameters may not exceed.
         secrets: Where the secrets tasks refer to must exist (None: no task may refer to one).
+        txn_bytes: Largest transaction (keys and values) a submit writes tasks in.
     """
 
     def __init__(
@@ -44,6 +66,7 @@ class Submitter:
         arm_deadline: Callable[[RunEntry], None],
         limits: Limits = LIMITS,
         secrets: Secrets | None = None,
+        txn_bytes: int = 128 * 1024,
     ) -> None:
         self.limits = limits
         self.store = store
@@ -52,6 +75,7 @@ class Submitter:
         self.ensure_loaded = ensure_loaded
         self.arm_deadline = arm_deadline
         self.secrets = secrets or Secrets(store, None)
+        self.txn_bytes = min(txn_bytes, MAX_TXN_BYTES)
 
     async def submit(
         self,
@@ -63,57 +87,116 @@ class Submitter:
         parent_traceparent: str = "",
     ) -> tuple[str, bool]:
         """Validate and store a new run; return (run id, whether it already existed)."""
-        # In a thread: a big spec takes a while to check, and the loop must keep serving
-        # heartbeats and leadership meanwhile.
+        # In threads: a big spec takes a while to check and build, and the loop must keep
+        # serving heartbeats and leadership meanwhile.
         await asyncio.to_thread(_validate, spec, params, request_id, self.limits)
         await self.secrets.check(spec)
-        run, entries = self._build(spec, params, request_id, traceparent)
-        run.msg.submitted_by = submitted_by
-        run.msg.parent_traceparent = parent_traceparent
-        run.msg.run_span = bool(traceparent)
-        run_id = run.msg.id
-        puts = [Put(e.key, e.serialize()) for e in entries]
-        req_key = self.keys.request(request_id) if request_id else ""
-        final = [Put(run.key, run.serialize())]
+        fingerprint = await asyncio.to_thread(_fingerprint, spec, params)
+        extra = (submitted_by, parent_traceparent)
+        new = await asyncio.to_thread(
+            self._build, spec, params, request_id, traceparent, new_run_id(), extra
+        )
+        if new.fits(self.txn_bytes):
+            done = await self._submit_one(new, request_id, fingerprint)
+            if done is not None:
+                return done
+            # The request key holds a pending submit of this same run: finish it below.
+        elif not request_id:
+            # The request key carries the commit protocol; a big run gets one either way.
+            request_id = f"auto-{new.run.msg.id}"
+            new = await asyncio.to_thread(
+                self._build, spec, params, request_id, traceparent, new.run.msg.id, extra
+            )
+        return await self._submit_chunked(new, request_id, fingerprint, traceparent, extra)
+
+    async def _submit_one(
+        self, new: _NewRun, request_id: str, fingerprint: str
+    ) -> tuple[str, bool] | None:
+        """Write a small run in one transaction; None: a pending chunked submit holds its
+        request id."""
+        run = new.run
+        ops = [p for g in new.groups for p in g] + [Put(run.key, run.serialize())]
         compares = [mod_revision_is(run.key, 0)]
-        fingerprint = _fingerprint(spec, params)
-        if req_key:
-            final.append(Put(req_key, f"{run_id} {fingerprint}".encode()))
+        if request_id:
+            req_key = self.keys.request(request_id)
+            ops.append(Put(req_key, f"{run.msg.id} {fingerprint}".encode()))
             compares.append(mod_revision_is(req_key, 0))
-        size = sum(len(p.value) + len(p.key) for p in puts + final)
-        if len(puts) + len(final) <= MAX_TXN_OPS and size <= MAX_TXN_BYTES:
-            ops = puts + final
-        else:
-            # Too big for one transaction: write the tasks first, then the run record, which
-            # is the commit point. Tasks without a run record are never loaded; they are deleted
-            # when the run record loses a race, and left behind (unread, under a run id nobody
-            # has) only if the controller dies between the two steps.
-            if req_key:
-                existing = await self.store.get(req_key)
-                if existing:
-                    return await self._existing(existing.value, request_id, fingerprint), True
-            await self._write_chunks(entries, puts)
-            ops = final
-        if req_key:
             ok, revision, existing = await self.store.txn_get(compares, ops, req_key)
         else:
             ok, revision = await self.store.txn(compares, ops)
             existing = None
-        if not ok:
-            if len(ops) == len(final) and len(puts):
-                await self.store.delete_prefix(self.keys.tasks_of(run_id))
-            if existing is not None:
-                return await self._existing(existing, request_id, fingerprint), True
+        if ok:
+            self._take_up(new, revision)
+            return run.msg.id, False
+        if existing is None:
             raise FailedPrecondition("run id collision; submit again")
-        self._take_up(run, entries, revision)
-        log.info("run submitted", run_id=run_id, workflow=spec.name, tasks=len(entries))
-        return run_id, False
+        first, pending = _parse_request(existing, request_id, fingerprint)
+        if pending:
+            return None
+        await self.ensure_loaded(first)
+        return first, True
+
+    async def _submit_chunked(
+        self,
+        new: _NewRun,
+        request_id: str,
+        fingerprint: str,
+        traceparent: str,
+        extra: tuple[str, str],
+    ) -> tuple[str, bool]:
+        """Write a big run in several transactions (see the class's docstring)."""
+        req_key = self.keys.request(request_id)
+        marker = f"{new.run.msg.id} {fingerprint} pending".encode()
+        ok, marker_rev, existing = await self.store.txn_get(
+            [mod_revision_is(req_key, 0)], [Put(req_key, marker)], req_key
+        )
+        resumed = not ok
+        if resumed:
+            if existing is None:
+                raise Conflict("a submit with this request id was being removed; retry")
+            first, pending = _parse_request(existing, request_id, fingerprint)
+            if not pending:
+                await self.ensure_loaded(first)
+                return first, True
+            kv = await self.store.get(req_key)
+            if kv is None or kv.value != existing:
+                raise Conflict("a submit with this request id moved on meanwhile; retry")
+            marker_rev = kv.mod_revision
+            spec, params = new.spec, new.params
+            new = await asyncio.to_thread(
+                self._build, spec, params, request_id, traceparent, first, extra
+            )
+        run = new.run
+        revisions = await self._write_chunks(new.groups, resumed)
+        done = f"{run.msg.id} {fingerprint}".encode()
+        ok, revision = await self.store.txn(
+            [mod_revision_is(run.key, 0), mod_revision_is(req_key, marker_rev)],
+            [Put(run.key, run.serialize()), Put(req_key, done)],
+        )
+        if not ok:  # a racing submit with this request id committed the run
+            kv = await self.store.get(req_key)
+            if kv is None or kv.value != done:
+                raise Conflict("a submit with this request id is under way; retry")
+            await self.ensure_loaded(run.msg.id)
+            return run.msg.id, True
+        if revisions is not None:
+            self._take_up(new, revision, revisions)
+        else:
+            # The interrupted submit wrote some tasks: their revisions are etcd's to tell.
+            await self.ensure_loaded(run.msg.id)
+        log.info("large run submitted", run_id=run.msg.id, tasks=len(new.entries), resumed=resumed)
+        return run.msg.id, resumed
 
     def _build(
-        self, spec: t.WorkflowSpec, params: dict[str, str], request_id: str, traceparent: str
-    ) -> tuple[RunEntry, list[TaskEntry]]:
-        """The new run's record and its tasks' records, not yet written."""
-        run_id = new_run_id()
+        self,
+        spec: t.WorkflowSpec,
+        params: dict[str, str],
+        request_id: str,
+        traceparent: str,
+        run_id: str,
+        extra: tuple[str, str],
+    ) -> _NewRun:
+        """The new run's record and its tasks' records and writes, not yet written."""
         created = now()
         run_msg = t.Run(
             id=run_id,
@@ -125,10 +208,14 @@ class Submitter:
             params=params,
             traceparent=traceparent,
             policy=spec.scheduling.policy,
+            submitted_by=extra[0],
+            parent_traceparent=extra[1],
+            run_span=bool(traceparent),
         )
         if spec.HasField("timeout") and spec.timeout.ToNanoseconds() > 0:
             run_msg.deadline.FromNanoseconds(created.ToNanoseconds() + spec.timeout.ToNanoseconds())
         entries: list[TaskEntry] = []
+        groups: list[list[Put]] = []
         for i, ts in enumerate(spec.tasks):
             msg = t.TaskRun(
                 run_id=run_id,
@@ -137,63 +224,123 @@ class Submitter:
                 traceparent=traceparent,
                 state=lc.PENDING if ts.depends_on else lc.READY,
             )
-            entries.append(
-                TaskEntry(self.keys.task(run_id, ts.name), msg, 0, waiting=len(ts.depends_on))
+            e = TaskEntry(self.keys.task(run_id, ts.name), msg, 0, waiting=len(ts.depends_on))
+            entries.append(e)
+            groups.append([Put(e.key, e.serialize()), *part_puts(self.keys, msg)])
+        run = RunEntry(self.keys.run(run_id), run_msg, 0)
+        return _NewRun(spec, params, run, entries, groups)
+
+    async def _write_chunks(self, groups: list[list[Put]], resumed: bool) -> dict[str, int] | None:
+        """Write every task's keys, each transaction creating at most ``txn_bytes`` of them
+        (a task's keys may span two). Return each key's revision, or None when this call did
+        not create every key (a resumed submit skips what the interrupted one wrote)."""
+        chunks: list[list[Put]] = [[]]
+        size = 0
+        for p in (p for g in groups for p in g):
+            chunk = chunks[-1]
+            if chunk and (len(chunk) >= MAX_TXN_OPS or size + _size(p) > self.txn_bytes):
+                chunks.append(chunk := [])
+                size = 0
+            chunk.append(p)
+            size += _size(p)
+        # A few in flight: nothing reads them before the commit, so their order is free, and
+        # etcd commits concurrent transactions together (one fsync for several).
+        gate = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+
+        async def write(chunk: list[Put]) -> int:
+            async with gate:
+                return await self._write_chunk(chunk, resumed)
+
+        results = await asyncio.gather(*(write(c) for c in chunks if c))
+        if not all(results):
+            return None
+        return {p.key: rev for c, rev in zip(chunks, results, strict=True) for p in c}
+
+    async def _write_chunk(self, chunk: list[Put], resumed: bool) -> int:
+        """Create the chunk's keys; return the revision, or 0 if some existed already."""
+        ok, revision = await self.store.txn([mod_revision_is(p.key, 0) for p in chunk], chunk)
+        if ok:
+            return revision
+        if not resumed:
+            raise FailedPrecondition("run id collision; submit again")
+        # Written before the interruption: usually the whole chunk (one check), else in part
+        # (chunks were cut elsewhere then): create each key still missing.
+        exists = [
+            Compare(
+                key=p.key.encode(),
+                target=Compare.CompareTarget.MOD,
+                result=Compare.CompareResult.GREATER,
+                mod_revision=0,
             )
-        return RunEntry(self.keys.run(run_id), run_msg, 0), entries
+            for p in chunk
+        ]
+        if (await self.store.txn(exists, []))[0]:
+            return 0
+        for p in chunk:
+            await self.store.txn([mod_revision_is(p.key, 0)], [p])
+        return 0
 
-    async def _write_chunks(self, entries: list[TaskEntry], puts: list[Put]) -> None:
-        chunk: list[TaskEntry] = []
-        chunk_size = 0
-        for e, p in zip(entries, puts, strict=True):
-            if chunk and (len(chunk) >= MAX_TXN_OPS or chunk_size + len(p.value) > MAX_TXN_BYTES):
-                await self._write_chunk(chunk)
-                chunk, chunk_size = [], 0
-            chunk.append(e)
-            chunk_size += len(p.value) + len(p.key)
-        if chunk:
-            await self._write_chunk(chunk)
-
-    async def _write_chunk(self, chunk: list[TaskEntry]) -> None:
-        _, revision = await self.store.txn(
-            [mod_revision_is(e.key, 0) for e in chunk], [Put(e.key, e.serialize()) for e in chunk]
-        )
-        for e in chunk:
-            e.rev = revision
-
-    def _take_up(self, run: RunEntry, entries: list[TaskEntry], revision: int) -> None:
-        """Cache the run just written and queue its tasks that can start."""
+    def _take_up(
+        self, new: _NewRun, revision: int, revisions: dict[str, int] | None = None
+    ) -> None:
+        """Cache the run just written (``revisions``: of tasks written before it) and queue
+        its tasks that can start."""
+        run = new.run
         run.rev = revision
-        for e in entries:
-            e.rev = e.rev or revision
+        for e in new.entries:
+            e.rev = revisions[e.key] if revisions else revision
             run.tasks[e.msg.spec.name] = e
             run.unfinished += 1
-        for e in entries:
+        for e in new.entries:
             for dep in e.msg.spec.depends_on:
                 run.tasks[dep].children.append(e.msg.spec.name)
         self.cache.runs[run.msg.id] = run
         self.arm_deadline(run)
-        for e in entries:
+        for e in new.entries:
             if e.msg.state == lc.READY:
                 self.cache.enqueue((run.msg.id, e.msg.spec.name))
         self.cache.kick()
+        log.info("run submitted", run_id=run.msg.id, tasks=len(new.entries))
 
-    async def _existing(self, record: bytes, request_id: str, fingerprint: str) -> str:
-        """The run an earlier submit with the same request id created. If that submit's reply
-        was lost after etcd applied it, the run is in etcd but not here yet: take it up.
 
-        Raises:
-            AlreadyExists: The earlier submit had another workflow or other params: returning
-                its run would tell the caller that their submit was done when it was not.
-        """
-        run_id, _, stored = record.decode().partition(" ")
-        if stored and stored != fingerprint:
-            raise AlreadyExists(
-                f"request_id {request_id[:64]!r} belongs to run {run_id}, submitted with a "
-                "different workflow or params; use a new request id for a new run"
-            )
-        await self.ensure_loaded(run_id)
-        return run_id
+@dataclass
+class _NewRun:
+    """A run built from a submitted spec, with its tasks' etcd writes (one group a task)."""
+
+    spec: t.WorkflowSpec
+    params: dict[str, str]
+    run: RunEntry
+    entries: list[TaskEntry]
+    groups: list[list[Put]]
+
+    def fits(self, txn_bytes: int) -> bool:
+        """Whether the run and its tasks fit in one transaction (with a request key)."""
+        ops = sum(len(g) for g in self.groups) + 2
+        if ops > MAX_TXN_OPS:
+            return False
+        size = sum(_size(p) for g in self.groups for p in g)
+        return size + len(self.run.key) + self.run.msg.ByteSize() + 200 <= txn_bytes
+
+
+def _size(p: Put) -> int:
+    return len(p.key) + len(p.value)
+
+
+def _parse_request(record: bytes, request_id: str, fingerprint: str) -> tuple[str, bool]:
+    """The run id a request key holds, and whether its submit is still pending.
+
+    Raises:
+        AlreadyExists: The earlier submit had another workflow or other params: returning
+            its run would tell the caller that their submit was done when it was not.
+    """
+    run_id, _, rest = record.decode().partition(" ")
+    stored, _, state = rest.partition(" ")
+    if stored and stored != fingerprint:
+        raise AlreadyExists(
+            f"request_id {request_id[:64]!r} belongs to run {run_id}, submitted with a "
+            "different workflow or params; use a new request id for a new run"
+        )
+    return run_id, state == "pending"
 
 
 def _fingerprint(spec: t.WorkflowSpec, params: dict[str, str]) -> str:

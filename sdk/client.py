@@ -31,7 +31,17 @@ from tether.sdk.states import TERMINAL_RUN_STATES, RunState
 from tether.sdk.telemetry import current_traceparent
 from tether.sdk.validation import validate_params
 
-__all__ = ["DEFAULT_CONTROLLER", "TERMINAL_RUN_STATES", "Client", "LogChunk", "RunHandle"]
+__all__ = [
+    "DEFAULT_CONTROLLER",
+    "LOCAL_CHECK_TASKS",
+    "TERMINAL_RUN_STATES",
+    "Client",
+    "LogChunk",
+    "RunHandle",
+]
+
+# Workflows up to this many tasks are checked before they are sent, too.
+LOCAL_CHECK_TASKS = 10_000
 
 
 # Reads are retried on UNAVAILABLE by gRPC itself; writes are not (submit carries a request id
@@ -228,10 +238,16 @@ class Client:
                 empty, a random one is used so that retries after UNAVAILABLE are safe.
 
         Raises:
-            InvalidSpecError: the spec is invalid (checked locally, then by the controller).
+            InvalidSpecError: the spec is invalid (checked locally, then by the controller;
+                a workflow of more than ``LOCAL_CHECK_TASKS`` tasks by the controller only).
             UnavailableError: the controller cannot be reached.
         """
-        spec = workflow.to_proto() if isinstance(workflow, Workflow) else workflow
+        if isinstance(workflow, Workflow):
+            # The controller checks every spec; a big one is not checked twice (seconds for
+            # 100,000 tasks), and its errors come back as the same InvalidSpecError.
+            spec = workflow.to_proto(validate=len(workflow.tasks) <= LOCAL_CHECK_TASKS)
+        else:
+            spec = workflow
         validate_params(spec, dict(params or {}))
         request_id = request_id or uuid.uuid4().hex
         with _tracer.start_as_current_span(f"submit {spec.name}", kind=trace.SpanKind.CLIENT):

@@ -407,14 +407,19 @@ class Workflow:
             raise InvalidSpecError([FieldViolation("", yaml_error_text(e, "workflow"))]) from None
         return cls.from_dict(data, _source=("", lines))
 
-    def to_proto(self) -> types_pb2.WorkflowSpec:
-        """Return the API message, after the same validation the controller runs."""
+    def to_proto(self, validate: bool = True) -> types_pb2.WorkflowSpec:
+        """Return the API message, after the same validation the controller runs.
+
+        Args:
+            validate: Check the spec (InvalidSpecError); False leaves that to the controller.
+        """
         spec = types_pb2.WorkflowSpec(name=self.name, tasks=[t.to_proto() for t in self.tasks])
         if self.timeout:
             spec.timeout.CopyFrom(_duration(self.timeout))
         if self.policy:
             spec.scheduling.policy = self.policy
-        validate_workflow(spec)
+        if validate:
+            validate_workflow(spec)
         return spec
 
 

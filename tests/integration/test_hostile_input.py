@@ -160,7 +160,7 @@ def _hostile_cases():
         (
             "too many tasks",
             "SubmitWorkflow",
-            _submit(*[_task(f"t{i}") for i in range(20_001)]),
+            _submit(*[_task(f"t{i}") for i in range(200_001)]),
             inv,
             ["tasks", "max_tasks"],
         ),

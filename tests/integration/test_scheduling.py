@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import R, S, by_name, etcd_dump, py, tether
+from helpers import Mesh, R, S, by_name, etcd_dump, py, tether
 
 from tether.api.v1 import types_pb2 as t
 from tether.sdk import Workflow
@@ -217,3 +217,38 @@ def test_durations_are_learned_per_workflow_and_task(mesh, etcd, prefix):
     mesh.wait_for(lambda: learned() is not None and len(learned()) == 2, 10, "durations written")
     got = learned()
     assert got["slow"] >= 0.4 and got["fast"] < got["slow"]
+
+
+def test_a_high_priority_task_is_not_held_back_by_a_long_ready_queue(etcd, prefix, tmp_path):
+    # A window of 2: with 8 tasks waiting, a pass plans only the oldest two, except that
+    # tasks above the default priority always join the first window.
+    mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents", schedule_window=2)
+    mesh.start_controller()
+    try:
+        mesh.add_agent("solo", cpu=1)
+        client = mesh.client()
+        queue = Workflow("queue")
+        for i in range(8):
+            queue.task(f"q{i}", py(SLEEP.format(0.3)), cpu=1, priority=20)
+        queued = client.submit(queue)
+        mesh.wait_for(
+            lambda: any(tk.state == S.TASK_STATE_RUNNING for tk in queued.status().tasks),
+            10,
+            "the queue under way",
+        )
+        high = Workflow("high")
+        high.task("urgent", py("pass"), cpu=1, priority=90)
+        high_run = client.submit(high)
+        assert high_run.wait(timeout=30).state == R.RUN_STATE_SUCCEEDED
+        urgent_at = high_run.status().tasks[0].attempts[0].scheduled_at.ToNanoseconds()
+        done = queued.wait(timeout=60)
+        assert done.state == R.RUN_STATE_SUCCEEDED
+        later = [
+            tk.spec.name
+            for tk in done.tasks
+            if tk.attempts[0].scheduled_at.ToNanoseconds() > urgent_at
+        ]
+        # At most one queued task was placed after it was submitted before it: it went next.
+        assert len(later) >= 6, later
+    finally:
+        mesh.close()

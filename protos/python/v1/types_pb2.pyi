@@ -205,7 +205,7 @@ class Attempt(_message.Message):
     def __init__(self, number: _Optional[int] = ..., node: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., scheduled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TaskRun(_message.Message):
-    __slots__ = ("run_id", "spec", "state", "attempt", "node", "started_at", "finished_at", "exit_code", "reason", "message", "outputs_json", "attempts", "stdout_tail", "stderr_tail", "traceparent", "not_before", "waiting_reason", "lost_attempts", "cancel_requested", "index", "events", "preempted_by", "preempted_attempts", "replicas", "master_addr", "master_port")
+    __slots__ = ("run_id", "spec", "state", "attempt", "node", "started_at", "finished_at", "exit_code", "reason", "message", "outputs_json", "attempts", "stdout_tail", "stderr_tail", "traceparent", "not_before", "waiting_reason", "lost_attempts", "cancel_requested", "index", "events", "preempted_by", "preempted_attempts", "replicas", "master_addr", "master_port", "depends_on_parts")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +232,7 @@ class TaskRun(_message.Message):
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MASTER_ADDR_FIELD_NUMBER: _ClassVar[int]
     MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
+    DEPENDS_ON_PARTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     spec: TaskSpec
     state: TaskState
@@ -258,7 +259,14 @@ class TaskRun(_message.Message):
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
     master_addr: str
     master_port: int
-    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., node: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., outputs_json: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., stdout_tail: _Optional[str] = ..., stderr_tail: _Optional[str] = ..., traceparent: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., index: _Optional[int] = ..., events: _Optional[_Iterable[_Union[TaskEvent, _Mapping]]] = ..., preempted_by: _Optional[str] = ..., preempted_attempts: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ...) -> None: ...
+    depends_on_parts: int
+    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., node: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., exit_code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., outputs_json: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., stdout_tail: _Optional[str] = ..., stderr_tail: _Optional[str] = ..., traceparent: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., lost_attempts: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., index: _Optional[int] = ..., events: _Optional[_Iterable[_Union[TaskEvent, _Mapping]]] = ..., preempted_by: _Optional[str] = ..., preempted_attempts: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., depends_on_parts: _Optional[int] = ...) -> None: ...
+
+class DependsOnPart(_message.Message):
+    __slots__ = ("depends_on",)
+    DEPENDS_ON_FIELD_NUMBER: _ClassVar[int]
+    depends_on: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, depends_on: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Replica(_message.Message):
     __slots__ = ("index", "node", "gpu_indices", "state", "exit_code")
