@@ -11,7 +11,7 @@ from collections.abc import Callable
 from google.protobuf import timestamp_pb2
 from opentelemetry import trace
 
-from tether.api.v1 import agent_pb2
+from tether.api.v1 import agent_pb2, types_pb2
 from tether.controller import gangs
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
@@ -24,7 +24,7 @@ from tether.controller.progress import Progress
 from tether.controller.records import AgentSession, RunEntry, TaskEntry, now
 from tether.controller.retry import retry_delay
 from tether.controller.timers import Timers
-from tether.sdk.constants import LOG_TAIL_BYTES, MAX_OUTPUT_BYTES
+from tether.sdk.constants import DEFAULT_PRIORITY, LOG_TAIL_BYTES, MAX_OUTPUT_BYTES
 from tether.sdk.states import DRAINED, FENCED, FINAL_REPORT_STATES
 from tether.sdk.telemetry import context_from_traceparent, exports_spans, get_logger
 
@@ -275,16 +275,11 @@ class Attempts:
         prio = (
             by_e.msg.spec.priority
             if by_e is not None and by_e.msg.spec.HasField("priority")
-            else 50
+            else DEFAULT_PRIORITY
         )
         why = f"preempted by {task} of run {run_id} (priority {prio})"
         self.cache.account(e, -1)
-        if m.attempts:
-            lc.move_attempt(m, m.attempts[-1], lc.PREEMPTED)
-            m.attempts[-1].reason = "preempted"
-            m.attempts[-1].message = why
-            m.attempts[-1].finished_at.CopyFrom(now())
-        m.reason, m.message = "preempted", why
+        _end_attempt(m, lc.PREEMPTED, "preempted", why)
         m.preempted_by = ""
         if m.cancel_requested:
             lc.move_task(m, lc.CANCELLED)
@@ -305,12 +300,7 @@ class Attempts:
         if gangs.is_gang(m):
             self.dispatch.cancel_everywhere(e, f"gang: {why}")
         self.cache.account(e, -1)
-        if m.attempts:
-            lc.move_attempt(m, m.attempts[-1], lc.LOST)
-            m.attempts[-1].reason = "node_lost"
-            m.attempts[-1].message = why
-            m.attempts[-1].finished_at.CopyFrom(now())
-        m.reason, m.message = "node_lost", why
+        _end_attempt(m, lc.LOST, "node_lost", why)
         if m.cancel_requested:
             lc.move_task(m, lc.CANCELLED)
             m.finished_at.CopyFrom(now())
@@ -336,3 +326,13 @@ class Attempts:
             node = self.cache.nodes.get(e.msg.node)
             if node is None or node.session is None:
                 self.lose(run, e, f"node {e.msg.node} did not come back")
+
+
+def _end_attempt(m: types_pb2.TaskRun, state: int, reason: str, why: str) -> None:
+    """End the task's current attempt (if any) with ``state``, and give the task its reason."""
+    if m.attempts:
+        att = m.attempts[-1]
+        lc.move_attempt(m, att, state)
+        att.reason, att.message = reason, why
+        att.finished_at.CopyFrom(now())
+    m.reason, m.message = reason, why

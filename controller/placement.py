@@ -276,7 +276,8 @@ class Placer:
             return
         by_run, by_task = pre.key
         _, by = self.cache.task(by_run, by_task)
-        prio = by.msg.spec.priority if by is not None and by.msg.spec.HasField("priority") else 50
+        has = by is not None and by.msg.spec.HasField("priority")
+        prio = by.msg.spec.priority if has else DEFAULT_PRIORITY
         m = e.msg
         m.preempted_by = f"{by_run}/{by_task}"
         why = f"preempted by {by_task} of run {by_run} (priority {prio})"
