@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator, Mapping
+from itertools import islice
 
 from opentelemetry import trace
 
@@ -132,23 +133,26 @@ class Placer:
         and goes on to the next window only while a node still has a free slot. Tasks above
         the default priority (few, kept apart by the cache) join the first window wherever
         they are in the queue, so that a long queue cannot hold them back."""
-        out: list[tuple[TaskKey, TaskEntry, int]] = []
         first = True
-        for key, seq in list(self.cache.ready.items()):  # a copy: binding takes keys out
-            entry = self._ready_entry(key)
-            if entry is None:
-                continue
-            out.append((key, entry, seq))
-            if len(out) == self.window:
-                if first:
-                    out += self._urgent({k for k, _, _ in out})
-                    first = False
-                yield out
-                out = []
-        if out or first:
+        skip = 0  # keys at the head of the queue that earlier windows left in it
+        while True:
+            # Only a window's worth is copied (binding takes keys out of the queue): copying
+            # all of a long queue for every pass was most of a pass.
+            chunk = list(islice(self.cache.ready.items(), skip, skip + self.window))
+            out = []
+            for key, seq in chunk:
+                entry = self._ready_entry(key)
+                if entry is not None:
+                    out.append((key, entry, seq))
             if first:
                 out += self._urgent({k for k, _, _ in out})
+                first = False
+            elif not out:
+                return
             yield out
+            if len(chunk) < self.window:
+                return
+            skip += sum(1 for key, _ in chunk if key in self.cache.ready)
 
     def _ready_entry(self, key: TaskKey) -> TaskEntry | None:
         _, e = self.cache.task(*key)
