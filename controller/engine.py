@@ -112,6 +112,7 @@ class Engine:
             tracer,
             window=config.schedule_window,
         )
+        self._placer.lose = attempts.lose
         self._submitter = Submitter(
             store,
             cache,
@@ -120,6 +121,7 @@ class Engine:
             config.limits,
             secrets,
             txn_bytes=config.submit_txn_bytes,
+            binder=self._placer,
         )
         self._queries = Queries(store, cache)
         self._retention = Retention(store, cache, config.retention)

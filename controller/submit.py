@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from etcd3aio._protobuf import Compare
 
@@ -29,6 +30,10 @@ __all__ = ["CHUNKS_IN_FLIGHT", "Submitter"]
 CHUNKS_IN_FLIGHT = 8
 
 log = get_logger("controller.engine")
+
+
+# Submits of at most this many tasks are checked and built on the event loop.
+INLINE_TASKS = 64
 
 
 class Submitter:
@@ -56,6 +61,7 @@ class Submitter:
         limits: What a submitted spec and its parameters may not exceed.
         secrets: Where the secrets tasks refer to must exist (None: no task may refer to one).
         txn_bytes: Largest transaction (keys and values) a submit writes tasks in.
+        binder: Binds a small run's first tasks in its submit transaction (the placer).
     """
 
     def __init__(
@@ -67,7 +73,9 @@ class Submitter:
         limits: Limits = LIMITS,
         secrets: Secrets | None = None,
         txn_bytes: int = 128 * 1024,
+        binder: Binder | None = None,
     ) -> None:
+        self.binder = binder
         self.limits = limits
         self.store = store
         self.keys = store.keys
@@ -87,14 +95,16 @@ class Submitter:
         parent_traceparent: str = "",
     ) -> tuple[str, bool]:
         """Validate and store a new run; return (run id, whether it already existed)."""
-        # In threads: a big spec takes a while to check and build, and the loop must keep
-        # serving heartbeats and leadership meanwhile.
-        await asyncio.to_thread(_validate, spec, params, request_id, self.limits)
+        # In threads for a big spec: it takes a while to check and build, and the loop must
+        # keep serving heartbeats and leadership meanwhile. A small one is done inline: each
+        # hop to a thread costs more than checking a few tasks.
+        inline = len(spec.tasks) <= INLINE_TASKS
+        await _call(inline, _validate, spec, params, request_id, self.limits)
         await self.secrets.check(spec)
-        fingerprint = await asyncio.to_thread(_fingerprint, spec, params)
+        fingerprint = await _call(inline, _fingerprint, spec, params)
         extra = (submitted_by, parent_traceparent)
-        new = await asyncio.to_thread(
-            self._build, spec, params, request_id, traceparent, new_run_id(), extra
+        new = await _call(
+            inline, self._build, spec, params, request_id, traceparent, new_run_id(), extra
         )
         if new.fits(self.txn_bytes):
             done = await self._submit_one(new, request_id, fingerprint)
@@ -115,19 +125,31 @@ class Submitter:
         """Write a small run in one transaction; None: a pending chunked submit holds its
         request id."""
         run = new.run
+        bound = self.binder.bind_submitted(run, new.entries) if self.binder else []
+        for e in bound:  # their records are SCHEDULED now
+            new.groups[e.msg.index][0] = Put(e.key, e.serialize())
         ops = [p for g in new.groups for p in g] + [Put(run.key, run.serialize())]
         compares = [mod_revision_is(run.key, 0)]
-        if request_id:
-            req_key = self.keys.request(request_id)
-            ops.append(Put(req_key, f"{run.msg.id} {fingerprint}".encode()))
-            compares.append(mod_revision_is(req_key, 0))
-            ok, revision, existing = await self.store.txn_get(compares, ops, req_key)
-        else:
-            ok, revision = await self.store.txn(compares, ops)
-            existing = None
+        try:
+            if request_id:
+                req_key = self.keys.request(request_id)
+                ops.append(Put(req_key, f"{run.msg.id} {fingerprint}".encode()))
+                compares.append(mod_revision_is(req_key, 0))
+                ok, revision, existing = await self.store.txn_get(compares, ops, req_key)
+            else:
+                ok, revision = await self.store.txn(compares, ops)
+                existing = None
+        except BaseException:
+            if bound:  # maybe written after all: a retry finds the run and loads it
+                self.binder.unbind_submitted(bound)
+            raise
         if ok:
             self._take_up(new, revision)
+            if bound:
+                self.binder.submitted(run, bound)
             return run.msg.id, False
+        if bound:
+            self.binder.unbind_submitted(bound)
         if existing is None:
             raise FailedPrecondition("run id collision; submit again")
         first, pending = _parse_request(existing, request_id, fingerprint)
@@ -320,6 +342,21 @@ class _NewRun:
             return False
         size = sum(_size(p) for g in self.groups for p in g)
         return size + len(self.run.key) + self.run.msg.ByteSize() + 200 <= txn_bytes
+
+
+class Binder(Protocol):
+    """Places a run's first tasks as it is submitted (:class:`~tether.controller.placement.
+    Placer`)."""
+
+    def bind_submitted(self, run: RunEntry, entries: list[TaskEntry]) -> list[TaskEntry]: ...
+
+    def unbind_submitted(self, entries: list[TaskEntry]) -> None: ...
+
+    def submitted(self, run: RunEntry, entries: list[TaskEntry]) -> None: ...
+
+
+async def _call(inline: bool, fn, *args):
+    return fn(*args) if inline else await asyncio.to_thread(fn, *args)
 
 
 def _size(p: Put) -> int:
