@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -41,6 +42,7 @@ EXIT_FILE = "exit_code"
 # Runs the task and records its exit code, for an agent that adopts it later.
 _RECORD_EXIT = 'trap "" HUP; "$@"; c=$?; echo $c > "$0.tmp" && mv "$0.tmp" "$0"; exit $c'
 
+_REAPER_PIPE_BYTES = 1 << 20
 log = get_logger("agent.runtime")
 
 
@@ -190,6 +192,9 @@ class ProcessRuntime:
                 stdout=subprocess.DEVNULL,
                 start_new_session=True,
             )
+            # Room for a few seconds of lines: the reaper reads them in bulk (reaper.READ_EVERY).
+            with contextlib.suppress(OSError, AttributeError):
+                fcntl.fcntl(self._reaper.stdin.fileno(), fcntl.F_SETPIPE_SZ, _REAPER_PIPE_BYTES)
         assert self._reaper.stdin is not None
         try:
             self._reaper.stdin.write(b"".join(lines))
