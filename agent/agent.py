@@ -35,6 +35,8 @@ __all__ = ["Agent", "AgentRefused", "make_runtime"]
 
 log = get_logger("agent")
 VERSION = "0.1.0"
+# Most messages sent as one AgentBatch.
+MAX_BATCH = 256
 # Answers to a first registration that mean "not you": retrying would only repeat them.
 _REFUSALS = {
     grpc.StatusCode.UNAUTHENTICATED,
@@ -104,6 +106,8 @@ class Agent:
         self.connected = asyncio.Event()
         self.registrations = 0
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage | None] | None = None
+        # The controller of the current stream reads AgentBatch messages.
+        self._peer_batches = False
         self._stop = asyncio.Event()
         self._main: asyncio.Task | None = None
         # Several comma-separated controllers (HA): a broken or refused stream moves on to the
@@ -256,7 +260,22 @@ class Agent:
                 msg = await outbox.get()
                 if msg is None:
                     return
-                yield msg
+                if not self._peer_batches or outbox.empty():
+                    yield msg
+                    continue
+                # Whatever queued up meanwhile (reports of attempts that ended together) goes
+                # as one message: the per-message cost on both ends is most of a report's.
+                batch = [msg]
+                closing = False
+                while not outbox.empty() and len(batch) < MAX_BATCH:
+                    nxt = outbox.get_nowait()
+                    if nxt is None:
+                        closing = True
+                        break
+                    batch.append(nxt)
+                yield agent_pb2.AgentMessage(batch=agent_pb2.AgentBatch(messages=batch))
+                if closing:
+                    return
 
         options = [
             ("grpc.max_receive_message_length", 64 * 2**20),
@@ -293,18 +312,20 @@ class Agent:
                     except StopAsyncIteration:
                         return
                     kind = msg.WhichOneof("msg")
-                    if kind == "heartbeat_ack":
-                        self.last_contact = time.monotonic()
-                        sent = self._beats_sent.pop(msg.heartbeat_ack.seq, None)
-                        if sent is not None:
-                            self.metrics.heartbeat_acked(self.last_contact - sent)
-                    elif kind == "registered":
-                        heartbeat = self._registered(msg.registered, outbox, address)
-                        waiting.add(heartbeat)
-                    elif kind == "challenge":
-                        outbox.put_nowait(self._proof(key, msg.challenge.challenge))
-                    else:
-                        self._dispatch(msg, outbox)
+                    for one in msg.batch.messages if kind == "batch" else (msg,):
+                        kind = one.WhichOneof("msg")
+                        if kind == "heartbeat_ack":
+                            self.last_contact = time.monotonic()
+                            sent = self._beats_sent.pop(one.heartbeat_ack.seq, None)
+                            if sent is not None:
+                                self.metrics.heartbeat_acked(self.last_contact - sent)
+                        elif kind == "registered":
+                            heartbeat = self._registered(one.registered, outbox, address)
+                            waiting.add(heartbeat)
+                        elif kind == "challenge":
+                            outbox.put_nowait(self._proof(key, one.challenge.challenge))
+                        else:
+                            self._dispatch(one, outbox)
             finally:
                 # Log streams answer this connection's requests; a new one gets new requests.
                 self.logs.cancel_all()
@@ -338,6 +359,7 @@ class Agent:
             pending_reports=self.runner.pending_reports(),
             max_tasks=self.max_tasks,
             draining=self.draining,
+            batches=True,
         )
 
     def _registered(
@@ -348,6 +370,7 @@ class Agent:
         self.lease_ttl = registered.lease_ttl.ToNanoseconds() / 1e9
         self.last_contact = time.monotonic()
         self._outbox = outbox
+        self._peer_batches = registered.batches
         self._beat_seq = 0
         self._beats_sent.clear()
         self.registrations += 1

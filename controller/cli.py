@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 
 import click
@@ -19,10 +20,21 @@ async def serve(config: ControllerConfig) -> None:
     """Run a controller until SIGINT or SIGTERM, then shut it down in order."""
     server = ControllerServer(config)
     await server.start()
+    tune_gc()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
     await server.wait()
+
+
+def tune_gc() -> None:
+    """Collect garbage less often in a controller process. Its cache holds a record per
+    task, long-lived; with CPython's default thresholds every 700 allocations start a young
+    collection, and the older generations that get swept with them hold all of that cache —
+    a tenth or more of the CPU per task, for cycles that are rare (records are trees). What
+    is there after start-up is frozen out of collections for good."""
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
 
 
 @click.command("controller")

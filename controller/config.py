@@ -139,7 +139,8 @@ class ControllerConfig:
         "priorities, aging and policies order the tasks within a window, and the pass goes "
         "on to the next window only while a node has a free slot; tasks above the default "
         "priority always join the first window. It keeps a pass's cost bounded with 100,000 "
-        "tasks ready.",
+        "tasks ready. With few task slots free a window is smaller: 8 tasks per free slot, "
+        "at least 64.",
         flag="--schedule-window",
     )
     metrics_listen: str = setting(

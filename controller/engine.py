@@ -226,9 +226,11 @@ class Engine:
         """Up to ``size`` runs, newest first, from ``start_id`` on; and whether more follow."""
         return await self._queries.list_runs(size, start_id)
 
-    def watch_run(self, run_id: str, from_revision: int) -> AsyncIterator[controller_pb2.RunEvent]:
+    def watch_run(
+        self, run_id: str, from_revision: int, run_only: bool = False
+    ) -> AsyncIterator[controller_pb2.RunEvent]:
         """A run's snapshot and changes until it finishes (see :meth:`Queries.watch_run`)."""
-        return self._queries.watch_run(run_id, from_revision)
+        return self._queries.watch_run(run_id, from_revision, run_only)
 
     def cancel(self, run_id: str, task: str, reason: str) -> None:
         """Ask to cancel a run, or one task of it (desired state; the engine converges)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator, Mapping
+from itertools import islice
 
 from opentelemetry import trace
 
@@ -34,6 +35,10 @@ __all__ = ["Placer", "constraints_of", "run_ranks"]
 
 # Runs with more tasks than this are placed without critical paths (FIFO within a priority).
 RANKS_MAX_TASKS = 10_000
+
+# A pass plans at least this many ready tasks, and up to this many per free task slot.
+MIN_WINDOW = 64
+CANDIDATES_PER_SLOT = 8
 
 # Most rejected nodes a scheduling span lists.
 MAX_REJECTED = 16
@@ -125,30 +130,44 @@ class Placer:
                 run.ranks = None
         self.cache.kick()
 
-    def _windows(self) -> Iterator[list[tuple[TaskKey, TaskEntry, int]]]:
+    def _windows(self, size: int) -> Iterator[list[tuple[TaskKey, TaskEntry, int]]]:
         """The ready queue in order, ``window`` tasks at a time, each with its place in the
         queue; entries no longer READY leave it. Planning all of a 100,000-task fan-out for
         each freed slot would cost O(queue) per task, so a pass plans the oldest tasks first
         and goes on to the next window only while a node still has a free slot. Tasks above
         the default priority (few, kept apart by the cache) join the first window wherever
         they are in the queue, so that a long queue cannot hold them back."""
-        out: list[tuple[TaskKey, TaskEntry, int]] = []
         first = True
-        for key, seq in list(self.cache.ready.items()):  # a copy: binding takes keys out
-            entry = self._ready_entry(key)
-            if entry is None:
-                continue
-            out.append((key, entry, seq))
-            if len(out) == self.window:
-                if first:
-                    out += self._urgent({k for k, _, _ in out})
-                    first = False
-                yield out
-                out = []
-        if out or first:
+        skip = 0  # keys at the head of the queue that earlier windows left in it
+        while True:
+            # Only a window's worth is copied (binding takes keys out of the queue): copying
+            # all of a long queue for every pass was most of a pass.
+            chunk = list(islice(self.cache.ready.items(), skip, skip + size))
+            out = []
+            for key, seq in chunk:
+                entry = self._ready_entry(key)
+                if entry is not None:
+                    out.append((key, entry, seq))
             if first:
                 out += self._urgent({k for k, _, _ in out})
+                first = False
+            elif not out:
+                return
             yield out
+            if len(chunk) < size:
+                return
+            skip += sum(1 for key, _ in chunk if key in self.cache.ready)
+
+    def _window_size(self, views: list) -> int:
+        """``window``, or fewer when few task slots are free: planning a thousand tasks for
+        the handful of slots freed since the last pass was most of a busy controller's CPU.
+        Several candidates per slot still let priorities and policies choose."""
+        free = 0
+        for v in views:
+            if v.max_tasks <= 0:
+                return self.window  # no slot limit: resources decide
+            free += max(0, v.max_tasks - v.running)
+        return min(self.window, max(MIN_WINDOW, CANDIDATES_PER_SLOT * free))
 
     def _ready_entry(self, key: TaskKey) -> TaskEntry | None:
         _, e = self.cache.task(*key)
@@ -231,7 +250,7 @@ class Placer:
             r.preemptible and not r.stopping for v in views for r in v.attempts
         ):
             return  # nothing can be placed or preempted: the plan would place nothing
-        for window in self._windows():
+        for window in self._windows(self._window_size(views)):
             self._plan_window(window, views)
             views = self.cache.connected_views()
             if not any(v.has_slot for v in views):

@@ -91,10 +91,11 @@ class Queries:
         return runs, len(kvs) > size
 
     async def watch_run(
-        self, run_id: str, from_revision: int
+        self, run_id: str, from_revision: int, run_only: bool = False
     ) -> AsyncIterator[controller_pb2.RunEvent]:
         """A run's changes: a snapshot then every change (or, from a revision, changes after
-        it), ending with the run's final state.
+        it), ending with the run's final state. ``run_only``: the run's own changes alone (a
+        snapshot without tasks, no task events), for callers that wait for the end.
 
         Raises:
             NotFound: no such run.
@@ -112,7 +113,8 @@ class Queries:
                 # Resuming at or after the run's last change: nothing will come; say so.
                 yield controller_pb2.RunEvent(run_state=final, revision=kv.mod_revision)
                 return
-        async with _Watches(store, run_key, task_prefix, revision + 1 if revision > 0 else 0) as w:
+        start = revision + 1 if revision > 0 else 0
+        async with _Watches(store, run_key, "" if run_only else task_prefix, start) as w:
             if revision <= 0:
                 # Watches from now first, then the snapshot at the revision they start after:
                 # a watch from the snapshot's (past) revision would wait for etcd's catch-up.
@@ -121,15 +123,16 @@ class Queries:
                 if not kvs or kvs[0].key != run_key:
                     raise NotFound(f"run {run_id!r} not found")
                 run = t.Run.FromString(kvs[0].value)
-                tasks, _ = await store.range(task_prefix, revision=revision)
-                for kv in tasks:
-                    seen[kv.key] = kv.mod_revision
-                run.tasks.extend(_by_index(t.TaskRun.FromString(kv.value) for kv in tasks))
-                await restore_depends_on(store, run.tasks, revision)
+                if not run_only:
+                    tasks, _ = await store.range(task_prefix, revision=revision)
+                    for kv in tasks:
+                        seen[kv.key] = kv.mod_revision
+                    run.tasks.extend(_by_index(t.TaskRun.FromString(kv.value) for kv in tasks))
+                    await restore_depends_on(store, run.tasks, revision)
                 yield controller_pb2.RunEvent(snapshot=run, run_state=run.state, revision=revision)
                 if run.state in lc.RUN_TERMINAL:
                     return
-            async for ev in self._changes(w, run_key, task_prefix, revision, seen):
+            async for ev in self._changes(w, run_key, task_prefix, revision, seen, run_only):
                 yield ev
 
     async def _changes(
@@ -139,6 +142,7 @@ class Queries:
         task_prefix: str,
         revision: int,
         seen: dict[str, int],
+        run_only: bool = False,
     ) -> AsyncIterator[controller_pb2.RunEvent]:
         state = t.RunState.RUN_STATE_UNSPECIFIED
         async for ev in watches.events():
@@ -152,6 +156,9 @@ class Queries:
                     yield controller_pb2.RunEvent(task=task, run_state=state, revision=ev.revision)
                 continue
             state = t.Run.FromString(ev.value).state
+            if state in lc.RUN_TERMINAL and run_only:
+                yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
+                return
             if state in lc.RUN_TERMINAL:
                 # The two watches are not ordered with each other: send every task change up
                 # to the run's final revision before the final event, none twice.
@@ -172,8 +179,8 @@ class Queries:
 
 
 class _Watches:
-    """The run key and its task keys watched through one queue, from ``start_revision``
-    (0: from now).
+    """The run key and its task keys (``task_prefix`` "": none) watched through one queue,
+    from ``start_revision`` (0: from now).
 
     Each key's events come in revision order, but the two etcd watches are not ordered with
     each other: the caller drains task changes up to the run's final revision before ending.
@@ -192,7 +199,7 @@ class _Watches:
         # Runs and tasks live under different prefixes; watching their common parent would
         # see every run's changes, so watch both.
         loop = asyncio.get_running_loop()
-        for prefix in (self.run_key, self.task_prefix):
+        for prefix in (self.run_key, self.task_prefix) if self.task_prefix else (self.run_key,):
             created: asyncio.Future[int] = loop.create_future()
             self._created.append(created)
             self._tasks.append(asyncio.create_task(self._pump(prefix, created)))

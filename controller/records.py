@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,9 @@ from tether.api.v1 import types_pb2 as t
 from tether.controller.depends_on import stored_record
 
 __all__ = ["AgentSession", "RunEntry", "TaskEntry", "new_run_id", "now"]
+
+# Most messages sent to an agent as one ControllerBatch.
+MAX_BATCH = 256
 
 
 def now() -> timestamp_pb2.Timestamp:
@@ -70,18 +74,43 @@ class RunEntry:
 
 
 class AgentSession:
-    """One connected agent stream: the node it speaks for and its outgoing queue."""
+    """One connected agent stream: the node it speaks for and what waits to be sent to it.
 
-    def __init__(self, node: str) -> None:
+    Messages queue in a plain list that the stream's writer takes whole: with ``batches``
+    (the agent registered with ``Register.batches``) everything queued since the last write
+    goes out as one ``ControllerBatch``, so that per-message gRPC costs are paid per batch.
+    """
+
+    def __init__(self, node: str, batches: bool = False) -> None:
         self.node = node
-        self.outbox: asyncio.Queue[agent_pb2.ControllerMessage | None] = asyncio.Queue()
+        self.batches = batches
         self.closed = False
+        self._queued: list[agent_pb2.ControllerMessage] = []
+        self._ready = asyncio.Event()
 
     def send(self, msg: agent_pb2.ControllerMessage) -> None:
         if not self.closed:
-            self.outbox.put_nowait(msg)
+            self._queued.append(msg)
+            self._ready.set()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.outbox.put_nowait(None)
+            self._ready.set()
+
+    async def outgoing(self) -> AsyncIterator[agent_pb2.ControllerMessage]:
+        """What to write to the stream, in order, until the session is closed."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            queued, self._queued = self._queued, []
+            if not self.batches or len(queued) == 1:
+                for msg in queued:
+                    yield msg
+            else:
+                for i in range(0, len(queued), MAX_BATCH):
+                    yield agent_pb2.ControllerMessage(
+                        batch=agent_pb2.ControllerBatch(messages=queued[i : i + MAX_BATCH])
+                    )
+            if self.closed:  # what was queued before the close is still written
+                return

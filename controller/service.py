@@ -192,7 +192,8 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
     async def WatchRun(self, request, context):
         self._check_ids(run_id=request.run_id)
         _require(request.run_id, "run_id")
-        async for event in self.engine.watch_run(request.run_id, request.from_revision):
+        events = self.engine.watch_run(request.run_id, request.from_revision, request.run_only)
+        async for event in events:
             yield event
 
     @grpc_errors
@@ -354,7 +355,7 @@ class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
         problem = _check_register(reg)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        session = AgentSession(reg.node)
+        session = AgentSession(reg.node, batches=reg.batches)
         challenge = secrets.token_bytes(32)
         if self.node_ca:
             yield agent_pb2.ControllerMessage(
@@ -376,49 +377,66 @@ class AgentServicer(_LeaderOnly, agent_pb2_grpc.AgentServiceServicer):
         except Exception as e:  # tell the agent to retry; keep serving others
             log.warning("registration failed", node=reg.node, error=str(e))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"registration failed: {e}")
+        registered.batches = True
         yield agent_pb2.ControllerMessage(registered=registered)
         reader = asyncio.create_task(self._read(engine, session, request_iterator))
         try:
-            while True:
-                msg = await session.outbox.get()
-                if msg is None:
-                    break
+            async for msg in session.outgoing():
                 yield msg
+            # The reader closed the session over a message it refuses: say so to the agent.
+            if reader.done() and not reader.cancelled() and (refused := reader.result()):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
         finally:
             reader.cancel()
             engine.disconnected(session)
             self.logs.disconnected(session)
 
-    async def _read(self, engine: Engine, session: AgentSession, request_iterator) -> None:
+    async def _read(self, engine: Engine, session: AgentSession, request_iterator) -> str:
+        """Apply the agent's messages until the stream or the session ends; the reason to
+        refuse the stream with INVALID_ARGUMENT, if that is why it ended."""
         try:
             async for msg in request_iterator:
-                kind = msg.WhichOneof("msg")
-                try:
-                    if kind == "status":
-                        engine.on_status(session, msg.status)
-                    elif kind == "event":
-                        engine.on_event(session, msg.event)
-                    elif kind == "log_chunk":
-                        self.logs.on_chunk(session, msg.log_chunk)
-                except IllegalTransition as e:
-                    # A refused move is a bug to see in the logs, not a reason to drop the node.
-                    log.error("refused state change", node=session.node, error=str(e))
-                    continue
-                if kind == "heartbeat":
-                    if not engine.heartbeat(session, msg.heartbeat):
-                        log.warning("lease expired; asking agent to re-register", node=session.node)
+                if msg.WhichOneof("msg") != "batch":
+                    if not self._on_message(engine, session, msg):
                         break
-                    session.send(
-                        agent_pb2.ControllerMessage(
-                            heartbeat_ack=agent_pb2.HeartbeatAck(seq=msg.heartbeat.seq)
-                        )
-                    )
+                    continue
+                for one in msg.batch.messages:
+                    if one.WhichOneof("msg") == "batch":
+                        log.warning("nested agent batch refused", node=session.node)
+                        return "batch.messages: a batch must not hold another batch"
+                    if not self._on_message(engine, session, one):
+                        return ""
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a broken stream ends this session only
             log.info("agent stream ended", node=session.node, error=str(e))
         finally:
             session.close()
+        return ""
+
+    def _on_message(self, engine: Engine, session: AgentSession, msg) -> bool:
+        """Apply one agent message; False: the session must end (its lease expired)."""
+        kind = msg.WhichOneof("msg")
+        try:
+            if kind == "status":
+                engine.on_status(session, msg.status)
+            elif kind == "event":
+                engine.on_event(session, msg.event)
+            elif kind == "log_chunk":
+                self.logs.on_chunk(session, msg.log_chunk)
+            elif kind == "heartbeat":
+                if not engine.heartbeat(session, msg.heartbeat):
+                    log.warning("lease expired; asking agent to re-register", node=session.node)
+                    return False
+                session.send(
+                    agent_pb2.ControllerMessage(
+                        heartbeat_ack=agent_pb2.HeartbeatAck(seq=msg.heartbeat.seq)
+                    )
+                )
+        except IllegalTransition as e:
+            # A refused move is a bug to see in the logs, not a reason to drop the node.
+            log.error("refused state change", node=session.node, error=str(e))
+        return True
 
 
 def _check_register(reg: agent_pb2.Register) -> str:

@@ -283,15 +283,20 @@ class Client:
                 return
 
     def watch(
-        self, run_id: str, from_revision: int = 0, timeout: float | None = None
+        self,
+        run_id: str,
+        from_revision: int = 0,
+        timeout: float | None = None,
+        run_only: bool = False,
     ) -> Iterator[controller_pb2.RunEvent]:
         """Stream a run's changes until it finishes; the first event is a snapshot unless
-        resuming ``from_revision``. ``timeout`` bounds the whole stream (TimeoutError)."""
+        resuming ``from_revision``. ``timeout`` bounds the whole stream (TimeoutError).
+        ``run_only``: the run's own changes alone (no tasks, no task events)."""
+        request = controller_pb2.WatchRunRequest(
+            run_id=run_id, from_revision=from_revision, run_only=run_only
+        )
         try:
-            yield from self._stub.WatchRun(
-                controller_pb2.WatchRunRequest(run_id=run_id, from_revision=from_revision),
-                timeout=timeout,
-            )
+            yield from self._stub.WatchRun(request, timeout=timeout)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 self._next_controller(e)  # callers resume from the last revision
@@ -462,7 +467,7 @@ class RunHandle:
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                for ev in self.client.watch(self.id, revision, timeout=left):
+                for ev in self.client.watch(self.id, revision, timeout=left, run_only=True):
                     revision = max(revision, ev.revision)
                     state = ev.snapshot.state if ev.HasField("snapshot") else ev.run_state
                     if state in TERMINAL_RUN_STATES:

@@ -25,9 +25,13 @@ __all__ = ["SimAgents", "controller_process", "cpu_seconds", "etcd_requests"]
 
 
 class SimAgent:
-    """One simulated node: registers, heartbeats, and answers each assignment with success."""
+    """One simulated node: registers, heartbeats, and answers each assignment with success
+    (with ``batches``, as real agents do: the answers to one controller message in one)."""
 
-    def __init__(self, channel: grpc.aio.Channel, name: str, slots: int) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, name: str, slots: int, batches: bool = True
+    ) -> None:
+        self.batches = batches
         self.stub = agent_pb2_grpc.AgentServiceStub(channel)
         self.name = name
         self.slots = slots
@@ -45,6 +49,7 @@ class SimAgent:
             agent_version="sim",
             runtime="sim",
             max_tasks=self.slots,
+            batches=self.batches,
         )
 
     async def run(self) -> None:
@@ -71,31 +76,41 @@ class SimAgent:
 
         call = self.stub.Connect(requests())
         beat: asyncio.Task | None = None
+        batches = False  # the controller reads AgentBatch
         try:
             async for msg in call:
                 kind = msg.WhichOneof("msg")
-                if kind == "assign":
-                    ref = msg.assign.ref
-                    started = now()
-                    self._outbox.put_nowait(
-                        agent_pb2.AgentMessage(
-                            status=agent_pb2.TaskStatus(
-                                ref=ref,
-                                state=types_pb2.TaskState.TASK_STATE_SUCCEEDED,
-                                exit_code=0,
-                                started_at=started,
-                                finished_at=started,
+                replies = []
+                for one in msg.batch.messages if kind == "batch" else (msg,):
+                    kind = one.WhichOneof("msg")
+                    if kind == "assign":
+                        started = now()
+                        replies.append(
+                            agent_pb2.AgentMessage(
+                                status=agent_pb2.TaskStatus(
+                                    ref=one.assign.ref,
+                                    state=types_pb2.TaskState.TASK_STATE_SUCCEEDED,
+                                    exit_code=0,
+                                    started_at=started,
+                                    finished_at=started,
+                                )
                             )
                         )
-                    )
-                    self.completed += 1
-                elif kind == "registered":
-                    interval = msg.registered.heartbeat_interval.ToNanoseconds() / 1e9
-                    self.heartbeat_interval = interval
-                    beat = asyncio.create_task(self._beat(self.heartbeat_interval or 1.0))
-                    self.registered.set()
-                elif kind == "heartbeat_ack":
-                    self.heartbeats += 1
+                        self.completed += 1
+                    elif kind == "registered":
+                        interval = one.registered.heartbeat_interval.ToNanoseconds() / 1e9
+                        self.heartbeat_interval = interval
+                        batches = one.registered.batches and self.batches
+                        beat = asyncio.create_task(self._beat(self.heartbeat_interval or 1.0))
+                        self.registered.set()
+                    elif kind == "heartbeat_ack":
+                        self.heartbeats += 1
+                if batches and len(replies) > 1:
+                    batch = agent_pb2.AgentBatch(messages=replies)
+                    self._outbox.put_nowait(agent_pb2.AgentMessage(batch=batch))
+                else:
+                    for reply in replies:
+                        self._outbox.put_nowait(reply)
         finally:
             if beat:
                 beat.cancel()

@@ -465,3 +465,22 @@ def test_wait_honours_its_timeout_while_nothing_happens(mesh):
     with pytest.raises(TetherTimeout):
         run.wait(timeout=1.0)
     assert time.monotonic() - t0 < 5
+
+
+def test_watch_run_only_sends_the_runs_own_changes(mesh):
+    mesh.add_agent("n1")
+    client = mesh.client()
+    wf = Workflow("run-only")
+    a = wf.task("a", py("import time; time.sleep(0.2)"))
+    wf.task("b", py("pass"), depends_on=[a])
+    run = client.submit(wf)
+    events = list(client.watch(run.id, run_only=True, timeout=30))
+    assert events[0].HasField("snapshot") and not events[0].snapshot.tasks
+    assert not any(ev.HasField("task") for ev in events)
+    assert events[-1].run_state == R.RUN_STATE_SUCCEEDED
+    # Watched in full, the same run's snapshot has its tasks; resuming run-only after its end
+    # is answered at once with the final state.
+    (full,) = list(client.watch(run.id, timeout=30))
+    assert [tk.spec.name for tk in full.snapshot.tasks] == ["a", "b"]
+    resumed = list(client.watch(run.id, events[-1].revision, timeout=10, run_only=True))
+    assert [e.run_state for e in resumed] == [R.RUN_STATE_SUCCEEDED]

@@ -64,12 +64,14 @@ class ListRunsResponse(_message.Message):
     def __init__(self, runs: _Optional[_Iterable[_Union[_types_pb2.Run, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchRunRequest(_message.Message):
-    __slots__ = ("run_id", "from_revision")
+    __slots__ = ("run_id", "from_revision", "run_only")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_REVISION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ONLY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     from_revision: int
-    def __init__(self, run_id: _Optional[str] = ..., from_revision: _Optional[int] = ...) -> None: ...
+    run_only: bool
+    def __init__(self, run_id: _Optional[str] = ..., from_revision: _Optional[int] = ..., run_only: _Optional[bool] = ...) -> None: ...
 
 class RunEvent(_message.Message):
     __slots__ = ("snapshot", "task", "run_state", "revision")
