@@ -4,7 +4,8 @@ A task of the ``process`` runtime is a child of its agent. If the agent is SIGKI
 crashes), its children are re-parented to init and run on, while the controller, rightly,
 runs their attempts again elsewhere once the node's lease expires: the task would run twice at
 once. The reaper closes that gap. The agent starts one reaper and tells it, over the reaper's
-stdin, each task's process group as it starts (``+PID STARTTIME``) and ends (``-PID``). The
+stdin, each task's process group as it starts (``+PID STARTTIME``, or ``+PID``: the reaper then
+reads the start time itself) and ends (``-PID``). The
 pipe closes when the agent dies, however it dies, and the reaper then stops every group it was
 told of (SIGTERM, then SIGKILL after a short grace) and exits.
 
@@ -82,6 +83,12 @@ def _apply(line: bytes, groups: dict[int, int]) -> None:
     try:
         if line.startswith(b"+") and len(parts) == 2:
             groups[int(parts[0][1:])] = int(parts[1])
+        elif line.startswith(b"+") and len(parts) == 1:
+            # Read within READ_EVERY of the start: a task that ended before is gone (0), and
+            # its pid is not reused that soon.
+            pid = int(parts[0][1:])
+            if ticks := start_ticks(pid):
+                groups[pid] = ticks
         elif line.startswith(b"-") and len(parts) == 1:
             groups.pop(int(parts[0][1:]), None)
     except ValueError:
