@@ -41,6 +41,9 @@ __all__ = [
 
 # Both limits are shared with the controller, which enforces them again.
 TAIL_BYTES = LOG_TAIL_BYTES
+# What an earlier try of the same attempt may have left in its directory, not to be mistaken
+# for this try's.
+_STALE = (layout.OUTPUT_FILE, layout.STATUS_FILE)
 # What a secret's value becomes in the log tails an attempt reports.
 REDACTED = "[secret]"
 
@@ -70,7 +73,7 @@ def stage(d: Path, a: agent_pb2.AssignTask) -> None:
     except FileNotFoundError:  # a new task (or run): a new directory has nothing stale
         os.makedirs(path, exist_ok=True)
     except FileExistsError:
-        for stale in (layout.OUTPUT_FILE, layout.STATUS_FILE):
+        for stale in _STALE:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{path}/{stale}")
     write_file(f"{path}/{layout.INPUTS_FILE}", json.dumps(inputs_of(a)).encode())

@@ -149,9 +149,10 @@ class ProcessRuntime:
     """Runs tasks as subprocesses of the agent: for development and container-less nodes.
 
     Resources are accounted by the scheduler but not enforced; ``image`` is ignored.
-    The task's stdout and stderr go through the agent into the attempt's log files, which stop
-    at ``LaunchSpec.log_limit_bytes`` each (with ``leave_running``, straight into the files,
-    without the limit). Tasks die with the agent unless it runs with ``leave_running``.
+    The task's stdout and stderr go through the agent into the attempt's log files (created
+    by the first output), which stop at ``LaunchSpec.log_limit_bytes`` each (with
+    ``leave_running``, straight into the files, without the limit). Tasks die with the agent
+    unless it runs with ``leave_running``.
     """
 
     name = "process"
@@ -233,6 +234,10 @@ class ProcessRuntime:
                 ]
             else:
                 for stream, path in (("stdout", spec.stdout_path), ("stderr", spec.stderr_path)):
+                    # The log is created by the first output: an earlier try's must not pass
+                    # for this one's if it prints nothing.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
                     logs.append(
                         CappedLog(path, spec.log_limit_bytes, _truncation_reporter(spec, stream))
                     )
@@ -244,7 +249,7 @@ class ProcessRuntime:
             _close_all(pipes, logs)
             if isinstance(e, ValueError):  # a NUL byte in the environment
                 raise RuntimeError_(f"cannot start {spec.command[0]!r}: {e}") from e
-            raise RuntimeError_(f"cannot create the attempt's log files: {e}") from e
+            raise RuntimeError_(f"cannot create the attempt's log files or pipes: {e}") from e
         try:
             proc = subprocess.Popen(
                 command,
@@ -282,7 +287,10 @@ class ProcessRuntime:
         copies = (
             None
             if leave
-            else PipeCopies([(r, log_) for (r, _), log_ in zip(pipes, logs, strict=True)])
+            else PipeCopies(
+                [(r, log_) for (r, _), log_ in zip(pipes, logs, strict=True)],
+                _log_error_reporter(spec),
+            )
         )
         return _ProcessHandle(
             proc,
@@ -344,6 +352,15 @@ def _record(spec: LaunchSpec, pid: int, ticks: int) -> None:
         os.replace(tmp, f"{d}/{PROCESS_FILE}")
     except OSError as e:  # the task runs on; only its adoption after a restart is lost
         log.warning("cannot record the task's process", path=str(tmp), error=str(e))
+
+
+def _log_error_reporter(spec: LaunchSpec):
+    # The logs are created by the task's first output, after the start: a failure then is an
+    # event of the attempt (the task runs on, its output drained and dropped).
+    on_event = spec.on_event
+    if on_event is None:
+        return None
+    return lambda e: on_event("log_error", f"cannot write the attempt's log: {e}")
 
 
 def _truncation_reporter(spec: LaunchSpec, stream: str):
