@@ -25,6 +25,7 @@ from tether.agent.resources import (
 from tether.agent.runner import Runner
 from tether.agent.runtimes import registry
 from tether.agent.runtimes.base import Runtime
+from tether.agent.supervision import Key, key_of
 from tether.api.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from tether.sdk.certs import sign_challenge
 from tether.sdk.states import DRAINED
@@ -43,6 +44,11 @@ _REFUSALS = {
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.INVALID_ARGUMENT,
 }
+# A RUNNING report waits up to this long (seconds) before it is sent, so that the final report
+# of an attempt that ends at once replaces it: the controller takes SCHEDULED -> SUCCEEDED,
+# with the start time from the final report. For the many short attempts of a busy node that
+# is one stream message and one etcd write fewer each; a longer one shows as RUNNING this late.
+RUNNING_HOLD = 0.05
 
 
 def _duration(seconds: float) -> duration_pb2.Duration | None:
@@ -124,10 +130,29 @@ class Agent:
         self._beat_seq = 0
         # When each unanswered heartbeat was sent (time.monotonic()), by seq.
         self._beats_sent: dict[int, float] = {}
+        # RUNNING reports held back (see RUNNING_HOLD), by attempt, and the timer sending them.
+        self._held: dict[Key, agent_pb2.TaskStatus] = {}
+        self._held_timer: asyncio.TimerHandle | None = None
 
     def _report(self, status: agent_pb2.TaskStatus) -> None:
+        key = key_of(status.ref)
+        if status.state == types_pb2.TaskState.TASK_STATE_RUNNING:
+            self._held[key] = status
+            if self._held_timer is None:
+                loop = asyncio.get_running_loop()
+                self._held_timer = loop.call_later(RUNNING_HOLD, self._send_held)
+            return
+        self._held.pop(key, None)  # superseded: the final report says when it started
         if self._outbox is not None:
             self._outbox.put_nowait(agent_pb2.AgentMessage(status=status))
+
+    def _send_held(self) -> None:
+        self._held_timer = None
+        held, self._held = self._held, {}
+        # Without a stream they are dropped: the next Register lists the attempts as running.
+        if self._outbox is not None:
+            for status in held.values():
+                self._outbox.put_nowait(agent_pb2.AgentMessage(status=status))
 
     def _send_event(self, event: agent_pb2.TaskEventReport) -> None:
         if self._outbox is not None:

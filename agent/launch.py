@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -35,10 +36,14 @@ __all__ = [
     "tail",
     "task_env",
     "timeout_of",
+    "write_file",
 ]
 
 # Both limits are shared with the controller, which enforces them again.
 TAIL_BYTES = LOG_TAIL_BYTES
+# What an earlier try of the same attempt may have left in its directory, not to be mistaken
+# for this try's.
+_STALE = (layout.OUTPUT_FILE, layout.STATUS_FILE)
 # What a secret's value becomes in the log tails an attempt reports.
 REDACTED = "[secret]"
 
@@ -62,11 +67,26 @@ def stage(d: Path, a: agent_pb2.AssignTask) -> None:
     A retried assignment of the same attempt may find an earlier output or final report
     there; they are removed so that neither is mistaken for this run's.
     """
-    d.mkdir(parents=True, exist_ok=True)
-    for stale in (d / layout.OUTPUT_FILE, d / layout.STATUS_FILE):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-    (d / layout.INPUTS_FILE).write_text(json.dumps(inputs_of(a)))
+    path = str(d)
+    try:
+        os.mkdir(path)
+    except FileNotFoundError:  # a new task (or run): a new directory has nothing stale
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        for stale in _STALE:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}/{stale}")
+    write_file(f"{path}/{layout.INPUTS_FILE}", json.dumps(inputs_of(a)).encode())
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Create or replace the file ``path`` with ``data`` (plain system calls: an attempt
+    writes a few small files, where Python's file objects cost more than the writes)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def task_env(
@@ -168,13 +188,19 @@ def redact(status: agent_pb2.TaskStatus, secret_values: Iterable[str]) -> None:
 def tail(path: Path) -> str:
     """The last :data:`TAIL_BYTES` of a log file ("" if it cannot be read)."""
     try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - TAIL_BYTES))
-            return f.read().decode("utf-8", "replace")
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        size = os.fstat(fd).st_size
+        if not size:
+            return ""
+        start = max(0, size - TAIL_BYTES)
+        return os.pread(fd, size - start, start).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def read_output(path: Path, status: agent_pb2.TaskStatus) -> None:
@@ -182,9 +208,10 @@ def read_output(path: Path, status: agent_pb2.TaskStatus) -> None:
     or failed (``reason="output"``) when the file is too large or not JSON. No file is an
     empty output."""
     status.state = t.TaskState.TASK_STATE_SUCCEEDED
-    if not path.exists():
+    try:
+        size = os.stat(path).st_size
+    except (FileNotFoundError, NotADirectoryError):
         return
-    size = path.stat().st_size
     if size > MAX_OUTPUT_BYTES:
         status.state = t.TaskState.TASK_STATE_FAILED
         status.reason = "output"

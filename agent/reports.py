@@ -14,6 +14,7 @@ import asyncio
 from pathlib import Path
 
 from tether.agent import layout
+from tether.agent.launch import write_file
 from tether.agent.runtimes.base import TaskHandle
 from tether.agent.supervision import Key, key_of
 from tether.api.v1 import agent_pb2
@@ -57,11 +58,12 @@ class Reports:
     def keep(self, status: agent_pb2.TaskStatus, handle: TaskHandle | None, d: Path) -> None:
         """Keep a final report until acknowledged, in memory and in ``d`` when it exists."""
         key = key_of(status.ref)
-        if d.is_dir():
-            try:
-                (d / layout.STATUS_FILE).write_bytes(status.SerializeToString())
-            except OSError as e:
-                log.warning("cannot keep the final report", attempt=key, error=str(e))
+        try:
+            write_file(f"{d}/{layout.STATUS_FILE}", status.SerializeToString())
+        except FileNotFoundError:
+            pass  # never staged (refused, say): nothing on disk to recover it from
+        except OSError as e:
+            log.warning("cannot keep the final report", attempt=key, error=str(e))
         self.unacked[key] = status
         if handle is not None:
             self.ended[key] = handle

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 
-from tether.agent import launch, layout
+from tether.agent import launch
 from tether.agent.config import AgentConfig
 from tether.agent.metrics import AgentMetrics
 from tether.agent.recovery import Found, found_attempts
@@ -74,6 +74,7 @@ class Runner:
         self.metrics = metrics or AgentMetrics(config.node, runtime.name)
         self.metrics.count_running(lambda: len(self.attempts))
         self.reports = Reports()
+        self._work_dir = config.work_dir.absolute()
         self.started_count = 0
         # Set while the agent drains itself: why new assignments are turned away.
         self.refusing = ""
@@ -206,7 +207,8 @@ class Runner:
         return len(found)
 
     def _dir(self, ref: agent_pb2.AttemptRef) -> Path:
-        return layout.attempt_dir(self.config.work_dir, ref.run_id, ref.task, ref.attempt)
+        # layout.attempt_dir's path, built in one go: this runs several times per attempt.
+        return Path(f"{self._work_dir}/{ref.run_id}/{ref.task}/{ref.attempt}")
 
     async def _run(self, att: Attempt, a: agent_pb2.AssignTask) -> None:
         status = agent_pb2.TaskStatus(ref=a.ref)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["CappedLog", "copy_to_log", "truncation_note"]
 
@@ -26,16 +27,16 @@ def truncation_note(limit: int) -> bytes:
 class CappedLog:
     """A log file that keeps the first ``limit`` bytes written to it, then a truncation note.
 
-    The file is created (emptied) on construction and written unbuffered, so readers that
-    tail it (``tether logs -f``) see output as soon as it arrives.
+    The file is created (emptied) by the first write, so that an attempt that prints nothing
+    costs no file (readers take a missing log for an empty one), and written unbuffered, so
+    readers that tail it (``tether logs -f``) see output as soon as it arrives.
 
     Args:
         path: The file to write.
         limit: Most bytes of output kept; 0 or less keeps everything.
         on_truncate: Called once, when output first goes past the cap.
 
-    Raises:
-        OSError: the file cannot be created.
+    ``write`` raises OSError when the file cannot be created or written.
     """
 
     def __init__(
@@ -46,12 +47,15 @@ class CappedLog:
         self.written = 0
         self.truncated = False
         self._on_truncate = on_truncate
-        self._file = open(path, "wb", buffering=0)
+        self._file: BinaryIO | None = None
+        self._closed = False
 
     def write(self, data: bytes) -> None:
         """Append ``data``, or the part of it under the cap; past the cap, drop it."""
-        if self.truncated or self._file.closed or not data:
+        if self.truncated or self._closed or not data:
             return
+        if self._file is None:
+            self._file = open(self.path, "wb", buffering=0)
         if self.limit > 0 and self.written + len(data) > self.limit:
             keep = self.limit - self.written
             self._file.write(data[:keep] + truncation_note(self.limit))
@@ -64,8 +68,10 @@ class CappedLog:
         self.written += len(data)
 
     def close(self) -> None:
-        """Close the file. Idempotent."""
-        self._file.close()
+        """Close the file; later writes are dropped. Idempotent."""
+        self._closed = True
+        if self._file is not None:
+            self._file.close()
 
 
 async def copy_to_log(reader: asyncio.StreamReader, log: CappedLog) -> None:

@@ -4,9 +4,15 @@ A task of the ``process`` runtime is a child of its agent. If the agent is SIGKI
 crashes), its children are re-parented to init and run on, while the controller, rightly,
 runs their attempts again elsewhere once the node's lease expires: the task would run twice at
 once. The reaper closes that gap. The agent starts one reaper and tells it, over the reaper's
-stdin, each task's process group as it starts (``+PID STARTTIME``) and ends (``-PID``). The
+stdin, each task's process group as it starts (``+PID STARTTIME``, or ``+PID``: the reaper then
+reads the start time itself) and ends (``-PID``). The
 pipe closes when the agent dies, however it dies, and the reaper then stops every group it was
 told of (SIGTERM, then SIGKILL after a short grace) and exits.
+
+The reaper is woken by the pipe's hang-up only, and otherwise reads what has piled up every
+:data:`READ_EVERY` seconds: at hundreds of attempts a second, a wake-up per line would cost the
+agent a context switch per write. A line in the pipe is as good as a line read, since every
+line is read before the groups are stopped.
 
 Run as ``python -m tether.agent.runtimes.reaper``; the start time (from ``/proc``) guards
 against a reused pid.
@@ -16,15 +22,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import time
 
-__all__ = ["GRACE", "alive", "main", "start_ticks"]
+__all__ = ["GRACE", "READ_EVERY", "alive", "main", "start_ticks"]
 
 # SIGTERM-to-SIGKILL grace once the agent is gone: short, since the controller will run these
 # attempts elsewhere, and they must be gone before it does.
 GRACE = 0.5
+# How often the lines in the pipe are read while the agent lives, seconds; the agent's writes
+# block once the pipe is full, so at 1,000 attempts/s (about 40 kB/s) this must stay well under
+# the time a full pipe takes to fill.
+READ_EVERY = 0.2
 
 
 def _stat(pid: int) -> list[bytes]:
@@ -67,21 +78,58 @@ def stop_groups(groups: dict[int, int], grace: float = GRACE) -> None:
     _kill_groups(groups, signal.SIGKILL)
 
 
+def _apply(line: bytes, groups: dict[int, int]) -> None:
+    parts = line.split()
+    try:
+        if line.startswith(b"+") and len(parts) == 2:
+            groups[int(parts[0][1:])] = int(parts[1])
+        elif line.startswith(b"+") and len(parts) == 1:
+            # Read within READ_EVERY of the start: a task that ended before is gone (0), and
+            # its pid is not reused that soon.
+            pid = int(parts[0][1:])
+            if ticks := start_ticks(pid):
+                groups[pid] = ticks
+        elif line.startswith(b"-") and len(parts) == 1:
+            groups.pop(int(parts[0][1:]), None)
+    except ValueError:
+        pass
+
+
+def _read_available(fd: int, groups: dict[int, int], rest: bytes) -> tuple[bytes, bool]:
+    """Apply every whole line now in the pipe; return the partial last line and whether the
+    agent has closed its end."""
+    while True:
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return rest, False
+        if not data:
+            return rest, True
+        *lines, rest = (rest + data).split(b"\n")
+        for line in lines:
+            _apply(line, groups)
+
+
 def main() -> None:
     # The agent's terminal or service manager may signal the whole session; the reaper must
     # outlive the agent to do its job, and ends by itself when the agent's pipe closes.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     groups: dict[int, int] = {}
-    for line in sys.stdin.buffer:
-        parts = line.split()
-        try:
-            if line.startswith(b"+") and len(parts) == 2:
-                groups[int(parts[0][1:])] = int(parts[1])
-            elif line.startswith(b"-") and len(parts) == 1:
-                groups.pop(int(parts[0][1:]), None)
-        except ValueError:
-            continue
+    if not hasattr(select, "epoll"):
+        for line in sys.stdin.buffer:
+            _apply(line, groups)
+        stop_groups(groups)
+        return
+    fd = sys.stdin.fileno()
+    os.set_blocking(fd, False)
+    ep = select.epoll()
+    ep.register(fd, 0)  # no EPOLLIN: only the hang-up (and errors) wake the reaper
+    rest, closed = b"", False
+    while not closed:
+        ep.poll(READ_EVERY)
+        rest, closed = _read_available(fd, groups, rest)
+    _apply(rest, groups)
     stop_groups(groups)
 
 

@@ -9,8 +9,14 @@ and agents as subprocesses with the process runtime, then prints one JSON object
 - ``tasks_per_s``: no-op tasks of one wide workflow completed per second;
 - ``etcd_writes_per_task`` / ``etcd_txns_per_task``: what one task costs the store;
 - ``submit_to_running_ms``: p50/p99 of submit -> RUNNING for single-task runs, one at a time;
+- ``agents_cpu_ms_per_task`` / ``controller_cpu_ms_per_task``: CPU time (user + system) of
+  the agent processes, and of this process (controller and client), per task of the wide run;
+- ``dag_seconds``: a 1,000-task layered DAG (10 layers of 100, two parents each, as in
+  ``bench_control_plane``) from submit to its result;
 - ``spawn_ceiling_per_s``: ``true`` processes/s spawned by a bare asyncio loop with the same
   concurrency (agents x slots) and count, measured in the same run, and ``ratio_to_spawn``.
+
+``BENCH_AGENT_PROFILE=DIR`` has each agent write a cProfile to ``DIR/agent-I.prof``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import os
 import statistics
 import time
 
+from bench_control_plane import layered_dag
 from local_mesh import local_mesh
+from sim_agents import cpu_seconds
 
 from tether.api.v1 import types_pb2 as t
 from tether.controller.server import ControllerServer
@@ -34,7 +42,10 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def measure(address: str, server: ControllerServer, tasks: int, latency_runs: int) -> dict:
+def measure(
+    address: str, server: ControllerServer, agent_pids: list[int], args: argparse.Namespace
+) -> dict:
+    tasks = args.tasks
     client = Client(address, timeout=60)
     # Warm up: one run so that agents and code paths are hot.
     warm = Workflow("warm")
@@ -46,17 +57,25 @@ def measure(address: str, server: ControllerServer, tasks: int, latency_runs: in
         wide.task(f"t{i}", ["true"])
     store = server.store
     puts0, txns0 = store.put_count, store.txn_count
+    agents0, own0 = sum(map(cpu_seconds, agent_pids)), time.process_time()
     start = time.perf_counter()
     final = client.submit(wide).wait(timeout=600)
     elapsed = time.perf_counter() - start
     assert final.state == t.RunState.RUN_STATE_SUCCEEDED, final.message
+    agents_cpu = sum(map(cpu_seconds, agent_pids)) - agents0
+    own_cpu = time.process_time() - own0
     time.sleep(0.5)  # let the last batched writes land before counting them
     puts, txns = store.put_count - puts0, store.txn_count - txns0
+
+    start = time.perf_counter()
+    dag = client.submit(layered_dag(args.layers, args.width)).wait(timeout=600)
+    dag_s = time.perf_counter() - start
+    assert dag.state == t.RunState.RUN_STATE_SUCCEEDED, dag.message
 
     latencies = []
     one = Workflow("one")
     one.task("x", ["true"])
-    for _ in range(latency_runs):
+    for _ in range(args.latency_runs):
         t0 = time.time()
         run = client.submit(one)
         for ev in run.watch():
@@ -75,6 +94,10 @@ def measure(address: str, server: ControllerServer, tasks: int, latency_runs: in
         "tasks": tasks,
         "tasks_per_s": round(tasks / elapsed, 1),
         "wide_run_seconds": round(elapsed, 3),
+        "agents_cpu_ms_per_task": round(agents_cpu / tasks * 1000, 3),
+        "controller_cpu_ms_per_task": round(own_cpu / tasks * 1000, 3),
+        "dag_tasks": args.layers * args.width,
+        "dag_seconds": round(dag_s, 3),
         "etcd_writes_per_task": round(puts / tasks, 2),
         "etcd_txns_per_task": round(txns / tasks, 3),
         "largest_etcd_request_bytes": store.max_request_bytes,
@@ -105,10 +128,9 @@ async def spawn_ceiling(count: int, concurrency: int) -> float:
 
 async def main_async(args) -> dict:
     ceiling = await spawn_ceiling(args.tasks, args.agents * args.slots)
-    async with local_mesh(args.agents, args.slots) as (server, baseline):
-        result = await asyncio.to_thread(
-            measure, server.address, server, args.tasks, args.latency_runs
-        )
+    pids: list[int] = []
+    async with local_mesh(args.agents, args.slots, pids) as (server, baseline):
+        result = await asyncio.to_thread(measure, server.address, server, pids, args)
     return {
         "etcd_baseline_txn_per_s": round(baseline, 1),
         **result,
@@ -126,6 +148,8 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=3)
     ap.add_argument("--slots", type=int, default=8, help="max tasks at once per agent")
     ap.add_argument("--latency-runs", type=int, default=100)
+    ap.add_argument("--layers", type=int, default=10, help="layers of the layered DAG")
+    ap.add_argument("--width", type=int, default=100, help="tasks per layer of the DAG")
     args = ap.parse_args()
     from tether.sdk.telemetry import setup_logging
 

@@ -38,8 +38,13 @@ async def etcd_baseline(endpoint: str, n: int = 4000, concurrency: int = 16) -> 
 
 
 @contextlib.asynccontextmanager
-async def local_mesh(agents: int, slots: int) -> AsyncIterator[tuple[ControllerServer, float]]:
-    """Yield a started controller with ``agents`` registered, and the etcd baseline (txn/s)."""
+async def local_mesh(
+    agents: int, slots: int, pids: list[int] | None = None
+) -> AsyncIterator[tuple[ControllerServer, float]]:
+    """Yield a started controller with ``agents`` registered, and the etcd baseline (txn/s).
+
+    ``pids``, when given, receives the agents' process ids (to read their CPU time).
+    """
     tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     etcd = EtcdProcess(tmp / "etcd").start()
     server = ControllerServer(
@@ -79,6 +84,8 @@ async def local_mesh(agents: int, slots: int) -> AsyncIterator[tuple[ControllerS
                     stderr=subprocess.DEVNULL,
                 )
             )
+        if pids is not None:
+            pids.extend(p.pid for p in procs)
         client = Client(server.address)
         while len(await asyncio.to_thread(client.nodes)) < agents:
             await asyncio.sleep(0.1)

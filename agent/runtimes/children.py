@@ -1,0 +1,125 @@
+"""Child processes watched from the event loop itself: their exits and their output pipes.
+
+asyncio's own subprocess support (Python 3.11) waits for each child in a thread of its own,
+and wraps each pipe in a transport, a protocol and a stream reader. At hundreds of attempts a
+second the thread starts and the GIL handoffs they cause cost more than the spawns. Here a
+child's exit is a readable pidfd (Linux 5.3+) and a pipe is a reader callback on the loop:
+no thread, no task, no transport per child. Without pidfds an exit falls back to a waiting
+thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import Callable
+
+from tether.agent.runtimes.capped_log import READ_SIZE, CappedLog
+from tether.agent.runtimes.threads import in_thread
+
+__all__ = ["PipeCopies", "exit_of"]
+
+_HAS_PIDFD = hasattr(os, "pidfd_open")
+
+
+def exit_of(proc: subprocess.Popen) -> asyncio.Future:
+    """A future of ``proc``'s return code (negative: the signal that killed it).
+
+    The child is reaped here, by ``Popen.poll``, so its ``returncode`` is set too.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future = loop.create_future()
+    try:
+        pidfd = os.pidfd_open(proc.pid) if _HAS_PIDFD else -1
+    except OSError:  # an old kernel (ENOSYS) or a sandbox that forbids it
+        pidfd = -1
+    if pidfd < 0:
+        waiting = in_thread(proc.wait, name="tether-wait")
+        waiting.add_done_callback(lambda w: fut.done() or fut.set_result(w.result()))
+        return fut
+
+    def exited() -> None:
+        code = proc.poll()
+        if code is None:  # woken early: not reaped yet
+            return
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        if not fut.done():
+            fut.set_result(code)
+
+    loop.add_reader(pidfd, exited)
+    return fut
+
+
+class PipeCopies:
+    """Copies the read ends of a child's pipes into capped log files, from loop callbacks.
+
+    Each fd is read until every writer has closed it; then it and its log are closed.
+    ``done`` resolves once all are.
+
+    Args:
+        pairs: (read end, log) pairs; this object owns both and closes them.
+        on_error: Called with the OSError of a failed log write (the copy goes on draining).
+    """
+
+    def __init__(
+        self,
+        pairs: list[tuple[int, CappedLog]],
+        on_error: Callable[[OSError], None] | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._open = dict(pairs)
+        self._on_error = on_error
+        self.done: asyncio.Future = self._loop.create_future()
+        for fd in self._open:
+            os.set_blocking(fd, False)
+            self._loop.add_reader(fd, self._readable, fd)
+        if not self._open:
+            self.done.set_result(None)
+
+    def _readable(self, fd: int) -> None:
+        log = self._open.get(fd)
+        if log is None:
+            return
+        try:
+            data = os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(fd)
+            return
+        try:
+            log.write(data)
+        except OSError as e:
+            # Disk full or the file went away: keep draining so the task is not stalled.
+            log.close()
+            if self._on_error is not None:
+                self._on_error(e)
+
+    def pump(self) -> None:
+        """Read what is already in the pipes now, without waiting for the loop to call back
+        (a task that has exited usually left its output and its EOF there)."""
+        for fd in list(self._open):
+            for _ in range(16):  # bounded: a background child may write on and on
+                if fd not in self._open:
+                    break
+                before = self._open[fd].written
+                self._readable(fd)
+                if fd in self._open and self._open[fd].written == before:
+                    break
+
+    def _close(self, fd: int) -> None:
+        log = self._open.pop(fd)
+        self._loop.remove_reader(fd)
+        os.close(fd)
+        log.close()
+        if not self._open and not self.done.done():
+            self.done.set_result(None)
+
+    def close(self) -> None:
+        """Stop copying: close every fd and log still open. Idempotent."""
+        for fd in list(self._open):
+            self._close(fd)

@@ -1,0 +1,57 @@
+"""What the agent puts on its stream for the runner's reports: a RUNNING report is held back
+briefly, and dropped when the attempt's final report comes first."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tether.agent import agent as agent_mod
+from tether.agent.agent import Agent
+from tether.agent.config import AgentConfig
+from tether.api.v1 import agent_pb2
+from tether.api.v1 import types_pb2 as t
+
+S = t.TaskState
+
+
+def status(task: str, state: int) -> agent_pb2.TaskStatus:
+    ref = agent_pb2.AttemptRef(run_id="r", task=task, attempt=1)
+    return agent_pb2.TaskStatus(ref=ref, state=state)
+
+
+def sent_after(tmp_path, reports: list[agent_pb2.TaskStatus], wait: float) -> list[tuple]:
+    async def go():
+        agent = Agent(AgentConfig(node="n1", work_dir=tmp_path))
+        outbox: asyncio.Queue = asyncio.Queue()
+        agent._outbox = outbox
+        for r in reports:
+            agent._report(r)
+        await asyncio.sleep(wait)
+        out = []
+        while not outbox.empty():
+            s = outbox.get_nowait().status
+            out.append((s.ref.task, s.state))
+        agent.tracer_provider.shutdown()
+        return out
+
+    return asyncio.run(go())
+
+
+def test_a_final_report_within_the_hold_replaces_the_running_one(tmp_path):
+    sent = sent_after(
+        tmp_path,
+        [status("a", S.TASK_STATE_RUNNING), status("a", S.TASK_STATE_SUCCEEDED)],
+        agent_mod.RUNNING_HOLD * 2,
+    )
+    assert sent == [("a", S.TASK_STATE_SUCCEEDED)]
+
+
+def test_a_running_report_goes_out_after_the_hold(tmp_path):
+    early = sent_after(tmp_path, [status("b", S.TASK_STATE_RUNNING)], 0)
+    assert early == []
+    later = sent_after(
+        tmp_path,
+        [status("b", S.TASK_STATE_RUNNING), status("c", S.TASK_STATE_FAILED)],
+        agent_mod.RUNNING_HOLD * 2,
+    )
+    assert later == [("c", S.TASK_STATE_FAILED), ("b", S.TASK_STATE_RUNNING)]
