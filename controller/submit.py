@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -14,14 +15,14 @@ from etcd3aio._protobuf import Compare
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
-from tether.controller.depends_on import part_puts
+from tether.controller.depends_on import SPLIT_NAMES, part_puts
 from tether.controller.errors import AlreadyExists, Conflict, FailedPrecondition
 from tether.controller.records import RunEntry, TaskEntry, new_run_id, now
 from tether.controller.secrets import Secrets
 from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
 from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import get_logger
-from tether.sdk.validation import LIMITS, Limits, validate_params, validate_workflow
+from tether.sdk.validation import LIMITS, Limits, validate_workflow
 
 __all__ = ["CHUNKS_IN_FLIGHT", "Submitter"]
 
@@ -115,7 +116,7 @@ class Submitter:
         """Write a small run in one transaction; None: a pending chunked submit holds its
         request id."""
         run = new.run
-        ops = [p for g in new.groups for p in g] + [Put(run.key, run.serialize())]
+        ops = [Put(k, v) for k, v in new.items] + [Put(run.key, run.serialize())]
         compares = [mod_revision_is(run.key, 0)]
         if request_id:
             req_key = self.keys.request(request_id)
@@ -167,7 +168,7 @@ class Submitter:
                 self._build, spec, params, request_id, traceparent, first, extra
             )
         run = new.run
-        revisions = await self._write_chunks(new.groups, resumed)
+        revisions = await self._write_chunks(new.items, resumed)
         done = f"{run.msg.id} {fingerprint}".encode()
         ok, revision = await self.store.txn(
             [mod_revision_is(run.key, 0), mod_revision_is(req_key, marker_rev)],
@@ -214,51 +215,80 @@ class Submitter:
         )
         if spec.HasField("timeout") and spec.timeout.ToNanoseconds() > 0:
             run_msg.deadline.FromNanoseconds(created.ToNanoseconds() + spec.timeout.ToNanoseconds())
+        # One pass, and no more per task than its record, its entry and its keys: this is
+        # per-task Python time for 100,000 tasks.
         entries: list[TaskEntry] = []
-        groups: list[list[Put]] = []
+        items: list[tuple[str, bytes]] = []
+        positions: list[int] = []
+        tasks: dict[str, TaskEntry] = {}
+        ready: list[str] = []
+        task_prefix = self.keys.task(run_id, "")
         for i, ts in enumerate(spec.tasks):
+            name = ts.name
+            waiting = len(ts.depends_on)
             msg = t.TaskRun(
                 run_id=run_id,
                 spec=ts,
                 index=i,
                 traceparent=traceparent,
-                state=lc.PENDING if ts.depends_on else lc.READY,
+                state=lc.PENDING if waiting else lc.READY,
             )
-            e = TaskEntry(self.keys.task(run_id, ts.name), msg, 0, waiting=len(ts.depends_on))
+            e = TaskEntry(task_prefix + name, msg, 0, waiting=waiting)
             entries.append(e)
-            groups.append([Put(e.key, e.serialize()), *part_puts(self.keys, msg)])
-        run = RunEntry(self.keys.run(run_id), run_msg, 0)
-        return _NewRun(spec, params, run, entries, groups)
+            tasks[name] = e
+            positions.append(len(items))
+            if waiting > SPLIT_NAMES:
+                items.append((e.key, e.serialize()))
+                items.extend((p.key, p.value) for p in part_puts(self.keys, msg))
+            else:
+                items.append((e.key, msg.SerializeToString()))
+            if not waiting:
+                ready.append(name)
+        for e in entries:
+            if e.waiting:
+                name = e.msg.spec.name
+                for dep in e.msg.spec.depends_on:
+                    tasks[dep].children.append(name)
+        run = RunEntry(self.keys.run(run_id), run_msg, 0, tasks=tasks, unfinished=len(entries))
+        return _NewRun(spec, params, run, entries, items, positions, ready)
 
-    async def _write_chunks(self, groups: list[list[Put]], resumed: bool) -> dict[str, int] | None:
+    async def _write_chunks(
+        self, items: list[tuple[str, bytes]], resumed: bool
+    ) -> list[int] | None:
         """Write every task's keys, each transaction creating at most ``txn_bytes`` of them
-        (a task's keys may span two). Return each key's revision, or None when this call did
-        not create every key (a resumed submit skips what the interrupted one wrote)."""
-        chunks: list[list[Put]] = [[]]
+        (a task's keys may span two). Return the revision each item was written at, or None
+        when this call did not create every key (a resumed submit skips what the interrupted
+        one wrote)."""
+        bounds = [0]  # chunk i is items[bounds[i]:bounds[i + 1]]
         size = 0
-        for p in (p for g in groups for p in g):
-            chunk = chunks[-1]
-            if chunk and (len(chunk) >= MAX_TXN_OPS or size + _size(p) > self.txn_bytes):
-                chunks.append(chunk := [])
-                size = 0
-            chunk.append(p)
-            size += _size(p)
+        start = 0
+        for n, (key, value) in enumerate(items):
+            item = len(key) + len(value)
+            if n > start and (n - start >= MAX_TXN_OPS or size + item > self.txn_bytes):
+                bounds.append(n)
+                start, size = n, 0
+            size += item
+        bounds.append(len(items))
         # A few in flight: nothing reads them before the commit, so their order is free, and
         # etcd commits concurrent transactions together (one fsync for several).
         gate = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
 
-        async def write(chunk: list[Put]) -> int:
+        async def write(chunk: list[tuple[str, bytes]]) -> int:
             async with gate:
                 return await self._write_chunk(chunk, resumed)
 
-        results = await asyncio.gather(*(write(c) for c in chunks if c))
+        spans = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+        results = await asyncio.gather(*(write(items[a:b]) for a, b in spans))
         if not all(results):
             return None
-        return {p.key: rev for c, rev in zip(chunks, results, strict=True) for p in c}
+        revisions: list[int] = []
+        for (a, b), rev in zip(spans, results, strict=True):
+            revisions.extend([rev] * (b - a))
+        return revisions
 
-    async def _write_chunk(self, chunk: list[Put], resumed: bool) -> int:
+    async def _write_chunk(self, chunk: list[tuple[str, bytes]], resumed: bool) -> int:
         """Create the chunk's keys; return the revision, or 0 if some existed already."""
-        ok, revision = await self.store.txn([mod_revision_is(p.key, 0) for p in chunk], chunk)
+        ok, revision = await self.store.create(chunk)
         if ok:
             return revision
         if not resumed:
@@ -267,63 +297,59 @@ class Submitter:
         # (chunks were cut elsewhere then): create each key still missing.
         exists = [
             Compare(
-                key=p.key.encode(),
+                key=key.encode(),
                 target=Compare.CompareTarget.MOD,
                 result=Compare.CompareResult.GREATER,
                 mod_revision=0,
             )
-            for p in chunk
+            for key, _ in chunk
         ]
         if (await self.store.txn(exists, []))[0]:
             return 0
-        for p in chunk:
-            await self.store.txn([mod_revision_is(p.key, 0)], [p])
+        for item in chunk:
+            await self.store.create([item])
         return 0
 
-    def _take_up(
-        self, new: _NewRun, revision: int, revisions: dict[str, int] | None = None
-    ) -> None:
-        """Cache the run just written (``revisions``: of tasks written before it) and queue
-        its tasks that can start."""
+    def _take_up(self, new: _NewRun, revision: int, revisions: list[int] | None = None) -> None:
+        """Cache the run just written (``revisions``: of its items, written before it) and
+        queue its tasks that can start."""
         run = new.run
         run.rev = revision
-        for e in new.entries:
-            e.rev = revisions[e.key] if revisions else revision
-            run.tasks[e.msg.spec.name] = e
-            run.unfinished += 1
-        for e in new.entries:
-            for dep in e.msg.spec.depends_on:
-                run.tasks[dep].children.append(e.msg.spec.name)
+        if revisions:
+            for e, pos in zip(new.entries, new.positions, strict=True):
+                e.rev = revisions[pos]
+        else:
+            for e in new.entries:
+                e.rev = revision
         self.cache.runs[run.msg.id] = run
         self.arm_deadline(run)
-        for e in new.entries:
-            if e.msg.state == lc.READY:
-                self.cache.enqueue((run.msg.id, e.msg.spec.name))
+        for name in new.ready:
+            self.cache.enqueue((run.msg.id, name))
         self.cache.kick()
         log.info("run submitted", run_id=run.msg.id, tasks=len(new.entries))
 
 
 @dataclass
 class _NewRun:
-    """A run built from a submitted spec, with its tasks' etcd writes (one group a task)."""
+    """A run built from a submitted spec (its record holding its task entries, linked to
+    their children), with its tasks' etcd writes as (key, value) items."""
 
     spec: t.WorkflowSpec
     params: dict[str, str]
     run: RunEntry
     entries: list[TaskEntry]
-    groups: list[list[Put]]
+    items: list[tuple[str, bytes]]
+    # Where each entry's own record is in ``items``.
+    positions: list[int]
+    # The tasks that can start at once.
+    ready: list[str]
 
     def fits(self, txn_bytes: int) -> bool:
         """Whether the run and its tasks fit in one transaction (with a request key)."""
-        ops = sum(len(g) for g in self.groups) + 2
-        if ops > MAX_TXN_OPS:
+        if len(self.items) + 2 > MAX_TXN_OPS:
             return False
-        size = sum(_size(p) for g in self.groups for p in g)
+        size = sum(len(k) + len(v) for k, v in self.items)
         return size + len(self.run.key) + self.run.msg.ByteSize() + 200 <= txn_bytes
-
-
-def _size(p: Put) -> int:
-    return len(p.key) + len(p.value)
 
 
 def _parse_request(record: bytes, request_id: str, fingerprint: str) -> tuple[str, bool]:
@@ -356,8 +382,7 @@ def _validate(
 ) -> None:
     # The request's own fields first: they are cheap, and a huge one must not be echoed.
     _validate_request(request_id, params, limits)
-    validate_workflow(spec, limits)
-    validate_params(spec, params)
+    validate_workflow(spec, limits, params=params)
 
 
 def _validate_request(request_id: str, params: dict[str, str], limits: Limits) -> None:
