@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import itertools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from etcd3aio._protobuf import Compare
 
@@ -24,10 +24,12 @@ from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import get_logger
 from tether.sdk.validation import LIMITS, Limits, validate_workflow
 
-__all__ = ["CHUNKS_IN_FLIGHT", "Submitter"]
+__all__ = ["BUILD_SLICE", "CHUNKS_IN_FLIGHT", "Submitter"]
 
 # Transactions of one large submit written at once.
 CHUNKS_IN_FLIGHT = 8
+# Tasks a large submit builds at a time, writing what it built while it builds the next.
+BUILD_SLICE = 5000
 
 log = get_logger("controller.engine")
 
@@ -94,21 +96,22 @@ class Submitter:
         await self.secrets.check(spec)
         fingerprint = await asyncio.to_thread(_fingerprint, spec, params)
         extra = (submitted_by, parent_traceparent)
-        new = await asyncio.to_thread(
-            self._build, spec, params, request_id, traceparent, new_run_id(), extra
-        )
-        if new.fits(self.txn_bytes):
-            done = await self._submit_one(new, request_id, fingerprint)
-            if done is not None:
-                return done
-            # The request key holds a pending submit of this same run: finish it below.
-        elif not request_id:
-            # The request key carries the commit protocol; a big run gets one either way.
-            request_id = f"auto-{new.run.msg.id}"
+        run_id = new_run_id()
+        if len(spec.tasks) + 2 <= MAX_TXN_OPS and spec.ByteSize() <= self.txn_bytes:
             new = await asyncio.to_thread(
-                self._build, spec, params, request_id, traceparent, new.run.msg.id, extra
+                self._build, spec, params, request_id, traceparent, run_id, extra
             )
-        return await self._submit_chunked(new, request_id, fingerprint, traceparent, extra)
+            if new.fits(self.txn_bytes):
+                done = await self._submit_one(new, request_id, fingerprint)
+                if done is not None:
+                    return done
+                # The request key holds a pending submit of this same run: finish it below.
+        if not request_id:
+            # The request key carries the commit protocol; a big run gets one either way.
+            request_id = f"auto-{run_id}"
+        return await self._submit_chunked(
+            spec, params, request_id, fingerprint, traceparent, extra, run_id
+        )
 
     async def _submit_one(
         self, new: _NewRun, request_id: str, fingerprint: str
@@ -139,15 +142,17 @@ class Submitter:
 
     async def _submit_chunked(
         self,
-        new: _NewRun,
+        spec: t.WorkflowSpec,
+        params: dict[str, str],
         request_id: str,
         fingerprint: str,
         traceparent: str,
         extra: tuple[str, str],
+        run_id: str,
     ) -> tuple[str, bool]:
         """Write a big run in several transactions (see the class's docstring)."""
         req_key = self.keys.request(request_id)
-        marker = f"{new.run.msg.id} {fingerprint} pending".encode()
+        marker = f"{run_id} {fingerprint} pending".encode()
         ok, marker_rev, existing = await self.store.txn_get(
             [mod_revision_is(req_key, 0)], [Put(req_key, marker)], req_key
         )
@@ -163,12 +168,10 @@ class Submitter:
             if kv is None or kv.value != existing:
                 raise Conflict("a submit with this request id moved on meanwhile; retry")
             marker_rev = kv.mod_revision
-            spec, params = new.spec, new.params
-            new = await asyncio.to_thread(
-                self._build, spec, params, request_id, traceparent, first, extra
-            )
+            run_id = first
+        new = self._new_run(spec, params, request_id, traceparent, run_id, extra)
         run = new.run
-        revisions = await self._write_chunks(new.items, resumed)
+        revisions = await self._write_pipelined(new, resumed)
         done = f"{run.msg.id} {fingerprint}".encode()
         ok, revision = await self.store.txn(
             [mod_revision_is(run.key, 0), mod_revision_is(req_key, marker_rev)],
@@ -198,6 +201,21 @@ class Submitter:
         extra: tuple[str, str],
     ) -> _NewRun:
         """The new run's record and its tasks' records and writes, not yet written."""
+        new = self._new_run(spec, params, request_id, traceparent, run_id, extra)
+        self._build_tasks(new, 0, len(spec.tasks))
+        _link(new)
+        return new
+
+    def _new_run(
+        self,
+        spec: t.WorkflowSpec,
+        params: dict[str, str],
+        request_id: str,
+        traceparent: str,
+        run_id: str,
+        extra: tuple[str, str],
+    ) -> _NewRun:
+        """The new run's record, without its tasks yet."""
         created = now()
         run_msg = t.Run(
             id=run_id,
@@ -215,15 +233,19 @@ class Submitter:
         )
         if spec.HasField("timeout") and spec.timeout.ToNanoseconds() > 0:
             run_msg.deadline.FromNanoseconds(created.ToNanoseconds() + spec.timeout.ToNanoseconds())
-        # One pass, and no more per task than its record, its entry and its keys: this is
-        # per-task Python time for 100,000 tasks.
-        entries: list[TaskEntry] = []
-        items: list[tuple[str, bytes]] = []
-        positions: list[int] = []
-        tasks: dict[str, TaskEntry] = {}
-        ready: list[str] = []
+        return _NewRun(spec, params, RunEntry(self.keys.run(run_id), run_msg, 0))
+
+    def _build_tasks(self, new: _NewRun, lo: int, hi: int) -> None:
+        """Add the entries and writes of tasks ``lo`` to ``hi`` (not yet linked)."""
+        # No more per task than its record, its entry and its keys: this is per-task Python
+        # time for 100,000 tasks.
+        run_id, traceparent = new.run.msg.id, new.run.msg.traceparent
+        entries, items, positions, ready = new.entries, new.items, new.positions, new.ready
+        tasks = new.run.tasks
         task_prefix = self.keys.task(run_id, "")
-        for i, ts in enumerate(spec.tasks):
+        specs = new.spec.tasks
+        for i in range(lo, hi):
+            ts = specs[i]
             name = ts.name
             waiting = len(ts.depends_on)
             msg = t.TaskRun(
@@ -244,47 +266,57 @@ class Submitter:
                 items.append((e.key, msg.SerializeToString()))
             if not waiting:
                 ready.append(name)
-        for e in entries:
-            if e.waiting:
-                name = e.msg.spec.name
-                for dep in e.msg.spec.depends_on:
-                    tasks[dep].children.append(name)
-        run = RunEntry(self.keys.run(run_id), run_msg, 0, tasks=tasks, unfinished=len(entries))
-        return _NewRun(spec, params, run, entries, items, positions, ready)
 
-    async def _write_chunks(
-        self, items: list[tuple[str, bytes]], resumed: bool
-    ) -> list[int] | None:
-        """Write every task's keys, each transaction creating at most ``txn_bytes`` of them
-        (a task's keys may span two). Return the revision each item was written at, or None
-        when this call did not create every key (a resumed submit skips what the interrupted
-        one wrote)."""
-        bounds = [0]  # chunk i is items[bounds[i]:bounds[i + 1]]
-        size = 0
-        start = 0
-        for n, (key, value) in enumerate(items):
-            item = len(key) + len(value)
-            if n > start and (n - start >= MAX_TXN_OPS or size + item > self.txn_bytes):
-                bounds.append(n)
-                start, size = n, 0
-            size += item
-        bounds.append(len(items))
+    async def _write_pipelined(self, new: _NewRun, resumed: bool) -> list[int] | None:
+        """Build the tasks a slice at a time and write each slice's chunks (transactions of
+        :meth:`_chunk_spans`) while the next is built, so that etcd's work and the build
+        overlap; then link them. Return the revision each item was written at, or None when
+        this call did not create every key (a resumed submit skips what the interrupted one
+        wrote)."""
+        n = len(new.spec.tasks)
+        gate = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+        spans: list[tuple[int, int]] = []
+        writes: list[asyncio.Future[int]] = []
+
+        async def write(a: int, b: int) -> int:
+            async with gate:
+                return await self._write_chunk(new.items[a:b], resumed)
+
         # A few in flight: nothing reads them before the commit, so their order is free, and
         # etcd commits concurrent transactions together (one fsync for several).
-        gate = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+        try:
+            for lo in range(0, n, BUILD_SLICE):
+                start = len(new.items)
+                await asyncio.to_thread(self._build_tasks, new, lo, min(n, lo + BUILD_SLICE))
+                for a, b in self._chunk_spans(new.items, start):
+                    spans.append((a, b))
+                    writes.append(asyncio.ensure_future(write(a, b)))
+                for w in writes:  # a failed write stops the submit before more is built
+                    if w.done() and not w.cancelled() and w.exception():
+                        raise w.exception()
+            await asyncio.to_thread(_link, new)
+            results = await asyncio.gather(*writes)
+        except BaseException:
+            for w in writes:
+                w.cancel()
+            await asyncio.gather(*writes, return_exceptions=True)
+            raise
+        return _revisions(spans, results)
 
-        async def write(chunk: list[tuple[str, bytes]]) -> int:
-            async with gate:
-                return await self._write_chunk(chunk, resumed)
-
-        spans = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
-        results = await asyncio.gather(*(write(items[a:b]) for a, b in spans))
-        if not all(results):
-            return None
-        revisions: list[int] = []
-        for (a, b), rev in zip(spans, results, strict=True):
-            revisions.extend([rev] * (b - a))
-        return revisions
+    def _chunk_spans(self, items: list[tuple[str, bytes]], start: int = 0) -> list[tuple[int, int]]:
+        """``items[start:]`` cut into transactions of at most ``txn_bytes`` and
+        :data:`MAX_TXN_OPS` keys, as (first, end) index pairs (a task's keys may span two)."""
+        bounds = [start]
+        size = 0
+        for n in range(start, len(items)):
+            key, value = items[n]
+            item = len(key) + len(value)
+            if n > bounds[-1] and (n - bounds[-1] >= MAX_TXN_OPS or size + item > self.txn_bytes):
+                bounds.append(n)
+                size = 0
+            size += item
+        bounds.append(len(items))
+        return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
     async def _write_chunk(self, chunk: list[tuple[str, bytes]], resumed: bool) -> int:
         """Create the chunk's keys; return the revision, or 0 if some existed already."""
@@ -332,17 +364,17 @@ class Submitter:
 @dataclass
 class _NewRun:
     """A run built from a submitted spec (its record holding its task entries, linked to
-    their children), with its tasks' etcd writes as (key, value) items."""
+    their children once all are built), with its tasks' etcd writes as (key, value) items."""
 
     spec: t.WorkflowSpec
     params: dict[str, str]
     run: RunEntry
-    entries: list[TaskEntry]
-    items: list[tuple[str, bytes]]
+    entries: list[TaskEntry] = field(default_factory=list)
+    items: list[tuple[str, bytes]] = field(default_factory=list)
     # Where each entry's own record is in ``items``.
-    positions: list[int]
+    positions: list[int] = field(default_factory=list)
     # The tasks that can start at once.
-    ready: list[str]
+    ready: list[str] = field(default_factory=list)
 
     def fits(self, txn_bytes: int) -> bool:
         """Whether the run and its tasks fit in one transaction (with a request key)."""
@@ -350,6 +382,27 @@ class _NewRun:
             return False
         size = sum(len(k) + len(v) for k, v in self.items)
         return size + len(self.run.key) + self.run.msg.ByteSize() + 200 <= txn_bytes
+
+
+def _link(new: _NewRun) -> None:
+    """Give each built task its children, and the run its count of unfinished tasks."""
+    tasks = new.run.tasks
+    for e in new.entries:
+        if e.waiting:
+            name = e.msg.spec.name
+            for dep in e.msg.spec.depends_on:
+                tasks[dep].children.append(name)
+    new.run.unfinished = len(new.entries)
+
+
+def _revisions(spans: list[tuple[int, int]], results: list[int]) -> list[int] | None:
+    """Each item's revision from its chunk's (None if some chunk created no keys)."""
+    if not all(results):
+        return None
+    revisions: list[int] = []
+    for (a, b), rev in zip(spans, results, strict=True):
+        revisions.extend([rev] * (b - a))
+    return revisions
 
 
 def _parse_request(record: bytes, request_id: str, fingerprint: str) -> tuple[str, bool]:
