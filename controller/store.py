@@ -116,7 +116,6 @@ class Event:
 
 
 _MOD = Compare.CompareTarget.MOD
-_EQUAL = Compare.CompareResult.EQUAL
 
 
 def mod_revision_is(key: str, revision: int) -> Compare:
@@ -344,8 +343,10 @@ class Store:
         size = 0
         for key, value in items:
             k = key.encode()
-            compare(key=k, target=_MOD, result=_EQUAL)
-            success(request_put=rpc_pb2.PutRequest(key=k, value=value))
+            compare(key=k, target=_MOD)  # result EQUAL and mod_revision 0 are the defaults
+            put = success().request_put
+            put.key = k
+            put.value = value
             size += len(key) + len(value)
         self.max_request_bytes = max(self.max_request_bytes, size)
         self.txn_count += 1

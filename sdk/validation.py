@@ -177,17 +177,25 @@ def _violations(spec: types_pb2.WorkflowSpec, limits: Limits, templated: list):
             index[name] = i
         # Only the fields a task sets are checked: every field's default is valid, and a
         # 100,000-task spec mostly sets a name, a command and depends_on.
-        present = {f.name for f, _ in t.ListFields()}
-        yield from _task_violations(t, i, present, limits, templated)
+        present = {f for f, _ in t.ListFields()}
+        if present <= _PLAIN_FIELDS and _plain_task_ok(t, limits):
+            continue
+        yield from _task_violations(t, i, {f.name for f in present}, limits, templated)
 
-    # An edge to a later task is what a cycle needs: without one the (costlier) search for
-    # a cycle to name is skipped.
+    # A cycle needs an edge to a name first seen later (names are the graph's nodes, a
+    # duplicate's edges are its first one's): without one the (costlier) search for a cycle
+    # to name is skipped.
     forward = False
     for i, t in enumerate(spec.tasks):
         deps = t.depends_on
         if not deps:
             continue
         name = t.name
+        first = index.get(name, -1)  # -1: a bad name, which no edge leads to
+        if len(deps) == 1:  # the usual case, without the set
+            k = index.get(deps[0])
+            if k is not None and k < first and deps[0] != name:
+                continue
         seen: set[str] = set()
         for j, dep in enumerate(deps):
             k = index.get(dep)
@@ -199,7 +207,7 @@ def _violations(spec: types_pb2.WorkflowSpec, limits: Limits, templated: list):
                 yield FieldViolation(f"{_where(i, name)}.depends_on[{j}]", f"unknown task {dep!r}")
             elif dep in seen:
                 yield FieldViolation(f"{_where(i, name)}.depends_on[{j}]", f"{dep!r} listed twice")
-            elif k > i:
+            elif k > first >= 0:
                 forward = True
             seen.add(dep)
 
@@ -327,10 +335,22 @@ def _param_violations(
     return problems
 
 
-def _encoded_len(s: str) -> int:
-    """Bytes a string takes as one element of a repeated protobuf field (tag, length, data)."""
-    n = len(s.encode())
-    return 1 + (n.bit_length() + 6) // 7 + n if n else 2
+_PLAIN_FIELDS = frozenset(
+    types_pb2.TaskSpec.DESCRIPTOR.fields_by_name[f] for f in ("name", "command", "depends_on")
+)
+
+
+def _plain_task_ok(t: types_pb2.TaskSpec, limits: Limits) -> bool:
+    """Whether a task that sets only a name, a command and depends_on is certainly valid
+    and has no templated field (else :func:`_task_violations` looks at it in full)."""
+    command = t.command
+    if not command or not command[0] or t.ByteSize() > limits.max_task_bytes:
+        return False
+    longest = limits.max_arg_bytes // 4  # characters that surely fit (UTF-8: 1-4 bytes each)
+    for arg in command:
+        if "\0" in arg or "{{" in arg or len(arg) > longest:
+            return False
+    return True
 
 
 def _task_violations(
@@ -342,7 +362,7 @@ def _task_violations(
     size = t.ByteSize()
     if size > limits.max_task_bytes and t.depends_on:
         # depends_on is bounded by max_tasks, and the controller stores a long one apart.
-        size -= sum(_encoded_len(d) for d in t.depends_on)
+        size -= types_pb2.TaskSpec(depends_on=t.depends_on).ByteSize()
     if size > limits.max_task_bytes:
         yield FieldViolation(
             where,
@@ -401,7 +421,7 @@ def _task_violations(
         yield FieldViolation(
             f"{where}.image_pull_policy", "must be if-not-present, always or never"
         )
-    if present & _SCHEDULING_FIELDS:
+    if not present.isdisjoint(_SCHEDULING_FIELDS):
         yield from _scheduling_violations(t, where, limits)
     if "backoff" in present:
         b = t.backoff
