@@ -236,7 +236,8 @@ class Submitter:
         return _NewRun(spec, params, RunEntry(self.keys.run(run_id), run_msg, 0))
 
     def _build_tasks(self, new: _NewRun, lo: int, hi: int) -> None:
-        """Add the entries and writes of tasks ``lo`` to ``hi`` (not yet linked)."""
+        """Add the entries and writes of tasks ``lo`` to ``hi``, linked to the dependencies
+        built before them (:func:`_link` does the rest)."""
         # No more per task than its record, its entry and its keys: this is per-task Python
         # time for 100,000 tasks.
         run_id, traceparent = new.run.msg.id, new.run.msg.traceparent
@@ -247,7 +248,8 @@ class Submitter:
         for i in range(lo, hi):
             ts = specs[i]
             name = ts.name
-            waiting = len(ts.depends_on)
+            deps = ts.depends_on
+            waiting = len(deps)
             msg = t.TaskRun(
                 run_id=run_id,
                 spec=ts,
@@ -266,6 +268,13 @@ class Submitter:
                 items.append((e.key, msg.SerializeToString()))
             if not waiting:
                 ready.append(name)
+            elif new.deferred or not all(d in tasks for d in deps):
+                # A dependency not built yet: this task and all after it are linked at the
+                # end, so that each children list stays in task order.
+                new.deferred.append(e)
+            else:
+                for dep in deps:
+                    tasks[dep].children.append(name)
 
     async def _write_pipelined(self, new: _NewRun, resumed: bool) -> list[int] | None:
         """Build the tasks a slice at a time and write each slice's chunks (transactions of
@@ -375,6 +384,8 @@ class _NewRun:
     positions: list[int] = field(default_factory=list)
     # The tasks that can start at once.
     ready: list[str] = field(default_factory=list)
+    # Built tasks not yet linked to their dependencies (see _build_tasks).
+    deferred: list[TaskEntry] = field(default_factory=list)
 
     def fits(self, txn_bytes: int) -> bool:
         """Whether the run and its tasks fit in one transaction (with a request key)."""
@@ -385,13 +396,14 @@ class _NewRun:
 
 
 def _link(new: _NewRun) -> None:
-    """Give each built task its children, and the run its count of unfinished tasks."""
+    """Give the tasks whose links were deferred their children, and the run its count of
+    unfinished tasks."""
     tasks = new.run.tasks
-    for e in new.entries:
-        if e.waiting:
-            name = e.msg.spec.name
-            for dep in e.msg.spec.depends_on:
-                tasks[dep].children.append(name)
+    for e in new.deferred:
+        name = e.msg.spec.name
+        for dep in e.msg.spec.depends_on:
+            tasks[dep].children.append(name)
+    new.deferred.clear()
     new.run.unfinished = len(new.entries)
 
 
