@@ -133,7 +133,8 @@ class Submitter:
                 new.items[new.positions[e.msg.index]] = (e.key, e.serialize())
             names = {e.msg.spec.name for e in bound}
             new.ready = [n for n in new.ready if n not in names]
-        ops = [Put(k, v) for k, v in new.items] + [Put(run.key, run.serialize())]
+        run_value = run.serialize()
+        ops = [Put(k, v) for k, v in new.items] + [Put(run.key, run_value)]
         compares = [mod_revision_is(run.key, 0)]
         try:
             if request_id:
@@ -149,6 +150,7 @@ class Submitter:
                 self.binder.unbind_submitted(bound)
             raise
         if ok:
+            run.committed = run_value
             self._take_up(new, revision)
             if bound:
                 self.binder.submitted(run, bound)
@@ -196,9 +198,10 @@ class Submitter:
         run = new.run
         revisions = await self._write_pipelined(new, resumed)
         done = f"{run.msg.id} {fingerprint}".encode()
+        run_value = run.serialize()
         ok, revision = await self.store.txn(
             [mod_revision_is(run.key, 0), mod_revision_is(req_key, marker_rev)],
-            [Put(run.key, run.serialize()), Put(req_key, done)],
+            [Put(run.key, run_value), Put(req_key, done)],
         )
         if not ok:  # a racing submit with this request id committed the run
             kv = await self.store.get(req_key)
@@ -207,6 +210,7 @@ class Submitter:
             await self.ensure_loaded(run.msg.id)
             return run.msg.id, True
         if revisions is not None:
+            run.committed = run_value
             self._take_up(new, revision, revisions)
         else:
             # The interrupted submit wrote some tasks: their revisions are etcd's to tell.
