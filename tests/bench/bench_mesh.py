@@ -78,6 +78,7 @@ def measure(
     for _ in range(args.latency_runs):
         t0 = time.time()
         run = client.submit(one)
+        started = 0.0
         for ev in run.watch():
             task = ev.task if ev.HasField("task") else None
             if (
@@ -86,9 +87,12 @@ def measure(
                 and task.attempts
             ):
                 started = task.attempts[-1].started_at.ToNanoseconds() / 1e9
-                latencies.append((started - t0) * 1000)
                 break
-        run.wait(timeout=30)
+        done = run.wait(timeout=30)
+        # A short task may go from SCHEDULED straight to SUCCEEDED (its agent sends no
+        # RUNNING report then), which a watch can fold into the run's end.
+        started = started or done.tasks[0].attempts[-1].started_at.ToNanoseconds() / 1e9
+        latencies.append((started - t0) * 1000)
     client.close()
     return {
         "tasks": tasks,
