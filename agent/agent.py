@@ -35,8 +35,10 @@ __all__ = ["Agent", "AgentRefused", "make_runtime"]
 
 log = get_logger("agent")
 VERSION = "0.1.0"
-# Most messages sent as one AgentBatch.
+# Most messages sent as one AgentBatch; one is closed once it holds this many bytes (log
+# chunks are up to 64 KiB each).
 MAX_BATCH = 256
+MAX_BATCH_BYTES = 4 * 2**20
 # Answers to a first registration that mean "not you": retrying would only repeat them.
 _REFUSALS = {
     grpc.StatusCode.UNAUTHENTICATED,
@@ -266,13 +268,15 @@ class Agent:
                 # Whatever queued up meanwhile (reports of attempts that ended together) goes
                 # as one message: the per-message cost on both ends is most of a report's.
                 batch = [msg]
+                size = msg.ByteSize()
                 closing = False
-                while not outbox.empty() and len(batch) < MAX_BATCH:
+                while not outbox.empty() and len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
                     nxt = outbox.get_nowait()
                     if nxt is None:
                         closing = True
                         break
                     batch.append(nxt)
+                    size += nxt.ByteSize()
                 yield agent_pb2.AgentMessage(batch=agent_pb2.AgentBatch(messages=batch))
                 if closing:
                     return

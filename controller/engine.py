@@ -103,6 +103,7 @@ class Engine:
         self._cancels = cancels = Cancels(cache, committer, dispatch, progress, timers)
         self._nodes = Nodes(config, store, cache, attempts, dispatch, timers)
         self._loader = Loader(store, cache, committer, progress, attempts, cancels, dispatch)
+        self._loader.run_watch = self._run_watch
         self._durations = Durations(store, on_loaded=lambda wf: self._placer.learned(wf))
         attempts.durations = self._durations
         self._placer = Placer(

@@ -18,6 +18,7 @@ from tether.controller.depends_on import restore as restore_depends_on
 from tether.controller.dispatch import Dispatch
 from tether.controller.progress import Progress
 from tether.controller.records import RunEntry, TaskEntry
+from tether.controller.run_watch import RunWatch
 from tether.controller.store import Store
 
 __all__ = ["Loader"]
@@ -43,6 +44,8 @@ class Loader:
         self.progress = progress
         self.attempts = attempts
         self.cancels = cancels
+        # Told what a reload reads of a run record (set by the engine).
+        self.run_watch: RunWatch | None = None
         self.dispatch = dispatch
         self._loading: dict[str, asyncio.Future] = {}
 
@@ -137,11 +140,18 @@ class Loader:
             self.committer.forget(lambda k: k == run_key or k.startswith(tasks_prefix))
             kv = await self.store.get(run_key)
             if kv is None:
+                if self.run_watch is not None:
+                    self.run_watch.gone(run_id)
                 return
+            if self.run_watch is not None:
+                # The write that conflicted may have been ours, committed with its reply lost:
+                # waiters learn what etcd holds, its final state included.
+                self.run_watch.read(run_id, kv.value, kv.mod_revision)
             msg = t.Run.FromString(kv.value)
             if msg.state in lc.RUN_TERMINAL:
                 return  # finished runs are read from etcd, not cached
             run = await self._load_run(msg, kv.mod_revision)
+            run.committed = kv.value
             self.reconcile(run)
             self.cache.kick()
         finally:

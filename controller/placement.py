@@ -377,6 +377,9 @@ class Placer:
         """The submit's transaction holds the bound ``entries``: send their assignments. A
         node lost while it was being written had no attempt of this run to lose then: its
         attempts are lost now (never sent, so never running)."""
+        # Ranks were computed before the run was cached: durations learned meanwhile did not
+        # reset them (Placer.learned sees cached runs only).
+        run.ranks = None
         for e in entries:
             gone = [
                 name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +17,10 @@ from tether.controller.depends_on import stored_record
 
 __all__ = ["AgentSession", "RunEntry", "TaskEntry", "new_run_id", "now"]
 
-# Most messages sent to an agent as one ControllerBatch.
+# Most messages, and bytes, sent to an agent as one ControllerBatch (agents take messages of
+# up to 64 MiB).
 MAX_BATCH = 256
+MAX_BATCH_BYTES = 4 * 2**20
 
 
 def now() -> timestamp_pb2.Timestamp:
@@ -105,14 +107,38 @@ class AgentSession:
         while True:
             await self._ready.wait()
             self._ready.clear()
+            # Read before taking the queue: a send() while a write below is suspended is
+            # before any later close(), so it is taken (and written) by the next turn.
+            closed = self.closed
             queued, self._queued = self._queued, []
             if not self.batches or len(queued) == 1:
                 for msg in queued:
                     yield msg
             else:
-                for i in range(0, len(queued), MAX_BATCH):
-                    yield agent_pb2.ControllerMessage(
-                        batch=agent_pb2.ControllerBatch(messages=queued[i : i + MAX_BATCH])
-                    )
-            if self.closed:  # what was queued before the close is still written
+                for batch in _batches(queued):
+                    if len(batch) == 1:
+                        yield batch[0]
+                    else:
+                        yield agent_pb2.ControllerMessage(
+                            batch=agent_pb2.ControllerBatch(messages=batch)
+                        )
+            if closed:
                 return
+
+
+def _batches(
+    msgs: list[agent_pb2.ControllerMessage],
+) -> Iterator[list[agent_pb2.ControllerMessage]]:
+    """``msgs`` cut into batches of at most :data:`MAX_BATCH` messages and, unless one message
+    alone is bigger, :data:`MAX_BATCH_BYTES` (assignments carry specs and upstream outputs)."""
+    batch: list[agent_pb2.ControllerMessage] = []
+    size = 0
+    for msg in msgs:
+        n = msg.ByteSize()
+        if batch and (len(batch) >= MAX_BATCH or size + n > MAX_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(msg)
+        size += n
+    if batch:
+        yield batch

@@ -21,6 +21,8 @@ from tether.controller.records import RunEntry
 
 __all__ = ["RunWatch"]
 
+_GONE = object()
+
 
 class RunWatch:
     """The waiters of each cached run, and what to tell them when its record is written."""
@@ -34,8 +36,18 @@ class RunWatch:
         if not isinstance(record, RunEntry):
             return
         record.committed = value
-        for q in self._waiters.get(record.msg.id, ()):
-            q.put_nowait((value, record.rev))
+        self.read(record.msg.id, value, record.rev)
+
+    def read(self, run_id: str, value: bytes, revision: int) -> None:
+        """etcd holds ``value`` for the run at ``revision`` (a write of ours, or one a reload
+        read back after a conflict: the committer's own write may be among those)."""
+        for q in self._waiters.get(run_id, ()):
+            q.put_nowait((value, revision))
+
+    def gone(self, run_id: str) -> None:
+        """The run's record is gone from etcd: its watches end (callers read it again)."""
+        for q in self._waiters.get(run_id, ()):
+            q.put_nowait(_GONE)
 
     def stop(self) -> None:
         """Leadership is over: every watch ends (UNAVAILABLE; clients watch again)."""
@@ -69,6 +81,8 @@ class RunWatch:
                 item = await q.get()
                 if item is None:
                     raise NotLeader("this controller no longer leads; watch the run again")
+                if item is _GONE:
+                    return
                 value, rev = item
                 msg = t.Run.FromString(value)
                 if rev > from_revision:

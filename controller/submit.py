@@ -77,6 +77,7 @@ class Submitter:
         binder: Binder | None = None,
     ) -> None:
         self.binder = binder
+        self._adopting: set[asyncio.Task] = set()
         self.limits = limits
         self.store = store
         self.keys = store.keys
@@ -146,8 +147,11 @@ class Submitter:
                 ok, revision = await self.store.txn(compares, ops)
                 existing = None
         except BaseException:
-            if bound:  # maybe written after all: a retry finds the run and loads it
+            if bound:
                 self.binder.unbind_submitted(bound)
+            # Maybe written after all, and then no retry of this request need ever come:
+            # take the run up once etcd answers again, as a retry would.
+            self._adopt_later(run.msg.id)
             raise
         if ok:
             run.committed = run_value
@@ -164,6 +168,22 @@ class Submitter:
             return None
         await self.ensure_loaded(first)
         return first, True
+
+    def _adopt_later(self, run_id: str) -> None:
+        """Load ``run_id`` if a submit whose reply was lost did write it."""
+
+        async def adopt() -> None:
+            for delay in (0.2, 0.5, 1, 2, 4, 8):
+                await asyncio.sleep(delay)
+                try:
+                    await self.ensure_loaded(run_id)
+                    return
+                except Exception:  # etcd still away (or leadership over): try again later
+                    continue
+
+        task = asyncio.get_running_loop().create_task(adopt())
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
 
     async def _submit_chunked(
         self,

@@ -98,41 +98,40 @@ def _wide(n: int) -> Workflow:
     return wf
 
 
+def _run_wide(mesh: Mesh, batches: bool) -> BatchAgent:
+    """40 no-op tasks through one raw agent on 16 slots; the agent, once all are acked."""
+    agent = BatchAgent(mesh.address, "raw", batches=batches)
+    asyncio.run_coroutine_threadsafe(agent.run(), mesh.loop)
+    mesh.wait_for(lambda: agent.registered is not None, 10, "registered")
+    run = mesh.client().submit(_wide(40)).wait(timeout=30)
+    assert run.state == types_pb2.RunState.RUN_STATE_SUCCEEDED
+    assert all(tk.state == SUCCEEDED and tk.attempt == 1 for tk in run.tasks)
+    mesh.wait_for(lambda: agent.acks == 40, 10, "every report acknowledged")
+    assert agent.assigned == 40
+    return agent
+
+
 def test_a_batching_agent_gets_and_sends_batches(etcd, prefix, tmp_path):
     mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents")
     try:
         mesh.start_controller()
-        agent = BatchAgent(mesh.address, "batcher", batches=True)
-        fut = asyncio.run_coroutine_threadsafe(agent.run(), mesh.loop)
-        mesh.wait_for(lambda: agent.registered is not None, 10, "registered")
+        agent = _run_wide(mesh, batches=True)
         assert agent.registered.batches  # the controller reads AgentBatch
-        run = mesh.client().submit(_wide(40)).wait(timeout=30)
-        assert run.state == types_pb2.RunState.RUN_STATE_SUCCEEDED
-        assert all(tk.state == SUCCEEDED and tk.attempt == 1 for tk in run.tasks)
-        mesh.wait_for(lambda: agent.acks == 40, 10, "every report acknowledged")
-        assert agent.assigned == 40
         # 40 tasks on 16 slots: a pass binds the free slots in one transaction and their
         # assignments go out together.
         assert "batch" in agent.received and agent.largest_batch > 1
     finally:
         mesh.close()
-        locals().get("fut") and fut.cancel()
 
 
 def test_an_agent_without_batches_gets_single_messages(etcd, prefix, tmp_path):
     mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents")
     try:
         mesh.start_controller()
-        agent = BatchAgent(mesh.address, "plain", batches=False)
-        fut = asyncio.run_coroutine_threadsafe(agent.run(), mesh.loop)
-        mesh.wait_for(lambda: agent.registered is not None, 10, "registered")
-        run = mesh.client().submit(_wide(40)).wait(timeout=30)
-        assert run.state == types_pb2.RunState.RUN_STATE_SUCCEEDED
-        mesh.wait_for(lambda: agent.acks == 40, 10, "every report acknowledged")
+        agent = _run_wide(mesh, batches=False)
         assert "batch" not in agent.received and agent.largest_batch == 1
     finally:
         mesh.close()
-        locals().get("fut") and fut.cancel()
 
 
 def test_a_batch_inside_a_batch_is_refused(etcd, prefix, tmp_path):
