@@ -170,8 +170,17 @@ class ProcessRuntime:
     def task_path(self, host_path: Path) -> str:
         return str(host_path)
 
-    def _tell_reaper(self, line: str) -> None:
+    def _tell_reaper(self, line: str, now: bool = False) -> None:
+        """Queue ``line`` for the reaper; ``now``: write it (and what is queued) at once."""
         if self.config.leave_running:
+            return
+        if now:
+            # A new child is told at once: killed between its spawn and the end of this turn,
+            # the agent would leave a child that the reaper never heard of and that no
+            # restarted agent adopts (its record has no start time), and it could run on
+            # beside the attempt's next copy.
+            self._reaper_lines.append(line.encode() + b"\n")
+            self._flush_reaper()
             return
         if not self._reaper_lines:
             try:
@@ -282,7 +291,7 @@ class ProcessRuntime:
             # the reaper reads it when it reads the line, and a restarted agent adopts none
             # of these, which die with this agent.
             ticks = 0
-        self._tell_reaper(f"+{proc.pid}")
+        self._tell_reaper(f"+{proc.pid}", now=True)
         _record(spec, proc.pid, ticks)
         copies = (
             None
