@@ -71,6 +71,12 @@ class ControllerConfig:
         description="File whose first line is etcd_user's password.",
         flag="--etcd-password-file",
     )
+    etcd_wait: Duration = setting(
+        15.0,
+        description="How long a starting controller waits for etcd to answer before it exits "
+        "with 'etcd not reachable', e.g. 15s.",
+        flag="--etcd-wait",
+    )
     prefix: str = setting(
         "/tether",
         description="Key prefix under which every Tether record lives; several meshes can "
@@ -237,6 +243,8 @@ class ControllerConfig:
             raise ValueError(f"prefix: must start and not end with '/', got {self.prefix!r}")
         if self.lease_ttl < 1:
             raise ValueError("lease_ttl: must be >= 1 second")
+        if self.etcd_wait <= 0:
+            raise ValueError("etcd_wait: must be > 0")
         if self.leader_ttl < 2:
             # etcd's own floor is about 1.5 s (it rounds shorter leases up).
             raise ValueError("leader_ttl: must be >= 2 seconds")

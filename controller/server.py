@@ -122,7 +122,7 @@ class ControllerServer:
         """
         _check_free(self.config.listen)
         await self.store.connect()
-        await self.store.wait_ready()
+        await self.store.wait_ready(self.config.etcd_wait)
         # Loaded before any term starts: assignments a new leader re-sends need them.
         await self.secrets.load()
         self._secrets_task = asyncio.create_task(self.secrets.follow(), name="secrets")

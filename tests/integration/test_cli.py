@@ -107,9 +107,9 @@ def test_watch_prints_every_change_until_the_end(mesh):
 def test_controller_without_etcd_is_one_line():
     from tether.controller.etcd_process import free_port
 
-    res = tether(
-        "controller", "--etcd", f"127.0.0.1:{free_port()}", "--listen", "127.0.0.1:0", timeout=60
-    )
+    etcd = f"127.0.0.1:{free_port()}"
+    args = ("--etcd", etcd, "--listen", "127.0.0.1:0", "--etcd-wait", "1s")
+    res = tether("controller", *args, timeout=60)
     assert_one_line_error(res, "etcd not reachable")
 
 
