@@ -136,7 +136,8 @@ class Placer:
         """The ready queue in order, ``window`` tasks at a time, each with its place in the
         queue; entries no longer READY leave it. Planning all of a 100,000-task fan-out for
         each freed slot would cost O(queue) per task, so a pass plans the oldest tasks first
-        and goes on to the next window only while a node still has a free slot. Tasks above
+        and goes on to the next window only while a node still has a free slot (``size``:
+        how many tasks a window holds). Tasks above
         the default priority (few, kept apart by the cache) join the first window wherever
         they are in the queue, so that a long queue cannot hold them back."""
         first = True
@@ -153,11 +154,11 @@ class Placer:
             if first:
                 out += self._urgent({k for k, _, _ in out})
                 first = False
-            elif not out:
-                return
-            yield out
+            if out:
+                yield out
             if len(chunk) < size:
                 return
+            # A window of stale keys only (they left the queue above) is no reason to stop.
             skip += sum(1 for key, _ in chunk if key in self.cache.ready)
 
     def _window_size(self, views: list) -> int:
