@@ -382,6 +382,7 @@ class Placer:
         # reset them (Placer.learned sees cached runs only).
         run.ranks = None
         for e in entries:
+            self.metrics.attempts_started.inc()  # counted once written, not when undone
             gone = [
                 name
                 for name, _ in gangs.placements(e.msg)
@@ -400,6 +401,7 @@ class Placer:
     def _bind(
         self, run: RunEntry, e: TaskEntry, bs: list[Binding], rendered: t.TaskSpec | None
     ) -> None:
+        self.metrics.attempts_started.inc()
         if self._apply_bind(run, e, bs, rendered):
             self.committer.mark(run)
         self.committer.mark(e, lambda: self.dispatch.assign(run, e))
@@ -420,7 +422,6 @@ class Placer:
             self.metrics.schedule_latency.observe(waited)
         if self.decision_spans and span:
             self._decision_span(run, e, bs, waited, e.msg.attempt + 1)
-        self.metrics.attempts_started.inc()
         m = e.msg
         first = bs[0]
         lc.move_task(m, lc.SCHEDULED)
