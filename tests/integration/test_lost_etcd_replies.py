@@ -105,3 +105,40 @@ def test_submit_whose_commit_reply_times_out_is_scheduled_after_retry(mesh):
     st = run.wait(timeout=10)
     assert run.existing  # the retry found the first submit's run
     assert st.state == R.RUN_STATE_SUCCEEDED
+
+
+def test_a_submit_whose_reply_is_lost_is_taken_up_without_a_retry(mesh):
+    """The submit transaction commits (the first task bound in it) but its reply is lost, and
+    the caller never retries: the controller still takes the run up and runs it."""
+    mesh.add_agent("n1")
+    engine = mesh.controller.engine
+    store = mesh.controller.store
+    real = store.txn_get
+    fired = []
+
+    async def txn_get(compares, ops, key):
+        res = await real(compares, ops, key)
+        if not fired and res[0]:
+            fired.append(True)
+            raise TimeoutError("simulated: reply lost after the submit committed")
+        return res
+
+    store.txn_get = txn_get
+    wf = Workflow("lost-submit")
+    wf.task("a", [PY, "-c", "pass"])
+    spec = wf.to_proto()
+
+    async def submit():
+        try:
+            await engine.submit(spec, {}, "req-lost-1", "")
+        except TimeoutError:
+            return "lost"
+        return "answered"
+
+    assert mesh.call(submit()) == "lost" and fired
+    client = mesh.client()
+    mesh.wait_for(lambda: any(True for _ in client.list_runs()), 10, "the run exists")
+    (run,) = list(client.list_runs())
+    mesh.wait_for(
+        lambda: client.get_run(run.id).state == R.RUN_STATE_SUCCEEDED, 15, "the run finished"
+    )
