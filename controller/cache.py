@@ -66,6 +66,8 @@ class NodeState:
     agent_draining: bool = False
     # Attempts RUNNING here that the agent's last heartbeat did not list.
     unlisted: set[tuple[str, str, int]] = field(default_factory=set)
+    # The last view() without victims, until changed().
+    _view: NodeView | None = field(default=None, repr=False, compare=False)
 
     @property
     def schedulable(self) -> bool:
@@ -77,10 +79,18 @@ class NodeState:
             cpu=self.cpu_used, memory_bytes=self.memory_used, gpu=len(self.gpus_used)
         )
 
+    def changed(self) -> None:
+        """Something :meth:`view` shows changed (resources charged or freed, the agent
+        registered again): the next view is built afresh."""
+        self._view = None
+
     def view(self, victims: tuple[Running, ...] = ()) -> NodeView:
         """The read-only placement view of this node (``victims``: its preemptible
-        attempts)."""
-        return NodeView(
+        attempts). Kept until :meth:`changed`: every scheduling pass and every submit
+        bound at once views every connected node, most of them unchanged since the last."""
+        if not victims and self._view is not None:
+            return self._view
+        view = NodeView(
             name=self.name,
             cpu_total=self.capacity.cpu,
             cpu_used=self.cpu_used,
@@ -93,6 +103,9 @@ class NodeState:
             labels=tuple(sorted(self.labels.items())),
             attempts=victims,
         )
+        if not victims:
+            self._view = view
+        return view
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,7 @@ class Cache:
         freed = False
         for name, gpus in gangs.placements(e.msg):
             node = self.node(name)
+            node.changed()
             if sign > 0:
                 if key in node.attempts:
                     continue

@@ -44,6 +44,8 @@ class Committer:
             engine reloads them from etcd.
         on_not_leader: Called when etcd refused a write because this controller no longer
             leads; nothing more is written.
+        on_written: Called with each record and the value it was committed with (before its
+            callbacks).
     """
 
     def __init__(
@@ -51,8 +53,10 @@ class Committer:
         store: Store,
         on_conflict: Callable[[list[Record]], None],
         on_not_leader: Callable[[], None] = lambda: None,
+        on_written: Callable[[Record, bytes], None] = lambda record, value: None,
     ) -> None:
         self._store = store
+        self._on_written = on_written
         self._on_conflict = on_conflict
         self._on_not_leader = on_not_leader
         self._dirty: dict[str, _Dirty] = {}
@@ -144,7 +148,7 @@ class Committer:
                 kv = None
             if kv is not None and kv.value == value and kv.mod_revision > d.record.rev:
                 d.record.rev = kv.mod_revision
-                self._committed(d)
+                self._committed(d, value)
             else:
                 retry.append(d)
         for d in retry:  # put back, unless re-marked meanwhile (newer wins)
@@ -181,11 +185,14 @@ class Committer:
             return
         for d, _ in batch:
             d.record.rev = revision
-        for d, _ in batch:
-            self._committed(d)
+        for d, value in batch:
+            self._committed(d, value)
 
-    @staticmethod
-    def _committed(d: _Dirty) -> None:
+    def _committed(self, d: _Dirty, value: bytes) -> None:
+        try:
+            self._on_written(d.record, value)
+        except Exception:  # a hook bug must not stop all writes
+            log.exception("commit hook failed", key=d.record.key)
         for cb in d.callbacks:
             try:
                 cb()

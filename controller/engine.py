@@ -46,6 +46,7 @@ from tether.controller.progress import Progress
 from tether.controller.queries import Queries
 from tether.controller.records import AgentSession, RunEntry
 from tether.controller.retention import Retention
+from tether.controller.run_watch import RunWatch
 from tether.controller.secrets import Secrets
 from tether.controller.store import Store
 from tether.controller.submit import Submitter
@@ -86,8 +87,12 @@ class Engine:
         self._cache = cache = Cache()
         self._timers = timers = Timers()
         # The loader exists only below; the committer reports conflicts to it when it does.
+        self._run_watch = RunWatch()
         self._committer = committer = Committer(
-            store, lambda records: self._loader.on_conflict(records), on_not_leader
+            store,
+            lambda records: self._loader.on_conflict(records),
+            on_not_leader,
+            on_written=self._run_watch.written,
         )
         self._dispatch = dispatch = Dispatch(config, cache, tracer, secrets)
         self._progress = progress = Progress(cache, committer, self.metrics, tracer)
@@ -112,6 +117,7 @@ class Engine:
             tracer,
             window=config.schedule_window,
         )
+        self._placer.lose = attempts.lose
         self._submitter = Submitter(
             store,
             cache,
@@ -120,8 +126,9 @@ class Engine:
             config.limits,
             secrets,
             txn_bytes=config.submit_txn_bytes,
+            binder=self._placer,
         )
-        self._queries = Queries(store, cache)
+        self._queries = Queries(store, cache, self._run_watch)
         self._retention = Retention(store, cache, config.retention)
         self._tasks: list[asyncio.Task] = []
 
@@ -190,6 +197,7 @@ class Engine:
             except (asyncio.CancelledError, Exception):
                 pass
         await self._committer.stop()
+        self._run_watch.stop()
         self._durations.close()
         self._timers.cancel_all()
         self._nodes.close_sessions()

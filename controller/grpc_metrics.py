@@ -11,6 +11,7 @@ import time
 
 import grpc
 
+from tether.controller.handler_cache import HandlerCache
 from tether.controller.malformed import drain
 from tether.controller.metrics import Metrics
 
@@ -127,10 +128,12 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
     method, type and (once it ends) status code."""
 
     def __init__(self, metrics: Metrics) -> None:
+        self._handlers = HandlerCache()
         self.metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        return _wrap(self.metrics, handler, handler_call_details.method)
+        method = handler_call_details.method
+        return self._handlers.get(method, handler, lambda h: _wrap(self.metrics, h, method))

@@ -23,6 +23,7 @@ from tether.controller.auth import (
     set_principal,
 )
 from tether.controller.errors import PermissionDenied, RateLimited, Unauthenticated, abort_for
+from tether.controller.handler_cache import HandlerCache
 from tether.controller.tokens import TokenStore
 from tether.sdk.telemetry import get_logger
 
@@ -49,6 +50,7 @@ class Guard(grpc.aio.ServerInterceptor):
         self.rate = rate
         self.burst = burst
         self._buckets: dict[str, TokenBucket] = {}
+        self._handlers = HandlerCache()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -57,7 +59,7 @@ class Guard(grpc.aio.ServerInterceptor):
             return handler
         if method not in MUTATING and (not self.enabled or is_open(method)):
             return handler
-        return _wrap(handler, method, self)
+        return self._handlers.get(method, handler, lambda h: _wrap(h, method, self))
 
     async def admit(self, method: str, metadata) -> Principal:
         """The caller, if it may call ``method`` now; raises the refusal otherwise."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import grpc
 
+from tether.controller.handler_cache import HandlerCache
 from tether.sdk.errors import ERROR_REASON_KEY
 from tether.sdk.telemetry import get_logger
 
@@ -115,8 +116,12 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
 class MalformedRequests(grpc.aio.ServerInterceptor):
     """Refuse requests that do not parse with ``INVALID_ARGUMENT``, without a traceback."""
 
+    def __init__(self) -> None:
+        self._handlers = HandlerCache()
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        return _wrap(handler, handler_call_details.method)
+        method = handler_call_details.method
+        return self._handlers.get(method, handler, lambda h: _wrap(h, method))

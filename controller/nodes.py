@@ -255,6 +255,7 @@ class Nodes:
         st.gpu_indices = sorted(g.index for g in reg.gpus)
         st.labels = dict(reg.labels)
         st.max_tasks = reg.max_tasks
+        st.changed()
         st.address = reg.address
         st.free_port = reg.free_port
         st.agent_draining = reg.draining

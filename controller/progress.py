@@ -17,7 +17,7 @@ from tether.controller.committer import Committer
 from tether.controller.metrics import Metrics
 from tether.controller.records import RunEntry, TaskEntry, now
 from tether.controller.run_span import record_run_span
-from tether.sdk.telemetry import get_logger
+from tether.sdk.telemetry import exports_spans, get_logger
 
 __all__ = ["Progress"]
 
@@ -41,6 +41,8 @@ class Progress:
         self.committer = committer
         self.metrics = metrics
         self.tracer = tracer or trace.get_tracer("tether.controller")
+        # The run span is the root of the run's trace; with no exporter nothing reads it.
+        self.spans = exports_spans()
 
     def advance(self, run: RunEntry, e: TaskEntry) -> None:
         """Count a PENDING task's unfinished upstream tasks; ready or skip it if it can be.
@@ -134,7 +136,8 @@ class Progress:
         duration = (m.finished_at.ToNanoseconds() - m.created_at.ToNanoseconds()) / 1e9
         self.metrics.run_duration.labels(state).observe(max(duration, 0.0))
         try:
-            record_run_span(self.tracer, m, [e.msg for e in run.tasks.values()])
+            if self.spans:
+                record_run_span(self.tracer, m, [e.msg for e in run.tasks.values()])
         except Exception:  # a tracing bug must not keep a finished run in memory
             log.exception("cannot record the run's span", run_id=m.id)
         self.cache.evict(run)

@@ -14,6 +14,7 @@ from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
 from tether.controller.depends_on import restore as restore_depends_on
 from tether.controller.errors import NotFound
+from tether.controller.run_watch import RunWatch
 from tether.controller.store import Event, Store
 
 __all__ = ["Queries"]
@@ -26,10 +27,11 @@ def _by_index(tasks) -> list[t.TaskRun]:
 class Queries:
     """Answers reads of runs and tasks."""
 
-    def __init__(self, store: Store, cache: Cache) -> None:
+    def __init__(self, store: Store, cache: Cache, run_watch: RunWatch | None = None) -> None:
         self.store = store
         self.keys = store.keys
         self.cache = cache
+        self.run_watch = run_watch
 
     async def get_run(self, run_id: str, with_tasks: bool = True) -> t.Run:
         """Return a run (from the cache, or etcd for finished runs no longer cached).
@@ -102,6 +104,25 @@ class Queries:
         """
         store = self.store
         run_key, task_prefix = self.keys.run(run_id), self.keys.tasks_of(run_id)
+        if run_only:
+            cached = self.cache.runs.get(run_id)
+            if self.run_watch is not None and self.run_watch.can_watch(cached):
+                async for ev in self.run_watch.watch(cached, from_revision):
+                    yield ev
+                return
+            # Not cached here: most often finished, which one read tells.
+            kv = await store.get(run_key)
+            if kv is None:
+                raise NotFound(f"run {run_id!r} not found")
+            msg = t.Run.FromString(kv.value)
+            if msg.state in lc.RUN_TERMINAL:
+                if from_revision <= 0:
+                    yield controller_pb2.RunEvent(
+                        snapshot=msg, run_state=msg.state, revision=kv.mod_revision
+                    )
+                else:
+                    yield controller_pb2.RunEvent(run_state=msg.state, revision=kv.mod_revision)
+                return
         seen: dict[str, int] = {}  # task key -> mod_revision last sent
         revision = from_revision
         if revision > 0:

@@ -68,6 +68,8 @@ class RunEntry:
     # critical-path policy; None until the placer first needs it (reset when durations are
     # learned).
     ranks: dict[str, float] | None = None
+    # The record as last written by this controller (b"": not known here), with ``rev``.
+    committed: bytes = b""
 
     def serialize(self) -> bytes:
         return self.msg.SerializeToString()

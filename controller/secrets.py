@@ -149,7 +149,10 @@ class Secrets:
                 or was encrypted with another key.
         """
         refs = [
-            (i, ts, var, s) for i, ts in enumerate(spec.tasks) for var, s in ts.env_secrets.items()
+            (i, ts, var, s)
+            for i, ts in enumerate(spec.tasks)
+            if ts.env_secrets  # cheaper than .items() on each of 100,000 empty maps
+            for var, s in ts.env_secrets.items()
         ]
         if not refs:
             return

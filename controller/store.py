@@ -115,6 +115,9 @@ class Event:
     prev_lease: int = 0
 
 
+_MOD = Compare.CompareTarget.MOD
+
+
 def mod_revision_is(key: str, revision: int) -> Compare:
     """Compare that holds when the key's mod_revision equals ``revision`` (0: key absent)."""
     return Compare(
@@ -322,6 +325,37 @@ class Store:
                 compares, request_ops, [_op(o) for o in failure], timeout=self._timeout
             )
         if not resp.succeeded and fenced:
+            await self._check_fence()
+        return resp.succeeded, resp.header.revision
+
+    async def create(self, items: Sequence[tuple[str, bytes]]) -> tuple[bool, int]:
+        """Create every key of ``items`` (key, value) in one transaction, which fails if any
+        exists; return (succeeded, revision after it). Fenced like :meth:`txn`.
+
+        The same as ``txn`` with a ``mod_revision_is(key, 0)`` and a ``Put`` per key, built
+        straight into one request: a big submit writes 100,000 keys this way, and building
+        three messages per key (then copying them into the request) was most of its time.
+        """
+        request = rpc_pb2.TxnRequest()
+        compare, success = request.compare.add, request.success.add
+        if self.fence is not None:
+            request.compare.append(self.fence)
+        size = 0
+        for key, value in items:
+            k = key.encode()
+            compare(key=k, target=_MOD)  # result EQUAL and mod_revision 0 are the defaults
+            put = success().request_put
+            put.key = k
+            put.value = value
+            size += len(key) + len(value)
+        self.max_request_bytes = max(self.max_request_bytes, size)
+        self.txn_count += 1
+        self.put_count += len(items)
+        kv = self._client.kv
+        async with self._request("txn"):
+            # The library's txn() only copies lists of messages into this same request.
+            resp = await kv._rpc(kv._stub.Txn, request, operation="KV.Txn", timeout=self._timeout)
+        if not resp.succeeded:
             await self._check_fence()
         return resp.succeeded, resp.header.revision
 

@@ -6,27 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from etcd3aio._protobuf import Compare
 
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
-from tether.controller.depends_on import part_puts
+from tether.controller.depends_on import SPLIT_NAMES, part_puts
 from tether.controller.errors import AlreadyExists, Conflict, FailedPrecondition
 from tether.controller.records import RunEntry, TaskEntry, new_run_id, now
 from tether.controller.secrets import Secrets
 from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
 from tether.sdk.errors import FieldViolation, InvalidSpecError
 from tether.sdk.telemetry import get_logger
-from tether.sdk.validation import LIMITS, Limits, validate_params, validate_workflow
+from tether.sdk.validation import LIMITS, Limits, validate_workflow
 
-__all__ = ["CHUNKS_IN_FLIGHT", "Submitter"]
+__all__ = ["BUILD_SLICE", "CHUNKS_IN_FLIGHT", "Submitter"]
 
 # Transactions of one large submit written at once.
 CHUNKS_IN_FLIGHT = 8
+# Tasks a large submit builds at a time, writing what it built while it builds the next.
+BUILD_SLICE = 5000
+# Submits of at most this many tasks are checked and built on the event loop.
+INLINE_TASKS = 64
 
 log = get_logger("controller.engine")
 
@@ -56,6 +62,7 @@ class Submitter:
         limits: What a submitted spec and its parameters may not exceed.
         secrets: Where the secrets tasks refer to must exist (None: no task may refer to one).
         txn_bytes: Largest transaction (keys and values) a submit writes tasks in.
+        binder: Binds a small run's first tasks in its submit transaction (the placer).
     """
 
     def __init__(
@@ -67,7 +74,9 @@ class Submitter:
         limits: Limits = LIMITS,
         secrets: Secrets | None = None,
         txn_bytes: int = 128 * 1024,
+        binder: Binder | None = None,
     ) -> None:
+        self.binder = binder
         self.limits = limits
         self.store = store
         self.keys = store.keys
@@ -87,27 +96,30 @@ class Submitter:
         parent_traceparent: str = "",
     ) -> tuple[str, bool]:
         """Validate and store a new run; return (run id, whether it already existed)."""
-        # In threads: a big spec takes a while to check and build, and the loop must keep
-        # serving heartbeats and leadership meanwhile.
-        await asyncio.to_thread(_validate, spec, params, request_id, self.limits)
+        # In threads for a big spec: it takes a while to check and build, and the loop must
+        # keep serving heartbeats and leadership meanwhile. A small one is done inline: each
+        # hop to a thread costs more than checking a few tasks.
+        inline = len(spec.tasks) <= INLINE_TASKS
+        await _call(inline, _validate, spec, params, request_id, self.limits)
         await self.secrets.check(spec)
-        fingerprint = await asyncio.to_thread(_fingerprint, spec, params)
+        fingerprint = await _call(inline, _fingerprint, spec, params)
         extra = (submitted_by, parent_traceparent)
-        new = await asyncio.to_thread(
-            self._build, spec, params, request_id, traceparent, new_run_id(), extra
-        )
-        if new.fits(self.txn_bytes):
-            done = await self._submit_one(new, request_id, fingerprint)
-            if done is not None:
-                return done
-            # The request key holds a pending submit of this same run: finish it below.
-        elif not request_id:
-            # The request key carries the commit protocol; a big run gets one either way.
-            request_id = f"auto-{new.run.msg.id}"
-            new = await asyncio.to_thread(
-                self._build, spec, params, request_id, traceparent, new.run.msg.id, extra
+        run_id = new_run_id()
+        if len(spec.tasks) + 2 <= MAX_TXN_OPS and spec.ByteSize() <= self.txn_bytes:
+            new = await _call(
+                inline, self._build, spec, params, request_id, traceparent, run_id, extra
             )
-        return await self._submit_chunked(new, request_id, fingerprint, traceparent, extra)
+            if new.fits(self.txn_bytes):
+                done = await self._submit_one(new, request_id, fingerprint)
+                if done is not None:
+                    return done
+                # The request key holds a pending submit of this same run: finish it below.
+        if not request_id:
+            # The request key carries the commit protocol; a big run gets one either way.
+            request_id = f"auto-{run_id}"
+        return await self._submit_chunked(
+            spec, params, request_id, fingerprint, traceparent, extra, run_id
+        )
 
     async def _submit_one(
         self, new: _NewRun, request_id: str, fingerprint: str
@@ -115,19 +127,36 @@ class Submitter:
         """Write a small run in one transaction; None: a pending chunked submit holds its
         request id."""
         run = new.run
-        ops = [p for g in new.groups for p in g] + [Put(run.key, run.serialize())]
+        bound = self.binder.bind_submitted(run, new.entries) if self.binder else []
+        if bound:  # their records are SCHEDULED now, and they do not join the queue
+            for e in bound:
+                new.items[new.positions[e.msg.index]] = (e.key, e.serialize())
+            names = {e.msg.spec.name for e in bound}
+            new.ready = [n for n in new.ready if n not in names]
+        run_value = run.serialize()
+        ops = [Put(k, v) for k, v in new.items] + [Put(run.key, run_value)]
         compares = [mod_revision_is(run.key, 0)]
-        if request_id:
-            req_key = self.keys.request(request_id)
-            ops.append(Put(req_key, f"{run.msg.id} {fingerprint}".encode()))
-            compares.append(mod_revision_is(req_key, 0))
-            ok, revision, existing = await self.store.txn_get(compares, ops, req_key)
-        else:
-            ok, revision = await self.store.txn(compares, ops)
-            existing = None
+        try:
+            if request_id:
+                req_key = self.keys.request(request_id)
+                ops.append(Put(req_key, f"{run.msg.id} {fingerprint}".encode()))
+                compares.append(mod_revision_is(req_key, 0))
+                ok, revision, existing = await self.store.txn_get(compares, ops, req_key)
+            else:
+                ok, revision = await self.store.txn(compares, ops)
+                existing = None
+        except BaseException:
+            if bound:  # maybe written after all: a retry finds the run and loads it
+                self.binder.unbind_submitted(bound)
+            raise
         if ok:
+            run.committed = run_value
             self._take_up(new, revision)
+            if bound:
+                self.binder.submitted(run, bound)
             return run.msg.id, False
+        if bound:
+            self.binder.unbind_submitted(bound)
         if existing is None:
             raise FailedPrecondition("run id collision; submit again")
         first, pending = _parse_request(existing, request_id, fingerprint)
@@ -138,15 +167,17 @@ class Submitter:
 
     async def _submit_chunked(
         self,
-        new: _NewRun,
+        spec: t.WorkflowSpec,
+        params: dict[str, str],
         request_id: str,
         fingerprint: str,
         traceparent: str,
         extra: tuple[str, str],
+        run_id: str,
     ) -> tuple[str, bool]:
         """Write a big run in several transactions (see the class's docstring)."""
         req_key = self.keys.request(request_id)
-        marker = f"{new.run.msg.id} {fingerprint} pending".encode()
+        marker = f"{run_id} {fingerprint} pending".encode()
         ok, marker_rev, existing = await self.store.txn_get(
             [mod_revision_is(req_key, 0)], [Put(req_key, marker)], req_key
         )
@@ -162,16 +193,15 @@ class Submitter:
             if kv is None or kv.value != existing:
                 raise Conflict("a submit with this request id moved on meanwhile; retry")
             marker_rev = kv.mod_revision
-            spec, params = new.spec, new.params
-            new = await asyncio.to_thread(
-                self._build, spec, params, request_id, traceparent, first, extra
-            )
+            run_id = first
+        new = self._new_run(spec, params, request_id, traceparent, run_id, extra)
         run = new.run
-        revisions = await self._write_chunks(new.groups, resumed)
+        revisions = await self._write_pipelined(new, resumed)
         done = f"{run.msg.id} {fingerprint}".encode()
+        run_value = run.serialize()
         ok, revision = await self.store.txn(
             [mod_revision_is(run.key, 0), mod_revision_is(req_key, marker_rev)],
-            [Put(run.key, run.serialize()), Put(req_key, done)],
+            [Put(run.key, run_value), Put(req_key, done)],
         )
         if not ok:  # a racing submit with this request id committed the run
             kv = await self.store.get(req_key)
@@ -180,6 +210,7 @@ class Submitter:
             await self.ensure_loaded(run.msg.id)
             return run.msg.id, True
         if revisions is not None:
+            run.committed = run_value
             self._take_up(new, revision, revisions)
         else:
             # The interrupted submit wrote some tasks: their revisions are etcd's to tell.
@@ -197,6 +228,21 @@ class Submitter:
         extra: tuple[str, str],
     ) -> _NewRun:
         """The new run's record and its tasks' records and writes, not yet written."""
+        new = self._new_run(spec, params, request_id, traceparent, run_id, extra)
+        self._build_tasks(new, 0, len(spec.tasks))
+        _link(new)
+        return new
+
+    def _new_run(
+        self,
+        spec: t.WorkflowSpec,
+        params: dict[str, str],
+        request_id: str,
+        traceparent: str,
+        run_id: str,
+        extra: tuple[str, str],
+    ) -> _NewRun:
+        """The new run's record, without its tasks yet."""
         created = now()
         run_msg = t.Run(
             id=run_id,
@@ -214,51 +260,103 @@ class Submitter:
         )
         if spec.HasField("timeout") and spec.timeout.ToNanoseconds() > 0:
             run_msg.deadline.FromNanoseconds(created.ToNanoseconds() + spec.timeout.ToNanoseconds())
-        entries: list[TaskEntry] = []
-        groups: list[list[Put]] = []
-        for i, ts in enumerate(spec.tasks):
+        return _NewRun(spec, params, RunEntry(self.keys.run(run_id), run_msg, 0))
+
+    def _build_tasks(self, new: _NewRun, lo: int, hi: int) -> None:
+        """Add the entries and writes of tasks ``lo`` to ``hi``, linked to the dependencies
+        built before them (:func:`_link` does the rest)."""
+        # No more per task than its record, its entry and its keys: this is per-task Python
+        # time for 100,000 tasks.
+        run_id, traceparent = new.run.msg.id, new.run.msg.traceparent
+        entries, items, positions, ready = new.entries, new.items, new.positions, new.ready
+        tasks = new.run.tasks
+        task_prefix = self.keys.task(run_id, "")
+        specs = new.spec.tasks
+        for i in range(lo, hi):
+            ts = specs[i]
+            name = ts.name
+            deps = ts.depends_on
+            waiting = len(deps)
             msg = t.TaskRun(
                 run_id=run_id,
                 spec=ts,
                 index=i,
                 traceparent=traceparent,
-                state=lc.PENDING if ts.depends_on else lc.READY,
+                state=lc.PENDING if waiting else lc.READY,
             )
-            e = TaskEntry(self.keys.task(run_id, ts.name), msg, 0, waiting=len(ts.depends_on))
+            e = TaskEntry(task_prefix + name, msg, 0, waiting=waiting)
             entries.append(e)
-            groups.append([Put(e.key, e.serialize()), *part_puts(self.keys, msg)])
-        run = RunEntry(self.keys.run(run_id), run_msg, 0)
-        return _NewRun(spec, params, run, entries, groups)
+            tasks[name] = e
+            positions.append(len(items))
+            if waiting > SPLIT_NAMES:
+                items.append((e.key, e.serialize()))
+                items.extend((p.key, p.value) for p in part_puts(self.keys, msg))
+            else:
+                items.append((e.key, msg.SerializeToString()))
+            if not waiting:
+                ready.append(name)
+            elif new.deferred or not all(d in tasks for d in deps):
+                # A dependency not built yet: this task and all after it are linked at the
+                # end, so that each children list stays in task order.
+                new.deferred.append(e)
+            else:
+                for dep in deps:
+                    tasks[dep].children.append(name)
 
-    async def _write_chunks(self, groups: list[list[Put]], resumed: bool) -> dict[str, int] | None:
-        """Write every task's keys, each transaction creating at most ``txn_bytes`` of them
-        (a task's keys may span two). Return each key's revision, or None when this call did
-        not create every key (a resumed submit skips what the interrupted one wrote)."""
-        chunks: list[list[Put]] = [[]]
-        size = 0
-        for p in (p for g in groups for p in g):
-            chunk = chunks[-1]
-            if chunk and (len(chunk) >= MAX_TXN_OPS or size + _size(p) > self.txn_bytes):
-                chunks.append(chunk := [])
-                size = 0
-            chunk.append(p)
-            size += _size(p)
+    async def _write_pipelined(self, new: _NewRun, resumed: bool) -> list[int] | None:
+        """Build the tasks a slice at a time and write each slice's chunks (transactions of
+        :meth:`_chunk_spans`) while the next is built, so that etcd's work and the build
+        overlap; then link them. Return the revision each item was written at, or None when
+        this call did not create every key (a resumed submit skips what the interrupted one
+        wrote)."""
+        n = len(new.spec.tasks)
+        gate = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+        spans: list[tuple[int, int]] = []
+        writes: list[asyncio.Future[int]] = []
+
+        async def write(a: int, b: int) -> int:
+            async with gate:
+                return await self._write_chunk(new.items[a:b], resumed)
+
         # A few in flight: nothing reads them before the commit, so their order is free, and
         # etcd commits concurrent transactions together (one fsync for several).
-        gate = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+        try:
+            for lo in range(0, n, BUILD_SLICE):
+                start = len(new.items)
+                await asyncio.to_thread(self._build_tasks, new, lo, min(n, lo + BUILD_SLICE))
+                for a, b in self._chunk_spans(new.items, start):
+                    spans.append((a, b))
+                    writes.append(asyncio.ensure_future(write(a, b)))
+                for w in writes:  # a failed write stops the submit before more is built
+                    if w.done() and not w.cancelled() and w.exception():
+                        raise w.exception()
+            await asyncio.to_thread(_link, new)
+            results = await asyncio.gather(*writes)
+        except BaseException:
+            for w in writes:
+                w.cancel()
+            await asyncio.gather(*writes, return_exceptions=True)
+            raise
+        return _revisions(spans, results)
 
-        async def write(chunk: list[Put]) -> int:
-            async with gate:
-                return await self._write_chunk(chunk, resumed)
+    def _chunk_spans(self, items: list[tuple[str, bytes]], start: int = 0) -> list[tuple[int, int]]:
+        """``items[start:]`` cut into transactions of at most ``txn_bytes`` and
+        :data:`MAX_TXN_OPS` keys, as (first, end) index pairs (a task's keys may span two)."""
+        bounds = [start]
+        size = 0
+        for n in range(start, len(items)):
+            key, value = items[n]
+            item = len(key) + len(value)
+            if n > bounds[-1] and (n - bounds[-1] >= MAX_TXN_OPS or size + item > self.txn_bytes):
+                bounds.append(n)
+                size = 0
+            size += item
+        bounds.append(len(items))
+        return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
-        results = await asyncio.gather(*(write(c) for c in chunks if c))
-        if not all(results):
-            return None
-        return {p.key: rev for c, rev in zip(chunks, results, strict=True) for p in c}
-
-    async def _write_chunk(self, chunk: list[Put], resumed: bool) -> int:
+    async def _write_chunk(self, chunk: list[tuple[str, bytes]], resumed: bool) -> int:
         """Create the chunk's keys; return the revision, or 0 if some existed already."""
-        ok, revision = await self.store.txn([mod_revision_is(p.key, 0) for p in chunk], chunk)
+        ok, revision = await self.store.create(chunk)
         if ok:
             return revision
         if not resumed:
@@ -267,63 +365,98 @@ class Submitter:
         # (chunks were cut elsewhere then): create each key still missing.
         exists = [
             Compare(
-                key=p.key.encode(),
+                key=key.encode(),
                 target=Compare.CompareTarget.MOD,
                 result=Compare.CompareResult.GREATER,
                 mod_revision=0,
             )
-            for p in chunk
+            for key, _ in chunk
         ]
         if (await self.store.txn(exists, []))[0]:
             return 0
-        for p in chunk:
-            await self.store.txn([mod_revision_is(p.key, 0)], [p])
+        for item in chunk:
+            await self.store.create([item])
         return 0
 
-    def _take_up(
-        self, new: _NewRun, revision: int, revisions: dict[str, int] | None = None
-    ) -> None:
-        """Cache the run just written (``revisions``: of tasks written before it) and queue
-        its tasks that can start."""
+    def _take_up(self, new: _NewRun, revision: int, revisions: list[int] | None = None) -> None:
+        """Cache the run just written (``revisions``: of its items, written before it) and
+        queue its tasks that can start."""
         run = new.run
         run.rev = revision
-        for e in new.entries:
-            e.rev = revisions[e.key] if revisions else revision
-            run.tasks[e.msg.spec.name] = e
-            run.unfinished += 1
-        for e in new.entries:
-            for dep in e.msg.spec.depends_on:
-                run.tasks[dep].children.append(e.msg.spec.name)
+        if revisions:
+            for e, pos in zip(new.entries, new.positions, strict=True):
+                e.rev = revisions[pos]
+        else:
+            for e in new.entries:
+                e.rev = revision
         self.cache.runs[run.msg.id] = run
         self.arm_deadline(run)
-        for e in new.entries:
-            if e.msg.state == lc.READY:
-                self.cache.enqueue((run.msg.id, e.msg.spec.name))
+        for name in new.ready:
+            self.cache.enqueue((run.msg.id, name))
         self.cache.kick()
         log.info("run submitted", run_id=run.msg.id, tasks=len(new.entries))
 
 
 @dataclass
 class _NewRun:
-    """A run built from a submitted spec, with its tasks' etcd writes (one group a task)."""
+    """A run built from a submitted spec (its record holding its task entries, linked to
+    their children once all are built), with its tasks' etcd writes as (key, value) items."""
 
     spec: t.WorkflowSpec
     params: dict[str, str]
     run: RunEntry
-    entries: list[TaskEntry]
-    groups: list[list[Put]]
+    entries: list[TaskEntry] = field(default_factory=list)
+    items: list[tuple[str, bytes]] = field(default_factory=list)
+    # Where each entry's own record is in ``items``.
+    positions: list[int] = field(default_factory=list)
+    # The tasks that can start at once.
+    ready: list[str] = field(default_factory=list)
+    # Built tasks not yet linked to their dependencies (see _build_tasks).
+    deferred: list[TaskEntry] = field(default_factory=list)
 
     def fits(self, txn_bytes: int) -> bool:
         """Whether the run and its tasks fit in one transaction (with a request key)."""
-        ops = sum(len(g) for g in self.groups) + 2
-        if ops > MAX_TXN_OPS:
+        if len(self.items) + 2 > MAX_TXN_OPS:
             return False
-        size = sum(_size(p) for g in self.groups for p in g)
+        size = sum(len(k) + len(v) for k, v in self.items)
         return size + len(self.run.key) + self.run.msg.ByteSize() + 200 <= txn_bytes
 
 
-def _size(p: Put) -> int:
-    return len(p.key) + len(p.value)
+class Binder(Protocol):
+    """Places a run's first tasks as it is submitted (:class:`~tether.controller.placement.
+    Placer`)."""
+
+    def bind_submitted(self, run: RunEntry, entries: list[TaskEntry]) -> list[TaskEntry]: ...
+
+    def unbind_submitted(self, entries: list[TaskEntry]) -> None: ...
+
+    def submitted(self, run: RunEntry, entries: list[TaskEntry]) -> None: ...
+
+
+async def _call(inline: bool, fn, *args):
+    return fn(*args) if inline else await asyncio.to_thread(fn, *args)
+
+
+def _link(new: _NewRun) -> None:
+    """Give the tasks whose links were deferred their children, and the run its count of
+    unfinished tasks."""
+    tasks = new.run.tasks
+    for e in new.deferred:
+        name = e.msg.spec.name
+        for dep in e.msg.spec.depends_on:
+            tasks[dep].children.append(name)
+    new.deferred.clear()
+    new.run.unfinished = len(new.entries)
+
+
+def _revisions(spans: list[tuple[int, int]], results: list[int]) -> list[int] | None:
+    """Each item's revision from its chunk's (None if some chunk created no keys)."""
+    if not all(results):
+        return None
+    revisions: list[int] = []
+    for (a, b), rev in zip(spans, results, strict=True):
+        revisions.extend([rev] * (b - a))
+    return revisions
 
 
 def _parse_request(record: bytes, request_id: str, fingerprint: str) -> tuple[str, bool]:
@@ -356,8 +489,7 @@ def _validate(
 ) -> None:
     # The request's own fields first: they are cheap, and a huge one must not be echoed.
     _validate_request(request_id, params, limits)
-    validate_workflow(spec, limits)
-    validate_params(spec, params)
+    validate_workflow(spec, limits, params=params)
 
 
 def _validate_request(request_id: str, params: dict[str, str], limits: Limits) -> None:

@@ -29,7 +29,7 @@ from tether.sdk.errors import TetherError, TimeoutError, from_rpc_error, leader_
 from tether.sdk.spec import Workflow
 from tether.sdk.states import TERMINAL_RUN_STATES, RunState
 from tether.sdk.telemetry import current_traceparent
-from tether.sdk.validation import validate_params
+from tether.sdk.validation import validate_params, validate_workflow
 
 __all__ = [
     "DEFAULT_CONTROLLER",
@@ -238,27 +238,29 @@ class Client:
                 empty, a random one is used so that retries after UNAVAILABLE are safe.
 
         Raises:
-            InvalidSpecError: the spec is invalid (checked locally, then by the controller;
-                a workflow of more than ``LOCAL_CHECK_TASKS`` tasks by the controller only).
+            InvalidSpecError: the spec or its params are invalid (checked locally, then by the
+                controller; a workflow of more than ``LOCAL_CHECK_TASKS`` tasks by the
+                controller only).
             UnavailableError: the controller cannot be reached.
         """
+        params = dict(params or {})
+        request = controller_pb2.SubmitWorkflowRequest(
+            params=params, request_id=request_id or uuid.uuid4().hex
+        )
         if isinstance(workflow, Workflow):
-            # The controller checks every spec; a big one is not checked twice (seconds for
-            # 100,000 tasks), and its errors come back as the same InvalidSpecError.
-            spec = workflow.to_proto(validate=len(workflow.tasks) <= LOCAL_CHECK_TASKS)
+            workflow._fill_proto(request.spec)
         else:
-            spec = workflow
-        validate_params(spec, dict(params or {}))
-        request_id = request_id or uuid.uuid4().hex
+            request.spec.CopyFrom(workflow)
+        spec = request.spec
+        # The controller checks every spec and its params; a big one is not checked twice
+        # (seconds for 100,000 tasks), and its errors come back as the same InvalidSpecError.
+        if len(spec.tasks) <= LOCAL_CHECK_TASKS:
+            if isinstance(workflow, Workflow):
+                validate_workflow(spec, params=params)
+            else:
+                validate_params(spec, params)
         with _tracer.start_as_current_span(f"submit {spec.name}", kind=trace.SpanKind.CLIENT):
-            resp = self._call(
-                "SubmitWorkflow",
-                controller_pb2.SubmitWorkflowRequest(
-                    spec=spec,
-                    params=dict(params or {}),
-                    request_id=request_id,
-                ),
-            )
+            resp = self._call("SubmitWorkflow", request)
         return RunHandle(self, resp.run_id, existing=resp.existing)
 
     def run(self, run_id: str) -> RunHandle:

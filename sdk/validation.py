@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 from pydantic.dataclasses import dataclass
 
@@ -98,19 +99,35 @@ class Limits:
 LIMITS = Limits()
 
 
-def validate_workflow(spec: types_pb2.WorkflowSpec, limits: Limits = LIMITS) -> None:
-    """Check a workflow spec.
+def validate_workflow(
+    spec: types_pb2.WorkflowSpec,
+    limits: Limits = LIMITS,
+    params: Mapping[str, str] | None = None,
+) -> None:
+    """Check a workflow spec, and with ``params`` also what :func:`validate_params` checks
+    (in the same pass over the tasks; its problems are raised only for a valid spec).
 
     Raises:
         InvalidSpecError: with one :class:`FieldViolation` per problem found.
     """
 
-    problems = list(_violations(spec, limits))
+    templated: list[tuple[int, str, str]] = []
+    problems = list(_violations(spec, limits, templated))
     if problems:
         raise InvalidSpecError(problems)
+    if params is not None:
+        problems = _param_violations(spec, templated, params)
+        if problems:
+            raise InvalidSpecError(problems)
 
 
-def _violations(spec: types_pb2.WorkflowSpec, limits: Limits):
+def _where(i: int, name: str) -> str:
+    return f"tasks[{i}]" + (f" ({name})" if name else "")
+
+
+def _violations(spec: types_pb2.WorkflowSpec, limits: Limits, templated: list):
+    """Every problem of ``spec``; ``templated`` receives each templated task field as
+    ``(task index, field path, text)``."""
     if not spec.name.strip():
         yield FieldViolation("name", "must not be empty")
     elif len(spec.name) > limits.max_name:
@@ -142,42 +159,66 @@ def _violations(spec: types_pb2.WorkflowSpec, limits: Limits):
         return
 
     index: dict[str, int] = {}
+    match_name = TASK_NAME.match
     for i, t in enumerate(spec.tasks):
-        where = f"tasks[{i}]" + (f" ({t.name})" if t.name else "")
-        if not t.name:
-            yield FieldViolation(f"{where}.name", "must not be empty")
-        elif not TASK_NAME.match(t.name):
+        name = t.name
+        if not name:
+            yield FieldViolation(f"{_where(i, name)}.name", "must not be empty")
+        elif not match_name(name):
             yield FieldViolation(
-                f"{where}.name", "use 1-63 letters, digits, '_', '.', '-', starting alphanumeric"
+                f"{_where(i, name)}.name",
+                "use 1-63 letters, digits, '_', '.', '-', starting alphanumeric",
             )
-        elif t.name in index:
+        elif name in index:
             yield FieldViolation(
-                f"{where}.name", f"duplicate task name (also tasks[{index[t.name]}])"
+                f"{_where(i, name)}.name", f"duplicate task name (also tasks[{index[name]}])"
             )
         else:
-            index[t.name] = i
-        yield from _task_violations(t, where, limits)
+            index[name] = i
+        # Only the fields a task sets are checked: every field's default is valid, and a
+        # 100,000-task spec mostly sets a name, a command and depends_on.
+        present = {f for f, _ in t.ListFields()}
+        if present <= _PLAIN_FIELDS and _plain_task_ok(t, limits):
+            continue
+        yield from _task_violations(t, i, {f.name for f in present}, limits, templated)
 
+    # A cycle needs an edge to a name first seen later (names are the graph's nodes, a
+    # duplicate's edges are its first one's): without one the (costlier) search for a cycle
+    # to name is skipped.
+    forward = False
     for i, t in enumerate(spec.tasks):
-        where = f"tasks[{i}]" + (f" ({t.name})" if t.name else "")
+        deps = t.depends_on
+        if not deps:
+            continue
+        name = t.name
+        first = index.get(name, -1)  # -1: a bad name, which no edge leads to
+        if len(deps) == 1:  # the usual case, without the set
+            k = index.get(deps[0])
+            if k is not None and k < first and deps[0] != name:
+                continue
         seen: set[str] = set()
-        for j, dep in enumerate(t.depends_on):
-            if dep == t.name:
-                yield FieldViolation(f"{where}.depends_on[{j}]", "a task cannot depend on itself")
-            elif dep not in index:
-                yield FieldViolation(f"{where}.depends_on[{j}]", f"unknown task {dep!r}")
+        for j, dep in enumerate(deps):
+            k = index.get(dep)
+            if dep == name:
+                yield FieldViolation(
+                    f"{_where(i, name)}.depends_on[{j}]", "a task cannot depend on itself"
+                )
+            elif k is None:
+                yield FieldViolation(f"{_where(i, name)}.depends_on[{j}]", f"unknown task {dep!r}")
             elif dep in seen:
-                yield FieldViolation(f"{where}.depends_on[{j}]", f"{dep!r} listed twice")
+                yield FieldViolation(f"{_where(i, name)}.depends_on[{j}]", f"{dep!r} listed twice")
+            elif k > first >= 0:
+                forward = True
             seen.add(dep)
 
-    cycle = _find_cycle(spec, index)
+    cycle = _find_cycle(spec, index) if forward else None
     if cycle:
         first = index[cycle[0]]
         yield FieldViolation(
             f"tasks[{first}] ({cycle[0]}).depends_on", "cycle: " + " -> ".join(cycle)
         )
         return
-    yield from _template_violations(spec, index)
+    yield from _template_violations(spec, index, templated)
 
 
 def _templated_fields(task: types_pb2.TaskSpec):
@@ -189,23 +230,25 @@ def _templated_fields(task: types_pb2.TaskSpec):
             yield f"env.{key}", value
 
 
-def _template_violations(spec: types_pb2.WorkflowSpec, index: dict[str, int]):
+def _template_violations(
+    spec: types_pb2.WorkflowSpec, index: dict[str, int], templated: list[tuple[int, str, str]]
+):
     # All task references first, then one pass over the DAG: a walk up the dependencies per
     # reference was quadratic in a long chain whose tasks refer to tasks far upstream.
     found: list[tuple[int, str, list[str]]] = []
-    for i, t in enumerate(spec.tasks):
-        where = f"tasks[{i}]" + (f" ({t.name})" if t.name else "")
+    for i, field, text in templated:
+        t = spec.tasks[i]
         if index.get(t.name) != i:
             continue  # a bad or duplicate name, reported above
-        for field, text in _templated_fields(t):
-            try:
-                refs = references(text)
-            except TemplateError as e:
-                yield FieldViolation(f"{where}.{field}", str(e))
-                continue
-            names = [r.name for r in refs if r.kind == "task"]
-            if names:
-                found.append((i, f"{where}.{field}", names))
+        where = f"{_where(i, t.name)}.{field}"
+        try:
+            refs = references(text)
+        except TemplateError as e:
+            yield FieldViolation(where, str(e))
+            continue
+        names = [r.name for r in refs if r.kind == "task"]
+        if names:
+            found.append((i, where, names))
     if not found:
         return
     targets: dict[str, int] = {}
@@ -256,53 +299,149 @@ def _upstream_bits(
     return bits
 
 
-def validate_params(spec: types_pb2.WorkflowSpec, params: dict[str, str]) -> None:
+def validate_params(spec: types_pb2.WorkflowSpec, params: Mapping[str, str]) -> None:
     """Check that every ``{{ params.x }}`` a task uses is given.
 
     Raises:
         InvalidSpecError: naming each task field that uses a missing parameter.
     """
-
-    problems = []
-    for i, t in enumerate(spec.tasks):
-        for field, text in _templated_fields(t):
-            try:
-                refs = references(text)
-            except TemplateError:
-                continue  # reported by validate_workflow
-            for ref in refs:
-                if ref.kind == "param" and ref.name not in params:
-                    problems.append(
-                        FieldViolation(
-                            f"tasks[{i}] ({t.name}).{field}",
-                            f"parameter {ref.name!r} was not given",
-                        )
-                    )
+    templated = [
+        (i, field, text) for i, t in enumerate(spec.tasks) for field, text in _templated_fields(t)
+    ]
+    problems = _param_violations(spec, templated, params)
     if problems:
         raise InvalidSpecError(problems)
 
 
-def _encoded_len(s: str) -> int:
-    """Bytes a string takes as one element of a repeated protobuf field (tag, length, data)."""
-    n = len(s.encode())
-    return 1 + (n.bit_length() + 6) // 7 + n if n else 2
+def _param_violations(
+    spec: types_pb2.WorkflowSpec,
+    templated: list[tuple[int, str, str]],
+    params: Mapping[str, str],
+) -> list[FieldViolation]:
+    problems = []
+    for i, field, text in templated:
+        try:
+            refs = references(text)
+        except TemplateError:
+            continue  # reported by validate_workflow
+        for ref in refs:
+            if ref.kind == "param" and ref.name not in params:
+                problems.append(
+                    FieldViolation(
+                        f"tasks[{i}] ({spec.tasks[i].name}).{field}",
+                        f"parameter {ref.name!r} was not given",
+                    )
+                )
+    return problems
 
 
-def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
+_PLAIN_FIELDS = frozenset(
+    types_pb2.TaskSpec.DESCRIPTOR.fields_by_name[f] for f in ("name", "command", "depends_on")
+)
+
+
+def _plain_task_ok(t: types_pb2.TaskSpec, limits: Limits) -> bool:
+    """Whether a task that sets only a name, a command and depends_on is certainly valid
+    and has no templated field (else :func:`_task_violations` looks at it in full)."""
+    command = t.command
+    if not command or not command[0] or t.ByteSize() > limits.max_task_bytes:
+        return False
+    longest = limits.max_arg_bytes // 4  # characters that surely fit (UTF-8: 1-4 bytes each)
+    for arg in command:
+        if "\0" in arg or "{{" in arg or len(arg) > longest:
+            return False
+    return True
+
+
+def _task_violations(
+    t: types_pb2.TaskSpec, i: int, present: set[str], limits: Limits, templated: list
+):
+    """The problems of one task, checking only the fields in ``present`` (those it sets);
+    its templated fields are added to ``templated``."""
+    where = _where(i, t.name)
     size = t.ByteSize()
     if size > limits.max_task_bytes and t.depends_on:
         # depends_on is bounded by max_tasks, and the controller stores a long one apart.
-        size -= sum(_encoded_len(d) for d in t.depends_on)
+        size -= types_pb2.TaskSpec(depends_on=t.depends_on).ByteSize()
     if size > limits.max_task_bytes:
         yield FieldViolation(
             where,
             f"task is {size} bytes; at most {limits.max_task_bytes} (limit max_task_bytes)",
         )
-    if not t.command:
+    command = t.command
+    if not command:
         yield FieldViolation(f"{where}.command", "must not be empty")
-    elif not t.command[0]:
+    elif not command[0]:
         yield FieldViolation(f"{where}.command[0]", "the program must not be empty")
-    r = t.resources
+    if "resources" in present:
+        yield from _resource_violations(t.resources, where, limits)
+    if "retries" in present and not 0 <= t.retries <= limits.max_retries:
+        yield FieldViolation(
+            f"{where}.retries", f"must be in 0..{limits.max_retries}, got {t.retries}"
+        )
+    if "timeout" in present:
+        timeout = t.timeout.seconds + t.timeout.nanos / 1e9
+        if bad := _bad_duration(t.timeout):
+            yield FieldViolation(f"{where}.timeout", bad)
+        elif timeout < 0:
+            yield FieldViolation(f"{where}.timeout", "must be >= 0")
+        elif timeout > limits.max_timeout_seconds:
+            yield FieldViolation(f"{where}.timeout", "longer than 30 days")
+    if "env" in present:
+        yield from _env_violations(t, where, limits)
+    if "env_secrets" in present:
+        for key, secret in t.env_secrets.items():
+            if not ENV_NAME.match(key):
+                yield FieldViolation(f"{where}.env.{key}", "not a valid environment variable name")
+            elif key in t.env:
+                yield FieldViolation(f"{where}.env.{key}", "set both as a value and as a secret")
+            if not SECRET_NAME.match(secret):
+                yield FieldViolation(
+                    f"{where}.env.{key}",
+                    f"secret name {secret[:64]!r} must match {SECRET_NAME.pattern}",
+                )
+    for j, arg in enumerate(command):
+        if "\0" in arg:
+            yield FieldViolation(f"{where}.command[{j}]", "must not contain a NUL byte")
+        elif len(arg) * 4 > limits.max_arg_bytes and len(arg.encode()) > limits.max_arg_bytes:
+            yield FieldViolation(
+                f"{where}.command[{j}]",
+                f"{len(arg.encode())} bytes; at most {limits.max_arg_bytes} (limit max_arg_bytes)",
+            )
+        if "{{" in arg:
+            templated.append((i, f"command[{j}]", arg))
+    if "env" in present:
+        templated.extend((i, f"env.{k}", v) for k, v in t.env.items() if "{{" in v)
+    if "image_pull_policy" in present and t.image_pull_policy not in (
+        "",
+        "if-not-present",
+        "always",
+        "never",
+    ):
+        yield FieldViolation(
+            f"{where}.image_pull_policy", "must be if-not-present, always or never"
+        )
+    if not present.isdisjoint(_SCHEDULING_FIELDS):
+        yield from _scheduling_violations(t, where, limits)
+    if "backoff" in present:
+        b = t.backoff
+        if b.initial.seconds < 0 or b.max.seconds < 0:
+            yield FieldViolation(f"{where}.backoff", "durations must be >= 0")
+        for name in ("initial", "max"):
+            if bad := _bad_duration(getattr(b, name)):
+                yield FieldViolation(f"{where}.backoff.{name}", bad)
+        if b.factor and (not math.isfinite(b.factor) or b.factor < 1):
+            yield FieldViolation(f"{where}.backoff.factor", "must be >= 1")
+        if not math.isfinite(b.jitter) or not 0 <= b.jitter <= 1:
+            yield FieldViolation(f"{where}.backoff.jitter", "must be in [0, 1]")
+
+
+_SCHEDULING_FIELDS = frozenset(
+    ("priority", "replicas", "expected_duration", "node_selector", "affinity")
+)
+
+
+def _resource_violations(r: types_pb2.Resources, where: str, limits: Limits):
     if not math.isfinite(r.cpu) or r.cpu < 0:
         yield FieldViolation(f"{where}.resources.cpu", f"must be >= 0, got {r.cpu}")
     elif r.cpu > limits.max_cpu:
@@ -315,17 +454,9 @@ def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
         yield FieldViolation(f"{where}.resources.gpu", f"must be >= 0, got {r.gpu}")
     elif r.gpu > limits.max_gpu:
         yield FieldViolation(f"{where}.resources.gpu", f"at most {limits.max_gpu}")
-    if not 0 <= t.retries <= limits.max_retries:
-        yield FieldViolation(
-            f"{where}.retries", f"must be in 0..{limits.max_retries}, got {t.retries}"
-        )
-    timeout = t.timeout.seconds + t.timeout.nanos / 1e9
-    if bad := _bad_duration(t.timeout):
-        yield FieldViolation(f"{where}.timeout", bad)
-    elif timeout < 0:
-        yield FieldViolation(f"{where}.timeout", "must be >= 0")
-    elif timeout > limits.max_timeout_seconds:
-        yield FieldViolation(f"{where}.timeout", "longer than 30 days")
+
+
+def _env_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
     env_bytes = 0
     for key, value in t.env.items():
         size = len(value.encode())
@@ -345,40 +476,6 @@ def _task_violations(t: types_pb2.TaskSpec, where: str, limits: Limits):
             f"{where}.env",
             f"{env_bytes} bytes in all; at most {limits.max_env_bytes} (limit max_env_bytes)",
         )
-    for key, secret in t.env_secrets.items():
-        if not ENV_NAME.match(key):
-            yield FieldViolation(f"{where}.env.{key}", "not a valid environment variable name")
-        elif key in t.env:
-            yield FieldViolation(f"{where}.env.{key}", "set both as a value and as a secret")
-        if not SECRET_NAME.match(secret):
-            yield FieldViolation(
-                f"{where}.env.{key}",
-                f"secret name {secret[:64]!r} must match {SECRET_NAME.pattern}",
-            )
-    for j, arg in enumerate(t.command):
-        if "\0" in arg:
-            yield FieldViolation(f"{where}.command[{j}]", "must not contain a NUL byte")
-        elif len(arg.encode()) > limits.max_arg_bytes:
-            yield FieldViolation(
-                f"{where}.command[{j}]",
-                f"{len(arg.encode())} bytes; at most {limits.max_arg_bytes} (limit max_arg_bytes)",
-            )
-    if t.image_pull_policy not in ("", "if-not-present", "always", "never"):
-        yield FieldViolation(
-            f"{where}.image_pull_policy", "must be if-not-present, always or never"
-        )
-    yield from _scheduling_violations(t, where, limits)
-    if t.HasField("backoff"):
-        b = t.backoff
-        if b.initial.seconds < 0 or b.max.seconds < 0:
-            yield FieldViolation(f"{where}.backoff", "durations must be >= 0")
-        for name in ("initial", "max"):
-            if bad := _bad_duration(getattr(b, name)):
-                yield FieldViolation(f"{where}.backoff.{name}", bad)
-        if b.factor and (not math.isfinite(b.factor) or b.factor < 1):
-            yield FieldViolation(f"{where}.backoff.factor", "must be >= 1")
-        if not math.isfinite(b.jitter) or not 0 <= b.jitter <= 1:
-            yield FieldViolation(f"{where}.backoff.jitter", "must be in [0, 1]")
 
 
 _OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")

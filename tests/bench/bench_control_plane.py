@@ -14,7 +14,8 @@ succeed each assignment at once) and the client. Prints one JSON object:
 - ``dag_seconds``: a 1,000-task layered DAG (10 layers of 100, two parents each);
 - ``round_trip_ms``: submit of a one-task run -> its SUCCEEDED result, p50/p99, one at a time;
 - ``submit_to_running_ms``: submit -> the attempt's start as the agent reports it;
-- ``controller_cpu_s_per_1k_tasks`` and the etcd requests per task;
+- ``controller_cpu_s_per_1k_tasks`` and the etcd requests per task; the CPU of this process
+  (simulated agents and client) and of etcd per 1,000 tasks, which share the same cores;
 - ``ray``: :mod:`ray_baseline`'s figures, when ``--ray-python`` is given or Ray imports here.
 """
 
@@ -56,7 +57,7 @@ def layered_dag(layers: int, width: int) -> Workflow:
     return wf
 
 
-def measure(address: str, pid: int, endpoint: str, args) -> dict:
+def measure(address: str, pid: int, endpoint: str, args, etcd_pid: int = 0) -> dict:
     client = Client(address, timeout=120)
     warm = Workflow("warm")
     for i in range(200):
@@ -67,11 +68,15 @@ def measure(address: str, pid: int, endpoint: str, args) -> dict:
     for i in range(args.tasks):
         wide.task(f"t{i}", ["true"])
     cpu0, etcd0 = cpu_seconds(pid), etcd_requests(endpoint)
+    # The rest of the machine's two cores: this process (simulated agents and client) and etcd.
+    own0, etcd_cpu0 = cpu_seconds(os.getpid()), cpu_seconds(etcd_pid) if etcd_pid else 0.0
     start = time.perf_counter()
     final = client.submit(wide).wait(timeout=600)
     elapsed = time.perf_counter() - start
     assert final.state == t.RunState.RUN_STATE_SUCCEEDED, final.message
     cpu, etcd1 = cpu_seconds(pid) - cpu0, etcd_requests(endpoint)
+    own = cpu_seconds(os.getpid()) - own0
+    etcd_cpu = (cpu_seconds(etcd_pid) if etcd_pid else 0.0) - etcd_cpu0
 
     start = time.perf_counter()
     dag = client.submit(layered_dag(args.layers, args.width)).wait(timeout=600)
@@ -94,6 +99,8 @@ def measure(address: str, pid: int, endpoint: str, args) -> dict:
         "tasks_per_s": round(args.tasks / elapsed, 1),
         "wide_run_seconds": round(elapsed, 3),
         "controller_cpu_s_per_1k_tasks": round(cpu / args.tasks * 1000, 3),
+        "sim_agents_and_client_cpu_s_per_1k_tasks": round(own / args.tasks * 1000, 3),
+        "etcd_cpu_s_per_1k_tasks": round(etcd_cpu / args.tasks * 1000, 3),
         "etcd_txns_per_task": round((etcd1["txn"] - etcd0["txn"]) / args.tasks, 3),
         "etcd_puts_per_task": round((etcd1["put"] - etcd0["put"]) / args.tasks, 3),
         "dag_tasks": args.layers * args.width,
@@ -130,7 +137,9 @@ async def main_async(args) -> dict:
         baseline = await etcd_baseline(etcd.endpoint)
         async with controller_process(etcd.endpoint, tmp / "controller.log") as (address, pid):
             async with SimAgents(address, args.agents, args.slots):
-                result = await asyncio.to_thread(measure, address, pid, etcd.endpoint, args)
+                result = await asyncio.to_thread(
+                    measure, address, pid, etcd.endpoint, args, etcd.proc.pid
+                )
     finally:
         etcd.stop()
     out = {

@@ -9,7 +9,8 @@ on all of them, submitted with one ``client.submit(wf)``. By default simulated a
 ``tether controller`` subprocess, so that the controller's own memory and CPU are measured;
 ``--real-agents N`` runs N real agents with the process runtime instead.
 
-Prints JSON: submit and run time, tasks/s, the controller's peak RSS (VmHWM) and CPU time,
+Prints JSON: submit and run time, tasks/s, the CPU seconds the SDK and the controller spent in
+the submit call, the controller's peak RSS (VmHWM) and CPU time,
 the largest etcd request it made (its ``tether_etcd_largest_request_bytes`` metric; etcd
 refuses requests above 1.5 MiB, the target is 256 KiB), its etcd transactions, and etcd's raw
 single-put transaction rate measured in the same run as the baseline.
@@ -48,14 +49,21 @@ def fan_out_fan_in(width: int) -> Workflow:
     return wf
 
 
-def submit_and_wait(address: str, width: int, timeout: float) -> dict:
+def submit_and_wait(address: str, width: int, timeout: float, controller_pid: int = 0) -> dict:
     """Submit the workflow in one call, wait for it (polling the run list, which carries no
-    tasks, so that the client does not stream every task change), then check every task."""
+    tasks, so that the client does not stream every task change), then check every task.
+
+    With ``controller_pid``, the controller's CPU seconds during the submit call are given
+    too; the SDK's are this thread's (the simulated agents run on another)."""
     wf = fan_out_fan_in(width)
     client = Client(address, timeout=300)
+    cpu0 = cpu_seconds(controller_pid) if controller_pid else 0.0
+    sdk0 = time.thread_time()
     t0 = time.perf_counter()
     run = client.submit(wf)
     submitted = time.perf_counter() - t0
+    sdk_cpu = time.thread_time() - sdk0
+    submit_cpu = cpu_seconds(controller_pid) - cpu0 if controller_pid else None
     deadline = time.monotonic() + timeout
     while True:
         state = next((r.state for r in client.list_runs(page_size=10) if r.id == run.id), None)
@@ -70,13 +78,17 @@ def submit_and_wait(address: str, width: int, timeout: float) -> dict:
     assert final.state == t.RunState.RUN_STATE_SUCCEEDED, final.message
     succeeded = sum(tk.state == t.TaskState.TASK_STATE_SUCCEEDED for tk in final.tasks)
     assert succeeded == width + 2, succeeded
-    return {
+    out = {
         "tasks": width + 2,
         "spec_bytes": wf.to_proto().ByteSize(),
         "submit_seconds": round(submitted, 3),
+        "submit_sdk_cpu_seconds": round(sdk_cpu, 2),
         "run_seconds": round(elapsed, 2),
         "tasks_per_s": round((width + 2) / elapsed, 1),
     }
+    if submit_cpu is not None:
+        out["submit_controller_cpu_seconds"] = round(submit_cpu, 2)
+    return out
 
 
 def peak_rss_bytes(pid: int) -> int:
@@ -108,7 +120,7 @@ async def run_sim(args, etcd: EtcdProcess, tmp: Path) -> dict:
         async with SimAgents(addr, args.agents, slots=args.slots, channels=args.channels):
             before = etcd_requests(etcd.endpoint)
             cpu0 = cpu_seconds(pid)
-            result = await asyncio.to_thread(submit_and_wait, addr, args.width, args.timeout)
+            result = await asyncio.to_thread(submit_and_wait, addr, args.width, args.timeout, pid)
             after = etcd_requests(etcd.endpoint)
             result.update(
                 controller_cpu_seconds=round(cpu_seconds(pid) - cpu0, 1),

@@ -9,6 +9,7 @@ it lost etcd after some chunks), not in etcd.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 
 import pytest
@@ -138,3 +139,54 @@ def test_chunked_run_completes_and_survives_a_controller_restart(big_mesh, etcd)
     assert all(tk.state == t.TaskState.TASK_STATE_SUCCEEDED for tk in final.tasks)
     assert len(final.tasks) == 601 and len(final.tasks[-1].spec.depends_on) == 600
     assert client.submit(wf, request_id="big-2").id == run.id
+
+
+def mod_revisions(endpoint: str, prefix: str) -> dict[str, int]:
+    async def get():
+        async with Etcd3Client([endpoint]) as c:
+            resp = await c.kv.get(prefix, range_end=prefix_range_end(prefix.encode()))
+            return {kv.key.decode(): kv.mod_revision for kv in resp.kvs}
+
+    return asyncio.run(get())
+
+
+def test_a_run_built_in_slices_is_cached_as_etcd_holds_it(big_mesh, etcd, monkeypatch):
+    # Several slices, each written while the next is built: every cached task must carry the
+    # revision etcd wrote it at (the committer's compare-and-swap depends on it) and its links.
+    monkeypatch.setattr("tether.controller.submit.BUILD_SLICE", 700)
+    mesh = big_mesh
+    client = mesh.client()
+    wf = Workflow("sliced")
+    start = wf.task("start", ["true"])
+    names = [wf.task(f"t{i}", ["true"], depends_on=[start]).name for i in range(2000)]
+    wf.task("join", ["true"], depends_on=names)
+    run = client.submit(wf, request_id="sliced-1")
+    cached = mesh.controller.engine._cache.runs[run.id]
+    revs = mod_revisions(etcd.endpoint, mesh.controller.store.keys.tasks_of(run.id))
+    assert len(revs) == len(cached.tasks) == 2002 and cached.unfinished == 2002
+    assert {e.key: e.rev for e in cached.tasks.values()} == revs
+    assert len(set(revs.values())) > 3  # written in many transactions
+    assert cached.tasks["start"].children == names
+    assert cached.tasks["t5"].children == ["join"] and cached.tasks["join"].waiting == 2000
+
+
+def test_a_failed_slice_write_stops_the_build(big_mesh, monkeypatch):
+    monkeypatch.setattr("tether.controller.submit.BUILD_SLICE", 500)
+    mesh = big_mesh
+    submitter = mesh.controller.engine._submitter
+    built = []
+    real_build = submitter._build_tasks
+
+    def build_tasks(new, lo, hi):
+        built.append(lo)
+        real_build(new, lo, hi)
+
+    submitter._build_tasks = build_tasks
+    break_after(mesh, 0)  # never healed: every chunk write fails
+    with pytest.raises(UnavailableError):
+        mesh.client().submit(fan_in(4999, "stopped"), request_id="stopped-1")
+    # Each attempt (the client retries UNAVAILABLE) stopped after its first failed write,
+    # long before its tenth and last slice.
+    attempts = [i for i, lo in enumerate(built) if lo == 0] + [len(built)]
+    slices = [b - a for a, b in itertools.pairwise(attempts)]
+    assert slices and max(slices) < 5, built
