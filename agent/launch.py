@@ -185,7 +185,7 @@ def redact(status: agent_pb2.TaskStatus, secret_values: Iterable[str]) -> None:
         setattr(status, name, text)
 
 
-def tail(path: Path) -> str:
+def tail(path: str | Path) -> str:
     """The last :data:`TAIL_BYTES` of a log file ("" if it cannot be read)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -203,7 +203,7 @@ def tail(path: Path) -> str:
         os.close(fd)
 
 
-def read_output(path: Path, status: agent_pb2.TaskStatus) -> None:
+def read_output(path: str | Path, status: agent_pb2.TaskStatus) -> None:
     """Judge a cleanly exited attempt by its output file: succeeded with ``outputs_json``,
     or failed (``reason="output"``) when the file is too large or not JSON. No file is an
     empty output."""
@@ -217,7 +217,8 @@ def read_output(path: Path, status: agent_pb2.TaskStatus) -> None:
         status.reason = "output"
         status.message = f"output file is {size} bytes; at most {MAX_OUTPUT_BYTES}"
         return
-    text = path.read_text(errors="replace")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
     try:
         json.loads(text or "null")
     except ValueError as e:

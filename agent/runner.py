@@ -206,9 +206,14 @@ class Runner:
                 await self._run_recovered(att, f)
         return len(found)
 
-    def _dir(self, ref: agent_pb2.AttemptRef) -> Path:
-        # layout.attempt_dir's path, built in one go: this runs several times per attempt.
-        return Path(f"{self._work_dir}/{ref.run_id}/{ref.task}/{ref.attempt}")
+    def _dir(self, ref: agent_pb2.AttemptRef, att: Attempt | None = None) -> Path:
+        # layout.attempt_dir's path, built in one go and once per attempt.
+        if att is not None and att.dir is not None:
+            return att.dir
+        d = Path(f"{self._work_dir}/{ref.run_id}/{ref.task}/{ref.attempt}")
+        if att is not None:
+            att.dir = d
+        return d
 
     async def _run(self, att: Attempt, a: agent_pb2.AssignTask) -> None:
         status = agent_pb2.TaskStatus(ref=a.ref)
@@ -275,7 +280,7 @@ class Runner:
                 status.reason = "runtime_error"
                 status.message = f"agent error: {e}"
             _end_span(span, status)
-        self._conclude(att, status, self._dir(ref))
+        self._conclude(att, status, self._dir(ref, att))
 
     def _conclude(self, att: Attempt, status: agent_pb2.TaskStatus, d: Path) -> None:
         """Keep the final report until acknowledged, then send it."""
@@ -312,7 +317,7 @@ class Runner:
         self, att: Attempt, a: agent_pb2.AssignTask, status: agent_pb2.TaskStatus, traceparent: str
     ) -> None:
         ref = a.ref
-        d = self._dir(ref)
+        d = self._dir(ref, att)
         with self._phase("stage"):
             launch.stage(d, a)
         spec = launch.launch_spec(
@@ -356,7 +361,7 @@ class Runner:
             timeout=timeout,
             elapsed=elapsed,
             stop_grace=self.config.stop_grace,
-            d=self._dir(att.ref),
+            d=self._dir(att.ref, att),
             phase=self._phase,
         )
 

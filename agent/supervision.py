@@ -55,6 +55,7 @@ class Attempt:
         cancel_reason: Why it is being cancelled (the final report's message).
         cancel_grace: SIGTERM-to-SIGKILL grace of the cancel, seconds.
         cancelled: Set to have the supervisor stop the attempt.
+        dir: Its directory on this node, once known.
     """
 
     ref: agent_pb2.AttemptRef
@@ -63,6 +64,7 @@ class Attempt:
     cancel_reason: str = ""
     cancel_grace: float = DEFAULT_CANCEL_GRACE
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    dir: Path | None = None
     # Stopped for the node's sake (FENCED: out of contact; DRAINED: a drain): reported FAILED
     # with that reason rather than CANCELLED, and retried elsewhere free of charge.
     node_reason: str = ""
@@ -142,15 +144,15 @@ async def supervise(
                 f"killed after {time.monotonic() - started:.1f}s (timeout {timeout:g}s)"
             )
     status.finished_at.CopyFrom(now())
-    status.stdout_tail = tail(d / layout.STDOUT_FILE)
-    status.stderr_tail = tail(d / layout.STDERR_FILE)
+    status.stdout_tail = tail(f"{d}/{layout.STDOUT_FILE}")
+    status.stderr_tail = tail(f"{d}/{layout.STDERR_FILE}")
 
 
 def _ended(result: ExitStatus, status: agent_pb2.TaskStatus, d: Path) -> None:
     """The attempt ended by itself: a clean exit is judged by its output file."""
     status.exit_code = result.exit_code
     if result.exit_code == 0 and not result.reason:
-        read_output(d / layout.OUTPUT_FILE, status)
+        read_output(f"{d}/{layout.OUTPUT_FILE}", status)
     else:
         status.state = t.TaskState.TASK_STATE_FAILED
         status.reason = result.reason or "exit_code"

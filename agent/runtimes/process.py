@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +44,11 @@ EXIT_FILE = "exit_code"
 _RECORD_EXIT = 'trap "" HUP; "$@"; c=$?; echo $c > "$0.tmp" && mv "$0.tmp" "$0"; exit $c'
 
 _REAPER_PIPE_BYTES = 1 << 20
+# How long where a program was found in PATH is reused, seconds. Popen would otherwise search
+# PATH in Python for every attempt, and the child try an execve in each directory before the
+# right one while the agent waits for it (vfork); a program installed meanwhile in an earlier
+# directory is used once this has passed.
+_RESOLVE_TTL = 1.0
 log = get_logger("agent.runtime")
 
 
@@ -166,6 +172,8 @@ class ProcessRuntime:
         # The agent's environment as bytes, taken once: decoding and re-encoding os.environ
         # for every attempt costs more than the spawn itself.
         self._environ = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
+        # (program, PATH) -> (its path, when it was found)
+        self._resolved: dict[tuple[str, bytes | None], tuple[str, float]] = {}
 
     def task_path(self, host_path: Path) -> str:
         return str(host_path)
@@ -226,6 +234,35 @@ class ProcessRuntime:
             env[os.fsencode(k)] = os.fsencode(v)
         return env
 
+    def _which(self, program: str, env: dict[bytes, bytes]) -> str | None:
+        """Where ``program`` is in the task's PATH (None: let Popen search, or fail)."""
+        if "/" in program or not program:
+            return None
+        path = env.get(b"PATH")
+        key = (program, path)
+        now = time.monotonic()
+        hit = self._resolved.get(key)
+        if hit is not None and now - hit[1] < _RESOLVE_TTL:
+            return hit[0]
+        found = shutil.which(program, path=os.fsdecode(path) if path is not None else os.defpath)
+        if found is None:
+            self._resolved.pop(key, None)
+            return None
+        if len(self._resolved) > 256:  # many distinct programs: start afresh
+            self._resolved.clear()
+        self._resolved[key] = (found, now)
+        return found
+
+    def _popen(self, command: list[str], env: dict[bytes, bytes], **kwargs) -> subprocess.Popen:
+        found = self._which(command[0], env) if command else None
+        if found is not None:
+            try:
+                return subprocess.Popen(command, executable=found, env=env, **kwargs)
+            except OSError:
+                # Moved or replaced since it was found: the full search decides, and says why.
+                self._resolved.clear()
+        return subprocess.Popen(command, env=env, **kwargs)
+
     async def start(self, spec: LaunchSpec) -> _ProcessHandle:
         cwd = spec.working_dir or str(spec.attempt_dir)
         leave = self.config.leave_running
@@ -260,9 +297,9 @@ class ProcessRuntime:
                 raise RuntimeError_(f"cannot start {spec.command[0]!r}: {e}") from e
             raise RuntimeError_(f"cannot create the attempt's log files or pipes: {e}") from e
         try:
-            proc = subprocess.Popen(
+            proc = self._popen(
                 command,
-                env=env,
+                env,
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=outputs[0],
