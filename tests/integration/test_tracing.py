@@ -330,3 +330,23 @@ def test_an_attempt_lost_with_its_node_is_an_event_of_the_run_span(
         if s.name == "schedule long"
     ]
     assert nodes == ["n1", "n2"]
+
+
+def test_without_an_exporter_a_task_still_gets_a_traceparent_in_its_runs_trace(mesh):
+    # No OTLP endpoint here: the agent makes no recorded span, only one that carries ids.
+    mesh.add_agent("n1")
+    wf = Workflow("untraced")
+    code = (
+        "import os,json;json.dump({'tp': os.environ['TRACEPARENT']},"
+        "open(os.environ['TETHER_OUTPUT_FILE'],'w'))"
+    )
+    wf.task("a", [sys.executable, "-c", code])
+    wf.task("b", [sys.executable, "-c", code])
+    final = mesh.client().submit(wf).wait(timeout=30)
+    assert final.state == t.RunState.RUN_STATE_SUCCEEDED
+    run_trace = final.traceparent.split("-")[1]
+    got = [json.loads(tk.outputs_json)["tp"].split("-") for tk in final.tasks]
+    for version, trace_id, span_id, flags in got:
+        assert (version, trace_id, flags) == ("00", run_trace, "01")
+        assert len(span_id) == 16 and span_id != "0" * 16
+    assert got[0][2] != got[1][2]  # a span of its own per attempt
