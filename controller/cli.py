@@ -30,9 +30,9 @@ async def serve(config: ControllerConfig) -> None:
 def tune_gc() -> None:
     """Collect garbage less often in a controller process. Its cache holds a record per
     task, long-lived; with CPython's default thresholds every 700 allocations start a young
-    collection, and the older generations that get swept with them hold all of that cache —
-    a tenth or more of the CPU per task, for cycles that are rare (records are trees). What
-    is there after start-up is frozen out of collections for good."""
+    collection, and the older collections that follow sweep all of that cache again, for
+    cycles that are rare (records are trees). What is there after start-up is frozen out of
+    collections for good."""
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
 
