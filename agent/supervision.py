@@ -40,7 +40,7 @@ def key_of(ref: agent_pb2.AttemptRef) -> Key:
 def now() -> timestamp_pb2.Timestamp:
     """The current time as a protobuf timestamp."""
     ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
+    ts.FromNanoseconds(time.time_ns())  # GetCurrentTime goes through a datetime: 4 x slower
     return ts
 
 

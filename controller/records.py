@@ -26,7 +26,7 @@ MAX_BATCH_BYTES = 4 * 2**20
 def now() -> timestamp_pb2.Timestamp:
     """The current time as a protobuf Timestamp."""
     ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
+    ts.FromNanoseconds(time.time_ns())  # GetCurrentTime goes through a datetime: 4 x slower
     return ts
 
 
