@@ -22,6 +22,12 @@ HERE = Path(__file__).resolve().parent
 SOURCES = sorted((HERE / "tether" / "v1").glob("*.proto"))
 DEFAULT_OUT = HERE / "python"
 _IMPORT = re.compile(r"^from tether\.v1 import", re.MULTILINE)
+# grpc_python_out stamps the grpcio-tools version that ran into each *_pb2_grpc.py, as the
+# oldest grpcio the code accepts at run time. The code itself is the same across patch
+# releases: the stamp is held at the release it was first generated with, so that a new
+# patch release neither makes the committed code "drift" nor raises users' grpcio floor.
+_GRPC_STAMP = re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.MULTILINE)
+GRPC_FLOOR = "1.85.1"
 
 
 def generate(out: Path) -> None:
@@ -48,6 +54,7 @@ def generate(out: Path) -> None:
         v1.mkdir(parents=True)
         for f in sorted((Path(tmp) / "tether" / "v1").iterdir()):
             text = _IMPORT.sub("from tether.api.v1 import", f.read_text())
+            text = _GRPC_STAMP.sub(f"GRPC_GENERATED_VERSION = '{GRPC_FLOOR}'", text)
             (v1 / f.name).write_text(text)
     (out / "__init__.py").write_text('"""Generated Tether API (see protos/generate.py)."""\n')
     # PEP 561: type checkers read the generated stubs (*.pyi) of an installed tether.api.
