@@ -42,8 +42,9 @@ __all__ = [
 # Both limits are shared with the controller, which enforces them again.
 TAIL_BYTES = LOG_TAIL_BYTES
 # What an earlier try of the same attempt may have left in its directory, not to be mistaken
-# for this try's.
-_STALE = (layout.OUTPUT_FILE, layout.STATUS_FILE)
+# for this try's: its output, its final report, and its logs (a runtime creates the logs by
+# the first output, so an earlier try's log must not pass for this one's).
+_STALE = (layout.OUTPUT_FILE, layout.STATUS_FILE, layout.STDOUT_FILE, layout.STDERR_FILE)
 # What a secret's value becomes in the log tails an attempt reports.
 REDACTED = "[secret]"
 
@@ -64,14 +65,21 @@ def inputs_of(a: agent_pb2.AssignTask) -> dict:
 def stage(d: Path, a: agent_pb2.AssignTask) -> None:
     """Prepare the attempt directory ``d``: create it, write the inputs file.
 
-    A retried assignment of the same attempt may find an earlier output or final report
-    there; they are removed so that neither is mistaken for this run's.
+    A retried assignment of the same attempt may find an earlier output, final report or
+    logs there; they are removed so that none is mistaken for this run's. A new directory
+    has nothing stale, and costs no look-ups for it.
     """
     path = str(d)
     try:
         os.mkdir(path)
-    except FileNotFoundError:  # a new task (or run): a new directory has nothing stale
-        os.makedirs(path, exist_ok=True)
+    except FileNotFoundError:  # a new task (or run)
+        try:
+            os.mkdir(os.path.dirname(path))  # the task's directory, in an existing run's
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except FileExistsError:
+            pass
+        os.mkdir(path)
     except FileExistsError:
         for stale in _STALE:
             with contextlib.suppress(FileNotFoundError):

@@ -31,6 +31,9 @@ class AgentMetrics:
         self.registry = CollectorRegistry()
         self.node = node
         self.runtime = runtime
+        # Label children of the per-attempt metrics, looked up once.
+        self._by_outcome: dict[str, tuple] = {}
+        self._start_latency = None
         self.running = Gauge(
             "tether_agent_attempts_running",
             "Attempts this agent runs now (started or adopted, not finished).",
@@ -80,13 +83,21 @@ class AgentMetrics:
 
     def attempt_finished(self, outcome: str, seconds: float | None) -> None:
         """An attempt ended with ``outcome`` after ``seconds`` (None: it never started)."""
-        self.finished.labels(self.node, outcome).inc()
+        children = self._by_outcome.get(outcome)
+        if children is None:  # a labels() look-up per attempt costs more than the count
+            children = self._by_outcome[outcome] = (
+                self.finished.labels(self.node, outcome),
+                self.duration.labels(self.node, outcome),
+            )
+        children[0].inc()
         if seconds is not None:
-            self.duration.labels(self.node, outcome).observe(max(seconds, 0.0))
+            children[1].observe(max(seconds, 0.0))
 
     def started(self, seconds: float) -> None:
         """The runtime started an attempt in ``seconds``."""
-        self.start_latency.labels(self.node, self.runtime).observe(seconds)
+        if self._start_latency is None:
+            self._start_latency = self.start_latency.labels(self.node, self.runtime)
+        self._start_latency.observe(seconds)
 
     def runtime_error(self, reason: str) -> None:
         """The runtime failed an attempt with ``reason`` (``runtime_error``, ``image``, ...)."""

@@ -34,7 +34,13 @@ from tether.agent.supervision import DEFAULT_CANCEL_GRACE, Attempt, Key, key_of,
 from tether.api.v1 import agent_pb2
 from tether.api.v1 import types_pb2 as t
 from tether.sdk.states import DRAINED, FENCED
-from tether.sdk.telemetry import context_from_traceparent, exports_spans, get_logger, traceparent_of
+from tether.sdk.telemetry import (
+    context_from_traceparent,
+    exports_spans,
+    get_logger,
+    parse_traceparent,
+    traceparent_of,
+)
 
 __all__ = ["Runner"]
 
@@ -281,7 +287,7 @@ class Runner:
             # Nothing would export it: a span that only carries its ids (the task's
             # TRACEPARENT names it all the same) instead of one recorded for nobody, a
             # sixth of the agent's CPU per no-op attempt.
-            cm = trace.use_span(_bare_span(traceparent), end_on_exit=True)
+            cm = contextlib.nullcontext(_bare_span(traceparent))
         with cm as span:
             try:
                 await body(span)
@@ -379,9 +385,9 @@ class Runner:
 
 def _bare_span(traceparent: str) -> trace.Span:
     """A non-recording span in ``traceparent``'s trace (a new trace without one)."""
-    parent = trace.get_current_span(context_from_traceparent(traceparent)).get_span_context()
-    trace_id = parent.trace_id if parent.is_valid else _IDS.generate_trace_id()
-    flags = parent.trace_flags if parent.is_valid else trace.TraceFlags(trace.TraceFlags.SAMPLED)
+    parent = parse_traceparent(traceparent) if traceparent else None
+    trace_id = parent.trace_id if parent else _IDS.generate_trace_id()
+    flags = parent.trace_flags if parent else trace.TraceFlags(trace.TraceFlags.SAMPLED)
     ctx = trace.SpanContext(trace_id, _IDS.generate_span_id(), is_remote=False, trace_flags=flags)
     return trace.NonRecordingSpan(ctx)
 

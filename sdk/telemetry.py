@@ -31,6 +31,7 @@ __all__ = [
     "fixed_span_ids",
     "get_logger",
     "make_tracer_provider",
+    "parse_traceparent",
     "setup_logging",
     "traceparent_of",
 ]
@@ -102,10 +103,32 @@ def make_tracer_provider(service_name: str) -> TracerProvider:
 
 
 def traceparent_of(span: trace.Span) -> str:
-    """Return the W3C ``traceparent`` header value of a span."""
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
-    return carrier.get("traceparent", "")
+    """Return the W3C ``traceparent`` header value of a span ("" for an invalid one)."""
+    # Formatted here, as the W3C propagator formats it, without the context it builds: this
+    # runs for every attempt on agent and controller.
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return ""
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+
+
+def parse_traceparent(traceparent: str) -> trace.SpanContext | None:
+    """The remote span context a ``traceparent`` names; None when it names none."""
+    parts = traceparent.split("-")
+    if len(parts) == 4 and parts[0] == "00" and len(parts[1]) == 32 and len(parts[2]) == 16:
+        # The common version-00 form, parsed without building a context.
+        try:
+            trace_id, span_id = int(parts[1], 16), int(parts[2], 16)
+            flags = int(parts[3], 16) if len(parts[3]) == 2 else -1
+        except ValueError:
+            return None
+        if not trace_id or not span_id or flags < 0:
+            return None
+        return trace.SpanContext(
+            trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(flags)
+        )
+    ctx = trace.get_current_span(context_from_traceparent(traceparent)).get_span_context()
+    return ctx if ctx.is_valid else None
 
 
 def current_traceparent() -> str:

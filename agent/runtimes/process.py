@@ -28,8 +28,9 @@ from tether.agent import layout
 from tether.agent.config import AgentConfig
 from tether.agent.runtimes.base import ExitStatus, LaunchSpec, RecoveredTask, RuntimeError_
 from tether.agent.runtimes.capped_log import CappedLog
-from tether.agent.runtimes.children import PipeCopies, exit_of
+from tether.agent.runtimes.children import FdWatch, PipeCopies, exit_of
 from tether.agent.runtimes.reaper import alive, start_ticks
+from tether.agent.runtimes.spawn import Child, spawn
 from tether.sdk.telemetry import get_logger
 
 __all__ = ["ProcessRuntime"]
@@ -49,6 +50,9 @@ _REAPER_PIPE_BYTES = 1 << 20
 # right one while the agent waits for it (vfork); a program installed meanwhile in an earlier
 # directory is used once this has passed.
 _RESOLVE_TTL = 1.0
+# Every task's stdin, opened once for the process (Popen's DEVNULL opens and closes it for
+# each child).
+_STDIN = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 log = get_logger("agent.runtime")
 
 
@@ -70,7 +74,7 @@ def _signal_group(pid: int, sig: int) -> None:
 class _ProcessHandle:
     def __init__(
         self,
-        proc: subprocess.Popen,
+        proc: Child,
         exited: asyncio.Future,
         copies: PipeCopies | None,
         attempt_dir: Path,
@@ -172,8 +176,11 @@ class ProcessRuntime:
         # The agent's environment as bytes, taken once: decoding and re-encoding os.environ
         # for every attempt costs more than the spawn itself.
         self._environ = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
+        self._environ_items = [k + b"=" + v for k, v in self._environ.items()]
         # (program, PATH) -> (its path, when it was found)
         self._resolved: dict[tuple[str, bytes | None], tuple[str, float]] = {}
+        # The children's pidfds and pipes, watched on the loop that starts them.
+        self._watch: FdWatch | None = None
 
     def task_path(self, host_path: Path) -> str:
         return str(host_path)
@@ -228,17 +235,31 @@ class ProcessRuntime:
             await asyncio.to_thread(self._reaper.wait)
             self._reaper = None
 
-    def _env(self, extra: dict[str, str]) -> dict[bytes, bytes]:
-        env = self._environ.copy()
-        for k, v in extra.items():
-            env[os.fsencode(k)] = os.fsencode(v)
-        return env
+    def _fd_watch(self) -> FdWatch:
+        if self._watch is None or self._watch.loop is not asyncio.get_running_loop():
+            self._watch = FdWatch()
+        return self._watch
 
-    def _which(self, program: str, env: dict[bytes, bytes]) -> str | None:
+    def _env(self, extra: dict[str, str]) -> list[bytes]:
+        """The task's whole environment as ``KEY=VALUE`` items: the agent's, then ``extra``."""
+        added = []
+        replaces = False
+        for k, v in extra.items():
+            key = os.fsencode(k)
+            if b"=" in key:
+                raise ValueError(f"illegal environment variable name {k!r}")
+            replaces = replaces or key in self._environ
+            added.append((key, os.fsencode(v)))
+        if not replaces:  # the usual case: the agent's items as they are, the task's after
+            return self._environ_items + [k + b"=" + v for k, v in added]
+        env = self._environ.copy()
+        env.update(added)
+        return [k + b"=" + v for k, v in env.items()]
+
+    def _which(self, program: str, path: bytes | None) -> str | None:
         """Where ``program`` is in the task's PATH (None: let Popen search, or fail)."""
         if "/" in program or not program:
             return None
-        path = env.get(b"PATH")
         key = (program, path)
         now = time.monotonic()
         hit = self._resolved.get(key)
@@ -253,15 +274,24 @@ class ProcessRuntime:
         self._resolved[key] = (found, now)
         return found
 
-    def _popen(self, command: list[str], env: dict[bytes, bytes], **kwargs) -> subprocess.Popen:
-        found = self._which(command[0], env) if command else None
+    def _spawn(self, command: list[str], env: list[bytes], path: bytes | None, **kwargs) -> Child:
+        program = command[0] if command else ""
+        found = program if "/" in program else self._which(program, path)
         if found is not None:
             try:
-                return subprocess.Popen(command, executable=found, env=env, **kwargs)
+                return spawn(command, found, env, **kwargs)
             except OSError:
+                if found is program:
+                    raise
                 # Moved or replaced since it was found: the full search decides, and says why.
                 self._resolved.clear()
-        return subprocess.Popen(command, env=env, **kwargs)
+        proc = subprocess.Popen(
+            command,
+            env=dict(item.split(b"=", 1) for item in env),
+            start_new_session=True,
+            **kwargs,
+        )
+        return Child(proc.pid, proc)
 
     async def start(self, spec: LaunchSpec) -> _ProcessHandle:
         cwd = spec.working_dir or str(spec.attempt_dir)
@@ -273,17 +303,17 @@ class ProcessRuntime:
         pipes: list[tuple[int, int]] = []
         try:
             env = self._env(spec.env)
+            task_path = spec.env.get("PATH")
+            search = os.fsencode(task_path) if task_path is not None else self._environ.get(b"PATH")
             if leave:
                 outputs = [
                     os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
                     for p in (spec.stdout_path, spec.stderr_path)
                 ]
             else:
+                # Each log is created by the first output (an earlier try's was removed
+                # when the attempt was staged).
                 for stream, path in (("stdout", spec.stdout_path), ("stderr", spec.stderr_path)):
-                    # The log is created by the first output: an earlier try's must not pass
-                    # for this one's if it prints nothing.
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
                     logs.append(
                         CappedLog(path, spec.log_limit_bytes, _truncation_reporter(spec, stream))
                     )
@@ -297,14 +327,14 @@ class ProcessRuntime:
                 raise RuntimeError_(f"cannot start {spec.command[0]!r}: {e}") from e
             raise RuntimeError_(f"cannot create the attempt's log files or pipes: {e}") from e
         try:
-            proc = self._popen(
+            proc = self._spawn(
                 command,
                 env,
+                search,
                 cwd=cwd,
-                stdin=subprocess.DEVNULL,
+                stdin=_STDIN,
                 stdout=outputs[0],
                 stderr=outputs[1],
-                start_new_session=True,
             )
         except BaseException as e:
             # Whatever stopped the start (a missing program, a NUL byte in an argument), the
@@ -335,12 +365,13 @@ class ProcessRuntime:
             if leave
             else PipeCopies(
                 [(r, log_) for (r, _), log_ in zip(pipes, logs, strict=True)],
+                self._fd_watch(),
                 _log_error_reporter(spec),
             )
         )
         return _ProcessHandle(
             proc,
-            exit_of(proc),
+            exit_of(proc, self._fd_watch()),
             copies,
             spec.attempt_dir,
             lambda: self._tell_reaper(f"-{proc.pid}"),

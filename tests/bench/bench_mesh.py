@@ -11,6 +11,9 @@ and agents as subprocesses with the process runtime, then prints one JSON object
 - ``submit_to_running_ms``: p50/p99 of submit -> RUNNING for single-task runs, one at a time;
 - ``agents_cpu_ms_per_task`` / ``controller_cpu_ms_per_task``: CPU time (user + system) of
   the agent processes, and of this process (controller and client), per task of the wide run;
+  ``tasks_cpu_ms_per_task``: of the ``true`` processes themselves (the agents' reaped
+  children), ``etcd_cpu_ms_per_task``: of etcd, and ``busy_cores``: of the whole machine
+  (/proc/stat) over the wide run, out of ``cpus``;
 - ``dag_seconds``: a 1,000-task layered DAG (10 layers of 100, two parents each, as in
   ``bench_control_plane``) from submit to its result;
 - ``spawn_ceiling_per_s``: ``true`` processes/s spawned by a bare asyncio loop with the same
@@ -27,6 +30,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 from bench_control_plane import layered_dag
 from local_mesh import local_mesh
@@ -42,8 +46,24 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
+def children_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the reaped children of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy so far (all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
-    address: str, server: ControllerServer, agent_pids: list[int], args: argparse.Namespace
+    address: str,
+    server: ControllerServer,
+    agent_pids: list[int],
+    etcd_pid: int,
+    args: argparse.Namespace,
 ) -> dict:
     tasks = args.tasks
     client = Client(address, timeout=60)
@@ -58,12 +78,20 @@ def measure(
     store = server.store
     puts0, txns0 = store.put_count, store.txn_count
     agents0, own0 = sum(map(cpu_seconds, agent_pids)), time.process_time()
+    children0, etcd0, busy0 = (
+        sum(map(children_cpu_seconds, agent_pids)),
+        cpu_seconds(etcd_pid),
+        busy_seconds(),
+    )
     start = time.perf_counter()
     final = client.submit(wide).wait(timeout=600)
     elapsed = time.perf_counter() - start
     assert final.state == t.RunState.RUN_STATE_SUCCEEDED, final.message
     agents_cpu = sum(map(cpu_seconds, agent_pids)) - agents0
     own_cpu = time.process_time() - own0
+    children_cpu = sum(map(children_cpu_seconds, agent_pids)) - children0
+    etcd_cpu = cpu_seconds(etcd_pid) - etcd0
+    busy = busy_seconds() - busy0
     time.sleep(0.5)  # let the last batched writes land before counting them
     puts, txns = store.put_count - puts0, store.txn_count - txns0
 
@@ -100,6 +128,9 @@ def measure(
         "wide_run_seconds": round(elapsed, 3),
         "agents_cpu_ms_per_task": round(agents_cpu / tasks * 1000, 3),
         "controller_cpu_ms_per_task": round(own_cpu / tasks * 1000, 3),
+        "tasks_cpu_ms_per_task": round(children_cpu / tasks * 1000, 3),
+        "etcd_cpu_ms_per_task": round(etcd_cpu / tasks * 1000, 3),
+        "busy_cores": round(busy / elapsed, 2),
         "dag_tasks": args.layers * args.width,
         "dag_seconds": round(dag_s, 3),
         "etcd_writes_per_task": round(puts / tasks, 2),
@@ -133,8 +164,9 @@ async def spawn_ceiling(count: int, concurrency: int) -> float:
 async def main_async(args) -> dict:
     ceiling = await spawn_ceiling(args.tasks, args.agents * args.slots)
     pids: list[int] = []
-    async with local_mesh(args.agents, args.slots, pids) as (server, baseline):
-        result = await asyncio.to_thread(measure, server.address, server, pids, args)
+    etcd_pids: list[int] = []
+    async with local_mesh(args.agents, args.slots, pids, etcd_pids) as (server, baseline):
+        result = await asyncio.to_thread(measure, server.address, server, pids, etcd_pids[0], args)
     return {
         "etcd_baseline_txn_per_s": round(baseline, 1),
         **result,

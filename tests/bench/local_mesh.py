@@ -39,14 +39,17 @@ async def etcd_baseline(endpoint: str, n: int = 4000, concurrency: int = 16) -> 
 
 @contextlib.asynccontextmanager
 async def local_mesh(
-    agents: int, slots: int, pids: list[int] | None = None
+    agents: int, slots: int, pids: list[int] | None = None, etcd_pids: list[int] | None = None
 ) -> AsyncIterator[tuple[ControllerServer, float]]:
     """Yield a started controller with ``agents`` registered, and the etcd baseline (txn/s).
 
-    ``pids``, when given, receives the agents' process ids (to read their CPU time).
+    ``pids``, when given, receives the agents' process ids (to read their CPU time), and
+    ``etcd_pids`` etcd's.
     """
     tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     etcd = EtcdProcess(tmp / "etcd").start()
+    if etcd_pids is not None:
+        etcd_pids.append(etcd.proc.pid)
     server = ControllerServer(
         ControllerConfig(etcd_endpoints=(etcd.endpoint,), listen="127.0.0.1:0", prefix="/bench")
     )

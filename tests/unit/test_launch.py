@@ -122,16 +122,20 @@ def test_stage_writes_inputs_and_removes_stale_results(tmp_path):
     d.mkdir(parents=True)
     (d / layout.OUTPUT_FILE).write_text("{}")
     (d / layout.STATUS_FILE).write_bytes(b"old")
-    (d / layout.STDOUT_FILE).write_text("kept")
+    (d / layout.STDOUT_FILE).write_text("an earlier try's")
+    (d / layout.STDERR_FILE).write_text("an earlier try's")
     launch.stage(d, assign())
     assert json.loads((d / layout.INPUTS_FILE).read_text()) == {
         "params": {"lr": "0.1"},
         "tasks": {"prep": {"rows": 5}, "empty": None},
     }
     assert not (d / layout.OUTPUT_FILE).exists() and not (d / layout.STATUS_FILE).exists()
-    assert (d / layout.STDOUT_FILE).read_text() == "kept"
-    launch.stage(tmp_path / "new" / "dir", assign())  # creates the directory
-    assert (tmp_path / "new" / "dir" / layout.INPUTS_FILE).exists()
+    # Logs are created by a try's first output: an earlier try's must not pass for this one's.
+    assert not (d / layout.STDOUT_FILE).exists() and not (d / layout.STDERR_FILE).exists()
+    # A new run, a new task of an existing run, and a new attempt of an existing task.
+    for new in (("r2", "a", "1"), ("r2", "b", "1"), ("r2", "b", "2")):
+        launch.stage(tmp_path.joinpath(*new), assign())
+        assert tmp_path.joinpath(*new, layout.INPUTS_FILE).exists()
 
 
 @pytest.mark.parametrize(
