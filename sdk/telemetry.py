@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
 # Ids the next span started in this context must have (see fixed_span_ids).
@@ -114,21 +116,17 @@ def traceparent_of(span: trace.Span) -> str:
 
 def parse_traceparent(traceparent: str) -> trace.SpanContext | None:
     """The remote span context a ``traceparent`` names; None when it names none."""
-    parts = traceparent.split("-")
-    if len(parts) == 4 and parts[0] == "00" and len(parts[1]) == 32 and len(parts[2]) == 16:
-        # The common version-00 form, parsed without building a context.
-        try:
-            trace_id, span_id = int(parts[1], 16), int(parts[2], 16)
-            flags = int(parts[3], 16) if len(parts[3]) == 2 else -1
-        except ValueError:
-            return None
-        if not trace_id or not span_id or flags < 0:
-            return None
-        return trace.SpanContext(
-            trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(flags)
-        )
-    ctx = trace.get_current_span(context_from_traceparent(traceparent)).get_span_context()
-    return ctx if ctx.is_valid else None
+    m = _TRACEPARENT_00.fullmatch(traceparent)
+    if m is None:  # another version, or not a traceparent: the propagator decides
+        ctx = trace.get_current_span(context_from_traceparent(traceparent)).get_span_context()
+        return ctx if ctx.is_valid else None
+    # The common version-00 form, parsed without building a context.
+    trace_id, span_id = int(m[1], 16), int(m[2], 16)
+    if not trace_id or not span_id:
+        return None
+    return trace.SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(int(m[3], 16))
+    )
 
 
 def current_traceparent() -> str:
