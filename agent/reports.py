@@ -4,13 +4,17 @@ A final report is kept until the controller acknowledges it, so that a result su
 broken stream or a controller restart: the agent sends every pending report again when it
 registers (``Register.pending_reports``) and before each heartbeat. A copy is written beside
 the attempt's files (``status.pb``) for a restarted agent, which finds it when it recovers
-the ended attempt. Only once acknowledged is the attempt removed from the runtime (its
-container deleted): until then the runtime's record is what a restarted agent recovers.
+the ended attempt; the copy is removed once acknowledged, so that a ``status.pb`` on disk is
+always a report the controller may not have. Only once acknowledged is the attempt removed
+from the runtime (its container deleted): until then the runtime's record is what a
+restarted agent recovers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from pathlib import Path
 
 from tether.agent import layout
@@ -42,6 +46,8 @@ class Reports:
         self.unacked: dict[Key, agent_pb2.TaskStatus] = {}
         # Ended attempts whose reports are not acknowledged yet: removed from the runtime on ack.
         self.ended: dict[Key, TaskHandle] = {}
+        # Where each unacknowledged report was written (removed on ack).
+        self._files: dict[Key, str] = {}
         self._background: set[asyncio.Task] = set()
 
     def __contains__(self, key: Key) -> bool:
@@ -58,8 +64,10 @@ class Reports:
     def keep(self, status: agent_pb2.TaskStatus, handle: TaskHandle | None, d: Path) -> None:
         """Keep a final report until acknowledged, in memory and in ``d`` when it exists."""
         key = key_of(status.ref)
+        path = f"{d}/{layout.STATUS_FILE}"
         try:
-            write_file(f"{d}/{layout.STATUS_FILE}", status.SerializeToString())
+            write_file(path, status.SerializeToString())
+            self._files[key] = path
         except FileNotFoundError:
             pass  # never staged (refused, say): nothing on disk to recover it from
         except OSError as e:
@@ -72,8 +80,10 @@ class Reports:
         """The controller has the report: forget it, remove the attempt from the runtime."""
         key = key_of(ref)
         self.unacked.pop(key, None)
+        self._unlink(key)
         handle = self.ended.pop(key, None)
-        if handle is not None:
+        # A handle with nothing to remove (``needs_remove`` false) costs no task.
+        if handle is not None and getattr(handle, "needs_remove", True):
             task = asyncio.create_task(_remove(key, handle), name=f"remove {key}")
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -90,7 +100,14 @@ class Reports:
             handle = self.ended.get(key)
             if report and handle and report.state == t.TaskState.TASK_STATE_CANCELLED:
                 del self.ended[key]
+                self._unlink(key)
                 await _remove(key, handle)
+
+    def _unlink(self, key: Key) -> None:
+        path = self._files.pop(key, None)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most ``timeout`` seconds) for removals under way."""

@@ -66,7 +66,11 @@ class ExitStatus:
 
 
 class TaskHandle(Protocol):
-    """A started attempt."""
+    """A started attempt.
+
+    A handle may set ``needs_remove = False`` when :meth:`remove` has nothing to do: the
+    runner then does not call it (one task fewer per attempt).
+    """
 
     async def wait(self) -> ExitStatus:
         """Wait for the attempt to end and its output to be in its log files.
