@@ -257,11 +257,16 @@ class Agent:
         outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
         outbox.put_nowait(agent_pb2.AgentMessage(register=self._register(cert)))
 
+        linger = self.config.report_linger
+
         async def requests():
             while True:
                 msg = await outbox.get()
                 if msg is None:
                     return
+                if self._peer_batches and linger and msg.HasField("status"):
+                    # Final reports of attempts that end just after this one join its batch.
+                    await asyncio.sleep(linger)
                 if not self._peer_batches or outbox.empty():
                     yield msg
                     continue
