@@ -1,5 +1,6 @@
-"""A local mesh for benchmarks: etcd (fsync on, as in production), a controller in this process,
-agents as subprocesses with the process runtime; and etcd's raw transaction rate as a baseline."""
+"""A local mesh for benchmarks: etcd (fsync on, as in production), a controller in this process
+(with the garbage collection settings of `tether controller`), agents as subprocesses with the
+process runtime; and etcd's raw transaction rate as a baseline."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from etcd3aio import Etcd3Client
 from etcd3aio._protobuf import RequestOp, rpc_pb2
 
+from tether.controller.cli import tune_gc
 from tether.controller.config import ControllerConfig
 from tether.controller.etcd_process import EtcdProcess
 from tether.controller.server import ControllerServer
@@ -57,6 +59,7 @@ async def local_mesh(
     try:
         baseline = await etcd_baseline(etcd.endpoint)
         await server.start()
+        tune_gc()  # as `tether controller` does
         # BENCH_AGENT_PROFILE=DIR: each agent writes a cProfile to DIR/agent-I.prof at exit.
         profile_dir = os.environ.get("BENCH_AGENT_PROFILE")
         for i in range(agents):
