@@ -45,6 +45,8 @@ TAIL_BYTES = LOG_TAIL_BYTES
 # for this try's: its output, its final report, and its logs (a runtime creates the logs by
 # the first output, so an earlier try's log must not pass for this one's).
 _STALE = (layout.OUTPUT_FILE, layout.STATUS_FILE, layout.STDOUT_FILE, layout.STDERR_FILE)
+# inputs.json of a task with no params and no upstream outputs.
+_NO_INPUTS = json.dumps({"params": {}, "tasks": {}}).encode()
 # What a secret's value becomes in the log tails an attempt reports.
 REDACTED = "[secret]"
 
@@ -70,21 +72,27 @@ def stage(d: Path, a: agent_pb2.AssignTask) -> None:
     has nothing stale, and costs no look-ups for it.
     """
     path = str(d)
-    try:
-        os.mkdir(path)
-    except FileNotFoundError:  # a new task (or run)
+    if a.ref.attempt == 1:
+        # Most attempts are a task's first: its directory is new too (in an existing run's).
         try:
-            os.mkdir(os.path.dirname(path))  # the task's directory, in an existing run's
+            os.mkdir(os.path.dirname(path))
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         except FileExistsError:
             pass
+    try:
         os.mkdir(path)
+    except FileNotFoundError:  # a later attempt of a task this node never ran
+        os.makedirs(path, exist_ok=True)
     except FileExistsError:
         for stale in _STALE:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{path}/{stale}")
-    write_file(f"{path}/{layout.INPUTS_FILE}", json.dumps(inputs_of(a)).encode())
+    if a.params or a.upstream_outputs:
+        inputs = json.dumps(inputs_of(a)).encode()
+    else:
+        inputs = _NO_INPUTS
+    write_file(f"{path}/{layout.INPUTS_FILE}", inputs)
 
 
 def write_file(path: str, data: bytes) -> None:

@@ -139,9 +139,12 @@ async def supervise(
         if timer is not None:
             timer.cancel()
     status.stdout_tail = ""
+    printed = True
     if wait.done():
+        result = wait.result()
+        printed = result.printed
         with phase("outputs"):
-            _ended(wait.result(), status, d)
+            _ended(result, status, d)
     else:
         cancelled = att.cancelled.is_set()
         await att.handle.stop(att.cancel_grace if cancelled else stop_grace)
@@ -159,8 +162,9 @@ async def supervise(
                 f"killed after {time.monotonic() - started:.1f}s (timeout {timeout:g}s)"
             )
     status.finished_at.CopyFrom(now())
-    status.stdout_tail = tail(f"{d}/{layout.STDOUT_FILE}")
-    status.stderr_tail = tail(f"{d}/{layout.STDERR_FILE}")
+    if printed:
+        status.stdout_tail = tail(f"{d}/{layout.STDOUT_FILE}")
+        status.stderr_tail = tail(f"{d}/{layout.STDERR_FILE}")
 
 
 def _ended(result: ExitStatus, status: agent_pb2.TaskStatus, d: Path) -> None:

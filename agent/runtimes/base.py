@@ -63,6 +63,9 @@ class ExitStatus:
     exit_code: int
     reason: str = ""
     message: str = ""
+    # False when the runtime knows the attempt wrote nothing to stdout or stderr (its log
+    # files were never created): no tails to read.
+    printed: bool = True
 
 
 class TaskHandle(Protocol):

@@ -67,6 +67,11 @@ class CappedLog:
         self._file.write(data)
         self.written += len(data)
 
+    @property
+    def created(self) -> bool:
+        """Whether the file was created (by a write), however it ended."""
+        return self._file is not None
+
     def close(self) -> None:
         """Close the file; later writes are dropped. Idempotent."""
         self._closed = True

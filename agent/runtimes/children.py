@@ -12,6 +12,7 @@ bookkeeping. Without pidfds an exit falls back to a waiting thread.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import select
 from collections.abc import Callable
@@ -128,10 +129,11 @@ class PipeCopies:
     ) -> None:
         self._watch = watch
         self._open = dict(pairs)
+        self._logs = [log for _, log in pairs]
         self._on_error = on_error
         self.done: asyncio.Future = watch.loop.create_future()
         for fd in self._open:
-            os.set_blocking(fd, False)
+            fcntl.fcntl(fd, fcntl.F_SETFL, os.O_NONBLOCK)  # a read end has no other flags
             watch.add(fd, lambda fd=fd: self._readable(fd))
         if not self._open:
             self.done.set_result(None)
@@ -176,6 +178,11 @@ class PipeCopies:
         log.close()
         if not self._open and not self.done.done():
             self.done.set_result(None)
+
+    @property
+    def printed(self) -> bool:
+        """Whether any output reached a log (else no log file was created)."""
+        return any(log.created for log in self._logs)
 
     def close(self) -> None:
         """Stop copying: close every fd and log still open. Idempotent."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -98,7 +99,10 @@ class _ProcessHandle:
     async def wait(self) -> ExitStatus:
         code = await asyncio.shield(self._exited)
         await self._drain()
-        return _exit_status(code)
+        status = _exit_status(code)
+        if self._copies is not None and not self._copies.printed:
+            status = dataclasses.replace(status, printed=False)
+        return status
 
     async def _drain(self) -> None:
         if self._copies is None:  # leave_running: the task writes its log files itself

@@ -161,7 +161,14 @@ def test_secret_reaches_the_task_and_nothing_else(etcd, prefix, tmp_path, key_fi
     assert [p.relative_to(tmp_path / "agents").as_posix() for p in stdout_logs] == [
         f"n1/{run.id}/call/1/stdout.log"
     ]
-    assert len(files) >= 8  # inputs, logs and reports of both attempts were looked at
+    # The inputs and logs of both attempts were looked at (their final reports are removed
+    # once acknowledged).
+    looked_at = {p.relative_to(tmp_path / "agents").as_posix() for p in files}
+    assert {
+        f"n1/{run.id}/{task}/1/{name}"
+        for task in ("call", "after")
+        for name in ("inputs.json", "stdout.log")
+    } <= looked_at
 
 
 def test_missing_secret_is_refused_at_submit_naming_the_field(smesh, etcd, prefix, tmp_path):
