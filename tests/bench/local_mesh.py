@@ -41,14 +41,20 @@ async def etcd_baseline(endpoint: str, n: int = 4000, concurrency: int = 16) -> 
 
 @contextlib.asynccontextmanager
 async def local_mesh(
-    agents: int, slots: int, pids: list[int] | None = None, etcd_pids: list[int] | None = None
+    agents: int,
+    slots: int,
+    pids: list[int] | None = None,
+    etcd_pids: list[int] | None = None,
+    agents_dir: str | None = None,
 ) -> AsyncIterator[tuple[ControllerServer, float]]:
     """Yield a started controller with ``agents`` registered, and the etcd baseline (txn/s).
 
     ``pids``, when given, receives the agents' process ids (to read their CPU time), and
-    ``etcd_pids`` etcd's.
+    ``etcd_pids`` etcd's. ``agents_dir``: where the agents' work dirs go (default: beside
+    etcd's data, in the system's temporary directory).
     """
     tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    agents_root = Path(tempfile.mkdtemp(prefix="tether-bench-", dir=agents_dir or tmp))
     etcd = EtcdProcess(tmp / "etcd").start()
     if etcd_pids is not None:
         etcd_pids.append(etcd.proc.pid)
@@ -78,7 +84,7 @@ async def local_mesh(
                         "--name",
                         f"bench-{i}",
                         "--work-dir",
-                        str(tmp / f"agent-{i}"),
+                        str(agents_root / f"agent-{i}"),
                         "--max-tasks",
                         str(slots),
                         "--log-level",

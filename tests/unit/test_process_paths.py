@@ -50,3 +50,29 @@ def test_the_program_is_found_in_the_tasks_path_and_again_once_it_moved(tmp_path
     (first / "tether-test-prog").unlink()
     _program(second, "two")
     assert _run(runtime, tmp_path, path, 2) == "two\n"
+
+
+def test_the_environment_is_the_agents_with_the_tasks_on_top(tmp_path, monkeypatch):
+    monkeypatch.setenv("TETHER_TEST_AGENT_VAR", "agent")
+    monkeypatch.setenv("TETHER_TEST_SHARED", "agent")
+    runtime = ProcessRuntime(AgentConfig(node="n1", work_dir=tmp_path))
+
+    def env_of(extra: dict[str, str]) -> dict[bytes, bytes]:
+        items = runtime._env(extra)
+        keys = [i.partition(b"=")[0] for i in items]
+        assert len(keys) == len(set(keys)), "a variable given twice"
+        return dict(i.partition(b"=")[::2] for i in items)
+
+    for _ in range(2):  # names seen before take the cached path
+        env = env_of({"TETHER_RUN_ID": "r1", "X": "é"})
+        assert env[b"TETHER_RUN_ID"] == b"r1" and env[b"X"] == "é".encode()
+        assert env[b"TETHER_TEST_AGENT_VAR"] == env[b"TETHER_TEST_SHARED"] == b"agent"
+        env = env_of({"TETHER_TEST_SHARED": "task", "Y": "1"})  # the task's value wins
+        assert env[b"TETHER_TEST_SHARED"] == b"task" and env[b"Y"] == b"1"
+        assert env[b"TETHER_TEST_AGENT_VAR"] == b"agent"
+    try:
+        runtime._env({"A=B": "1"})
+    except ValueError as e:
+        assert "A=B" in str(e)
+    else:
+        raise AssertionError("a name with '=' was accepted")
