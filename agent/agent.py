@@ -264,8 +264,8 @@ class Agent:
                 msg = await outbox.get()
                 if msg is None:
                     return
-                if self._peer_batches and linger and msg.HasField("status"):
-                    # Final reports of attempts that end just after this one join its batch.
+                if self._peer_batches and linger and outbox.empty() and msg.HasField("status"):
+                    # Reports of attempts that end just after this one join its batch.
                     await asyncio.sleep(linger)
                 if not self._peer_batches or outbox.empty():
                     yield msg

@@ -33,6 +33,9 @@ async def run_agent(config: AgentConfig) -> None:
     The first signal drains the node (``config.drain_grace``; see :meth:`Agent.drain`), a
     second one, or the end of the drain, stops what still runs and exits.
     """
+    # An ignored SIGCHLD (inherited across exec) has the kernel reap tasks itself, and
+    # their exit codes are lost: the agent waits for its children.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     agent = Agent(config)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()

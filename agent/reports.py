@@ -72,6 +72,8 @@ class Reports:
             pass  # never staged (refused, say): nothing on disk to recover it from
         except OSError as e:
             log.warning("cannot keep the final report", attempt=key, error=str(e))
+            with contextlib.suppress(OSError):  # a part of it would pass for a report
+                os.unlink(path)
         self.unacked[key] = status
         if handle is not None:
             self.ended[key] = handle

@@ -116,6 +116,8 @@ def traceparent_of(span: trace.Span) -> str:
 
 def parse_traceparent(traceparent: str) -> trace.SpanContext | None:
     """The remote span context a ``traceparent`` names; None when it names none."""
+    if not traceparent:
+        return None
     m = _TRACEPARENT_00.fullmatch(traceparent)
     if m is None:  # another version, or not a traceparent: the propagator decides
         ctx = trace.get_current_span(context_from_traceparent(traceparent)).get_span_context()

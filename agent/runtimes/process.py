@@ -34,6 +34,7 @@ from tether.agent.runtimes.capped_log import CappedLog
 from tether.agent.runtimes.children import FdWatch, PipeCopies, exit_of
 from tether.agent.runtimes.reaper import alive, start_ticks
 from tether.agent.runtimes.spawn import Child, spawn
+from tether.api.v1 import agent_pb2
 from tether.sdk.telemetry import get_logger
 
 __all__ = ["ProcessRuntime"]
@@ -250,6 +251,9 @@ class ProcessRuntime:
 
     async def close(self) -> None:
         """Let the reaper go (the agent is stopping and has stopped its tasks)."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         self._flush_reaper()
         if self._reaper is not None and self._reaper.stdin is not None:
             self._reaper.stdin.close()
@@ -258,6 +262,8 @@ class ProcessRuntime:
 
     def _fd_watch(self) -> FdWatch:
         if self._watch is None or self._watch.loop is not asyncio.get_running_loop():
+            if self._watch is not None and not self._watch.loop.is_closed():
+                self._watch.close()
             self._watch = FdWatch()
         return self._watch
 
@@ -415,11 +421,17 @@ class ProcessRuntime:
             d = path.parent
             if d in recorded:
                 continue
-            run, task, attempt = d.relative_to(work_dir).parts
+            ref = _report_of(path, work_dir)
+            if ref is None:
+                # Cut short (the agent died while writing it) or not this attempt's: no
+                # result to send; the controller runs the attempt again as lost.
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
             labels = {
-                layout.RUN_LABEL: run,
-                layout.TASK_LABEL: task,
-                layout.ATTEMPT_LABEL: attempt,
+                layout.RUN_LABEL: ref.run_id,
+                layout.TASK_LABEL: ref.task,
+                layout.ATTEMPT_LABEL: str(ref.attempt),
             }
             # Its task died with its agent after the report was written: the report is the
             # result (pid 0 is never alive).
@@ -434,6 +446,7 @@ class ProcessRuntime:
         agent that kept acknowledged ones, and are removed."""
         if self._marked:
             return
+        self._marked = True  # once per runtime: later scans would take its own reports
         work_dir = self.config.work_dir
         marker = work_dir / REPORTS_MARKER
         if not marker.exists():
@@ -441,13 +454,12 @@ class ProcessRuntime:
                 if not (path.parent / PROCESS_FILE).exists():
                     with contextlib.suppress(OSError):
                         path.unlink()
-            try:
-                work_dir.mkdir(parents=True, exist_ok=True)
-                marker.touch()
-            except OSError as e:
-                log.warning("cannot mark the work dir", path=str(marker), error=str(e))
-                return
-        self._marked = True
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            # Touched at every start, so that a cleaner of old files in /tmp leaves it be.
+            marker.touch()
+        except OSError as e:
+            log.warning("cannot mark the work dir", path=str(marker), error=str(e))
 
     def _recover_recorded(self) -> list[RecoveredTask]:
         found = []
@@ -475,6 +487,21 @@ class ProcessRuntime:
                 )
             )
         return found
+
+
+def _report_of(path: Path, work_dir: Path) -> agent_pb2.AttemptRef | None:
+    """The attempt whose final report ``path`` holds, when it is that of the attempt
+    directory it is in; None when it is unreadable, cut short or another's."""
+    try:
+        ref = agent_pb2.TaskStatus.FromString(path.read_bytes()).ref
+    except (OSError, ValueError):
+        return None
+    if (
+        not ref.run_id
+        or layout.attempt_dir(work_dir, ref.run_id, ref.task, ref.attempt) != path.parent.absolute()
+    ):
+        return None
+    return ref
 
 
 def _close_all(pipes: list[tuple[int, int]], logs: list[CappedLog]) -> None:

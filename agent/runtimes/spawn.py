@@ -6,8 +6,8 @@ checks its arguments, keeps a lock and finalizer per object. :func:`spawn` makes
 ``_posixsubprocess.fork_exec`` call Popen makes (vfork and exec, a new session, stdin/out/err
 from the given fds, every other fd closed) from an environment already encoded, and reports
 a failed exec or chdir as the same ``OSError`` Popen raises. ``fork_exec`` is CPython's
-private helper: its signature is known for 3.11 to 3.13, and on any other version (or if the
-call is refused) :func:`spawn` falls back to Popen, which is slower but the same to a task.
+private helper: its signature is known for 3.11 to 3.13, and on any other version
+:func:`spawn` uses Popen, which is slower but the same to a task.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ class Child:
             return self.returncode
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:  # reaped elsewhere: its code is lost
-            self.returncode = 255
+        except ChildProcessError:
+            # Reaped elsewhere (SIGCHLD ignored): its code is lost, and Popen says 0.
+            self.returncode = 0
             return self.returncode
         return self._reaped(status) if pid == self.pid else None
 
@@ -73,7 +74,7 @@ class Child:
         try:
             _, status = os.waitpid(self.pid, 0)
         except ChildProcessError:
-            self.returncode = 255
+            self.returncode = 0  # as poll()
             return self.returncode
         return self._reaped(status)
 
@@ -155,8 +156,14 @@ def _child_error(data: bytes, executable: str, cwd: str) -> Exception:
         cls = subprocess.SubprocessError
     if issubclass(cls, OSError) and hex_errno:
         errno_num = int(hex_errno, 16)
-        # "noexec": the child failed before exec, which is chdir(cwd).
-        filename = cwd if text == "noexec" else executable
+        # The child failed before exec: in chdir(cwd) ("noexec" up to 3.12, "noexec:chdir"
+        # from 3.13, where a bare "noexec" names no file).
+        if text == "noexec:chdir" or (text == "noexec" and sys.version_info < (3, 13)):
+            filename: str | None = cwd
+        elif text == "noexec":
+            filename = None
+        else:
+            filename = executable
         return cls(errno_num, os.strerror(errno_num) if errno_num else "", filename)
     return cls(text)
 

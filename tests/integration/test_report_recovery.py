@@ -108,3 +108,28 @@ def test_reports_an_older_agent_left_after_their_ack_are_not_sent_again(tmp_path
         await runtime.close()
 
     asyncio.run(go())
+
+
+def test_a_report_cut_short_or_not_the_attempts_own_is_removed_not_sent(tmp_path):
+    async def go():
+        runner, runtime, _ = _agent(tmp_path)
+        assert await runner.recover() == 0  # marks the work dir
+        await runtime.close()
+        cut = layout.attempt_dir(tmp_path, "run1", "cut", 1)
+        cut.mkdir(parents=True)
+        (cut / layout.STATUS_FILE).write_bytes(b"")  # the agent died while writing it
+        other = layout.attempt_dir(tmp_path, "run1", "other", 1)
+        other.mkdir(parents=True)
+        wrong = agent_pb2.TaskStatus(
+            ref=agent_pb2.AttemptRef(run_id="run1", task="elsewhere", attempt=1),
+            state=S.TASK_STATE_SUCCEEDED,
+        )
+        (other / layout.STATUS_FILE).write_bytes(wrong.SerializeToString())
+
+        runner2, runtime2, reports2 = _agent(tmp_path)
+        assert await runner2.recover() == 0 and reports2 == []
+        assert not (cut / layout.STATUS_FILE).exists()
+        assert not (other / layout.STATUS_FILE).exists()
+        await runtime2.close()
+
+    asyncio.run(go())

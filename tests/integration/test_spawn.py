@@ -82,3 +82,9 @@ def test_a_nul_byte_is_a_value_error_and_leaves_no_open_fds(mode, tmp_path):
         with pytest.raises(FileNotFoundError):
             _run(["/nonexistent/prog"], tmp_path)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_child_reaped_elsewhere_reads_as_popen_reads_it(mode, tmp_path):
+    child = _run(["/bin/true"], tmp_path)
+    os.waitpid(child.pid, 0)  # as the kernel does with SIGCHLD ignored
+    assert child.poll() == 0 and child.wait() == 0

@@ -44,3 +44,8 @@ def test_format_round_trips_and_is_empty_for_an_invalid_span():
     value = f"00-{TRACE}-{SPAN}-01"
     assert traceparent_of(trace.NonRecordingSpan(parse_traceparent(value))) == value
     assert traceparent_of(trace.INVALID_SPAN) == ""
+
+
+def test_an_empty_traceparent_names_no_span_even_inside_one():
+    with trace.use_span(trace.NonRecordingSpan(parse_traceparent(f"00-{TRACE}-{SPAN}-01"))):
+        assert parse_traceparent("") is None
