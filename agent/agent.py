@@ -264,8 +264,9 @@ class Agent:
                 msg = await outbox.get()
                 if msg is None:
                     return
-                if self._peer_batches and linger and outbox.empty() and msg.HasField("status"):
-                    # Reports of attempts that end just after this one join its batch.
+                if self._peer_batches and linger and msg.HasField("status"):
+                    # Reports of attempts that end just after this one join its batch (even
+                    # with others queued already: the batch is what saves both ends CPU).
                     await asyncio.sleep(linger)
                 if not self._peer_batches or outbox.empty():
                     yield msg
