@@ -33,7 +33,7 @@ from tether.agent.runtimes.base import ExitStatus, LaunchSpec, RecoveredTask, Ru
 from tether.agent.runtimes.capped_log import CappedLog
 from tether.agent.runtimes.children import FdWatch, PipeCopies, exit_of
 from tether.agent.runtimes.reaper import alive, start_ticks
-from tether.agent.runtimes.spawn import Child, spawn
+from tether.agent.runtimes.spawn import Child, popen_child, spawn
 from tether.api.v1 import agent_pb2
 from tether.sdk.telemetry import get_logger
 
@@ -320,13 +320,7 @@ class ProcessRuntime:
                     raise
                 # Moved or replaced since it was found: the full search decides, and says why.
                 self._resolved.clear()
-        proc = subprocess.Popen(
-            command,
-            env=dict(item.split(b"=", 1) for item in env),
-            start_new_session=True,
-            **kwargs,
-        )
-        return Child(proc.pid, proc)
+        return popen_child(command, None, env, **kwargs)
 
     async def start(self, spec: LaunchSpec) -> _ProcessHandle:
         self._mark_work_dir()

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-__all__ = ["Child", "spawn"]
+__all__ = ["Child", "popen_child", "spawn"]
 
 try:
     from _posixsubprocess import fork_exec as _fork_exec
@@ -101,7 +101,9 @@ def spawn(
         ValueError: A NUL byte in an argument or the environment.
     """
     if not _FAST:
-        return _popen(args, executable, env, cwd, stdin, stdout, stderr)
+        return popen_child(
+            args, executable, env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr
+        )
     errpipe_read, errpipe_write = os.pipe()
     try:
         try:
@@ -168,15 +170,18 @@ def _child_error(data: bytes, executable: str, cwd: str) -> Exception:
     return cls(text)
 
 
-def _popen(
+def popen_child(
     args: Sequence[str],
-    executable: str,
+    executable: str | None,
     env: list[bytes],
+    *,
     cwd: str,
     stdin: int,
     stdout: int,
     stderr: int,
 ) -> Child:
+    """:func:`spawn` through ``subprocess.Popen``; ``executable`` None searches the PATH of
+    ``env`` for ``args[0]``, as Popen does."""
     environ = dict(item.split(b"=", 1) for item in env)
     proc = subprocess.Popen(
         list(args),

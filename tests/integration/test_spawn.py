@@ -18,7 +18,7 @@ ENV = [b"PATH=/usr/bin:/bin", b"TETHER_X=1"]
 @pytest.fixture(params=["fork_exec", "popen"])
 def mode(request, monkeypatch):
     if request.param == "popen":
-        monkeypatch.setattr(spawn_mod, "_FAST", False)
+        monkeypatch.setattr(spawn_mod, "_FAST", False)  # through popen_child
     elif not spawn_mod._FAST:
         pytest.skip(f"fork_exec is not used on Python {sys.version_info[:2]}")
     return request.param
