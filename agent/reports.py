@@ -8,6 +8,14 @@ the ended attempt; the copy is removed once acknowledged, so that a ``status.pb`
 always a report the controller may not have. Only once acknowledged is the attempt removed
 from the runtime (its container deleted): until then the runtime's record is what a
 restarted agent recovers.
+
+The copy is written only for a report still unacknowledged :data:`PERSIST_AFTER` after it was
+kept, and for every one left when the agent stops: the controller acknowledges most within a
+few milliseconds, and creating and removing a file for each was a tenth of the agent's work
+per attempt. A crash of the agent within that window loses nothing a runtime would keep: the
+process runtime's tasks die with their agent and are run again as lost, as those still
+running then are; tasks left running (``--leave-running``, containers) keep their own record
+(exit code file, container), from which a restarted agent reports them.
 """
 
 from __future__ import annotations
@@ -25,7 +33,10 @@ from tether.api.v1 import agent_pb2
 from tether.api.v1 import types_pb2 as t
 from tether.sdk.telemetry import get_logger
 
-__all__ = ["Reports", "saved_status"]
+__all__ = ["PERSIST_AFTER", "Reports", "saved_status"]
+
+# Seconds a final report may stay unacknowledged before its copy is written to disk.
+PERSIST_AFTER = 0.2
 
 log = get_logger("agent.runner")
 
@@ -42,12 +53,16 @@ def saved_status(d: Path, ref: agent_pb2.AttemptRef) -> agent_pb2.TaskStatus | N
 class Reports:
     """The unacknowledged final reports and the runtime handles of their ended attempts."""
 
-    def __init__(self) -> None:
+    def __init__(self, persist_after: float = PERSIST_AFTER) -> None:
+        self.persist_after = persist_after
         self.unacked: dict[Key, agent_pb2.TaskStatus] = {}
         # Ended attempts whose reports are not acknowledged yet: removed from the runtime on ack.
         self.ended: dict[Key, TaskHandle] = {}
         # Where each unacknowledged report was written (removed on ack).
         self._files: dict[Key, str] = {}
+        # Reports not written yet, with where they go, and the timer that writes them.
+        self._unwritten: dict[Key, tuple[agent_pb2.TaskStatus, str]] = {}
+        self._timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task] = set()
 
     def __contains__(self, key: Key) -> bool:
@@ -61,27 +76,59 @@ class Reports:
         """Every final report to send (again) to the controller."""
         return list(self.unacked.values())
 
-    def keep(self, status: agent_pb2.TaskStatus, handle: TaskHandle | None, d: Path) -> None:
-        """Keep a final report until acknowledged, in memory and in ``d`` when it exists."""
+    def keep(
+        self,
+        status: agent_pb2.TaskStatus,
+        handle: TaskHandle | None,
+        d: Path,
+        on_disk: bool = False,
+    ) -> None:
+        """Keep a final report until acknowledged: in memory, and in ``d`` (when it exists)
+        once unacknowledged for :attr:`persist_after` seconds.
+
+        ``on_disk``: the report was read from ``d`` (a previous agent's), to be removed on
+        acknowledgement like one written here.
+        """
         key = key_of(status.ref)
-        path = f"{d}/{layout.STATUS_FILE}"
-        try:
-            write_file(path, status.SerializeToString())
-            self._files[key] = path
-        except FileNotFoundError:
-            pass  # never staged (refused, say): nothing on disk to recover it from
-        except OSError as e:
-            log.warning("cannot keep the final report", attempt=key, error=str(e))
-            with contextlib.suppress(OSError):  # a part of it would pass for a report
-                os.unlink(path)
         self.unacked[key] = status
         if handle is not None:
             self.ended[key] = handle
+        path = f"{d}/{layout.STATUS_FILE}"
+        if on_disk:
+            self._files[key] = path
+            return
+        self._unwritten[key] = (status, path)
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop to wait on: now
+                self.persist()
+                return
+            self._timer = loop.call_later(self.persist_after, self.persist)
+
+    def persist(self) -> None:
+        """Write every kept report not written yet (the agent is stopping, or they waited
+        long enough for an acknowledgement)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        unwritten, self._unwritten = self._unwritten, {}
+        for key, (status, path) in unwritten.items():
+            try:
+                write_file(path, status.SerializeToString())
+                self._files[key] = path
+            except FileNotFoundError:
+                pass  # never staged (refused, say): nothing on disk to recover it from
+            except OSError as e:
+                log.warning("cannot keep the final report", attempt=key, error=str(e))
+                with contextlib.suppress(OSError):  # a part of it would pass for a report
+                    os.unlink(path)
 
     def ack(self, ref: agent_pb2.AttemptRef) -> None:
         """The controller has the report: forget it, remove the attempt from the runtime."""
         key = key_of(ref)
         self.unacked.pop(key, None)
+        self._unwritten.pop(key, None)
         self._unlink(key)
         handle = self.ended.pop(key, None)
         # A handle with nothing to remove (``needs_remove`` false) costs no task.
@@ -102,6 +149,7 @@ class Reports:
             handle = self.ended.get(key)
             if report and handle and report.state == t.TaskState.TASK_STATE_CANCELLED:
                 del self.ended[key]
+                self._unwritten.pop(key, None)
                 self._unlink(key)
                 await _remove(key, handle)
 

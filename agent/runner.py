@@ -183,6 +183,7 @@ class Runner:
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
             self.attempts.clear()
+            self.reports.persist()
             return
         stopping = set(self.attempts)
         for att in self.attempts.values():
@@ -190,6 +191,7 @@ class Runner:
         if tasks:
             await asyncio.wait(tasks, timeout=grace + 5)
         await self.reports.forget_cancelled(stopping)
+        self.reports.persist()  # for the next agent on this node
         await self.reports.drain(timeout=5)
 
     async def recover(self) -> int:
@@ -242,7 +244,7 @@ class Runner:
         saved = saved_status(d, f.ref) if not f.task.running else None
         if saved is not None:
             # The previous agent had finished this attempt; only its report was not acked.
-            self._conclude(att, saved, d)
+            self._conclude(att, saved, d, on_disk=True)
             return
         status = f.initial_status()
         await self._traced(
@@ -299,10 +301,13 @@ class Runner:
             _end_span(span, status)
         self._conclude(att, status, self._dir(ref, att))
 
-    def _conclude(self, att: Attempt, status: agent_pb2.TaskStatus, d: Path) -> None:
-        """Keep the final report until acknowledged, then send it."""
+    def _conclude(
+        self, att: Attempt, status: agent_pb2.TaskStatus, d: Path, on_disk: bool = False
+    ) -> None:
+        """Keep the final report until acknowledged, then send it (``on_disk``: read from
+        ``d``, kept there by a previous agent)."""
         self._count(status)
-        self.reports.keep(status, att.handle, d)
+        self.reports.keep(status, att.handle, d, on_disk)
         self.attempts.pop(key_of(att.ref), None)
         self.report(status)
 

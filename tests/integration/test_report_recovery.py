@@ -16,12 +16,13 @@ from tether.agent.runtimes.process import PROCESS_FILE, REPORTS_MARKER, ProcessR
 from tether.api.v1 import agent_pb2
 
 
-def _agent(work_dir):
+def _agent(work_dir, persist_after: float = 0.05):
     """A runner as a (re)started agent has it: recovered before its first assignment."""
     reports: list[agent_pb2.TaskStatus] = []
     config = AgentConfig(node="n1", work_dir=work_dir)
     runtime = ProcessRuntime(config)
     runner = Runner(config, runtime, trace.get_tracer("test"), reports.append)
+    runner.reports.persist_after = persist_after
     return runner, runtime, reports
 
 
@@ -53,6 +54,7 @@ def test_an_unacknowledged_report_is_sent_again_by_the_next_agent_and_an_acked_o
         assert done["kept"].outputs_json.strip() == '{"n": 7}'
         runner.ack(done["acked"].ref)
         await runner.reports.drain(5)
+        await asyncio.sleep(0.2)  # past persist_after: the unacknowledged report is written
         d = layout.attempt_dir(tmp_path, "run1", "kept", 1)
         # No process record for a task that dies with its agent; the report until acked.
         assert not (d / PROCESS_FILE).exists() and (d / layout.STATUS_FILE).exists()
@@ -130,6 +132,43 @@ def test_a_report_cut_short_or_not_the_attempts_own_is_removed_not_sent(tmp_path
         assert await runner2.recover() == 0 and reports2 == []
         assert not (cut / layout.STATUS_FILE).exists()
         assert not (other / layout.STATUS_FILE).exists()
+        await runtime2.close()
+
+    asyncio.run(go())
+
+
+def test_a_report_is_written_only_once_unacknowledged_for_a_while_or_when_the_agent_stops(
+    tmp_path,
+):
+    async def go():
+        runner, runtime, reports = _agent(tmp_path, persist_after=30)
+        assert await runner.recover() == 0
+        for task in ("quick", "slow", "at-stop"):
+            runner.assign(_assign(task))
+        done = {r.ref.task: r for r in await _finished(runner, reports, 3)}
+        status = {t: layout.attempt_dir(tmp_path, "run1", t, 1) / layout.STATUS_FILE for t in done}
+        # Acknowledged within persist_after: never written, nothing to remove.
+        runner.ack(done["quick"].ref)
+        assert not any(p.exists() for p in status.values())
+        runner.reports.persist_after = 0.05  # only timers started from now on
+        runner.reports.persist()  # as the timer does
+        assert status["slow"].exists() and status["at-stop"].exists()
+        assert not status["quick"].exists()
+        runner.ack(done["slow"].ref)
+        assert not status["slow"].exists()  # written, then removed on its ack
+
+        # A report kept after that is written by the agent's stop, timer or not.
+        runner.assign(_assign("last"))
+        await _finished(runner, reports, 4)
+        runner.reports.persist_after = 30
+        last = layout.attempt_dir(tmp_path, "run1", "last", 1) / layout.STATUS_FILE
+        await runner.stop_all(grace=1)
+        assert last.exists() and status["at-stop"].exists()
+        await runtime.close()
+
+        runner2, runtime2, reports2 = _agent(tmp_path)
+        assert await runner2.recover() == 2
+        assert sorted(r.ref.task for r in reports2) == ["at-stop", "last"]
         await runtime2.close()
 
     asyncio.run(go())

@@ -57,6 +57,8 @@ def test_a_started_attempt_reports_running_then_its_result(tmp_path):
     assert runtime.started[0].labels[layout.NODE_LABEL] == "n1"
     assert runner.pending_reports() == [reports[-1]]
     d = layout.attempt_dir(tmp_path, "run1", "t", 1)
+    assert not (d / layout.STATUS_FILE).exists()  # until unacknowledged for a while
+    runner.reports.persist()
     assert agent_pb2.TaskStatus.FromString((d / layout.STATUS_FILE).read_bytes()) == reports[-1]
 
 
