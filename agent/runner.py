@@ -51,6 +51,11 @@ _RUNTIME_REASONS = frozenset({"runtime_error", "image"})
 
 
 _IDS = RandomIdGenerator()
+_FAILED = t.TaskState.TASK_STATE_FAILED
+_SUCCEEDED = t.TaskState.TASK_STATE_SUCCEEDED
+# A final state's outcome label ("succeeded", ...), looked up once rather than per attempt.
+_OUTCOMES = {v: name.removeprefix("TASK_STATE_").lower() for name, v in t.TaskState.items()}
+_STATE_NAMES = {v: name for name, v in t.TaskState.items()}
 
 
 class Runner:
@@ -313,10 +318,10 @@ class Runner:
 
     def _count(self, status: agent_pb2.TaskStatus) -> None:
         """Count the finished attempt by outcome: its state, or why it failed."""
-        if status.state == t.TaskState.TASK_STATE_FAILED and status.reason:
+        if status.state == _FAILED and status.reason:
             outcome = status.reason
         else:
-            outcome = t.TaskState.Name(status.state).removeprefix("TASK_STATE_").lower()
+            outcome = _OUTCOMES.get(status.state) or str(status.state)
         seconds = None
         if status.HasField("started_at") and status.HasField("finished_at"):
             ns = status.finished_at.ToNanoseconds() - status.started_at.ToNanoseconds()
@@ -400,7 +405,9 @@ def _bare_span(traceparent: str) -> trace.Span:
 def _end_span(span: trace.Span, status: agent_pb2.TaskStatus) -> None:
     if not status.HasField("finished_at"):
         status.finished_at.CopyFrom(now())
-    span.set_attribute("tether.state", t.TaskState.Name(status.state))
+    if not span.is_recording():
+        return
+    span.set_attribute("tether.state", _STATE_NAMES.get(status.state, str(status.state)))
     span.set_attribute("tether.exit_code", status.exit_code)
-    if status.state != t.TaskState.TASK_STATE_SUCCEEDED:
+    if status.state != _SUCCEEDED:
         span.set_status(trace.Status(trace.StatusCode.ERROR, status.reason))

@@ -113,9 +113,12 @@ async def supervise(
     """
     assert att.handle is not None
     loop = asyncio.get_running_loop()
-    wait = asyncio.ensure_future(att.handle.wait())
+    # A handle that shows its exit as a future is waited on through it: no task of its own
+    # for wait(), which then returns at once, at hundreds of attempts a second.
+    exited = getattr(att.handle, "exit_future", None)
+    wait = exited if exited is not None else asyncio.ensure_future(att.handle.wait())
     # One future woken by whichever comes first: the end, a cancel, the timeout. Cheaper than
-    # a task per event and asyncio.wait, at hundreds of attempts a second.
+    # a task per event and asyncio.wait.
     woken = loop.create_future()
 
     def wake(_f: object = None) -> None:
@@ -132,7 +135,8 @@ async def supervise(
         with phase("wait"):
             await woken
     except asyncio.CancelledError:
-        wait.cancel()
+        if exited is None:
+            wait.cancel()
         raise
     finally:
         att.wake = None
@@ -141,14 +145,14 @@ async def supervise(
     status.stdout_tail = ""
     printed = True
     if wait.done():
-        result = wait.result()
+        result = await att.handle.wait() if exited is not None else wait.result()
         printed = result.printed
         with phase("outputs"):
             _ended(result, status, d)
     else:
         cancelled = att.cancelled.is_set()
         await att.handle.stop(att.cancel_grace if cancelled else stop_grace)
-        status.exit_code = (await wait).exit_code
+        status.exit_code = (await att.handle.wait() if exited is not None else await wait).exit_code
         if cancelled and att.node_reason:
             status.state = t.TaskState.TASK_STATE_FAILED
             status.reason, status.message = att.node_reason, att.cancel_reason

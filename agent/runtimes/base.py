@@ -72,7 +72,9 @@ class TaskHandle(Protocol):
     """A started attempt.
 
     A handle may set ``needs_remove = False`` when :meth:`remove` has nothing to do: the
-    runner then does not call it (one task fewer per attempt).
+    runner then does not call it (one task fewer per attempt). It may also offer ``exit_future``, a
+    future done once the attempt has exited, after which :meth:`wait` returns without waiting
+    for the exit: the supervisor then waits on that future instead of a task of its own.
     """
 
     async def wait(self) -> ExitStatus:

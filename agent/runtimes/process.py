@@ -98,6 +98,11 @@ class _ProcessHandle:
         self._ended = ended
         exited.add_done_callback(lambda _f: ended())
 
+    @property
+    def exit_future(self) -> asyncio.Future:
+        """Done when the task has exited (``wait`` then returns without waiting for it)."""
+        return self._exited
+
     async def wait(self) -> ExitStatus:
         code = await asyncio.shield(self._exited)
         await self._drain()
