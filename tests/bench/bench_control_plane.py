@@ -1,8 +1,8 @@
 """Benchmark: the control plane alone — a controller process and etcd (fsync on), driven by
-simulated agents — beside Ray and etcd's raw transaction rate, measured in the same run.
+simulated agents — beside Ray, Dask and etcd's raw transaction rate, measured in the same run.
 
     .venv/bin/python tests/bench/bench_control_plane.py [--agents 50] [--tasks 10000]
-        [--ray-python /path/to/python-with-ray]
+        [--ray-python /path/to/python-with-ray] [--dask-python /path/to/python-with-dask]
 
 The controller runs as its own process (``tether controller``) so its CPU time is its own;
 this process holds the simulated agents (:mod:`sim_agents`: real ``AgentService`` streams that
@@ -10,14 +10,19 @@ succeed each assignment at once) and the client. Prints one JSON object:
 
 - ``etcd_baseline_txn_per_s``: single-put transactions/s straight to etcd (16 in flight);
 - ``tasks_per_s``: no-op tasks of one wide workflow completed per second, and
-  ``ratio_to_etcd_txn`` / ``ratio_to_ray``;
+  ``ratio_to_etcd_txn`` / ``ratio_to_ray`` / ``ratio_to_dask``;
 - ``dag_seconds``: a 1,000-task layered DAG (10 layers of 100, two parents each);
 - ``round_trip_ms``: submit of a one-task run -> its SUCCEEDED result, p50/p99, one at a time;
 - ``submit_to_running_ms``: submit -> the attempt's start as the agent reports it;
 - ``controller_cpu_s_per_1k_tasks`` and the etcd requests per task; the CPU of this process
   (simulated agents and client) and of etcd per 1,000 tasks, which share the same cores;
 - ``ray``: :mod:`ray_baseline`'s figures, when ``--ray-python`` is given or Ray imports here
-  (``ray_tasks_per_s`` and ``ray_dag_seconds`` also at the top level).
+  (``ray_tasks_per_s`` and ``ray_dag_seconds`` also at the top level, with ``ratio_to_ray``
+  and ``dag_ratio_to_ray``);
+- ``dask``: :mod:`dask_baseline`'s figures (a ``LocalCluster`` of one single-threaded worker
+  process per core), when ``--dask-python`` is given or ``dask.distributed`` imports here
+  (``dask_tasks_per_s``, ``dask_dag_seconds``, ``ratio_to_dask`` and ``dag_ratio_to_dask`` also
+  at the top level).
 """
 
 from __future__ import annotations
@@ -114,14 +119,10 @@ def measure(address: str, pid: int, endpoint: str, args, etcd_pid: int = 0) -> d
     }
 
 
-def ray_figures(args) -> dict | None:
-    python = args.ray_python
-    if not python:
-        if importlib.util.find_spec("ray") is None:
-            return None
-        python = sys.executable
+def baseline_figures(python: str, script: str, args) -> dict:
+    """Run a baseline script under ``python``; its last line of stdout is its JSON figures."""
     out = subprocess.run(
-        [python, str(HERE / "ray_baseline.py"), "--tasks", str(args.tasks)],
+        [python, str(HERE / script), "--tasks", str(args.tasks)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -129,6 +130,26 @@ def ray_figures(args) -> dict | None:
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ray_figures(args) -> dict | None:
+    """:mod:`ray_baseline`'s figures, or None when no Python with Ray is at hand."""
+    python = args.ray_python
+    if not python:
+        if importlib.util.find_spec("ray") is None:
+            return None
+        python = sys.executable
+    return baseline_figures(python, "ray_baseline.py", args)
+
+
+def dask_figures(args) -> dict | None:
+    """:mod:`dask_baseline`'s figures, or None when no Python with dask.distributed is at hand."""
+    python = args.dask_python
+    if not python:
+        if importlib.util.find_spec("distributed") is None:
+            return None
+        python = sys.executable
+    return baseline_figures(python, "dask_baseline.py", args)
 
 
 async def main_async(args) -> dict:
@@ -160,6 +181,14 @@ async def main_async(args) -> dict:
             out["ray_dag_seconds"] = ray["ray_dag_seconds"]
             out["ratio_to_ray"] = round(result["tasks_per_s"] / ray["ray_tasks_per_s"], 3)
             out["dag_ratio_to_ray"] = round(result["dag_seconds"] / ray["ray_dag_seconds"], 3)
+    dask = await asyncio.to_thread(dask_figures, args)
+    if dask is not None:
+        out["dask"] = dask
+        if "dask_tasks_per_s" in dask:
+            out["dask_tasks_per_s"] = dask["dask_tasks_per_s"]
+            out["dask_dag_seconds"] = dask["dask_dag_seconds"]
+            out["ratio_to_dask"] = round(result["tasks_per_s"] / dask["dask_tasks_per_s"], 3)
+            out["dag_ratio_to_dask"] = round(result["dag_seconds"] / dask["dask_dag_seconds"], 3)
     return out
 
 
@@ -172,6 +201,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=100)
     ap.add_argument("--latency-runs", type=int, default=100)
     ap.add_argument("--ray-python", default="", help="a Python that has Ray, for the baseline")
+    ap.add_argument(
+        "--dask-python", default="", help="a Python that has dask.distributed, for the baseline"
+    )
     args = ap.parse_args()
     from tether.sdk.telemetry import setup_logging
 

@@ -1,15 +1,19 @@
-"""Benchmark: achieved tasks/s and task latency against offered load, Tether beside Ray.
+"""Benchmark: achieved tasks/s and task latency against offered load, Tether beside Ray and Dask.
 
     .venv/bin/python tests/bench/bench_load_curve.py [--levels 100,200,400,800,1600]
-        [--seconds 4] [--ray-python /path/to/python-with-ray] [--plot docs/load-curve.png]
+        [--seconds 4] [--ray-python /path/to/python-with-ray]
+        [--dask-python /path/to/python-with-dask] [--plot docs/load-curve.png]
 
 Open loop: every ``--tick`` seconds a batch of ``level * tick`` no-op tasks is submitted (for
 Tether one workflow per batch, through the SDK, to a controller process on etcd with fsync on,
 with simulated agents — :mod:`sim_agents` — so the control plane is measured; for Ray the same
-batches of ``noop.remote()``), for ``--seconds``. A task's latency is its submit (client clock)
-to its result (Tether: the task's recorded ``finished_at``; Ray: when ``ray.wait`` returned
-it). Prints one JSON object with, per level, the offered and achieved tasks/s and latency
-p50/p99 for each system, measured in the same run; ``--plot`` draws them (matplotlib).
+batches of ``noop.remote()``; for Dask one ``client.map`` per batch on a ``LocalCluster`` of one
+single-threaded worker process per core), for ``--seconds``. A task's latency is its submit
+(client clock) to its result (Tether: the task's recorded ``finished_at``; Ray: when
+``ray.wait`` returned it; Dask: when ``as_completed`` had it, polled the way ``ray.wait`` is).
+Prints one JSON object with, per level, the offered and achieved tasks/s and latency p50/p99
+for each system, measured in the same run, and ``ray_version`` / ``dask_version``; ``--plot``
+draws them (matplotlib).
 """
 
 from __future__ import annotations
@@ -107,15 +111,16 @@ async def tether_curve(args) -> list[dict]:
         etcd.stop()
 
 
-def ray_curve(args) -> list[dict] | dict | None:
-    python = args.ray_python
+def baseline_curve(python: str, script: str, args) -> dict | None:
+    """Run a baseline script's ``--load-curve`` under ``python``; its last line of stdout is
+    its JSON (``load_curve`` and the system's version), or None when no ``python`` is given."""
     if not python:
         return None
     levels = ",".join(f"{lv:g}" for lv in args.levels)
     out = subprocess.run(
         [
             python,
-            str(HERE / "ray_baseline.py"),
+            str(HERE / script),
             "--load-curve",
             levels,
             "--seconds",
@@ -129,7 +134,17 @@ def ray_curve(args) -> list[dict] | dict | None:
     )
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])["load_curve"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ray_curve(args) -> dict | None:
+    """:mod:`ray_baseline`'s load curve, when ``--ray-python`` is given."""
+    return baseline_curve(args.ray_python, "ray_baseline.py", args)
+
+
+def dask_curve(args) -> dict | None:
+    """:mod:`dask_baseline`'s load curve, when ``--dask-python`` is given."""
+    return baseline_curve(args.dask_python, "dask_baseline.py", args)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -142,6 +157,9 @@ def plot(result: dict, path: Path) -> None:
     series = [("Tether (simulated agents, etcd fsync on)", result["tether"], "tab:blue")]
     if isinstance(result.get("ray"), list):
         series.append((f"Ray {result.get('ray_version', '')}".strip(), result["ray"], "tab:orange"))
+    if isinstance(result.get("dask"), list):
+        label = f"Dask {result.get('dask_version', '')}".strip()
+        series.append((label, result["dask"], "tab:green"))
     for label, points, color in series:
         offered = [p["offered_tasks_per_s"] for p in points]
         ax1.plot(offered, [p["achieved_tasks_per_s"] for p in points], "o-", c=color, label=label)
@@ -168,14 +186,20 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=50)
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--ray-python", default="")
+    ap.add_argument("--dask-python", default="")
     ap.add_argument("--plot", default="")
     args = ap.parse_args()
     args.levels = [float(x) for x in args.levels.split(",")]
     result: dict = {"cpus": len(os.sched_getaffinity(0)), "tick_s": args.tick}
     result["tether"] = asyncio.run(tether_curve(args))
-    ray = ray_curve(args)
-    if ray is not None:
-        result["ray"] = ray
+    for name, got in (("ray", ray_curve(args)), ("dask", dask_curve(args))):
+        if got is None:
+            continue
+        # The curve under the system's name and its version beside it, which the plot's
+        # legend reads; a failed run keeps its error under the name instead.
+        result[name] = got.get("load_curve", got)
+        if f"{name}_version" in got:
+            result[f"{name}_version"] = got[f"{name}_version"]
     if args.plot:
         plot(result, Path(args.plot))
         result["plot"] = args.plot
