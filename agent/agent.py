@@ -132,14 +132,15 @@ class Agent:
         self._beat_seq = 0
         # When each unanswered heartbeat was sent (time.monotonic()), by seq.
         self._beats_sent: dict[int, float] = {}
-        # RUNNING reports held back (see RUNNING_HOLD), by attempt, and the timer sending them.
-        self._held: dict[Key, agent_pb2.TaskStatus] = {}
+        # RUNNING reports held back (see RUNNING_HOLD), oldest first, with when each was held
+        # (time.monotonic()); and the one timer sending the oldest when its hold is over.
+        self._held: dict[Key, tuple[agent_pb2.TaskStatus, float]] = {}
         self._held_timer: asyncio.TimerHandle | None = None
 
     def _report(self, status: agent_pb2.TaskStatus) -> None:
         key = key_of(status.ref)
         if status.state == types_pb2.TaskState.TASK_STATE_RUNNING:
-            self._held[key] = status
+            self._held[key] = (status, time.monotonic())
             if self._held_timer is None:
                 loop = asyncio.get_running_loop()
                 self._held_timer = loop.call_later(RUNNING_HOLD, self._send_held)
@@ -149,12 +150,28 @@ class Agent:
             self._outbox.put_nowait(agent_pb2.AgentMessage(status=status))
 
     def _send_held(self) -> None:
+        """Send the RUNNING reports held for RUNNING_HOLD; wait for the next one's turn.
+
+        Each is held its full time, not until the timer a report before it started fires:
+        at a busy node's rate, that sent a fifth of all attempts' RUNNING reports after a
+        millisecond or two, most just before the final report that would have replaced them.
+        """
         self._held_timer = None
-        held, self._held = self._held, {}
+        due = time.monotonic() - RUNNING_HOLD
+        send = []
+        for key, (_status, held_at) in self._held.items():
+            if held_at > due:
+                break
+            send.append(key)
         # Without a stream they are dropped: the next Register lists the attempts as running.
-        if self._outbox is not None:
-            for status in held.values():
+        for key in send:
+            status, _ = self._held.pop(key)
+            if self._outbox is not None:
                 self._outbox.put_nowait(agent_pb2.AgentMessage(status=status))
+        if self._held:
+            oldest = next(iter(self._held.values()))[1]
+            loop = asyncio.get_running_loop()
+            self._held_timer = loop.call_later(max(0.0, oldest - due), self._send_held)
 
     def _send_event(self, event: agent_pb2.TaskEventReport) -> None:
         if self._outbox is not None:

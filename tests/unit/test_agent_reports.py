@@ -55,3 +55,39 @@ def test_a_running_report_goes_out_after_the_hold(tmp_path):
         agent_mod.RUNNING_HOLD * 2,
     )
     assert later == [("c", S.TASK_STATE_FAILED), ("b", S.TASK_STATE_RUNNING)]
+
+
+def test_each_running_report_is_held_its_full_time_not_until_an_earlier_ones_timer(
+    tmp_path, monkeypatch
+):
+    hold = 0.3  # long enough that a slow machine's late wake-ups cannot reorder the steps
+    monkeypatch.setattr(agent_mod, "RUNNING_HOLD", hold)
+
+    async def go():
+        agent = Agent(AgentConfig(node="n1", work_dir=tmp_path))
+        outbox: asyncio.Queue = asyncio.Queue()
+        agent._outbox = outbox
+
+        def sent() -> list[str]:
+            out = []
+            while not outbox.empty():
+                out.append(outbox.get_nowait().status.ref.task)
+            return out
+
+        agent._report(status("first", S.TASK_STATE_RUNNING))
+        await asyncio.sleep(hold * 0.5)
+        agent._report(status("second", S.TASK_STATE_RUNNING))
+        agent._report(status("third", S.TASK_STATE_RUNNING))
+        await asyncio.sleep(hold * 0.6)  # the first's hold is over, not the others'
+        at_first = sent()
+        agent._report(status("third", S.TASK_STATE_SUCCEEDED))  # within its hold: replaces it
+        await asyncio.sleep(hold * 0.8)
+        at_second = sent()
+        await asyncio.sleep(hold)
+        agent.tracer_provider.shutdown()
+        return at_first, at_second, sent()
+
+    at_first, at_second, after = asyncio.run(go())
+    assert at_first == ["first"]
+    assert at_second == ["third", "second"]  # the final report, then the RUNNING one at its time
+    assert after == []
