@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from opentelemetry import trace
@@ -51,6 +51,9 @@ _RUNTIME_REASONS = frozenset({"runtime_error", "image"})
 
 
 _IDS = RandomIdGenerator()
+# The step of an attempt when steps make no spans: one shared no-op context manager, rather
+# than a generator-made one per step.
+_NO_PHASE = contextlib.nullcontext()
 _FAILED = t.TaskState.TASK_STATE_FAILED
 _SUCCEEDED = t.TaskState.TASK_STATE_SUCCEEDED
 # A final state's outcome label ("succeeded", ...), looked up once rather than per attempt.
@@ -330,15 +333,12 @@ class Runner:
         if status.reason in _RUNTIME_REASONS:
             self.metrics.runtime_error(status.reason)
 
-    @contextlib.contextmanager
-    def _phase(self, name: str) -> Iterator[None]:
+    def _phase(self, name: str) -> contextlib.AbstractContextManager:
         """A step of the current attempt as a child span of its run span (when spans are
         exported: steps are leaves nothing else reads, four of them per attempt)."""
         if not self.step_spans:
-            yield
-            return
-        with self.tracer.start_as_current_span(name):
-            yield
+            return _NO_PHASE
+        return self.tracer.start_as_current_span(name)
 
     async def _execute(
         self, att: Attempt, a: agent_pb2.AssignTask, status: agent_pb2.TaskStatus, traceparent: str

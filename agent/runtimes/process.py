@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -108,7 +107,7 @@ class _ProcessHandle:
         await self._drain()
         status = _exit_status(code)
         if self._copies is not None and not self._copies.printed:
-            status = dataclasses.replace(status, printed=False)
+            status = ExitStatus(status.exit_code, status.reason, status.message, printed=False)
         return status
 
     async def _drain(self) -> None:
@@ -237,22 +236,37 @@ class ProcessRuntime:
         lines, self._reaper_lines = self._reaper_lines, []
         if not lines:
             return
-        if self._reaper is None or self._reaper.poll() is not None:
-            self._reaper = subprocess.Popen(
-                [sys.executable, "-m", "tether.agent.runtimes.reaper"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            # Room for a few seconds of lines: the reaper reads them in bulk (reaper.READ_EVERY).
-            with contextlib.suppress(OSError, AttributeError):
-                fcntl.fcntl(self._reaper.stdin.fileno(), fcntl.F_SETPIPE_SZ, _REAPER_PIPE_BYTES)
-        assert self._reaper.stdin is not None
-        try:
-            self._reaper.stdin.write(b"".join(lines))
-            self._reaper.stdin.flush()
-        except BrokenPipeError:  # the reaper died: the next task starts a new one
-            log.warning("task reaper died; tasks may outlive a crashed agent")
+        data = b"".join(lines)
+        # A dead reaper shows as a broken pipe on the write (there is no other reader), so it
+        # is not polled for at every flush, twice per attempt.
+        for _ in range(2):
+            if self._reaper is None:
+                self._reaper = self._start_reaper()
+            assert self._reaper.stdin is not None
+            try:
+                self._reaper.stdin.write(data)
+                self._reaper.stdin.flush()
+                return
+            except BrokenPipeError:
+                # The groups it knew of may outlive a crashed agent; a new one is told these.
+                log.warning("task reaper died; tasks may outlive a crashed agent")
+                with contextlib.suppress(OSError):
+                    self._reaper.stdin.close()
+                self._reaper.poll()
+                self._reaper = None
+
+    @staticmethod
+    def _start_reaper() -> subprocess.Popen:
+        reaper = subprocess.Popen(
+            [sys.executable, "-m", "tether.agent.runtimes.reaper"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        # Room for a few seconds of lines: the reaper reads them in bulk (reaper.READ_EVERY).
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(reaper.stdin.fileno(), fcntl.F_SETPIPE_SZ, _REAPER_PIPE_BYTES)
+        return reaper
 
     async def close(self) -> None:
         """Let the reaper go (the agent is stopping and has stopped its tasks)."""
