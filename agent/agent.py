@@ -140,6 +140,7 @@ class Agent:
     def _report(self, status: agent_pb2.TaskStatus) -> None:
         key = key_of(status.ref)
         if status.state == types_pb2.TaskState.TASK_STATE_RUNNING:
+            self._held.pop(key, None)  # held again: it waits anew, behind the others
             self._held[key] = (status, time.monotonic())
             if self._held_timer is None:
                 loop = asyncio.get_running_loop()

@@ -9,13 +9,17 @@ always a report the controller may not have. Only once acknowledged is the attem
 from the runtime (its container deleted): until then the runtime's record is what a
 restarted agent recovers.
 
-The copy is written only for a report still unacknowledged :data:`PERSIST_AFTER` after it was
-kept, and for every one left when the agent stops: the controller acknowledges most within a
-few milliseconds, and creating and removing a file for each was a tenth of the agent's work
-per attempt. A crash of the agent within that window loses nothing a runtime would keep: the
-process runtime's tasks die with their agent and are run again as lost, as those still
-running then are; tasks left running (``--leave-running``, containers) keep their own record
-(exit code file, container), from which a restarted agent reports them.
+The copy of a plain result — success, or failure by exit code, signal, output or
+out-of-memory, which is what a runtime's own record gives back after a restart — is written
+only once the report has waited :data:`PERSIST_AFTER` for its acknowledgement, and for every
+one left when the agent stops: the controller acknowledges most within a few milliseconds,
+and creating and removing a file for each was a tenth of the agent's work per attempt. A
+crash of the agent within that window loses nothing a runtime would keep: the process
+runtime's tasks die with their agent and are run again as lost, as those still running then
+are; tasks left running (``--leave-running``, containers) keep their own record (exit code
+file, container), from which a restarted agent reports the same result. Any other report
+(cancelled, timed out, stopped for the node's sake, a runtime error) is written at once: its
+reason is in no runtime's record.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from pathlib import Path
 
 from tether.agent import layout
@@ -35,10 +40,14 @@ from tether.sdk.telemetry import get_logger
 
 __all__ = ["PERSIST_AFTER", "Reports", "saved_status"]
 
-# Seconds a final report may stay unacknowledged before its copy is written to disk.
+# Seconds a final report with a plain result may stay unacknowledged before its copy is
+# written to disk.
 PERSIST_AFTER = 0.2
+# Reasons of failure that a runtime's own record reproduces after a restart (see above).
+_PLAIN_FAILURES = frozenset({"exit_code", "signal", "output", "oom"})
 
 log = get_logger("agent.runner")
+_SUCCEEDED = t.TaskState.TASK_STATE_SUCCEEDED
 
 
 def saved_status(d: Path, ref: agent_pb2.AttemptRef) -> agent_pb2.TaskStatus | None:
@@ -60,9 +69,12 @@ class Reports:
         self.ended: dict[Key, TaskHandle] = {}
         # Where each unacknowledged report was written (removed on ack).
         self._files: dict[Key, str] = {}
-        # Reports not written yet, with where they go, and the timer that writes them.
-        self._unwritten: dict[Key, tuple[agent_pb2.TaskStatus, str]] = {}
+        # Reports not written yet, oldest first, with where they go and when they were kept
+        # (time.monotonic()); the one timer writing the oldest when it is due; and whether
+        # every report is written at once (the agent is stopping).
+        self._unwritten: dict[Key, tuple[agent_pb2.TaskStatus, str, float]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._write_through = False
         self._background: set[asyncio.Task] = set()
 
     def __contains__(self, key: Key) -> bool:
@@ -83,8 +95,8 @@ class Reports:
         d: Path,
         on_disk: bool = False,
     ) -> None:
-        """Keep a final report until acknowledged: in memory, and in ``d`` (when it exists)
-        once unacknowledged for :attr:`persist_after` seconds.
+        """Keep a final report until acknowledged: in memory, and in ``d`` (when it exists) at
+        once, or for a plain result once unacknowledged for :attr:`persist_after` seconds.
 
         ``on_disk``: the report was read from ``d`` (a previous agent's), to be removed on
         acknowledgement like one written here.
@@ -97,32 +109,61 @@ class Reports:
         if on_disk:
             self._files[key] = path
             return
-        self._unwritten[key] = (status, path)
+        plain = status.state == _SUCCEEDED or status.reason in _PLAIN_FAILURES
+        if self._write_through or not plain:
+            self._unwritten.pop(key, None)
+            self._write(key, status, path)
+            return
+        self._unwritten.pop(key, None)  # kept again: its wait starts again, at the end
+        self._unwritten[key] = (status, path, time.monotonic())
         if self._timer is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop to wait on: now
                 self.persist()
                 return
-            self._timer = loop.call_later(self.persist_after, self.persist)
+            self._timer = loop.call_later(self.persist_after, self._write_due)
 
-    def persist(self) -> None:
-        """Write every kept report not written yet (the agent is stopping, or they waited
-        long enough for an acknowledgement)."""
+    def _write_due(self) -> None:
+        """Write the reports that have waited :attr:`persist_after`; wait for the next one.
+
+        Each waits its own full time: writing every unwritten report whenever the timer
+        fired would write most of those kept just before it.
+        """
+        self._timer = None
+        due = time.monotonic() - self.persist_after
+        while self._unwritten:
+            key, (status, path, kept_at) = next(iter(self._unwritten.items()))
+            if kept_at > due:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(kept_at - due, self._write_due)
+                return
+            del self._unwritten[key]
+            self._write(key, status, path)
+
+    def persist(self, final: bool = False) -> None:
+        """Write every kept report not written yet, now.
+
+        ``final``: the agent is stopping; reports kept from now on are written at once too.
+        """
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._write_through = self._write_through or final
         unwritten, self._unwritten = self._unwritten, {}
-        for key, (status, path) in unwritten.items():
-            try:
-                write_file(path, status.SerializeToString())
-                self._files[key] = path
-            except FileNotFoundError:
-                pass  # never staged (refused, say): nothing on disk to recover it from
-            except OSError as e:
-                log.warning("cannot keep the final report", attempt=key, error=str(e))
-                with contextlib.suppress(OSError):  # a part of it would pass for a report
-                    os.unlink(path)
+        for key, (status, path, _kept_at) in unwritten.items():
+            self._write(key, status, path)
+
+    def _write(self, key: Key, status: agent_pb2.TaskStatus, path: str) -> None:
+        try:
+            write_file(path, status.SerializeToString())
+            self._files[key] = path
+        except FileNotFoundError:
+            pass  # never staged (refused, say): nothing on disk to recover it from
+        except OSError as e:
+            log.warning("cannot keep the final report", attempt=key, error=str(e))
+            with contextlib.suppress(OSError):  # a part of it would pass for a report
+                os.unlink(path)
 
     def ack(self, ref: agent_pb2.AttemptRef) -> None:
         """The controller has the report: forget it, remove the attempt from the runtime."""

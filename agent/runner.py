@@ -191,7 +191,7 @@ class Runner:
             if tasks:
                 await asyncio.wait(tasks, timeout=5)
             self.attempts.clear()
-            self.reports.persist()
+            self.reports.persist(final=True)
             return
         stopping = set(self.attempts)
         for att in self.attempts.values():
@@ -199,7 +199,8 @@ class Runner:
         if tasks:
             await asyncio.wait(tasks, timeout=grace + 5)
         await self.reports.forget_cancelled(stopping)
-        self.reports.persist()  # for the next agent on this node
+        # For the next agent on this node, and so are any reports of attempts that end later.
+        self.reports.persist(final=True)
         await self.reports.drain(timeout=5)
 
     async def recover(self) -> int:

@@ -252,7 +252,9 @@ class ProcessRuntime:
                 log.warning("task reaper died; tasks may outlive a crashed agent")
                 with contextlib.suppress(OSError):
                     self._reaper.stdin.close()
-                self._reaper.poll()
+                # Its pipe may close a moment before it is a zombie to reap.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._reaper.wait(timeout=0.1)
                 self._reaper = None
 
     @staticmethod

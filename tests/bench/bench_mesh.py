@@ -284,6 +284,8 @@ def main() -> None:
         "/dev/shm for a tmpfs, as /tmp is on many current distributions",
     )
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     from tether.sdk.telemetry import setup_logging
 
     setup_logging("warning")

@@ -150,18 +150,18 @@ def test_a_report_is_written_only_once_unacknowledged_for_a_while_or_when_the_ag
         # Acknowledged within persist_after: never written, nothing to remove.
         runner.ack(done["quick"].ref)
         assert not any(p.exists() for p in status.values())
-        runner.reports.persist_after = 0.05  # only timers started from now on
-        runner.reports.persist()  # as the timer does
+        runner.reports.persist()  # as the timer does once they are due
         assert status["slow"].exists() and status["at-stop"].exists()
         assert not status["quick"].exists()
         runner.ack(done["slow"].ref)
         assert not status["slow"].exists()  # written, then removed on its ack
 
-        # A report kept after that is written by the agent's stop, timer or not.
+        # A report kept after that is written by the agent's stop, long before its timer.
+        runner.reports.persist_after = 30
         runner.assign(_assign("last"))
         await _finished(runner, reports, 4)
-        runner.reports.persist_after = 30
         last = layout.attempt_dir(tmp_path, "run1", "last", 1) / layout.STATUS_FILE
+        assert not last.exists()
         await runner.stop_all(grace=1)
         assert last.exists() and status["at-stop"].exists()
         await runtime.close()

@@ -4,6 +4,7 @@ briefly, and dropped when the attempt's final report comes first."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from tether.agent import agent as agent_mod
 from tether.agent.agent import Agent
@@ -57,11 +58,8 @@ def test_a_running_report_goes_out_after_the_hold(tmp_path):
     assert later == [("c", S.TASK_STATE_FAILED), ("b", S.TASK_STATE_RUNNING)]
 
 
-def test_each_running_report_is_held_its_full_time_not_until_an_earlier_ones_timer(
-    tmp_path, monkeypatch
-):
-    hold = 0.3  # long enough that a slow machine's late wake-ups cannot reorder the steps
-    monkeypatch.setattr(agent_mod, "RUNNING_HOLD", hold)
+def test_each_running_report_is_held_its_full_time_not_until_an_earlier_ones_timer(tmp_path):
+    hold = agent_mod.RUNNING_HOLD
 
     async def go():
         agent = Agent(AgentConfig(node="n1", work_dir=tmp_path))
@@ -74,20 +72,29 @@ def test_each_running_report_is_held_its_full_time_not_until_an_earlier_ones_tim
                 out.append(outbox.get_nowait().status.ref.task)
             return out
 
-        agent._report(status("first", S.TASK_STATE_RUNNING))
-        await asyncio.sleep(hold * 0.5)
-        agent._report(status("second", S.TASK_STATE_RUNNING))
-        agent._report(status("third", S.TASK_STATE_RUNNING))
-        await asyncio.sleep(hold * 0.6)  # the first's hold is over, not the others'
+        for task in ("first", "second", "third"):
+            agent._report(status(task, S.TASK_STATE_RUNNING))
+        # Held for a while by hand rather than slept through: "first" is due, the others
+        # have waited 40 % of the hold.
+        now = time.monotonic()
+        for key, (held, _) in list(agent._held.items()):
+            agent._held[key] = (held, now - (1.2 if key[1] == "first" else 0.4) * hold)
+        agent._held_timer.cancel()
+        agent._send_held()
         at_first = sent()
+        # The timer waits for the next oldest's turn only.
+        left = agent._held_timer.when() - asyncio.get_running_loop().time()
         agent._report(status("third", S.TASK_STATE_SUCCEEDED))  # within its hold: replaces it
-        await asyncio.sleep(hold * 0.8)
+        agent._held_timer.cancel()
+        for key, (held, _) in list(agent._held.items()):
+            agent._held[key] = (held, now - 2 * hold)
+        agent._send_held()
         at_second = sent()
-        await asyncio.sleep(hold)
         agent.tracer_provider.shutdown()
-        return at_first, at_second, sent()
+        return at_first, left, at_second, agent._held, agent._held_timer
 
-    at_first, at_second, after = asyncio.run(go())
+    at_first, left, at_second, still_held, timer = asyncio.run(go())
     assert at_first == ["first"]
-    assert at_second == ["third", "second"]  # the final report, then the RUNNING one at its time
-    assert after == []
+    assert 0.5 * hold < left <= 0.61 * hold
+    assert at_second == ["third", "second"]  # the final report, then the RUNNING one when due
+    assert still_held == {} and timer is None
