@@ -119,8 +119,13 @@ def measure(address: str, pid: int, endpoint: str, args, etcd_pid: int = 0) -> d
     }
 
 
-def baseline_figures(python: str, script: str, args) -> dict:
-    """Run a baseline script under ``python``; its last line of stdout is its JSON figures."""
+def baseline_figures(python: str, module: str, script: str, args) -> dict | None:
+    """Run a baseline script under ``python`` (or, without one, this Python where ``module``
+    imports; None otherwise); its last line of stdout is its JSON figures."""
+    if not python:
+        if importlib.util.find_spec(module) is None:
+            return None
+        python = sys.executable
     out = subprocess.run(
         [python, str(HERE / script), "--tasks", str(args.tasks)],
         capture_output=True,
@@ -130,26 +135,6 @@ def baseline_figures(python: str, script: str, args) -> dict:
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def ray_figures(args) -> dict | None:
-    """:mod:`ray_baseline`'s figures, or None when no Python with Ray is at hand."""
-    python = args.ray_python
-    if not python:
-        if importlib.util.find_spec("ray") is None:
-            return None
-        python = sys.executable
-    return baseline_figures(python, "ray_baseline.py", args)
-
-
-def dask_figures(args) -> dict | None:
-    """:mod:`dask_baseline`'s figures, or None when no Python with dask.distributed is at hand."""
-    python = args.dask_python
-    if not python:
-        if importlib.util.find_spec("distributed") is None:
-            return None
-        python = sys.executable
-    return baseline_figures(python, "dask_baseline.py", args)
 
 
 async def main_async(args) -> dict:
@@ -172,7 +157,7 @@ async def main_async(args) -> dict:
         "slots_per_agent": args.slots,
         "cpus": len(os.sched_getaffinity(0)),
     }
-    ray = await asyncio.to_thread(ray_figures, args)
+    ray = await asyncio.to_thread(baseline_figures, args.ray_python, "ray", "ray_baseline.py", args)
     if ray is not None:
         out["ray"] = ray
         if "ray_tasks_per_s" in ray:
@@ -181,7 +166,9 @@ async def main_async(args) -> dict:
             out["ray_dag_seconds"] = ray["ray_dag_seconds"]
             out["ratio_to_ray"] = round(result["tasks_per_s"] / ray["ray_tasks_per_s"], 3)
             out["dag_ratio_to_ray"] = round(result["dag_seconds"] / ray["ray_dag_seconds"], 3)
-    dask = await asyncio.to_thread(dask_figures, args)
+    dask = await asyncio.to_thread(
+        baseline_figures, args.dask_python, "distributed", "dask_baseline.py", args
+    )
     if dask is not None:
         out["dask"] = dask
         if "dask_tasks_per_s" in dask:

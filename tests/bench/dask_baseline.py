@@ -19,10 +19,7 @@ import logging
 import statistics
 import time
 
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+from open_loop import offer, pct
 
 
 def noop(*_parents):
@@ -38,25 +35,23 @@ def check(futures) -> None:
 
 
 def load_level(client, level: float, seconds: float, tick: float) -> dict:
-    """Offer ``level`` tasks/s in batches every ``tick`` s for ``seconds``; a task's latency
-    is its submit to when ``collect`` returned it."""
+    """:func:`open_loop.offer` for Dask; a task's latency is its submit to when ``collect``
+    returned it."""
     from distributed import as_completed
 
-    batch = max(1, round(level * tick))
-    ticks = max(1, round(seconds / tick))
-    pending: dict = {}
-    latencies: list[float] = []
     finished = as_completed()
-    start = time.perf_counter()
 
-    def collect(timeout: float) -> None:
+    def submit(n: int) -> list:
+        futures = client.map(noop, range(n), pure=False)
+        finished.update(futures)
+        return futures
+
+    def collect(pending: dict, latencies: list[float], timeout: float) -> None:
         # Returns when every pending task is done or ``timeout`` has passed, and stamps all the
         # done ones with that moment, as ``ray.wait(num_returns=len(pending), timeout)`` does
         # in ray_baseline: the same granularity for both. Polling as_completed's queue costs
         # one callback per task; ``distributed.wait`` would start a coroutine per pending
         # future on every call.
-        if not pending:
-            return
         end = time.perf_counter() + timeout
         done: list = []
         while True:
@@ -70,27 +65,7 @@ def load_level(client, level: float, seconds: float, tick: float) -> dict:
         for fut in done:
             latencies.append((now - pending.pop(fut)) * 1000)
 
-    for i in range(ticks):
-        at = time.perf_counter()
-        futures = client.map(noop, range(batch), pure=False)
-        finished.update(futures)
-        for fut in futures:
-            pending[fut] = at
-        while (left := start + (i + 1) * tick - time.perf_counter()) > 0:
-            collect(min(left, 0.005))
-    offered_for = time.perf_counter() - start
-    while pending:
-        collect(0.005)
-    elapsed = time.perf_counter() - start
-    tasks = batch * ticks
-    return {
-        "level": level,
-        "offered_tasks_per_s": round(tasks / max(offered_for, tick * ticks), 1),
-        "achieved_tasks_per_s": round(tasks / elapsed, 1),
-        "latency_ms_p50": round(pct(latencies, 50), 2),
-        "latency_ms_p99": round(pct(latencies, 99), 2),
-        "tasks": tasks,
-    }
+    return offer(submit, collect, level, seconds, tick)
 
 
 def measure(client, args) -> dict:

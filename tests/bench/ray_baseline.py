@@ -16,48 +16,20 @@ import json
 import statistics
 import time
 
-
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+from open_loop import offer, pct
 
 
 def load_level(ray, noop, level: float, seconds: float, tick: float) -> dict:
-    """Offer ``level`` tasks/s in batches every ``tick`` s for ``seconds``; a task's latency
-    is its submit to when ``ray.wait`` returned it."""
-    batch = max(1, round(level * tick))
-    ticks = max(1, round(seconds / tick))
-    pending: dict = {}
-    latencies: list[float] = []
-    start = time.perf_counter()
+    """:func:`open_loop.offer` for Ray; a task's latency is its submit to when ``ray.wait``
+    returned it."""
 
-    def collect(timeout: float) -> None:
-        if not pending:
-            return
+    def collect(pending: dict, latencies: list[float], timeout: float) -> None:
         done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
         now = time.perf_counter()
         for ref in done:
             latencies.append((now - pending.pop(ref)) * 1000)
 
-    for i in range(ticks):
-        at = time.perf_counter()
-        for _ in range(batch):
-            pending[noop.remote()] = at
-        while (left := start + (i + 1) * tick - time.perf_counter()) > 0:
-            collect(min(left, 0.005))
-    offered_for = time.perf_counter() - start
-    while pending:
-        collect(0.005)
-    elapsed = time.perf_counter() - start
-    tasks = batch * ticks
-    return {
-        "level": level,
-        "offered_tasks_per_s": round(tasks / max(offered_for, tick * ticks), 1),
-        "achieved_tasks_per_s": round(tasks / elapsed, 1),
-        "latency_ms_p50": round(pct(latencies, 50), 2),
-        "latency_ms_p99": round(pct(latencies, 99), 2),
-        "tasks": tasks,
-    }
+    return offer(lambda n: [noop.remote() for _ in range(n)], collect, level, seconds, tick)
 
 
 def main() -> None:
