@@ -64,14 +64,14 @@ def inputs_of(a: agent_pb2.AssignTask) -> dict:
     }
 
 
-def stage(d: Path, a: agent_pb2.AssignTask) -> None:
+def stage(d: str, a: agent_pb2.AssignTask) -> None:
     """Prepare the attempt directory ``d``: create it, write the inputs file.
 
     A retried assignment of the same attempt may find an earlier output, final report or
     logs there; they are removed so that none is mistaken for this run's. A new directory
     has nothing stale, and costs no look-ups for it.
     """
-    path = str(d)
+    path = d
     if a.ref.attempt == 1:
         # Most attempts are a task's first: its directory is new too (in an existing run's).
         try:
@@ -106,7 +106,7 @@ def write_file(path: str, data: bytes) -> None:
 
 
 def task_env(
-    a: agent_pb2.AssignTask, d: Path, traceparent: str, task_path: Callable[[Path], str]
+    a: agent_pb2.AssignTask, d: str, traceparent: str, task_path: Callable[[str], str]
 ) -> dict[str, str]:
     """The task's environment: its spec's ``env``, its secrets' values, and what tether sets.
 
@@ -124,8 +124,8 @@ def task_env(
             "TETHER_RUN_ID": ref.run_id,
             "TETHER_TASK": spec.name,
             "TETHER_ATTEMPT": str(ref.attempt),
-            "TETHER_OUTPUT_FILE": task_path(d / layout.OUTPUT_FILE),
-            "TETHER_INPUTS_FILE": task_path(d / layout.INPUTS_FILE),
+            "TETHER_OUTPUT_FILE": task_path(f"{d}/{layout.OUTPUT_FILE}"),
+            "TETHER_INPUTS_FILE": task_path(f"{d}/{layout.INPUTS_FILE}"),
             "TRACEPARENT": traceparent,
         }
     )
@@ -153,11 +153,11 @@ def labels_of(a: agent_pb2.AssignTask, node: str, traceparent: str) -> dict[str,
 
 def launch_spec(
     a: agent_pb2.AssignTask,
-    d: Path,
+    d: str,
     *,
     node: str,
     traceparent: str,
-    task_path: Callable[[Path], str],
+    task_path: Callable[[str], str],
     log_limit_bytes: int,
     on_event: Callable[[str, str], None] | None = None,
     phase: Callable[[str], AbstractContextManager] | None = None,
@@ -171,8 +171,8 @@ def launch_spec(
         env=task_env(a, d, traceparent, task_path),
         working_dir=spec.working_dir,
         attempt_dir=d,
-        stdout_path=d / layout.STDOUT_FILE,
-        stderr_path=d / layout.STDERR_FILE,
+        stdout_path=f"{d}/{layout.STDOUT_FILE}",
+        stderr_path=f"{d}/{layout.STDERR_FILE}",
         image=spec.image,
         cpu=spec.resources.cpu,
         memory_bytes=spec.resources.memory_bytes,

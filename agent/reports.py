@@ -50,10 +50,10 @@ log = get_logger("agent.runner")
 _SUCCEEDED = t.TaskState.TASK_STATE_SUCCEEDED
 
 
-def saved_status(d: Path, ref: agent_pb2.AttemptRef) -> agent_pb2.TaskStatus | None:
+def saved_status(d: str, ref: agent_pb2.AttemptRef) -> agent_pb2.TaskStatus | None:
     """The final report a previous agent kept in the attempt directory ``d``, if any."""
     try:
-        saved = agent_pb2.TaskStatus.FromString((d / layout.STATUS_FILE).read_bytes())
+        saved = agent_pb2.TaskStatus.FromString(Path(d, layout.STATUS_FILE).read_bytes())
     except (OSError, ValueError):
         return None
     return saved if key_of(saved.ref) == key_of(ref) else None
@@ -92,7 +92,7 @@ class Reports:
         self,
         status: agent_pb2.TaskStatus,
         handle: TaskHandle | None,
-        d: Path,
+        d: str,
         on_disk: bool = False,
     ) -> None:
         """Keep a final report until acknowledged: in memory, and in ``d`` (when it exists) at

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
@@ -227,11 +226,12 @@ class Runner:
                 await self._run_recovered(att, f)
         return len(found)
 
-    def _dir(self, ref: agent_pb2.AttemptRef, att: Attempt | None = None) -> Path:
-        # layout.attempt_dir's path, built in one go and once per attempt.
+    def _dir(self, ref: agent_pb2.AttemptRef, att: Attempt | None = None) -> str:
+        # layout.attempt_dir's path, built in one go and once per attempt (as a string: a
+        # Path's parsing and joins cost more than the system calls that use it).
         if att is not None and att.dir is not None:
             return att.dir
-        d = Path(f"{self._work_dir}/{ref.run_id}/{ref.task}/{ref.attempt}")
+        d = f"{self._work_dir}/{ref.run_id}/{ref.task}/{ref.attempt}"
         if att is not None:
             att.dir = d
         return d
@@ -311,7 +311,7 @@ class Runner:
         self._conclude(att, status, self._dir(ref, att))
 
     def _conclude(
-        self, att: Attempt, status: agent_pb2.TaskStatus, d: Path, on_disk: bool = False
+        self, att: Attempt, status: agent_pb2.TaskStatus, d: str, on_disk: bool = False
     ) -> None:
         """Keep the final report until acknowledged, then send it (``on_disk``: read from
         ``d``, kept there by a previous agent)."""

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from google.protobuf import timestamp_pb2
 
@@ -64,7 +63,7 @@ class Attempt:
     cancel_reason: str = ""
     cancel_grace: float = DEFAULT_CANCEL_GRACE
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    dir: Path | None = None
+    dir: str | None = None
     # Stopped for the node's sake (FENCED: out of contact; DRAINED: a drain): reported FAILED
     # with that reason rather than CANCELLED, and retried elsewhere free of charge.
     node_reason: str = ""
@@ -94,7 +93,7 @@ async def supervise(
     timeout: float,
     elapsed: float,
     stop_grace: float,
-    d: Path,
+    d: str,
     phase: Callable[[str], AbstractContextManager] = lambda _name: contextlib.nullcontext(),
 ) -> None:
     """Wait for a started attempt to end, be cancelled or time out; fill in ``status``.
@@ -171,7 +170,7 @@ async def supervise(
         status.stderr_tail = tail(f"{d}/{layout.STDERR_FILE}")
 
 
-def _ended(result: ExitStatus, status: agent_pb2.TaskStatus, d: Path) -> None:
+def _ended(result: ExitStatus, status: agent_pb2.TaskStatus, d: str) -> None:
     """The attempt ended by itself: a clean exit is judged by its output file."""
     status.exit_code = result.exit_code
     if result.exit_code == 0 and not result.reason:

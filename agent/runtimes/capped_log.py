@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import BinaryIO
 
 __all__ = ["CappedLog", "copy_to_log", "truncation_note"]
@@ -40,7 +40,10 @@ class CappedLog:
     """
 
     def __init__(
-        self, path: Path, limit: int, on_truncate: Callable[[], None] | None = None
+        self,
+        path: str | os.PathLike[str],
+        limit: int,
+        on_truncate: Callable[[], None] | None = None,
     ) -> None:
         self.path = path
         self.limit = limit

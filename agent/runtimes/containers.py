@@ -6,6 +6,7 @@ call, so that the mapping (limits, GPUs, mounts, labels) can be checked without 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import PurePosixPath
 
@@ -108,7 +109,7 @@ def create_args(spec: LaunchSpec, node: str) -> tuple[dict, dict]:
         "tty": False,
     }
     host = {
-        "binds": {str(spec.attempt_dir.absolute()): {"bind": str(MOUNT), "mode": "rw"}},
+        "binds": {os.path.abspath(spec.attempt_dir): {"bind": str(MOUNT), "mode": "rw"}},
         # A tiny init as PID 1 forwards SIGTERM to the task (a program that is PID 1 itself
         # ignores it) and reaps zombies, so a cancel ends within the grace period.
         "init": True,

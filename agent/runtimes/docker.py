@@ -250,8 +250,9 @@ class DockerRuntime:
                 self._connected = True
             return self._api
 
-    def task_path(self, host_path: Path) -> str:
-        return str(MOUNT / PurePosixPath(attempt_relative(self.config.work_dir, host_path)))
+    def task_path(self, host_path: str | os.PathLike[str]) -> str:
+        relative = attempt_relative(self.config.work_dir, Path(host_path))
+        return str(MOUNT / PurePosixPath(relative))
 
     # Images -------------------------------------------------------------------------------
 
@@ -323,7 +324,7 @@ class DockerRuntime:
         with spec.phase("pull"):
             await self._ensure_image(api, spec)
         # The image may run as a user other than root; it must still write its output file.
-        spec.attempt_dir.chmod(0o777)
+        os.chmod(spec.attempt_dir, 0o777)
         with spec.phase("create"):
             try:
                 cid = await asyncio.to_thread(self._create, api, container, host)
@@ -341,8 +342,8 @@ class DockerRuntime:
         logs = follow_logs(
             api,
             cid,
-            spec.stdout_path,
-            spec.stderr_path,
+            Path(spec.stdout_path),
+            Path(spec.stderr_path),
             spec.log_limit_bytes,
             on_truncate=_truncation_reporter(spec),
         )

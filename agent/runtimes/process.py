@@ -85,7 +85,7 @@ class _ProcessHandle:
         proc: Child,
         exited: asyncio.Future,
         copies: PipeCopies | None,
-        attempt_dir: Path,
+        attempt_dir: str | os.PathLike[str],
         ended=lambda: None,
     ) -> None:
         # Only a task left running for the next agent has a record to remove (process.json).
@@ -168,14 +168,14 @@ class _AdoptedHandle:
         _forget(self._dir)
 
 
-def _forget(attempt_dir: Path, exit_file: bool = True) -> None:
+def _forget(attempt_dir: str | os.PathLike[str], exit_file: bool = True) -> None:
     """The controller has the attempt's result: a restarted agent must not find it again.
 
     ``exit_file``: remove the exit code too (only tasks started with leave_running have one).
     """
     for name in (PROCESS_FILE, EXIT_FILE) if exit_file else (PROCESS_FILE,):
         with contextlib.suppress(FileNotFoundError):
-            (attempt_dir / name).unlink()
+            os.unlink(f"{attempt_dir}/{name}")
 
 
 class ProcessRuntime:
@@ -208,8 +208,8 @@ class ProcessRuntime:
         # The children's pidfds and pipes, watched on the loop that starts them.
         self._watch: FdWatch | None = None
 
-    def task_path(self, host_path: Path) -> str:
-        return str(host_path)
+    def task_path(self, host_path: str | os.PathLike[str]) -> str:
+        return os.fspath(host_path)
 
     def _tell_reaper(self, line: str, now: bool = False) -> None:
         """Queue ``line`` for the reaper; ``now``: write it (and what is queued) at once."""
@@ -349,7 +349,7 @@ class ProcessRuntime:
         leave = self.config.leave_running
         command = list(spec.command)
         if leave:
-            command = ["/bin/sh", "-c", _RECORD_EXIT, str(spec.attempt_dir / EXIT_FILE), *command]
+            command = ["/bin/sh", "-c", _RECORD_EXIT, f"{spec.attempt_dir}/{EXIT_FILE}", *command]
         logs: list[CappedLog] = []
         pipes: list[tuple[int, int]] = []
         try:

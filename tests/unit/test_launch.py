@@ -4,7 +4,8 @@ and how its output file is judged. No runtime, no event loop."""
 from __future__ import annotations
 
 import json
-from pathlib import Path, PurePosixPath
+import os
+from pathlib import PurePosixPath
 
 import pytest
 from google.protobuf import duration_pb2
@@ -30,8 +31,8 @@ def assign(gpus: tuple[int, ...] = (), timeout: float = 0, **spec_kw) -> agent_p
     )
 
 
-def in_container(host: Path) -> str:
-    return str(PurePosixPath("/tether") / host.name)
+def in_container(host: str) -> str:
+    return str(PurePosixPath("/tether") / PurePosixPath(host).name)
 
 
 def test_env_has_the_spec_env_tether_vars_and_traceparent(tmp_path):
@@ -91,9 +92,9 @@ def test_launch_spec_paths_and_resources(tmp_path):
     )
     assert spec.name == "run1-train-3"
     assert spec.command == ["python", "-c", "pass"]
-    assert spec.attempt_dir == tmp_path
-    assert spec.stdout_path == tmp_path / layout.STDOUT_FILE
-    assert spec.stderr_path == tmp_path / layout.STDERR_FILE
+    assert os.fspath(spec.attempt_dir) == str(tmp_path)
+    assert os.fspath(spec.stdout_path) == str(tmp_path / layout.STDOUT_FILE)
+    assert os.fspath(spec.stderr_path) == str(tmp_path / layout.STDERR_FILE)
     assert (spec.image, spec.working_dir, spec.image_pull_policy) == (
         "python:3.12",
         "/src",
