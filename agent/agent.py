@@ -51,6 +51,7 @@ _REFUSALS = {
 # with the start time from the final report. For the many short attempts of a busy node that
 # is one stream message and one etcd write fewer each; a longer one shows as RUNNING this late.
 RUNNING_HOLD = 0.05
+_RUNNING = types_pb2.TaskState.TASK_STATE_RUNNING
 
 
 def _duration(seconds: float) -> duration_pb2.Duration | None:
@@ -139,7 +140,7 @@ class Agent:
 
     def _report(self, status: agent_pb2.TaskStatus) -> None:
         key = key_of(status.ref)
-        if status.state == types_pb2.TaskState.TASK_STATE_RUNNING:
+        if status.state == _RUNNING:
             self._held.pop(key, None)  # held again: it waits anew, behind the others
             self._held[key] = (status, time.monotonic())
             if self._held_timer is None:

@@ -49,6 +49,7 @@ _STALE = (layout.OUTPUT_FILE, layout.STATUS_FILE, layout.STDOUT_FILE, layout.STD
 _NO_INPUTS = json.dumps({"params": {}, "tasks": {}}).encode()
 # What a secret's value becomes in the log tails an attempt reports.
 REDACTED = "[secret]"
+_SUCCEEDED = t.TaskState.TASK_STATE_SUCCEEDED
 
 
 def timeout_of(spec: t.TaskSpec) -> float:
@@ -223,7 +224,7 @@ def read_output(path: str | Path, status: agent_pb2.TaskStatus) -> None:
     """Judge a cleanly exited attempt by its output file: succeeded with ``outputs_json``,
     or failed (``reason="output"``) when the file is too large or not JSON. No file is an
     empty output."""
-    status.state = t.TaskState.TASK_STATE_SUCCEEDED
+    status.state = _SUCCEEDED
     try:
         size = os.stat(path).st_size
     except (FileNotFoundError, NotADirectoryError):

@@ -53,7 +53,12 @@ _IDS = RandomIdGenerator()
 # The step of an attempt when steps make no spans: one shared no-op context manager, rather
 # than a generator-made one per step.
 _NO_PHASE = contextlib.nullcontext()
+_NO_SPAN = contextlib.nullcontext(None)
+# traceparent -> its parts around the span id (the attempts of a run share their parent when
+# the controller exports no spans of its own), so that each attempt's is one format.
+_PARENTS: dict[str, tuple[str, str]] = {}
 _FAILED = t.TaskState.TASK_STATE_FAILED
+_RUNNING = t.TaskState.TASK_STATE_RUNNING
 _SUCCEEDED = t.TaskState.TASK_STATE_SUCCEEDED
 # A final state's outcome label ("succeeded", ...), looked up once rather than per attempt.
 _OUTCOMES = {v: name.removeprefix("TASK_STATE_").lower() for name, v in t.TaskState.items()}
@@ -244,7 +249,7 @@ class Runner:
             f"run {a.spec.name}",
             a.spec.name,
             a.traceparent,
-            lambda span: self._execute(att, a, status, traceparent_of(span)),
+            lambda traceparent: self._execute(att, a, status, traceparent),
             "attempt failed in the agent",
         )
 
@@ -262,7 +267,7 @@ class Runner:
             f"recover {f.ref.task}",
             f.ref.task,
             f.traceparent,
-            lambda _span: self._supervise(att, status, f.timeout, f.elapsed),
+            lambda _traceparent: self._supervise(att, status, f.timeout, f.elapsed),
             "recovered attempt failed in the agent",
         )
 
@@ -273,10 +278,11 @@ class Runner:
         span_name: str,
         task: str,
         traceparent: str,
-        body: Callable[[trace.Span], Awaitable[None]],
+        body: Callable[[str], Awaitable[None]],
         failure: str,
     ) -> None:
-        """Run ``body`` in the attempt's span, then conclude with ``status``.
+        """Run ``body`` in the attempt's span, then conclude with ``status``. ``body`` gets
+        the ``traceparent`` that names the attempt's span, for the task.
 
         An exception in the agent itself (not in the task) is the attempt's result: it
         fails with ``runtime_error`` rather than being left running forever unreported.
@@ -295,13 +301,13 @@ class Runner:
                 },
             )
         else:
-            # Nothing would export it: a span that only carries its ids (the task's
-            # TRACEPARENT names it all the same) instead of one recorded for nobody, a
-            # sixth of the agent's CPU per no-op attempt.
-            cm = contextlib.nullcontext(_bare_span(traceparent))
+            # Nothing would export it: no span, only its ids in the task's TRACEPARENT,
+            # instead of one recorded for nobody (a sixth of the agent's CPU per no-op
+            # attempt) or a span object that only carries the ids.
+            cm = _NO_SPAN
         with cm as span:
             try:
-                await body(span)
+                await body(traceparent_of(span) if span is not None else _child_of(traceparent))
             except Exception as e:
                 log.exception(failure, task=task)
                 status.state = t.TaskState.TASK_STATE_FAILED
@@ -370,11 +376,7 @@ class Runner:
             return
         self.started_count += 1
         self.metrics.started(time.perf_counter() - began)
-        self.report(
-            agent_pb2.TaskStatus(
-                ref=ref, state=t.TaskState.TASK_STATE_RUNNING, started_at=status.started_at
-            )
-        )
+        self.report(agent_pb2.TaskStatus(ref=ref, state=_RUNNING, started_at=status.started_at))
         try:
             await self._supervise(att, status, launch.timeout_of(a.spec), 0.0)
         finally:
@@ -394,19 +396,25 @@ class Runner:
         )
 
 
-def _bare_span(traceparent: str) -> trace.Span:
-    """A non-recording span in ``traceparent``'s trace (a new trace without one)."""
-    parent = parse_traceparent(traceparent) if traceparent else None
-    trace_id = parent.trace_id if parent else _IDS.generate_trace_id()
-    flags = parent.trace_flags if parent else trace.TraceFlags(trace.TraceFlags.SAMPLED)
-    ctx = trace.SpanContext(trace_id, _IDS.generate_span_id(), is_remote=False, trace_flags=flags)
-    return trace.NonRecordingSpan(ctx)
+def _child_of(traceparent: str) -> str:
+    """The ``traceparent`` of a new (unrecorded) span in ``traceparent``'s trace, or in a new
+    trace when it names none."""
+    parent = _PARENTS.get(traceparent)
+    if parent is None:
+        ctx = parse_traceparent(traceparent) if traceparent else None
+        if ctx is None:
+            return f"00-{_IDS.generate_trace_id():032x}-{_IDS.generate_span_id():016x}-01"
+        parent = (f"00-{ctx.trace_id:032x}-", f"-{ctx.trace_flags:02x}")
+        if len(_PARENTS) >= 1024:  # the runs of long ago: start afresh
+            _PARENTS.clear()
+        _PARENTS[traceparent] = parent
+    return f"{parent[0]}{_IDS.generate_span_id():016x}{parent[1]}"
 
 
-def _end_span(span: trace.Span, status: agent_pb2.TaskStatus) -> None:
+def _end_span(span: trace.Span | None, status: agent_pb2.TaskStatus) -> None:
     if not status.HasField("finished_at"):
         status.finished_at.CopyFrom(now())
-    if not span.is_recording():
+    if span is None or not span.is_recording():
         return
     span.set_attribute("tether.state", _STATE_NAMES.get(status.state, str(status.state)))
     span.set_attribute("tether.exit_code", status.exit_code)
