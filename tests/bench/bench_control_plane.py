@@ -14,6 +14,8 @@ succeed each assignment at once) and the client. Prints one JSON object:
 - ``dag_seconds``: a 1,000-task layered DAG (10 layers of 100, two parents each);
 - ``round_trip_ms``: submit of a one-task run -> its SUCCEEDED result, p50/p99, one at a time;
 - ``submit_to_running_ms``: submit -> the attempt's start as the agent reports it;
+- ``grpc_echo_rtt_ms``: the machine's floor for one gRPC round trip (:mod:`grpc_floor`), back
+  to back and after an idle moment, measured in the same run;
 - ``controller_cpu_s_per_1k_tasks`` and the etcd requests per task; the CPU of this process
   (simulated agents and client) and of etcd per 1,000 tasks, which share the same cores;
 - ``ray``: :mod:`ray_baseline`'s figures, when ``--ray-python`` is given or Ray imports here
@@ -39,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from grpc_floor import grpc_floor
 from local_mesh import etcd_baseline
 from sim_agents import SimAgents, controller_process, cpu_seconds, etcd_requests
 
@@ -153,6 +156,7 @@ async def main_async(args) -> dict:
         "etcd_baseline_txn_per_s": round(baseline, 1),
         **result,
         "ratio_to_etcd_txn": round(result["tasks_per_s"] / baseline, 3),
+        "grpc_echo_rtt_ms": await asyncio.to_thread(grpc_floor),
         "agents": args.agents,
         "slots_per_agent": args.slots,
         "cpus": len(os.sched_getaffinity(0)),

@@ -11,6 +11,8 @@ with the process runtime, then prints one JSON object:
 - ``tasks_per_s``: no-op tasks of one wide workflow completed per second;
 - ``etcd_writes_per_task`` / ``etcd_txns_per_task``: what one task costs the store;
 - ``submit_to_running_ms``: p50/p99 of submit -> RUNNING for single-task runs, one at a time;
+- ``grpc_echo_rtt_ms``: the machine's floor for one gRPC round trip (:mod:`grpc_floor`), back
+  to back and after an idle moment, measured in the same run: a submit crosses several;
 - ``agents_cpu_ms_per_task`` / ``controller_cpu_ms_per_task``: CPU time (user + system) of
   the agent processes, and of this process (controller and client), per task of the wide run;
   ``tasks_cpu_ms_per_task``: of the ``true`` processes themselves (the agents' reaped
@@ -41,6 +43,7 @@ import time
 from pathlib import Path
 
 from bench_control_plane import layered_dag
+from grpc_floor import grpc_floor
 from local_mesh import local_mesh
 from sim_agents import cpu_seconds, etcd_requests
 
@@ -250,6 +253,7 @@ async def main_async(args) -> dict:
     return {
         "etcd_baseline_txn_per_s": round(baseline, 1),
         **result,
+        "grpc_echo_rtt_ms": await asyncio.to_thread(grpc_floor),
         "agents": args.agents,
         "slots_per_agent": args.slots,
         "agents_work_fs": _fs_type(args.agents_dir or tempfile.gettempdir()),

@@ -1,0 +1,85 @@
+"""The machine's floor for a gRPC round trip: a bare echo, measured beside the latency figures.
+
+A no-op unary call from a blocking client (the SDK's kind) to a ``grpc.aio`` server (the
+controller's and agent's kind) in another process, with no handler work, interceptors or
+etcd. Measured twice: back to back, and after the machine has idled for a moment, as it does
+between the one-at-a-time submits of a latency run. On a virtual machine a process woken on an
+idle virtual CPU can wait far longer to run than on a busy one, and a submit crosses
+several processes and threads (client, controller, etcd, agent) before its task starts.
+
+    python grpc_floor.py serve    # the echo server: prints its port, serves until killed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+
+import grpc
+from open_loop import pct
+
+_METHOD = "/tether.bench.Echo/Echo"
+
+
+def _serve() -> None:
+    async def run() -> None:
+        async def echo(request: bytes, _context) -> bytes:
+            return request
+
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(echo)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("tether.bench.Echo", {"Echo": handler}),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(port, flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+def grpc_floor(calls: int = 200, idle: float = 0.01) -> dict:
+    """Round-trip milliseconds of a no-op gRPC call, back to back and after ``idle`` seconds
+    of idling before each call (p50 and p99 of ``calls`` each)."""
+    server = subprocess.Popen(
+        [sys.executable, __file__, "serve"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        port = int(server.stdout.readline())
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(_METHOD)
+            for _ in range(50):  # connection and first-call costs
+                call(b"x", timeout=5)
+
+            def timed(pause: float) -> list[float]:
+                out = []
+                for _ in range(calls):
+                    if pause:
+                        time.sleep(pause)
+                    start = time.perf_counter()
+                    call(b"x", timeout=5)
+                    out.append((time.perf_counter() - start) * 1000)
+                return out
+
+            busy, rested = timed(0.0), timed(idle)
+    finally:
+        server.kill()
+        server.wait()
+    return {
+        "back_to_back_p50": round(statistics.median(busy), 2),
+        "back_to_back_p99": round(pct(busy, 99), 2),
+        "after_idle_p50": round(statistics.median(rested), 2),
+        "after_idle_p99": round(pct(rested, 99), 2),
+        "idle_s": idle,
+    }
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["serve"]:
+        _serve()
+    else:
+        print(grpc_floor())
