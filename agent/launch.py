@@ -72,28 +72,27 @@ def stage(d: str, a: agent_pb2.AssignTask) -> None:
     logs there; they are removed so that none is mistaken for this run's. A new directory
     has nothing stale, and costs no look-ups for it.
     """
-    path = d
     if a.ref.attempt == 1:
         # Most attempts are a task's first: its directory is new too (in an existing run's).
         try:
-            os.mkdir(os.path.dirname(path))
+            os.mkdir(os.path.dirname(d))
         except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.makedirs(os.path.dirname(d), exist_ok=True)
         except FileExistsError:
             pass
     try:
-        os.mkdir(path)
+        os.mkdir(d)
     except FileNotFoundError:  # a later attempt of a task this node never ran
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(d, exist_ok=True)
     except FileExistsError:
         for stale in _STALE:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{path}/{stale}")
+                os.unlink(f"{d}/{stale}")
     if a.params or a.upstream_outputs:
         inputs = json.dumps(inputs_of(a)).encode()
     else:
         inputs = _NO_INPUTS
-    write_file(f"{path}/{layout.INPUTS_FILE}", inputs)
+    write_file(f"{d}/{layout.INPUTS_FILE}", inputs)
 
 
 def write_file(path: str, data: bytes) -> None:

@@ -53,9 +53,11 @@ _IDS = RandomIdGenerator()
 # The step of an attempt when steps make no spans: one shared no-op context manager, rather
 # than a generator-made one per step.
 _NO_PHASE = contextlib.nullcontext()
+# The attempt's span when spans are not exported: none (see Runner._traced).
 _NO_SPAN = contextlib.nullcontext(None)
-# traceparent -> its parts around the span id (the attempts of a run share their parent when
-# the controller exports no spans of its own), so that each attempt's is one format.
+# traceparent -> its parts around the span id, so that each attempt's own is one format rather
+# than a parse: the attempts of a run share their parent when the controller exports no spans.
+# Bounded because when it does, every attempt has a parent of its own and none is seen again.
 _PARENTS: dict[str, tuple[str, str]] = {}
 _FAILED = t.TaskState.TASK_STATE_FAILED
 _RUNNING = t.TaskState.TASK_STATE_RUNNING
@@ -281,8 +283,9 @@ class Runner:
         body: Callable[[str], Awaitable[None]],
         failure: str,
     ) -> None:
-        """Run ``body`` in the attempt's span, then conclude with ``status``. ``body`` gets
-        the ``traceparent`` that names the attempt's span, for the task.
+        """Run ``body`` in the attempt's span (when spans are exported), then conclude with
+        ``status``. ``body`` gets the ``traceparent`` that names the attempt's span (exported
+        or not), for the task.
 
         An exception in the agent itself (not in the task) is the attempt's result: it
         fails with ``runtime_error`` rather than being left running forever unreported.

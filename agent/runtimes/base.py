@@ -8,10 +8,10 @@ runtime only turns a :class:`LaunchSpec` into a running unit of work and back in
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 __all__ = ["ExitStatus", "LaunchSpec", "RecoveredTask", "Runtime", "RuntimeError_", "TaskHandle"]
@@ -35,9 +35,9 @@ class LaunchSpec:
     working_dir: str
     # Plain strings (a Path is accepted too): built for every attempt, where pathlib's parsing
     # cost more than the system calls that use them.
-    attempt_dir: str | os.PathLike[str]
-    stdout_path: str | os.PathLike[str]
-    stderr_path: str | os.PathLike[str]
+    attempt_dir: str | Path
+    stdout_path: str | Path
+    stderr_path: str | Path
     image: str = ""
     cpu: float = 0.0
     memory_bytes: int = 0
@@ -122,7 +122,7 @@ class Runtime(Protocol):
 
     name: str
 
-    def task_path(self, host_path: str | os.PathLike[str]) -> str:
+    def task_path(self, host_path: str | Path) -> str:
         """The path under which the task sees ``host_path`` (inside a container, say)."""
         ...
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
 __all__ = ["CappedLog", "copy_to_log", "truncation_note"]
@@ -41,7 +41,7 @@ class CappedLog:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | Path,
         limit: int,
         on_truncate: Callable[[], None] | None = None,
     ) -> None:

@@ -250,7 +250,7 @@ class DockerRuntime:
                 self._connected = True
             return self._api
 
-    def task_path(self, host_path: str | os.PathLike[str]) -> str:
+    def task_path(self, host_path: str | Path) -> str:
         relative = attempt_relative(self.config.work_dir, Path(host_path))
         return str(MOUNT / PurePosixPath(relative))
 

@@ -85,7 +85,7 @@ class _ProcessHandle:
         proc: Child,
         exited: asyncio.Future,
         copies: PipeCopies | None,
-        attempt_dir: str | os.PathLike[str],
+        attempt_dir: str | Path,
         ended=lambda: None,
     ) -> None:
         # Only a task left running for the next agent has a record to remove (process.json).
@@ -168,7 +168,7 @@ class _AdoptedHandle:
         _forget(self._dir)
 
 
-def _forget(attempt_dir: str | os.PathLike[str], exit_file: bool = True) -> None:
+def _forget(attempt_dir: str | Path, exit_file: bool = True) -> None:
     """The controller has the attempt's result: a restarted agent must not find it again.
 
     ``exit_file``: remove the exit code too (only tasks started with leave_running have one).
@@ -208,7 +208,7 @@ class ProcessRuntime:
         # The children's pidfds and pipes, watched on the loop that starts them.
         self._watch: FdWatch | None = None
 
-    def task_path(self, host_path: str | os.PathLike[str]) -> str:
+    def task_path(self, host_path: str | Path) -> str:
         return os.fspath(host_path)
 
     def _tell_reaper(self, line: str, now: bool = False) -> None:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from tether.api.v1 import controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
+from tether.controller import lifecycle as lc
 from tether.sdk import InvalidSpecError
 from tether.sdk.validation import validate_params, validate_workflow
 
@@ -124,4 +125,6 @@ def test_server_answers_ok_or_invalid_argument_never_internal(mesh, spec, params
             # A run that ended first (a timeout of a nanosecond, say) is not cancelled: that
             # is the answer for a finished run, not a server error.
             assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, (e.code(), e.details())
-            assert "already" in e.details(), e.details()
+            run = stub.GetRun(controller_pb2.GetRunRequest(run_id=resp.run_id), timeout=10).run
+            assert run.state in lc.RUN_TERMINAL, run.state
+            assert f"already {lc.run_state_name(run.state)}" in e.details(), e.details()
