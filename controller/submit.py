@@ -158,6 +158,8 @@ class Submitter:
             self._take_up(new, revision)
             if bound:
                 self.binder.submitted(run, bound)
+            # After the assignments, which wait for nothing else on an idle mesh.
+            log.info("run submitted", run_id=run.msg.id, tasks=len(new.entries))
             return run.msg.id, False
         if bound:
             self.binder.unbind_submitted(bound)
@@ -232,6 +234,7 @@ class Submitter:
         if revisions is not None:
             run.committed = run_value
             self._take_up(new, revision, revisions)
+            log.info("run submitted", run_id=run.msg.id, tasks=len(new.entries))
         else:
             # The interrupted submit wrote some tasks: their revisions are etcd's to tell.
             await self.ensure_loaded(run.msg.id)
@@ -414,7 +417,6 @@ class Submitter:
         for name in new.ready:
             self.cache.enqueue((run.msg.id, name))
         self.cache.kick()
-        log.info("run submitted", run_id=run.msg.id, tasks=len(new.entries))
 
 
 @dataclass
