@@ -2,10 +2,12 @@
 
 A no-op unary call from a blocking client (the SDK's kind) to a ``grpc.aio`` server (the
 controller's and agent's kind) in another process, with no handler work, interceptors or
-etcd. Measured twice: back to back, and after the machine has idled for a moment, as it does
-between the one-at-a-time submits of a latency run. On a virtual machine a process woken on an
-idle virtual CPU can wait far longer to run than on a busy one, and a submit crosses
-several processes and threads (client, controller, etcd, agent) before its task starts.
+etcd. Measured twice: back to back, and after a pause of the caller, as between the
+one-at-a-time submits of a latency run. A process that has slept a while answers more slowly
+than one answering back to back (on the 2-core VM these benchmarks ran on, two to three times:
+its CPU idled or ran others meanwhile), and a submit crosses several processes and threads
+(client, controller, etcd, agent, and each ``grpc.aio`` process's poller thread) before its
+task starts.
 
     python grpc_floor.py serve    # the echo server: prints its port, serves until killed
 """
