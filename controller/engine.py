@@ -223,9 +223,12 @@ class Engine:
         """The cached run; an unfinished run found only in etcd is loaded and reconciled."""
         return await self._loader.ensure_loaded(run_id)
 
-    async def get_run(self, run_id: str, with_tasks: bool = True) -> t.Run:
-        """Return a run (from the cache, or etcd for finished runs no longer cached)."""
-        return await self._queries.get_run(run_id, with_tasks)
+    async def get_run(
+        self, run_id: str, with_tasks: bool = True, out: t.Run | None = None
+    ) -> t.Run:
+        """Return a run (from the cache, or etcd for finished runs no longer cached); ``out``:
+        the message to fill and return."""
+        return await self._queries.get_run(run_id, with_tasks, out)
 
     async def get_task(self, run_id: str, task: str) -> t.TaskRun:
         """Return one task of a run; raises NotFound for an unknown run or task."""

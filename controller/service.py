@@ -176,7 +176,10 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
     async def GetRun(self, request, context):
         self._check_ids(run_id=request.run_id)
         _require(request.run_id, "run_id")
-        return controller_pb2.GetRunResponse(run=await self.engine.get_run(request.run_id))
+        # Filled in place: a big run is not built once more to be copied into the response.
+        response = controller_pb2.GetRunResponse()
+        await self.engine.get_run(request.run_id, out=response.run)
+        return response
 
     @grpc_errors
     async def ListRuns(self, request, context):

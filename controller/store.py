@@ -257,6 +257,25 @@ class Store:
         ``newest_first`` (descending by key), keys < start.
         """
         out: list[KeyValue] = []
+        header_rev = revision
+        async for page, rev in self.pages(
+            prefix, limit=limit, start=start, newest_first=newest_first, revision=revision
+        ):
+            out.extend(page)
+            header_rev = rev
+        return out, header_rev
+
+    async def pages(
+        self,
+        prefix: str,
+        *,
+        limit: int = 0,
+        start: str | None = None,
+        newest_first: bool = False,
+        revision: int = 0,
+    ) -> AsyncIterator[tuple[list[KeyValue], int]]:
+        """:meth:`range` a page at a time, each with the read's revision (all at one): for
+        callers that consume the keys as they come rather than hold all of a big run's."""
         end = prefix_range_end(prefix.encode())
         lo: bytes = prefix.encode()
         hi: bytes = end
@@ -266,8 +285,9 @@ class Store:
             else:
                 lo = start.encode() + b"\x00"
         header_rev = revision
+        got = 0
         while True:
-            want = _RANGE_PAGE if not limit else min(_RANGE_PAGE, limit - len(out))
+            want = _RANGE_PAGE if not limit else min(_RANGE_PAGE, limit - got)
             async with self._request("range"):
                 resp = await self._client.kv.get(
                     lo,
@@ -278,10 +298,13 @@ class Store:
                     sort_order=SortOrder.DESCEND if newest_first else SortOrder.ASCEND,
                 )
             header_rev = header_rev or resp.header.revision
-            for kv in resp.kvs:
-                out.append(KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.lease))
-            if not resp.more or not resp.kvs or (limit and len(out) >= limit):
-                return out, header_rev
+            page = [
+                KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.lease) for kv in resp.kvs
+            ]
+            got += len(page)
+            yield page, header_rev
+            if not resp.more or not resp.kvs or (limit and got >= limit):
+                return
             last = resp.kvs[-1].key
             if newest_first:
                 hi = last
