@@ -34,11 +34,14 @@ async def _add_tasks(
     own has an arena of its own, ≈ 2.6 KB however small the record, and the whole key list of
     a 100,000-task run is another 50 MB; both were most of the GetRun of such a run.
     """
-    async for page, _ in store.pages(store.keys.tasks_of(run_id), revision=revision):
-        for kv in page:
-            run.tasks.add().MergeFromString(kv.value)
-            if seen is not None:
-                seen[kv.key] = kv.mod_revision
+    pages = store.pages(store.keys.tasks_of(run_id), revision=revision)
+    async with contextlib.aclosing(pages):
+        async for page, read_at in pages:
+            revision = read_at  # every page, and the depends_on parts, at the first's revision
+            for kv in page:
+                run.tasks.add().MergeFromString(kv.value)
+                if seen is not None:
+                    seen[kv.key] = kv.mod_revision
     run.tasks.sort(key=lambda m: m.index)
     await restore_depends_on(store, run.tasks, revision)
 
@@ -73,7 +76,7 @@ class Queries:
         kv = await self.store.get(self.keys.run(run_id))
         if kv is None:
             raise NotFound(f"run {run_id!r} not found")
-        out.MergeFromString(kv.value)
+        out.ParseFromString(kv.value)
         if with_tasks:
             await _add_tasks(self.store, out, run_id)
         return out
@@ -165,10 +168,14 @@ class Queries:
                 kvs, _ = await store.range(run_key, limit=1, revision=revision)
                 if not kvs or kvs[0].key != run_key:
                     raise NotFound(f"run {run_id!r} not found")
-                run = t.Run.FromString(kvs[0].value)
+                # Built inside the event: a big run's snapshot is not copied there whole.
+                event = controller_pb2.RunEvent(revision=revision)
+                run = event.snapshot
+                run.ParseFromString(kvs[0].value)
                 if not run_only:
                     await _add_tasks(store, run, run_id, revision, seen)
-                yield controller_pb2.RunEvent(snapshot=run, run_state=run.state, revision=revision)
+                event.run_state = run.state
+                yield event
                 if run.state in lc.RUN_TERMINAL:
                     return
             async for ev in self._changes(w, run_key, task_prefix, revision, seen, run_only):
