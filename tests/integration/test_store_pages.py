@@ -47,6 +47,20 @@ async def _finished_run(store: Store, run_id: str) -> None:
         await store.txn([], [op], fenced=False)
 
 
+def _with_store(etcd, prefix, body) -> None:
+    """Run ``body(store)`` against a connected store of this test's prefix."""
+
+    async def main():
+        store = Store([etcd.endpoint], prefix, timeout=3)
+        await store.connect()
+        try:
+            await body(store)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
 def _check(run: t.Run) -> None:
     assert [m.index for m in run.tasks] == list(range(TASKS))
     first = run.tasks[0]
@@ -55,87 +69,72 @@ def _check(run: t.Run) -> None:
 
 
 def test_get_run_and_the_watch_snapshot_read_every_page_in_index_order(etcd, prefix, small_pages):
-    async def main():
-        store = Store([etcd.endpoint], prefix, timeout=3)
-        await store.connect()
-        try:
-            await _finished_run(store, "r1")
-            queries = Queries(store, Cache())
-            _check(await queries.get_run("r1"))
+    async def body(store: Store) -> None:
+        await _finished_run(store, "r1")
+        queries = Queries(store, Cache())
+        _check(await queries.get_run("r1"))
 
-            # Filled in place, as the GetRun handler does; a reused message is replaced.
-            response = controller_pb2.GetRunResponse()
-            await queries.get_run("r1", out=response.run)
-            assert response.HasField("run")
-            _check(response.run)
-            stale = t.Run(message="stale")
-            stale.tasks.add(index=77)
-            _check(await queries.get_run("r1", out=stale))
-            assert stale.message == ""
+        # Filled in place, as the GetRun handler does; a reused message is replaced.
+        response = controller_pb2.GetRunResponse()
+        await queries.get_run("r1", out=response.run)
+        assert response.HasField("run")
+        _check(response.run)
+        stale = t.Run(message="stale")
+        stale.tasks.add(index=77)
+        _check(await queries.get_run("r1", out=stale))
+        assert stale.message == ""
 
-            events = queries.watch_run("r1", 0)
-            first = await events.__anext__()
-            await events.aclose()
-            assert first.HasField("snapshot")
-            assert first.run_state == t.RunState.RUN_STATE_SUCCEEDED
-            _check(first.snapshot)
-        finally:
-            await store.close()
+        events = queries.watch_run("r1", 0)
+        first = await events.__anext__()
+        await events.aclose()
+        assert first.HasField("snapshot")
+        assert first.run_state == t.RunState.RUN_STATE_SUCCEEDED
+        _check(first.snapshot)
 
-    asyncio.run(main())
+    _with_store(etcd, prefix, body)
 
 
 def test_all_pages_are_read_as_of_the_first(etcd, prefix, small_pages):
-    async def main():
-        store = Store([etcd.endpoint], prefix, timeout=3)
-        await store.connect()
-        try:
-            await _finished_run(store, "r1")
-            queries = Queries(store, Cache())
-            real_get = store._client.kv.get
-            reads = 0
+    async def body(store: Store) -> None:
+        await _finished_run(store, "r1")
+        queries = Queries(store, Cache())
+        real_get = store._client.kv.get
+        reads = 0
 
-            async def get(*args, **kwargs):
-                nonlocal reads
-                result = await real_get(*args, **kwargs)
-                reads += 1
-                if reads == 2:  # the run record, then the first page of its tasks
-                    late = t.TaskRun(run_id="r1", index=999)
-                    late.spec.name = "t09"
-                    put = Put(store.keys.task("r1", "t09"), late.SerializeToString())
-                    await store.txn([], [put], fenced=False)
-                return result
+        async def get(*args, **kwargs):
+            nonlocal reads
+            result = await real_get(*args, **kwargs)
+            reads += 1
+            if reads == 2:  # the run record, then the first page of its tasks
+                late = t.TaskRun(run_id="r1", index=999)
+                late.spec.name = "t09"
+                put = Put(store.keys.task("r1", "t09"), late.SerializeToString())
+                await store.txn([], [put], fenced=False)
+            return result
 
-            store._client.kv.get = get
-            run = await queries.get_run("r1")
-            store._client.kv.get = real_get
-            assert reads > 3  # more than one page was read
-            _check(run)  # without the task written after the first page
-        finally:
-            await store.close()
+        store._client.kv.get = get
+        run = await queries.get_run("r1")
+        store._client.kv.get = real_get
+        assert reads > 3  # more than one page was read
+        _check(run)  # without the task written after the first page
 
-    asyncio.run(main())
+    _with_store(etcd, prefix, body)
 
 
 def test_range_keeps_limits_order_and_an_empty_answer_across_pages(etcd, prefix, small_pages):
-    async def main():
-        store = Store([etcd.endpoint], prefix, timeout=3)
-        await store.connect()
-        try:
-            for i in range(TASKS):
-                await store.txn([], [Put(f"{prefix}/k/{i:02d}", b"v")], fenced=False)
-            names = lambda kvs: [kv.key.rsplit("/", 1)[1] for kv in kvs]  # noqa: E731
-            kvs, revision = await store.range(f"{prefix}/k/")
-            assert names(kvs) == [f"{i:02d}" for i in range(TASKS)] and revision > 0
-            kvs, _ = await store.range(f"{prefix}/k/", limit=5)
-            assert names(kvs) == ["00", "01", "02", "03", "04"]
-            kvs, _ = await store.range(
-                f"{prefix}/k/", newest_first=True, limit=4, start=f"{prefix}/k/08"
-            )
-            assert names(kvs) == ["07", "06", "05", "04"]
-            kvs, revision = await store.range(f"{prefix}/nothing/")
-            assert kvs == [] and revision > 0
-        finally:
-            await store.close()
+    async def body(store: Store) -> None:
+        for i in range(TASKS):
+            await store.txn([], [Put(f"{prefix}/k/{i:02d}", b"v")], fenced=False)
+        names = lambda kvs: [kv.key.rsplit("/", 1)[1] for kv in kvs]  # noqa: E731
+        kvs, revision = await store.range(f"{prefix}/k/")
+        assert names(kvs) == [f"{i:02d}" for i in range(TASKS)] and revision > 0
+        kvs, _ = await store.range(f"{prefix}/k/", limit=5)
+        assert names(kvs) == ["00", "01", "02", "03", "04"]
+        kvs, _ = await store.range(
+            f"{prefix}/k/", newest_first=True, limit=4, start=f"{prefix}/k/08"
+        )
+        assert names(kvs) == ["07", "06", "05", "04"]
+        kvs, revision = await store.range(f"{prefix}/nothing/")
+        assert kvs == [] and revision > 0
 
-    asyncio.run(main())
+    _with_store(etcd, prefix, body)
