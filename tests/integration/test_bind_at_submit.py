@@ -67,3 +67,43 @@ def test_a_run_behind_waiting_tasks_is_not_bound_at_submit(etcd, prefix, tmp_pat
         assert first.wait(timeout=30).state == t.RunState.RUN_STATE_SUCCEEDED
     finally:
         mesh.close()
+
+
+def test_the_bound_assignments_go_out_before_the_submit_is_answered(
+    etcd, prefix, tmp_path, monkeypatch
+):
+    """On an idle mesh the task's start waits on nothing the submit's answer needs: the
+    agents' stream writers take the assignments before the handler logs and answers."""
+    from tether.controller import records, service
+
+    order: list[str] = []
+    outgoing = records.AgentSession.outgoing
+
+    async def recorded_outgoing(self):
+        async for msg in outgoing(self):
+            parts = msg.batch.messages if msg.HasField("batch") else [msg]
+            order.extend(f"assign {m.assign.ref.task}" for m in parts if m.HasField("assign"))
+            yield msg
+
+    submit = service.ControllerServicer.SubmitWorkflow
+
+    async def recorded_submit(self, request, context):
+        response = await submit(self, request, context)
+        order.append(f"answer {request.spec.name}")
+        return response
+
+    monkeypatch.setattr(records.AgentSession, "outgoing", recorded_outgoing)
+    monkeypatch.setattr(service.ControllerServicer, "SubmitWorkflow", recorded_submit)
+    mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents")
+    try:
+        mesh.start_controller()
+        mesh.add_agent("n1")
+        client = mesh.client()
+        for i in range(3):
+            wf = Workflow(f"one{i}")
+            wf.task(f"x{i}", [sys.executable, "-c", "pass"])
+            assert client.submit(wf).wait(timeout=30).state == t.RunState.RUN_STATE_SUCCEEDED
+        expected = [e for i in range(3) for e in (f"assign x{i}", f"answer one{i}")]
+        assert order == expected, order
+    finally:
+        mesh.close()
