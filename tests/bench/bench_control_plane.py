@@ -37,12 +37,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from grpc_floor import grpc_floor
 from local_mesh import etcd_baseline
+from scratch import new_scratch_dir, remove_scratch_dir
 from sim_agents import SimAgents, controller_process, cpu_seconds, etcd_requests
 
 from tether.api.v1 import types_pb2 as t
@@ -141,7 +141,7 @@ def baseline_figures(python: str, module: str, script: str, args) -> dict | None
 
 
 async def main_async(args) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-cp-"))
+    tmp = new_scratch_dir("tether-bench-cp-")
     etcd = EtcdProcess(tmp / "etcd").start()
     try:
         baseline = await etcd_baseline(etcd.endpoint)
@@ -152,6 +152,7 @@ async def main_async(args) -> dict:
                 )
     finally:
         etcd.stop()
+        remove_scratch_dir(tmp)
     out = {
         "etcd_baseline_txn_per_s": round(baseline, 1),
         **result,

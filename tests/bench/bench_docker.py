@@ -23,11 +23,11 @@ import asyncio
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import docker
+from scratch import new_scratch_dir, remove_scratch_dir
 
 from tether.agent import layout
 from tether.agent.config import AgentConfig
@@ -97,22 +97,25 @@ async def main(runs: int, image: str, warmup: int) -> dict:
     client = docker.from_env()
     api = client.api
     api.inspect_image(image)  # fail early without the image
-    work_dir = Path(tempfile.mkdtemp(prefix="tether-bench-docker-"))
+    work_dir = new_scratch_dir("tether-bench-docker-")
     rt = DockerRuntime(AgentConfig(node="bench", runtime="docker", work_dir=work_dir))
     samples: dict[str, list[float]] = {"raw_sdk": [], "raw_sdk_run": [], "tether": []}
-    for i in range(warmup + runs):
-        # Rotate the order so no method always runs right after another.
-        order = ["raw_sdk", "raw_sdk_run", "tether"]
-        order = order[i % 3 :] + order[: i % 3]
-        for method in order:
-            if method == "raw_sdk":
-                s = await asyncio.to_thread(raw_once, api, image)
-            elif method == "raw_sdk_run":
-                s = await asyncio.to_thread(raw_run_once, client, image)
-            else:
-                s = await tether_once(rt, image, work_dir, i)
-            if i >= warmup:
-                samples[method].append(s * 1000)
+    try:
+        for i in range(warmup + runs):
+            # Rotate the order so no method always runs right after another.
+            order = ["raw_sdk", "raw_sdk_run", "tether"]
+            order = order[i % 3 :] + order[: i % 3]
+            for method in order:
+                if method == "raw_sdk":
+                    s = await asyncio.to_thread(raw_once, api, image)
+                elif method == "raw_sdk_run":
+                    s = await asyncio.to_thread(raw_run_once, client, image)
+                else:
+                    s = await tether_once(rt, image, work_dir, i)
+                if i >= warmup:
+                    samples[method].append(s * 1000)
+    finally:
+        remove_scratch_dir(work_dir)
     info = api.version()
     result = {
         "benchmark": "container start-to-exit latency",

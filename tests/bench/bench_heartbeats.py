@@ -16,17 +16,16 @@ import argparse
 import asyncio
 import json
 import os
-import tempfile
 import time
-from pathlib import Path
 
+from scratch import new_scratch_dir, remove_scratch_dir
 from sim_agents import SimAgents, controller_process, cpu_seconds, etcd_requests
 
 from tether.controller.etcd_process import EtcdProcess
 
 
 async def main_async(args) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-hb-"))
+    tmp = new_scratch_dir("tether-bench-hb-")
     etcd = EtcdProcess(tmp / "etcd").start()
     try:
         log = tmp / "controller.log"
@@ -47,6 +46,7 @@ async def main_async(args) -> dict:
                 interval = sims.agents[0].heartbeat_interval
     finally:
         etcd.stop()
+        remove_scratch_dir(tmp)
     return {
         "agents": args.agents,
         "heartbeat_interval_s": interval,

@@ -22,12 +22,12 @@ import argparse
 import asyncio
 import json
 import os
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from local_mesh import etcd_baseline
+from scratch import new_scratch_dir, remove_scratch_dir
 from sim_agents import SimAgents, controller_process, cpu_seconds, etcd_requests
 
 from tether.api.v1 import types_pb2 as t
@@ -145,7 +145,7 @@ async def run_real(args, etcd_unused, tmp_unused) -> dict:
 
 
 async def main_async(args) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-large-"))
+    tmp = new_scratch_dir("tether-bench-large-")
     etcd = EtcdProcess(tmp / "etcd").start()
     try:
         baseline = await etcd_baseline(etcd.endpoint)
@@ -156,6 +156,7 @@ async def main_async(args) -> dict:
             result = await run_sim(args, etcd, tmp)
     finally:
         etcd.stop()
+        remove_scratch_dir(tmp)
     out = {
         "agents": args.real_agents or args.agents,
         "simulated": not args.real_agents,

@@ -24,12 +24,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from scratch import new_scratch_dir, remove_scratch_dir
 from sim_agents import SimAgents, controller_process
 
 from tether.controller.etcd_process import EtcdProcess
@@ -92,7 +92,7 @@ def tether_level(client: Client, level: float, seconds: float, tick: float) -> d
 
 
 async def tether_curve(args) -> list[dict]:
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-load-"))
+    tmp = new_scratch_dir("tether-bench-load-")
     etcd = EtcdProcess(tmp / "etcd").start()
     try:
         async with controller_process(etcd.endpoint, tmp / "controller.log") as (address, _pid):
@@ -109,6 +109,7 @@ async def tether_curve(args) -> list[dict]:
                 return await asyncio.to_thread(measure)
     finally:
         etcd.stop()
+        remove_scratch_dir(tmp)
 
 
 def baseline_curve(python: str, script: str, args) -> dict | None:

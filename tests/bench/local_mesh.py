@@ -9,13 +9,12 @@ import contextlib
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from etcd3aio import Etcd3Client
 from etcd3aio._protobuf import RequestOp, rpc_pb2
+from scratch import new_scratch_dir, remove_scratch_dir
 from sim_agents import controller_process
 
 from tether.controller.cli import tune_gc
@@ -57,8 +56,8 @@ async def local_mesh(
     controller is a ``tether controller`` process, as deployed, and this list receives its
     address, its pid and etcd's endpoint; None is yielded for the server then.
     """
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
-    agents_root = Path(tempfile.mkdtemp(prefix="tether-bench-", dir=agents_dir or tmp))
+    tmp = new_scratch_dir("tether-bench-")
+    agents_root = new_scratch_dir("tether-bench-", agents_dir or tmp)
     etcd = EtcdProcess(tmp / "etcd").start()
     if etcd_pids is not None:
         etcd_pids.append(etcd.proc.pid)
@@ -127,3 +126,5 @@ async def local_mesh(
             await server.stop()
         await stack.aclose()
         etcd.stop()
+        remove_scratch_dir(agents_root)
+        remove_scratch_dir(tmp)
