@@ -14,6 +14,7 @@ import urllib.parse
 from collections.abc import Callable
 
 from tether.api.v1 import types_pb2 as t
+from tether.controller.errors import NotLeader
 from tether.controller.store import Put, Store
 from tether.sdk.telemetry import get_logger
 
@@ -41,7 +42,8 @@ class Durations:
         self.on_loaded = on_loaded
         self.known: dict[str, dict[str, float]] = {}
         self._loading: set[str] = set()
-        self._dirty: set[str] = set()
+        # Workflows with observations not written yet -> the timer that writes them.
+        self._dirty: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
 
     def key(self, workflow: str) -> str:
@@ -68,8 +70,7 @@ class Durations:
         if len(table) > MAX_TASKS:
             table.pop(next(iter(table)))  # the oldest entry goes first
         if workflow not in self._dirty:
-            self._dirty.add(workflow)
-            asyncio.get_running_loop().call_later(
+            self._dirty[workflow] = asyncio.get_running_loop().call_later(
                 _WRITE_DELAY, lambda: self._spawn(self._write(workflow))
             )
 
@@ -96,14 +97,26 @@ class Durations:
         self.on_loaded(workflow)
 
     async def _write(self, workflow: str) -> None:
-        self._dirty.discard(workflow)
+        self._dirty.pop(workflow, None)
         msg = t.LearnedDurations(seconds=self.known.get(workflow, {}))
         try:
             await self.store.txn([], [Put(self.key(workflow), msg.SerializeToString())])
+        except NotLeader:  # the new leader learns them again from the next run
+            log.info("learned durations not written: no longer the leader", workflow=workflow)
         except Exception as e:  # learned again by the next run
             log.warning("could not write learned durations", workflow=workflow, error=str(e))
 
-    def close(self) -> None:
-        """Cancel reads and writes in flight."""
+    async def close(self, timeout: float = 1.0) -> None:
+        """Write what is not written yet (for up to ``timeout`` seconds), then cancel reads
+        and writes in flight: nothing is written after this returns."""
+        dirty = list(self._dirty)
+        for handle in self._dirty.values():
+            handle.cancel()
+        if dirty:
+            writes = asyncio.gather(*(self._write(w) for w in dirty))
+            try:
+                await asyncio.wait_for(writes, timeout)
+            except TimeoutError:
+                log.warning("learned durations not written at shutdown", workflows=len(dirty))
         for task in list(self._tasks):
             task.cancel()

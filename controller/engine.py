@@ -199,7 +199,7 @@ class Engine:
                 pass
         await self._committer.stop()
         self._run_watch.stop()
-        self._durations.close()
+        await self._durations.close()
         self._timers.cancel_all()
         self._nodes.close_sessions()
 
