@@ -20,6 +20,9 @@ with the process runtime, then prints one JSON object:
   (/proc/stat) over the wide run, out of ``cpus``;
 - ``dag_seconds``: a 1,000-task layered DAG (10 layers of 100, two parents each, as in
   ``bench_control_plane``) from submit to its result;
+- ``agents_work_fs`` / ``agents_work_stage_cpu_ms``: the file system of the agents' work dirs
+  and the CPU-ms per attempt of the agent's staging there (two directories and
+  ``inputs.json``), measured after the runs;
 - ``spawn_ceiling_per_s``: ``true`` processes/s spawned by a bare asyncio loop with the same
   concurrency (agents x slots) and count, measured in the same run, and ``ratio_to_spawn``.
 
@@ -45,8 +48,11 @@ from pathlib import Path
 from bench_control_plane import layered_dag
 from grpc_floor import grpc_floor
 from local_mesh import local_mesh
+from scratch import new_scratch_dir, remove_scratch_dir
 from sim_agents import cpu_seconds, etcd_requests
 
+from tether.agent import launch
+from tether.api.v1 import agent_pb2
 from tether.api.v1 import types_pb2 as t
 from tether.controller.server import ControllerServer
 from tether.sdk import Client, Workflow
@@ -223,6 +229,24 @@ async def spawn_ceiling(count: int, concurrency: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def stage_cost_ms(parent: str, count: int = 2000) -> float:
+    """CPU-ms per attempt of the agent's staging (``launch.stage``: the task's and the
+    attempt's directories and ``inputs.json``) under ``parent``, where the agents' work dirs
+    go: file-system metadata costs differ several-fold between file systems, and between
+    places on one (on this machine's root file system: /tmp against /var/lib)."""
+    a = agent_pb2.AssignTask()
+    a.ref.run_id, a.ref.attempt = "run", 1
+    root = new_scratch_dir("tether-bench-stage-", parent)
+    try:
+        start = time.process_time()
+        for i in range(count):
+            a.ref.task = f"t{i}"
+            launch.stage(f"{root}/run/t{i}/1", a)
+        return (time.process_time() - start) * 1000 / count
+    finally:
+        remove_scratch_dir(root)
+
+
 def _fs_type(path: str) -> str:
     """The type of the file system ``path`` is on (Linux /proc/mounts)."""
     best, fs = "", "?"
@@ -257,6 +281,7 @@ async def main_async(args) -> dict:
         "agents": args.agents,
         "slots_per_agent": args.slots,
         "agents_work_fs": _fs_type(args.agents_dir or tempfile.gettempdir()),
+        "agents_work_stage_cpu_ms": round(stage_cost_ms(args.agents_dir), 4),
         "controller": "process" if args.controller_process else "in the client's process",
         "cpus": len(os.sched_getaffinity(0)),
     }
