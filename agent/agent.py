@@ -22,6 +22,7 @@ from tether.agent.resources import (
     free_port,
     gpu_labels,
 )
+from tether.agent.retention import WorkDirCleaner
 from tether.agent.runner import Runner
 from tether.agent.runtimes import registry
 from tether.agent.runtimes.base import Runtime
@@ -97,7 +98,12 @@ class Agent:
             self._send_event,
             self.metrics,
         )
-        self.logs = LogStreams(config.work_dir, self.runner.is_running, config.node)
+        self.logs = LogStreams(
+            config.work_dir,
+            self.runner.is_running,
+            config.node,
+            retention=config.work_retention,
+        )
         cpu = config.cpu or detect_cpu()
         self.capacity = types_pb2.Resources(
             cpu=cpu,
@@ -121,6 +127,7 @@ class Agent:
             config.reconnect_max,
         )
         self._recovered = False
+        self.cleaner: WorkDirCleaner | None = None  # with work_retention
         self.tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_ca)
         # When a controller last renewed this node's lease (time.monotonic(); 0: never), and
         # the lease's TTL as the controller gave it.
@@ -198,10 +205,19 @@ class Agent:
                 # An engine that is down now may be up by the first assignment.
                 log.warning("cannot recover attempts", node=self.config.node, error=str(e))
         fence = asyncio.create_task(self._fence_loop(), name="fence")
+        cleaner = None
+        if self.config.work_retention > 0:
+            # After recovery, so that recovered attempts and their reports count as in use.
+            self.cleaner = WorkDirCleaner(
+                self.config.work_dir, self.config.work_retention, self.runner.runs_in_use
+            )
+            cleaner = asyncio.create_task(self.cleaner.run(), name="work dir cleaner")
         try:
             await self._connect_loop()
         finally:
             fence.cancel()
+            if cleaner is not None:
+                cleaner.cancel()
 
     @property
     def disconnect_grace(self) -> float:

@@ -71,6 +71,13 @@ class AgentConfig:
         description="Where attempt directories (outputs, logs) are kept.",
         flag="--work-dir",
     )
+    work_retention: Duration = setting(
+        0.0,
+        description="How long a run's directory in work_dir (its attempts' outputs and logs) "
+        "is kept after the last change in it, e.g. 7d; 0 keeps them forever. Runs with "
+        "attempts running here or reports not yet acknowledged are never removed.",
+        flag="--work-retention",
+    )
     cpu: float = setting(0.0, description="CPU cores offered; 0 detects them.", flag="--cpu")
     memory_bytes: ByteSize = setting(
         0,
@@ -190,6 +197,8 @@ class AgentConfig:
             raise ValueError("cpu, memory and max_tasks must not be negative")
         if self.log_limit_bytes < 0:
             raise ValueError("log_limit_bytes must not be negative")
+        if self.work_retention < 0:
+            raise ValueError("work_retention must not be negative")
         if self.leave_running and not runtime.recovers:
             recovering = " or ".join(registry.recovering_names())
             raise ValueError(

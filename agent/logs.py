@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tether.api.v1 import agent_pb2
+from tether.sdk.quantities import format_duration
 from tether.sdk.telemetry import get_logger
 
 __all__ = ["CHUNK_BYTES", "LogStreams"]
@@ -65,6 +66,7 @@ class LogStreams:
             this turns false (by then the runtime has written all of the attempt's output).
         node: This node's name, for error messages.
         poll_interval: Seconds between checks of a followed attempt's files.
+        retention: The agent's ``work_retention`` (0: none), named when logs are missing.
     """
 
     def __init__(
@@ -73,11 +75,13 @@ class LogStreams:
         is_running: Callable[[agent_pb2.AttemptRef], bool],
         node: str,
         poll_interval: float = POLL_INTERVAL,
+        retention: float = 0.0,
     ) -> None:
         self.work_dir = work_dir
         self.is_running = is_running
         self.node = node
         self.poll_interval = poll_interval
+        self.retention = retention
         self._tasks: dict[str, asyncio.Task] = {}
 
     @property
@@ -153,7 +157,13 @@ class LogStreams:
         d = self.attempt_dir(ref)
         # An attempt the runner has accepted may not have its directory yet (it is starting).
         if d is None or not (d.is_dir() or self.is_running(ref)):
-            put(eof=True, error=f"no logs of {where} on node {self.node}")
+            why = ""
+            if self.retention:
+                why = (
+                    f" (it removes a run's files {format_duration(self.retention)} after "
+                    "their last change: work_retention)"
+                )
+            put(eof=True, error=f"no logs of {where} on node {self.node}{why}")
             return
         tails = [(name, _Tail(d / f"{name}.log")) for name in _STREAMS]
         try:

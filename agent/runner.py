@@ -102,6 +102,9 @@ class Runner:
         self.started_count = 0
         # Set while the agent drains itself: why new assignments are turned away.
         self.refusing = ""
+        # Runs given an attempt since runs_in_use() was last called; kept only for the work
+        # dir's cleaner (work_retention), which calls it, so that it never grows unread.
+        self._recent_runs: set[str] | None = set() if config.work_retention > 0 else None
 
     @property
     def unacked(self) -> dict[Key, agent_pb2.TaskStatus]:
@@ -127,8 +130,21 @@ class Runner:
         """Final reports to send (again) until the controller acknowledges them."""
         return self.reports.pending()
 
+    def runs_in_use(self) -> set[str]:
+        """The run ids with attempts running here, final reports not yet acknowledged, or
+        attempts assigned since the previous call: the runs whose directories the work dir's
+        cleaner must leave alone (:mod:`tether.agent.retention`)."""
+        recent = self._recent_runs or set()
+        if self._recent_runs is not None:
+            self._recent_runs = set()
+        recent.update(key[0] for key in self.attempts)
+        recent.update(key[0] for key in self.reports.unacked)
+        return recent
+
     def assign(self, a: agent_pb2.AssignTask) -> None:
         """Start an attempt; a repeated assignment of the same attempt is ignored."""
+        if self._recent_runs is not None:
+            self._recent_runs.add(a.ref.run_id)
         key = key_of(a.ref)
         if key in self.attempts:
             return

@@ -1,0 +1,100 @@
+"""The agent's work-dir cleaner (``work_retention``): which run directories it removes, and
+which it must leave alone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tether.agent.config import AgentConfig
+from tether.agent.retention import REMOVING_PREFIX, WorkDirCleaner, sweep_interval
+
+HOUR = 3600.0
+
+
+def _attempt(work: Path, run: str, task: str = "t", attempt: int = 1, *files: str) -> Path:
+    d = work / run / task / str(attempt)
+    d.mkdir(parents=True)
+    for name in ("inputs.json", "stdout.log", *files):
+        (d / name).write_bytes(b"x")
+    return d
+
+
+def _age(path: Path, seconds: float) -> None:
+    """Set the mtime of ``path`` and of everything under it ``seconds`` into the past."""
+    then = time.time() - seconds
+    for root, dirs, files in os.walk(path):
+        for name in (*dirs, *files):
+            os.utime(os.path.join(root, name), (then, then))
+        os.utime(root, (then, then))
+
+
+def _sweep(work: Path, in_use=lambda: set(), retention: float = HOUR) -> int:
+    return asyncio.run(WorkDirCleaner(work, retention, in_use).sweep())
+
+
+def test_a_run_unchanged_for_the_retention_is_removed_and_others_stay(tmp_path):
+    _attempt(tmp_path, "old")
+    _attempt(tmp_path, "young")
+    _age(tmp_path / "old", 2 * HOUR)
+    (tmp_path / "node-id").write_text("abc")
+    (tmp_path / ".status-removed-on-ack").touch()
+    assert _sweep(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".status-removed-on-ack",
+        "node-id",
+        "young",
+    ]
+
+
+def test_a_recent_change_deep_in_an_old_run_keeps_it(tmp_path):
+    d = _attempt(tmp_path, "run")
+    _age(tmp_path / "run", 2 * HOUR)
+    os.utime(d / "stdout.log")  # its last log line was written just now
+    assert _sweep(tmp_path) == 0
+    assert d.exists()
+
+
+@pytest.mark.parametrize("keep", ["status.pb", "process.json"])
+def test_an_old_run_with_a_kept_report_or_a_process_record_stays(tmp_path, keep):
+    _attempt(tmp_path, "run", "t", 2, keep)
+    _age(tmp_path / "run", 2 * HOUR)
+    assert _sweep(tmp_path) == 0
+    assert (tmp_path / "run" / "t" / "2" / keep).exists()
+
+
+def test_runs_in_use_stay_including_one_assigned_during_the_scan(tmp_path):
+    for run in ("running", "assigned-meanwhile", "done"):
+        _attempt(tmp_path, run)
+        _age(tmp_path / run, 2 * HOUR)
+    calls = iter([{"running"}, {"assigned-meanwhile"}])
+    assert _sweep(tmp_path, in_use=lambda: next(calls)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["assigned-meanwhile", "running"]
+
+
+def test_a_removal_cut_short_is_finished_by_the_next_sweep(tmp_path):
+    left = tmp_path / f"{REMOVING_PREFIX}run"
+    _attempt(tmp_path, f"{REMOVING_PREFIX}run")
+    (tmp_path / ".hidden").mkdir()
+    assert _sweep(tmp_path) == 0
+    assert not left.exists()
+    assert (tmp_path / ".hidden").exists()
+
+
+def test_a_missing_work_dir_is_nothing_to_sweep(tmp_path):
+    assert _sweep(tmp_path / "not-yet") == 0
+
+
+def test_sweeps_come_at_a_quarter_of_the_retention_within_bounds():
+    assert sweep_interval(0.1) == 0.2
+    assert sweep_interval(40.0) == 10.0
+    assert sweep_interval(7 * 24 * HOUR) == HOUR
+
+
+def test_a_negative_retention_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="work_retention"):
+        AgentConfig(node="n1", work_dir=tmp_path, work_retention=-1)
