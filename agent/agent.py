@@ -128,6 +128,7 @@ class Agent:
         )
         self._recovered = False
         self.cleaner: WorkDirCleaner | None = None  # with work_retention
+        self._cleaner_task: asyncio.Task | None = None
         self.tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_ca)
         # When a controller last renewed this node's lease (time.monotonic(); 0: never), and
         # the lease's TTL as the controller gave it.
@@ -201,23 +202,32 @@ class Agent:
                 found = await self.runner.recover()
                 if found:
                     log.info("recovered attempts", node=self.config.node, count=found)
+                self._start_cleaner()
             except Exception as e:
-                # An engine that is down now may be up by the first assignment.
+                # An engine that is down now may be up by the first assignment. The work dir
+                # is not cleaned then: the attempts left running are not known.
                 log.warning("cannot recover attempts", node=self.config.node, error=str(e))
         fence = asyncio.create_task(self._fence_loop(), name="fence")
-        cleaner = None
-        if self.config.work_retention > 0:
-            # After recovery, so that recovered attempts and their reports count as in use.
-            self.cleaner = WorkDirCleaner(
-                self.config.work_dir, self.config.work_retention, self.runner.runs_in_use
-            )
-            cleaner = asyncio.create_task(self.cleaner.run(), name="work dir cleaner")
         try:
             await self._connect_loop()
         finally:
             fence.cancel()
-            if cleaner is not None:
-                cleaner.cancel()
+            self._stop_cleaner()
+
+    def _start_cleaner(self) -> None:
+        """Start removing old run directories (work_retention), once recovery has told which
+        attempts are still this node's."""
+        if self.config.work_retention <= 0 or self._cleaner_task is not None:
+            return
+        self.cleaner = WorkDirCleaner(
+            self.config.work_dir, self.config.work_retention, self.runner.runs_in_use
+        )
+        self._cleaner_task = asyncio.create_task(self.cleaner.run(), name="work dir cleaner")
+
+    def _stop_cleaner(self) -> None:
+        if self._cleaner_task is not None:
+            self._cleaner_task.cancel()
+            self._cleaner_task = None
 
     @property
     def disconnect_grace(self) -> float:
@@ -514,6 +524,9 @@ class Agent:
                 node to adopt (``docker``); default ``config.leave_running``.
         """
         self._stop.set()
+        # First: attempts left running for the next agent are no longer in this one's runner,
+        # and the next agent may own the work dir before this task would end.
+        self._stop_cleaner()
         await self.runner.stop_all(
             self.config.stop_grace if grace is None else grace,
             self.config.leave_running if leave_running is None else leave_running,

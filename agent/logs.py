@@ -44,13 +44,15 @@ class _Tail:
         self.path = path
         self._file: BinaryIO | None = None
 
-    def read(self, size: int) -> bytes:
+    def open(self) -> None:
+        """Open the file if it is there and not open yet."""
         if self._file is None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 self._file = open(self.path, "rb")
-            except FileNotFoundError:
-                return b""
-        return self._file.read(size)
+
+    def read(self, size: int) -> bytes:
+        self.open()
+        return self._file.read(size) if self._file is not None else b""
 
     def close(self) -> None:
         if self._file is not None:
@@ -166,6 +168,10 @@ class LogStreams:
             put(eof=True, error=f"no logs of {where} on node {self.node}{why}")
             return
         tails = [(name, _Tail(d / f"{name}.log")) for name in _STREAMS]
+        # Opened before the first await: the work dir's cleaner (work_retention) renames a
+        # finished run's directory from this loop, and open files read on after that.
+        for _, tail in tails:
+            tail.open()
         try:
             while True:
                 # Asked before reading: once the attempt is over, a read that finds nothing

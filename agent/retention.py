@@ -4,26 +4,32 @@ An attempt's directory keeps its output and logs after the attempt ends, for ``t
 and for whoever looks on the node; with no limit a busy node's disk fills up. A run's
 directory ``<work_dir>/<run>/`` is removed once nothing in it has changed for the retention
 period, no attempt of the run is running here or waiting for its report's acknowledgement,
-and none of its attempts keeps a runtime record or a report on disk (``process.json``,
-``status.pb``): those are work a restarted agent must still find.
+and none of its attempt directories holds a runtime record or a kept report (``process.json``,
+``status.pb``): those are work a restarted agent must still find. Only directories named like
+a run id are considered, so nothing else kept in a shared work dir is touched.
 
-A run is first renamed out of the way (``.removing-<run>``), in the event loop right after the
-check that it is not in use, so that an attempt assigned to it later starts in a fresh
-directory; the tree is then deleted in a worker thread, one run at a time. A removal cut
-short by a crash is finished by the next sweep.
+A run is first renamed out of the way (``.removing-<run>-<n>``), in the event loop right after
+the check that it is not in use, so that an attempt assigned to it later starts in a fresh
+directory; the tree is then deleted in a thread of its own (a big run's deletion must neither
+hold up the loop's shared executor nor the agent's exit). A removal cut short, by a crash or
+by files the agent may not delete, is tried again by the next sweep.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from tether.agent import layout
 from tether.agent.runtimes.process import PROCESS_FILE
+from tether.agent.runtimes.threads import in_thread
+from tether.sdk.constants import RUN_ID_PATTERN
 from tether.sdk.telemetry import get_logger
 
 __all__ = ["REMOVING_PREFIX", "WorkDirCleaner", "sweep_interval"]
@@ -32,7 +38,8 @@ log = get_logger("agent.retention")
 
 # A run directory being removed; names starting with a dot are never run ids.
 REMOVING_PREFIX = ".removing-"
-# Files that mark an attempt as still needed (see the module docstring).
+_RUN_DIR = re.compile(RUN_ID_PATTERN)
+# Files of an attempt directory that mark it as still needed (see the module docstring).
 _KEEP_FILES = frozenset({PROCESS_FILE, layout.STATUS_FILE})
 
 
@@ -71,28 +78,51 @@ class WorkDirCleaner:
         """Remove what is due now; return how many run directories were removed."""
         cutoff = time.time() - self.retention
         busy = self.in_use()
-        candidates, leftovers = await asyncio.to_thread(_old_runs, self.work_dir, cutoff, busy)
+        candidates, leftovers = await in_thread(
+            _old_runs, self.work_dir, cutoff, busy, name="tether-work-dir-scan"
+        )
         # Asked again with no await before the renames: runs given an attempt during the scan
         # are in use too, and an attempt assigned after its run's rename gets a new directory.
         busy |= self.in_use()
-        count = 0
+        renamed: list[Path] = []
         for name in candidates:
             if name in busy:
                 continue
-            target = self.work_dir / f"{REMOVING_PREFIX}{name}"
+            target = self.work_dir / f"{REMOVING_PREFIX}{name}-{time.time_ns()}"
             try:
                 os.rename(self.work_dir / name, target)
             except OSError as e:
                 log.warning("cannot remove run directory", run_id=name, error=str(e))
                 continue
-            leftovers.append(target)
-            count += 1
+            renamed.append(target)
         for path in leftovers:
-            await asyncio.to_thread(shutil.rmtree, path, True)
+            await in_thread(_remove, path, name="tether-work-dir-remove")
+        count = 0
+        for target in renamed:
+            if await in_thread(_remove, target, name="tether-work-dir-remove"):
+                count += 1
         if count:
             self.removed += count
             log.info("removed old run directories", count=count, work_dir=str(self.work_dir))
         return count
+
+
+def _remove(path: Path) -> bool:
+    """Delete the tree ``path``; whether it is all gone (what is left is tried again by the
+    next sweep: a container's files the agent's user may not delete, say)."""
+    errors: list[str] = []
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=lambda _fn, p, exc: errors.append(f"{p}: {exc}"))
+    else:
+        shutil.rmtree(path, onerror=lambda _fn, p, exc: errors.append(f"{p}: {exc[1]}"))
+    if errors:
+        log.warning(
+            "cannot delete all of a run directory",
+            path=str(path),
+            errors=len(errors),
+            first=errors[0],
+        )
+    return not errors
 
 
 def _old_runs(work_dir: Path, cutoff: float, busy: set[str]) -> tuple[list[str], list[Path]]:
@@ -108,7 +138,7 @@ def _old_runs(work_dir: Path, cutoff: float, busy: set[str]) -> tuple[list[str],
             continue
         if entry.name.startswith(REMOVING_PREFIX):
             leftovers.append(Path(entry.path))
-        elif not entry.name.startswith(".") and entry.name not in busy:
+        elif _RUN_DIR.fullmatch(entry.name) and entry.name not in busy:
             if _unchanged_since(entry.path, cutoff):
                 due.append(entry.name)
     return due, leftovers
@@ -116,11 +146,15 @@ def _old_runs(work_dir: Path, cutoff: float, busy: set[str]) -> tuple[list[str],
 
 def _unchanged_since(run_dir: str, cutoff: float) -> bool:
     """Whether nothing in ``run_dir`` (its task and attempt directories and their files)
-    changed after ``cutoff``, and no attempt in it keeps a record a restarted agent needs."""
+    changed after ``cutoff``, and no attempt directory in it keeps a record a restarted agent
+    needs."""
     if os.stat(run_dir).st_mtime > cutoff:
         return False  # the common case of a recent run: one stat
+    top = run_dir.count(os.sep)
     for root, dirs, files in os.walk(run_dir):
-        if _KEEP_FILES.intersection(files):
+        # <run>/<task>/<attempt>: only there are the agent's own files (a task's outputs
+        # deeper down may have any name).
+        if root.count(os.sep) - top == 2 and _KEEP_FILES.intersection(files):
             return False
         for name in (*dirs, *files):
             try:

@@ -44,7 +44,10 @@ class Durations:
         self._loading: set[str] = set()
         # Workflows with observations not written yet -> the timer that writes them.
         self._dirty: dict[str, asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # reads and writes in flight
+        self._writes: set[asyncio.Task] = set()  # the writes among them
+        # Set by close(): nothing more is read or written (the store is about to close).
+        self._closed = False
 
     def key(self, workflow: str) -> str:
         return f"{self.store.keys.prefix}/durations/{urllib.parse.quote(workflow, safe='')}"
@@ -69,12 +72,15 @@ class Durations:
         table[task] = seconds if old is None else _ALPHA * seconds + (1 - _ALPHA) * old
         if len(table) > MAX_TASKS:
             table.pop(next(iter(table)))  # the oldest entry goes first
-        if workflow not in self._dirty:
+        if workflow not in self._dirty and not self._closed:
             self._dirty[workflow] = asyncio.get_running_loop().call_later(
-                _WRITE_DELAY, lambda: self._spawn(self._write(workflow))
+                _WRITE_DELAY, lambda: self._spawn(self._write(workflow), write=True)
             )
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro, write: bool = False) -> None:
+        if self._closed:
+            coro.close()
+            return
         try:
             task = asyncio.get_running_loop().create_task(coro)
         except RuntimeError:  # no loop (a unit test): nothing to persist with
@@ -82,6 +88,9 @@ class Durations:
             return
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if write:
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
 
     async def _load(self, workflow: str) -> None:
         try:
@@ -107,16 +116,20 @@ class Durations:
             log.warning("could not write learned durations", workflow=workflow, error=str(e))
 
     async def close(self, timeout: float = 1.0) -> None:
-        """Write what is not written yet (for up to ``timeout`` seconds), then cancel reads
-        and writes in flight: nothing is written after this returns."""
+        """Write what is not written yet and finish the writes in flight (for up to
+        ``timeout`` seconds together), then cancel the rest: nothing is read or written
+        after this returns, and observations made meanwhile are not kept."""
+        self._closed = True
         dirty = list(self._dirty)
         for handle in self._dirty.values():
             handle.cancel()
-        if dirty:
-            writes = asyncio.gather(*(self._write(w) for w in dirty))
-            try:
-                await asyncio.wait_for(writes, timeout)
-            except TimeoutError:
-                log.warning("learned durations not written at shutdown", workflows=len(dirty))
-        for task in list(self._tasks):
-            task.cancel()
+        self._dirty.clear()
+        pending = [*self._writes, *(asyncio.ensure_future(self._write(w)) for w in dirty)]
+        try:
+            if pending:
+                _, late = await asyncio.wait(pending, timeout=timeout)
+                if late:
+                    log.warning("learned durations not written at shutdown", workflows=len(late))
+        finally:
+            for task in (*self._tasks, *pending):
+                task.cancel()

@@ -199,9 +199,13 @@ class Engine:
                 pass
         await self._committer.stop()
         self._run_watch.stop()
-        await self._durations.close()
-        self._timers.cancel_all()
-        self._nodes.close_sessions()
+        try:
+            await self._durations.close()
+        finally:
+            # Even when this stop is itself cancelled (a step-down's stop, cut short by the
+            # server's own): no timer fires and no agent stream lingers afterwards.
+            self._timers.cancel_all()
+            self._nodes.close_sessions()
 
     # Clients ----------------------------------------------------------------------------------
 

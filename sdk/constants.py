@@ -12,7 +12,12 @@ __all__ = [
     "LOG_TAIL_BYTES",
     "MAX_OUTPUT_BYTES",
     "POLICY_NAMES",
+    "RUN_ID_PATTERN",
 ]
+
+# What a run id looks like (the controller's new_run_id: 12 hex digits of milliseconds, then 8
+# random ones). An agent's work-dir cleaner removes only directories so named.
+RUN_ID_PATTERN = r"[0-9a-f]{20}"
 
 # Where `tether dev` listens and where clients and agents look when told nothing else.
 DEFAULT_CONTROLLER = "127.0.0.1:7070"

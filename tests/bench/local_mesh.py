@@ -121,7 +121,11 @@ async def local_mesh(
         for p in procs:
             p.terminate()
         for p in procs:
-            p.wait(10)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         if server is not None:
             await server.stop()
         await stack.aclose()

@@ -19,8 +19,10 @@ def new_scratch_dir(prefix: str, parent: str | Path | None = None) -> Path:
 
 
 def remove_scratch_dir(path: Path) -> None:
-    """Remove ``path`` and all in it, unless ``BENCH_KEEP_DIRS`` is set."""
-    if os.environ.get("BENCH_KEEP_DIRS"):
+    """Remove ``path`` and all in it, unless ``BENCH_KEEP_DIRS`` is set or an exception is on
+    its way through the ``finally`` this is called from: then the directory, which holds the
+    logs of what failed (a controller's, etcd's), is kept and its path printed."""
+    if os.environ.get("BENCH_KEEP_DIRS") or sys.exc_info()[0] is not None:
         print(f"kept {path}", file=sys.stderr)
     else:
         shutil.rmtree(path, ignore_errors=True)

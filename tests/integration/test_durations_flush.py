@@ -37,3 +37,29 @@ def test_observations_are_written_at_close_and_nothing_after(etcd, prefix, monke
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_write_in_flight_is_finished_and_later_observations_are_not_written(
+    etcd, prefix, monkeypatch
+):
+    monkeypatch.setattr(durations_module, "_WRITE_DELAY", 0.0)
+
+    async def main():
+        store = Store([etcd.endpoint], prefix, timeout=3)
+        await store.connect()
+        try:
+            d = Durations(store)
+            d.observe("wf", "train", 3.0)
+            while not d._writes:  # the timer fired: its write is on its way to etcd
+                await asyncio.sleep(0)
+            await d.close()
+            kv = await store.get(d.key("wf"))
+            assert kv is not None, "a write in flight was cancelled at close"
+            txns = store.txn_count
+            d.observe("wf", "score", 1.0)  # a report arriving while the engine stops
+            await asyncio.sleep(0.2)
+            assert store.txn_count == txns
+        finally:
+            await store.close()
+
+    asyncio.run(main())

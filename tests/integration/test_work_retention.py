@@ -5,7 +5,7 @@ old it is, and says why when asked for logs it removed."""
 from __future__ import annotations
 
 import pytest
-from helpers import R, py
+from helpers import R, S, py
 
 from tether.sdk import TetherError, Workflow
 
@@ -33,6 +33,9 @@ def test_old_runs_are_removed_and_running_ones_kept(mesh):
     )
     long_run = client.submit(long)
     work = mesh.work_dir / "n1"
+    mesh.wait_for(
+        lambda: long_run.status().tasks[0].state == S.TASK_STATE_RUNNING, 10, "long task running"
+    )
     mesh.wait_for(lambda: not (work / done_run.id).exists(), 10, "finished run removed")
     assert (work / long_run.id).is_dir()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from pathlib import Path
 
@@ -12,8 +13,16 @@ import pytest
 
 from tether.agent.config import AgentConfig
 from tether.agent.retention import REMOVING_PREFIX, WorkDirCleaner, sweep_interval
+from tether.controller.records import new_run_id
+from tether.sdk.constants import RUN_ID_PATTERN
 
 HOUR = 3600.0
+OLD = "0000000000aa00000001"
+YOUNG = "0000000000aa00000002"
+RUN = "0000000000aa00000003"
+RUNNING = "0000000000aa00000004"
+ASSIGNED_MEANWHILE = "0000000000aa00000005"
+DONE = "0000000000aa00000006"
 
 
 def _attempt(work: Path, run: str, task: str = "t", attempt: int = 1, *files: str) -> Path:
@@ -38,22 +47,22 @@ def _sweep(work: Path, in_use=lambda: set(), retention: float = HOUR) -> int:
 
 
 def test_a_run_unchanged_for_the_retention_is_removed_and_others_stay(tmp_path):
-    _attempt(tmp_path, "old")
-    _attempt(tmp_path, "young")
-    _age(tmp_path / "old", 2 * HOUR)
+    _attempt(tmp_path, OLD)
+    _attempt(tmp_path, YOUNG)
+    _age(tmp_path / OLD, 2 * HOUR)
     (tmp_path / "node-id").write_text("abc")
     (tmp_path / ".status-removed-on-ack").touch()
     assert _sweep(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".status-removed-on-ack",
+        YOUNG,
         "node-id",
-        "young",
     ]
 
 
 def test_a_recent_change_deep_in_an_old_run_keeps_it(tmp_path):
-    d = _attempt(tmp_path, "run")
-    _age(tmp_path / "run", 2 * HOUR)
+    d = _attempt(tmp_path, RUN)
+    _age(tmp_path / RUN, 2 * HOUR)
     os.utime(d / "stdout.log")  # its last log line was written just now
     assert _sweep(tmp_path) == 0
     assert d.exists()
@@ -61,28 +70,50 @@ def test_a_recent_change_deep_in_an_old_run_keeps_it(tmp_path):
 
 @pytest.mark.parametrize("keep", ["status.pb", "process.json"])
 def test_an_old_run_with_a_kept_report_or_a_process_record_stays(tmp_path, keep):
-    _attempt(tmp_path, "run", "t", 2, keep)
-    _age(tmp_path / "run", 2 * HOUR)
+    _attempt(tmp_path, RUN, "t", 2, keep)
+    _age(tmp_path / RUN, 2 * HOUR)
     assert _sweep(tmp_path) == 0
-    assert (tmp_path / "run" / "t" / "2" / keep).exists()
+    assert (tmp_path / RUN / "t" / "2" / keep).exists()
+
+
+def test_a_task_output_named_like_a_record_does_not_keep_its_run(tmp_path):
+    d = _attempt(tmp_path, RUN)
+    (d / "results").mkdir()
+    (d / "results" / "status.pb").write_bytes(b"the task's own file")
+    _age(tmp_path / RUN, 2 * HOUR)
+    assert _sweep(tmp_path) == 1
 
 
 def test_runs_in_use_stay_including_one_assigned_during_the_scan(tmp_path):
-    for run in ("running", "assigned-meanwhile", "done"):
+    for run in (RUNNING, ASSIGNED_MEANWHILE, DONE):
         _attempt(tmp_path, run)
         _age(tmp_path / run, 2 * HOUR)
-    calls = iter([{"running"}, {"assigned-meanwhile"}])
+    calls = iter([{RUNNING}, {ASSIGNED_MEANWHILE}])
     assert _sweep(tmp_path, in_use=lambda: next(calls)) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["assigned-meanwhile", "running"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ASSIGNED_MEANWHILE, RUNNING])
+
+
+def test_only_directories_named_like_run_ids_are_removed(tmp_path):
+    for name in ("datasets", "0000000000AA00000001", "0000000000aa0000001"):
+        _attempt(tmp_path, name)
+        _age(tmp_path / name, 2 * HOUR)
+    assert _sweep(tmp_path) == 0
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_run_ids_are_what_the_cleaner_looks_for():
+    assert re.fullmatch(RUN_ID_PATTERN, new_run_id())
 
 
 def test_a_removal_cut_short_is_finished_by_the_next_sweep(tmp_path):
-    left = tmp_path / f"{REMOVING_PREFIX}run"
-    _attempt(tmp_path, f"{REMOVING_PREFIX}run")
+    # Left by an earlier sweep that could not finish, under the name of a run due again.
+    left = tmp_path / f"{REMOVING_PREFIX}{RUN}-1"
+    _attempt(tmp_path, left.name)
+    _attempt(tmp_path, RUN)
+    _age(tmp_path / RUN, 2 * HOUR)
     (tmp_path / ".hidden").mkdir()
-    assert _sweep(tmp_path) == 0
-    assert not left.exists()
-    assert (tmp_path / ".hidden").exists()
+    assert _sweep(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden"]
 
 
 def test_a_missing_work_dir_is_nothing_to_sweep(tmp_path):
