@@ -127,6 +127,13 @@ class ControllerConfig:
         "before it is deleted, e.g. 7d; 0 keeps runs forever.",
         flag="--retention",
     )
+    etcd_compaction_interval: Duration = setting(
+        300.0,
+        description="How often the leader compacts etcd's history, keeping the last interval "
+        "of it (as kube-apiserver does); without compaction etcd's database grows until its "
+        "quota stops all writes. 0 leaves it to etcd's own --auto-compaction-retention.",
+        flag="--etcd-compaction-interval",
+    )
     policy: str = setting(
         DEFAULT_POLICY,
         description="Placement policy for workflows that name none (scheduling.policy).",
@@ -254,6 +261,8 @@ class ControllerConfig:
             raise ValueError("heartbeat_interval: must be in [0, lease_ttl)")
         if self.retention < 0:
             raise ValueError("retention: must be >= 0")
+        if self.etcd_compaction_interval < 0:
+            raise ValueError("etcd_compaction_interval: must be >= 0")
         if self.priority_aging < 0:
             raise ValueError("priority_aging: must be >= 0")
         if not 1024 <= self.submit_txn_bytes <= 1024 * 1024:

@@ -34,6 +34,7 @@ from tether.controller.attempts import Attempts
 from tether.controller.cache import Cache, NodeState, Snapshot
 from tether.controller.cancel import Cancels
 from tether.controller.committer import Committer
+from tether.controller.compaction import Compactor
 from tether.controller.config import ControllerConfig
 from tether.controller.dispatch import Dispatch
 from tether.controller.durations import Durations
@@ -131,6 +132,7 @@ class Engine:
         )
         self._queries = Queries(store, cache, self._run_watch)
         self._retention = Retention(store, cache, config.retention)
+        self.compactor = Compactor(store, config.etcd_compaction_interval)
         self._tasks: list[asyncio.Task] = []
 
     # What tests and operators may look at; the rooms own the data. ---------------------------
@@ -171,6 +173,8 @@ class Engine:
         self._tasks.append(asyncio.create_task(self._nodes.lease.keep_alive(), name="node-lease"))
         if self.config.retention > 0:
             self._tasks.append(asyncio.create_task(self._retention.loop(), name="retention"))
+        if self.config.etcd_compaction_interval > 0:
+            self._tasks.append(asyncio.create_task(self.compactor.loop(), name="compaction"))
         # Attempts bound to nodes that are gone get a lease TTL to re-register before they are
         # declared lost: an agent may be reconnecting to this controller right now.
         orphans = {

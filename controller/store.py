@@ -234,6 +234,24 @@ class Store:
         await asyncio.wait_for(refresher.__aenter__(), 2.0)
         self._token_refresher = refresher
 
+    async def revision(self) -> int:
+        """etcd's current revision (read with one small range request)."""
+        async with self._request("get"):
+            resp = await self._client.kv.get(self.keys.prefix, timeout=self._timeout)
+        return resp.header.revision
+
+    async def compact(self, revision: int) -> bool:
+        """Compact etcd's history up to ``revision``; False when it was compacted that far
+        already (by etcd itself, say)."""
+        try:
+            async with self._request("compact"):
+                await self._client.kv.compact(revision, timeout=self._timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (e.details() or ""):
+                return False
+            raise
+        return True
+
     async def get(self, key: str) -> KeyValue | None:
         async with self._request("get"):
             resp = await self._client.kv.get(key, timeout=self._timeout)

@@ -315,3 +315,30 @@ def test_cli_wrong_etcd_password_is_one_line(auth_etcd, prefix):
         f"127.0.0.1:{free_port()}",
     )
     assert_one_line_error(res, "etcd refused user 'root'")
+
+
+def test_a_user_limited_to_its_prefix_runs_the_mesh_and_compacts_etcd(auth_etcd, prefix, tmp_path):
+    # etcd lets any authenticated user compact (the whole keyspace's history).
+    url, _ = auth_etcd
+    user, role = f"limited{prefix.replace('/', '-')}", f"rw{prefix.replace('/', '-')}"
+    etcdctl = [str(Path(find_etcd()).with_name("etcdctl")), "--endpoints", url]
+    for args in (
+        ["user", "add", f"{user}:limited-pw"],
+        ["role", "add", role],
+        ["role", "grant-permission", role, "--prefix=true", "readwrite", prefix],
+        ["user", "grant-role", user, role],
+    ):
+        subprocess.run([*etcdctl, "--user", "root:root-pw", *args], check=True, capture_output=True)
+    password = tmp_path / "password"
+    password.write_text("limited-pw\n")
+    mesh = Mesh(url, prefix, tmp_path, etcd_user=user, etcd_password_file=str(password))
+    try:
+        controller = mesh.start_controller(etcd_compaction_interval=0.2)
+        _run_one_task(mesh)
+        compactor = controller.engine.compactor
+        mesh.wait_for(lambda: compactor.compacted > 0, 10, "a compaction")
+        again = Workflow("after-compaction")
+        again.task("hello", py("print('hi')"))
+        assert mesh.client().submit(again).wait(timeout=30).state == R.RUN_STATE_SUCCEEDED
+    finally:
+        mesh.close()
