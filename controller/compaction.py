@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
+from etcd3aio.errors import EtcdPermissionDeniedError
 
 from tether.controller.store import Store
 from tether.sdk.telemetry import get_logger
@@ -34,30 +34,31 @@ class Compactor:
 
     async def loop(self) -> None:
         """Compact every interval until cancelled, or until etcd refuses this user."""
-        previous = await self.store.revision()
+        previous = 0
         while True:
-            await asyncio.sleep(self.interval)
             try:
                 previous = await self.step(previous)
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.PERMISSION_DENIED:
-                    log.warning(
-                        "etcd refuses compaction to this controller's user: enable etcd's "
-                        "--auto-compaction-retention, or its database fills up",
-                        error=e.details(),
-                    )
-                    return
-                log.warning("etcd compaction failed", error=e.details())
-            except Exception as e:  # etcd away: try again next interval
+            except EtcdPermissionDeniedError as e:
+                log.warning(
+                    "etcd refuses compaction to this controller's user: enable etcd's "
+                    "--auto-compaction-retention, or its database fills up",
+                    error=str(e),
+                )
+                return
+            except Exception as e:  # etcd away: try again next interval, from what is known
                 log.warning("etcd compaction failed", error=str(e))
+            await asyncio.sleep(self.interval)
 
     async def step(self, previous: int) -> int:
-        """Compact up to ``previous`` (read one interval ago); return the revision to compact
-        up to next time."""
+        """Compact up to ``previous`` (read one interval ago; 0: nothing yet); return the
+        revision to compact up to next time."""
         current = await self.store.revision()
-        if previous > self.compacted:
+        if current < self.compacted:
+            # etcd's revisions went back (rebuilt from scratch): start counting again.
+            self.compacted = 0
+        if self.compacted < previous <= current:
             if await self.store.compact(previous):
                 log.info("compacted etcd", revision=previous)
             self.compacted = previous

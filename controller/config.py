@@ -131,7 +131,7 @@ class ControllerConfig:
         300.0,
         description="How often the leader compacts etcd's history, keeping the last interval "
         "of it (as kube-apiserver does); without compaction etcd's database grows until its "
-        "quota stops all writes. 0 leaves it to etcd's own --auto-compaction-retention.",
+        "quota stops all writes. 0s leaves it to etcd's own --auto-compaction-retention.",
         flag="--etcd-compaction-interval",
     )
     policy: str = setting(

@@ -19,6 +19,7 @@ import contextlib
 
 from etcd3aio._protobuf import Compare
 
+from tether.controller.errors import OutOfRange
 from tether.controller.store import Delete, Put, Store, mod_revision_is
 from tether.sdk.telemetry import get_logger
 
@@ -92,7 +93,7 @@ class Leadership:
                 return
             with contextlib.suppress(Exception):
                 await self.store.revoke_lease(lease)
-            holder = await self.store.get(self.key)
+            holder, read_at = await self.store.read(self.key)
             if holder is None:
                 continue
             self.holder = holder.value.decode()
@@ -101,10 +102,15 @@ class Leadership:
                 continue
             self.standing_by.set()
             log.info("standing by", leader=self.holder)
-            async for ev in self.store.watch(self.key, holder.mod_revision + 1):
-                if ev.key == self.key and ev.deleted:
-                    self.holder = ""
-                    break
+            # From the read, not from the key's creation: a leader's key may be older than
+            # etcd's compacted history, and nothing before the read matters.
+            try:
+                async for ev in self.store.watch(self.key, read_at + 1):
+                    if ev.key == self.key and ev.deleted:
+                        self.holder = ""
+                        break
+            except OutOfRange:  # the watch broke and resumed past the history: read again
+                continue
 
     async def _take_back(self, holder) -> None:
         """Delete a leader key that names this controller: its holder was this controller's
@@ -143,16 +149,31 @@ class Leadership:
     async def _watch_key(self) -> None:
         # The lease may live on while the key is gone (deleted by hand, or by an operator's
         # recovery): any change to the key after we created it means someone else may lead.
-        try:
-            async for ev in self.store.watch(self.key, self.revision + 1):
-                if ev.key == self.key:
+        start = self.revision + 1
+        while True:
+            try:
+                async for ev in self.store.watch(self.key, start):
+                    if ev.key == self.key:
+                        log.warning("leadership lost (leader key changed)")
+                        break
+                break
+            except asyncio.CancelledError:
+                raise
+            except OutOfRange:
+                # The watch broke (an etcd restart) and could not resume inside the compacted
+                # history: the key as it is now tells whether it is still ours.
+                try:
+                    kv, read_at = await self.store.read(self.key)
+                except Exception as e:  # the fence still protects every write
+                    log.warning("leader key watch failed", error=str(e))
+                    return
+                if kv is None or kv.create_revision != self.revision:
                     log.warning("leadership lost (leader key changed)")
                     break
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the fence still protects every write
-            log.warning("leader key watch failed", error=str(e))
-            return
+                start = read_at + 1
+            except Exception as e:  # the fence still protects every write
+                log.warning("leader key watch failed", error=str(e))
+                return
         self.lost.set()
 
     def abandon(self) -> None:

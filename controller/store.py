@@ -128,6 +128,11 @@ def mod_revision_is(key: str, revision: int) -> Compare:
     )
 
 
+def _compacted(e: grpc.aio.AioRpcError) -> bool:
+    """Whether etcd refused a request because the revision it names was compacted."""
+    return e.code() == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (e.details() or "")
+
+
 def _op(op: Put | Delete) -> RequestOp:
     if isinstance(op, Put):
         return RequestOp(
@@ -247,10 +252,20 @@ class Store:
             async with self._request("compact"):
                 await self._client.kv.compact(revision, timeout=self._timeout)
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.OUT_OF_RANGE and "compacted" in (e.details() or ""):
+            if _compacted(e):
                 return False
             raise
         return True
+
+    async def read(self, key: str) -> tuple[KeyValue | None, int]:
+        """``key``'s value and the revision it was read at (to watch from, after it)."""
+        async with self._request("get"):
+            resp = await self._client.kv.get(key, timeout=self._timeout)
+        if not resp.kvs:
+            return None, resp.header.revision
+        kv = resp.kvs[0]
+        value = KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.lease, kv.create_revision)
+        return value, resp.header.revision
 
     async def get(self, key: str) -> KeyValue | None:
         async with self._request("get"):
@@ -306,15 +321,22 @@ class Store:
         got = 0
         while True:
             want = _RANGE_PAGE if not limit else min(_RANGE_PAGE, limit - got)
-            async with self._request("range"):
-                resp = await self._client.kv.get(
-                    lo,
-                    range_end=hi,
-                    limit=want,
-                    revision=header_rev,
-                    timeout=self._timeout,
-                    sort_order=SortOrder.DESCEND if newest_first else SortOrder.ASCEND,
-                )
+            try:
+                async with self._request("range"):
+                    resp = await self._client.kv.get(
+                        lo,
+                        range_end=hi,
+                        limit=want,
+                        revision=header_rev,
+                        timeout=self._timeout,
+                        sort_order=SortOrder.DESCEND if newest_first else SortOrder.ASCEND,
+                    )
+            except grpc.aio.AioRpcError as e:
+                if _compacted(e):  # a read at a revision etcd no longer has
+                    from tether.controller.errors import OutOfRange
+
+                    raise OutOfRange(f"revision {header_rev} was compacted") from None
+                raise
             header_rev = header_rev or resp.header.revision
             page = [
                 KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.lease) for kv in resp.kvs

@@ -235,6 +235,12 @@ def watch(ctx, run_id, from_revision, output):
                 if state in TERMINAL_RUN_STATES and not ev.HasField("task"):
                     return
         except TetherError as e:
+            if e.code.name == "OUT_OF_RANGE" and revision > from_revision:
+                # Resuming, the history since the last change seen was compacted: start again
+                # from a snapshot (a --from-revision already compacted is the user's error).
+                err_console.print("history compacted; resuming from a snapshot…", style="dim")
+                revision = from_revision = 0
+                continue
             if e.code.name != "UNAVAILABLE":
                 raise
             err_console.print("controller unavailable; resuming…", style="dim")

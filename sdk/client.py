@@ -479,7 +479,9 @@ class RunHandle:
             except TetherError as e:
                 if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise TimeoutError(f"run {self.id} did not finish in {timeout}s") from None
-                if e.code != grpc.StatusCode.UNAVAILABLE:
+                if e.code == grpc.StatusCode.OUT_OF_RANGE and revision:
+                    revision = 0  # the history to resume from was compacted: start afresh
+                elif e.code != grpc.StatusCode.UNAVAILABLE:
                     raise
             run = self.status()
             if run.state in TERMINAL_RUN_STATES:

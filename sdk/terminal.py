@@ -156,6 +156,9 @@ def follow_run(client: Client, run_id: str) -> t.Run:
                     run.tasks.extend(tasks.values())
                     live.update(task_table(run))
             except TetherError as e:
+                if e.code.name == "OUT_OF_RANGE" and revision:
+                    revision = 0  # the history to resume from was compacted: a snapshot again
+                    continue
                 if e.code.name != "UNAVAILABLE":
                     raise
                 time.sleep(0.5)

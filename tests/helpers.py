@@ -52,6 +52,9 @@ class Mesh:
             cancel_grace=controller_kw.pop("cancel_grace", 2.0),
             retry_initial=controller_kw.pop("retry_initial", 0.05),
             retry_max=1.0,
+            # The session's etcd is shared, and some tests read its history from the start:
+            # no compaction unless a test asks for it.
+            etcd_compaction_interval=controller_kw.pop("etcd_compaction_interval", 0.0),
             **controller_kw,
         )
         self.work_dir = work_dir
@@ -232,6 +235,8 @@ class ControllerProcess:
             f"127.0.0.1:{self.port}",
             "--lease-ttl",
             "2",
+            "--etcd-compaction-interval",  # as in Mesh: the session's etcd is shared
+            "0s",
             *extra_args,
         ]
         self.log = open(log_path, "ab")

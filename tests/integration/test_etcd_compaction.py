@@ -5,11 +5,12 @@ stops all writes."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
 from etcd3aio import Etcd3Client
-from helpers import Mesh, R, py
+from helpers import ControllerProcess, Mesh, R, health, py
 
 from tether.controller.compaction import Compactor
 from tether.controller.etcd_process import EtcdProcess
@@ -87,3 +88,38 @@ def test_a_negative_interval_is_refused():
 
     with pytest.raises(ValueError, match="etcd_compaction_interval"):
         ControllerConfig(etcd_compaction_interval=-1)
+
+
+def test_a_standby_started_after_a_compaction_stands_by_and_takes_over(etcd, prefix, tmp_path):
+    # The leader's key is older than etcd's compacted history when the standby comes: the
+    # standby watched from the key's creation, which etcd no longer had, and looped.
+    fast = ["--etcd-compaction-interval", "0.3s"]
+    a = ControllerProcess(etcd.endpoint, prefix, tmp_path / "a.log", fast)
+    b = ControllerProcess(etcd.endpoint, prefix, tmp_path / "b.log", fast)
+    a.start()
+    try:
+
+        async def push() -> int:
+            async with Etcd3Client([etcd.endpoint]) as c:
+                for i in range(20):
+                    resp = await c.kv.put(f"{prefix}/filler/{i}".encode(), b"x")
+                return resp.header.revision
+
+        pushed = asyncio.run(push())
+        Mesh.wait_for(
+            lambda: not asyncio.run(_readable_at(etcd.endpoint, f"{prefix}/x", pushed - 1)),
+            10,
+            "the leader's key to fall behind the compaction",
+        )
+        b.start(leader=False)
+        time.sleep(1.5)
+        log = (tmp_path / "b.log").read_text()
+        assert "cannot campaign" not in log and log.count("standing by") == 1, log
+        assert health(b.address, "tether.v1.ControllerService") != 1  # not SERVING
+        a.kill()
+        Mesh.wait_for(
+            lambda: health(b.address, "tether.v1.ControllerService") == 1, 15, "b to lead"
+        )
+    finally:
+        a.stop()
+        b.stop()
