@@ -241,9 +241,7 @@ class Store:
 
     async def revision(self) -> int:
         """etcd's current revision (read with one small range request)."""
-        async with self._request("get"):
-            resp = await self._client.kv.get(self.keys.prefix, timeout=self._timeout)
-        return resp.header.revision
+        return (await self.read(self.keys.prefix))[1]
 
     async def compact(self, revision: int) -> bool:
         """Compact etcd's history up to ``revision``; False when it was compacted that far
@@ -268,12 +266,7 @@ class Store:
         return value, resp.header.revision
 
     async def get(self, key: str) -> KeyValue | None:
-        async with self._request("get"):
-            resp = await self._client.kv.get(key, timeout=self._timeout)
-        if not resp.kvs:
-            return None
-        kv = resp.kvs[0]
-        return KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.lease, kv.create_revision)
+        return (await self.read(key))[0]
 
     async def range(
         self,
