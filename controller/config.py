@@ -127,6 +127,13 @@ class ControllerConfig:
         "before it is deleted, e.g. 7d; 0 keeps runs forever.",
         flag="--retention",
     )
+    pending_submit_ttl: Duration = setting(
+        3600.0,
+        description="How long the tasks of a large submit that died before its commit are "
+        "kept in etcd for a retry with the same request id to finish it; then they are "
+        "deleted. 0s keeps them forever.",
+        flag="--pending-submit-ttl",
+    )
     etcd_compaction_interval: Duration = setting(
         300.0,
         description="How often the leader compacts etcd's history, keeping the last interval "
@@ -261,6 +268,8 @@ class ControllerConfig:
             raise ValueError("heartbeat_interval: must be in [0, lease_ttl)")
         if self.retention < 0:
             raise ValueError("retention: must be >= 0")
+        if self.pending_submit_ttl < 0:
+            raise ValueError("pending_submit_ttl: must be >= 0")
         if self.etcd_compaction_interval < 0:
             raise ValueError("etcd_compaction_interval: must be >= 0")
         if self.priority_aging < 0:

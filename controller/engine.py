@@ -30,6 +30,7 @@ from opentelemetry import trace
 from tether.api.v1 import agent_pb2, controller_pb2
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
+from tether.controller.abandoned_submits import AbandonedSubmits
 from tether.controller.attempts import Attempts
 from tether.controller.cache import Cache, NodeState, Snapshot
 from tether.controller.cancel import Cancels
@@ -132,6 +133,7 @@ class Engine:
         )
         self._queries = Queries(store, cache, self._run_watch)
         self._retention = Retention(store, cache, config.retention)
+        self._abandoned = AbandonedSubmits(store, config.pending_submit_ttl)
         self.compactor = Compactor(store, config.etcd_compaction_interval)
         self._tasks: list[asyncio.Task] = []
 
@@ -173,6 +175,8 @@ class Engine:
         self._tasks.append(asyncio.create_task(self._nodes.lease.keep_alive(), name="node-lease"))
         if self.config.retention > 0:
             self._tasks.append(asyncio.create_task(self._retention.loop(), name="retention"))
+        if self.config.pending_submit_ttl > 0:
+            self._tasks.append(asyncio.create_task(self._abandoned.loop(), name="abandoned"))
         if self.config.etcd_compaction_interval > 0:
             self._tasks.append(asyncio.create_task(self.compactor.loop(), name="compaction"))
         # Attempts bound to nodes that are gone get a lease TTL to re-register before they are
@@ -269,6 +273,11 @@ class Engine:
     async def collect_garbage(self) -> int:
         """One retention pass; return how many finished runs were deleted."""
         return await self._retention.collect_garbage()
+
+    async def collect_abandoned_submits(self, ttl: float | None = None) -> int:
+        """One pass over pending large submits; return how many abandoned ones were deleted
+        (``ttl``: instead of the configured ``pending_submit_ttl``)."""
+        return await self._abandoned.collect(ttl)
 
     # Agents -----------------------------------------------------------------------------------
 

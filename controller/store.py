@@ -384,9 +384,12 @@ class Store:
             await self._check_fence()
         return resp.succeeded, resp.header.revision
 
-    async def create(self, items: Sequence[tuple[str, bytes]]) -> tuple[bool, int]:
+    async def create(
+        self, items: Sequence[tuple[str, bytes]], guard: Compare | None = None
+    ) -> tuple[bool, int]:
         """Create every key of ``items`` (key, value) in one transaction, which fails if any
-        exists; return (succeeded, revision after it). Fenced like :meth:`txn`.
+        exists (or ``guard`` does not hold); return (succeeded, revision after it). Fenced
+        like :meth:`txn`.
 
         The same as ``txn`` with a ``mod_revision_is(key, 0)`` and a ``Put`` per key, built
         straight into one request: a big submit writes 100,000 keys this way, and building
@@ -396,6 +399,8 @@ class Store:
         compare, success = request.compare.add, request.success.add
         if self.fence is not None:
             request.compare.append(self.fence)
+        if guard is not None:
+            request.compare.append(guard)
         size = 0
         for key, value in items:
             k = key.encode()

@@ -221,8 +221,8 @@ class Submitter:
             run_id = first
         new = self._new_run(spec, params, request_id, traceparent, run_id, extra)
         run = new.run
-        revisions = await self._write_pipelined(new, resumed)
         done = f"{run.msg.id} {fingerprint}".encode()
+        revisions = await self._write_pipelined(new, resumed, (req_key, marker_rev, done))
         run_value = run.serialize()
         ok, revision = await self.store.txn(
             [mod_revision_is(run.key, 0), mod_revision_is(req_key, marker_rev)],
@@ -329,12 +329,14 @@ class Submitter:
                 for dep in deps:
                     tasks[dep].children.append(name)
 
-    async def _write_pipelined(self, new: _NewRun, resumed: bool) -> list[int] | None:
+    async def _write_pipelined(
+        self, new: _NewRun, resumed: bool, pending: _Pending
+    ) -> list[int] | None:
         """Build the tasks a slice at a time and write each slice's chunks (transactions of
         :meth:`_chunk_spans`) while the next is built, so that etcd's work and the build
         overlap; then link them. Return the revision each item was written at, or None when
         this call did not create every key (a resumed submit skips what the interrupted one
-        wrote)."""
+        wrote). Every chunk requires the ``pending`` marker unchanged."""
         n = len(new.spec.tasks)
         gate = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
         spans: list[tuple[int, int]] = []
@@ -342,7 +344,7 @@ class Submitter:
 
         async def write(a: int, b: int) -> int:
             async with gate:
-                return await self._write_chunk(new.items[a:b], resumed)
+                return await self._write_chunk(new.items[a:b], resumed, pending)
 
         # A few in flight: nothing reads them before the commit, so their order is free, and
         # etcd commits concurrent transactions together (one fsync for several).
@@ -380,11 +382,20 @@ class Submitter:
         bounds.append(len(items))
         return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
-    async def _write_chunk(self, chunk: list[tuple[str, bytes]], resumed: bool) -> int:
-        """Create the chunk's keys; return the revision, or 0 if some existed already."""
-        ok, revision = await self.store.create(chunk)
+    async def _write_chunk(
+        self, chunk: list[tuple[str, bytes]], resumed: bool, pending: _Pending
+    ) -> int:
+        """Create the chunk's keys; return the revision, or 0 if some existed already.
+
+        Raises:
+            Conflict: The pending marker changed: the submit was deleted as abandoned
+                (:mod:`~tether.controller.abandoned_submits`); nothing may be written for it.
+        """
+        guard = mod_revision_is(pending[0], pending[1])
+        ok, revision = await self.store.create(chunk, guard)
         if ok:
             return revision
+        await self._check_pending(pending)
         if not resumed:
             raise FailedPrecondition("run id collision; submit again")
         # Written before the interruption: usually the whole chunk (one check), else in part
@@ -401,8 +412,20 @@ class Submitter:
         if (await self.store.txn(exists, []))[0]:
             return 0
         for item in chunk:
-            await self.store.create([item])
+            if not (await self.store.create([item], guard))[0]:
+                await self._check_pending(pending)
         return 0
+
+    async def _check_pending(self, pending: _Pending) -> None:
+        """Raise Conflict unless the request key still holds the pending marker, or a racing
+        submit of the same request committed the run (every key is written then)."""
+        key, revision, done = pending
+        kv = await self.store.get(key)
+        if kv is None or (kv.mod_revision != revision and kv.value != done):
+            raise Conflict(
+                "this submit stayed pending past the controller's pending_submit_ttl and its "
+                "tasks were deleted; submit again"
+            )
 
     def _take_up(self, new: _NewRun, revision: int, revisions: list[int] | None = None) -> None:
         """Cache the run just written (``revisions``: of its items, written before it) and
@@ -420,6 +443,11 @@ class Submitter:
         for name in new.ready:
             self.cache.enqueue((run.msg.id, name))
         self.cache.kick()
+
+
+# A large submit's request key, the revision of its pending marker, and the value its commit
+# writes there.
+_Pending = tuple[str, int, bytes]
 
 
 @dataclass

@@ -56,12 +56,12 @@ def break_after(mesh: Mesh, chunks: int) -> threading.Event:
     healed = threading.Event()
     written = 0
 
-    async def write_chunk(chunk, resumed):
+    async def write_chunk(chunk, resumed, pending):
         nonlocal written
         written += 1
         if written > chunks and not healed.is_set():
             raise StoreUnavailable("etcd went away (injected)")
-        return await real(chunk, resumed)
+        return await real(chunk, resumed, pending)
 
     submitter._write_chunk = write_chunk
     return healed
