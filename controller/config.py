@@ -130,8 +130,9 @@ class ControllerConfig:
     pending_submit_ttl: Duration = setting(
         3600.0,
         description="How long the tasks of a large submit that died before its commit are "
-        "kept in etcd for a retry with the same request id to finish it; then they are "
-        "deleted. 0s keeps them forever.",
+        "kept in etcd for a retry with the same request id to finish it, counted from its "
+        "first try; then they are deleted. Keep it well above the time a large submit takes "
+        "(seconds). 0s keeps them forever.",
         flag="--pending-submit-ttl",
     )
     etcd_compaction_interval: Duration = setting(

@@ -175,6 +175,12 @@ class Engine:
         self._tasks.append(asyncio.create_task(self._nodes.lease.keep_alive(), name="node-lease"))
         if self.config.retention > 0:
             self._tasks.append(asyncio.create_task(self._retention.loop(), name="retention"))
+        if 0 < self.config.pending_submit_ttl < 60:
+            log.warning(
+                "pending_submit_ttl is short: a large submit slower than it is deleted while "
+                "it writes, and fails",
+                pending_submit_ttl=self.config.pending_submit_ttl,
+            )
         if self.config.pending_submit_ttl > 0:
             self._tasks.append(asyncio.create_task(self._abandoned.loop(), name="abandoned"))
         if self.config.etcd_compaction_interval > 0:

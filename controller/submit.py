@@ -229,8 +229,7 @@ class Submitter:
             [Put(run.key, run_value), Put(req_key, done)],
         )
         if not ok:  # a racing submit with this request id committed the run
-            kv = await self.store.get(req_key)
-            if kv is None or kv.value != done:
+            if not await self._committed_meanwhile((req_key, marker_rev, done)):
                 raise Conflict("a submit with this request id is under way; retry")
             await self.ensure_loaded(run.msg.id)
             return run.msg.id, True
@@ -395,7 +394,8 @@ class Submitter:
         ok, revision = await self.store.create(chunk, guard)
         if ok:
             return revision
-        await self._check_pending(pending)
+        if await self._committed_meanwhile(pending):
+            return 0  # every key is written; the commit finds the run committed
         if not resumed:
             raise FailedPrecondition("run id collision; submit again")
         # Written before the interruption: usually the whole chunk (one check), else in part
@@ -413,19 +413,27 @@ class Submitter:
             return 0
         for item in chunk:
             if not (await self.store.create([item], guard))[0]:
-                await self._check_pending(pending)
+                if await self._committed_meanwhile(pending):
+                    return 0
         return 0
 
-    async def _check_pending(self, pending: _Pending) -> None:
-        """Raise Conflict unless the request key still holds the pending marker, or a racing
-        submit of the same request committed the run (every key is written then)."""
+    async def _committed_meanwhile(self, pending: _Pending) -> bool:
+        """Whether a racing submit of the same request committed the run (False: the pending
+        marker is still there, unchanged).
+
+        Raises:
+            Conflict: The marker is gone or replaced: the submit was deleted as abandoned.
+        """
         key, revision, done = pending
         kv = await self.store.get(key)
-        if kv is None or (kv.mod_revision != revision and kv.value != done):
+        if kv is not None and kv.value == done:
+            return True
+        if kv is None or kv.mod_revision != revision:
             raise Conflict(
-                "this submit stayed pending past the controller's pending_submit_ttl and its "
-                "tasks were deleted; submit again"
+                "this submit stayed pending past the controller's pending_submit_ttl (counted "
+                "from its first try) and its tasks were deleted; submit again"
             )
+        return False
 
     def _take_up(self, new: _NewRun, revision: int, revisions: list[int] | None = None) -> None:
         """Cache the run just written (``revisions``: of its items, written before it) and

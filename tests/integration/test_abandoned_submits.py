@@ -13,6 +13,7 @@ from helpers import Mesh, wait_for
 from test_large_submit import TXN_BYTES, break_after, keys_under
 
 from tether.controller.abandoned_submits import created_at
+from tether.controller.errors import FailedPrecondition
 from tether.controller.records import new_run_id
 from tether.sdk import TetherError, Workflow
 from tether.sdk.errors import UnavailableError
@@ -39,6 +40,23 @@ def fan_in(width: int) -> Workflow:
     names += [wf.task(f"t{i}", ["true"]).name for i in range(300, width)]
     wf.task("join", ["true"], depends_on=names)
     return wf
+
+
+def fail_after(mesh: Mesh, chunks: int) -> None:
+    """Make the controller's chunk writes fail after ``chunks`` of them with an error the
+    client does not retry (its retries would take the submit up again, and age it)."""
+    submitter = mesh.controller.engine._submitter
+    real = submitter._write_chunk
+    written = 0
+
+    async def write_chunk(chunk, resumed, pending):
+        nonlocal written
+        written += 1
+        if written > chunks:
+            raise FailedPrecondition("injected")
+        return await real(chunk, resumed, pending)
+
+    submitter._write_chunk = write_chunk
 
 
 def leftovers(mesh: Mesh, etcd, run_id: str) -> dict[str, int]:
@@ -97,10 +115,11 @@ def test_the_controller_deletes_abandoned_submits_by_itself(etcd, prefix, tmp_pa
     )
     try:
         mesh.start_controller()
-        break_after(mesh, 5)
-        with pytest.raises(UnavailableError):
+        fail_after(mesh, 5)
+        with pytest.raises(TetherError):
             mesh.client().submit(fan_in(WIDTH), request_id="forgotten")
         run_id = pending_run_id(mesh, etcd)
+        assert leftovers(mesh, etcd, run_id)["tasks"] > 0
         wait_for(
             lambda: leftovers(mesh, etcd, run_id) == {"requests": 0, "tasks": 0, "deps": 0},
             10,
@@ -139,6 +158,36 @@ def test_a_submit_deleted_while_it_writes_leaves_nothing_behind(big_mesh, etcd):
     submitter._write_chunk = real
     run = client.submit(fan_in(WIDTH), request_id="slow")
     assert len(client.get_run(run.id).tasks) == WIDTH + 2
+
+
+def test_a_retry_deleted_while_it_finishes_the_submit_leaves_nothing_behind(big_mesh, etcd):
+    mesh = big_mesh
+    client = mesh.client()
+    healed = break_after(mesh, 10)
+    with pytest.raises(UnavailableError):
+        client.submit(fan_in(WIDTH), request_id="resumed")
+    run_id = pending_run_id(mesh, etcd)
+    healed.set()
+
+    submitter = mesh.controller.engine._submitter
+    real = submitter._write_chunk  # break_after's, passing through now
+    seen = 0
+
+    async def write_chunk(chunk, resumed, pending):
+        nonlocal seen
+        seen += 1
+        # Past the chunks the first try wrote: the retry is creating keys again.
+        if seen == 14:
+            assert resumed
+            assert await mesh.controller.engine.collect_abandoned_submits(0) == 1
+        return await real(chunk, resumed, pending)
+
+    submitter._write_chunk = write_chunk
+    with pytest.raises(TetherError) as caught:
+        client.submit(fan_in(WIDTH), request_id="resumed")
+    assert leftovers(mesh, etcd, run_id) == {"requests": 0, "tasks": 0, "deps": 0}
+    assert keys_under(etcd.endpoint, mesh.controller.store.keys.runs) == {}
+    assert caught.value.code == grpc.StatusCode.ABORTED
 
 
 def test_run_ids_tell_their_creation_time():
