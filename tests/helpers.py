@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -499,3 +501,34 @@ class EtcdCluster:
     def stop(self) -> None:
         for n in list(self.procs):
             self.kill(n)
+
+
+def delete_as(parent: Path, name: str, user: str = "nobody") -> bool:
+    """Whether ``user`` can delete the tree ``parent/name`` (the test must run as root).
+
+    A forked child opens ``parent`` first, then drops to ``uid``: the path above ``parent``
+    (a pytest tmp dir, mode 0700) need not be open to that user.
+    """
+    who = pwd.getpwnam(user)
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: no Python cleanup, no pytest, just the deletion
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(who.pw_gid)
+                os.setuid(who.pw_uid)
+                shutil.rmtree(name, dir_fd=fd)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(fd)
+
+
+def nobody_uid() -> int:
+    """The uid of the unprivileged ``nobody`` user."""
+    return pwd.getpwnam("nobody").pw_uid

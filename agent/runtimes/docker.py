@@ -37,6 +37,7 @@ from tether.agent.layout import (
     attempt_dir,
     attempt_relative,
 )
+from tether.agent.runtimes.acl import grant_default_acl
 from tether.agent.runtimes.base import ExitStatus, LaunchSpec, RecoveredTask, RuntimeError_
 from tether.agent.runtimes.containers import MANAGED_LABEL, MOUNT, create_args, pull_policy
 from tether.agent.runtimes.docker_logs import LogFollower, follow_logs
@@ -221,6 +222,10 @@ class DockerRuntime:
         # Docker flags OOM kills in State.OOMKilled; Podman (on cgroup v1 at least) does not.
         self._engine_reports_oom = True
         self._pulls: dict[str, asyncio.Future] = {}
+        # Whose files a container's are to stay deletable by (see acl.py): the agent's user,
+        # unless it is root, who may delete anything anyway.
+        self.owner_uid = os.geteuid()
+        self._acls = True  # False once the work dir's file system turned ACLs down
 
     # The engine ---------------------------------------------------------------------------
 
@@ -325,6 +330,14 @@ class DockerRuntime:
             await self._ensure_image(api, spec)
         # The image may run as a user other than root; it must still write its output file.
         os.chmod(spec.attempt_dir, 0o777)
+        if self.owner_uid != 0 and self._acls:
+            self._acls = grant_default_acl(str(spec.attempt_dir), self.owner_uid)
+            if not self._acls:
+                log.warning(
+                    "the work dir's file system has no ACLs: directories containers create "
+                    "as root there cannot be deleted by this agent's work retention",
+                    work_dir=str(self.config.work_dir),
+                )
         with spec.phase("create"):
             try:
                 cid = await asyncio.to_thread(self._create, api, container, host)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import docker
 import pytest
 from dockerutil import BUSYBOX, NODE_PREFIX, is_podman, launch_spec, managed_containers
+from helpers import delete_as, nobody_uid
 
 from tether.agent.config import AgentConfig
 from tether.agent.runtimes.base import RuntimeError_
@@ -72,6 +74,22 @@ def test_exit_code_logs_output_env_mount_and_labels(runtime, docker_api):
     run(handle.remove())
     with pytest.raises(docker.errors.NotFound):
         docker_api.inspect_container(handle.id)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+@pytest.mark.parametrize("agent_user", ["nobody", "root"])
+def test_what_a_root_container_makes_stays_deletable_by_a_non_root_agent(runtime, agent_user):
+    # The agent's uid as the runtime sees it: "root" takes no ACL, as a root agent needs none;
+    # its attempt is then the control, where the same user cannot delete what it finds.
+    runtime.owner_uid = nobody_uid() if agent_user == "nobody" else 0
+    wd = runtime.config.work_dir
+    spec = launch_spec(
+        wd, ["sh", "-c", "mkdir -p /tether/out/deep && echo x > /tether/out/deep/model.bin"]
+    )
+    _, status = run(start_and_wait(runtime, spec))
+    assert status.exit_code == 0
+    assert (spec.attempt_dir / "out" / "deep" / "model.bin").read_text() == "x\n"
+    assert delete_as(spec.attempt_dir, "out") is (agent_user == "nobody")
 
 
 def _cgroup_limits() -> str:

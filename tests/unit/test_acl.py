@@ -1,0 +1,52 @@
+"""The default ACL the docker runtime puts on attempt directories: its binary form, and on a
+real file system, that directories created below it by root the usual way are deletable by
+the user it names, and not without it."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from helpers import delete_as, nobody_uid
+
+from tether.agent.runtimes.acl import default_acl, grant_default_acl
+
+
+def test_the_xattr_holds_sorted_entries_naming_the_uid():
+    value = default_acl(1234)
+    assert struct.unpack_from("<I", value) == (2,)
+    entries = [struct.unpack_from("<HHI", value, 4 + 8 * i) for i in range((len(value) - 4) // 8)]
+    tags = [tag for tag, _, _ in entries]
+    assert tags == sorted(tags) and len(set(tags)) == len(tags)
+    assert (0x02, 7, 1234) in entries  # the named user: rwx
+    assert (0x10, 7, 0xFFFFFFFF) in entries  # the mask lets it through
+
+
+def _container_like_tree(attempt) -> None:
+    """What a task running as root leaves: directories made with the usual mode under umask
+    022, and a file in them."""
+    old = os.umask(0o022)
+    try:
+        os.makedirs(attempt / "out" / "deep")
+        (attempt / "out" / "deep" / "model.bin").write_bytes(b"x")
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a container and a user")
+@pytest.mark.parametrize("granted", [True, False])
+def test_root_made_directories_are_deletable_by_the_named_user_only_with_it(tmp_path, granted):
+    attempt = tmp_path / "attempt"
+    attempt.mkdir()
+    os.chmod(attempt, 0o777)  # as the docker runtime leaves it
+    if granted and not grant_default_acl(str(attempt), nobody_uid()):
+        pytest.skip("this file system has no ACLs")
+    _container_like_tree(attempt)
+    assert delete_as(attempt, "out") is granted
+    assert (attempt / "out").exists() is not granted
+
+
+def test_a_missing_directory_is_an_error_not_a_silent_false(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        grant_default_acl(str(tmp_path / "missing"), 1234)
