@@ -220,7 +220,10 @@ class Agent:
         if self.config.work_retention <= 0 or self._cleaner_task is not None:
             return
         self.cleaner = WorkDirCleaner(
-            self.config.work_dir, self.config.work_retention, self.runner.runs_in_use
+            self.config.work_dir,
+            self.config.work_retention,
+            self.runner.runs_in_use,
+            getattr(self.runtime, "remove_tree", None),
         )
         self._cleaner_task = asyncio.create_task(self.cleaner.run(), name="work dir cleaner")
 

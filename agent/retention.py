@@ -23,7 +23,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from tether.agent import layout
@@ -58,10 +58,18 @@ class WorkDirCleaner:
             attempts assigned since the previous call (:meth:`Runner.runs_in_use`).
     """
 
-    def __init__(self, work_dir: Path, retention: float, in_use: Callable[[], set[str]]) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        retention: float,
+        in_use: Callable[[], set[str]],
+        remove_tree: Callable[[Path], Awaitable[bool]] | None = None,
+    ) -> None:
         self.work_dir = work_dir
         self.retention = retention
         self.in_use = in_use
+        # The runtime's help with what this agent's user may not delete (docker: as root).
+        self.remove_tree = remove_tree
         self.removed = 0  # run directories removed so far
 
     async def run(self) -> None:
@@ -96,26 +104,45 @@ class WorkDirCleaner:
                 continue
             renamed.append(target)
         for path in leftovers:
-            await in_thread(_remove, path, name="tether-work-dir-remove")
+            await self._delete(path)
         count = 0
         for target in renamed:
-            if await in_thread(_remove, target, name="tether-work-dir-remove"):
+            if await self._delete(target):
                 count += 1
         if count:
             self.removed += count
             log.info("removed old run directories", count=count, work_dir=str(self.work_dir))
         return count
 
+    async def _delete(self, path: Path) -> bool:
+        """Delete the tree ``path``, with the runtime's help where the agent's user may not;
+        whether it is all gone (what is left is tried again by the next sweep)."""
+        helper = self.remove_tree
+        if await in_thread(_remove, path, helper is None, name="tether-work-dir-remove"):
+            return True
+        if helper is None:
+            return False
+        try:
+            helped = await helper(path)
+        except Exception as e:  # the engine away, say: the sweep after next tries again
+            log.warning(
+                "the runtime could not delete a run directory", path=str(path), error=str(e)
+            )
+            helped = False
+        if not helped:
+            log.debug("the runtime did not help remove a run directory", path=str(path))
+        return await in_thread(_remove, path, True, name="tether-work-dir-remove")
 
-def _remove(path: Path) -> bool:
-    """Delete the tree ``path``; whether it is all gone (what is left is tried again by the
-    next sweep: a container's files the agent's user may not delete, say)."""
+
+def _remove(path: Path, warn: bool = True) -> bool:
+    """Delete the tree ``path``; whether it is all gone. ``warn``: log what could not be
+    deleted (a container's files the agent's user may not delete, say)."""
     errors: list[str] = []
     if sys.version_info >= (3, 12):
         shutil.rmtree(path, onexc=lambda _fn, p, exc: errors.append(f"{p}: {exc}"))
     else:
         shutil.rmtree(path, onerror=lambda _fn, p, exc: errors.append(f"{p}: {exc[1]}"))
-    if errors:
+    if errors and warn:
         log.warning(
             "cannot delete all of a run directory",
             path=str(path),

@@ -51,6 +51,12 @@ log = get_logger("agent.docker")
 # Long-lived streams (a wait and two logs per container) each hold a pooled connection.
 _POOL_SIZE = 64
 _PROGRESS_EVERY = 2.0  # seconds between pull progress events
+# remove_tree: how many recent images it may try, where it mounts the directory, the label
+# that tells its containers from tasks', and how long one may take (seconds).
+_CLEANUP_IMAGES = 8
+_CLEANUP_MOUNT = "/gone"
+_CLEANUP_LABEL = "tether.cleanup"
+_CLEANUP_TIMEOUT = 300
 # What an engine call raises when the engine refuses it or cannot be reached.
 _ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 
@@ -226,6 +232,8 @@ class DockerRuntime:
         # unless it is root, who may delete anything anyway.
         self.owner_uid = os.geteuid()
         self._acls = True  # False once the work dir's file system turned ACLs down
+        # Images this runtime ran, the latest last: remove_tree borrows one's ``rm``.
+        self._images: dict[str, None] = {}
 
     # The engine ---------------------------------------------------------------------------
 
@@ -328,6 +336,7 @@ class DockerRuntime:
         api = await self.api()
         with spec.phase("pull"):
             await self._ensure_image(api, spec)
+        self._ran(spec.image)
         # The image may run as a user other than root; it must still write its output file.
         os.chmod(spec.attempt_dir, 0o777)
         if self.owner_uid != 0 and self._acls:
@@ -406,6 +415,8 @@ class DockerRuntime:
                 continue
             state = info.get("State") or {}
             running = bool(state.get("Running") or state.get("Paused") or state.get("Restarting"))
+            if (info.get("Config") or {}).get("Image"):
+                self._ran(info["Config"]["Image"])
             logs = follow_logs(
                 api,
                 c["Id"],
@@ -423,6 +434,65 @@ class DockerRuntime:
                 )
             )
         return out
+
+    # Work dir cleanup ---------------------------------------------------------------------
+
+    def _ran(self, image: str) -> None:
+        self._images.pop(image, None)
+        self._images[image] = None
+        while len(self._images) > _CLEANUP_IMAGES:
+            del self._images[next(iter(self._images))]
+
+    async def remove_tree(self, path: Path) -> bool:
+        """Delete the entries of the directory ``path`` as root, in a short-lived container
+        that mounts it: what a task's root container left there with modes that keep this
+        agent's user out (a tar archive's 0755 directories, say; see ``acl.py`` for the
+        usual case). The container borrows ``rm`` from an image this runtime ran (the latest
+        first; one without ``rm`` is skipped). Whether it worked; ``path`` itself stays.
+        """
+        if self.owner_uid == 0:
+            return False  # root could delete it all: what failed is not a permission
+        names = await asyncio.to_thread(os.listdir, path)
+        if not names:
+            return True
+        api = await self.api()
+        images = list(reversed(self._images))
+        if not images:  # nothing ran since the agent started: any local image may do
+            found = await asyncio.to_thread(api.images)
+            images = [tag for i in found for tag in (i.get("RepoTags") or [])][:_CLEANUP_IMAGES]
+        targets = [f"{_CLEANUP_MOUNT}/{name}" for name in names]
+        for image in images:
+            try:
+                code = await asyncio.to_thread(self._remove_with, api, image, str(path), targets)
+            except _ENGINE_ERRORS as e:
+                log.debug("cleanup container failed", image=image, error=_explain(e))
+                continue
+            if code == 0:
+                log.info("removed root-owned files with the engine", path=str(path), image=image)
+                return True
+        return False
+
+    def _remove_with(self, api: docker.APIClient, image: str, path: str, targets: list[str]) -> int:
+        """Run ``rm -rf targets`` as root in a container of ``image`` with ``path`` mounted;
+        its exit code. The container is labelled apart from tasks' (recovery ignores it) and
+        removed in any case."""
+        host = api.create_host_config(
+            binds={path: {"bind": _CLEANUP_MOUNT, "mode": "rw"}}, network_mode="none"
+        )
+        cid = api.create_container(
+            image,
+            entrypoint=["rm", "-rf", "--"],
+            command=targets,
+            user="0:0",
+            labels={_CLEANUP_LABEL: self.config.node},
+            host_config=host,
+        )["Id"]
+        try:
+            api.start(cid)
+            return int(api.wait(cid, timeout=_CLEANUP_TIMEOUT).get("StatusCode", 1))
+        finally:
+            with contextlib.suppress(*_ENGINE_ERRORS):
+                api.remove_container(cid, force=True)
 
 
 def _truncation_reporter(spec: LaunchSpec) -> Callable[[str], None] | None:

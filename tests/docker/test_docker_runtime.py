@@ -4,6 +4,7 @@ labels, removal and recovery. Images are local (tests/docker/build_images.sh).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -90,6 +91,51 @@ def test_what_a_root_container_makes_stays_deletable_by_a_non_root_agent(runtime
     assert status.exit_code == 0
     assert (spec.attempt_dir / "out" / "deep" / "model.bin").read_text() == "x\n"
     assert delete_as(spec.attempt_dir, "out") is (agent_user == "nobody")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_the_engine_deletes_what_a_root_container_shut_the_agent_out_of(runtime, docker_api):
+    # A directory with an explicit narrow mode (as tar extracts them) escapes the default ACL:
+    # a non-root agent cannot empty it, so the runtime does, as root, in a container.
+    runtime.owner_uid = nobody_uid()
+    wd = runtime.config.work_dir
+    script = "mkdir -m 755 /tether/strict && echo x > /tether/strict/f && chmod 700 /tether/strict"
+    spec = launch_spec(wd, ["sh", "-c", script])
+    _, status = run(start_and_wait(runtime, spec))
+    assert status.exit_code == 0
+    assert not delete_as(spec.attempt_dir, "strict")
+
+    # An image without ``rm`` ran last: it is tried first and skipped.
+    empty = docker_api.import_image_from_data(_EMPTY_TAR, repository="tether-test/empty")
+    runtime._ran("tether-test/empty:latest")
+    tried: list[str] = []
+    real = runtime._remove_with
+
+    def remove_with(api, image, *args):
+        tried.append(image)
+        return real(api, image, *args)
+
+    runtime._remove_with = remove_with
+    try:
+        assert run(runtime.remove_tree(spec.attempt_dir)) is True
+        assert tried == ["tether-test/empty:latest", BUSYBOX]
+    finally:
+        with contextlib.suppress(docker.errors.APIError):
+            docker_api.remove_image("tether-test/empty:latest", force=True)
+    assert empty and not (spec.attempt_dir / "strict").exists()
+    # Only the directory's entries went; the rest is the agent's to delete.
+    assert spec.attempt_dir.is_dir()
+    left = docker_api.containers(all=True, filters={"label": f"tether.cleanup={NODE}"})
+    assert left == []
+
+    runtime.owner_uid = 0  # a root agent needs no help, and gets none
+    (spec.attempt_dir / "again").mkdir()
+    assert run(runtime.remove_tree(spec.attempt_dir)) is False
+    assert (spec.attempt_dir / "again").is_dir()
+
+
+# A tar archive with nothing in it (two zero blocks): an image without a single program.
+_EMPTY_TAR = bytes(1024)
 
 
 def _cgroup_limits() -> str:

@@ -129,3 +129,50 @@ def test_sweeps_come_at_a_quarter_of_the_retention_within_bounds():
 def test_a_negative_retention_is_refused(tmp_path):
     with pytest.raises(ValueError, match="work_retention"):
         AgentConfig(node="n1", work_dir=tmp_path, work_retention=-1)
+
+
+def test_what_the_agent_may_not_delete_goes_to_the_runtime(tmp_path, monkeypatch):
+    # As a non-root agent under the docker runtime: its own deletion leaves a root
+    # container's directory behind; the runtime deletes that as root, then the agent the rest.
+    import tether.agent.retention as retention
+
+    real = retention._remove
+    tries: list[str] = []
+
+    def remove(path: Path, warn: bool = True) -> bool:
+        tries.append(path.name)
+        if (path / "t" / "1" / "root-owned").exists():
+            return False
+        return real(path, warn)
+
+    helped: list[str] = []
+
+    async def remove_tree(path: Path) -> bool:
+        helped.append(path.name)
+        (path / "t" / "1" / "root-owned").unlink()
+        return True
+
+    monkeypatch.setattr(retention, "_remove", remove)
+    _attempt(tmp_path, RUN, "t", 1, "root-owned")
+    _age(tmp_path / RUN, 2 * HOUR)
+    cleaner = WorkDirCleaner(tmp_path, HOUR, lambda: set(), remove_tree)
+    assert asyncio.run(cleaner.sweep()) == 1
+    assert list(tmp_path.iterdir()) == []
+    assert len(helped) == 1 and helped[0].startswith(f"{REMOVING_PREFIX}{RUN}-")
+    assert tries == [helped[0], helped[0]]
+
+
+def test_a_runtime_that_fails_to_help_leaves_the_run_for_the_next_sweep(tmp_path, monkeypatch):
+    import tether.agent.retention as retention
+
+    monkeypatch.setattr(retention, "_remove", lambda path, warn=True: False)
+
+    async def remove_tree(path: Path) -> bool:
+        raise OSError("engine away")
+
+    _attempt(tmp_path, RUN)
+    _age(tmp_path / RUN, 2 * HOUR)
+    cleaner = WorkDirCleaner(tmp_path, HOUR, lambda: set(), remove_tree)
+    assert asyncio.run(cleaner.sweep()) == 0
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(REMOVING_PREFIX)  # found again by the next sweep
