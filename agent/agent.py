@@ -223,7 +223,10 @@ class Agent:
             self.config.work_dir,
             self.config.work_retention,
             self.runner.runs_in_use,
-            getattr(self.runtime, "remove_tree", None),
+            # Only an agent that is not root needs the runtime's help to delete.
+            getattr(self.runtime, "remove_tree", None)
+            if getattr(self.runtime, "owner_uid", 0) != 0
+            else None,
         )
         self._cleaner_task = asyncio.create_task(self.cleaner.run(), name="work dir cleaner")
 

@@ -53,10 +53,14 @@ _POOL_SIZE = 64
 _PROGRESS_EVERY = 2.0  # seconds between pull progress events
 # remove_tree: how many recent images it may try, where it mounts the directory, the label
 # that tells its containers from tasks', and how long one may take (seconds).
-_CLEANUP_IMAGES = 8
+_CLEANUP_IMAGES = 4
 _CLEANUP_MOUNT = "/gone"
 _CLEANUP_LABEL = "tether.cleanup"
 _CLEANUP_TIMEOUT = 300
+# Exit codes of a cleanup container whose image has no usable ``rm`` (try the next).
+_NO_RM = (126, 127)
+# Beside an attempt's directory ("1.image"): the image it ran.
+IMAGE_SUFFIX = ".image"
 # What an engine call raises when the engine refuses it or cannot be reached.
 _ENGINE_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 
@@ -232,8 +236,6 @@ class DockerRuntime:
         # unless it is root, who may delete anything anyway.
         self.owner_uid = os.geteuid()
         self._acls = True  # False once the work dir's file system turned ACLs down
-        # Images this runtime ran, the latest last: remove_tree borrows one's ``rm``.
-        self._images: dict[str, None] = {}
 
     # The engine ---------------------------------------------------------------------------
 
@@ -336,7 +338,7 @@ class DockerRuntime:
         api = await self.api()
         with spec.phase("pull"):
             await self._ensure_image(api, spec)
-        self._ran(spec.image)
+        self._record_image(spec)
         # The image may run as a user other than root; it must still write its output file.
         os.chmod(spec.attempt_dir, 0o777)
         if self.owner_uid != 0 and self._acls:
@@ -391,6 +393,7 @@ class DockerRuntime:
         ones), so output written while no agent was watching is kept.
         """
         api = await self.api()
+        await self._remove_stale_cleanups(api)
         found = await asyncio.to_thread(
             api.containers,
             all=True,
@@ -415,8 +418,6 @@ class DockerRuntime:
                 continue
             state = info.get("State") or {}
             running = bool(state.get("Running") or state.get("Paused") or state.get("Restarting"))
-            if (info.get("Config") or {}).get("Image"):
-                self._ran(info["Config"]["Image"])
             logs = follow_logs(
                 api,
                 c["Id"],
@@ -437,62 +438,97 @@ class DockerRuntime:
 
     # Work dir cleanup ---------------------------------------------------------------------
 
-    def _ran(self, image: str) -> None:
-        self._images.pop(image, None)
-        self._images[image] = None
-        while len(self._images) > _CLEANUP_IMAGES:
-            del self._images[next(iter(self._images))]
-
     async def remove_tree(self, path: Path) -> bool:
-        """Delete the entries of the directory ``path`` as root, in a short-lived container
-        that mounts it: what a task's root container left there with modes that keep this
-        agent's user out (a tar archive's 0755 directories, say; see ``acl.py`` for the
-        usual case). The container borrows ``rm`` from an image this runtime ran (the latest
-        first; one without ``rm`` is skipped). Whether it worked; ``path`` itself stays.
+        """Delete the entries of the run directory ``path`` as root, in a short-lived
+        container that mounts it: what a task's root container left there with modes that
+        keep this agent's user out (a tar archive's 0755 directories, say; ``acl.py`` covers
+        the usual case). The container borrows ``rm`` from an image the run's own attempts
+        ran (the latest first; one without ``rm`` is skipped), so no other submitter's image
+        ever sees the run's files. Whether it worked; ``path`` itself stays.
         """
         if self.owner_uid == 0:
             return False  # root could delete it all: what failed is not a permission
-        names = await asyncio.to_thread(os.listdir, path)
+        names, images = await in_thread(_run_entries, path, name="tether-cleanup-scan")
         if not names:
             return True
+        if not images:
+            log.warning(
+                "no image of this run is recorded to delete its root-owned files with",
+                path=str(path),
+            )
+            return False
         api = await self.api()
-        images = list(reversed(self._images))
-        if not images:  # nothing ran since the agent started: any local image may do
-            found = await asyncio.to_thread(api.images)
-            images = [tag for i in found for tag in (i.get("RepoTags") or [])][:_CLEANUP_IMAGES]
         targets = [f"{_CLEANUP_MOUNT}/{name}" for name in names]
         for image in images:
-            try:
-                code = await asyncio.to_thread(self._remove_with, api, image, str(path), targets)
-            except _ENGINE_ERRORS as e:
-                log.debug("cleanup container failed", image=image, error=_explain(e))
-                continue
+            code = await in_thread(
+                self._remove_with, api, image, str(path), targets, name="tether-cleanup"
+            )
             if code == 0:
                 log.info("removed root-owned files with the engine", path=str(path), image=image)
                 return True
+            if code not in _NO_RM:
+                break  # rm ran and failed, or the engine did: the next sweep tries again
         return False
 
     def _remove_with(self, api: docker.APIClient, image: str, path: str, targets: list[str]) -> int:
         """Run ``rm -rf targets`` as root in a container of ``image`` with ``path`` mounted;
-        its exit code. The container is labelled apart from tasks' (recovery ignores it) and
-        removed in any case."""
-        host = api.create_host_config(
-            binds={path: {"bind": _CLEANUP_MOUNT, "mode": "rw"}}, network_mode="none"
-        )
-        cid = api.create_container(
-            image,
-            entrypoint=["rm", "-rf", "--"],
-            command=targets,
-            user="0:0",
-            labels={_CLEANUP_LABEL: self.config.node},
-            host_config=host,
-        )["Id"]
+        its exit code, 127 when ``rm`` could not be started, -1 when the engine failed. The
+        container is labelled apart from tasks' (recovery removes it) and removed here."""
+        cid = ""
         try:
-            api.start(cid)
-            return int(api.wait(cid, timeout=_CLEANUP_TIMEOUT).get("StatusCode", 1))
+            host = api.create_host_config(
+                binds={path: {"bind": _CLEANUP_MOUNT, "mode": "rw"}}, network_mode="none"
+            )
+            cid = api.create_container(
+                image,
+                entrypoint=["rm", "-rf", "--"],
+                command=targets,
+                user="0:0",
+                labels={_CLEANUP_LABEL: self.config.node},
+                host_config=host,
+            )["Id"]
+            try:
+                api.start(cid)
+            except docker.errors.APIError as e:  # no rm in this image (or no such image)
+                log.debug("cleanup container did not start", image=image, error=_explain(e))
+                return 127
+            return int(api.wait(cid, timeout=_CLEANUP_TIMEOUT).get("StatusCode", -1))
+        except _ENGINE_ERRORS as e:
+            log.warning("cleanup container failed", image=image, error=_explain(e))
+            return -1
         finally:
+            if cid:
+                with contextlib.suppress(*_ENGINE_ERRORS):
+                    api.remove_container(cid, v=True, force=True)
+
+    async def _remove_stale_cleanups(self, api: docker.APIClient) -> None:
+        """Remove cleanup containers an earlier agent of this node left (it died mid-way)."""
+        found = await asyncio.to_thread(
+            api.containers, all=True, filters={"label": f"{_CLEANUP_LABEL}={self.config.node}"}
+        )
+        for c in found:
             with contextlib.suppress(*_ENGINE_ERRORS):
-                api.remove_container(cid, force=True)
+                await asyncio.to_thread(api.remove_container, c["Id"], v=True, force=True)
+
+    @staticmethod
+    def _record_image(spec: LaunchSpec) -> None:
+        """Note the attempt's image beside its directory (in the task's, where its
+        container cannot write), for :meth:`remove_tree`."""
+        record = spec.attempt_dir.with_name(spec.attempt_dir.name + IMAGE_SUFFIX)
+        record.write_text(spec.image)
+
+
+def _run_entries(path: Path) -> tuple[list[str], list[str]]:
+    """The entries of the run directory ``path``, and the images its attempts ran, the
+    latest first."""
+    names = os.listdir(path)
+    records = sorted(path.glob(f"*/*{IMAGE_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
+    images: list[str] = []
+    for record in records:
+        image = record.read_text().strip()
+        if image and image not in images:
+            images.append(image)
+    return names, images[:_CLEANUP_IMAGES]
 
 
 def _truncation_reporter(spec: LaunchSpec) -> Callable[[str], None] | None:

@@ -104,10 +104,19 @@ def test_the_engine_deletes_what_a_root_container_shut_the_agent_out_of(runtime,
     _, status = run(start_and_wait(runtime, spec))
     assert status.exit_code == 0
     assert not delete_as(spec.attempt_dir, "strict")
+    record = spec.attempt_dir.with_name("1.image")
+    assert record.read_text() == BUSYBOX  # the run's image, where its container cannot write
 
-    # An image without ``rm`` ran last: it is tried first and skipped.
-    empty = docker_api.import_image_from_data(_EMPTY_TAR, repository="tether-test/empty")
-    runtime._ran("tether-test/empty:latest")
+    # The run's images, the latest first: one without ``rm`` (skipped), then one whose
+    # declared user is not root (its rm runs as root all the same).
+    docker_api.import_image_from_data(_EMPTY_TAR, repository="tether-test/empty")
+    holder = docker_api.create_container(BUSYBOX, command=["true"])["Id"]
+    docker_api.commit(holder, repository="tether-test/busybox-nobody", changes=["USER 65534"])
+    docker_api.remove_container(holder, force=True)
+    record.write_text("tether-test/busybox-nobody:latest")
+    newer = record.with_name("0.image")
+    newer.write_text("tether-test/empty:latest")
+    os.utime(record, (time.time() - 60, time.time() - 60))
     tried: list[str] = []
     real = runtime._remove_with
 
@@ -116,22 +125,28 @@ def test_the_engine_deletes_what_a_root_container_shut_the_agent_out_of(runtime,
         return real(api, image, *args)
 
     runtime._remove_with = remove_with
+    run_dir = wd / "r1"
     try:
-        assert run(runtime.remove_tree(spec.attempt_dir)) is True
-        assert tried == ["tether-test/empty:latest", BUSYBOX]
+        assert run(runtime.remove_tree(run_dir)) is True
     finally:
-        with contextlib.suppress(docker.errors.APIError):
-            docker_api.remove_image("tether-test/empty:latest", force=True)
-    assert empty and not (spec.attempt_dir / "strict").exists()
-    # Only the directory's entries went; the rest is the agent's to delete.
-    assert spec.attempt_dir.is_dir()
-    left = docker_api.containers(all=True, filters={"label": f"tether.cleanup={NODE}"})
-    assert left == []
+        for image in ("tether-test/empty:latest", "tether-test/busybox-nobody:latest"):
+            with contextlib.suppress(docker.errors.APIError):
+                docker_api.remove_image(image, force=True)
+    assert tried == ["tether-test/empty:latest", "tether-test/busybox-nobody:latest"]
+    # The run directory's entries went; the directory itself is the agent's to delete.
+    assert run_dir.is_dir() and list(run_dir.iterdir()) == []
+    assert docker_api.containers(all=True, filters={"label": f"tether.cleanup={NODE}"}) == []
+
+    # A cleanup container an agent left when it died is removed by the next one's recovery.
+    docker_api.create_container(BUSYBOX, command=["true"], labels={"tether.cleanup": NODE})
+    recovered = run(runtime.recover())
+    assert [r.labels.get("tether.run") for r in recovered] == ["r1"]  # the task's, not it
+    assert docker_api.containers(all=True, filters={"label": f"tether.cleanup={NODE}"}) == []
 
     runtime.owner_uid = 0  # a root agent needs no help, and gets none
-    (spec.attempt_dir / "again").mkdir()
-    assert run(runtime.remove_tree(spec.attempt_dir)) is False
-    assert (spec.attempt_dir / "again").is_dir()
+    (run_dir / "again").mkdir()
+    assert run(runtime.remove_tree(run_dir)) is False
+    assert (run_dir / "again").is_dir()
 
 
 # A tar archive with nothing in it (two zero blocks): an image without a single program.

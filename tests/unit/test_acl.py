@@ -19,8 +19,13 @@ def test_the_xattr_holds_sorted_entries_naming_the_uid():
     entries = [struct.unpack_from("<HHI", value, 4 + 8 * i) for i in range((len(value) - 4) // 8)]
     tags = [tag for tag, _, _ in entries]
     assert tags == sorted(tags) and len(set(tags)) == len(tags)
-    assert (0x02, 7, 1234) in entries  # the named user: rwx
-    assert (0x10, 7, 0xFFFFFFFF) in entries  # the mask lets it through
+    assert entries == [
+        (0x01, 7, 0xFFFFFFFF),  # the owner: rwx
+        (0x02, 7, 1234),  # the named user: rwx
+        (0x04, 5, 0xFFFFFFFF),  # the owning group: r-x
+        (0x10, 7, 0xFFFFFFFF),  # the mask lets the named user's rwx through
+        (0x20, 5, 0xFFFFFFFF),  # others: r-x
+    ]
 
 
 def _container_like_tree(attempt) -> None:
