@@ -514,7 +514,8 @@ class DockerRuntime:
     def _record_image(spec: LaunchSpec) -> None:
         """Note the attempt's image beside its directory (in the task's, where its
         container cannot write), for :meth:`remove_tree`."""
-        record = spec.attempt_dir.with_name(spec.attempt_dir.name + IMAGE_SUFFIX)
+        attempt = Path(spec.attempt_dir)  # a str from the runner
+        record = attempt.with_name(attempt.name + IMAGE_SUFFIX)
         record.write_text(spec.image)
 
 
