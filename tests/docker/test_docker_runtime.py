@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -101,10 +102,12 @@ def test_the_engine_deletes_what_a_root_container_shut_the_agent_out_of(runtime,
     wd = runtime.config.work_dir
     script = "mkdir -m 755 /tether/strict && echo x > /tether/strict/f && chmod 700 /tether/strict"
     spec = launch_spec(wd, ["sh", "-c", script])
+    attempt = spec.attempt_dir
+    spec = dataclasses.replace(spec, attempt_dir=str(attempt))  # as the runner passes it
     _, status = run(start_and_wait(runtime, spec))
     assert status.exit_code == 0
-    assert not delete_as(spec.attempt_dir, "strict")
-    record = spec.attempt_dir.with_name("1.image")
+    assert not delete_as(attempt, "strict")
+    record = attempt.with_name("1.image")
     assert record.read_text() == BUSYBOX  # the run's image, where its container cannot write
 
     # The run's images, the latest first: one without ``rm`` (skipped), then one whose
