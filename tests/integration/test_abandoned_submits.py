@@ -7,6 +7,8 @@ injected in its submit path; etcd is real.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import pytest
 from helpers import Mesh, wait_for
@@ -42,21 +44,32 @@ def fan_in(width: int) -> Workflow:
     return wf
 
 
-def fail_after(mesh: Mesh, chunks: int) -> None:
-    """Make the controller's chunk writes fail after ``chunks`` of them with an error the
-    client does not retry (its retries would take the submit up again, and age it)."""
+def before_each_chunk(mesh: Mesh, hook) -> Callable:
+    """Have the controller ``await hook(n, resumed)`` before it writes its n-th chunk (from
+    1); return the write it had, to put back."""
     submitter = mesh.controller.engine._submitter
     real = submitter._write_chunk
-    written = 0
+    count = 0
 
     async def write_chunk(chunk, resumed, pending):
-        nonlocal written
-        written += 1
-        if written > chunks:
-            raise FailedPrecondition("injected")
+        nonlocal count
+        count += 1
+        await hook(count, resumed)
         return await real(chunk, resumed, pending)
 
     submitter._write_chunk = write_chunk
+    return real
+
+
+def fail_after(mesh: Mesh, chunks: int) -> None:
+    """Make the controller's chunk writes fail after ``chunks`` of them with an error the
+    client does not retry (its retries would take the submit up again, and age it)."""
+
+    async def hook(n: int, resumed: bool) -> None:
+        if n > chunks:
+            raise FailedPrecondition("injected")
+
+    before_each_chunk(mesh, hook)
 
 
 def leftovers(mesh: Mesh, etcd, run_id: str) -> dict[str, int]:
@@ -131,18 +144,12 @@ def test_the_controller_deletes_abandoned_submits_by_itself(etcd, prefix, tmp_pa
 
 def test_a_submit_deleted_while_it_writes_leaves_nothing_behind(big_mesh, etcd):
     mesh = big_mesh
-    submitter = mesh.controller.engine._submitter
-    real = submitter._write_chunk
-    written = 0
 
-    async def write_chunk(chunk, resumed, pending):
-        nonlocal written
-        written += 1
-        if written == 6:  # this submit is taken for abandoned half-way through its writes
+    async def hook(n: int, resumed: bool) -> None:
+        if n == 6:  # this submit is taken for abandoned half-way through its writes
             assert await mesh.controller.engine.collect_abandoned_submits(0) == 1
-        return await real(chunk, resumed, pending)
 
-    submitter._write_chunk = write_chunk
+    real = before_each_chunk(mesh, hook)
     client = mesh.client()
     with pytest.raises(TetherError) as caught:
         client.submit(fan_in(WIDTH), request_id="slow")
@@ -155,7 +162,7 @@ def test_a_submit_deleted_while_it_writes_leaves_nothing_behind(big_mesh, etcd):
     assert caught.value.code == grpc.StatusCode.ABORTED
     assert "pending_submit_ttl" in str(caught.value)
 
-    submitter._write_chunk = real
+    mesh.controller.engine._submitter._write_chunk = real
     run = client.submit(fan_in(WIDTH), request_id="slow")
     assert len(client.get_run(run.id).tasks) == WIDTH + 2
 
@@ -169,20 +176,14 @@ def test_a_retry_deleted_while_it_finishes_the_submit_leaves_nothing_behind(big_
     run_id = pending_run_id(mesh, etcd)
     healed.set()
 
-    submitter = mesh.controller.engine._submitter
-    real = submitter._write_chunk  # break_after's, passing through now
-    seen = 0
-
-    async def write_chunk(chunk, resumed, pending):
-        nonlocal seen
-        seen += 1
-        # Past the chunks the first try wrote: the retry is creating keys again.
-        if seen == 14:
+    async def hook(n: int, resumed: bool) -> None:
+        # The retry's 14th chunk: past what the first try wrote (10 chunks and a few in
+        # flight), so the retry is creating keys again.
+        if n == 14:
             assert resumed
             assert await mesh.controller.engine.collect_abandoned_submits(0) == 1
-        return await real(chunk, resumed, pending)
 
-    submitter._write_chunk = write_chunk
+    before_each_chunk(mesh, hook)
     with pytest.raises(TetherError) as caught:
         client.submit(fan_in(WIDTH), request_id="resumed")
     assert leftovers(mesh, etcd, run_id) == {"requests": 0, "tasks": 0, "deps": 0}
