@@ -342,13 +342,7 @@ class DockerRuntime:
         # The image may run as a user other than root; it must still write its output file.
         os.chmod(spec.attempt_dir, 0o777)
         if self.owner_uid != 0 and self._acls:
-            self._acls = grant_default_acl(str(spec.attempt_dir), self.owner_uid)
-            if not self._acls:
-                log.warning(
-                    "the work dir's file system has no ACLs: directories containers create "
-                    "as root there cannot be deleted by this agent's work retention",
-                    work_dir=str(self.config.work_dir),
-                )
+            self._grant_acl(str(spec.attempt_dir))
         with spec.phase("create"):
             try:
                 cid = await asyncio.to_thread(self._create, api, container, host)
@@ -509,6 +503,21 @@ class DockerRuntime:
         for c in found:
             with contextlib.suppress(*_ENGINE_ERRORS):
                 await asyncio.to_thread(api.remove_container, c["Id"], v=True, force=True)
+
+    def _grant_acl(self, attempt_dir: str) -> None:
+        """Put the default ACL on ``attempt_dir`` (see ``acl.py``). Only cleanup depends on
+        it, so a failure is logged and the attempt goes on."""
+        try:
+            self._acls = grant_default_acl(attempt_dir, self.owner_uid)
+        except OSError as e:
+            log.warning("cannot set the attempt directory's ACL", path=attempt_dir, error=str(e))
+            return
+        if not self._acls:
+            log.warning(
+                "the work dir's file system has no ACLs: directories containers create as "
+                "root there are deleted only through the engine",
+                work_dir=str(self.config.work_dir),
+            )
 
     @staticmethod
     def _record_image(spec: LaunchSpec) -> None:
