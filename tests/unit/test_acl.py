@@ -55,3 +55,17 @@ def test_root_made_directories_are_deletable_by_the_named_user_only_with_it(tmp_
 def test_a_missing_directory_is_an_error_not_a_silent_false(tmp_path):
     with pytest.raises(FileNotFoundError):
         grant_default_acl(str(tmp_path / "missing"), 1234)
+
+
+def test_an_acl_that_cannot_be_set_does_not_fail_the_attempt(tmp_path):
+    from tether.agent.config import AgentConfig
+    from tether.agent.runtimes.docker import DockerRuntime
+
+    runtime = DockerRuntime(AgentConfig(node="n1", runtime="docker", work_dir=tmp_path))
+    runtime.owner_uid = 1234
+    runtime._grant_acl(str(tmp_path / "missing"))  # logged, not raised
+    assert runtime._acls  # and tried again for the next attempt
+    runtime._grant_acl(str(tmp_path))
+    if not runtime._acls:
+        pytest.skip("this file system has no ACLs")
+    assert os.getxattr(tmp_path, "system.posix_acl_default") == default_acl(1234)
