@@ -15,10 +15,10 @@ revision, so they fail from the deletion on, and the submit answers ABORTED ("re
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from tether.controller.store import Delete, Store, mod_revision_is
+from tether.controller.timers import every
 from tether.sdk.telemetry import get_logger
 
 __all__ = ["AbandonedSubmits", "created_at"]
@@ -50,14 +50,7 @@ class AbandonedSubmits:
     async def loop(self) -> None:
         """Run a pass every quarter of the ttl (within 0.5 s-10 min), until cancelled."""
         period = min(max(self.ttl / 4, 0.5), MAX_PERIOD)
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self.collect()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # etcd away, or leadership lost: try again next period
-                log.warning("pass over abandoned submits failed", error=str(e))
+        await every(period, self.collect, "pass over abandoned submits")
 
     async def collect(self, ttl: float | None = None) -> int:
         """One pass; return how many abandoned submits were deleted.

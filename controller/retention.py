@@ -4,13 +4,13 @@ their tasks and request id, so etcd does not grow forever.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
 from tether.controller.store import Delete, Store, mod_revision_is
+from tether.controller.timers import every
 from tether.sdk.telemetry import get_logger
 
 __all__ = ["Retention"]
@@ -30,14 +30,7 @@ class Retention:
     async def loop(self) -> None:
         """Run a pass every so often (a quarter of the retention, within 0.5 s-60 s)."""
         period = min(max(self.retention / 4, 0.5), 60.0)
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self.collect_garbage()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # try again next period
-                log.warning("retention pass failed", error=str(e))
+        await every(period, self.collect_garbage, "retention pass")
 
     async def collect_garbage(self) -> int:
         """One retention pass; return how many finished runs were deleted."""

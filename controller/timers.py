@@ -6,9 +6,26 @@ controller does not act on a timer armed in its term.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 
-__all__ = ["Timers"]
+from tether.sdk.telemetry import get_logger
+
+__all__ = ["Timers", "every"]
+
+log = get_logger("controller.engine")
+
+
+async def every(period: float, one_pass: Callable[[], Awaitable[object]], what: str) -> None:
+    """Await ``one_pass()`` every ``period`` seconds (first after one period) until
+    cancelled; a failed pass is logged as ``what failed`` and the next one tried."""
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await one_pass()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # etcd away, or leadership lost: try again next period
+            log.warning(f"{what} failed", error=str(e))
 
 
 class Timers:
