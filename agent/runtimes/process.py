@@ -189,6 +189,7 @@ class ProcessRuntime:
     """
 
     name = "process"
+    isolated = False
 
     def __init__(self, config: AgentConfig | None = None) -> None:
         self.config = config or AgentConfig()
