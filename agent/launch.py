@@ -12,7 +12,6 @@ contract between a task and the agent is testable on its own:
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -28,7 +27,6 @@ from tether.sdk.constants import LOG_TAIL_BYTES, MAX_OUTPUT_BYTES
 __all__ = [
     "MAX_OUTPUT_BYTES",
     "TAIL_BYTES",
-    "EmptyInputs",
     "inputs_of",
     "labels_of",
     "launch_spec",
@@ -45,19 +43,10 @@ __all__ = [
 TAIL_BYTES = LOG_TAIL_BYTES
 # What an earlier try of the same attempt may have left in its directory, not to be mistaken
 # for this try's: its output, its final report, and its logs (a runtime creates the logs by
-# the first output, so an earlier try's log must not pass for this one's). Its inputs file
-# too: it may be a link to EmptyInputs' file, which writing this try's inputs would change.
-_STALE = (
-    layout.OUTPUT_FILE,
-    layout.STATUS_FILE,
-    layout.STDOUT_FILE,
-    layout.STDERR_FILE,
-    layout.INPUTS_FILE,
-)
+# the first output, so an earlier try's log must not pass for this one's).
+_STALE = (layout.OUTPUT_FILE, layout.STATUS_FILE, layout.STDOUT_FILE, layout.STDERR_FILE)
 # inputs.json of a task with no params and no upstream outputs.
 _NO_INPUTS = json.dumps({"params": {}, "tasks": {}}).encode()
-# link() failures that mean the file system has no hard links for us (not a passing state).
-_NO_LINKS = frozenset({errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP})
 # What a secret's value becomes in the log tails an attempt reports.
 REDACTED = "[secret]"
 _SUCCEEDED = t.TaskState.TASK_STATE_SUCCEEDED
@@ -76,84 +65,12 @@ def inputs_of(a: agent_pb2.AssignTask) -> dict:
     }
 
 
-class EmptyInputs:
-    """One read-only ``inputs.json`` for every attempt with no params and no upstream
-    outputs, hard-linked into their directories instead of a file each.
-
-    A link allocates no inode, and allocating inodes is what staging costs most where it is
-    slow (ext4 without a journal after many deletions: see the README's benchmarks). Only
-    for runtimes whose tasks already share the agent's user and can write every attempt's
-    directory (``process``): a task that wrote to the shared file would change what the
-    others read. The file is checked before each link (one ``stat``) and replaced when it
-    changed; where the file system has no hard links, each attempt gets its own file again.
-
-    Args:
-        work_dir: The agent's work dir, where the shared file is kept (``.empty-inputs.json``:
-            no run id starts with a dot, so the work dir's cleaner leaves it be).
-    """
-
-    def __init__(self, work_dir: str) -> None:
-        self.path = f"{work_dir}/.empty-inputs.json"
-        self.enabled = True
-        self._written: tuple[int, int, int] | None = None  # (inode, size, mtime) as written
-
-    def link(self, dst: str) -> bool:
-        """Link the shared file as ``dst``; False when the caller must write a file instead."""
-        if not self.enabled:
-            return False
-        try:
-            if self._changed():
-                self._renew()
-            try:
-                os.link(self.path, dst)
-            except FileExistsError:
-                # Never left by stage(); but writing a file over a link would change the
-                # shared one.
-                os.unlink(dst)
-                os.link(self.path, dst)
-            except OSError as e:
-                # Removed meanwhile, or at its file system's link limit (65,000 on ext4): a
-                # new file takes the links from here on.
-                if e.errno not in (errno.ENOENT, errno.EMLINK) or not os.path.isdir(
-                    os.path.dirname(dst)
-                ):
-                    raise
-                self._renew()
-                os.link(self.path, dst)
-        except OSError as e:
-            if e.errno in _NO_LINKS:
-                self.enabled = False
-            return False
-        return True
-
-    def _changed(self) -> bool:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return True
-        return (st.st_ino, st.st_size, st.st_mtime_ns) != self._written
-
-    def _renew(self) -> None:
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
-        try:
-            os.write(fd, _NO_INPUTS)
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        self._written = (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def stage(d: str, a: agent_pb2.AssignTask, empty_inputs: EmptyInputs | None = None) -> None:
+def stage(d: str, a: agent_pb2.AssignTask) -> None:
     """Prepare the attempt directory ``d``: create it, write the inputs file.
 
-    A retried assignment of the same attempt may find an earlier output, final report,
-    logs or inputs there; they are removed so that none is mistaken for this run's. A new
-    directory has nothing stale, and costs no look-ups for it.
-
-    ``empty_inputs``: where an attempt with no inputs gets its ``inputs.json`` from, when
-    its runtime may share one (see :class:`EmptyInputs`).
+    A retried assignment of the same attempt may find an earlier output, final report or
+    logs there; they are removed so that none is mistaken for this run's. A new directory
+    has nothing stale, and costs no look-ups for it.
     """
     if a.ref.attempt == 1:
         # Most attempts are a task's first: its directory is new too (in an existing run's).
@@ -171,11 +88,11 @@ def stage(d: str, a: agent_pb2.AssignTask, empty_inputs: EmptyInputs | None = No
         for stale in _STALE:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{d}/{stale}")
-    path = f"{d}/{layout.INPUTS_FILE}"
     if a.params or a.upstream_outputs:
-        write_file(path, json.dumps(inputs_of(a)).encode())
-    elif empty_inputs is None or not empty_inputs.link(path):
-        write_file(path, _NO_INPUTS)
+        inputs = json.dumps(inputs_of(a)).encode()
+    else:
+        inputs = _NO_INPUTS
+    write_file(f"{d}/{layout.INPUTS_FILE}", inputs)
 
 
 def write_file(path: str, data: bytes) -> None:

@@ -99,10 +99,6 @@ class Runner:
         self.metrics.count_running(lambda: len(self.attempts))
         self.reports = Reports()
         self._work_dir = config.work_dir.absolute()
-        # Where an attempt without inputs gets its inputs.json, when tasks may share one.
-        self._empty_inputs = (
-            None if getattr(runtime, "isolated", True) else launch.EmptyInputs(str(self._work_dir))
-        )
         self.started_count = 0
         # Set while the agent drains itself: why new assignments are turned away.
         self.refusing = ""
@@ -376,7 +372,7 @@ class Runner:
         ref = a.ref
         d = self._dir(ref, att)
         with self._phase("stage"):
-            launch.stage(d, a, self._empty_inputs)
+            launch.stage(d, a)
         spec = launch.launch_spec(
             a,
             d,

@@ -121,10 +121,6 @@ class Runtime(Protocol):
     """A way to run tasks: ``process`` or ``docker``."""
 
     name: str
-    # Whether a task sees only its own attempt's directory (a container does; a plain
-    # process, run as the agent's user, can reach every attempt's). A runtime without
-    # isolation lets its attempts share read-only files (launch.EmptyInputs).
-    isolated: bool
 
     def task_path(self, host_path: str | Path) -> str:
         """The path under which the task sees ``host_path`` (inside a container, say)."""

@@ -223,7 +223,6 @@ class DockerRuntime:
     """
 
     name = "docker"
-    isolated = True
 
     def __init__(self, config: AgentConfig, api: docker.APIClient | None = None) -> None:
         self.config = config

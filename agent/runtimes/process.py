@@ -189,7 +189,6 @@ class ProcessRuntime:
     """
 
     name = "process"
-    isolated = False
 
     def __init__(self, config: AgentConfig | None = None) -> None:
         self.config = config or AgentConfig()

@@ -237,12 +237,11 @@ def stage_cost_ms(parent: str, count: int = 2000) -> float:
     a = agent_pb2.AssignTask()
     a.ref.run_id, a.ref.attempt = "run", 1
     root = new_scratch_dir("tether-bench-stage-", parent)
-    empty_inputs = launch.EmptyInputs(str(root))  # as the process runtime's agents stage
     try:
         start = time.thread_time()  # this thread's alone: the controller may run beside it
         for i in range(count):
             a.ref.task = f"t{i}"
-            launch.stage(f"{root}/run/t{i}/1", a, empty_inputs)
+            launch.stage(f"{root}/run/t{i}/1", a)
         return (time.thread_time() - start) * 1000 / count
     finally:
         remove_scratch_dir(root)
