@@ -24,12 +24,15 @@ with the process runtime, then prints one JSON object:
   and the CPU-ms per attempt of the agent's staging there (two directories and
   ``inputs.json``), measured after the runs, before their files are deleted;
 - ``spawn_ceiling_per_s``: ``true`` processes/s spawned by a bare asyncio loop with the same
-  concurrency (agents x slots) and count, measured in the same run, and ``ratio_to_spawn``.
+  concurrency (agents x slots) and count, measured in the same run just before and just after
+  the wide run (``spawn_ceiling_before_per_s``, ``spawn_ceiling_after_per_s``; the mean of
+  the two), and ``ratio_to_spawn``.
 
-``--repeat N`` runs the wide workflow N times, each after a ceiling of its own (the first
-before the mesh starts, the others with it idle): the machine's speed drifts from minute to
-minute, so each ratio compares one wide run with the ceiling just before it. The wide-run
-figures are then the medians, and ``repeats`` lists every repetition.
+``--repeat N`` runs the wide workflow N times, each between two ceilings (the first before the
+mesh starts, the others with it idle; each one after a run is the next run's before): the
+machine's speed drifts from minute to minute, so each ratio compares one wide run with the
+ceilings around it. The wide-run figures are then the medians, and ``repeats`` lists every
+repetition.
 
 ``BENCH_AGENT_PROFILE=DIR`` has each agent write a cProfile to ``DIR/agent-I.prof``.
 """
@@ -154,14 +157,20 @@ def measure(
     client.submit(warm).wait(timeout=60)
 
     runs = []
-    for i in range(args.repeat):
-        # Later repetitions measure their own ceiling just before, the mesh idle: the
-        # machine's speed drifts, and each ratio compares like with like.
-        ceiling = args.ceiling if i == 0 else asyncio.run(spawn_ceiling(tasks, args.concurrency))
+    before = args.ceiling
+    for _ in range(args.repeat):
+        # Each wide run is compared with the mean of the ceilings just before and just after
+        # it (the mesh idle): the machine's speed drifts from minute to minute, and one
+        # ceiling taken in a slow or fast moment next to the run would skew its ratio.
         wide = wide_run(client, writes, agent_pids, etcd_pid, controller_pid, tasks)
+        after = asyncio.run(spawn_ceiling(tasks, args.concurrency))
+        ceiling = (before + after) / 2
+        wide["spawn_ceiling_before_per_s"] = round(before, 1)
+        wide["spawn_ceiling_after_per_s"] = round(after, 1)
         wide["spawn_ceiling_per_s"] = round(ceiling, 1)
         wide["ratio_to_spawn"] = round(wide["tasks_per_s"] / ceiling, 3)
         runs.append(wide)
+        before = after
 
     start = time.perf_counter()
     dag = client.submit(layered_dag(args.layers, args.width)).wait(timeout=600)
@@ -300,7 +309,7 @@ def main() -> None:
         "--repeat",
         type=int,
         default=1,
-        help="wide runs, each after its own spawn ceiling; figures are their medians",
+        help="wide runs, each between two spawn ceilings; figures are their medians",
     )
     ap.add_argument("--layers", type=int, default=10, help="layers of the layered DAG")
     ap.add_argument("--width", type=int, default=100, help="tasks per layer of the DAG")
