@@ -119,8 +119,9 @@ class AgentConfig:
     )
     leave_running: bool = setting(
         False,
-        description="On shutdown, leave containers running for the next agent on this node "
-        "to adopt instead of stopping them (docker runtime).",
+        description="On shutdown, leave running attempts (containers, or the process "
+        "runtime's processes) for the next agent on this node to adopt instead of stopping "
+        "them; the agent does not drain then.",
         flag="--leave-running",
     )
     service_name: str = setting(
