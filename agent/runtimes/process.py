@@ -396,6 +396,9 @@ class ProcessRuntime:
                 log_.close()
             if not isinstance(e, OSError | ValueError):
                 raise
+            if isinstance(e, OSError) and spec.working_dir and e.filename == cwd:
+                # The child could not enter the directory: the program was never tried.
+                raise RuntimeError_(f"cannot enter working_dir {cwd!r}: {e.strerror or e}") from e
             what = e.strerror if isinstance(e, FileNotFoundError) else e
             raise RuntimeError_(f"cannot start {spec.command[0]!r}: {what}") from e
         finally:

@@ -118,3 +118,25 @@ def test_an_argument_the_os_refuses_is_a_runtime_error_and_leaves_no_open_files(
     before = len(os.listdir("/proc/self/fd"))
     asyncio.run(main())
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_missing_working_dir_is_named_not_the_program(tmp_path, monkeypatch):
+    import dataclasses
+
+    import pytest
+
+    from tether.agent.runtimes import spawn as spawn_mod
+    from tether.agent.runtimes.base import RuntimeError_
+
+    missing = str(tmp_path / "no" / "such" / "dir")
+
+    async def start(command):
+        spec = dataclasses.replace(_launch(tmp_path, command, 100), working_dir=missing)
+        await ProcessRuntime().start(spec)
+
+    # A program found in PATH, one given by path, and through Popen where fork_exec is not used.
+    for command, fast in ((["pwd"], True), (["/bin/pwd"], True), (["pwd"], False)):
+        monkeypatch.setattr(spawn_mod, "_FAST", fast and spawn_mod._FAST)
+        with pytest.raises(RuntimeError_) as e:
+            asyncio.run(start(command))
+        assert str(e.value) == f"cannot enter working_dir {missing!r}: No such file or directory"
