@@ -118,6 +118,10 @@ def move_task(task: t.TaskRun, dst: int) -> None:
             f"{task_state_name(task.state)} -> {task_state_name(dst)} is not allowed"
         )
     task.state = dst
+    if dst != READY and task.waiting_reason:
+        # Why a task waits for a node is stale once it left the queue (bound, cancelled,
+        # failed): `tether status` would show it in place of the task's message.
+        task.waiting_reason = ""
 
 
 def move_run(run: t.Run, dst: int) -> None:

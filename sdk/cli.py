@@ -15,6 +15,7 @@ import time
 from importlib.metadata import entry_points
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from tether.api.v1 import types_pb2 as t
@@ -170,7 +171,10 @@ def _runs_table(runs: list[t.Run], wide: bool) -> Table:
             _when(run.created_at),
         ]
         if wide:
-            row += [_when(run.finished_at) if run.HasField("finished_at") else "", run.message]
+            row += [
+                _when(run.finished_at) if run.HasField("finished_at") else "",
+                escape(run.message),
+            ]
         table.add_row(*row)
     return table
 
@@ -265,7 +269,7 @@ def _print_event(ev, wide: bool = False) -> None:
             console.print(f"  {tk.spec.name}: {state_label(tk.state)}")
     elif ev.HasField("task"):
         tk = ev.task
-        detail = f": {tk.message}" if wide and tk.message else ""
+        detail = f": {escape(tk.message)}" if wide and tk.message else ""
         console.print(
             f"rev {ev.revision}: {tk.spec.name} {state_label(tk.state)}"
             + (f" on {tk.node} (attempt {tk.attempt})" if tk.node else "")

@@ -13,6 +13,7 @@ import time
 import click
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from tether.api.v1 import types_pb2 as t
@@ -77,6 +78,9 @@ def task_table(run: t.Run, wide: bool = False) -> Table:
     table = Table(
         title=f"run {run.id} ({run.workflow_name}): " + state_label(run.state, run=True),
         title_justify="left",
+        # Why the run ended as it did (cancelled by whom, timed out), when it says.
+        caption=escape(run.message) if run.message else None,
+        caption_justify="left",
     )
     cols = ["task", "state", "node", "attempt", "duration", "exit", "detail"]
     if wide:
@@ -89,9 +93,10 @@ def task_table(run: t.Run, wide: bool = False) -> Table:
             end = tk.finished_at.ToNanoseconds() if tk.HasField("finished_at") else time.time_ns()
             dur = format_duration(max(0, end - tk.started_at.ToNanoseconds()) / 1e9)
         finished = tk.state in (t.TaskState.TASK_STATE_SUCCEEDED, t.TaskState.TASK_STATE_FAILED)
-        detail = tk.waiting_reason or (
-            tk.message if tk.state != t.TaskState.TASK_STATE_SUCCEEDED else ""
-        )
+        # A waiting reason only while queued: controllers before 2026-12-07 left it on tasks
+        # cancelled in the queue, in place of why they were cancelled.
+        waiting = tk.waiting_reason if tk.state == t.TaskState.TASK_STATE_READY else ""
+        detail = waiting or (tk.message if tk.state != t.TaskState.TASK_STATE_SUCCEEDED else "")
         row = [
             tk.spec.name,
             state_label(tk.state),
@@ -102,7 +107,8 @@ def task_table(run: t.Run, wide: bool = False) -> Table:
         ]
         if wide:
             row += [tk.reason, str(tk.lost_attempts or ""), tk.spec.image]
-        row.append(detail if wide else detail[:80])
+        # Messages are the tasks' own text: brackets in them are not markup.
+        row.append(escape(detail if wide else detail[:80]))
         table.add_row(*row)
     return table
 
@@ -118,7 +124,7 @@ def print_failures(run: t.Run, target: Console | None = None) -> None:
         if tk.state != t.TaskState.TASK_STATE_FAILED:
             continue
         why = tk.message or f"exited with code {tk.exit_code}"
-        out.print(f"[bold red]{tk.spec.name} failed[/]: {why}", highlight=False)
+        out.print(f"[bold red]{tk.spec.name} failed[/]: {escape(why)}", highlight=False)
         lines = tk.stderr_tail.rstrip().splitlines()
         if not lines:
             continue
@@ -183,4 +189,4 @@ def print_results(run: t.Run) -> None:
             console.print_json(tk.outputs_json)
     print_failures(run)
     if run.message:
-        console.print(run.message)
+        console.print(run.message, markup=False, highlight=False)

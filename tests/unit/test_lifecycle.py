@@ -59,3 +59,14 @@ def test_run_moves(src, dst):
     else:
         with pytest.raises(lc.IllegalTransition):
             lc.move_run(run, dst)
+
+
+def test_a_task_leaving_the_queue_drops_its_reason_to_wait():
+    for dst in lc.TASK_TRANSITIONS[lc.READY]:
+        task = t.TaskRun(state=lc.READY, spec=t.TaskSpec(name="x"), waiting_reason="needs 2 GPUs")
+        lc.move_task(task, dst)
+        assert task.waiting_reason == "", lc.task_state_name(dst)
+    # Back in the queue (a retry), the next pass says why it waits, if it does.
+    task = t.TaskRun(state=lc.LOST, spec=t.TaskSpec(name="x"), waiting_reason="kept")
+    lc.move_task(task, lc.READY)
+    assert task.waiting_reason == "kept"
