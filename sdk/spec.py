@@ -362,7 +362,11 @@ class Workflow:
         Raises:
             InvalidSpecError: a field is malformed (for example ``memory="lots"``).
         """
-        fields: dict[str, Any] = {"name": name, "command": list(command)}
+        # A str is a sequence too, and list("echo hi") is a command of one-letter programs:
+        # handed over as it is, the model refuses it ("Input should be a valid list").
+        if not isinstance(command, str | bytes | bytearray):
+            command = list(command)
+        fields: dict[str, Any] = {"name": name, "command": command}
         deps = [d.name if isinstance(d, Task) else d for d in depends_on]
         # Only what was given is validated: a default needs no check, and validating all 18
         # fields of each of 100,000 tasks took seconds. A value of another type than its
@@ -397,7 +401,8 @@ class Workflow:
         try:
             t = Task(**fields)
         except ValidationError as e:
-            raise InvalidSpecError(_violations(e, prefix=f"tasks[{len(self.tasks)}]")) from None
+            where = f"tasks[{len(self.tasks)}]" + (f" ({name})" if isinstance(name, str) else "")
+            raise InvalidSpecError(_violations(e, prefix=where)) from None
         self.tasks.append(t)
         return t
 

@@ -90,4 +90,22 @@ def test_workflow_task_still_checks_arguments_equal_to_a_default_in_another_type
     with pytest.raises(InvalidSpecError) as e:
         wf.task("a", ["true"], cpu="", retries="many")
     fields = sorted(v.field for v in e.value.violations)
-    assert fields == ["tasks[0].resources.cpu", "tasks[0].retries"]
+    assert fields == ["tasks[0] (a).resources.cpu", "tasks[0] (a).retries"]
+
+
+@pytest.mark.parametrize("command", ["echo hi", b"echo hi"])
+def test_workflow_task_refuses_a_string_command(command):
+    wf = Workflow("wf")
+    wf.task("first", ["true"])
+    with pytest.raises(InvalidSpecError) as e:
+        wf.task("a", command)
+    assert [str(v) for v in e.value.violations] == [
+        "tasks[1] (a).command: Input should be a valid list"
+    ]
+    assert len(wf.tasks) == 1
+
+
+def test_workflow_task_takes_any_sequence_of_strings_as_command():
+    wf = Workflow("wf")
+    assert wf.task("a", ("echo", "hi")).command == ["echo", "hi"]
+    assert wf.task("b", (x for x in ["true"])).command == ["true"]
