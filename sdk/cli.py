@@ -32,6 +32,7 @@ from tether.sdk.cli_output import (
 )
 from tether.sdk.cli_secrets import add_secrets_commands
 from tether.sdk.client import Client
+from tether.sdk.constants import INT32_MAX, INT64_MAX
 from tether.sdk.errors import TetherError
 from tether.sdk.quantities import format_memory, parse_duration
 from tether.sdk.spec import load_workflow
@@ -132,7 +133,9 @@ def submit(ctx, file, wait_, param, request_id):
 @cli.command()
 @click.argument("run_id", required=False)
 @output_option(json_flag=True)
-@click.option("--limit", default=50, show_default=True, help="Most runs listed.")
+@click.option(
+    "--limit", type=click.IntRange(min=0), default=50, show_default=True, help="Most runs listed."
+)
 @click.pass_context
 def status(ctx, run_id, output, as_json, limit):
     """Show RUN_ID with each task's state, or list recent runs.
@@ -194,7 +197,12 @@ def _print_trace(traceparent: str) -> None:
 @cli.command("trace")
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the timeline as JSON.")
-@click.option("--width", type=int, default=0, help="Line width [default: the terminal's].")
+@click.option(
+    "--width",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Line width [default: the terminal's].",
+)
 @click.pass_context
 def trace_cmd(ctx, run_id, as_json, width):
     """Show where RUN_ID's time went: each attempt's wait, start and run as a waterfall,
@@ -213,7 +221,7 @@ def trace_cmd(ctx, run_id, as_json, width):
 @click.option(
     "--from-revision",
     default=0,
-    type=int,
+    type=click.IntRange(0, INT64_MAX),
     help="Resume after this revision (printed with each change) instead of a snapshot.",
 )
 @output_option(STREAM_FORMATS)
@@ -294,7 +302,7 @@ def cancel(ctx, run_id, task):
 @click.argument("task")
 @click.option(
     "--attempt",
-    type=click.IntRange(min=0),
+    type=click.IntRange(0, INT32_MAX),
     default=0,
     help="Attempt number, 1 for the first [default: the current attempt].",
 )

@@ -24,8 +24,15 @@ from opentelemetry import trace
 from tether.api.v1 import controller_pb2, controller_pb2_grpc
 from tether.api.v1 import types_pb2 as t
 from tether.sdk.address import split_addresses
-from tether.sdk.constants import DEFAULT_CONTROLLER
-from tether.sdk.errors import TetherError, TimeoutError, from_rpc_error, leader_of
+from tether.sdk.constants import DEFAULT_CONTROLLER, INT32_MAX, INT64_MAX
+from tether.sdk.errors import (
+    FieldViolation,
+    InvalidSpecError,
+    TetherError,
+    TimeoutError,
+    from_rpc_error,
+    leader_of,
+)
 from tether.sdk.spec import Workflow
 from tether.sdk.states import TERMINAL_RUN_STATES, RunState
 from tether.sdk.telemetry import current_traceparent
@@ -233,7 +240,8 @@ class Client:
 
         Args:
             workflow: A :class:`Workflow` or an API ``WorkflowSpec``.
-            params: Run parameters.
+            params: Run parameters, names and values both strings (InvalidSpecError
+                ``params.<name>`` otherwise: ``str(5)`` is for the caller to choose).
             request_id: Idempotency key: submitting it again returns the first run. When
                 empty, a random one is used so that retries after UNAVAILABLE are safe.
 
@@ -244,6 +252,7 @@ class Client:
             UnavailableError: the controller cannot be reached.
         """
         params = dict(params or {})
+        _check_params(params)
         request = controller_pb2.SubmitWorkflowRequest(
             params=params, request_id=request_id or uuid.uuid4().hex
         )
@@ -273,6 +282,7 @@ class Client:
 
     def list_runs(self, page_size: int = 50) -> Iterator[t.Run]:
         """Every run, newest first (fetched a page at a time)."""
+        _check_int("page_size", page_size, INT32_MAX)
         token = ""
         while True:
             resp = self._call(
@@ -294,6 +304,7 @@ class Client:
         """Stream a run's changes until it finishes; the first event is a snapshot unless
         resuming ``from_revision``. ``timeout`` bounds the whole stream (TimeoutError).
         ``run_only``: the run's own changes alone (no tasks, no task events)."""
+        _check_int("from_revision", from_revision, INT64_MAX)
         request = controller_pb2.WatchRunRequest(
             run_id=run_id, from_revision=from_revision, run_only=run_only
         )
@@ -325,12 +336,14 @@ class Client:
             :class:`LogChunk` tuples ``(stream, data, attempt)``.
 
         Raises:
-            InvalidSpecError: empty ``run_id`` or ``task``, or ``attempt`` < 0.
+            InvalidSpecError: empty ``run_id`` or ``task``, or ``attempt`` < 0, over
+                2147483647 or not an int.
             NotFoundError: no such run, task or attempt, or the node no longer has the logs.
             UnavailableError: the node that ran the attempt is not connected (``reason``
                 ``"node_unavailable"``; also when it leaves mid-stream), or no controller can
                 be reached.
         """
+        _check_int("attempt", attempt, INT32_MAX)
         request = controller_pb2.StreamLogsRequest(
             run_id=run_id, task=task, attempt=attempt, follow=follow
         )
@@ -433,6 +446,36 @@ class Client:
     def revoke_token(self, name: str) -> None:
         """Revoke a token: every controller refuses it from now on. Needs an admin token."""
         self._call("RevokeToken", controller_pb2.RevokeTokenRequest(name=name))
+
+
+def _check_int(field: str, value: object, most: int) -> None:
+    """Refuse what the request's integer field cannot hold: protobuf's own errors ("Value
+    out of range", "bad argument type") name no field. A negative value it can hold is left
+    to the controller, whose refusal is the documented one."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidSpecError(
+            [FieldViolation(field, f"must be an integer, got {type(value).__name__}")]
+        )
+    if not -most - 1 <= value <= most:
+        raise InvalidSpecError([FieldViolation(field, f"must be in 0..{most}, got {value}")])
+
+
+def _check_params(params: dict) -> None:
+    """Names and values of run parameters are strings (the API's map<string, string>)."""
+    problems = []
+    for key, value in params.items():
+        if not isinstance(key, str):
+            problems.append(
+                FieldViolation(
+                    f"params[{key!r}]", f"names must be strings, got {type(key).__name__}"
+                )
+            )
+        elif not isinstance(value, str):
+            problems.append(
+                FieldViolation(f"params.{key}", f"must be a string, got {type(value).__name__}")
+            )
+    if problems:
+        raise InvalidSpecError(problems)
 
 
 class RunHandle:

@@ -9,6 +9,8 @@ from __future__ import annotations
 __all__ = [
     "DEFAULT_CONTROLLER",
     "DEFAULT_PRIORITY",
+    "INT32_MAX",
+    "INT64_MAX",
     "LOG_TAIL_BYTES",
     "MAX_OUTPUT_BYTES",
     "POLICY_NAMES",
@@ -37,3 +39,8 @@ POLICY_NAMES = ("binpack", "spread", "fifo", "least-connections", "critical-path
 
 # A task's priority when its spec sets none (0..100, higher first).
 DEFAULT_PRIORITY = 50
+
+# The largest values of the API's int32 and int64 fields (an attempt number, a revision):
+# protobuf refuses a larger Python int with a bare "Value out of range".
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
