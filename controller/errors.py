@@ -8,7 +8,13 @@ from collections.abc import Callable
 
 import grpc
 
-from tether.sdk.errors import ERROR_REASON_KEY, LEADER_KEY, FieldViolation, InvalidSpecError
+from tether.sdk.errors import (
+    ERROR_REASON_KEY,
+    LEADER_KEY,
+    MAX_MESSAGE,
+    InvalidSpecError,
+    shorten,
+)
 from tether.sdk.telemetry import get_logger
 
 __all__ = [
@@ -160,34 +166,9 @@ def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
     return _trailers(exc, _status_for(exc)[0])
 
 
-# A status message travels in a header, and gRPC refuses headers over 16 KiB (the client then
-# sees RESOURCE_EXHAUSTED, not our status): list a few violations, each cut short, and cap the
-# whole. Refusals echo what the client sent, which can be a megabyte.
-_MAX_LISTED = 20
-_MAX_PART = 240
-_MAX_MESSAGE = 4096
-
-
-def shorten(text: str, limit: int) -> str:
-    """``text`` with its middle elided to at most ``limit`` characters (both ends say most:
-    a field path ends with the field's name)."""
-    if len(text) <= limit:
-        return text
-    half = (limit - 5) // 2
-    return f"{text[:half]} ... {text[-half:]}"
-
-
 def _message(exc: BaseException) -> str:
-    if isinstance(exc, InvalidSpecError):
-        shown = exc.violations[:_MAX_LISTED]
-        parts = [
-            str(FieldViolation(shorten(v.field, _MAX_PART), shorten(v.description, _MAX_PART)))
-            for v in shown
-        ]
-        if len(exc.violations) > len(shown):
-            parts.append(f"and {len(exc.violations) - len(shown)} more problems")
-        return shorten("; ".join(parts), _MAX_MESSAGE)
-    return shorten(str(exc), _MAX_MESSAGE)
+    # InvalidSpecError's message lists its problems cut short already (the SDK's summarize).
+    return shorten(str(exc), MAX_MESSAGE)
 
 
 def _retry_details(exc: RateLimited, code: grpc.StatusCode) -> tuple:
@@ -220,7 +201,7 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     from etcd3aio import EtcdError
 
     if isinstance(exc, EtcdError | ConnectionError | OSError):
-        return grpc.StatusCode.UNAVAILABLE, shorten(str(store_unavailable(exc)), _MAX_MESSAGE)
+        return grpc.StatusCode.UNAVAILABLE, shorten(str(store_unavailable(exc)), MAX_MESSAGE)
     log.exception("internal error", error=repr(exc))
     return grpc.StatusCode.INTERNAL, "internal error (see controller log)"
 

@@ -26,6 +26,8 @@ __all__ = [
     "UnavailableError",
     "from_rpc_error",
     "leader_of",
+    "shorten",
+    "summarize",
 ]
 
 
@@ -51,6 +53,38 @@ class FieldViolation:
         return f"{self.field}: {self.description}" if self.field else self.description
 
 
+# Problems are listed the same way wherever they are found, in the SDK before a spec is sent
+# and in the controller's refusals. A refusal travels in a header, and gRPC refuses headers
+# over 16 KiB (the client then sees RESOURCE_EXHAUSTED, not our status); a local error is one
+# line a user reads. Both echo what was sent, which can be a megabyte: list a few problems,
+# each cut short, and cap the whole.
+MAX_LISTED = 20
+MAX_PART = 240
+MAX_MESSAGE = 4096
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` with its middle elided to at most ``limit`` characters (both ends say most:
+    a field path ends with the field's name)."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 5) // 2
+    return f"{text[:half]} ... {text[-half:]}"
+
+
+def summarize(violations: Sequence[FieldViolation]) -> str:
+    """At most ``MAX_LISTED`` problems, each part at most ``MAX_PART`` characters, and how
+    many more there are; the whole at most ``MAX_MESSAGE`` characters."""
+    shown = violations[:MAX_LISTED]
+    parts = [
+        str(FieldViolation(shorten(v.field, MAX_PART), shorten(v.description, MAX_PART)))
+        for v in shown
+    ]
+    if len(violations) > len(shown):
+        parts.append(f"and {len(violations) - len(shown)} more problems")
+    return shorten("; ".join(parts), MAX_MESSAGE)
+
+
 class TetherError(Exception):
     """Base of every SDK error. ``code`` is the gRPC status code, when one applies.
 
@@ -69,15 +103,23 @@ class TetherError(Exception):
 
 
 class InvalidSpecError(TetherError):
-    """The request or workflow spec is invalid (``INVALID_ARGUMENT``)."""
+    """The request or workflow spec is invalid (``INVALID_ARGUMENT``).
+
+    ``violations`` holds every problem in full; the message lists a few, cut short (see
+    :func:`summarize`).
+    """
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, violations: Sequence[FieldViolation] | str) -> None:
         if isinstance(violations, str):
-            violations = [FieldViolation("", violations)]
+            # One text (a controller's refusal, summarized there already): only its length
+            # is capped.
+            self.violations = [FieldViolation("", violations)]
+            super().__init__(shorten(violations, MAX_MESSAGE))
+            return
         self.violations = list(violations)
-        super().__init__("; ".join(str(v) for v in self.violations))
+        super().__init__(summarize(self.violations))
 
 
 class NotFoundError(TetherError):

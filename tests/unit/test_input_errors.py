@@ -63,3 +63,38 @@ def test_sdk_params_must_be_strings():
         "params.model: must be a string, got int",
         "params[3]: names must be strings, got int",
     ]
+
+
+def _many_typos_yaml(n: int) -> str:
+    tasks = "".join(f"  - {{name: t{i}, command: [x], depends: [t0]}}\n" for i in range(n))
+    return f"name: w\ntasks:\n{tasks}"
+
+
+def test_local_errors_are_capped_as_the_controllers_are():
+    with pytest.raises(InvalidSpecError) as e:
+        Workflow.from_yaml(_many_typos_yaml(3000))
+    msg = str(e.value)
+    assert len(e.value.violations) == 3000  # every problem is still there for code to read
+    assert len(msg) <= 4096 and e.value.message == msg
+    assert msg.startswith("tasks[0] (t0).depends: unknown field (did you mean 'depends_on'?)")
+    assert msg.endswith("; and 2980 more problems")
+
+
+def test_a_long_task_name_is_not_echoed_in_full():
+    wf = Workflow("w")
+    wf.task("n" * 5000, ["true"])
+    with pytest.raises(InvalidSpecError) as e:
+        wf.to_proto()
+    msg = str(e.value)
+    assert len(msg) < 600 and "n" * 300 not in msg
+    assert msg.startswith("tasks[0] (nnn") and " ... " in msg and ").name: use 1-63" in msg
+
+
+def test_cli_prints_a_capped_local_error(tmp_path):
+    f = tmp_path / "typos.yaml"
+    f.write_text(_many_typos_yaml(3000))
+    res = tether("submit", str(f), controller=_NOWHERE)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1 and len(err) <= 4200, len(err)
+    assert err.startswith("error: ") and err.endswith("; and 2980 more problems")
