@@ -413,6 +413,19 @@ class Workflow:
         Raises:
             InvalidSpecError: unknown or malformed fields, with their paths.
         """
+        if not isinstance(data, Mapping):
+            # pydantic would name its private model ("a valid dictionary or instance of
+            # _WorkflowModel"), not what the user wrote.
+            name = (_source[0] if _source else "") or "workflow"
+            kind = type(data).__name__
+            got = "nothing" if data is None else ("an " if kind[0] in "aeiou" else "a ") + kind
+            raise InvalidSpecError(
+                [
+                    FieldViolation(
+                        "", f"{name}: expected a workflow mapping (name, tasks), got {got}"
+                    )
+                ]
+            )
         try:
             model = _WorkflowModel.model_validate(data)
         except ValidationError as e:
@@ -425,21 +438,35 @@ class Workflow:
         """Load a workflow from a YAML file path or a YAML string.
 
         Errors name the file (``"workflow"`` for a string) and the line of what is wrong.
+        A one-line string that names no file and reads as plain text (``"typo.yaml"``) is
+        taken for a path that does not exist.
         """
         path = source if isinstance(source, Path) else None
-        if isinstance(source, str) and "\n" not in source and Path(source).exists():
+        if isinstance(source, str) and source and "\n" not in source and Path(source).exists():
             path = Path(source)
         if path is not None:
+            if not path.exists():  # load_yaml's "cannot read: No such file or directory"
+                raise InvalidSpecError([FieldViolation("", f"{path}: no such file")])
             try:
                 data, lines = load_yaml(path)
             except YamlSourceError as e:
                 raise InvalidSpecError([FieldViolation("", str(e))]) from None
+            if data is None:
+                raise InvalidSpecError(
+                    [FieldViolation("", f"{path}: the file is empty (expected a workflow mapping)")]
+                )
             return cls.from_dict(data, _source=(str(path), lines))
         try:
             data = yaml.safe_load(source)
             lines = key_lines(yaml.compose(source, Loader=yaml.SafeLoader))
         except yaml.YAMLError as e:
             raise InvalidSpecError([FieldViolation("", yaml_error_text(e, "workflow"))]) from None
+        if "\n" not in source and isinstance(data, str):
+            raise InvalidSpecError([FieldViolation("", f"{source}: no such file")])
+        if data is None:
+            raise InvalidSpecError(
+                [FieldViolation("", "workflow: the text is empty (expected a workflow mapping)")]
+            )
         return cls.from_dict(data, _source=("", lines))
 
     def to_proto(self, validate: bool = True) -> types_pb2.WorkflowSpec:

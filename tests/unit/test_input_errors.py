@@ -3,6 +3,8 @@ exits non-zero, the SDK raises InvalidSpecError (no controller needed for either
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from helpers import tether
 
@@ -98,3 +100,42 @@ def test_cli_prints_a_capped_local_error(tmp_path):
     err = res.stderr.strip()
     assert len(err.splitlines()) == 1 and len(err) <= 4200, len(err)
     assert err.startswith("error: ") and err.endswith("; and 2980 more problems")
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_a_missing_workflow_file_is_named(tmp_path, monkeypatch, as_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidSpecError) as e:
+        Workflow.from_yaml(Path("typo.yaml") if as_path else "typo.yaml")
+    assert str(e.value) == "typo.yaml: no such file"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "{f}: the file is empty (expected a workflow mapping)"),
+        ("# nothing yet\n", "{f}: the file is empty (expected a workflow mapping)"),
+        ("- a\n- b\n", "{f}: expected a workflow mapping (name, tasks), got a list"),
+    ],
+)
+def test_an_empty_or_wrong_workflow_file_is_named(tmp_path, text, message):
+    f = tmp_path / "empty.yaml"
+    f.write_text(text)
+    with pytest.raises(InvalidSpecError) as e:
+        Workflow.from_yaml(str(f))
+    assert str(e.value) == message.format(f=f)
+
+
+def test_empty_yaml_text_says_so():
+    with pytest.raises(InvalidSpecError, match=r"^workflow: the text is empty"):
+        Workflow.from_yaml("")
+    with pytest.raises(InvalidSpecError, match=r"^workflow: expected a workflow mapping"):
+        Workflow.from_dict([1])
+
+
+def test_cli_submit_of_an_empty_file_names_it(tmp_path):
+    f = tmp_path / "empty.yaml"
+    f.write_text("")
+    res = tether("submit", str(f), controller=_NOWHERE)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == f"error: {f}: the file is empty (expected a workflow mapping)"
