@@ -12,6 +12,7 @@ from tether.sdk.errors import (
     PermissionDeniedError,
     RateLimitedError,
     TetherError,
+    TimeoutError,
     UnauthenticatedError,
     UnavailableError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "Task",
     "TaskState",
     "TetherError",
+    "TimeoutError",
     "UnauthenticatedError",
     "UnavailableError",
     "Workflow",

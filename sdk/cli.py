@@ -452,6 +452,7 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except TetherError as e:
+        # Before OSError, which the SDK's TimeoutError is too (a built-in TimeoutError).
         # soft_wrap: one line however narrow the terminal, so scripts can grep it.
         err_console.print(f"error: {e.message}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -6,6 +6,7 @@ nothing matches on message text.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitedError",
     "TetherError",
+    "TimeoutError",
     "UnauthenticatedError",
     "UnavailableError",
     "from_rpc_error",
@@ -147,8 +149,12 @@ class UnavailableError(TetherError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class TimeoutError(TetherError):
-    """A deadline passed before the operation finished (``DEADLINE_EXCEEDED``)."""
+class TimeoutError(TetherError, builtins.TimeoutError):
+    """A deadline passed before the operation finished (``DEADLINE_EXCEEDED``).
+
+    Also the built-in :class:`TimeoutError` (so an ``OSError`` too): ``except TimeoutError``
+    catches it whether or not the name was imported from the SDK.
+    """
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
