@@ -36,7 +36,6 @@ from tether.sdk.constants import INT32_MAX, INT64_MAX
 from tether.sdk.errors import TetherError
 from tether.sdk.quantities import format_memory, parse_duration
 from tether.sdk.spec import load_workflow
-from tether.sdk.states import TERMINAL_RUN_STATES
 from tether.sdk.terminal import (
     console,
     err_console,
@@ -233,30 +232,18 @@ def watch(ctx, run_id, from_revision, output):
     printed, so no change is missed or printed twice. With -o json, each change is one JSON
     object a line (NDJSON), with its ``revision``.
     """
-    client = _client(ctx)
-    revision = from_revision
-    while True:
-        try:
-            for ev in client.watch(run_id, revision):
-                revision = max(revision, ev.revision)
-                if output in ("json", "yaml"):
-                    emit_stream(output, _event_record(ev))
-                else:
-                    _print_event(ev, wide=output == "wide")
-                state = ev.snapshot.state if ev.HasField("snapshot") else ev.run_state
-                if state in TERMINAL_RUN_STATES and not ev.HasField("task"):
-                    return
-        except TetherError as e:
-            if e.code.name == "OUT_OF_RANGE" and revision > from_revision:
-                # Resuming, the history since the last change seen was compacted: start again
-                # from a snapshot (a --from-revision already compacted is the user's error).
-                err_console.print("history compacted; resuming from a snapshot…", style="dim")
-                revision = from_revision = 0
-                continue
-            if e.code.name != "UNAVAILABLE":
-                raise
-            err_console.print("controller unavailable; resuming…", style="dim")
-            time.sleep(1.0)
+    for ev in _client(ctx).follow(run_id, from_revision, on_retry=_say_resuming):
+        if output in ("json", "yaml"):
+            emit_stream(output, _event_record(ev))
+        else:
+            _print_event(ev, wide=output == "wide")
+
+
+def _say_resuming(err: TetherError) -> None:
+    if err.code.name == "OUT_OF_RANGE":
+        err_console.print("history compacted; resuming from a snapshot…", style="dim")
+    else:
+        err_console.print("controller unavailable; resuming…", style="dim")
 
 
 def _event_record(ev) -> dict:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import collections
 import json
 import os
+import random
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import grpc
 from opentelemetry import trace
@@ -30,6 +31,7 @@ from tether.sdk.errors import (
     InvalidSpecError,
     TetherError,
     TimeoutError,
+    UnavailableError,
     from_rpc_error,
     leader_of,
 )
@@ -315,6 +317,39 @@ class Client:
                 self._next_controller(e)  # callers resume from the last revision
             raise from_rpc_error(e) from None
 
+    def follow(
+        self,
+        run_id: str,
+        from_revision: int = 0,
+        timeout: float | None = None,
+        run_only: bool = False,
+        on_retry: Callable[[TetherError], None] | None = None,
+    ) -> Iterator[controller_pb2.RunEvent]:
+        """Like :meth:`watch`, but rides out controllers going away until the run finishes.
+
+        When no controller can be reached (a restart, a failover: ``UNAVAILABLE``) or the
+        stream ends early, it watches again from the last revision it yielded, so no change
+        is missed or repeated, after a pause that grows (to 2 s) while no controller answers;
+        with several controllers (``"a:7070,b:7070"``) each is tried in turn, and a standby
+        that names the leader sends it there. A resume whose history was compacted starts
+        again from a snapshot. The last event is the run's final state.
+
+        Args:
+            run_id: The run.
+            from_revision: Resume after this revision instead of starting with a snapshot.
+            timeout: Seconds for the whole follow, outages included; None: no limit.
+            run_only: The run's own changes alone (no tasks, no task events).
+            on_retry: Called with each error ridden out (``UNAVAILABLE``, or ``OUT_OF_RANGE``
+                before a fresh snapshot), before the pause.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first (from the last error ridden out,
+                if any).
+            NotFoundError, PermissionDeniedError, InvalidSpecError, ...: at once; only
+                unavailability is retried.
+        """
+        return _follow(self, run_id, _Patience(run_id, timeout), from_revision, run_only, on_retry)
+
     def logs(
         self, run_id: str, task: str, attempt: int = 0, follow: bool = False
     ) -> Iterator[LogChunk]:
@@ -504,34 +539,22 @@ class RunHandle:
     def wait(self, timeout: float | None = None) -> t.Run:
         """Block until the run finishes; return it with its tasks.
 
+        A controller that goes away meanwhile (a restart, a failover to another of the
+        client's controllers) does not end the wait: it is asked again with growing pauses,
+        as :meth:`Client.follow` does, until ``timeout``. Errors other than unavailability
+        (``NotFoundError``, ``PermissionDeniedError``, ...) raise at once.
+
+        Args:
+            timeout: Seconds to wait in all, outages included; None: as long as it takes.
+
         Raises:
-            TimeoutError: ``timeout`` seconds passed first.
+            TimeoutError: ``timeout`` seconds passed first (also Python's built-in
+                ``TimeoutError``).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        revision = 0
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                for ev in self.client.watch(self.id, revision, timeout=left, run_only=True):
-                    revision = max(revision, ev.revision)
-                    state = ev.snapshot.state if ev.HasField("snapshot") else ev.run_state
-                    if state in TERMINAL_RUN_STATES:
-                        return self.status()
-                    if deadline and time.monotonic() > deadline:
-                        raise TimeoutError(f"run {self.id} did not finish in {timeout}s")
-            except TetherError as e:
-                if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise TimeoutError(f"run {self.id} did not finish in {timeout}s") from None
-                if e.code == grpc.StatusCode.OUT_OF_RANGE and revision:
-                    revision = 0  # the history to resume from was compacted: start afresh
-                elif e.code != grpc.StatusCode.UNAVAILABLE:
-                    raise
-            run = self.status()
-            if run.state in TERMINAL_RUN_STATES:
-                return run
-            if deadline and time.monotonic() > deadline:
-                raise TimeoutError(f"run {self.id} did not finish in {timeout}s")
-            time.sleep(0.2)
+        patience = _Patience(self.id, timeout)
+        for _ in _follow(self.client, self.id, patience, run_only=True):
+            pass  # the last event is the final state; the run with its tasks is read below
+        return _ride_out(lambda: self.client.get_run(self.id), patience)
 
     def logs(self, task: str, attempt: int = 0, follow: bool = False) -> Iterator[LogChunk]:
         """The stdout and stderr of one attempt of ``task``; see :meth:`Client.logs`."""
@@ -544,3 +567,107 @@ class RunHandle:
             for tk in self.status().tasks
             if tk.outputs_json
         }
+
+
+# Reasons of a controller that answered but cannot serve yet (standing by, cut off from etcd):
+# it will within a leader TTL, so it is asked again soon rather than after a longer pause.
+_SOON = frozenset({"not_leader", "store_unavailable"})
+
+
+class _Patience:
+    """How long a wait for ``run_id`` may still take, and the pauses between its tries."""
+
+    def __init__(
+        self, run_id: str, timeout: float | None, first: float = 0.1, most: float = 2.0
+    ) -> None:
+        self.run_id = run_id
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.first = first
+        self.most = most
+        self.delay = first
+
+    def left(self) -> float | None:
+        """Seconds until the deadline (0 once past it); None without one."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def expired(self) -> TimeoutError:
+        return TimeoutError(f"run {self.run_id} did not finish in {self.timeout}s")
+
+    def answered(self) -> None:
+        """A controller served: the next outage starts with short pauses again."""
+        self.delay = self.first
+
+    def pause(self, err: TetherError) -> None:
+        """Sleep before trying again after ``err``; raise TimeoutError once out of time."""
+        left = self.left()
+        if left == 0:
+            raise self.expired() from err
+        if err.reason in _SOON:
+            self.delay = self.first
+        # Jitter: the clients of a restarted controller do not all come back in step.
+        sleep = random.uniform(self.delay / 2, self.delay)
+        self.delay = min(self.delay * 2, self.most)
+        time.sleep(sleep if left is None else min(sleep, left))
+
+
+def _final(ev: controller_pb2.RunEvent) -> bool:
+    """Whether ``ev`` is a watch's last event: the run's final state (not a task's change)."""
+    state = ev.snapshot.state if ev.HasField("snapshot") else ev.run_state
+    return state in TERMINAL_RUN_STATES and not ev.HasField("task")
+
+
+def _follow(
+    client: Client,
+    run_id: str,
+    patience: _Patience,
+    from_revision: int = 0,
+    run_only: bool = False,
+    on_retry: Callable[[TetherError], None] | None = None,
+) -> Iterator[controller_pb2.RunEvent]:
+    """:meth:`Client.follow`, for any object with its ``watch`` (``RunHandle.client``)."""
+    revision = from_revision
+    while True:
+        left = patience.left()
+        if left == 0:
+            raise patience.expired()
+        try:
+            for ev in client.watch(run_id, revision, timeout=left, run_only=run_only):
+                patience.answered()
+                revision = max(revision, ev.revision)
+                yield ev
+                if _final(ev):
+                    return
+            # Ended without the final state (the run's record was read anew, a leader stepped
+            # down): what happened since is asked for again.
+            err: TetherError = UnavailableError("the watch ended before the run did")
+        except TetherError as e:
+            if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise patience.expired() from None
+            if e.code == grpc.StatusCode.OUT_OF_RANGE and revision > from_revision:
+                # The history since the last change seen was compacted: a snapshot again. A
+                # from_revision already compacted is the caller's error, and raises.
+                revision = from_revision = 0
+                if on_retry is not None:
+                    on_retry(e)
+                continue
+            if e.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            err = e
+        if on_retry is not None:
+            on_retry(err)
+        patience.pause(err)
+
+
+_T = TypeVar("_T")
+
+
+def _ride_out(call: Callable[[], _T], patience: _Patience) -> _T:
+    """``call()``, tried again while no controller is available, until ``patience`` runs out."""
+    while True:
+        try:
+            return call()
+        except TetherError as e:
+            if e.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            patience.pause(e)

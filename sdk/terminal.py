@@ -18,9 +18,8 @@ from rich.table import Table
 
 from tether.api.v1 import types_pb2 as t
 from tether.sdk.client import Client
-from tether.sdk.errors import TetherError
 from tether.sdk.quantities import format_duration
-from tether.sdk.states import TERMINAL_RUN_STATES, run_state_name, task_state_name
+from tether.sdk.states import run_state_name, task_state_name
 
 __all__ = [
     "console",
@@ -141,35 +140,28 @@ def print_failures(run: t.Run, target: Console | None = None) -> None:
 
 
 def follow_run(client: Client, run_id: str) -> t.Run:
-    """Show a live table of the run until it finishes."""
-    run = client.get_run(run_id)
-    tasks = {tk.spec.name: tk for tk in run.tasks}
-    revision = 0
+    """Show a live table of the run until it finishes; return the run with its tasks.
+
+    Like :meth:`Client.follow`, it rides out a controller restart or failover.
+    """
+    run = t.Run(id=run_id)
+    tasks: dict[str, t.TaskRun] = {}
     with Live(task_table(run), console=console, refresh_per_second=8, transient=False) as live:
-        while run.state not in TERMINAL_RUN_STATES:
-            try:
-                for ev in client.watch(run_id, revision):
-                    revision = max(revision, ev.revision)
-                    if ev.HasField("snapshot"):
-                        run = ev.snapshot
-                        tasks = {tk.spec.name: tk for tk in run.tasks}
-                    else:
-                        if ev.HasField("task"):
-                            tasks[ev.task.spec.name] = ev.task
-                        if ev.run_state:
-                            run.state = ev.run_state
-                    del run.tasks[:]
-                    run.tasks.extend(tasks.values())
-                    live.update(task_table(run))
-            except TetherError as e:
-                if e.code.name == "OUT_OF_RANGE" and revision:
-                    revision = 0  # the history to resume from was compacted: a snapshot again
-                    continue
-                if e.code.name != "UNAVAILABLE":
-                    raise
-                time.sleep(0.5)
-            run = client.get_run(run_id)
+        for ev in client.follow(run_id):
+            if ev.HasField("snapshot"):
+                run = ev.snapshot
+                tasks = {tk.spec.name: tk for tk in run.tasks}
+            else:
+                if ev.HasField("task"):
+                    tasks[ev.task.spec.name] = ev.task
+                if ev.run_state:
+                    run.state = ev.run_state
+            del run.tasks[:]
+            run.tasks.extend(tasks.values())
             live.update(task_table(run))
+        # The events do not carry the run's final message and times: read it once more.
+        run = client.run(run_id).wait()
+        live.update(task_table(run))
     return run
 
 
