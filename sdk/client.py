@@ -586,23 +586,29 @@ class _Patience:
         self.first = first
         self.most = most
         self.delay = first
+        self.last: TetherError | None = None  # the last error ridden out, a timeout's cause
 
     def left(self) -> float | None:
         """Seconds until the deadline (0 once past it); None without one."""
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def expired(self) -> TimeoutError:
-        return TimeoutError(f"run {self.run_id} did not finish in {self.timeout}s")
+        """The error to raise once out of time, caused by the outage it was spent in, if any."""
+        err = TimeoutError(f"run {self.run_id} did not finish in {self.timeout}s")
+        err.__cause__, err.__suppress_context__ = self.last, True
+        return err
 
     def answered(self) -> None:
         """A controller served: the next outage starts with short pauses again."""
         self.delay = self.first
+        self.last = None
 
     def pause(self, err: TetherError) -> None:
         """Sleep before trying again after ``err``; raise TimeoutError once out of time."""
+        self.last = err
         left = self.left()
         if left == 0:
-            raise self.expired() from err
+            raise self.expired()
         if err.reason in _SOON:
             self.delay = self.first
         # Jitter: the clients of a restarted controller do not all come back in step.
@@ -643,7 +649,7 @@ def _follow(
             err: TetherError = UnavailableError("the watch ended before the run did")
         except TetherError as e:
             if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise patience.expired() from None
+                raise patience.expired() from patience.last
             if e.code == grpc.StatusCode.OUT_OF_RANGE and revision > from_revision:
                 # The history since the last change seen was compacted: a snapshot again. A
                 # from_revision already compacted is the caller's error, and raises.
