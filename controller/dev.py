@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 
 from tether.controller.config import ControllerConfig
-from tether.controller.etcd_process import EtcdProcess, free_port
+from tether.controller.etcd_process import EtcdInUse, EtcdProcess, free_port
 from tether.controller.secretbox import generate_key_file
 from tether.controller.server import ControllerServer
 from tether.sdk.constants import DEFAULT_CONTROLLER
@@ -37,6 +38,33 @@ def metrics_addresses(listen: str, agents: int) -> list[str]:
     if not first:
         ports = [free_port() for _ in range(agents + 1)]
     return [f"{host}:{p}" for p in ports]
+
+
+# The ControllerConfig fields that tether dev's flags set, so a refusal names the flag.
+_FLAGS = {"listen": "--listen", "lease_ttl": "--lease-ttl", "metrics_listen": "--metrics-listen"}
+
+
+def dev_config(**fields) -> ControllerConfig:
+    """The controller's configuration, checked before anything starts.
+
+    Raises:
+        click.BadParameter: a flag's value is refused (naming the flag).
+        click.ClickException: another setting is refused.
+    """
+    try:
+        return ControllerConfig(**fields)
+    except ValueError as e:  # pydantic's ValidationError is one
+        errors = e.errors() if isinstance(e, ValidationError) else [{"msg": str(e), "loc": ()}]
+        first = errors[0]
+        msg = first["msg"].removeprefix("Value error, ")
+        field, sep, rest = msg.partition(": ")
+        if first["loc"]:
+            field, rest = str(first["loc"][0]), msg
+        elif not sep:
+            field = ""
+        if field in _FLAGS:
+            raise click.BadParameter(rest, param_hint=_FLAGS[field]) from None
+        raise click.ClickException(msg) from None
 
 
 def _spawn_agent(
@@ -100,23 +128,36 @@ async def run_dev(
     """
     metrics = metrics_addresses(metrics_listen, agents) if metrics_listen else []
     data_dir = data_dir.resolve()
+    etcd = EtcdProcess(data_dir / "etcd", etcd_port)
+    # Kept with the data dir, so secrets set in one session decrypt in the next.
+    key_path = data_dir / "secrets.key"
+    # Checked before etcd starts: a bad flag must not leave an etcd running on the data dir.
+    config = dev_config(
+        etcd_endpoints=(etcd.endpoint,),
+        listen=listen,
+        lease_ttl=lease_ttl,
+        secrets_key_file=str(key_path),
+        metrics_listen=metrics[0] if metrics else "",
+    )
     data_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(log_level, json=True, stream=open(data_dir / "controller.log", "a"))
-    etcd = EtcdProcess(data_dir / "etcd", etcd_port).start()
     procs: list[subprocess.Popen] = []
-    # Kept with the data dir, so secrets set in one session decrypt in the next.
-    key_file = generate_key_file(data_dir / "secrets.key")
-    server = ControllerServer(
-        ControllerConfig(
-            etcd_endpoints=(etcd.endpoint,),
-            listen=listen,
-            lease_ttl=lease_ttl,
-            secrets_key_file=str(key_file),
-            metrics_listen=metrics[0] if metrics else "",
-        )
-    )
+    server: ControllerServer | None = None
+    started = False
     code = 0
     try:
+        try:
+            etcd.start()
+        except EtcdInUse as e:
+            raise click.ClickException(
+                f"{e}: a tether dev still running, or one left behind; stop it, or pass "
+                "another --data-dir"
+            ) from None
+        except (RuntimeError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from None
+        started = True
+        generate_key_file(key_path)
+        server = ControllerServer(config)
         await server.start()
         address = server.address
         procs = [
@@ -160,9 +201,13 @@ async def run_dev(
                 await asyncio.to_thread(p.wait, 15)
             except subprocess.TimeoutExpired:
                 p.kill()
-        await server.stop()
-        etcd.stop()
-        click.echo("tether dev: stopped", err=True)
+        try:
+            if server is not None:
+                await server.stop()
+        finally:
+            etcd.stop()  # whatever failed above, the etcd this started goes too
+        if started:
+            click.echo("tether dev: stopped", err=True)
     return code
 
 

@@ -165,3 +165,72 @@ def test_submit_and_status_print_the_trace_and_trace_draws_the_timeline(
     assert all(len(line) <= 100 for line in lines)
 
     assert_one_line_error(tether("trace", "0" * 20, controller=mesh.address), "not found")
+
+
+def _stop_etcds_on(data_dir):
+    """Kill what a failed `tether dev` left on ``data_dir`` (so a failing test cleans up);
+    return how many there were."""
+    import os
+    import signal
+
+    from tether.controller.etcd_process import _running_on
+
+    pids = _running_on(data_dir / "etcd" / "data")
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
+@pytest.mark.parametrize(
+    "args, flag, needle",
+    [
+        (("--listen", "nohost"), "--listen", "'nohost' has no port"),
+        (("--listen", "127.0.0.1:99999"), "--listen", "port 99999"),
+        (("--lease-ttl", "0"), "--lease-ttl", "must be >= 1"),
+    ],
+)
+def test_dev_refuses_a_bad_setting_before_starting_etcd(tmp_path, args, flag, needle):
+    data = tmp_path / "dev"
+    try:
+        res = tether("dev", *args, "--data-dir", str(data), timeout=30)
+        # A usage error, as for --metrics-listen: click's usage lines, then one naming the flag.
+        assert res.returncode == 2, res.stderr
+        assert "Traceback" not in res.stderr, res.stderr
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("Error:") and flag in last and needle in last, last
+        assert not (data / "etcd").exists()
+    finally:
+        assert _stop_etcds_on(data) == 0, "an etcd was left running on the data dir"
+
+
+def test_dev_stops_its_etcd_when_the_controller_cannot_start(tmp_path):
+    import socket
+
+    data = tmp_path / "dev"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        try:
+            res = tether("dev", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data))
+            assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+            assert res.stderr.strip().splitlines()[-1] == (
+                f"error: 127.0.0.1:{port} is not available: Address already in use"
+            )
+            assert (data / "etcd" / "data").is_dir()  # etcd had started
+        finally:
+            assert _stop_etcds_on(data) == 0, "an etcd was left running on the data dir"
+
+
+def test_dev_says_in_one_line_that_an_etcd_holds_its_data_dir(tmp_path):
+    from tether.controller.etcd_process import EtcdProcess
+
+    data = tmp_path / "dev"
+    left = EtcdProcess(data / "etcd").start()  # as a killed `tether dev` leaves it
+    try:
+        res = tether("dev", "--listen", "127.0.0.1:0", "--data-dir", str(data), timeout=15)
+        assert_one_line_error(res, f"{data / 'etcd'} is in use by another etcd")
+        assert f"(pid {left.proc.pid})" in res.stderr
+    finally:
+        left.stop()
+        _stop_etcds_on(data)  # a second etcd, had tether dev started one
