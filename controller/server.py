@@ -82,6 +82,7 @@ class ControllerServer:
         self._standing_by = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._servicer: ControllerServicer | None = None
         # Why the last campaign failed (etcd unreachable, no quorum); "" while etcd answers.
         self.store_error = ""
 
@@ -139,9 +140,10 @@ class ControllerServer:
         interceptors = [GrpcMetrics(self.metrics), MalformedRequests(), guard]
         server = grpc.aio.server(options=opts, interceptors=interceptors)
         current = self.current_engine  # the servicers' view of the current term
-        controller_pb2_grpc.add_ControllerServiceServicer_to_server(
-            ControllerServicer(current, self.tracer, self.logs, self.tokens, self.secrets), server
+        self._servicer = ControllerServicer(
+            current, self.tracer, self.logs, self.tokens, self.secrets
         )
+        controller_pb2_grpc.add_ControllerServiceServicer_to_server(self._servicer, server)
         node_ca = _read(self.config.tls_ca, "tls_ca") if self.config.tls_ca else b""
         agent_pb2_grpc.add_AgentServiceServicer_to_server(
             AgentServicer(current, self.logs, node_ca), server
@@ -266,6 +268,8 @@ class ControllerServer:
         self._stopping = True
         try:
             await self.health.enter_graceful_shutdown()
+            if self._servicer is not None:
+                self._servicer.close_streams()
             engine = self.engine
             if engine is not None:
                 try:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from opentelemetry import trace
@@ -116,6 +117,34 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
         self.logs = logs
         self.tokens = tokens
         self.secrets = secrets
+        self._closing = asyncio.Event()
+
+    def close_streams(self) -> None:
+        """End the open watch and log streams now (the server is stopping): left open,
+        gRPC's stop cancels their handlers after its grace, and logs each cancellation as an
+        unhandled error with a traceback."""
+        self._closing.set()
+
+    async def _until_closing(self, items: AsyncIterator) -> AsyncIterator:
+        """``items`` until they end, or until :meth:`close_streams` (then UNAVAILABLE, so that
+        clients resume elsewhere or later)."""
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            while True:
+                item = asyncio.ensure_future(anext(items))
+                await asyncio.wait((item, closing), return_when=asyncio.FIRST_COMPLETED)
+                if not item.done():
+                    item.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await item
+                    raise NotLeader("controller shutting down")
+                try:
+                    yield item.result()
+                except StopAsyncIteration:
+                    return
+        finally:
+            closing.cancel()
+            await items.aclose()
 
     @grpc_errors
     async def SubmitWorkflow(self, request, context):
@@ -204,7 +233,7 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
         self._check_ids(run_id=request.run_id)
         _require(request.run_id, "run_id")
         events = self.engine.watch_run(request.run_id, request.from_revision, request.run_only)
-        async for event in events:
+        async for event in self._until_closing(events):
             yield event
 
     @grpc_errors
@@ -229,9 +258,10 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
     @grpc_errors
     async def StreamLogs(self, request, context):
         self._check_ids(run_id=request.run_id, task=request.task)
-        async for data in self.logs.stream(
+        chunks = self.logs.stream(
             lambda: self.engine, request.run_id, request.task, request.attempt, request.follow
-        ):
+        )
+        async for data in self._until_closing(chunks):
             yield data
 
     @grpc_errors

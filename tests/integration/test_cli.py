@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
 import pytest
-from helpers import assert_one_line_error, tether
+from helpers import assert_one_line_error, py, tether
 
 
 def test_nodes_submit_wait_and_status(mesh, tmp_path):
@@ -234,3 +235,88 @@ def test_dev_says_in_one_line_that_an_etcd_holds_its_data_dir(tmp_path):
     finally:
         left.stop()
         _stop_etcds_on(data)  # a second etcd, had tether dev started one
+
+
+def _running_with(arg: str) -> int:
+    """The id of the process with ``arg`` among its arguments."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if arg.encode() in f.read().split(b"\0"):
+                        return int(entry)
+            except OSError:
+                pass
+    raise AssertionError(f"no process with {arg}")
+
+
+def test_dev_stops_cleanly_with_a_watch_open(tmp_path):
+    import signal
+    import subprocess
+
+    from helpers import wait_for
+
+    data = tmp_path / "dev"
+    wf = tmp_path / "sleepy.yaml"
+    wf.write_text(
+        f"name: sleepy\ntasks:\n  - name: s\n    command: {py('import time; time.sleep(60)')}\n"
+    )
+    dev = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tether.sdk.cli",
+            "dev",
+            "--agents",
+            "1",
+            *("--listen", "127.0.0.1:0", "--data-dir", str(data)),
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    watch = None
+    try:
+        lines = []
+        for line in dev.stderr:
+            lines.append(line)
+            if "ready" in line:
+                break
+        address = next(x for x in lines if x.startswith("tether dev: etcd")).split()[5]
+        address = address.rstrip(",")
+        res = tether("submit", str(wf), controller=address)
+        assert res.returncode == 0, res.stderr
+        run_id = res.stdout.split()[1]
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "tether.sdk.cli", "--controller", address, "watch", run_id],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        # A task running: the watch is open on its changes (that case left the stream open
+        # until gRPC's stop cancelled it).
+        while "s: RUNNING" not in watch.stdout.readline():
+            pass
+        # The agent goes first (as after a crash), so tether dev need not wait for its drain.
+        os.kill(_running_with(str(data / "agents" / "dev-1")), signal.SIGKILL)
+        dev.send_signal(signal.SIGINT)
+        rest = dev.stderr.read()
+        assert dev.wait(60) == 0
+        assert "Traceback" not in rest and "CancelledError" not in rest, rest
+        assert "tether dev: stopped" in rest
+        log = (data / "controller.log").read_text()
+        assert "Exception not handled" not in log and "CancelledError" not in log
+        # The watch ended with UNAVAILABLE: the client says so and tries again.
+        os.set_blocking(watch.stderr.fileno(), False)
+        seen = []
+        wait_for(
+            lambda: seen.append(watch.stderr.read() or "") or "unavailable" in "".join(seen),
+            10,
+            "the watch to report the controller unavailable",
+        )
+    finally:
+        for p in (watch, dev):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        _stop_etcds_on(data)
