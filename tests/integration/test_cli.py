@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 
 import pytest
 from helpers import assert_one_line_error, py, tether
@@ -297,6 +298,7 @@ def test_dev_stops_cleanly_with_a_watch_open(tmp_path):
         # until gRPC's stop cancelled it).
         while "s: RUNNING" not in watch.stdout.readline():
             pass
+        time.sleep(2)  # open a moment: a watch just opened did not show the traceback
         # The agent goes first (as after a crash), so tether dev need not wait for its drain.
         os.kill(_running_with(str(data / "agents" / "dev-1")), signal.SIGKILL)
         dev.send_signal(signal.SIGINT)
