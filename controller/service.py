@@ -129,21 +129,26 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
         """``items`` until they end, or until :meth:`close_streams` (then UNAVAILABLE, so that
         clients resume elsewhere or later)."""
         closing = asyncio.ensure_future(self._closing.wait())
+        item: asyncio.Future | None = None
         try:
             while True:
                 item = asyncio.ensure_future(anext(items))
                 await asyncio.wait((item, closing), return_when=asyncio.FIRST_COMPLETED)
                 if not item.done():
-                    item.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await item
                     raise NotLeader("controller shutting down")
                 try:
-                    yield item.result()
+                    value = item.result()
                 except StopAsyncIteration:
                     return
+                yield value
         finally:
             closing.cancel()
+            # The generator cannot be closed while a step of it runs (the caller went away,
+            # or the server is stopping): end that step first.
+            if item is not None and not item.done():
+                item.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await item
             await items.aclose()
 
     @grpc_errors
