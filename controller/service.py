@@ -117,39 +117,47 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
         self.logs = logs
         self.tokens = tokens
         self.secrets = secrets
-        self._closing = asyncio.Event()
+        self._closing = False
+        # The tasks of WatchRun and StreamLogs streams waiting for their next item now: what
+        # close_streams() cancels.
+        self._waiting: set[asyncio.Task] = set()
 
     def close_streams(self) -> None:
-        """End the open watch and log streams now (the server is stopping): left open,
-        gRPC's stop cancels their handlers after its grace, and logs each cancellation as an
-        unhandled error with a traceback."""
-        self._closing.set()
+        """End the open watch and log streams now (the server is stopping), with UNAVAILABLE
+        so that clients resume elsewhere or later: left open, gRPC's stop cancels their
+        handlers after its grace, and logs each cancellation as an unhandled error with a
+        traceback."""
+        self._closing = True
+        for task in list(self._waiting):
+            task.cancel()
 
     async def _until_closing(self, items: AsyncIterator) -> AsyncIterator:
-        """``items`` until they end, or until :meth:`close_streams` (then UNAVAILABLE, so that
-        clients resume elsewhere or later)."""
-        closing = asyncio.ensure_future(self._closing.wait())
-        item: asyncio.Future | None = None
+        """``items`` until they end, or until :meth:`close_streams`.
+
+        A stream waiting for its next item is cancelled there; one handing an item to gRPC
+        stops after it. (Cancelling only at that wait, rather than racing every item against
+        a close signal: that cost a task and a wait per event of a long watch.)
+        """
+        task = asyncio.current_task()
+        assert task is not None
         try:
-            while True:
-                item = asyncio.ensure_future(anext(items))
-                await asyncio.wait((item, closing), return_when=asyncio.FIRST_COMPLETED)
-                if not item.done():
-                    raise NotLeader("controller shutting down")
+            while not self._closing:
+                self._waiting.add(task)
                 try:
-                    value = item.result()
+                    item = await anext(items)
                 except StopAsyncIteration:
                     return
-                yield value
+                except asyncio.CancelledError:
+                    if not self._closing:
+                        raise  # the client went away, or gRPC ended the call
+                    break
+                finally:
+                    self._waiting.discard(task)
+                yield item
+            raise NotLeader("controller shutting down")
         finally:
-            closing.cancel()
-            # The generator cannot be closed while a step of it runs (the caller went away,
-            # or the server is stopping): end that step first.
-            if item is not None and not item.done():
-                item.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await item
-            await items.aclose()
+            with contextlib.suppress(Exception):
+                await items.aclose()
 
     @grpc_errors
     async def SubmitWorkflow(self, request, context):
