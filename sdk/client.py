@@ -165,6 +165,12 @@ class Client:
             ("grpc.enable_retries", 1),
             ("grpc.max_receive_message_length", 64 * 2**20),
             ("grpc.max_send_message_length", 64 * 2**20),
+            # A client keeps its channels, and gRPC waits longer and longer (up to 120 s)
+            # between reconnects to a controller that is down: a wait() or watch riding out
+            # a controller's restart would go on minutes after it is back. Tried again at
+            # least every 2 s instead, as follow() asks again.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         # Several comma-separated addresses name the controllers of an HA deployment: calls go
         # to one, and move to the next when it answers UNAVAILABLE (down, or standing by).

@@ -53,3 +53,22 @@ def test_other_errors_raise_at_once():
     with pytest.raises(NotFoundError):
         RunHandle(controller, "r1").wait(timeout=10)
     assert len(controller.watches) == 1
+
+
+def test_the_client_reconnects_to_a_controller_back_from_an_outage_within_seconds(monkeypatch):
+    # gRPC's own default lets the pause between reconnects grow to 120 s: a wait() that rode
+    # out a long restart would go on for up to two minutes after the controller is back.
+    import grpc as grpc_mod
+
+    from tether.sdk import Client
+
+    seen = []
+    real = grpc_mod.insecure_channel
+    monkeypatch.setattr(
+        grpc_mod, "insecure_channel", lambda a, options=None: seen.append(options) or real(a)
+    )
+    with Client("127.0.0.1:1,127.0.0.1:2"):
+        pass
+    assert len(seen) == 2
+    for options in seen:
+        assert dict(options)["grpc.max_reconnect_backoff_ms"] <= 2000
