@@ -28,11 +28,16 @@ def check_address(address: str, what: str = "controller", any_port: bool = False
         sep = ""
     if not sep or not host or not port.isdigit() or not (0 if any_port else 1) <= int(port) < 65536:
         example = f"{address}:7070" if address and ":" not in address else "HOST:7070"
-        raise ValueError(
-            f"{what}: {address!r} has no port; write host:port, e.g. {example}"
-            if not sep or not port.isdigit()
-            else f"{what}: port {port} of {address!r} is out of range"
-        )
+        if not sep:
+            why = f"{address!r} has no port"
+        elif not host:
+            why = f"{address!r} has no host"
+        elif not port.isdigit():
+            why = f"the port {port!r} of {address!r} is not a number"
+            example = f"{host}:7070"
+        else:
+            raise ValueError(f"{what}: port {port} of {address!r} is out of range")
+        raise ValueError(f"{what}: {why}; write host:port, e.g. {example}")
     return address
 
 

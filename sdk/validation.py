@@ -442,7 +442,9 @@ _SCHEDULING_FIELDS = frozenset(
 
 
 def _resource_violations(r: types_pb2.Resources, where: str, limits: Limits):
-    if not math.isfinite(r.cpu) or r.cpu < 0:
+    if not math.isfinite(r.cpu):
+        yield FieldViolation(f"{where}.resources.cpu", f"must be a finite number, got {r.cpu}")
+    elif r.cpu < 0:
         yield FieldViolation(f"{where}.resources.cpu", f"must be >= 0, got {r.cpu}")
     elif r.cpu > limits.max_cpu:
         yield FieldViolation(f"{where}.resources.cpu", f"{r.cpu} cores; at most {limits.max_cpu}")

@@ -34,6 +34,13 @@ def test_controller_addresses_need_a_port():
         split_addresses("a:1,b")
     with pytest.raises(ValueError, match="out of range"):
         check_address("h:70000")
+    with pytest.raises(
+        ValueError,
+        match=r"the port 'web' of 'h:web' is not a number; write host:port, e\.g\. h:7070",
+    ):
+        check_address("h:web")
+    with pytest.raises(ValueError, match="':7070' has no host"):
+        check_address(":7070")
     assert check_address("0.0.0.0:0", "listen", any_port=True) == "0.0.0.0:0"
     with pytest.raises(ValueError, match="out of range"):
         check_address("h:0")

@@ -66,6 +66,9 @@ def test_negative_resources():
     assert "tasks[0] (a).resources.cpu: must be >= 0, got -1.0" in v
     assert any(x.startswith("tasks[0] (a).resources.memory:") for x in v)
     assert any(x.startswith("tasks[0] (a).resources.gpu:") for x in v)
+    for cpu in (float("inf"), float("nan")):
+        v = violations(spec(task("a", resources=t.Resources(cpu=cpu))))
+        assert v == [f"tasks[0] (a).resources.cpu: must be a finite number, got {cpu}"]
 
 
 def test_other_rules():
