@@ -246,7 +246,7 @@ def _template_violations(
         except TemplateError as e:
             yield FieldViolation(where, str(e))
             continue
-        names = [r.name for r in refs if r.kind == "task"]
+        names = list({r.name: None for r in refs if r.kind == "task"})  # once each, in order
         if names:
             found.append((i, where, names))
     if not found:
@@ -324,12 +324,13 @@ def _param_violations(
             refs = references(text)
         except TemplateError:
             continue  # reported by validate_workflow
-        for ref in refs:
-            if ref.kind == "param" and ref.name not in params:
+        missing = {ref.name: None for ref in refs if ref.kind == "param"}  # once each, in order
+        for name in missing:
+            if name not in params:
                 problems.append(
                     FieldViolation(
                         f"tasks[{i}] ({spec.tasks[i].name}).{field}",
-                        f"parameter {ref.name!r} was not given",
+                        f"parameter {name!r} was not given",
                     )
                 )
     return problems

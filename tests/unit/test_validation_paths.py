@@ -109,3 +109,11 @@ def test_workflow_task_takes_any_sequence_of_strings_as_command():
     wf = Workflow("wf")
     assert wf.task("a", ("echo", "hi")).command == ["echo", "hi"]
     assert wf.task("b", (x for x in ["true"])).command == ["true"]
+
+
+def test_a_name_used_twice_in_one_field_is_reported_once():
+    twice = "{{ params.x }}/{{ params.x }}/{{ tasks.c.outputs.a }}-{{ tasks.c.outputs.b }}"
+    v = violations(spec(task("a", command=["echo", twice]), task("c")), params={})
+    assert v == ["tasks[0] (a).command[1]: task 'c' is not upstream of 'a'; add it to depends_on"]
+    good = spec(task("c"), task("a", ["c"], command=["echo", twice]))
+    assert violations(good, params={}) == ["tasks[1] (a).command[1]: parameter 'x' was not given"]
