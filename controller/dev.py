@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -183,7 +184,26 @@ async def run_dev(
         await _wait_for_nodes(client, agents)
         click.echo(f"tether dev: {agents} nodes registered", err=True)
         if run_file:
-            code = await asyncio.to_thread(_run_workflow, client, run_file, params or {})
+            # A signal ends the run's wait here, and the finally below stops the mesh (by
+            # default SIGTERM would end the process there and then, leaving etcd and the
+            # agents running). The wait runs in a daemon thread: one still asking a stopped
+            # controller must not hold up the exit.
+            main = asyncio.current_task()
+            signalled: list[int] = []
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, lambda s=sig: (signalled.append(s), main.cancel()))
+            try:
+                code = await _in_daemon_thread(_run_workflow, client, run_file, params or {})
+            except asyncio.CancelledError:
+                if not signalled:
+                    raise
+                click.echo("tether dev: stopping", err=True)
+                code = 128 + signalled[0]
+                # The thread may be starting a call on the client's channel: closing it from
+                # here then crashes the process (gRPC). Left open, the thread stops with the
+                # interpreter.
+                client = None
         else:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -191,7 +211,8 @@ async def run_dev(
                 loop.add_signal_handler(sig, stop.set)
             click.echo("tether dev: ready — Ctrl-C to stop", err=True)
             await stop.wait()
-        client.close()
+        if client is not None:
+            client.close()
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -209,6 +230,31 @@ async def run_dev(
         if started:
             click.echo("tether dev: stopped", err=True)
     return code
+
+
+async def _in_daemon_thread(fn, *args):
+    """``fn(*args)`` in a daemon thread; its result (or exception) once it returns."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def settle(result=None, error: BaseException | None = None) -> None:
+        if done.done():
+            return  # no longer waited for (cancelled)
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def run() -> None:
+        try:
+            outcome = (fn(*args), None)
+        except BaseException as e:
+            outcome = (None, e)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, daemon=True, name="tether-dev-run").start()
+    return await done
 
 
 async def _wait_for_nodes(client, n: int, timeout: float = 60.0) -> None:

@@ -322,3 +322,49 @@ def test_dev_stops_cleanly_with_a_watch_open(tmp_path):
                 p.kill()
                 p.wait()
         _stop_etcds_on(data)
+
+
+def test_dev_run_stopped_by_sigterm_stops_its_mesh(tmp_path):
+    import signal
+    import subprocess
+
+    data = tmp_path / "dev"
+    wf = tmp_path / "sleepy.yaml"
+    wf.write_text(
+        f"name: sleepy\ntasks:\n  - name: s\n    command: {py('import time; time.sleep(60)')}\n"
+    )
+    dev = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tether.sdk.cli",
+            "dev",
+            "--agents",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data),
+            "--run",
+            str(wf),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        # The run is submitted and followed (its id printed): stop it as a service manager would.
+        while not dev.stdout.readline().startswith("run "):
+            assert dev.poll() is None, "tether dev ended early"
+        agent = _running_with(str(data / "agents" / "dev-1"))
+        dev.send_signal(signal.SIGTERM)
+        assert dev.wait(60) == 128 + signal.SIGTERM
+        # Nothing of the mesh is left: by default SIGTERM ended the process at once.
+        assert _stop_etcds_on(data) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(agent, 0)
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+            dev.wait()
+        _stop_etcds_on(data)
