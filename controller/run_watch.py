@@ -75,7 +75,9 @@ class RunWatch:
             msg = t.Run.FromString(value)
             if from_revision <= 0:
                 yield controller_pb2.RunEvent(snapshot=msg, run_state=msg.state, revision=rev)
-            elif rev > from_revision:
+            elif rev > from_revision or msg.state in lc.RUN_TERMINAL:
+                # The final state even when not newer: a follower resuming at the run's end
+                # must learn that it is over, not get an empty stream to ask again.
                 yield controller_pb2.RunEvent(run_state=msg.state, revision=rev)
             while msg.state not in lc.RUN_TERMINAL:
                 item = await q.get()

@@ -171,6 +171,12 @@ class Client:
             # least every 2 s instead, as follow() asks again.
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2000),
+            # A controller whose host died or was cut off sends no reset: without pings, a
+            # watch or wait() on it would hang for ever after a standby took over. (The
+            # controller allows a ping every 5 s; gRPC would stop after two without data.)
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         # Several comma-separated addresses name the controllers of an HA deployment: calls go
         # to one, and move to the next when it answers UNAVAILABLE (down, or standing by).
@@ -284,9 +290,11 @@ class Client:
         """A handle to an existing run."""
         return RunHandle(self, run_id)
 
-    def get_run(self, run_id: str) -> t.Run:
-        """The run with all its tasks. Raises NotFoundError."""
-        return self._call("GetRun", controller_pb2.GetRunRequest(run_id=run_id)).run
+    def get_run(self, run_id: str, timeout: float | None = None) -> t.Run:
+        """The run with all its tasks (``timeout``: seconds for the call, instead of the
+        client's). Raises NotFoundError."""
+        request = controller_pb2.GetRunRequest(run_id=run_id)
+        return self._call("GetRun", request, timeout=timeout or self.timeout).run
 
     def list_runs(self, page_size: int = 50) -> Iterator[t.Run]:
         """Every run, newest first (fetched a page at a time)."""
@@ -334,9 +342,11 @@ class Client:
         """Like :meth:`watch`, but rides out controllers going away until the run finishes.
 
         When no controller can be reached (a restart, a failover: ``UNAVAILABLE``) or the
-        stream ends early, it watches again from the last revision it yielded, so no change
-        is missed or repeated, after a pause that grows (to 2 s) while no controller answers;
-        with several controllers (``"a:7070,b:7070"``) each is tried in turn, and a standby
+        stream ends early, it watches again from the revision before the last one it yielded
+        and skips what it yielded already (one transaction changes many tasks at one
+        revision), so no change is missed or repeated, after a pause that grows (to 2 s)
+        while no controller answers; with several controllers (``"a:7070,b:7070"``) each is
+        tried in turn, and a standby
         that names the leader sends it there. A resume whose history was compacted starts
         again from a snapshot. The last event is the run's final state.
 
@@ -560,7 +570,13 @@ class RunHandle:
         patience = _Patience(self.id, timeout)
         for _ in _follow(self.client, self.id, patience, run_only=True):
             pass  # the last event is the final state; the run with its tasks is read below
-        return _ride_out(lambda: self.client.get_run(self.id), patience)
+        # Within what is left of ``timeout``: a hung controller must not hold it longer.
+        return _ride_out(
+            lambda: self.client.get_run(
+                self.id, timeout=patience.call_timeout(self.client.timeout)
+            ),
+            patience,
+        )
 
     def logs(self, task: str, attempt: int = 0, follow: bool = False) -> Iterator[LogChunk]:
         """The stdout and stderr of one attempt of ``task``; see :meth:`Client.logs`."""
@@ -578,6 +594,7 @@ class RunHandle:
 # Reasons of a controller that answered but cannot serve yet (standing by, cut off from etcd):
 # it will within a leader TTL, so it is asked again soon rather than after a longer pause.
 _SOON = frozenset({"not_leader", "store_unavailable"})
+_SOON_MOST = 0.5
 
 
 class _Patience:
@@ -604,6 +621,11 @@ class _Patience:
         err.__cause__, err.__suppress_context__ = self.last, True
         return err
 
+    def call_timeout(self, default: float) -> float:
+        """A call's timeout: ``default``, or less when less time is left."""
+        left = self.left()
+        return default if left is None else max(0.001, min(default, left))
+
     def answered(self) -> None:
         """A controller served: the next outage starts with short pauses again."""
         self.delay = self.first
@@ -616,7 +638,9 @@ class _Patience:
         if left == 0:
             raise self.expired()
         if err.reason in _SOON:
-            self.delay = self.first
+            # Short pauses, but not reset at each answer: through an etcd outage of minutes,
+            # every waiting client would ask a struggling controller ten times a second.
+            self.delay = min(self.delay, _SOON_MOST)
         # Jitter: the clients of a restarted controller do not all come back in step.
         sleep = random.uniform(self.delay / 2, self.delay)
         self.delay = min(self.delay * 2, self.most)
@@ -639,13 +663,27 @@ def _follow(
 ) -> Iterator[controller_pb2.RunEvent]:
     """:meth:`Client.follow`, for any object with its ``watch`` (``RunHandle.client``)."""
     revision = from_revision
+    # The events yielded at ``revision`` one by one (not in a snapshot), serialized. One etcd
+    # transaction changes many tasks at one revision, and a stream may break between them:
+    # a resume asks again from the revision before and skips these, so none is lost.
+    at_revision: set[bytes] = set()
     while True:
         left = patience.left()
         if left == 0:
             raise patience.expired()
+        start = revision - 1 if at_revision and revision > 1 else revision
         try:
-            for ev in client.watch(run_id, revision, timeout=left, run_only=run_only):
+            for ev in client.watch(run_id, start, timeout=left, run_only=run_only):
                 patience.answered()
+                if ev.HasField("snapshot"):
+                    at_revision = set()
+                elif ev.revision >= revision:
+                    data = ev.SerializeToString(deterministic=True)
+                    if ev.revision > revision:
+                        at_revision = set()
+                    elif data in at_revision:
+                        continue  # yielded before the stream broke
+                    at_revision.add(data)
                 revision = max(revision, ev.revision)
                 yield ev
                 if _final(ev):
@@ -680,6 +718,8 @@ def _ride_out(call: Callable[[], _T], patience: _Patience) -> _T:
         try:
             return call()
         except TetherError as e:
-            if e.code != grpc.StatusCode.UNAVAILABLE:
+            # A controller that did not answer in time (hung, or cut off without a reset) is
+            # asked again while time is left, as one that is down.
+            if e.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise
             patience.pause(e)

@@ -35,7 +35,9 @@ class _Controller:
         self.state = DONE
         yield controller_pb2.RunEvent(revision=20, snapshot=t.Run(id=run_id, state=DONE))
 
-    def get_run(self, run_id):
+    timeout = 30.0
+
+    def get_run(self, run_id, timeout=None):
         return t.Run(id=run_id, state=self.state)
 
 

@@ -22,6 +22,7 @@ class _Away:
     def __init__(self, outage: int | None, error=UnavailableError) -> None:
         self.outage, self.error = outage, error
         self.watches: list[float] = []
+        self.read_timeouts: list[float | None] = []
 
     def watch(self, run_id, revision, timeout=None, run_only=False):
         self.watches.append(time.monotonic())
@@ -29,7 +30,10 @@ class _Away:
             raise self.error("connection refused", grpc.StatusCode.UNAVAILABLE)
         yield controller_pb2.RunEvent(revision=9, snapshot=t.Run(id=run_id, state=DONE))
 
-    def get_run(self, run_id):
+    timeout = 30.0
+
+    def get_run(self, run_id, timeout=None):
+        self.read_timeouts.append(timeout)
         return t.Run(id=run_id, state=DONE)
 
 
