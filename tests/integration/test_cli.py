@@ -251,6 +251,24 @@ def _running_with(arg: str) -> int:
     raise AssertionError(f"no process with {arg}")
 
 
+def _sleepy(tmp_path):
+    """A workflow file whose one task runs for a minute."""
+    wf = tmp_path / "sleepy.yaml"
+    wf.write_text(
+        f"name: sleepy\ntasks:\n  - name: s\n    command: {py('import time; time.sleep(60)')}\n"
+    )
+    return wf
+
+
+def _dev(data, *args, **popen):
+    """``tether dev`` with one agent on a free port, as a process."""
+    import subprocess
+
+    command = [sys.executable, "-m", "tether.sdk.cli", "dev", "--agents", "1"]
+    command += ["--listen", "127.0.0.1:0", "--data-dir", str(data), *args]
+    return subprocess.Popen(command, text=True, **popen)
+
+
 def test_dev_stops_cleanly_with_a_watch_open(tmp_path):
     import signal
     import subprocess
@@ -258,24 +276,8 @@ def test_dev_stops_cleanly_with_a_watch_open(tmp_path):
     from helpers import wait_for
 
     data = tmp_path / "dev"
-    wf = tmp_path / "sleepy.yaml"
-    wf.write_text(
-        f"name: sleepy\ntasks:\n  - name: s\n    command: {py('import time; time.sleep(60)')}\n"
-    )
-    dev = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tether.sdk.cli",
-            "dev",
-            "--agents",
-            "1",
-            *("--listen", "127.0.0.1:0", "--data-dir", str(data)),
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
+    wf = _sleepy(tmp_path)
+    dev = _dev(data, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     watch = None
     try:
         lines = []
@@ -329,29 +331,8 @@ def test_dev_run_stopped_by_sigterm_stops_its_mesh(tmp_path):
     import subprocess
 
     data = tmp_path / "dev"
-    wf = tmp_path / "sleepy.yaml"
-    wf.write_text(
-        f"name: sleepy\ntasks:\n  - name: s\n    command: {py('import time; time.sleep(60)')}\n"
-    )
-    dev = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tether.sdk.cli",
-            "dev",
-            "--agents",
-            "1",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data),
-            "--run",
-            str(wf),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    wf = _sleepy(tmp_path)
+    dev = _dev(data, "--run", str(wf), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         # The run is submitted and followed (its id printed): stop it as a service manager would.
         while not dev.stdout.readline().startswith("run "):
