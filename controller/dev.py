@@ -24,6 +24,7 @@ from tether.controller.etcd_process import EtcdInUse, EtcdProcess, free_port
 from tether.controller.secretbox import generate_key_file
 from tether.controller.server import ControllerServer
 from tether.sdk.constants import DEFAULT_CONTROLLER
+from tether.sdk.quantities import parse_duration
 from tether.sdk.telemetry import setup_logging
 from tether.sdk.terminal import key_values
 
@@ -69,7 +70,12 @@ def dev_config(**fields) -> ControllerConfig:
 
 
 def _spawn_agent(
-    i: int, address: str, data_dir: Path, log_level: str, metrics_listen: str = ""
+    i: int,
+    address: str,
+    data_dir: Path,
+    log_level: str,
+    metrics_listen: str = "",
+    drain_grace: float = 0.0,
 ) -> subprocess.Popen:
     name = f"dev-{i}"
     log = open(data_dir / f"agent-{name}.log", "ab")
@@ -92,6 +98,8 @@ def _spawn_agent(
             str(data_dir / "agents" / name),
             "--log-level",
             log_level,
+            "--drain-grace",
+            f"{drain_grace}s",
             *metrics,
         ],
         stdout=log,
@@ -120,12 +128,14 @@ async def run_dev(
     lease_ttl: int,
     metrics_listen: str = "",
     params: dict[str, str] | None = None,
+    drain_grace: float = 0.0,
 ) -> int:
     """Bring the mesh up; with ``run_file``, run that workflow (with ``params``) to
     completion and stop.
 
     With ``metrics_listen`` (``HOST:PORT``) the controller serves metrics on PORT and agent
-    i on PORT+i (see :func:`metrics_addresses`).
+    i on PORT+i (see :func:`metrics_addresses`). On a signal, the agents' running tasks
+    may finish within ``drain_grace`` seconds; what still runs then is stopped.
     """
     metrics = metrics_addresses(metrics_listen, agents) if metrics_listen else []
     data_dir = data_dir.resolve()
@@ -162,7 +172,14 @@ async def run_dev(
         await server.start()
         address = server.address
         procs = [
-            _spawn_agent(i + 1, address, data_dir, log_level, metrics[i + 1] if metrics else "")
+            _spawn_agent(
+                i + 1,
+                address,
+                data_dir,
+                log_level,
+                metrics[i + 1] if metrics else "",
+                drain_grace,
+            )
             for i in range(agents)
         ]
         click.echo(
@@ -219,7 +236,9 @@ async def run_dev(
                 p.send_signal(signal.SIGTERM)
         for p in procs:
             try:
-                await asyncio.to_thread(p.wait, 15)
+                # The drain, then the tasks' stop (SIGTERM, a grace, SIGKILL) and the
+                # agent's own exit.
+                await asyncio.to_thread(p.wait, drain_grace + 15)
             except subprocess.TimeoutExpired:
                 p.kill()
         try:
@@ -310,17 +329,37 @@ def _run_workflow(client, run_file: str, params: dict[str, str]) -> int:
 @click.option("--lease-ttl", default=10, show_default=True, help="Node lease TTL, seconds.")
 @click.option("--log-level", default="info", show_default=True)
 @click.option(
+    "--drain-grace",
+    default="0s",
+    show_default=True,
+    help="On Ctrl-C, how long the agents' running tasks may finish before they are stopped "
+    "(they run again when a mesh next starts on this data dir), e.g. 30s.",
+)
+@click.option(
     "--metrics-listen",
     default="",
     help="Serve Prometheus metrics: the controller's at http://HOST:PORT/metrics, agent i's "
     "on PORT+i (PORT 0: free ports, printed).",
 )
 def dev_command(
-    agents, data_dir, listen, etcd_port, run_file, param, log_level, lease_ttl, metrics_listen
+    agents,
+    data_dir,
+    listen,
+    etcd_port,
+    run_file,
+    param,
+    log_level,
+    lease_ttl,
+    drain_grace,
+    metrics_listen,
 ):
     """Run a local mesh: etcd, a controller and AGENTS agents, in the foreground."""
     if agents < 1:
         raise click.BadParameter("at least one agent", param_hint="--agents")
+    try:
+        grace = parse_duration(drain_grace)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--drain-grace") from None
     if param and not run_file:
         raise click.UsageError("--param is for the workflow of --run")
     params = key_values(param, "--param")
@@ -337,6 +376,7 @@ def dev_command(
             lease_ttl,
             metrics_listen,
             params,
+            grace,
         )
     )
     sys.exit(code)

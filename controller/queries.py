@@ -150,6 +150,7 @@ class Queries:
                 return
         seen: dict[str, int] = {}  # task key -> mod_revision last sent
         revision = from_revision
+        state = t.RunState.RUN_STATE_UNSPECIFIED
         if revision > 0:
             kv = await store.get(run_key)
             if kv is None:
@@ -159,6 +160,15 @@ class Queries:
                 # Resuming at or after the run's last change: nothing will come; say so.
                 yield controller_pb2.RunEvent(run_state=final, revision=kv.mod_revision)
                 return
+            if not run_only:
+                # The run's state as of the resume's revision, restated: the run's own watch
+                # may have brought its change after task changes of later revisions (the two
+                # watches are not ordered with each other), and a client that resumed after
+                # those never saw it. The SDK skips a restatement of what it has seen.
+                kvs, _ = await store.range(run_key, limit=1, revision=revision)
+                if kvs and kvs[0].key == run_key:
+                    state = t.Run.FromString(kvs[0].value).state
+                    yield controller_pb2.RunEvent(run_state=state, revision=kvs[0].mod_revision)
         start = revision + 1 if revision > 0 else 0
         async with _Watches(store, run_key, "" if run_only else task_prefix, start) as w:
             if revision <= 0:
@@ -178,7 +188,8 @@ class Queries:
                 yield event
                 if run.state in lc.RUN_TERMINAL:
                     return
-            async for ev in self._changes(w, run_key, task_prefix, revision, seen, run_only):
+            changes = self._changes(w, run_key, task_prefix, revision, seen, run_only, state)
+            async for ev in changes:
                 yield ev
 
     async def _changes(
@@ -189,12 +200,16 @@ class Queries:
         revision: int,
         seen: dict[str, int],
         run_only: bool = False,
+        state: int = t.RunState.RUN_STATE_UNSPECIFIED,
     ) -> AsyncIterator[controller_pb2.RunEvent]:
-        state = t.RunState.RUN_STATE_UNSPECIFIED
+        # The task watch brings its changes in revision order, all of one revision in one
+        # response: once it has brought one of revision R, every task change up to R has come.
+        tasks_until = revision
         async for ev in watches.events():
             if ev.deleted or ev.revision <= revision:
                 continue  # deleted, or already in the snapshot
             if ev.key != run_key:
+                tasks_until = max(tasks_until, ev.revision)
                 if seen.get(ev.key, 0) < ev.revision:
                     seen[ev.key] = ev.revision
                     task = t.TaskRun.FromString(ev.value)
@@ -205,23 +220,30 @@ class Queries:
             if state in lc.RUN_TERMINAL and run_only:
                 yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
                 return
-            if state in lc.RUN_TERMINAL:
-                # The two watches are not ordered with each other: send every task change up
-                # to the run's final revision before the final event, none twice.
-                tasks, _ = await self.store.range(task_prefix, revision=ev.revision)
-                for kv in sorted(tasks, key=lambda kv: kv.mod_revision):
-                    if seen.get(kv.key, 0) < kv.mod_revision and kv.mod_revision > revision:
-                        seen[kv.key] = kv.mod_revision
-                        task = t.TaskRun.FromString(kv.value)
-                        await restore_depends_on(self.store, [task])
-                        yield controller_pb2.RunEvent(
-                            task=task,
-                            run_state=state,
-                            revision=kv.mod_revision,
-                        )
-                yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
-                return
+            if not run_only and tasks_until < ev.revision:
+                # The two watches are not ordered with each other: the task changes up to this
+                # revision that have not come yet are read and sent first, so that a client
+                # resuming after this event misses none (and the final event ends them all).
+                changed = self._task_changes(task_prefix, revision, ev.revision, seen, state)
+                async for task_ev in changed:
+                    yield task_ev
+                tasks_until = ev.revision
             yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
+            if state in lc.RUN_TERMINAL:
+                return
+
+    async def _task_changes(
+        self, task_prefix: str, after: int, until: int, seen: dict[str, int], state: int
+    ) -> AsyncIterator[controller_pb2.RunEvent]:
+        """The task records changed after revision ``after``, at or before ``until``, and not
+        yet sent (by ``seen``), in revision order."""
+        tasks, _ = await self.store.range(task_prefix, revision=until)
+        for kv in sorted(tasks, key=lambda kv: kv.mod_revision):
+            if seen.get(kv.key, 0) < kv.mod_revision and kv.mod_revision > after:
+                seen[kv.key] = kv.mod_revision
+                task = t.TaskRun.FromString(kv.value)
+                await restore_depends_on(self.store, [task], until)
+                yield controller_pb2.RunEvent(task=task, run_state=state, revision=kv.mod_revision)
 
 
 class _Watches:

@@ -667,6 +667,7 @@ def _follow(
     # transaction changes many tasks at one revision, and a stream may break between them:
     # a resume asks again from the revision before and skips these, so none is lost.
     at_revision: set[bytes] = set()
+    run_state = None  # the run's state as last yielded
     while True:
         left = patience.left()
         if left == 0:
@@ -677,6 +678,14 @@ def _follow(
                 patience.answered()
                 if ev.HasField("snapshot"):
                     at_revision = set()
+                elif (
+                    not ev.HasField("task")
+                    and ev.revision <= revision
+                    and ev.run_state == run_state
+                ):
+                    # A resume restates the run's state as of where it resumed (it may have
+                    # been missed: see Queries.watch_run); this one was yielded already.
+                    continue
                 elif ev.revision >= revision:
                     data = ev.SerializeToString(deterministic=True)
                     if ev.revision > revision:
@@ -685,6 +694,8 @@ def _follow(
                         continue  # yielded before the stream broke
                     at_revision.add(data)
                 revision = max(revision, ev.revision)
+                if not ev.HasField("task"):
+                    run_state = ev.run_state
                 yield ev
                 if _final(ev):
                     return

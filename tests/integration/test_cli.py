@@ -189,6 +189,7 @@ def _stop_etcds_on(data_dir):
         (("--listen", "nohost"), "--listen", "'nohost' has no port"),
         (("--listen", "127.0.0.1:99999"), "--listen", "port 99999"),
         (("--lease-ttl", "0"), "--lease-ttl", "must be >= 1"),
+        (("--drain-grace", "soon"), "--drain-grace", "invalid duration 'soon'"),
     ],
 )
 def test_dev_refuses_a_bad_setting_before_starting_etcd(tmp_path, args, flag, needle):
@@ -267,6 +268,41 @@ def _dev(data, *args, **popen):
     command = [sys.executable, "-m", "tether.sdk.cli", "dev", "--agents", "1"]
     command += ["--listen", "127.0.0.1:0", "--data-dir", str(data), *args]
     return subprocess.Popen(command, text=True, **popen)
+
+
+def test_dev_with_a_drain_grace_lets_a_running_task_finish(tmp_path):
+    import json
+    import signal
+    import subprocess
+
+    from helpers import wait_for
+
+    data = tmp_path / "dev"
+    wf = tmp_path / "short.yaml"
+    wf.write_text(
+        f"name: short\ntasks:\n  - name: s\n    command: {py('import time; time.sleep(2)')}\n"
+    )
+    dev = _dev(data, "--drain-grace", "30s", "--run", str(wf), stdout=subprocess.DEVNULL)
+    try:
+
+        def task_started() -> bool:
+            try:
+                return bool(_running_with("import time; time.sleep(2)"))
+            except AssertionError:
+                return False
+
+        wait_for(task_started, 30, "the task to start")
+        dev.send_signal(signal.SIGTERM)
+        assert dev.wait(60) == 128 + signal.SIGTERM
+        log = [json.loads(x) for x in (data / "agent-dev-1.log").read_text().splitlines()]
+        # The task was running when the drain began, and finished within its grace.
+        assert [x["running"] for x in log if x.get("event") == "draining"] == [1], log
+        assert [x["stopped"] for x in log if x.get("event") == "drained"] == [0], log
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+            dev.wait()
+        _stop_etcds_on(data)
 
 
 def test_dev_stops_cleanly_with_a_watch_open(tmp_path):

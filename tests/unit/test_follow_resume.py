@@ -59,6 +59,40 @@ def test_a_resume_gets_the_rest_of_a_revision_once():
     assert names == ["a", "b", "c"] and events[-1] == end
 
 
+def test_a_resume_yields_a_restated_run_state_only_when_it_was_missed():
+    broken = UnavailableError("controller restarting", grpc.StatusCode.UNAVAILABLE)
+    snapshot = controller_pb2.RunEvent(snapshot=t.Run(id="r1", state=R.RUN_STATE_PENDING))
+    snapshot.revision = 5
+    snapshot.run_state = R.RUN_STATE_PENDING
+    running = controller_pb2.RunEvent(run_state=R.RUN_STATE_RUNNING, revision=6)
+    end = controller_pb2.RunEvent(run_state=R.RUN_STATE_SUCCEEDED, revision=9)
+    # The run's RUNNING (6) had not come when the stream broke after a task change of 7: the
+    # resume's restatement is the only news of it.
+    missed = _Breaking(
+        [snapshot, task_event("a", 7), broken],
+        [running, task_event("b", 8), end],
+    )
+    events = list(_follow(missed, "r1", _Patience("r1", 10, first=0.01)))
+    assert missed.asked == [0, 6]
+    assert [e.run_state for e in events if not e.HasField("task")] == [
+        R.RUN_STATE_PENDING,
+        R.RUN_STATE_RUNNING,
+        R.RUN_STATE_SUCCEEDED,
+    ]
+    # Seen before the break: the restatement is not yielded again.
+    seen = _Breaking(
+        [snapshot, running, task_event("a", 7), broken],
+        [running, task_event("b", 8), end],
+    )
+    events = list(_follow(seen, "r1", _Patience("r1", 10, first=0.01)))
+    assert [e.run_state for e in events if not e.HasField("task")] == [
+        R.RUN_STATE_PENDING,
+        R.RUN_STATE_RUNNING,
+        R.RUN_STATE_SUCCEEDED,
+    ]
+    assert [e.task.spec.name for e in events if e.HasField("task")] == ["a", "b"]
+
+
 def test_a_run_followed_from_its_last_revision_ends():
     async def main():
         watch = RunWatch()

@@ -1,0 +1,142 @@
+"""WatchRun follows a run through two etcd watches (the run key, its task keys) that are not
+ordered with each other. A client resumes after the last revision it saw, so the stream must
+not send a change before the changes of earlier revisions: a run event read before the task
+changes of its revision (or older) sends those first, read from etcd; and a resume restates
+the run's state as of its revision, in case the run's change came after later task changes
+and was never seen. (Real etcd; the order in which the two watches deliver is set by the
+test.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from tether.api.v1 import types_pb2 as t
+from tether.controller.cache import Cache
+from tether.controller.queries import Queries
+from tether.controller.store import Event, Put, Store
+
+R, S = t.RunState, t.TaskState
+
+
+def _run(state: int) -> bytes:
+    return t.Run(id="r1", state=state).SerializeToString()
+
+
+def _task(name: str, state: int) -> bytes:
+    m = t.TaskRun(run_id="r1", state=state)
+    m.spec.name = name
+    return m.SerializeToString()
+
+
+class _Scripted:
+    """The two watches, delivering ``events`` in the order given."""
+
+    def __init__(self, events: list[Event]) -> None:
+        self._events = events
+
+    async def events(self) -> AsyncIterator[Event]:
+        for ev in self._events:
+            yield ev
+
+
+def _with_store(etcd, prefix, body) -> None:
+    async def main():
+        store = Store([etcd.endpoint], prefix, timeout=3)
+        await store.connect()
+        try:
+            await body(store)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+async def _put(store: Store, *ops: Put) -> int:
+    ok, revision = await store.txn([], list(ops), fenced=False)
+    assert ok
+    return revision
+
+
+def _described(events) -> list[tuple[str, int]]:
+    return [
+        (ev.task.spec.name if ev.HasField("task") else R.Name(ev.run_state), ev.revision)
+        for ev in events
+    ]
+
+
+def test_a_run_event_that_comes_first_sends_the_task_changes_before_it(etcd, prefix):
+    async def body(store: Store) -> None:
+        keys = store.keys
+        run_key, t1, t2 = keys.run("r1"), keys.task("r1", "t1"), keys.task("r1", "t2")
+        a = await _put(store, Put(run_key, _run(R.RUN_STATE_PENDING)))
+        b = await _put(store, Put(t1, _task("t1", S.TASK_STATE_READY)))
+        c = await _put(
+            store,
+            Put(t2, _task("t2", S.TASK_STATE_READY)),
+            Put(run_key, _run(R.RUN_STATE_RUNNING)),
+        )
+        d = await _put(store, Put(t1, _task("t1", S.TASK_STATE_SUCCEEDED)))
+        e = await _put(store, Put(run_key, _run(R.RUN_STATE_SUCCEEDED)))
+
+        def ev(key: str, value: bytes, rev: int) -> Event:
+            return Event(key=key, value=value, revision=rev, deleted=False)
+
+        # The run's watch is ahead: its RUNNING (revision c) and its end come before the task
+        # changes of revisions b, c and d.
+        watches = _Scripted(
+            [
+                ev(run_key, _run(R.RUN_STATE_RUNNING), c),
+                ev(t1, _task("t1", S.TASK_STATE_READY), b),
+                ev(t2, _task("t2", S.TASK_STATE_READY), c),
+                ev(run_key, _run(R.RUN_STATE_SUCCEEDED), e),
+                ev(t1, _task("t1", S.TASK_STATE_SUCCEEDED), d),
+            ]
+        )
+        queries = Queries(store, Cache())
+        changes = queries._changes(watches, run_key, keys.tasks_of("r1"), a, {})
+        got = [x async for x in changes]
+        assert _described(got) == [
+            ("t1", b),
+            ("t2", c),
+            ("RUN_STATE_RUNNING", c),
+            ("t1", d),
+            ("RUN_STATE_SUCCEEDED", e),
+        ]
+        revisions = [x.revision for x in got]
+        assert revisions == sorted(revisions)
+
+    _with_store(etcd, prefix, body)
+
+
+def test_a_resume_restates_the_run_state_as_of_its_revision(etcd, prefix):
+    async def body(store: Store) -> None:
+        keys = store.keys
+        run_key, t1 = keys.run("r1"), keys.task("r1", "t1")
+        await _put(store, Put(run_key, _run(R.RUN_STATE_PENDING)))
+        running = await _put(store, Put(run_key, _run(R.RUN_STATE_RUNNING)))
+        seen = await _put(store, Put(t1, _task("t1", S.TASK_STATE_RUNNING)))
+        queries = Queries(store, Cache())
+
+        async def follow() -> list:
+            return [x async for x in queries.watch_run("r1", seen)]
+
+        # A client saw t1 at ``seen`` but not the run's RUNNING (its watch was behind), and
+        # resumes after ``seen``.
+        following = asyncio.create_task(follow())
+        await asyncio.sleep(0.3)  # the watches are set up
+        done = await _put(store, Put(t1, _task("t1", S.TASK_STATE_SUCCEEDED)))
+        end = await _put(store, Put(run_key, _run(R.RUN_STATE_SUCCEEDED)))
+        got = await asyncio.wait_for(following, 10)
+        assert _described(got) == [
+            ("RUN_STATE_RUNNING", running),
+            ("t1", done),
+            ("RUN_STATE_SUCCEEDED", end),
+        ]
+        assert got[1].run_state == R.RUN_STATE_RUNNING  # not "unspecified" after a resume
+
+        # Resumed at the end: only the final state, not a restatement before it.
+        again = [x async for x in queries.watch_run("r1", end)]
+        assert _described(again) == [("RUN_STATE_SUCCEEDED", end)]
+
+    _with_store(etcd, prefix, body)
