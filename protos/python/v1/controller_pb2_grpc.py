@@ -162,10 +162,12 @@ class ControllerServiceServicer:
         """Streams the run's state changes. The first message is a snapshot of the
         whole run; each later message is one change. The stream ends after the
         run reaches a final state, whose event comes last, after every task
-        change. Task changes arrive in revision order; a run-state change (e.g.
-        PENDING -> RUNNING) may come a little after task changes of later
-        revisions. Resuming from the highest revision seen never skips a task
-        change or the final state.
+        change. Task changes arrive in revision order, each task change up to a
+        run-state change's revision before it; a run-state change (e.g. PENDING
+        -> RUNNING) may come a little after task changes of later revisions, so a
+        resumed stream starts by restating the run's state as of from_revision.
+        Resuming from the highest revision seen never skips a task change, the
+        run's current state or the final state.
         Errors: INVALID_ARGUMENT (empty run_id), NOT_FOUND, OUT_OF_RANGE
         (from_revision was compacted; watch again from 0), UNAVAILABLE.
         """
