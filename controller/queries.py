@@ -15,7 +15,7 @@ from tether.controller.cache import Cache
 from tether.controller.depends_on import restore as restore_depends_on
 from tether.controller.errors import NotFound
 from tether.controller.run_watch import RunWatch
-from tether.controller.store import Event, Store
+from tether.controller.store import Event, KeyValue, Store
 
 __all__ = ["Queries"]
 
@@ -155,6 +155,8 @@ class Queries:
             kv = await store.get(run_key)
             if kv is None:
                 raise NotFound(f"run {run_id!r} not found")
+            # ``kv`` is also the run as of ``revision`` unless it changed since (a revision
+            # ahead of etcd's, which a watch waits for, cannot be read at).
             final = t.Run.FromString(kv.value).state
             if final in lc.RUN_TERMINAL and kv.mod_revision <= revision:
                 # Resuming at or after the run's last change: nothing will come; say so.
@@ -165,10 +167,13 @@ class Queries:
                 # may have brought its change after task changes of later revisions (the two
                 # watches are not ordered with each other), and a client that resumed after
                 # those never saw it. The SDK skips a restatement of what it has seen.
-                kvs, _ = await store.range(run_key, limit=1, revision=revision)
-                if kvs and kvs[0].key == run_key:
-                    state = t.Run.FromString(kvs[0].value).state
-                    yield controller_pb2.RunEvent(run_state=state, revision=kvs[0].mod_revision)
+                at: KeyValue | None = kv
+                if kv.mod_revision > revision:
+                    kvs, _ = await store.range(run_key, limit=1, revision=revision)
+                    at = kvs[0] if kvs and kvs[0].key == run_key else None
+                if at is not None:
+                    state = t.Run.FromString(at.value).state
+                    yield controller_pb2.RunEvent(run_state=state, revision=at.mod_revision)
         start = revision + 1 if revision > 0 else 0
         async with _Watches(store, run_key, "" if run_only else task_prefix, start) as w:
             if revision <= 0:

@@ -121,6 +121,12 @@ def test_a_resume_restates_the_run_state_as_of_its_revision(etcd, prefix):
         async def follow() -> list:
             return [x async for x in queries.watch_run("r1", seen)]
 
+        # A revision ahead of etcd's is waited for, as a watch does, not refused.
+        ahead = queries.watch_run("r1", seen + 100)
+        first = await asyncio.wait_for(ahead.__anext__(), 5)
+        await ahead.aclose()
+        assert _described([first]) == [("RUN_STATE_RUNNING", running)]
+
         # A client saw t1 at ``seen`` but not the run's RUNNING (its watch was behind), and
         # resumes after ``seen``.
         following = asyncio.create_task(follow())
