@@ -5,6 +5,7 @@ of runs, and the change stream of one run.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -18,6 +19,10 @@ from tether.controller.run_watch import RunWatch
 from tether.controller.store import Event, KeyValue, Store
 
 __all__ = ["Queries"]
+
+# How long a run change waits for the task watch to catch up with it before the task changes
+# up to it are read from etcd instead (the watches run apart by milliseconds).
+HOLD_SECONDS = 0.1
 
 
 def _by_index(tasks) -> list[t.TaskRun]:
@@ -207,35 +212,59 @@ class Queries:
         run_only: bool = False,
         state: int = t.RunState.RUN_STATE_UNSPECIFIED,
     ) -> AsyncIterator[controller_pb2.RunEvent]:
-        # The task watch brings its changes in revision order, all of one revision in one
-        # response: once it has brought one of revision R, every task change up to R has come.
-        tasks_until = revision
-        async for ev in watches.events():
-            if ev.deleted or ev.revision <= revision:
+        """The changes after ``revision``, none sent ahead of a task change of an earlier
+        revision (a client resumes after the highest revision it has seen).
+
+        The task watch brings its changes in revision order, a revision's all at once; the
+        run's watch is not ordered with it. A run change the task watch has not caught up
+        with is held until it has: until it brings a later change, or the changes of the run
+        change's revision are all out; if it stays quiet for ``HOLD_SECONDS``, what it has
+        not brought up to that revision is read from etcd instead (a task changed twice
+        meanwhile then shows its later state only).
+        """
+        tasks_until = revision  # every task change up to here has come
+        held: list[tuple[int, int]] = []  # run changes (state, revision) not yet sent
+
+        def run_event(st: int, rev: int) -> controller_pb2.RunEvent:
+            nonlocal state
+            state = st
+            return controller_pb2.RunEvent(run_state=st, revision=rev)
+
+        while True:
+            ev = await watches.next(HOLD_SECONDS if held else None)
+            if ev is None:  # the task watch was quiet: read what it has not brought
+                until = held[-1][1]
+                changed = self._task_changes(task_prefix, tasks_until, until, seen, state)
+                async for task_ev in changed:
+                    yield task_ev
+                tasks_until = until
+            elif ev.deleted or ev.revision <= revision:
                 continue  # deleted, or already in the snapshot
-            if ev.key != run_key:
+            elif ev.key != run_key:
+                while held and held[0][1] < ev.revision:
+                    yield run_event(*held.pop(0))
+                    if state in lc.RUN_TERMINAL:
+                        return
                 tasks_until = max(tasks_until, ev.revision)
                 if seen.get(ev.key, 0) < ev.revision:
                     seen[ev.key] = ev.revision
                     task = t.TaskRun.FromString(ev.value)
                     await restore_depends_on(self.store, [task])
                     yield controller_pb2.RunEvent(task=task, run_state=state, revision=ev.revision)
-                continue
-            state = t.Run.FromString(ev.value).state
-            if state in lc.RUN_TERMINAL and run_only:
-                yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
-                return
-            if not run_only and tasks_until < ev.revision:
-                # The two watches are not ordered with each other: the task changes up to this
-                # revision that have not come yet are read and sent first, so that a client
-                # resuming after this event misses none (and the final event ends them all).
-                changed = self._task_changes(task_prefix, revision, ev.revision, seen, state)
-                async for task_ev in changed:
-                    yield task_ev
-                tasks_until = ev.revision
-            yield controller_pb2.RunEvent(run_state=state, revision=ev.revision)
-            if state in lc.RUN_TERMINAL:
-                return
+                if watches.task_change_next(ev.revision):
+                    continue  # more of this revision's task changes are queued
+            else:
+                st = t.Run.FromString(ev.value).state
+                if run_only or (not held and tasks_until >= ev.revision):
+                    yield run_event(st, ev.revision)
+                    if st in lc.RUN_TERMINAL:
+                        return
+                    continue
+                held.append((st, ev.revision))
+            while held and held[0][1] <= tasks_until:
+                yield run_event(*held.pop(0))
+                if state in lc.RUN_TERMINAL:
+                    return
 
     async def _task_changes(
         self, task_prefix: str, after: int, until: int, seen: dict[str, int], state: int
@@ -252,11 +281,12 @@ class Queries:
 
 
 class _Watches:
-    """The run key and its task keys (``task_prefix`` "": none) watched through one queue,
-    from ``start_revision`` (0: from now).
+    """The run key and its task keys (``task_prefix`` "": none) watched together, from
+    ``start_revision`` (0: from now).
 
-    Each key's events come in revision order, but the two etcd watches are not ordered with
-    each other: the caller drains task changes up to the run's final revision before ending.
+    Each watch brings its events in revision order, and all of a revision's in one piece
+    (queued here without a pause), but the two are not ordered with each other: see
+    :meth:`Queries._changes`.
     """
 
     def __init__(self, store: Store, run_key: str, task_prefix: str, start_revision: int) -> None:
@@ -264,7 +294,8 @@ class _Watches:
         self.run_key = run_key
         self.task_prefix = task_prefix
         self.start_revision = start_revision
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self._items: collections.deque[Event | Exception] = collections.deque()
+        self._arrived = asyncio.Event()
         self._created: list[asyncio.Future[int]] = []
         self._tasks: list[asyncio.Task] = []
 
@@ -285,24 +316,39 @@ class _Watches:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await tk
 
+    def _put(self, item: Event | Exception) -> None:
+        self._items.append(item)
+        self._arrived.set()
+
     async def _pump(self, prefix: str, created: asyncio.Future[int]) -> None:
         try:
             async for ev in self.store.watch(prefix, self.start_revision, created):
                 if prefix == self.run_key and ev.key != self.run_key:
                     continue
-                await self.queue.put(ev)
-        except Exception as e:  # surfaced to the consumer of the queue
+                self._put(ev)
+        except Exception as e:  # surfaced to the consumer
             if not created.done():
                 created.set_exception(e)
-            await self.queue.put(e)
+            self._put(e)
 
     async def created(self) -> int:
         """The revision both watches start after (the later of the two)."""
         return max(await asyncio.gather(*self._created))
 
-    async def events(self) -> AsyncIterator[Event]:
-        while True:
-            item = await self.queue.get()
-            if isinstance(item, Exception):
-                raise item
-            yield item
+    async def next(self, timeout: float | None = None) -> Event | None:
+        """The next event (None when none came within ``timeout`` seconds)."""
+        while not self._items:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except TimeoutError:
+                return None
+        item = self._items.popleft()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def task_change_next(self, revision: int) -> bool:
+        """Whether the next queued event is a task change of ``revision``."""
+        head = self._items[0] if self._items else None
+        return isinstance(head, Event) and head.key != self.run_key and head.revision == revision

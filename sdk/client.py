@@ -663,11 +663,13 @@ def _follow(
 ) -> Iterator[controller_pb2.RunEvent]:
     """:meth:`Client.follow`, for any object with its ``watch`` (``RunHandle.client``)."""
     revision = from_revision
-    # The events yielded at ``revision`` one by one (not in a snapshot), serialized. One etcd
-    # transaction changes many tasks at one revision, and a stream may break between them:
-    # a resume asks again from the revision before and skips these, so none is lost.
-    at_revision: set[bytes] = set()
-    run_state = None  # the run's state as last yielded
+    # What was yielded at ``revision`` one by one (not in a snapshot): each task's name, ""
+    # for the run. One etcd transaction changes many tasks at one revision, and a stream may
+    # break between them: a resume asks again from the revision before and skips these, so
+    # none is lost. (By name, not by content: sent again, an event may carry a newer
+    # run_state.)
+    at_revision: set[str] = set()
+    run_revision = 0  # of the run's state as last yielded
     while True:
         left = patience.left()
         if left == 0:
@@ -676,26 +678,24 @@ def _follow(
         try:
             for ev in client.watch(run_id, start, timeout=left, run_only=run_only):
                 patience.answered()
+                is_task = ev.HasField("task")
                 if ev.HasField("snapshot"):
                     at_revision = set()
-                elif (
-                    not ev.HasField("task")
-                    and ev.revision <= revision
-                    and ev.run_state == run_state
-                ):
-                    # A resume restates the run's state as of where it resumed (it may have
-                    # been missed: see Queries.watch_run); this one was yielded already.
+                elif not is_task and ev.revision <= run_revision:
+                    # The run's state no newer than one yielded: a resume restates the state
+                    # as of where it resumed (it may have been missed: the run's changes can
+                    # come after task changes of later revisions), or sends it again.
                     continue
                 elif ev.revision >= revision:
-                    data = ev.SerializeToString(deterministic=True)
+                    who = ev.task.spec.name if is_task else ""
                     if ev.revision > revision:
                         at_revision = set()
-                    elif data in at_revision:
+                    elif who in at_revision:
                         continue  # yielded before the stream broke
-                    at_revision.add(data)
+                    at_revision.add(who)
                 revision = max(revision, ev.revision)
-                if not ev.HasField("task"):
-                    run_state = ev.run_state
+                if not is_task:
+                    run_revision = ev.revision
                 yield ev
                 if _final(ev):
                     return

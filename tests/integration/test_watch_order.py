@@ -9,11 +9,10 @@ test.)"""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 from tether.api.v1 import types_pb2 as t
 from tether.controller.cache import Cache
-from tether.controller.queries import Queries
+from tether.controller.queries import Queries, _Watches
 from tether.controller.store import Event, Put, Store
 
 R, S = t.RunState, t.TaskState
@@ -29,15 +28,16 @@ def _task(name: str, state: int) -> bytes:
     return m.SerializeToString()
 
 
-class _Scripted:
-    """The two watches, delivering ``events`` in the order given."""
+def _scripted(store: Store, events: list[Event]) -> _Watches:
+    """The two watches, as if they had brought ``events`` in this order."""
+    watches = _Watches(store, store.keys.run("r1"), store.keys.tasks_of("r1"), 0)
+    for ev in events:
+        watches._put(ev)
+    return watches
 
-    def __init__(self, events: list[Event]) -> None:
-        self._events = events
 
-    async def events(self) -> AsyncIterator[Event]:
-        for ev in self._events:
-            yield ev
+def _ev(key: str, value: bytes, rev: int) -> Event:
+    return Event(key=key, value=value, revision=rev, deleted=False)
 
 
 def _with_store(etcd, prefix, body) -> None:
@@ -65,48 +65,74 @@ def _described(events) -> list[tuple[str, int]]:
     ]
 
 
-def test_a_run_event_that_comes_first_sends_the_task_changes_before_it(etcd, prefix):
+def test_a_run_event_that_comes_first_waits_for_the_task_changes_before_it(etcd, prefix):
     async def body(store: Store) -> None:
         keys = store.keys
         run_key, t1, t2 = keys.run("r1"), keys.task("r1", "t1"), keys.task("r1", "t2")
         a = await _put(store, Put(run_key, _run(R.RUN_STATE_PENDING)))
         b = await _put(store, Put(t1, _task("t1", S.TASK_STATE_READY)))
-        c = await _put(
+        c = await _put(store, Put(t1, _task("t1", S.TASK_STATE_RUNNING)))
+        d = await _put(
             store,
             Put(t2, _task("t2", S.TASK_STATE_READY)),
             Put(run_key, _run(R.RUN_STATE_RUNNING)),
         )
-        d = await _put(store, Put(t1, _task("t1", S.TASK_STATE_SUCCEEDED)))
-        e = await _put(store, Put(run_key, _run(R.RUN_STATE_SUCCEEDED)))
-
-        def ev(key: str, value: bytes, rev: int) -> Event:
-            return Event(key=key, value=value, revision=rev, deleted=False)
-
-        # The run's watch is ahead: its RUNNING (revision c) and its end come before the task
-        # changes of revisions b, c and d.
-        watches = _Scripted(
+        e = await _put(store, Put(t1, _task("t1", S.TASK_STATE_SUCCEEDED)))
+        f = await _put(store, Put(run_key, _run(R.RUN_STATE_SUCCEEDED)))
+        # The run's watch is ahead: its RUNNING (revision d) and its end come before the task
+        # changes of revisions b to e. t1 changed twice before d: both changes are sent.
+        watches = _scripted(
+            store,
             [
-                ev(run_key, _run(R.RUN_STATE_RUNNING), c),
-                ev(t1, _task("t1", S.TASK_STATE_READY), b),
-                ev(t2, _task("t2", S.TASK_STATE_READY), c),
-                ev(run_key, _run(R.RUN_STATE_SUCCEEDED), e),
-                ev(t1, _task("t1", S.TASK_STATE_SUCCEEDED), d),
-            ]
+                _ev(run_key, _run(R.RUN_STATE_RUNNING), d),
+                _ev(t1, _task("t1", S.TASK_STATE_READY), b),
+                _ev(t1, _task("t1", S.TASK_STATE_RUNNING), c),
+                _ev(run_key, _run(R.RUN_STATE_SUCCEEDED), f),
+                _ev(t2, _task("t2", S.TASK_STATE_READY), d),
+                _ev(t1, _task("t1", S.TASK_STATE_SUCCEEDED), e),
+            ],
         )
-        queries = Queries(store, Cache())
-        changes = queries._changes(watches, run_key, keys.tasks_of("r1"), a, {})
+        changes = Queries(store, Cache())._changes(watches, run_key, keys.tasks_of("r1"), a, {})
         got = [x async for x in changes]
         assert _described(got) == [
             ("t1", b),
-            ("t2", c),
-            ("RUN_STATE_RUNNING", c),
-            ("t1", d),
-            ("RUN_STATE_SUCCEEDED", e),
+            ("t1", c),
+            ("t2", d),
+            ("RUN_STATE_RUNNING", d),
+            ("t1", e),
+            ("RUN_STATE_SUCCEEDED", f),
         ]
-        revisions = [x.revision for x in got]
-        assert revisions == sorted(revisions)
+        # Task events carry the run's state as last sent.
+        assert [x.run_state for x in got if x.HasField("task")] == [R.RUN_STATE_UNSPECIFIED] * 3 + [
+            R.RUN_STATE_RUNNING
+        ]
 
     _with_store(etcd, prefix, body)
+
+
+def test_a_run_event_the_task_watch_does_not_catch_up_with_reads_the_task_changes(etcd, prefix):
+    async def body(store: Store) -> None:
+        keys = store.keys
+        run_key, t1, t2 = keys.run("r1"), keys.task("r1", "t1"), keys.task("r1", "t2")
+        a = await _put(store, Put(run_key, _run(R.RUN_STATE_RUNNING)))
+        b = await _put(store, Put(t1, _task("t1", S.TASK_STATE_SUCCEEDED)))
+        c = await _put(
+            store,
+            Put(t2, _task("t2", S.TASK_STATE_SUCCEEDED)),
+            Put(run_key, _run(R.RUN_STATE_SUCCEEDED)),
+        )
+        # The run's end comes; the task watch stays quiet (slow, say): after a moment the
+        # task changes up to the end are read from etcd and sent before it.
+        watches = _scripted(store, [_ev(run_key, _run(R.RUN_STATE_SUCCEEDED), c)])
+        changes = Queries(store, Cache())._changes(watches, run_key, keys.tasks_of("r1"), a, {})
+        got = await asyncio.wait_for(_all(changes), 10)
+        assert _described(got) == [("t1", b), ("t2", c), ("RUN_STATE_SUCCEEDED", c)]
+
+    _with_store(etcd, prefix, body)
+
+
+async def _all(changes) -> list:
+    return [x async for x in changes]
 
 
 def test_a_resume_restates_the_run_state_as_of_its_revision(etcd, prefix):

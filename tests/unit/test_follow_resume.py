@@ -59,6 +59,10 @@ def test_a_resume_gets_the_rest_of_a_revision_once():
     assert names == ["a", "b", "c"] and events[-1] == end
 
 
+def _run_states(events) -> list[tuple[int, int]]:
+    return [(e.run_state, e.revision) for e in events if not e.HasField("task")]
+
+
 def test_a_resume_yields_a_restated_run_state_only_when_it_was_missed():
     broken = UnavailableError("controller restarting", grpc.StatusCode.UNAVAILABLE)
     snapshot = controller_pb2.RunEvent(snapshot=t.Run(id="r1", state=R.RUN_STATE_PENDING))
@@ -74,10 +78,10 @@ def test_a_resume_yields_a_restated_run_state_only_when_it_was_missed():
     )
     events = list(_follow(missed, "r1", _Patience("r1", 10, first=0.01)))
     assert missed.asked == [0, 6]
-    assert [e.run_state for e in events if not e.HasField("task")] == [
-        R.RUN_STATE_PENDING,
-        R.RUN_STATE_RUNNING,
-        R.RUN_STATE_SUCCEEDED,
+    assert _run_states(events) == [
+        (R.RUN_STATE_PENDING, 5),
+        (R.RUN_STATE_RUNNING, 6),
+        (R.RUN_STATE_SUCCEEDED, 9),
     ]
     # Seen before the break: the restatement is not yielded again.
     seen = _Breaking(
@@ -85,11 +89,44 @@ def test_a_resume_yields_a_restated_run_state_only_when_it_was_missed():
         [running, task_event("b", 8), end],
     )
     events = list(_follow(seen, "r1", _Patience("r1", 10, first=0.01)))
-    assert [e.run_state for e in events if not e.HasField("task")] == [
-        R.RUN_STATE_PENDING,
-        R.RUN_STATE_RUNNING,
-        R.RUN_STATE_SUCCEEDED,
+    assert _run_states(events) == [
+        (R.RUN_STATE_PENDING, 5),
+        (R.RUN_STATE_RUNNING, 6),
+        (R.RUN_STATE_SUCCEEDED, 9),
     ]
+    assert [e.task.spec.name for e in events if e.HasField("task")] == ["a", "b"]
+
+
+def test_a_resume_right_after_a_run_change_does_not_go_back_to_the_state_before():
+    broken = UnavailableError("controller restarting", grpc.StatusCode.UNAVAILABLE)
+    snapshot = controller_pb2.RunEvent(snapshot=t.Run(id="r1", state=R.RUN_STATE_PENDING))
+    snapshot.revision, snapshot.run_state = 4, R.RUN_STATE_PENDING
+    running = controller_pb2.RunEvent(run_state=R.RUN_STATE_RUNNING, revision=5)
+    end = controller_pb2.RunEvent(run_state=R.RUN_STATE_SUCCEEDED, revision=6)
+    # The stream broke right after RUNNING (5): the resume from 4 restates the run as of 4
+    # (PENDING, changed at 3), then sends RUNNING again.
+    restated = controller_pb2.RunEvent(run_state=R.RUN_STATE_PENDING, revision=3)
+    controller = _Breaking([snapshot, running, broken], [restated, running, end])
+    events = list(_follow(controller, "r1", _Patience("r1", 10, first=0.01)))
+    assert controller.asked == [0, 4]
+    assert _run_states(events) == [
+        (R.RUN_STATE_PENDING, 4),
+        (R.RUN_STATE_RUNNING, 5),
+        (R.RUN_STATE_SUCCEEDED, 6),
+    ]
+
+
+def test_a_task_sent_again_with_a_newer_run_state_is_not_yielded_twice():
+    broken = UnavailableError("controller restarting", grpc.StatusCode.UNAVAILABLE)
+    snapshot = controller_pb2.RunEvent(snapshot=t.Run(id="r1", state=R.RUN_STATE_RUNNING))
+    snapshot.revision, snapshot.run_state = 2, R.RUN_STATE_RUNNING
+    a, b = task_event("a", 3), task_event("b", 3)
+    a_again = task_event("a", 3)
+    a_again.run_state = R.RUN_STATE_RUNNING  # the first stream had not known it yet
+    b.run_state = R.RUN_STATE_RUNNING
+    end = controller_pb2.RunEvent(run_state=R.RUN_STATE_SUCCEEDED, revision=4)
+    controller = _Breaking([snapshot, a, broken], [a_again, b, end])
+    events = list(_follow(controller, "r1", _Patience("r1", 10, first=0.01)))
     assert [e.task.spec.name for e in events if e.HasField("task")] == ["a", "b"]
 
 

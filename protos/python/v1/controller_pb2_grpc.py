@@ -167,7 +167,9 @@ class ControllerServiceServicer:
         -> RUNNING) may come a little after task changes of later revisions, so a
         resumed stream starts by restating the run's state as of from_revision.
         Resuming from the highest revision seen never skips a task change, the
-        run's current state or the final state.
+        run's current state or the final state. (When the task watch lags a run
+        change by more than 0.1 s, the task changes up to it are read from etcd
+        instead: a task changed twice meanwhile shows its later state only.)
         Errors: INVALID_ARGUMENT (empty run_id), NOT_FOUND, OUT_OF_RANGE
         (from_revision was compacted; watch again from 0), UNAVAILABLE.
         """
