@@ -99,12 +99,15 @@ def _spawn_agent(
             "--log-level",
             log_level,
             "--drain-grace",
-            f"{drain_grace}s",
+            f"{drain_grace:f}s",
             *metrics,
         ],
         stdout=log,
         stderr=log,
         stdin=subprocess.DEVNULL,
+        # A terminal's Ctrl-C goes to its whole foreground process group: the agent would
+        # take dev's SIGTERM that follows for a second signal and cut its drain short.
+        process_group=0,
         # dev is plaintext on loopback: a user's TLS settings are for their real cluster.
         # Nor the controller's metrics address, which the agents would all try to take.
         env={
@@ -116,6 +119,11 @@ def _spawn_agent(
             "TETHER_LOG_FORMAT": "json",
         },
     )
+
+
+# The children have process groups of their own, so a closed terminal's SIGHUP reaches only
+# dev, which stops them.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def run_dev(
@@ -139,7 +147,8 @@ async def run_dev(
     """
     metrics = metrics_addresses(metrics_listen, agents) if metrics_listen else []
     data_dir = data_dir.resolve()
-    etcd = EtcdProcess(data_dir / "etcd", etcd_port)
+    # Stopped by dev after the agents: a Ctrl-C must not end it while they drain.
+    etcd = EtcdProcess(data_dir / "etcd", etcd_port, own_process_group=True)
     # Kept with the data dir, so secrets set in one session decrypt in the next.
     key_path = data_dir / "secrets.key"
     # Checked before etcd starts: a bad flag must not leave an etcd running on the data dir.
@@ -208,7 +217,7 @@ async def run_dev(
             main = asyncio.current_task()
             signalled: list[int] = []
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in _STOP_SIGNALS:
                 loop.add_signal_handler(sig, lambda s=sig: (signalled.append(s), main.cancel()))
             try:
                 code = await _in_daemon_thread(_run_workflow, client, run_file, params or {})
@@ -224,7 +233,7 @@ async def run_dev(
         else:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in _STOP_SIGNALS:
                 loop.add_signal_handler(sig, stop.set)
             click.echo("tether dev: ready — Ctrl-C to stop", err=True)
             await stop.wait()

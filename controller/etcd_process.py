@@ -74,8 +74,13 @@ class EtcdProcess:
         client_port: Port for clients; 0 picks a free one.
     """
 
-    def __init__(self, data_dir: Path, client_port: int = 0) -> None:
+    def __init__(
+        self, data_dir: Path, client_port: int = 0, own_process_group: bool = False
+    ) -> None:
+        """``own_process_group``: etcd gets a process group of its own, so that a terminal's
+        Ctrl-C (sent to the whole foreground group) leaves it to its starter to stop."""
         self.data_dir = Path(data_dir)
+        self.own_process_group = own_process_group
         self.client_port = client_port or free_port()
         self.peer_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -147,6 +152,7 @@ class EtcdProcess:
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
+            process_group=0 if self.own_process_group else None,
         )
         try:
             self._wait_healthy(client, timeout)

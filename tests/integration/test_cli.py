@@ -282,7 +282,17 @@ def test_dev_with_a_drain_grace_lets_a_running_task_finish(tmp_path):
     wf.write_text(
         f"name: short\ntasks:\n  - name: s\n    command: {py('import time; time.sleep(2)')}\n"
     )
-    dev = _dev(data, "--drain-grace", "30s", "--run", str(wf), stdout=subprocess.DEVNULL)
+    # In a session of its own, to be Ctrl-C'd as in a terminal: SIGINT to its whole process
+    # group, which holds its etcd and agents unless they have groups of their own.
+    dev = _dev(
+        data,
+        "--drain-grace",
+        "30s",
+        "--run",
+        str(wf),
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
 
         def task_started() -> bool:
@@ -292,10 +302,11 @@ def test_dev_with_a_drain_grace_lets_a_running_task_finish(tmp_path):
                 return False
 
         wait_for(task_started, 30, "the task to start")
-        dev.send_signal(signal.SIGTERM)
-        assert dev.wait(60) == 128 + signal.SIGTERM
+        os.killpg(dev.pid, signal.SIGINT)
+        assert dev.wait(60) == 128 + signal.SIGINT
         log = [json.loads(x) for x in (data / "agent-dev-1.log").read_text().splitlines()]
-        # The task was running when the drain began, and finished within its grace.
+        # The task was running when the drain began, and finished within its grace (etcd
+        # still up to record it).
         assert [x["running"] for x in log if x.get("event") == "draining"] == [1], log
         assert [x["stopped"] for x in log if x.get("event") == "drained"] == [0], log
     finally:
@@ -362,9 +373,12 @@ def test_dev_stops_cleanly_with_a_watch_open(tmp_path):
         _stop_etcds_on(data)
 
 
-def test_dev_run_stopped_by_sigterm_stops_its_mesh(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_dev_run_stopped_by_a_signal_stops_its_mesh(tmp_path, signame):
     import signal
     import subprocess
+
+    sig = getattr(signal, signame)  # SIGHUP: its terminal closed
 
     data = tmp_path / "dev"
     wf = _sleepy(tmp_path)
@@ -374,9 +388,9 @@ def test_dev_run_stopped_by_sigterm_stops_its_mesh(tmp_path):
         while not dev.stdout.readline().startswith("run "):
             assert dev.poll() is None, "tether dev ended early"
         agent = _running_with(str(data / "agents" / "dev-1"))
-        dev.send_signal(signal.SIGTERM)
-        assert dev.wait(60) == 128 + signal.SIGTERM
-        # Nothing of the mesh is left: by default SIGTERM ended the process at once.
+        dev.send_signal(sig)
+        assert dev.wait(60) == 128 + sig
+        # Nothing of the mesh is left (by default the signal would end dev alone, at once).
         assert _stop_etcds_on(data) == 0
         with pytest.raises(ProcessLookupError):
             os.kill(agent, 0)
