@@ -194,7 +194,7 @@ class Queries:
                 run.ParseFromString(kvs[0].value)
                 if not run_only:
                     await _add_tasks(store, run, run_id, revision, seen)
-                event.run_state = run.state
+                event.run_state = state = run.state
                 yield event
                 if run.state in lc.RUN_TERMINAL:
                     return
@@ -238,8 +238,14 @@ class Queries:
                 async for task_ev in changed:
                     yield task_ev
                 tasks_until = until
-            elif ev.deleted or ev.revision <= revision:
-                continue  # deleted, or already in the snapshot
+            elif ev.revision <= revision:
+                continue  # already in the snapshot
+            elif ev.deleted:
+                if ev.key == run_key:
+                    continue
+                tasks_until = max(tasks_until, ev.revision)  # the task watch got this far
+                if watches.task_change_next(ev.revision):
+                    continue
             elif ev.key != run_key:
                 while held and held[0][1] < ev.revision:
                     yield run_event(*held.pop(0))

@@ -670,6 +670,7 @@ def _follow(
     # run_state.)
     at_revision: set[str] = set()
     run_revision = 0  # of the run's state as last yielded
+    run_state = 0  # the run's state as last yielded
     while True:
         left = patience.left()
         if left == 0:
@@ -695,7 +696,11 @@ def _follow(
                     at_revision.add(who)
                 revision = max(revision, ev.revision)
                 if not is_task:
-                    run_revision = ev.revision
+                    run_revision, run_state = ev.revision, ev.run_state
+                elif run_revision:
+                    # What this follower last said of the run: a resumed stream may know an
+                    # older state (its run watch behind), which would take it back.
+                    ev.run_state = run_state
                 yield ev
                 if _final(ev):
                     return

@@ -172,3 +172,20 @@ def test_a_resume_restates_the_run_state_as_of_its_revision(etcd, prefix):
         assert _described(again) == [("RUN_STATE_SUCCEEDED", end)]
 
     _with_store(etcd, prefix, body)
+
+
+def test_task_events_after_a_snapshot_carry_its_run_state(etcd, prefix):
+    async def body(store: Store) -> None:
+        run_key, t1 = store.keys.run("r1"), store.keys.task("r1", "t1")
+        await _put(
+            store, Put(run_key, _run(R.RUN_STATE_RUNNING)), Put(t1, _task("t1", S.TASK_STATE_READY))
+        )
+        events = Queries(store, Cache()).watch_run("r1", 0)
+        snapshot = await asyncio.wait_for(events.__anext__(), 5)
+        await _put(store, Put(t1, _task("t1", S.TASK_STATE_RUNNING)))
+        change = await asyncio.wait_for(events.__anext__(), 5)
+        await events.aclose()
+        assert snapshot.HasField("snapshot") and change.HasField("task")
+        assert change.run_state == R.RUN_STATE_RUNNING
+
+    _with_store(etcd, prefix, body)

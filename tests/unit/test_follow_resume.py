@@ -130,6 +130,32 @@ def test_a_task_sent_again_with_a_newer_run_state_is_not_yielded_twice():
     assert [e.task.spec.name for e in events if e.HasField("task")] == ["a", "b"]
 
 
+def test_task_events_after_a_resume_carry_the_run_state_the_follower_last_yielded():
+    broken = UnavailableError("controller restarting", grpc.StatusCode.UNAVAILABLE)
+    snapshot = controller_pb2.RunEvent(snapshot=t.Run(id="r1", state=R.RUN_STATE_PENDING))
+    snapshot.revision, snapshot.run_state = 3, R.RUN_STATE_PENDING
+    running = controller_pb2.RunEvent(run_state=R.RUN_STATE_RUNNING, revision=5)
+    end = controller_pb2.RunEvent(run_state=R.RUN_STATE_SUCCEEDED, revision=9)
+    # One transaction at 5 made t1 READY and the run RUNNING; the stream broke after both.
+    # The resume from 4 knows the run as PENDING (as of 4) until its run watch catches up,
+    # behind its task watch: t2 (7) comes with PENDING.
+    t1 = task_event("t1", 5)
+    t1_again, t2_resumed = task_event("t1", 5), task_event("t2", 7)
+    t1_again.run_state = t2_resumed.run_state = R.RUN_STATE_PENDING
+    restated = controller_pb2.RunEvent(run_state=R.RUN_STATE_PENDING, revision=3)
+    controller = _Breaking(
+        [snapshot, t1, running, broken], [restated, t1_again, t2_resumed, running, end]
+    )
+    events = list(_follow(controller, "r1", _Patience("r1", 10, first=0.01)))
+    assert controller.asked == [0, 4]
+    assert [(e.task.spec.name or "run", e.run_state) for e in events[1:]] == [
+        ("t1", R.RUN_STATE_PENDING),
+        ("run", R.RUN_STATE_RUNNING),
+        ("t2", R.RUN_STATE_RUNNING),
+        ("run", R.RUN_STATE_SUCCEEDED),
+    ]
+
+
 def test_a_run_followed_from_its_last_revision_ends():
     async def main():
         watch = RunWatch()
