@@ -31,6 +31,7 @@ from tether.api.v1 import types_pb2 as t
 from tether.controller.config import ControllerConfig
 from tether.controller.etcd_process import free_port
 from tether.controller.server import ControllerServer
+from tether.controller.store import Store
 from tether.sdk import Workflow
 from tether.sdk.client import Client
 
@@ -532,3 +533,17 @@ def delete_as(parent: Path, name: str, user: str = "nobody") -> bool:
 def nobody_uid() -> int:
     """The uid of the unprivileged ``nobody`` user."""
     return pwd.getpwnam("nobody").pw_uid
+
+
+def with_store(etcd, prefix, body) -> None:
+    """Run ``body(store)`` against a connected store of this test's prefix."""
+
+    async def main():
+        store = Store([etcd.endpoint], prefix, timeout=3)
+        await store.connect()
+        try:
+            await body(store)
+        finally:
+            await store.close()
+
+    asyncio.run(main())

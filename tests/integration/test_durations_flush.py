@@ -6,24 +6,12 @@ from __future__ import annotations
 
 import asyncio
 
+from helpers import with_store
+
 from tether.api.v1 import types_pb2 as t
 from tether.controller import durations as durations_module
 from tether.controller.durations import Durations
 from tether.controller.store import Store
-
-
-def _with_store(etcd, prefix, body) -> None:
-    """Run ``body(store)`` against a connected store of this test's prefix."""
-
-    async def main():
-        store = Store([etcd.endpoint], prefix, timeout=3)
-        await store.connect()
-        try:
-            await body(store)
-        finally:
-            await store.close()
-
-    asyncio.run(main())
 
 
 def test_observations_are_written_at_close_and_nothing_after(etcd, prefix, monkeypatch):
@@ -45,7 +33,7 @@ def test_observations_are_written_at_close_and_nothing_after(etcd, prefix, monke
         await asyncio.sleep(0.5)  # past the write delay: the cancelled timer stays quiet
         assert store.txn_count == txns
 
-    _with_store(etcd, prefix, body)
+    with_store(etcd, prefix, body)
 
 
 def test_a_write_in_flight_is_finished_and_later_observations_are_not_written(
@@ -66,4 +54,4 @@ def test_a_write_in_flight_is_finished_and_later_observations_are_not_written(
         await asyncio.sleep(0.2)
         assert store.txn_count == txns
 
-    _with_store(etcd, prefix, body)
+    with_store(etcd, prefix, body)

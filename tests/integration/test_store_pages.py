@@ -4,10 +4,10 @@ as of one revision; ``Store.range`` keeps its paging, limits and order."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 import pytest
+from helpers import with_store
 
 from tether.api.v1 import controller_pb2
 from tether.api.v1 import types_pb2 as t
@@ -47,20 +47,6 @@ async def _finished_run(store: Store, run_id: str) -> None:
         await store.txn([], [op], fenced=False)
 
 
-def _with_store(etcd, prefix, body) -> None:
-    """Run ``body(store)`` against a connected store of this test's prefix."""
-
-    async def main():
-        store = Store([etcd.endpoint], prefix, timeout=3)
-        await store.connect()
-        try:
-            await body(store)
-        finally:
-            await store.close()
-
-    asyncio.run(main())
-
-
 def _check(run: t.Run) -> None:
     assert [m.index for m in run.tasks] == list(range(TASKS))
     first = run.tasks[0]
@@ -91,7 +77,7 @@ def test_get_run_and_the_watch_snapshot_read_every_page_in_index_order(etcd, pre
         assert first.run_state == t.RunState.RUN_STATE_SUCCEEDED
         _check(first.snapshot)
 
-    _with_store(etcd, prefix, body)
+    with_store(etcd, prefix, body)
 
 
 def test_all_pages_are_read_as_of_the_first(etcd, prefix, small_pages):
@@ -118,7 +104,7 @@ def test_all_pages_are_read_as_of_the_first(etcd, prefix, small_pages):
         assert reads > 3  # more than one page was read
         _check(run)  # without the task written after the first page
 
-    _with_store(etcd, prefix, body)
+    with_store(etcd, prefix, body)
 
 
 def test_range_keeps_limits_order_and_an_empty_answer_across_pages(etcd, prefix, small_pages):
@@ -137,4 +123,4 @@ def test_range_keeps_limits_order_and_an_empty_answer_across_pages(etcd, prefix,
         kvs, revision = await store.range(f"{prefix}/nothing/")
         assert kvs == [] and revision > 0
 
-    _with_store(etcd, prefix, body)
+    with_store(etcd, prefix, body)

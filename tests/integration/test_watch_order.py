@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
+from helpers import with_store
+
 from tether.api.v1 import types_pb2 as t
 from tether.controller.cache import Cache
 from tether.controller.queries import Queries, _Watches
@@ -38,18 +40,6 @@ def _scripted(store: Store, events: list[Event]) -> _Watches:
 
 def _ev(key: str, value: bytes, rev: int) -> Event:
     return Event(key=key, value=value, revision=rev, deleted=False)
-
-
-def _with_store(etcd, prefix, body) -> None:
-    async def main():
-        store = Store([etcd.endpoint], prefix, timeout=3)
-        await store.connect()
-        try:
-            await body(store)
-        finally:
-            await store.close()
-
-    asyncio.run(main())
 
 
 async def _put(store: Store, *ops: Put) -> int:
@@ -107,7 +97,7 @@ def test_a_run_event_that_comes_first_waits_for_the_task_changes_before_it(etcd,
             R.RUN_STATE_RUNNING
         ]
 
-    _with_store(etcd, prefix, body)
+    with_store(etcd, prefix, body)
 
 
 def test_a_run_event_the_task_watch_does_not_catch_up_with_reads_the_task_changes(etcd, prefix):
@@ -128,7 +118,7 @@ def test_a_run_event_the_task_watch_does_not_catch_up_with_reads_the_task_change
         got = await asyncio.wait_for(_all(changes), 10)
         assert _described(got) == [("t1", b), ("t2", c), ("RUN_STATE_SUCCEEDED", c)]
 
-    _with_store(etcd, prefix, body)
+    with_store(etcd, prefix, body)
 
 
 async def _all(changes) -> list:
@@ -171,7 +161,7 @@ def test_a_resume_restates_the_run_state_as_of_its_revision(etcd, prefix):
         again = [x async for x in queries.watch_run("r1", end)]
         assert _described(again) == [("RUN_STATE_SUCCEEDED", end)]
 
-    _with_store(etcd, prefix, body)
+    with_store(etcd, prefix, body)
 
 
 def test_task_events_after_a_snapshot_carry_its_run_state(etcd, prefix):
@@ -188,4 +178,4 @@ def test_task_events_after_a_snapshot_carry_its_run_state(etcd, prefix):
         assert snapshot.HasField("snapshot") and change.HasField("task")
         assert change.run_state == R.RUN_STATE_RUNNING
 
-    _with_store(etcd, prefix, body)
+    with_store(etcd, prefix, body)
