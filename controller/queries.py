@@ -277,9 +277,10 @@ class Queries:
     ) -> AsyncIterator[controller_pb2.RunEvent]:
         """The task records changed after revision ``after``, at or before ``until``, and not
         yet sent (by ``seen``), in revision order."""
-        tasks, _ = await self.store.range(task_prefix, revision=until)
+        # Only the records changed since: a big run's others would be read for nothing.
+        tasks, _ = await self.store.range(task_prefix, revision=until, min_mod_revision=after + 1)
         for kv in sorted(tasks, key=lambda kv: kv.mod_revision):
-            if seen.get(kv.key, 0) < kv.mod_revision and kv.mod_revision > after:
+            if seen.get(kv.key, 0) < kv.mod_revision:
                 seen[kv.key] = kv.mod_revision
                 task = t.TaskRun.FromString(kv.value)
                 await restore_depends_on(self.store, [task], until)

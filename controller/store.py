@@ -276,16 +276,23 @@ class Store:
         start: str | None = None,
         newest_first: bool = False,
         revision: int = 0,
+        min_mod_revision: int = 0,
     ) -> tuple[list[KeyValue], int]:
         """Return the keys under ``prefix`` (paged internally) and the read's revision.
 
         ``start`` continues after a key: for ascending order, keys > start; for
-        ``newest_first`` (descending by key), keys < start.
+        ``newest_first`` (descending by key), keys < start. ``min_mod_revision``: only keys
+        last changed at or after it (filtered by etcd, which still scans the whole range).
         """
         out: list[KeyValue] = []
         header_rev = revision
         async for page, rev in self.pages(
-            prefix, limit=limit, start=start, newest_first=newest_first, revision=revision
+            prefix,
+            limit=limit,
+            start=start,
+            newest_first=newest_first,
+            revision=revision,
+            min_mod_revision=min_mod_revision,
         ):
             out.extend(page)
             header_rev = rev
@@ -299,6 +306,7 @@ class Store:
         start: str | None = None,
         newest_first: bool = False,
         revision: int = 0,
+        min_mod_revision: int = 0,
     ) -> AsyncIterator[tuple[list[KeyValue], int]]:
         """:meth:`range` a page at a time, each with the read's revision (all at one): for
         callers that consume the keys as they come rather than hold all of a big run's."""
@@ -314,16 +322,10 @@ class Store:
         got = 0
         while True:
             want = _RANGE_PAGE if not limit else min(_RANGE_PAGE, limit - got)
+            order = SortOrder.DESCEND if newest_first else SortOrder.ASCEND
             try:
                 async with self._request("range"):
-                    resp = await self._client.kv.get(
-                        lo,
-                        range_end=hi,
-                        limit=want,
-                        revision=header_rev,
-                        timeout=self._timeout,
-                        sort_order=SortOrder.DESCEND if newest_first else SortOrder.ASCEND,
-                    )
+                    resp = await self._range(lo, hi, want, header_rev, order, min_mod_revision)
             except grpc.aio.AioRpcError as e:
                 if _compacted(e):  # a read at a revision etcd no longer has
                     from tether.controller.errors import OutOfRange
@@ -343,6 +345,30 @@ class Store:
                 hi = last
             else:
                 lo = last + b"\x00"
+
+    async def _range(
+        self, lo: bytes, hi: bytes, limit: int, revision: int, order: SortOrder, min_mod: int
+    ) -> rpc_pb2.RangeResponse:
+        kv = self._client.kv
+        if not min_mod:
+            return await kv.get(
+                lo,
+                range_end=hi,
+                limit=limit,
+                revision=revision,
+                timeout=self._timeout,
+                sort_order=order,
+            )
+        # The library's get() has no min_mod_revision: the request is built here.
+        request = rpc_pb2.RangeRequest(
+            key=lo,
+            range_end=hi,
+            limit=limit,
+            revision=revision,
+            sort_order=int(order),
+            min_mod_revision=min_mod,
+        )
+        return await kv._rpc(kv._stub.Range, request, operation="KV.Range", timeout=self._timeout)
 
     async def _check_fence(self) -> None:
         """After a failed fenced transaction: raise NotLeader if the fence is what failed."""

@@ -124,3 +124,28 @@ def test_range_keeps_limits_order_and_an_empty_answer_across_pages(etcd, prefix,
         assert kvs == [] and revision > 0
 
     with_store(etcd, prefix, body)
+
+
+def test_range_since_a_revision_reads_only_the_keys_changed_since_across_pages(
+    etcd, prefix, small_pages
+):
+    async def body(store: Store) -> None:
+        revisions = []
+        for i in range(TASKS):
+            revisions.append(
+                (await store.txn([], [Put(f"{prefix}/k/{i:02d}", b"v")], fenced=False))[1]
+            )
+        # Changed again later: its new revision counts, not the first.
+        await store.txn([], [Put(f"{prefix}/k/01", b"w")], fenced=False)
+        names = lambda kvs: [kv.key.rsplit("/", 1)[1] for kv in kvs]  # noqa: E731
+        kvs, _ = await store.range(f"{prefix}/k/", min_mod_revision=revisions[5])
+        assert names(kvs) == ["01", "05", "06", "07", "08", "09"]
+        # As of a past revision: neither the later change of 01 nor keys written after it.
+        kvs, _ = await store.range(
+            f"{prefix}/k/", revision=revisions[7], min_mod_revision=revisions[5]
+        )
+        assert names(kvs) == ["05", "06", "07"]
+        kvs, _ = await store.range(f"{prefix}/k/", min_mod_revision=revisions[-1] + 100)
+        assert kvs == []
+
+    with_store(etcd, prefix, body)
