@@ -52,3 +52,54 @@ def test_run_reload_that_meets_an_etcd_error_is_not_dropped(mesh):
     final = run.wait(timeout=15)
     assert fired
     assert final.state == R.RUN_STATE_SUCCEEDED
+
+
+def test_a_lost_attempts_hold_survives_a_controller_restart(etcd, prefix, tmp_path):
+    """An agent with a disconnect grace (8 s) longer than the lease (2 s) is cut off: its node
+    is lost at the TTL, and the attempt's copy must wait until the grace has passed since the
+    last contact (the agent is still running it until then). The controller is restarted
+    during that hold: the new leader must keep it (the LOST record's not_before), not start
+    the copy at once next to the still-running original."""
+    from helpers import Mesh, TcpProxy, wait_for
+    from test_fencing import recorder, records
+
+    from tether.agent.runtimes.reaper import alive, start_ticks
+    from tether.controller.etcd_process import free_port
+
+    port = free_port()
+    mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents", lease_ttl=2)
+    mesh.start_controller(listen=f"127.0.0.1:{port}")
+    proxy = TcpProxy(mesh.address)
+    try:
+        mesh.add_agent("n1", controller=proxy.address, disconnect_grace=8.0)
+        log = tmp_path / "attempts.jsonl"
+        client = mesh.client()
+        run = client.submit(recorder(log, 30))
+        wait_for(lambda: records(log), 20, "attempt 1 started")
+        first = records(log)[0]
+        ticks = start_ticks(first["pid"])
+        mesh.add_agent("n2")
+        proxy.pause()
+        wait_for(
+            lambda: client.get_run(run.id).tasks[0].state == S.TASK_STATE_LOST,
+            10,
+            "the attempt lost with its node",
+        )
+        mesh.stop_controller()
+        mesh.start_controller(listen=f"127.0.0.1:{port}")
+        died = None
+        deadline = time.monotonic() + 20
+        while died is None and time.monotonic() < deadline and len(records(log)) < 2:
+            if not alive(first["pid"], ticks):
+                died = time.time()
+            time.sleep(0.005)
+        wait_for(lambda: len(records(log)) >= 2, 20, "attempt 2")
+        second = records(log)[1]
+        still = died is None and alive(first["pid"], ticks)
+        assert died is not None and died <= second["start"], (
+            f"attempt 2 started {second['start'] - first['start']:.1f}s after attempt 1, "
+            f"which still ran on the cut-off node (alive now: {still})"
+        )
+    finally:
+        mesh.close()
+        proxy.close()
