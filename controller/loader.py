@@ -113,7 +113,7 @@ class Loader:
                 self.cache.enqueue((run.msg.id, m.spec.name))
             elif m.state in (lc.RETRYING, lc.LOST, lc.PREEMPTED):
                 delay = max(0.0, m.not_before.ToNanoseconds() / 1e9 - time.time())
-                self.attempts.arm_retry(run, e, delay if m.state == lc.RETRYING else 0.0)
+                self.attempts.arm_retry(run, e, delay if m.state in (lc.RETRYING, lc.LOST) else 0.0)
             elif m.state == lc.SCHEDULED:
                 # The assignment may never have left (its write's reply was lost, say); agents
                 # ignore a repeated one. Without a session, registration sends it.
