@@ -103,3 +103,42 @@ def test_a_lost_attempts_hold_survives_a_controller_restart(etcd, prefix, tmp_pa
     finally:
         mesh.close()
         proxy.close()
+
+
+def test_a_deposed_engine_does_not_acknowledge_a_result_it_never_wrote(mesh, tmp_path):
+    """The leader loses its key just as it writes a task's result: the write is refused
+    (NotLeader) and dropped. While the deposed engine is still stopping (etcd slow: its
+    learned-durations write hangs for a moment), the agent resends the report before its
+    next heartbeat. The old engine must not acknowledge it (the result is in no etcd
+    record): the agent would forget it, and the next term, finding the task RUNNING and the
+    agent without it, runs it again — "a finished task never runs again"."""
+    import asyncio
+
+    from helpers import wait_for
+    from test_fencing import records, recorder
+
+    from tether.controller.store import Delete
+
+    n1 = mesh.add_agent("n1")
+    store = mesh.controller.store
+    real_txn = store.txn
+    fired: list[bool] = []
+
+    async def txn(compares, ops, failure=(), fenced=True):
+        if not fired and fenced and _task_write("work", S.TASK_STATE_SUCCEEDED)(ops):
+            fired.append(True)
+            # Someone else takes the leadership (an operator's recovery deletes the key).
+            await real_txn([], [Delete(store.keys.leader)], fenced=False)
+        if fired and any("/durations/" in op.key for op in ops):
+            await asyncio.sleep(1.5)  # etcd slow: the deposed engine takes a while to stop
+        return await real_txn(compares, ops, failure, fenced)
+
+    store.txn = txn
+    log = tmp_path / "attempts.jsonl"
+    run = mesh.client().submit(recorder(log, 0.5))
+    final = run.wait(timeout=30)
+    assert fired
+    wait_for(lambda: not n1.runner.pending_reports(), 10, "report acknowledged")
+    starts = [r["attempt"] for r in records(log) if "start" in r]
+    assert final.state == R.RUN_STATE_SUCCEEDED
+    assert starts == [1], f"the task ran {len(starts)} times: attempts {starts}"
