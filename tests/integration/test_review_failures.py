@@ -142,3 +142,40 @@ def test_a_deposed_engine_does_not_acknowledge_a_result_it_never_wrote(mesh, tmp
     starts = [r["attempt"] for r in records(log) if "start" in r]
     assert final.state == R.RUN_STATE_SUCCEEDED
     assert starts == [1], f"the task ran {len(starts)} times: attempts {starts}"
+
+
+def test_an_acknowledged_cancel_survives_a_controller_restart(etcd, prefix, tmp_path):
+    """CancelRun answers OK before the cancel is in etcd: the cancel is only marked for the
+    committer. If the controller goes away before that write lands (etcd slow, then a crash
+    or a restart), the user was told the run is cancelled but the next leader resumes it."""
+    import asyncio
+
+    from helpers import Mesh
+
+    from tether.controller.etcd_process import free_port
+
+    port = free_port()
+    mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents")
+    mesh.start_controller(listen=f"127.0.0.1:{port}")
+    try:
+        client = mesh.client()
+        wf = Workflow("cancel-durable")
+        wf.task("big", [PY, "-c", "pass"], cpu=64)  # no node can take it: it waits READY
+        run = client.submit(wf)
+        store = mesh.controller.store
+        real_txn = store.txn
+
+        async def txn(compares, ops, failure=(), fenced=True):
+            for op in ops:
+                if op.key == store.keys.run(run.id) and t.Run.FromString(op.value).cancel_requested:
+                    await asyncio.sleep(30)  # etcd slow: the write has not landed yet
+            return await real_txn(compares, ops, failure, fenced)
+
+        store.txn = txn
+        client.cancel(run.id)  # answered OK
+        mesh.stop_controller()
+        mesh.start_controller(listen=f"127.0.0.1:{port}")
+        state = mesh.client().get_run(run.id).state
+        assert state == R.RUN_STATE_CANCELLED, f"run is {R.Name(state)} after an acknowledged cancel"
+    finally:
+        mesh.close()
