@@ -179,3 +179,54 @@ def test_an_acknowledged_cancel_survives_a_controller_restart(etcd, prefix, tmp_
         assert state == R.RUN_STATE_CANCELLED, f"run is {R.Name(state)} after an acknowledged cancel"
     finally:
         mesh.close()
+
+
+def test_a_victim_lost_before_its_preemption_lands_counts_its_next_failure(
+    etcd, prefix, tmp_path
+):
+    """A preemptible task is chosen as a victim (``preempted_by`` written) but its node is
+    lost before it reports: the attempt ends LOST and ``preempted_by`` stays on the task.
+    Its next attempt, on another node, fails on its own (exit 1, ``retries`` 0): that failure
+    must count. With the stale ``preempted_by`` it is taken for a preemption instead, and the
+    task is retried free of charge for ever."""
+    from helpers import Mesh, TcpProxy, py
+
+    mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents", lease_ttl=2)
+    mesh.start_controller()
+    proxy = TcpProxy(mesh.address)
+    try:
+        mesh.add_agent("n1", cpu=1, controller=proxy.address)
+        client = mesh.client()
+        low = Workflow("low")
+        low.task(
+            "batch",
+            py("import os, sys, time; time.sleep(60) if os.environ['TETHER_ATTEMPT'] == '1' "
+               "else sys.exit(1)"),
+            cpu=1,
+            priority=10,
+            preemptible=True,
+        )
+        low_run = client.submit(low)
+        mesh.wait_for(
+            lambda: low_run.status().tasks[0].state == S.TASK_STATE_RUNNING, 10, "low running"
+        )
+        proxy.pause()  # n1 is cut off: the preemption's cancel never reaches it
+        high = Workflow("high")
+        high.task("urgent", py("pass"), cpu=1, priority=90)
+        high_run = client.submit(high)
+        mesh.wait_for(lambda: low_run.status().tasks[0].preempted_by, 10, "victim chosen")
+        mesh.wait_for(
+            lambda: low_run.status().tasks[0].attempts[0].state == S.TASK_STATE_LOST,
+            10,
+            "victim lost with its node",
+        )
+        mesh.add_agent("n2", cpu=1)
+        assert high_run.wait(timeout=20).state == R.RUN_STATE_SUCCEEDED
+        done = low_run.wait(timeout=20)
+        batch = done.tasks[0]
+        states = [S.Name(a.state) for a in batch.attempts]
+        assert done.state == R.RUN_STATE_FAILED, f"attempts: {states}"
+        assert batch.attempt == 2, f"attempts: {states}"
+    finally:
+        mesh.close()
+        proxy.close()
