@@ -301,6 +301,7 @@ class Attempts:
             self.dispatch.cancel_everywhere(e, f"gang: {why}")
         self.cache.account(e, -1)
         _end_attempt(m, lc.LOST, "node_lost", why)
+        m.preempted_by = ""  # a preemption not yet carried out ends with the attempt
         if m.cancel_requested:
             lc.move_task(m, lc.CANCELLED)
             m.finished_at.CopyFrom(now())
