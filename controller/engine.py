@@ -204,6 +204,7 @@ class Engine:
 
     async def stop(self) -> None:
         """Stop the loops, flush what can be flushed, cancel timers, end agent streams."""
+        self._loader.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

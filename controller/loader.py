@@ -6,6 +6,7 @@ is reconciled: what can run is readied, what cannot is skipped, timers are armed
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 from tether.api.v1 import types_pb2 as t
@@ -20,8 +21,14 @@ from tether.controller.progress import Progress
 from tether.controller.records import RunEntry, TaskEntry
 from tether.controller.run_watch import RunWatch
 from tether.controller.store import Store
+from tether.sdk.telemetry import get_logger
 
 __all__ = ["Loader"]
+
+# Pauses between tries of a run's reload while etcd does not answer, seconds.
+RELOAD_RETRY_FIRST = 0.1
+RELOAD_RETRY_MOST = 2.0
+log = get_logger("controller.engine")
 
 
 class Loader:
@@ -48,6 +55,7 @@ class Loader:
         self.run_watch: RunWatch | None = None
         self.dispatch = dispatch
         self._loading: dict[str, asyncio.Future] = {}
+        self._reloads: set[asyncio.Task] = set()
 
     async def load_unfinished(self) -> int:
         """Cache every unfinished run; return the etcd revision they were read at."""
@@ -130,29 +138,53 @@ class Loader:
                 run_ids.add(r.msg.run_id)
         for run_id in run_ids - self.cache.reloading:
             self.cache.reloading.add(run_id)
-            asyncio.get_running_loop().create_task(self._reload(run_id))
+            task = asyncio.get_running_loop().create_task(self._reload(run_id))
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+
+    def stop(self) -> None:
+        """Cancel the reloads under way (the engine is stopping)."""
+        for task in self._reloads:
+            task.cancel()
 
     async def _reload(self, run_id: str) -> None:
-        """Someone else wrote this run: drop the cached copy and rebuild it from etcd."""
+        """Someone else wrote this run: drop the cached copy and rebuild it from etcd.
+
+        A read that fails (etcd away) is tried again, the run staying marked as reloading
+        meanwhile: reports for it wait to be sent again rather than being acknowledged for a
+        run this controller no longer holds, and the run is not left out of its memory.
+        """
         try:
             self.cache.drop_run(run_id)
             run_key, tasks_prefix = self.keys.run(run_id), self.keys.tasks_of(run_id)
             self.committer.forget(lambda k: k == run_key or k.startswith(tasks_prefix))
-            kv = await self.store.get(run_key)
-            if kv is None:
-                if self.run_watch is not None:
-                    self.run_watch.gone(run_id)
-                return
-            if self.run_watch is not None:
-                # The write that conflicted may have been ours, committed with its reply lost:
-                # waiters learn what etcd holds, its final state included.
-                self.run_watch.read(run_id, kv.value, kv.mod_revision)
-            msg = t.Run.FromString(kv.value)
-            if msg.state in lc.RUN_TERMINAL:
-                return  # finished runs are read from etcd, not cached
-            run = await self._load_run(msg, kv.mod_revision)
-            run.committed = kv.value
-            self.reconcile(run)
-            self.cache.kick()
+            delay = RELOAD_RETRY_FIRST
+            while True:
+                try:
+                    await self._read_again(run_id)
+                    return
+                except Exception as e:  # etcd away: try again, never drop the run
+                    log.warning("cannot reload a run; retrying", run_id=run_id, error=str(e))
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, RELOAD_RETRY_MOST)
         finally:
             self.cache.reloading.discard(run_id)
+
+    async def _read_again(self, run_id: str) -> None:
+        run_key = self.keys.run(run_id)
+        kv = await self.store.get(run_key)
+        if kv is None:
+            if self.run_watch is not None:
+                self.run_watch.gone(run_id)
+            return
+        if self.run_watch is not None:
+            # The write that conflicted may have been ours, committed with its reply lost:
+            # waiters learn what etcd holds, its final state included.
+            self.run_watch.read(run_id, kv.value, kv.mod_revision)
+        msg = t.Run.FromString(kv.value)
+        if msg.state in lc.RUN_TERMINAL:
+            return  # finished runs are read from etcd, not cached
+        run = await self._load_run(msg, kv.mod_revision)
+        run.committed = kv.value
+        self.reconcile(run)
+        self.cache.kick()
