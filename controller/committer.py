@@ -66,11 +66,15 @@ class Committer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task | None = None
+        # Set once etcd refused a write (deposed) or the engine stops: nothing more is
+        # written, and no callback runs, since none of them would be backed by etcd.
+        self._closed = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="committer")
 
     async def stop(self) -> None:
+        self._close()
         if self._task:
             self._task.cancel()
             try:
@@ -80,6 +84,8 @@ class Committer:
 
     def mark(self, record: Record, callback: Callable[[], None] | None = None) -> None:
         """Schedule ``record`` to be written; run ``callback`` once it is committed."""
+        if self._closed:
+            return
         d = self._dirty.get(record.key)
         if d is None:
             d = self._dirty[record.key] = _Dirty(record)
@@ -91,12 +97,23 @@ class Committer:
         self._wake.set()
 
     def when_written(self, record: Record, callback: Callable[[], None]) -> None:
-        """Run ``callback`` once ``record``'s current state is in etcd (now, if it is)."""
+        """Run ``callback`` once ``record``'s current state is in etcd (now, if it is).
+
+        Never, once closed: a deposed engine's records may hold what it could not write
+        (an acknowledgement then would have an agent forget a result that is nowhere).
+        """
+        if self._closed:
+            return
         d = self._dirty.get(record.key) or self._inflight.get(record.key)
         if d is None:
             callback()
         else:
             d.callbacks.append(callback)
+
+    def _close(self) -> None:
+        self._closed = True
+        self._dirty.clear()
+        self._idle.set()
 
     def forget(self, keys: Callable[[str], bool]) -> None:
         """Drop queued writes (and their callbacks) of the keys ``keys`` selects: the engine is
@@ -122,9 +139,8 @@ class Committer:
                     # A deposed leader must not write: drop everything; the new leader
                     # rebuilds its state from etcd.
                     log.warning("write refused: no longer the leader", records=len(batch))
-                    self._dirty.clear()
+                    self._close()
                     self._inflight.clear()
-                    self._idle.set()
                     self._on_not_leader()
                     return
                 except (EtcdError, TimeoutError, OSError) as e:
