@@ -40,8 +40,9 @@ class Cancels:
         self.progress = progress
         self.timers = timers
 
-    def cancel(self, run_id: str, task: str, reason: str) -> None:
+    def cancel(self, run_id: str, task: str, reason: str) -> list[RunEntry | TaskEntry]:
         """Ask to cancel a run, or one task of it (desired state; the engine converges).
+        Returns the records whose writes make the cancel durable.
 
         Raises:
             NotFound: the run is not cached (unknown or finished), or has no such task.
@@ -69,6 +70,7 @@ class Cancels:
         for e in targets:
             self.cancel_task(run, e, reason or "cancelled by user")
         self.progress.finish_run_if_done(run)
+        return [run, *targets]
 
     def cancel_task(self, run: RunEntry, e: TaskEntry, reason: str) -> None:
         """Cancel one task: stop its attempt if one is active, else finish it CANCELLED."""
@@ -77,13 +79,17 @@ class Cancels:
             return  # e.g. skipped because an upstream task was cancelled a moment ago
         e.msg.cancel_requested = True
         if st in lc.TASK_ACTIVE:
-            self.dispatch.cancel_everywhere(e, reason)
-            self.committer.mark(e)
+            # Agents are told once the cancel is in etcd, as everything they are sent.
+            self.committer.mark(e, lambda: self._stop_attempt(e, reason))
             return  # the agent's CANCELLED report finishes it
         self.cache.ready.pop((run.msg.id, e.msg.spec.name), None)
         self.timers.disarm((run.msg.id, e.msg.spec.name))
         e.msg.message = reason
         self.progress.finish_task(run, e, lc.CANCELLED)
+
+    def _stop_attempt(self, e: TaskEntry, reason: str) -> None:
+        if e.msg.state in lc.TASK_ACTIVE:  # not finished meanwhile
+            self.dispatch.cancel_everywhere(e, reason)
 
     def cancel_requested_tasks(self, run: RunEntry) -> None:
         """Carry a recorded run cancel to tasks that have not finished (after a load)."""

@@ -9,7 +9,7 @@ or "acknowledge the report" run only after their write committed.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -69,6 +69,8 @@ class Committer:
         # Set once etcd refused a write (deposed) or the engine stops: nothing more is
         # written, and no callback runs, since none of them would be backed by etcd.
         self._closed = False
+        # Futures of callers waiting in written(): failed when closed.
+        self._waiters: set[asyncio.Future[None]] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="committer")
@@ -110,10 +112,36 @@ class Committer:
         else:
             d.callbacks.append(callback)
 
+    async def written(self, records: Iterable[Record]) -> None:
+        """Wait until the current state of each of ``records`` is in etcd.
+
+        Raises:
+            NotLeader: closed (deposed or stopping) before that: it may never be written.
+        """
+        loop = asyncio.get_running_loop()
+        waiting = []
+        for record in records:
+            fut: asyncio.Future[None] = loop.create_future()
+            self.when_written(record, lambda f=fut: f.done() or f.set_result(None))
+            waiting.append(fut)
+        if self._closed:
+            raise NotLeader("this controller is no longer the leader")
+        waiting = [f for f in waiting if not f.done()]
+        if not waiting:
+            return
+        self._waiters.update(waiting)
+        try:
+            await asyncio.gather(*waiting)
+        finally:
+            self._waiters.difference_update(waiting)
+
     def _close(self) -> None:
         self._closed = True
         self._dirty.clear()
         self._idle.set()
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(NotLeader("this controller is no longer the leader"))
 
     def forget(self, keys: Callable[[str], bool]) -> None:
         """Drop queued writes (and their callbacks) of the keys ``keys`` selects: the engine is

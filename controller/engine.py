@@ -39,6 +39,7 @@ from tether.controller.compaction import Compactor
 from tether.controller.config import ControllerConfig
 from tether.controller.dispatch import Dispatch
 from tether.controller.durations import Durations
+from tether.controller.errors import StoreUnavailable
 from tether.controller.loader import Loader
 from tether.controller.metrics import Metrics
 from tether.controller.nodes import Nodes
@@ -58,6 +59,9 @@ from tether.sdk.telemetry import get_logger
 __all__ = ["Engine"]
 
 log = get_logger("controller.engine")
+# How long CancelRun waits for its request to be written to etcd before answering
+# UNAVAILABLE (the cancel is only promised once it survives a controller restart).
+CANCEL_WRITE_TIMEOUT = 10.0
 
 
 class Engine:
@@ -263,9 +267,23 @@ class Engine:
         """A run's snapshot and changes until it finishes (see :meth:`Queries.watch_run`)."""
         return self._queries.watch_run(run_id, from_revision, run_only)
 
-    def cancel(self, run_id: str, task: str, reason: str) -> None:
-        """Ask to cancel a run, or one task of it (desired state; the engine converges)."""
-        self._cancels.cancel(run_id, task, reason)
+    async def cancel(self, run_id: str, task: str, reason: str) -> None:
+        """Ask to cancel a run, or one task of it (desired state; the engine converges);
+        return once the request is in etcd.
+
+        Raises:
+            NotLeader: deposed before the request was written.
+            StoreUnavailable: not written within :data:`CANCEL_WRITE_TIMEOUT` (etcd slow, or
+                the records were reloaded after a conflicting write): ask again.
+        """
+        records = self._cancels.cancel(run_id, task, reason)
+        try:
+            await asyncio.wait_for(self._committer.written(records), CANCEL_WRITE_TIMEOUT)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"the cancel of run {run_id} is not in etcd after {CANCEL_WRITE_TIMEOUT:g}s;"
+                " it may still take effect: cancel again"
+            ) from None
 
     async def set_node_control(
         self, name: str, cordoned: bool, draining: bool = False, deadline: float = 0.0

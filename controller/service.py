@@ -265,7 +265,7 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
             # Finished runs leave the engine's cache; etcd says whether it exists at all.
             run = await self.engine.get_run(request.run_id, with_tasks=False)
             raise FailedPrecondition(f"run {request.run_id} already {lc.run_state_name(run.state)}")
-        self.engine.cancel(request.run_id, request.task, request.reason)
+        await self.engine.cancel(request.run_id, request.task, request.reason)
         return controller_pb2.CancelRunResponse()
 
     @grpc_errors

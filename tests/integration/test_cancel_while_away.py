@@ -18,7 +18,7 @@ def test_cancel_requested_while_agent_reconnects_is_delivered(mesh):
 
     async def blip_and_cancel():
         engine.nodes["n1"].session.close()  # the agent's stream breaks...
-        engine.cancel(run.id, "", "user")  # ...just as the user cancels
+        await engine.cancel(run.id, "", "user")  # ...just as the user cancels
 
     mesh.call(blip_and_cancel())
     st = run.wait(timeout=15)

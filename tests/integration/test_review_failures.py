@@ -115,7 +115,7 @@ def test_a_deposed_engine_does_not_acknowledge_a_result_it_never_wrote(mesh, tmp
     import asyncio
 
     from helpers import wait_for
-    from test_fencing import records, recorder
+    from test_fencing import recorder, records
 
     from tether.controller.store import Delete
 
@@ -144,15 +144,18 @@ def test_a_deposed_engine_does_not_acknowledge_a_result_it_never_wrote(mesh, tmp
     assert starts == [1], f"the task ran {len(starts)} times: attempts {starts}"
 
 
-def test_an_acknowledged_cancel_survives_a_controller_restart(etcd, prefix, tmp_path):
-    """CancelRun answers OK before the cancel is in etcd: the cancel is only marked for the
-    committer. If the controller goes away before that write lands (etcd slow, then a crash
-    or a restart), the user was told the run is cancelled but the next leader resumes it."""
+def test_a_cancel_is_answered_only_once_it_survives_a_controller_restart(etcd, prefix, tmp_path):
+    """CancelRun used to answer OK before the cancel was in etcd: the cancel was only marked
+    for the committer. If the controller went away before that write landed (etcd slow,
+    then a crash or a restart), the user had been told the run was cancelled but the next
+    leader resumed it. Now it answers once written: while the write hangs, the caller gets
+    an error (and may ask again); once it lands, the cancel holds across a restart."""
     import asyncio
 
     from helpers import Mesh
 
     from tether.controller.etcd_process import free_port
+    from tether.sdk.errors import TetherError
 
     port = free_port()
     mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents")
@@ -172,18 +175,29 @@ def test_an_acknowledged_cancel_survives_a_controller_restart(etcd, prefix, tmp_
             return await real_txn(compares, ops, failure, fenced)
 
         store.txn = txn
-        client.cancel(run.id)  # answered OK
+        client.timeout = 2.0  # the call's deadline, well before the write lands
+        try:
+            client.cancel(run.id)
+            answered = True
+        except TetherError:
+            answered = False
+        assert not answered, "CancelRun answered OK while its write had not landed"
+        mesh.stop_controller()
+        mesh.start_controller(listen=f"127.0.0.1:{port}")
+        client = mesh.client()
+        assert client.get_run(run.id).state == R.RUN_STATE_PENDING  # the cancel was lost...
+        client.cancel(run.id)  # ...and asked again, answered once written
         mesh.stop_controller()
         mesh.start_controller(listen=f"127.0.0.1:{port}")
         state = mesh.client().get_run(run.id).state
-        assert state == R.RUN_STATE_CANCELLED, f"run is {R.Name(state)} after an acknowledged cancel"
+        assert state == R.RUN_STATE_CANCELLED, (
+            f"run is {R.Name(state)} after an acknowledged cancel"
+        )
     finally:
         mesh.close()
 
 
-def test_a_victim_lost_before_its_preemption_lands_counts_its_next_failure(
-    etcd, prefix, tmp_path
-):
+def test_a_victim_lost_before_its_preemption_lands_counts_its_next_failure(etcd, prefix, tmp_path):
     """A preemptible task is chosen as a victim (``preempted_by`` written) but its node is
     lost before it reports: the attempt ends LOST and ``preempted_by`` stays on the task.
     Its next attempt, on another node, fails on its own (exit 1, ``retries`` 0): that failure
@@ -200,8 +214,10 @@ def test_a_victim_lost_before_its_preemption_lands_counts_its_next_failure(
         low = Workflow("low")
         low.task(
             "batch",
-            py("import os, sys, time; time.sleep(60) if os.environ['TETHER_ATTEMPT'] == '1' "
-               "else sys.exit(1)"),
+            py(
+                "import os, sys, time; time.sleep(60) if os.environ['TETHER_ATTEMPT'] == '1' "
+                "else sys.exit(1)"
+            ),
             cpu=1,
             priority=10,
             preemptible=True,
