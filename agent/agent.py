@@ -348,7 +348,10 @@ class Agent:
             channel = grpc.aio.insecure_channel(address, options)
         async with channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
-            call = stub.Connect(requests())
+            token = self.config.token
+            call = stub.Connect(
+                requests(), metadata=(("authorization", f"Bearer {token}"),) if token else None
+            )
             stop_waiter = asyncio.ensure_future(self._stop.wait())
             heartbeat: asyncio.Task | None = None
             # Ends the session when the agent stops, or when heartbeats go unanswered (a

@@ -140,6 +140,14 @@ class AgentConfig:
         "tls_cert) the agent connects over TLS.",
         flag="--tls-ca",
     )
+    token: str = setting(
+        "",
+        description="Bearer token (role operator or admin) for a controller that checks "
+        "tokens but not node certificates (--auth without --tls-ca); the agent sends it "
+        "when it connects. Prefer the environment variable to the flag.",
+        flag="--token",
+        env="TETHER_AGENT_TOKEN",
+    )
     disconnect_grace: Duration = setting(
         0.0,
         description="How long the agent keeps its attempts running without reaching a "

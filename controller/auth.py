@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass
 
 __all__ = [
+    "AGENT_ROLE",
+    "AGENT_SERVICE",
     "MUTATING",
     "OPEN_METHODS",
     "Principal",
@@ -61,7 +63,8 @@ _TABLE: dict[str, Role] = {
 }
 
 # Callable without a token: probes, the one-time bootstrap (there is no token yet), and the
-# agents' stream, which node certificates authenticate instead.
+# agents' stream, which node certificates authenticate instead (without a node CA, an agent
+# carries a token of AGENT_ROLE: see Guard).
 OPEN_METHODS = frozenset(
     {
         "/grpc.health.v1.Health/Check",
@@ -69,7 +72,12 @@ OPEN_METHODS = frozenset(
         _CONTROLLER + "BootstrapAcl",
     }
 )
-OPEN_SERVICES = ("/tether.v1.AgentService/",)
+AGENT_SERVICE = "/tether.v1.AgentService/"
+OPEN_SERVICES = (AGENT_SERVICE,)
+# The role an agent's token needs where no node certificates are checked: agents are sent
+# the secrets their tasks use and report results that feed other tasks, so not anyone with
+# network access may be one; operators already manage the nodes.
+AGENT_ROLE = Role.OPERATOR
 
 # Calls that change something: each writes one audit line.
 MUTATING = frozenset(
@@ -91,6 +99,8 @@ MUTATING = frozenset(
 
 def required_role(method: str) -> Role:
     """The least role that may call ``method`` (a full gRPC method name)."""
+    if method.startswith(AGENT_SERVICE):
+        return AGENT_ROLE
     return _TABLE.get(method, Role.ADMIN)
 
 

@@ -180,7 +180,8 @@ class ControllerConfig:
     tls_ca: str = setting(
         "",
         description="PEM CA of the node certificates agents must present; empty accepts "
-        "agents without checking their node (only the node-id rule applies).",
+        "agents without checking their node (only the node-id rule applies), but where "
+        "tokens are checked an agent then needs a token of role operator.",
         flag="--tls-ca",
     )
     insecure: bool = setting(

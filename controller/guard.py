@@ -12,6 +12,7 @@ import time
 import grpc
 
 from tether.controller.auth import (
+    AGENT_SERVICE,
     ANONYMOUS,
     MUTATING,
     Principal,
@@ -42,11 +43,22 @@ class Guard(grpc.aio.ServerInterceptor):
             mutating calls are still audited.
         rate: Requests a second each token may make on average (0: unlimited).
         burst: Requests a token may make at once.
+        agents_need_token: Agents' streams need a token too (role :data:`AGENT_ROLE`):
+            tokens are checked and no node certificates are, so nothing else says who an
+            agent is.
     """
 
-    def __init__(self, tokens: TokenStore, enabled: bool, rate: float, burst: float) -> None:
+    def __init__(
+        self,
+        tokens: TokenStore,
+        enabled: bool,
+        rate: float,
+        burst: float,
+        agents_need_token: bool = False,
+    ) -> None:
         self.tokens = tokens
         self.enabled = enabled
+        self.agents_need_token = enabled and agents_need_token
         self.rate = rate
         self.burst = burst
         self._buckets: dict[str, TokenBucket] = {}
@@ -57,7 +69,7 @@ class Guard(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None:
             return handler
-        if method not in MUTATING and (not self.enabled or is_open(method)):
+        if method not in MUTATING and (not self.enabled or self._open(method)):
             return handler
         return self._handlers.get(method, handler, lambda h: _wrap(h, method, self))
 
@@ -65,7 +77,7 @@ class Guard(grpc.aio.ServerInterceptor):
         """The caller, if it may call ``method`` now; raises the refusal otherwise."""
         if not self.enabled:
             return ANONYMOUS
-        if is_open(method):
+        if self._open(method):
             return Principal("anonymous", Role.VIEWER, authenticated=False)
         need = required_role(method)
         header = next((v for k, v in metadata or () if k == "authorization"), "")
@@ -88,6 +100,11 @@ class Guard(grpc.aio.ServerInterceptor):
             e.principal = principal  # for the audit line: who was refused
             raise
         return principal
+
+    def _open(self, method: str) -> bool:
+        if self.agents_need_token and method.startswith(AGENT_SERVICE):
+            return False
+        return is_open(method)
 
     def _limit(self, principal: Principal) -> None:
         if self.rate <= 0:

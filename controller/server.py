@@ -135,7 +135,13 @@ class ControllerServer:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.so_reuseport", 0),
         ]
-        guard = Guard(self.tokens, self.auth, self.config.rate_limit, self.config.rate_burst)
+        guard = Guard(
+            self.tokens,
+            self.auth,
+            self.config.rate_limit,
+            self.config.rate_burst,
+            agents_need_token=not self.config.tls_ca,
+        )
         # Metrics first: the outermost, so it counts what the others refuse.
         interceptors = [GrpcMetrics(self.metrics), MalformedRequests(), guard]
         server = grpc.aio.server(options=opts, interceptors=interceptors)

@@ -191,10 +191,24 @@ def test_roles_table_and_submitted_by(auth_mesh):
     assert health(mesh.address, "") == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_agents_need_no_token_and_runs_complete(auth_mesh):
+def test_agents_carry_an_operator_token_where_no_node_certificates_are_checked(auth_mesh):
+    """Tokens checked, node certificates not (--auth without --tls-ca): an agent is refused
+    without a token, or with one of a role below operator, and exits saying so; with an
+    operator token it registers and runs tasks."""
+    from tether.agent.agent import AgentRefused
+
     mesh, admin = auth_mesh
-    mesh.add_agent("node-a")
-    sub_token, _ = _client(mesh, admin).create_token("sub", "submitter")
+    admin_client = _client(mesh, admin)
+    viewer, _ = admin_client.create_token("looker", "viewer")
+    for token, code in (("", "UNAUTHENTICATED"), (viewer, "PERMISSION_DENIED")):
+        agent = mesh.add_agent(f"node-{code.lower()}", wait=False, token=token)
+        _agent, fut = mesh.agents.pop(agent.config.node)
+        with pytest.raises(AgentRefused, match=code):
+            fut.result(10)
+    assert admin_client.nodes() == []
+    agents_token, _ = admin_client.create_token("agents", "operator")
+    mesh.add_agent("node-a", token=agents_token)
+    sub_token, _ = admin_client.create_token("sub", "submitter")
     final = _client(mesh, sub_token).submit(_wf("real")).wait(30)
     assert final.state == R.RUN_STATE_SUCCEEDED, final
     assert final.submitted_by == "sub"

@@ -134,6 +134,12 @@ def test_an_agent_on_every_node_with_the_hosts_engine_and_work_dir():
     c = container(daemonset)
     env = env_of(c)
     assert env["TETHER_NODE"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    # The controllers check tokens, not node certificates: agents carry one, from a Secret.
+    assert env["TETHER_AGENT_TOKEN"] == {
+        "secretKeyRef": {"name": "tether-agent-token", "key": "token"}
+    }
+    controller_args = container(one("Deployment", "tether-controller"))["args"]
+    assert "--auth" in controller_args and "TETHER_TLS_CA" not in env
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     socket = volumes[mounts["/var/run/docker.sock"]]["hostPath"]
@@ -189,6 +195,8 @@ def test_every_tether_variable_is_read_by_a_command():
 
 # What the downward API would put in the pods' fields (documentation addresses, never dialled).
 FIELDS = {"status.podIP": "192.0.2.10", "spec.nodeName": "node-a"}
+# What the Secrets the README has the operator create would hold.
+SECRETS = {("tether-agent-token", "token"): "agents.0123456789abcdef"}
 
 
 def pod_environment(workload: dict) -> dict[str, str]:
@@ -200,7 +208,12 @@ def pod_environment(workload: dict) -> dict[str, str]:
         env.update(one("ConfigMap", source["configMapRef"]["name"])["data"])
     for e in c.get("env", []):
         if "valueFrom" in e:
-            env[e["name"]] = FIELDS[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            source = e["valueFrom"]
+            if "secretKeyRef" in source:
+                ref = source["secretKeyRef"]
+                env[e["name"]] = SECRETS[ref["name"], ref["key"]]
+            else:
+                env[e["name"]] = FIELDS[source["fieldRef"]["fieldPath"]]
         else:
             env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], e["value"])
     return env

@@ -42,7 +42,7 @@ def test_revoked_token_stops_reading_an_open_log_stream(etcd, prefix, tmp_path):
             try:
                 for chunk in viewer_c.logs(run.id, "tick", follow=True):
                     got.append((time.monotonic(), chunk.data))
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:
                 error.append(e)
 
         th = threading.Thread(target=follow, daemon=True)

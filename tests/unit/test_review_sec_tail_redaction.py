@@ -19,5 +19,5 @@ def test_secret_cut_by_the_tail_window_is_still_masked(tmp_path):
     leaked = secret[-keep:]
     assert leaked not in status.stdout_tail, (
         f"{keep} of the secret's {len(secret)} characters are in the stored tail: "
-        f"{status.stdout_tail[:keep + 5]!r}..."
+        f"{status.stdout_tail[: keep + 5]!r}..."
     )
