@@ -23,9 +23,11 @@ from tether.agent.runtimes.base import LaunchSpec
 from tether.api.v1 import agent_pb2
 from tether.api.v1 import types_pb2 as t
 from tether.sdk.constants import LOG_TAIL_BYTES, MAX_OUTPUT_BYTES
+from tether.sdk.redaction import REDACTED, redact_text
 
 __all__ = [
     "MAX_OUTPUT_BYTES",
+    "REDACTED",
     "TAIL_BYTES",
     "inputs_of",
     "labels_of",
@@ -47,8 +49,6 @@ TAIL_BYTES = LOG_TAIL_BYTES
 _STALE = (layout.OUTPUT_FILE, layout.STATUS_FILE, layout.STDOUT_FILE, layout.STDERR_FILE)
 # inputs.json of a task with no params and no upstream outputs.
 _NO_INPUTS = json.dumps({"params": {}, "tasks": {}}).encode()
-# What a secret's value becomes in the log tails an attempt reports.
-REDACTED = "[secret]"
 _SUCCEEDED = t.TaskState.TASK_STATE_SUCCEEDED
 
 
@@ -189,16 +189,13 @@ def redact(status: agent_pb2.TaskStatus, secret_values: Iterable[str]) -> None:
     """Mask the task's secret values in the log tails and message its report carries.
 
     The report is stored in etcd and shown by ``tether status``; only the task's own log
-    files keep what it printed.
+    files keep what it printed. (The controller masks them again: see ``sdk.redaction``.)
     """
-    values = sorted({v for v in secret_values if v}, key=len, reverse=True)
+    values = [v for v in secret_values if v]
     if not values:
         return
     for name in ("stdout_tail", "stderr_tail", "message"):
-        text = getattr(status, name)
-        for v in values:
-            text = text.replace(v, REDACTED)
-        setattr(status, name, text)
+        setattr(status, name, redact_text(getattr(status, name), values))
 
 
 def tail(path: str | Path) -> str:

@@ -23,8 +23,10 @@ from tether.controller.metrics import Metrics
 from tether.controller.progress import Progress
 from tether.controller.records import AgentSession, RunEntry, TaskEntry, now
 from tether.controller.retry import retry_delay
+from tether.controller.secrets import SecretUnavailable
 from tether.controller.timers import Timers
 from tether.sdk.constants import DEFAULT_PRIORITY, LOG_TAIL_BYTES, MAX_OUTPUT_BYTES
+from tether.sdk.redaction import redact_text
 from tether.sdk.states import DRAINED, FENCED, FINAL_REPORT_STATES
 from tether.sdk.telemetry import context_from_traceparent, exports_spans, get_logger
 
@@ -175,12 +177,32 @@ class Attempts:
             e.msg.attempts[-1].started_at.CopyFrom(started)
         self.committer.mark(e)
 
+    def _redact(self, m: types_pb2.TaskRun, s: agent_pb2.TaskStatus) -> None:
+        """Mask the task's secret values in what its report shows, before it is stored.
+
+        The agent masks them too, but one that adopted the attempt after a restart no longer
+        knows them, and an older agent may not.
+        """
+        secrets = self.dispatch.secrets
+        try:
+            values = list(secrets.resolve(m.spec).values()) if secrets is not None else []
+        except SecretUnavailable as e:  # deleted since: what the agent masked must do
+            log.warning("cannot mask a report's secrets", task=m.spec.name, error=str(e))
+            return
+        # The tails as they will be stored (cut to their last LOG_TAIL_BYTES), masked after
+        # the cut: it may fall inside a value.
+        s.stdout_tail = redact_text(s.stdout_tail[-LOG_TAIL_BYTES:], values)
+        s.stderr_tail = redact_text(s.stderr_tail[-LOG_TAIL_BYTES:], values)
+        s.message = redact_text(s.message, values)
+
     def _record_result(
         self, run: RunEntry, e: TaskEntry, s: agent_pb2.TaskStatus, session: AgentSession
     ) -> None:
         m = e.msg
         att = m.attempts[-1] if m.attempts else m.attempts.add(number=m.attempt)
         lc.move_attempt(m, att, s.state)
+        if m.spec.env_secrets:
+            self._redact(m, s)
         att.exit_code = s.exit_code
         att.reason = s.reason
         att.message = s.message
