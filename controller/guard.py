@@ -32,6 +32,10 @@ __all__ = ["Guard"]
 
 log = get_logger("controller.audit")
 _BEARER = "bearer "
+# How often an open stream's token is checked again (on the stream's next message): a
+# user's, and an agent's (one etcd read each; a mesh may hold thousands of agent streams).
+RECHECK_SECONDS = 1.0
+AGENT_RECHECK_SECONDS = 30.0
 
 
 class Guard(grpc.aio.ServerInterceptor):
@@ -101,6 +105,14 @@ class Guard(grpc.aio.ServerInterceptor):
             raise
         return principal
 
+    async def still_valid(self, principal: Principal, metadata) -> None:
+        """For a stream open for a while: raise Unauthenticated if the token it was opened
+        with has been revoked or has expired since (no rate is charged)."""
+        if not principal.authenticated:
+            return
+        header = next((v for k, v in metadata or () if k == "authorization"), "")
+        await self.tokens.authenticate(str(header)[len(_BEARER) :].strip())
+
     def _open(self, method: str) -> bool:
         if self.agents_need_token and method.startswith(AGENT_SERVICE):
             return False
@@ -168,11 +180,28 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard) -> grpc.Rpc
             guard.audit(method, principal, _run_id(request, response), context.code())
             reset_principal(token)
 
+    every = AGENT_RECHECK_SECONDS if method.startswith(AGENT_SERVICE) else RECHECK_SECONDS
+
+    async def checked(items, principal: Principal, context):
+        # A stream outlives the check at its start (`logs -f`, `watch`, an agent's): its
+        # token is checked again before it sends anything once `every` seconds have
+        # passed, so that a revoked or expired token stops reading within that time.
+        due = time.monotonic() + every
+        async for item in items:
+            if principal.authenticated and time.monotonic() >= due:
+                try:
+                    await guard.still_valid(principal, context.invocation_metadata())
+                except Exception as e:
+                    await abort_for(context, e)
+                due = time.monotonic() + every
+            yield item
+
     async def unary_stream(request, context):
         principal = await enter(request, context)
         token = set_principal(principal)
         try:
-            async for item in handler.unary_stream(request, context):
+            items = handler.unary_stream(request, context)
+            async for item in checked(items, principal, context):
                 yield item
         finally:
             reset_principal(token)
@@ -189,7 +218,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, guard: Guard) -> grpc.Rpc
         principal = await enter(None, context)
         token = set_principal(principal)
         try:
-            async for item in handler.stream_stream(request_iterator, context):
+            items = handler.stream_stream(request_iterator, context)
+            async for item in checked(items, principal, context):
                 yield item
         finally:
             reset_principal(token)

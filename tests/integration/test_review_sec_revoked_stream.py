@@ -22,9 +22,9 @@ def test_revoked_token_stops_reading_an_open_log_stream(etcd, prefix, tmp_path):
         mesh.start_controller()
         with Client(mesh.address, token="") as c:
             admin, _ = c.bootstrap_acl()
-        mesh.add_agent("n1")
         admin_c = Client(mesh.address, timeout=30, token=admin)
         mesh._clients.append(admin_c)
+        mesh.add_agent("n1", token=admin_c.create_token("agents", "operator")[0])
         viewer, _ = admin_c.create_token("vera", "viewer")
         wf = Workflow("ticker")
         wf.task(
