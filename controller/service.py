@@ -331,6 +331,9 @@ class ControllerServicer(_LeaderOnly, controller_pb2_grpc.ControllerServiceServi
     @grpc_errors
     async def CreateToken(self, request, context):
         ttl = request.ttl.ToNanoseconds() / 1e9 if request.HasField("ttl") else 0.0
+        if request.HasField("ttl") and ttl < 0.001:
+            # 0 would mean "never expires": a short-lived token asked for must not become that.
+            raise InvalidSpecError([FieldViolation("ttl", "must be at least 1ms")])
         token, info = await self.tokens.create(
             request.name, request.role, ttl, current_principal().name
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import random
 import time
@@ -485,7 +486,9 @@ class Client:
         after ``ttl`` seconds (None: never); return it (shown only now) and its description.
         Needs an admin token."""
         request = controller_pb2.CreateTokenRequest(name=name, role=role)
-        if ttl:
+        if ttl is not None:
+            if not (math.isfinite(ttl) and ttl >= 0.001):
+                raise InvalidSpecError([FieldViolation("ttl", "must be at least 1ms")])
             request.ttl.FromNanoseconds(int(ttl * 1e9))
         resp = self._call("CreateToken", request)
         return resp.token, resp.info

@@ -22,11 +22,13 @@ from helpers import (
     wait_for,
 )
 
+from tether.api.v1 import controller_pb2
 from tether.controller.server import ControllerServer
 from tether.sdk import Workflow
 from tether.sdk.client import Client
 from tether.sdk.errors import (
     FailedPreconditionError,
+    InvalidSpecError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitedError,
@@ -104,6 +106,15 @@ def test_cli_bootstrap_prints_the_token_once(etcd, prefix, tmp_path):
         res = _cli(mesh, token, "tokens", "revoke", "ci")
         assert res.returncode == 0, res.stderr
         assert_one_line_error(_cli(mesh, ci, "nodes"), "not valid")
+        # A zero lifetime is refused, not taken for "never expires".
+        res = _cli(mesh, token, "tokens", "create", "zero", "--role", "viewer", "--ttl", "0s")
+        assert_one_line_error(res, "ttl")
+        request = controller_pb2.CreateTokenRequest(name="zero", role="viewer")
+        request.ttl.nanos = 1
+        with Client(mesh.address, timeout=10, token=token) as c:
+            with pytest.raises(InvalidSpecError, match="ttl"):
+                c._call("CreateToken", request)
+            assert "zero" not in {i.name for i in c.list_tokens()}
     finally:
         mesh.close()
 
