@@ -15,7 +15,7 @@ from tether.agent.config import AgentConfig, default_node_name
 from tether.agent.identity import WorkDirBusy
 from tether.sdk.certs import CertError, node_name_of
 from tether.sdk.settings import ConfigError, config_options, layered
-from tether.sdk.telemetry import setup_logging
+from tether.sdk.telemetry import LOG_LEVELS, setup_logging
 
 
 async def _until_signal(stopping: asyncio.Event, *aws: asyncio.Future) -> bool:
@@ -76,7 +76,13 @@ def _derived_defaults(kwargs: dict) -> None:
 
 @click.command("agent")
 @config_options(AgentConfig)
-@click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
+@click.option(
+    "--log-level",
+    envvar="TETHER_LOG_LEVEL",
+    default="info",
+    show_default=True,
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+)
 @click.pass_context
 def agent_command(ctx: click.Context, log_level: str, **_flags) -> None:
     """Run an agent: register this node and run the tasks the controller assigns.

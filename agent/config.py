@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tempfile
@@ -202,6 +203,8 @@ class AgentConfig:
         # relative work_dir would make those paths point nowhere.
         object.__setattr__(self, "work_dir", Path(self.work_dir).resolve())
         runtime = registry.get(self.runtime)  # raises ValueError for an unknown name
+        if not math.isfinite(self.cpu):
+            raise ValueError(f"cpu: must be a finite number of cores, got {self.cpu}")
         if self.cpu < 0 or self.memory_bytes < 0 or self.max_tasks < 0:
             raise ValueError("cpu, memory and max_tasks must not be negative")
         if self.log_limit_bytes < 0:

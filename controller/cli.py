@@ -13,7 +13,7 @@ from tether.controller.errors import StoreUnavailable
 from tether.controller.secretbox import KeyFileError
 from tether.controller.server import ControllerServer
 from tether.sdk.settings import ConfigError, config_options, layered
-from tether.sdk.telemetry import setup_logging
+from tether.sdk.telemetry import LOG_LEVELS, setup_logging
 
 
 async def serve(config: ControllerConfig) -> None:
@@ -39,7 +39,13 @@ def tune_gc() -> None:
 
 @click.command("controller")
 @config_options(ControllerConfig)
-@click.option("--log-level", envvar="TETHER_LOG_LEVEL", default="info", show_default=True)
+@click.option(
+    "--log-level",
+    envvar="TETHER_LOG_LEVEL",
+    default="info",
+    show_default=True,
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+)
 @click.pass_context
 def controller_command(ctx: click.Context, log_level: str, **_flags) -> None:
     """Run a controller (state in etcd, gRPC API for clients and agents).
@@ -68,4 +74,7 @@ def controller_command(ctx: click.Context, log_level: str, **_flags) -> None:
         etcd = ",".join(config.etcd_endpoints)
         raise click.ClickException(f"{e} (is etcd running at {etcd}?)") from None
     except (OSError, RuntimeError) as e:  # e.g. the listen address is taken
-        raise click.ClickException(f"cannot serve on {listen}: {e}") from None
+        message = str(e)
+        if not message.startswith("metrics_listen"):  # which names its own address
+            message = f"cannot serve on {listen}: {message}"
+        raise click.ClickException(message) from None

@@ -16,6 +16,9 @@ from tether.sdk.validation import Limits
 
 __all__ = ["ControllerConfig", "advertised", "is_loopback"]
 
+# The smallest max_message_bytes accepted: below it, ordinary requests and answers fail.
+MIN_MESSAGE_BYTES = 64 * 1024
+
 
 def is_loopback(listen: str) -> bool:
     """Whether a ``host:port`` listen address is reachable only from this host."""
@@ -257,6 +260,9 @@ class ControllerConfig:
         EtcdConnection.from_config(self)  # raises ValueError naming what is wrong
         if not self.prefix.startswith("/") or self.prefix.endswith("/"):
             raise ValueError(f"prefix: must start and not end with '/', got {self.prefix!r}")
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            # Smaller, and requests such as a run's status would not fit.
+            raise ValueError(f"max_message_bytes: must be at least {MIN_MESSAGE_BYTES // 1024}Ki")
         if self.lease_ttl < 1:
             raise ValueError("lease_ttl: must be >= 1 second")
         if self.etcd_wait <= 0:

@@ -122,6 +122,9 @@ class ControllerServer:
                 it either leads or stands by behind another leader (False).
         """
         _check_free(self.config.listen)
+        if self.config.metrics_listen:
+            # Bound first: a taken port then fails before anything else has started.
+            self.metrics_port = self.metrics.serve(self.config.metrics_listen)
         await self.store.connect()
         await self.store.wait_ready(self.config.etcd_wait)
         # Loaded before any term starts: assignments a new leader re-sends need them.
@@ -178,8 +181,6 @@ class ControllerServer:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._server = server
-        if self.config.metrics_listen:
-            self.metrics_port = self.metrics.serve(self.config.metrics_listen)
         self.metrics.follow(asyncio.get_running_loop(), self._snapshot)
         self._campaign = asyncio.create_task(self._campaign_loop(), name="campaign")
         waiters = [asyncio.ensure_future(self._leading.wait()), self._campaign]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -510,8 +511,8 @@ def _check_register(reg: agent_pb2.Register) -> str:
     if len(reg.certificate) > 64 * 1024:
         return "register.certificate: at most 64 KiB"
     c = reg.capacity
-    if c.cpu < 0 or c.memory_bytes < 0 or c.gpu < 0:
-        return "register.capacity: must not be negative"
+    if not math.isfinite(c.cpu) or c.cpu < 0 or c.memory_bytes < 0 or c.gpu < 0:
+        return "register.capacity: must be finite and not negative"
     if len(reg.address) > 253:
         return "register.address: at most 253 characters"
     if not 0 <= reg.free_port <= 65535:

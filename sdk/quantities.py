@@ -6,6 +6,7 @@ Go (``30s``, ``10m``, ``1h30m``, ``250ms``), so that specs read the same as else
 
 from __future__ import annotations
 
+import math
 import re
 
 _MEMORY_UNITS = {
@@ -27,6 +28,12 @@ _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|us|s|m|h|d)")
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+# The longest duration the API can carry (google.protobuf.Duration: 10,000 years), and the
+# most bytes an int64 field holds.
+MAX_DURATION_SECONDS = 315_576_000_000
+MAX_MEMORY_BYTES = 2**63 - 1
+
+
 def parse_memory(value: str | int | float) -> int:
     """Return bytes for a memory quantity such as ``512Mi``, ``2Gi`` or ``1000``.
 
@@ -36,13 +43,17 @@ def parse_memory(value: str | int | float) -> int:
     if isinstance(value, bool):
         raise ValueError("memory must be a quantity like 512Mi, not a boolean")
     if isinstance(value, int | float):
-        if value < 0:
+        if not value >= 0:  # NaN too
             raise ValueError(f"memory must be >= 0, got {value}")
-        return int(value)
-    m = _MEMORY.match(str(value))
-    if not m:
-        raise ValueError(f"invalid memory quantity {value!r} (use e.g. 512Mi, 2Gi)")
-    return int(float(m.group(1)) * _MEMORY_UNITS[m.group(2) or ""])
+        n = value
+    else:
+        m = _MEMORY.match(str(value))
+        if not m:
+            raise ValueError(f"invalid memory quantity {value!r} (use e.g. 512Mi, 2Gi)")
+        n = float(m.group(1)) * _MEMORY_UNITS[m.group(2) or ""]
+    if n > MAX_MEMORY_BYTES:
+        raise ValueError(f"memory {value!r} is more than any machine has (at most 8Ei)")
+    return int(n)
 
 
 def format_memory(n: int) -> str:
@@ -73,18 +84,21 @@ def parse_duration(value: str | int | float) -> float:
     if isinstance(value, bool):
         raise ValueError("duration must be like 30s or 10m, not a boolean")
     if isinstance(value, int | float):
-        if value < 0:
+        if math.isnan(value) or value < 0:
             raise ValueError(f"duration must be >= 0, got {value}")
-        return float(value)
-    text = str(value).strip()
-    pos, total = 0, 0.0
-    for m in _DURATION_PART.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    if not text or pos != len(text):
-        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 10m, 1h30m)")
+        total = float(value)
+    else:
+        text = str(value).strip()
+        pos, total = 0, 0.0
+        for m in _DURATION_PART.finditer(text):
+            if m.start() != pos:
+                break
+            total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+            pos = m.end()
+        if not text or pos != len(text):
+            raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 10m, 1h30m)")
+    if total > MAX_DURATION_SECONDS:  # infinity too
+        raise ValueError(f"duration {value!r} is too long (at most 10000 years)")
     return total
 
 

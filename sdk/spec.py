@@ -39,7 +39,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from google.protobuf import duration_pb2
@@ -80,6 +80,11 @@ class Secret:
         return f"secret:{self.name}"
 
 
+# What the API's integer fields hold: a bigger number is refused with its field's name,
+# rather than failing in protobuf with no name.
+_Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -89,7 +94,7 @@ class Resources(_Strict):
 
     cpu: float = 0.0
     memory: int = 0
-    gpu: int = 0
+    gpu: _Int32 = 0
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -126,7 +131,7 @@ class Affinity(_Strict):
     key: str
     operator: str
     values: list[str] = Field(default_factory=list)
-    weight: int = 0
+    weight: _Int32 = 0
 
     @classmethod
     def parse(cls, v: Any) -> Any:
@@ -158,7 +163,7 @@ class Task(_Strict):
     env: dict[str, str | Secret] = Field(default_factory=dict)
     resources: Resources = Resources()  # frozen: one shared default, not one per task
     depends_on: list[str] = Field(default_factory=list)
-    retries: int = 0
+    retries: _Int32 = 0
     timeout: float = 0.0
     working_dir: str = ""
     allow_failure: bool = False
@@ -166,9 +171,9 @@ class Task(_Strict):
     backoff: Backoff | None = None
     node_selector: dict[str, str] = Field(default_factory=dict)
     affinity: list[Affinity] = Field(default_factory=list)
-    priority: int | None = None
+    priority: _Int32 | None = None
     preemptible: bool = False
-    replicas: int = 0
+    replicas: _Int32 = 0
     expected_duration: float = 0.0
 
     @field_validator("timeout", "expected_duration", mode="before")

@@ -25,6 +25,7 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 __all__ = [
+    "LOG_LEVELS",
     "SpanIds",
     "context_from_traceparent",
     "current_traceparent",
@@ -161,6 +162,10 @@ def _add_trace_ids(_logger, _name, event: dict) -> dict:
     return event
 
 
+# The levels --log-level / TETHER_LOG_LEVEL take.
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 def setup_logging(level: str = "info", json: bool | None = None, stream=None) -> None:
     """Configure structlog: JSON when not on a terminal (or when asked), readable otherwise.
 
@@ -172,7 +177,9 @@ def setup_logging(level: str = "info", json: bool | None = None, stream=None) ->
     stream = stream or sys.stderr
     if json is None:
         json = os.environ.get("TETHER_LOG_FORMAT", "").lower() == "json" or not stream.isatty()
-    numeric = getattr(logging, level.upper(), logging.INFO)
+    if level.lower() not in LOG_LEVELS:
+        raise ValueError(f"log level {level!r}: use one of {', '.join(LOG_LEVELS)}")
+    numeric = getattr(logging, level.upper())
     logging.basicConfig(level=numeric, stream=stream, format="%(message)s", force=True)
     structlog.configure(
         processors=[

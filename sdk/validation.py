@@ -413,6 +413,9 @@ def _task_violations(
             templated.append((i, f"command[{j}]", arg))
     if "env" in present:
         templated.extend((i, f"env.{k}", v) for k, v in t.env.items() if "{{" in v)
+    for name in ("working_dir", "image"):  # a path and a reference: no NUL either
+        if name in present and "\0" in getattr(t, name):
+            yield FieldViolation(f"{where}.{name}", "must not contain a NUL byte")
     if "image_pull_policy" in present and t.image_pull_policy not in (
         "",
         "if-not-present",

@@ -148,3 +148,13 @@ def test_nul_byte_in_working_dir_or_image_is_refused_at_submit(field):
     spec.tasks.add(name="a", command=["true"], **{field: "a\x00b"})
     with pytest.raises(InvalidSpecError, match=field):
         validate_workflow(spec)
+
+
+# --- log level ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["controller", "agent"])
+def test_an_unknown_log_level_is_refused_not_ignored(command):
+    res = tether(command, "--log-level", "nope", timeout=30)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "--log-level" in res.stderr and "debug" in res.stderr, res.stderr
