@@ -29,6 +29,7 @@ from opentelemetry import trace
 
 from tether.api.v1 import agent_pb2, controller_pb2
 from tether.api.v1 import types_pb2 as t
+from tether.controller import gangs
 from tether.controller import lifecycle as lc
 from tether.controller.abandoned_submits import AbandonedSubmits
 from tether.controller.attempts import Attempts
@@ -189,16 +190,19 @@ class Engine:
             self._tasks.append(asyncio.create_task(self._abandoned.loop(), name="abandoned"))
         if self.config.etcd_compaction_interval > 0:
             self._tasks.append(asyncio.create_task(self.compactor.loop(), name="compaction"))
-        # Attempts bound to nodes that are gone get a lease TTL to re-register before they are
-        # declared lost: an agent may be reconnecting to this controller right now.
-        orphans = {
-            (r.msg.id, e.msg.spec.name)
-            for r in self._cache.runs.values()
-            for e in r.tasks.values()
-            if e.msg.state in lc.TASK_ACTIVE and e.msg.node not in registered
-        }
-        if orphans:
-            self._timers.later(self.config.lease_ttl, self._attempts.expire_orphans, orphans)
+        # Attempts bound to nodes that are gone get their node's disconnect grace (a lease TTL
+        # at least) to re-register before they are declared lost: an agent may be
+        # reconnecting to this controller right now, and one cut off still runs them until
+        # its grace is over.
+        orphans: dict[float, set[tuple[str, str]]] = {}
+        for r in self._cache.runs.values():
+            for e in r.tasks.values():
+                if e.msg.state in lc.TASK_ACTIVE and e.msg.node not in registered:
+                    graces = [self._nodes.grace_of(n) for n, _ in gangs.placements(e.msg)]
+                    wait = max(graces, default=float(self.config.lease_ttl))
+                    orphans.setdefault(wait, set()).add((r.msg.id, e.msg.spec.name))
+        for wait, keys in orphans.items():
+            self._timers.later(wait, self._attempts.expire_orphans, keys)
         for run in list(self._cache.runs.values()):
             self._loader.reconcile(run)
         self._cache.kick()

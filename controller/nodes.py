@@ -98,11 +98,18 @@ class Nodes:
         self._registering = asyncio.Semaphore(_REGISTER_CONCURRENCY)
         # Nodes whose record the sweep is deleting (their agents stopped beating).
         self._expiring: set[str] = set()
+        # Disconnect graces longer than a lease TTL, by node, as kept in etcd: after a
+        # failover, a node's attempts wait that long before they may start elsewhere.
+        self.graces: dict[str, float] = {}
         self._expiries: set[asyncio.Task] = set()
 
     async def load(self, revision: int) -> set[str]:
         """Read the registered nodes' leases and the operators' cordons and drains at
         ``revision``; return the registered nodes' names."""
+        graces, _ = await self.store.range(self.keys.node_graces, revision=revision)
+        for kv in graces:
+            d = duration_pb2.Duration.FromString(kv.value)
+            self.graces[kv.key.rsplit("/", 1)[1]] = d.ToNanoseconds() / 1e9
         nodes, _ = await self.store.range(self.keys.nodes, revision=revision)
         taken_over = time.monotonic()
         for kv in nodes:
@@ -113,13 +120,29 @@ class Nodes:
             # heard from, so none is declared lost (nor its attempts retried) sooner than a
             # full grace after this takeover.
             st.last_contact = taken_over
-            st.disconnect_grace = max(st.disconnect_grace, float(self.config.lease_ttl))
+            st.disconnect_grace = max(st.disconnect_grace, self.grace_of(node.name))
             self.awaited.add(node.name)
         await self._refresh_leases(sorted({kv.lease for kv in nodes if kv.lease}))
         controls, _ = await self.store.range(self.keys.node_controls, revision=revision)
         for kv in controls:
             self._apply_control(kv.key.rsplit("/", 1)[1], t.NodeControl.FromString(kv.value))
         return {kv.key.rsplit("/", 1)[1] for kv in nodes}
+
+    def _grace_op(self, node: str, grace: float) -> Put | Delete | None:
+        """The write that keeps a node's disconnect grace for a later leader, if it changed:
+        only one longer than a lease TTL is kept (a leader waits that long anyway)."""
+        if grace > self.config.lease_ttl:
+            if self.graces.get(node) == grace:
+                return None
+            value = duration_pb2.Duration()
+            value.FromNanoseconds(int(grace * 1e9))
+            return Put(self.keys.node_grace(node), value.SerializeToString())
+        return Delete(self.keys.node_grace(node)) if node in self.graces else None
+
+    def grace_of(self, node: str) -> float:
+        """How long the agent of ``node`` may keep running its attempts out of contact, as
+        far as this term knows (a lease TTL unless it registered a longer grace)."""
+        return max(float(self.config.lease_ttl), self.graces.get(node, 0.0))
 
     async def _refresh_leases(self, leases: list[int]) -> None:
         """Renew each lease of the nodes' records once at takeover, so that it lives a full
@@ -236,10 +259,13 @@ class Nodes:
             max_tasks=reg.max_tasks,
             address=reg.address,
         )
+        ops: list[Put | Delete] = [Put(self.keys.node(reg.node), node.SerializeToString(), lease)]
+        grace = reg.disconnect_grace.ToNanoseconds() / 1e9
+        grace_op = self._grace_op(reg.node, grace)
+        if grace_op is not None:
+            ops.append(grace_op)
         try:
-            _, revision = await self.store.txn(
-                [], [Put(self.keys.node(reg.node), node.SerializeToString(), lease)]
-            )
+            _, revision = await self.store.txn([], ops)
             self._check_open()
         except BaseException as e:
             if st.session is session:
@@ -262,8 +288,11 @@ class Nodes:
         st.lease_id = lease
         st.record_revision = revision
         st.last_heartbeat = st.last_contact = time.monotonic()
-        grace = reg.disconnect_grace.ToNanoseconds() / 1e9
         st.disconnect_grace = grace if grace > 0 else float(self.config.lease_ttl)
+        if grace > self.config.lease_ttl:
+            self.graces[reg.node] = grace
+        else:
+            self.graces.pop(reg.node, None)
         for report in reg.pending_reports:
             self.attempts.on_status(session, report)
         self._reconcile_agent(st, session, {(r.run_id, r.task, r.attempt) for r in reg.running})

@@ -6,6 +6,8 @@ Everything the controller persists goes through this module, so the etcd client 
 Key layout under the configured prefix ``P``::
 
     P/nodes/<node>          Node     (bound to the node lease of the term it registered in)
+    P/node-grace/<node>     Duration (its agent's disconnect grace, where longer than a lease
+                                      TTL: kept past the record, for the next leader)
     P/runs/<run>            Run      (no tasks inside: they are keys of their own)
     P/tasks/<run>/<task>    TaskRun
     P/deps/<run>/<task>/<n> DependsOnPart (a long depends_on list, written once)
@@ -47,6 +49,7 @@ class Keys:
         self.prefix = prefix
         self.nodes = f"{prefix}/nodes/"
         self.node_controls = f"{prefix}/node-control/"
+        self.node_graces = f"{prefix}/node-grace/"
         self.runs = f"{prefix}/runs/"
         self.tasks = f"{prefix}/tasks/"
         self.requests = f"{prefix}/requests/"
@@ -58,6 +61,9 @@ class Keys:
 
     def node_control(self, name: str) -> str:
         return self.node_controls + name
+
+    def node_grace(self, name: str) -> str:
+        return self.node_graces + name
 
     def run(self, run_id: str) -> str:
         return self.runs + run_id

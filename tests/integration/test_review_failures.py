@@ -105,6 +105,54 @@ def test_a_lost_attempts_hold_survives_a_controller_restart(etcd, prefix, tmp_pa
         proxy.close()
 
 
+def test_a_cut_off_agents_long_grace_is_honoured_by_the_next_leader(etcd, prefix, tmp_path):
+    """An agent with a disconnect grace (8 s) longer than the lease (2 s) is cut off, and the
+    controller restarts before the node is lost. The new leader, which never saw the agent
+    register, must still wait for that grace before it starts the attempt's copy elsewhere
+    (the grace is kept in etcd at registration): a lease TTL is not enough."""
+    from helpers import Mesh, TcpProxy, wait_for
+    from test_fencing import recorder, records
+
+    from tether.agent.runtimes.reaper import alive, start_ticks
+    from tether.controller.etcd_process import free_port
+
+    port = free_port()
+    mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents", lease_ttl=2)
+    mesh.start_controller(listen=f"127.0.0.1:{port}")
+    proxy = TcpProxy(mesh.address)
+    try:
+        mesh.add_agent("n1", controller=proxy.address, disconnect_grace=8.0)
+        log = tmp_path / "attempts.jsonl"
+        client = mesh.client()
+        run = client.submit(recorder(log, 30))
+        wait_for(lambda: records(log), 20, "attempt 1 started")
+        first = records(log)[0]
+        ticks = start_ticks(first["pid"])
+        mesh.add_agent("n2")
+        proxy.pause()
+        mesh.stop_controller()
+        mesh.start_controller(listen=f"127.0.0.1:{port}")
+        died = None
+        deadline = time.monotonic() + 25
+        while died is None and time.monotonic() < deadline and len(records(log)) < 2:
+            if not alive(first["pid"], ticks):
+                died = time.time()
+            time.sleep(0.005)
+        wait_for(lambda: len(records(log)) >= 2, 25, "attempt 2")
+        second = records(log)[1]
+        assert died is not None and died <= second["start"], (
+            f"attempt 2 started {second['start'] - first['start']:.1f}s after attempt 1, "
+            "which still ran on the cut-off node"
+        )
+        assert client.get_run(run.id).tasks[0].state in (
+            S.TASK_STATE_RUNNING,
+            S.TASK_STATE_SCHEDULED,
+        )
+    finally:
+        mesh.close()
+        proxy.close()
+
+
 def test_a_deposed_engine_does_not_acknowledge_a_result_it_never_wrote(mesh, tmp_path):
     """The leader loses its key just as it writes a task's result: the write is refused
     (NotLeader) and dropped. While the deposed engine is still stopping (etcd slow: its
