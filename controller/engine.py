@@ -213,6 +213,7 @@ class Engine:
     async def stop(self) -> None:
         """Stop the loops, flush what can be flushed, cancel timers, end agent streams."""
         self._loader.stop()
+        self._submitter.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -33,6 +33,9 @@ CHUNKS_IN_FLIGHT = 8
 BUILD_SLICE = 5000
 # Submits of at most this many tasks are checked and built on the event loop.
 INLINE_TASKS = 64
+# Pauses between tries to read a run whose submit lost its reply, seconds.
+ADOPT_RETRY_FIRST = 0.2
+ADOPT_RETRY_MOST = 8.0
 
 log = get_logger("controller.engine")
 
@@ -178,17 +181,26 @@ class Submitter:
         """Load ``run_id`` if a submit whose reply was lost did write it."""
 
         async def adopt() -> None:
-            for delay in (0.2, 0.5, 1, 2, 4, 8):
+            # Until it is read: a run written but never taken up would wait for the next
+            # failover, unless its client asked for it again. Ends with the engine (stop).
+            delay = ADOPT_RETRY_FIRST
+            while True:
                 await asyncio.sleep(delay)
                 try:
                     await self.ensure_loaded(run_id)
                     return
-                except Exception:  # etcd still away (or leadership over): try again later
-                    continue
+                except Exception as e:  # etcd still away: try again later
+                    log.warning("cannot read a submitted run yet", run_id=run_id, error=str(e))
+                delay = min(delay * 2, ADOPT_RETRY_MOST)
 
         task = asyncio.get_running_loop().create_task(adopt())
         self._adopting.add(task)
         task.add_done_callback(self._adopting.discard)
+
+    def stop(self) -> None:
+        """Cancel the adoptions under way (the engine is stopping)."""
+        for task in self._adopting:
+            task.cancel()
 
     async def _submit_chunked(
         self,

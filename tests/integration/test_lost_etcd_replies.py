@@ -142,3 +142,48 @@ def test_a_submit_whose_reply_is_lost_is_taken_up_without_a_retry(mesh):
     mesh.wait_for(
         lambda: client.get_run(run.id).state == R.RUN_STATE_SUCCEEDED, 15, "the run finished"
     )
+
+
+def test_a_lost_submit_is_taken_up_however_long_etcd_stays_away(mesh, monkeypatch, tmp_path):
+    """As above, and etcd does not answer the controller's reads of the run for a while
+    (more tries than the controller used to make before giving up on it): the run is
+    still taken up once it does, with no client asking for it."""
+    from tether.controller import submit as submit_module
+
+    monkeypatch.setattr(submit_module, "ADOPT_RETRY_FIRST", 0.01)
+    monkeypatch.setattr(submit_module, "ADOPT_RETRY_MOST", 0.05)
+    mesh.add_agent("n1")
+    engine = mesh.controller.engine
+    store = mesh.controller.store
+    real_txn_get, real_get = store.txn_get, store.get
+    fired, failed_reads = [], []
+
+    async def txn_get(compares, ops, key):
+        res = await real_txn_get(compares, ops, key)
+        if not fired and res[0]:
+            fired.append(True)
+            raise TimeoutError("simulated: reply lost after the submit committed")
+        return res
+
+    async def get(key):
+        if fired and "/runs/" in key and len(failed_reads) < 12:
+            failed_reads.append(key)
+            raise TimeoutError("simulated: etcd unreachable")
+        return await real_get(key)
+
+    store.txn_get, store.get = txn_get, get
+    done = tmp_path / "ran"
+    wf = Workflow("lost-submit-long")
+    wf.task("a", [PY, "-c", f"open({str(done)!r}, 'w').close()"])
+
+    async def submit():
+        try:
+            await engine.submit(wf.to_proto(), {}, "req-lost-2", "")
+        except TimeoutError:
+            return "lost"
+        return "answered"
+
+    assert mesh.call(submit()) == "lost"
+    # Nothing here reads the run through the API (that would take it up itself).
+    mesh.wait_for(done.exists, 20, "the lost submit's task ran")
+    assert len(failed_reads) == 12
