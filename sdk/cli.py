@@ -96,8 +96,8 @@ def _client(ctx: click.Context) -> Client:
     obj = ctx.find_root().obj
     try:
         return Client(obj["controller"], tls_ca=obj["tls_ca"], token=obj["token"])
-    except ValueError as e:  # an address without a port
-        raise click.ClickException(f"--controller: {e}") from None
+    except ValueError as e:  # an address without a port; the message names the setting
+        raise click.ClickException(str(e)) from None
 
 
 @cli.command()

@@ -36,6 +36,7 @@ from tether.sdk.errors import (
     from_rpc_error,
     leader_of,
 )
+from tether.sdk.quantities import parse_duration
 from tether.sdk.spec import Workflow
 from tether.sdk.states import TERMINAL_RUN_STATES, RunState
 from tether.sdk.telemetry import current_traceparent
@@ -445,7 +446,10 @@ class Client:
         minutes) stop what remains, to be retried elsewhere without using up retries."""
         req = controller_pb2.DrainNodeRequest(node=node)
         if deadline is not None:
-            req.deadline.FromNanoseconds(int(deadline * 1e9))
+            try:
+                req.deadline.FromNanoseconds(int(parse_duration(deadline) * 1e9))
+            except ValueError as e:
+                raise InvalidSpecError([FieldViolation("deadline", str(e))]) from None
         self._call("DrainNode", req)
 
     def set_secret(self, name: str, value: str | bytes) -> bool:

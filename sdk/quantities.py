@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import re
 
+from tether.sdk.constants import INT64_MAX
+
 _MEMORY_UNITS = {
     "": 1,
     "k": 10**3,
@@ -31,7 +33,7 @@ _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 8640
 # The longest duration the API can carry (google.protobuf.Duration: 10,000 years), and the
 # most bytes an int64 field holds.
 MAX_DURATION_SECONDS = 315_576_000_000
-MAX_MEMORY_BYTES = 2**63 - 1
+MAX_MEMORY_BYTES = INT64_MAX
 
 
 def parse_memory(value: str | int | float) -> int:

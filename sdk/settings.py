@@ -319,7 +319,13 @@ def _from_file(
                 out[norm] = (value, f"{where(here)}")
             else:
                 name = ".".join(norm)
-                hint = difflib.get_close_matches(name, known, n=1)
+                # A flag's name where the setting has another (--name sets node, say).
+                by_flag = [
+                    ".".join(p)
+                    for p, st in by_path.items()
+                    if st.flag and st.flag.lstrip("-").replace("-", "_") == name
+                ]
+                hint = by_flag or difflib.get_close_matches(name, known, n=1)
                 maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
                 raise ConfigError(f"{where(here)}: unknown setting {name!r}{maybe}")
 

@@ -46,6 +46,7 @@ from google.protobuf import duration_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tether.api.v1 import types_pb2
+from tether.sdk.constants import INT32_MAX
 from tether.sdk.errors import InvalidSpecError
 from tether.sdk.quantities import parse_duration, parse_memory
 from tether.sdk.validation import FieldViolation, validate_workflow
@@ -82,7 +83,7 @@ class Secret:
 
 # What the API's integer fields hold: a bigger number is refused with its field's name,
 # rather than failing in protobuf with no name.
-_Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+_Int32 = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
 
 
 class _Strict(BaseModel):

@@ -166,7 +166,8 @@ def follow_run(client: Client, run_id: str) -> t.Run:
 
 
 def print_results(run: t.Run) -> None:
-    """Print what the run's final tasks printed (or their JSON output), then its message."""
+    """Print what the run's final tasks printed (or their JSON output), then the failures.
+    The run's message is the caption of the table :func:`follow_run` left above."""
     console.print()  # the live table leaves the cursor at the end of its last line
     children = {d for tk in run.tasks for d in tk.spec.depends_on}
     for tk in sorted(run.tasks, key=lambda x: x.index):
@@ -180,5 +181,3 @@ def print_results(run: t.Run) -> None:
             console.print(f"[bold]{tk.spec.name} output:[/]")
             console.print_json(tk.outputs_json)
     print_failures(run)
-    if run.message:
-        console.print(run.message, markup=False, highlight=False)

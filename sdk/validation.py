@@ -93,7 +93,7 @@ class Limits:
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
             if value <= 0:
-                raise ValueError(f"limits: {name} must be > 0, got {value}")
+                raise ValueError(f"{name} must be > 0, got {value}")
 
 
 LIMITS = Limits()
@@ -132,6 +132,9 @@ def _violations(spec: types_pb2.WorkflowSpec, limits: Limits, templated: list):
         yield FieldViolation("name", "must not be empty")
     elif len(spec.name) > limits.max_name:
         yield FieldViolation("name", f"longer than {limits.max_name} characters")
+    elif not spec.name.isprintable():
+        # Shown in tables and logs, and a line break or escape would forge their lines.
+        yield FieldViolation("name", "must not contain control characters (line breaks, tabs)")
     if not spec.tasks:
         yield FieldViolation("tasks", "a workflow needs at least one task")
         return

@@ -158,3 +158,36 @@ def test_an_unknown_log_level_is_refused_not_ignored(command):
     res = tether(command, "--log-level", "nope", timeout=30)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert "--log-level" in res.stderr and "debug" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("name", ["two\nlines", "tab\there", "esc\x1b[31m"])
+def test_a_workflow_name_with_control_characters_is_refused(name):
+    spec = t.WorkflowSpec(name=name)
+    spec.tasks.add(name="a", command=["true"])
+    with pytest.raises(InvalidSpecError, match="name"):
+        validate_workflow(spec)
+
+
+def test_a_workflow_name_in_any_script_is_fine():
+    spec = t.WorkflowSpec(name="détection-欺诈 ✓")
+    spec.tasks.add(name="a", command=["true"])
+    validate_workflow(spec)
+
+
+@pytest.mark.parametrize("deadline", [math.inf, math.nan, -1])
+def test_drain_deadline_must_be_a_finite_duration(deadline):
+    with Client(_NOWHERE) as client, pytest.raises(InvalidSpecError, match="deadline"):
+        client.drain_node("n1", deadline=deadline)
+
+
+def test_setting_errors_name_the_setting_once_and_point_from_a_flags_name(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("limits: {max_tasks: 0}\n")
+    with pytest.raises(ConfigError) as e:
+        controller_config("--config", str(conf))
+    assert str(e.value).count("limits:") == 1, e.value
+    conf.write_text("name: gpu-1\n")
+    with pytest.raises(ConfigError, match="did you mean 'node'"):
+        agent_config("--config", str(conf))
+    res = tether("status", "--controller", "127.0.0.1", timeout=30)
+    assert res.returncode == 1 and res.stderr.count("controller") == 1, res.stderr
