@@ -1,6 +1,6 @@
-"""Security review: the final report of an attempt adopted by a restarted agent must have its
-secret masked, like any other attempt's (README "Secrets": the log tails an attempt reports
-have the value replaced by ``[secret]``)."""
+"""The final report of an attempt adopted by a restarted agent has its secret masked, like
+any other attempt's (README "Secrets": the log tails an attempt reports have the value
+replaced by ``[secret]``), and etcd never holds the value in plaintext."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Security review: the Compose file's controllers serve plaintext with no auth (--insecure,
-no --auth) "for one host only", yet publish their gRPC port on every host interface
-("7070:7070" binds 0.0.0.0). Anyone on the host's network can then submit tasks, which the
-agents run through the host's Docker socket (root on the host), and read every secret."""
+"""The Compose file's controllers serve plaintext with no tokens (--insecure, no --auth)
+"for one host only": they must publish their ports on the host's loopback alone, or anyone
+on the host's network could submit tasks, which the agents run through the host's Docker
+socket (root on the host), and read every secret."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Failure-handling bugs found by a review; each test fails on the code it was written against."""
+"""Narrow failure windows (found by a review): a reload meeting an etcd error, a lost
+attempt's hold across a restart, a deposed engine's acknowledgements, a cancel's durability,
+a pending preemption ending with a lost attempt, an agent's long grace across a failover."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""Security review: on a controller that requires tokens (``--auth``, or TLS without
-``--tls-ca``), anyone who reaches the port can open AgentService.Connect with no token and
-no certificate, register a node, and be sent the decrypted secrets of the tasks placed on it.
-
-README "Users and tokens": "The health service needs no token, nor do agents (node
-certificates identify them)". Without --tls-ca nothing identifies them.
-"""
+"""Who may be an agent: on a controller that checks tokens but no node certificates
+(``--auth``, or TLS without ``--tls-ca``), a stream with no token and no certificate is
+refused, so that no one who merely reaches the port registers a node and is sent the
+decrypted secrets of the tasks placed on it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Bad input found by a review (platform-engineer pass over the README) that is not yet
-refused cleanly: each case here crashed with a traceback, or was accepted and broke later.
-The rule: a clear error naming the field or option, never a traceback or bad state."""
+"""Bad input values (found by a platform-engineer review of the README): numbers the API
+cannot hold, non-finite durations and capacities, NUL bytes, control characters, unknown
+log levels. The rule: a clear error naming the field or option, never a traceback or bad
+state."""
 
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def test_parse_duration_refuses_non_finite_numbers(value):
     ["cancel_grace: .nan", "etcd_compaction_interval: .nan", "retention: .nan", "etcd_wait: .inf"],
 )
 def test_controller_config_file_refuses_non_finite_durations(tmp_path, line):
-    # Accepted today: with `cancel_grace: .nan` the controller starts, and every CancelRun of
+    # Once accepted: with `cancel_grace: .nan` the controller starts, and every CancelRun of
     # a running task then fails INTERNAL in dispatch.cancel (int(nan * 1e9)), leaving the
     # run RUNNING with its tasks running on (reproduced on a local mesh).
     conf = tmp_path / "c.yaml"
@@ -112,7 +113,7 @@ def test_controller_config_file_refuses_non_finite_durations(tmp_path, line):
 
 
 def test_controller_refuses_a_max_message_size_no_request_fits():
-    # Accepted today: the controller serves, and `tether status` then fails with
+    # Once accepted: the controller served, and `tether status` then fails with
     # "SERVER: Received message larger than max (2 vs. 0)".
     with pytest.raises(ConfigError, match="max_message_bytes"):
         controller_config("--max-message-bytes", "0")
@@ -123,7 +124,7 @@ def test_controller_refuses_a_max_message_size_no_request_fits():
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_agent_refuses_non_finite_cpu(value):
-    # Today AgentConfig accepts it and Agent.__init__ dies with a traceback in
+    # Once accepted by AgentConfig: Agent.__init__ died with a traceback in
     # int(cpu * 2); with --max-tasks set the agent registers a capacity of nan.
     with pytest.raises(ConfigError, match="cpu"):
         agent_config("--name", "n1", "--cpu", value)

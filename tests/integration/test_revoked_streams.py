@@ -1,8 +1,6 @@
-"""Security review: a revoked token keeps reading through a stream it opened before the
-revoke. README "Users and tokens": a revoked or expired token "fails at once on every
-controller", "refused by every controller from now on"; the guard checks only at the start
-of a call, so `tether logs -f` / `watch` with a revoked (or expired) token go on for as long
-as the run does."""
+"""A revoked token stops reading through a stream it opened before the revoke (README
+"Users and tokens": a revoked or expired token is refused by every controller from now on):
+the guard checks an open stream's token again as it goes."""
 
 from __future__ import annotations
 

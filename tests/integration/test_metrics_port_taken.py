@@ -1,8 +1,5 @@
-"""Found by a review: a controller whose --metrics-listen port is taken exits with its error
-and then a traceback ("Exception ignored in: <function Server.__del__ ...> RuntimeError: Event
-loop is closed"): server.start() starts the gRPC server before it binds the metrics port and
-does not stop it when that fails. The message also blames the gRPC address ("cannot serve on
-<listen>: metrics_listen: ...")."""
+"""A controller whose --metrics-listen port is taken exits with one line naming that
+address, before anything else has started (no traceback, no gRPC server left behind)."""
 
 from __future__ import annotations
 
