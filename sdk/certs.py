@@ -14,9 +14,11 @@ carry tokens, not certificates, on the same port.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +64,11 @@ class Issued:
 def _write(path: Path, data: bytes, private: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    # Created 0600 from the start: a key must never be readable by others, not even briefly.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    # Created 0600 from the start: a key must never be readable by others, not even briefly
+    # (a leftover .tmp is removed first: opened again, it would keep its own mode).
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
@@ -179,11 +184,22 @@ def _leaf(
     return issued
 
 
+# A DNS name a certificate may hold: labels of letters, digits and hyphens, a leading
+# wildcard label allowed.
+_DNS_NAME = re.compile(
+    r"^(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$"
+)
+
+
 def _host_name(host: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
     except ValueError:
-        return x509.DNSName(host)
+        pass
+    if len(host) > 253 or not _DNS_NAME.match(host):
+        raise CertError(f"--host {host!r} is neither an IP address nor a DNS name")
+    return x509.DNSName(host)
 
 
 def issue_controller(directory: Path, hosts: list[str], days: int = _LEAF_DAYS) -> Issued:

@@ -34,6 +34,22 @@ def test_keys_are_private_and_certs_readable(ca):
     assert stat.S_IMODE(issued.cert.stat().st_mode) == 0o644
 
 
+def test_a_leftover_temporary_file_does_not_leave_a_key_readable(ca):
+    leftover = ca / "node-gpu-2-key.pem.tmp"
+    leftover.write_bytes(b"old")
+    leftover.chmod(0o644)
+    issued = issue_node(ca, "gpu-2")
+    assert stat.S_IMODE(issued.key.stat().st_mode) == 0o600
+    assert not leftover.exists()
+
+
+@pytest.mark.parametrize("host", ["a b", "ctl_1.example.com", "-ctl", "x" * 254, ""])
+def test_a_host_that_is_no_name_nor_address_is_refused(ca, host):
+    with pytest.raises(CertError, match="neither an IP address nor a DNS name"):
+        issue_controller(ca, ["ctl.example.com", host])
+    assert not (ca / "controller.pem").exists()
+
+
 def test_controller_certificate_names_hosts_and_ips(ca):
     issued = issue_controller(ca, ["ctl.example.com", "10.0.0.5", "::1"])
     cert = x509.load_pem_x509_certificate(issued.cert.read_bytes())
