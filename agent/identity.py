@@ -36,7 +36,13 @@ def load_node_id(work_dir: Path) -> str:
             return value
     value = uuid.uuid4().hex
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(value + "\n")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    # Readable by the agent's user alone: where no node certificates are checked, the id is
+    # what tells this node's agent from another claiming its name.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
     os.replace(tmp, path)
     return value
 
