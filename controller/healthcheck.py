@@ -21,6 +21,8 @@ import click
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tether.sdk.address import check_address
+
 __all__ = ["Unhealthy", "check", "main"]
 
 DEFAULT_ADDRESS = "127.0.0.1:7070"
@@ -83,8 +85,12 @@ def check(
     """
     if address.startswith(("http://", "https://")):
         _check_http(address, timeout)
-    else:
-        _check_grpc(address, service, timeout, tls_ca, server_name)
+        return
+    try:
+        check_address(address, "address")  # no port is an error, not a try of 443
+    except ValueError as e:
+        raise Unhealthy(str(e)) from None
+    _check_grpc(address, service, timeout, tls_ca, server_name)
 
 
 @click.command("healthcheck")

@@ -66,6 +66,11 @@ def test_nothing_listening_is_unhealthy_with_the_reason():
     assert "Traceback" not in res.stderr
 
 
+def test_an_address_without_a_port_is_refused_not_tried_on_443():
+    res = probe("--timeout", "1", "127.0.0.1")
+    assert res.returncode == 1 and "has no port" in res.stderr, res.stderr
+
+
 def test_http_address_checks_the_metrics_endpoint(metered: Mesh):
     port = metered.controller.metrics_port
     res = probe(f"http://127.0.0.1:{port}/metrics")
