@@ -243,8 +243,22 @@ class Client:
                 if e.code() == grpc.StatusCode.UNAVAILABLE and tried + 1 < tries:
                     if self._next_controller(e) or tried + 1 < len(self._stubs):
                         continue
-                raise from_rpc_error(e) from None
+                err = from_rpc_error(e)
+                hint = self._tls_hint(err)
+                if hint:
+                    err.message = f"{err.message} ({hint})"
+                    err.args = (err.message,)
+                raise err from None
         raise AssertionError("unreachable")
+
+    def _tls_hint(self, err: TetherError) -> str:
+        """What a connection refused for speaking TLS or not, to the other kind, means."""
+        text = str(err)
+        if not self.tls_ca and "Socket closed" in text:
+            return "does the controller serve TLS? pass --tls-ca or set TETHER_TLS_CA"
+        if self.tls_ca and "WRONG_VERSION_NUMBER" in text:
+            return "the controller serves plaintext: drop --tls-ca / TETHER_TLS_CA"
+        return ""
 
     def submit(
         self,

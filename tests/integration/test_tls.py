@@ -160,11 +160,16 @@ def test_agent_with_its_node_certificate_runs_a_task_over_tls(tls_controller, pk
 def test_plaintext_client_is_refused_by_a_tls_controller(tls_controller, etcd, prefix):
     before = etcd_dump(etcd.endpoint, prefix)
     res = tether("nodes", controller=tls_controller.address, timeout=60)
-    assert_one_line_error(res, "controller unavailable")
+    assert_one_line_error(res, "controller unavailable", "pass --tls-ca")
     with pytest.raises(grpc.RpcError) as e:
         health(tls_controller.address, "")
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert etcd_dump(etcd.endpoint, prefix) == before
+
+
+def test_a_tls_client_of_a_plaintext_controller_is_told_so(mesh: Mesh, pki):
+    res = tether("nodes", "--tls-ca", str(pki / "ca.pem"), controller=mesh.address, timeout=60)
+    assert_one_line_error(res, "controller unavailable", "serves plaintext")
 
 
 @pytest.mark.parametrize(
