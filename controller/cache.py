@@ -220,11 +220,23 @@ class Cache:
 
     def drop_run(self, run_id: str) -> None:
         """Forget a run: its attempts release their nodes, its tasks leave the queue."""
+        old = self.take_run(run_id)
+        if old:
+            self.release(old)
+
+    def take_run(self, run_id: str) -> RunEntry | None:
+        """Forget a run but keep what its attempts hold on their nodes (they still run):
+        for a reload, which :meth:`release`s the old copy as it adds the new one."""
         old = self.runs.pop(run_id, None)
         if old:
             for e in old.tasks.values():
-                self.account(e, -1)
                 self.ready.pop((run_id, e.msg.spec.name), None)
+        return old
+
+    def release(self, run: RunEntry) -> None:
+        """Release what the attempts of a run no longer cached hold on their nodes."""
+        for e in run.tasks.values():
+            self.account(e, -1)
 
     def evict(self, run: RunEntry) -> None:
         """Drop a finished run once its final state is in etcd (reads then go to etcd)."""

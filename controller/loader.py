@@ -67,7 +67,7 @@ class Loader:
             await self._load_run(msg, kv.mod_revision)
         return revision
 
-    async def _load_run(self, msg: t.Run, rev: int) -> RunEntry:
+    async def _load_run(self, msg: t.Run, rev: int, replacing: RunEntry | None = None) -> RunEntry:
         tasks, _ = await self.store.range(self.keys.tasks_of(msg.id))
         run = RunEntry(self.keys.run(msg.id), msg, rev)
         for kv in tasks:
@@ -80,6 +80,10 @@ class Loader:
                     run.tasks[dep].children.append(e.msg.spec.name)
             if e.msg.state not in lc.TASK_TERMINAL:
                 run.unfinished += 1
+        if replacing is not None:
+            # Only now, with the new copy charged in the same turn of the loop: until then
+            # the old copy's attempts (still running) keep their nodes' resources.
+            self.cache.release(replacing)
         self.cache.add_run(run)
         return run
 
@@ -155,13 +159,14 @@ class Loader:
         run this controller no longer holds, and the run is not left out of its memory.
         """
         try:
-            self.cache.drop_run(run_id)
+            old = self.cache.take_run(run_id)
             run_key, tasks_prefix = self.keys.run(run_id), self.keys.tasks_of(run_id)
             self.committer.forget(lambda k: k == run_key or k.startswith(tasks_prefix))
             delay = RELOAD_RETRY_FIRST
             while True:
                 try:
-                    await self._read_again(run_id)
+                    if not await self._read_again(run_id, old) and old is not None:
+                        self.cache.release(old)  # not cached again (gone, or finished)
                     return
                 except Exception as e:  # etcd away: try again, never drop the run
                     log.warning("cannot reload a run; retrying", run_id=run_id, error=str(e))
@@ -170,21 +175,24 @@ class Loader:
         finally:
             self.cache.reloading.discard(run_id)
 
-    async def _read_again(self, run_id: str) -> None:
+    async def _read_again(self, run_id: str, old: RunEntry | None) -> bool:
+        """Read the run from etcd and cache it again (replacing ``old``); False when it is
+        not cached again (gone, or finished)."""
         run_key = self.keys.run(run_id)
         kv = await self.store.get(run_key)
         if kv is None:
             if self.run_watch is not None:
                 self.run_watch.gone(run_id)
-            return
+            return False
         if self.run_watch is not None:
             # The write that conflicted may have been ours, committed with its reply lost:
             # waiters learn what etcd holds, its final state included.
             self.run_watch.read(run_id, kv.value, kv.mod_revision)
         msg = t.Run.FromString(kv.value)
         if msg.state in lc.RUN_TERMINAL:
-            return  # finished runs are read from etcd, not cached
-        run = await self._load_run(msg, kv.mod_revision)
+            return False  # finished runs are read from etcd, not cached
+        run = await self._load_run(msg, kv.mod_revision, replacing=old)
         run.committed = kv.value
         self.reconcile(run)
         self.cache.kick()
+        return True
