@@ -31,7 +31,7 @@ from tether.agent.config import AgentConfig
 from tether.agent.runtimes.base import ExitStatus, LaunchSpec, RecoveredTask, RuntimeError_
 from tether.agent.runtimes.capped_log import CappedLog
 from tether.agent.runtimes.children import FdWatch, PipeCopies, exit_of
-from tether.agent.runtimes.reaper import alive, start_ticks
+from tether.agent.runtimes.reaper import alive, group_alive, start_ticks
 from tether.agent.runtimes.spawn import Child, popen_child, spawn
 from tether.api.v1 import agent_pb2
 from tether.sdk.telemetry import get_logger
@@ -121,11 +121,18 @@ class _ProcessHandle:
     async def stop(self, grace: float) -> None:
         if self._exited.done():
             return
-        _signal_group(self._proc.pid, signal.SIGTERM)
+        pgid = self._proc.pid
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
         await asyncio.wait({self._exited}, timeout=grace)
-        if not self._exited.done():
-            _signal_group(self._proc.pid, signal.SIGKILL)
-            await asyncio.shield(self._exited)
+        # The leader (often a shell) may die of the SIGTERM at once while the rest of its
+        # group takes its time: the whole group gets the grace, then SIGKILL. (The group id
+        # names no other group meanwhile: Linux does not reuse one still in use.)
+        while group_alive(pgid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if group_alive(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+        await asyncio.shield(self._exited)
 
     async def remove(self) -> None:
         _forget(self._dir, exit_file=self._copies is None)
@@ -159,9 +166,10 @@ class _AdoptedHandle:
             return
         _signal_group(self._pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while alive(self._pid, self._ticks) and time.monotonic() < deadline:
+        # The whole group, not only its leader (see _ProcessHandle.stop).
+        while group_alive(self._pid) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if alive(self._pid, self._ticks):
+        if group_alive(self._pid):
             _signal_group(self._pid, signal.SIGKILL)
 
     async def remove(self) -> None:

@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 
-__all__ = ["GRACE", "READ_EVERY", "alive", "main", "start_ticks"]
+__all__ = ["GRACE", "READ_EVERY", "alive", "group_alive", "main", "start_ticks", "stop_groups"]
 
 # SIGTERM-to-SIGKILL grace once the agent is gone: short, since the controller will run these
 # attempts elsewhere, and they must be gone before it does.
@@ -62,20 +62,38 @@ def alive(pid: int, ticks: int) -> bool:
     return bool(fields) and int(fields[19]) == ticks and fields[0] != b"Z"
 
 
-def _kill_groups(groups: dict[int, int], sig: int) -> None:
-    for pid, ticks in groups.items():
-        if alive(pid, ticks):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, sig)
+def group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` still has a member this process may signal."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _signal(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
 
 
 def stop_groups(groups: dict[int, int], grace: float = GRACE) -> None:
-    """SIGTERM each live group, then SIGKILL those whose leader outlives ``grace``."""
-    _kill_groups(groups, signal.SIGTERM)
+    """SIGTERM each group whose leader is still the task's, then SIGKILL what is left of
+    those groups after ``grace``.
+
+    The leader is checked once, before the first signal: a shell that leads a task dies of
+    the SIGTERM at once while its children (same group) may take their time, and they must
+    not outlive the grace. The group id cannot name another group meanwhile: Linux does not
+    give out a number still in use as a process group's id.
+    """
+    live = [pid for pid, ticks in groups.items() if alive(pid, ticks)]
+    for pgid in live:
+        _signal(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(alive(p, t) for p, t in groups.items()):
+    while time.monotonic() < deadline and any(group_alive(g) for g in live):
         time.sleep(0.02)
-    _kill_groups(groups, signal.SIGKILL)
+    for pgid in live:
+        if group_alive(pgid):
+            _signal(pgid, signal.SIGKILL)
 
 
 def _apply(line: bytes, groups: dict[int, int]) -> None:
