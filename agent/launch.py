@@ -199,21 +199,21 @@ def redact(status: agent_pb2.TaskStatus, secret_values: Iterable[str]) -> None:
 
 
 def tail(path: str | Path) -> str:
-    """The last :data:`TAIL_BYTES` of a log file ("" if it cannot be read)."""
+    """The last :data:`TAIL_BYTES` of a log file ("" if it cannot be read, or is not a
+    regular file: see ``layout.open_task_file``)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        f = layout.open_task_file(path, "r")
     except OSError:
         return ""
-    try:
-        size = os.fstat(fd).st_size
-        if not size:
+    with f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if not size:
+                return ""
+            start = max(0, size - TAIL_BYTES)
+            return os.pread(f.fileno(), size - start, start).decode("utf-8", "replace")
+        except OSError:
             return ""
-        start = max(0, size - TAIL_BYTES)
-        return os.pread(fd, size - start, start).decode("utf-8", "replace")
-    except OSError:
-        return ""
-    finally:
-        os.close(fd)
 
 
 def read_output(path: str | Path, status: agent_pb2.TaskStatus) -> None:
@@ -222,16 +222,23 @@ def read_output(path: str | Path, status: agent_pb2.TaskStatus) -> None:
     empty output."""
     status.state = _SUCCEEDED
     try:
-        size = os.stat(path).st_size
+        f = layout.open_task_file(path, "r")
     except (FileNotFoundError, NotADirectoryError):
         return
-    if size > MAX_OUTPUT_BYTES:
+    except OSError as e:  # a link or a FIFO in its place: never followed, nor waited on
         status.state = t.TaskState.TASK_STATE_FAILED
         status.reason = "output"
-        status.message = f"output file is {size} bytes; at most {MAX_OUTPUT_BYTES}"
+        status.message = f"output file is not a regular file ({e.strerror})"
         return
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
+    with f:
+        # At most one byte past the limit, whatever its size said: it may still be growing.
+        data = f.read(MAX_OUTPUT_BYTES + 1)
+    if len(data) > MAX_OUTPUT_BYTES:
+        status.state = t.TaskState.TASK_STATE_FAILED
+        status.reason = "output"
+        status.message = f"output file is over {MAX_OUTPUT_BYTES} bytes; at most that"
+        return
+    text = data.decode("utf-8", "replace")
     try:
         json.loads(text or "null")
     except ValueError as e:

@@ -7,7 +7,11 @@ files of the work it recovers.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
+from typing import BinaryIO, Literal
 
 __all__ = [
     "ATTEMPT_LABEL",
@@ -23,6 +27,7 @@ __all__ = [
     "TRACEPARENT_LABEL",
     "attempt_dir",
     "attempt_relative",
+    "open_task_file",
 ]
 
 INPUTS_FILE = "inputs.json"
@@ -59,3 +64,38 @@ def attempt_relative(work_dir: Path, path: Path) -> Path:
     if len(parts) <= _DEPTH:
         raise ValueError(f"{path} is not inside an attempt directory of {work_dir}")
     return Path(*parts[_DEPTH:])
+
+
+_SAFE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_task_file(path: str | Path, mode: Literal["r", "w", "a"]) -> BinaryIO:
+    """Open a file of an attempt directory, where the task itself may have put something
+    else (a container writes there as another user): never through a symbolic link, never
+    waiting on a FIFO or device. Unbuffered.
+
+    ``"w"`` starts a new empty file, replacing whatever had the name; ``"a"`` appends to the
+    regular file there (created if missing); ``"r"`` reads it.
+
+    Raises:
+        OSError: not a regular file (a link: ELOOP; anything else: EINVAL), or as open(2).
+    """
+    if mode == "r":
+        fd = os.open(path, os.O_RDONLY | _SAFE)
+    elif mode == "a":
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _SAFE, 0o644)
+    else:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileExistsError:  # an earlier try's, or the task's: replaced, not followed
+            os.unlink(path)
+            fd = os.open(path, flags, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb" if mode == "r" else "wb" if mode == "w" else "ab", buffering=0)

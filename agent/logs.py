@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from tether.agent import layout
 from tether.api.v1 import agent_pb2
 from tether.sdk.quantities import format_duration
 from tether.sdk.telemetry import get_logger
@@ -47,8 +48,9 @@ class _Tail:
     def open(self) -> None:
         """Open the file if it is there and not open yet."""
         if self._file is None:
-            with contextlib.suppress(FileNotFoundError):
-                self._file = open(self.path, "rb")
+            # Not there yet, or not a regular file (a task's link or FIFO): reads as empty.
+            with contextlib.suppress(OSError):
+                self._file = layout.open_task_file(self.path, "r")
 
     def read(self, size: int) -> bytes:
         self.open()

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from tether.agent.layout import open_task_file
+
 __all__ = ["CappedLog", "copy_to_log", "truncation_note"]
 
 READ_SIZE = 64 * 1024
@@ -58,7 +60,7 @@ class CappedLog:
         if self.truncated or self._closed or not data:
             return
         if self._file is None:
-            self._file = open(self.path, "wb", buffering=0)
+            self._file = open_task_file(self.path, "w")
         if self.limit > 0 and self.written + len(data) > self.limit:
             keep = self.limit - self.written
             self._file.write(data[:keep] + truncation_note(self.limit))

@@ -411,6 +411,14 @@ class DockerRuntime:
                 log.warning("container without attempt labels; left alone", container=c["Id"])
                 continue
             state = info.get("State") or {}
+            if state.get("Status") == "created":
+                # Created, never started (the agent died in between): nothing ran, so there
+                # is no result to report; the engine would report exit code 0. Removed and
+                # left out, the controller runs the attempt again, as if never created.
+                log.info("removing a container that never started", container=c["Id"])
+                with contextlib.suppress(docker.errors.DockerException):
+                    await asyncio.to_thread(api.remove_container, c["Id"], force=True)
+                continue
             running = bool(state.get("Running") or state.get("Paused") or state.get("Restarting"))
             logs = follow_logs(
                 api,

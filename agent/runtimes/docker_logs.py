@@ -18,6 +18,7 @@ from pathlib import Path
 
 import docker
 
+from tether.agent.layout import open_task_file
 from tether.agent.runtimes.capped_log import truncation_note
 from tether.agent.runtimes.threads import in_thread
 from tether.sdk.telemetry import get_logger
@@ -88,7 +89,15 @@ class LogFollower:
                 source.close()
                 return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab" if skip else "wb", buffering=0) as f:
+        try:
+            # The container may have put a link to a host file in the log's place.
+            f = open_task_file(self.path, "a" if skip else "w")
+        except OSError as e:
+            log.warning("cannot write container log", path=str(self.path), error=str(e))
+            with contextlib.suppress(Exception):
+                source.close()
+            return
+        with f:
             try:
                 for chunk in source:
                     if skip:
