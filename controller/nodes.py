@@ -204,6 +204,9 @@ class Nodes:
             _, e = self.cache.task(run_id, task)
             if e is None or not gangs.is_on(e.msg, name) or e.msg.state not in lc.TASK_ACTIVE:
                 continue
+            rep = gangs.replica_on(e.msg, name)
+            if rep is not None and rep.state in lc.TASK_TERMINAL:
+                continue  # this replica is done
             if session is not None:
                 self.dispatch.cancel(
                     session, run_id, task, e.msg.attempt, f"node {name} drained", requeue=True
@@ -296,6 +299,10 @@ class Nodes:
         for report in reg.pending_reports:
             self.attempts.on_status(session, report)
         self._reconcile_agent(st, session, {(r.run_id, r.task, r.attempt) for r in reg.running})
+        if st.draining and st.drain_timer is None and 0 < st.drain_deadline <= time.time():
+            # The drain's deadline passed while no agent listened (a failover, a reconnect):
+            # what still runs is stopped now, as it would have been then.
+            self._drain_due(reg.node)
         self.cache.kick()
         interval = duration_pb2.Duration()
         interval.FromNanoseconds(int(self.config.heartbeat_interval * 1e9))
@@ -482,6 +489,9 @@ class Nodes:
         for run_id, task in list(st.attempts):
             run, e = self.cache.task(run_id, task)
             if run and e is not None and e.msg.state in lc.TASK_ACTIVE and gangs.is_on(e.msg, name):
+                rep = gangs.replica_on(e.msg, name)
+                if rep is not None and rep.state in lc.TASK_TERMINAL:
+                    continue  # this replica is done; the others still run
                 self.attempts.lose(run, e, f"node {name} lost (lease expired)", delay=hold)
         log.warning("node lost", node=name, retry_after=round(hold, 3))
 
