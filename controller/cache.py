@@ -146,7 +146,10 @@ class Cache:
         self.ready: dict[TaskKey, int] = {}
         # The ready tasks above the default priority (a subset of ``ready``): placement
         # plans them first however long the queue.
-        self.urgent: dict[TaskKey, int] = {}
+        # The ready tasks by declared priority, each level oldest first (a key that left the
+        # queue is dropped when next met): a scheduling pass adds to its first window the
+        # tasks that rank above the oldest ones, however far back in the queue they are.
+        self.levels: dict[int, dict[TaskKey, int]] = {}
         self._ready_seq = 0
         self.ready_since: dict[TaskKey, float] = {}
         # Runs being rebuilt from etcd after a conflicting write: reports about them wait.
@@ -176,9 +179,18 @@ class Cache:
             self._ready_seq += 1
             self.ready[key] = self._ready_seq
             _, e = self.task(*key)
-            if e is not None and e.msg.spec.priority > DEFAULT_PRIORITY:
-                self.urgent[key] = self._ready_seq
+            if e is not None:
+                level = self.levels.setdefault(declared_priority(e.msg.spec), {})
+                level.pop(key, None)  # back in the queue: at the end of its level too
+                level[key] = self._ready_seq
         self.ready_since.setdefault(key, time.monotonic())
+
+    def unready(self, key: TaskKey, e: TaskEntry | None) -> None:
+        """Take a task out of the ready queue (``e``: its entry, to find its level)."""
+        if self.ready.pop(key, None) is not None and e is not None:
+            level = self.levels.get(declared_priority(e.msg.spec))
+            if level is not None:
+                level.pop(key, None)
 
     def account(self, e: TaskEntry, sign: int) -> None:
         """Add (+1) or remove (-1) an attempt's resources on its node (each replica's node,
@@ -230,7 +242,7 @@ class Cache:
         old = self.runs.pop(run_id, None)
         if old:
             for e in old.tasks.values():
-                self.ready.pop((run_id, e.msg.spec.name), None)
+                self.unready((run_id, e.msg.spec.name), e)
         return old
 
     def release(self, run: RunEntry) -> None:
@@ -262,7 +274,7 @@ class Cache:
                     cpu=r.cpu,
                     memory=r.memory_bytes,
                     gpus=tuple(m.attempts[-1].gpu_indices) if m.attempts else (),
-                    priority=m.spec.priority if m.spec.HasField("priority") else 50,
+                    priority=declared_priority(m.spec),
                     preemptible=True,
                     started=float(started),
                     stopping=bool(m.preempted_by) or m.cancel_requested,
@@ -300,3 +312,8 @@ class Cache:
             ready_queue=len(self.ready),
             nodes=nodes,
         )
+
+
+def declared_priority(spec: types_pb2.TaskSpec) -> int:
+    """A task's priority as its spec declares it (the default when it declares none)."""
+    return spec.priority if spec.HasField("priority") else DEFAULT_PRIORITY

@@ -82,7 +82,7 @@ class Cancels:
             # Agents are told once the cancel is in etcd, as everything they are sent.
             self.committer.mark(e, lambda: self._stop_attempt(e, reason))
             return  # the agent's CANCELLED report finishes it
-        self.cache.ready.pop((run.msg.id, e.msg.spec.name), None)
+        self.cache.unready((run.msg.id, e.msg.spec.name), e)
         self.timers.disarm((run.msg.id, e.msg.spec.name))
         e.msg.message = reason
         self.progress.finish_task(run, e, lc.CANCELLED)

@@ -161,10 +161,10 @@ class ControllerConfig:
         1024,
         description="READY tasks a scheduling pass orders at a time, oldest first: "
         "priorities, aging and policies order the tasks within a window, and the pass goes "
-        "on to the next window only while a node has a free slot; tasks above the default "
-        "priority always join the first window. It keeps a pass's cost bounded with 100,000 "
-        "tasks ready. With few task slots free a window is smaller: 8 tasks per free slot, "
-        "at least 64.",
+        "on to the next window only while a node has a free slot; up to a window of tasks "
+        "of a higher priority than the lowest of the oldest join the first window, wherever "
+        "they wait. It keeps a pass's cost bounded with 100,000 tasks ready. With few task "
+        "slots free a window is smaller: 8 tasks per free slot, at least 64.",
         flag="--schedule-window",
     )
     metrics_listen: str = setting(

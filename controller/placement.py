@@ -16,7 +16,7 @@ from opentelemetry import trace
 from tether.api.v1 import types_pb2 as t
 from tether.controller import gangs
 from tether.controller import lifecycle as lc
-from tether.controller.cache import Cache, TaskKey
+from tether.controller.cache import Cache, TaskKey, declared_priority
 from tether.controller.committer import Committer
 from tether.controller.critical_path import DEFAULT_SECONDS, remaining_paths
 from tether.controller.dispatch import Dispatch, render
@@ -137,9 +137,11 @@ class Placer:
         queue; entries no longer READY leave it. Planning all of a 100,000-task fan-out for
         each freed slot would cost O(queue) per task, so a pass plans the oldest tasks first
         and goes on to the next window only while a node still has a free slot (``size``:
-        how many tasks a window holds). Tasks above
-        the default priority (few, kept apart by the cache) join the first window wherever
-        they are in the queue, so that a long queue cannot hold them back."""
+        how many tasks a window holds). Up to a window of tasks of a higher declared priority
+        than the lowest of the oldest ones (the cache keeps the queue by priority level too)
+        join the first window wherever they are in the queue, so that a long backlog of low
+        priority cannot hold them back; the oldest still come first among equals, which is
+        what lets aging lift a long-waiting task."""
         first = True
         skip = 0  # keys at the head of the queue that earlier windows left in it
         while True:
@@ -152,7 +154,7 @@ class Placer:
                 if entry is not None:
                     out.append((key, entry, seq))
             if first:
-                out += self._urgent({k for k, _, _ in out})
+                out += self._ranking_above(out, size)
                 first = False
             if out:
                 yield out
@@ -175,23 +177,35 @@ class Placer:
     def _ready_entry(self, key: TaskKey) -> TaskEntry | None:
         _, e = self.cache.task(*key)
         if e is None or e.msg.state != lc.READY:
-            self.cache.ready.pop(key, None)
-            self.cache.urgent.pop(key, None)
+            self.cache.unready(key, e)
             self.preempting.pop(key, None)
             return None
         return e
 
-    def _urgent(self, have: set[TaskKey]) -> list[tuple[TaskKey, TaskEntry, int]]:
-        out = []
-        for key, seq in list(self.cache.urgent.items()):
-            if key in have:
-                continue
-            if key not in self.cache.ready:
-                self.cache.urgent.pop(key, None)
-                continue
-            entry = self._ready_entry(key)
-            if entry is not None:
-                out.append((key, entry, seq))
+    def _ranking_above(
+        self, head: list[tuple[TaskKey, TaskEntry, int]], most: int
+    ) -> list[tuple[TaskKey, TaskEntry, int]]:
+        """Up to ``most`` ready tasks not in ``head`` whose declared priority is above the
+        lowest in ``head`` (all levels above the default when ``head`` is empty), highest
+        level first, oldest first within one."""
+        floor = min((declared_priority(e.msg.spec) for _, e, _ in head), default=DEFAULT_PRIORITY)
+        have = {k for k, _, _ in head}
+        out: list[tuple[TaskKey, TaskEntry, int]] = []
+        for prio in sorted((p for p in self.cache.levels if p > floor), reverse=True):
+            level = self.cache.levels[prio]
+            for key, seq in list(islice(level.items(), len(have) + most)):
+                if len(out) >= most:
+                    return out
+                if self.cache.ready.get(key) != seq:  # left the queue (or came back later)
+                    del level[key]
+                    continue
+                if key in have:
+                    continue
+                entry = self._ready_entry(key)
+                if entry is not None:
+                    out.append((key, entry, seq))
+            if not level:
+                del self.cache.levels[prio]
         return out
 
     def _ranks(self, run: RunEntry) -> dict[str, float]:
@@ -319,7 +333,7 @@ class Placer:
         """Render and bind one planned task (all replicas of a gang); False when its template
         failed it."""
         run = self.cache.runs[key[0]]
-        self.cache.ready.pop(key, None)
+        self.cache.unready(key, e)
         self.preempting.pop(key, None)
         try:
             rendered = render(run, e.msg.spec)
