@@ -304,6 +304,9 @@ class Cache:
                 heartbeat_age=(now - n.last_heartbeat) if n.last_heartbeat else None,
             )
             for n in self.nodes.values()
+            # A node gone (no agent, no record, nothing bound to it) leaves the metrics: with
+            # autoscaled nodes, their series would otherwise grow for the leader's whole term.
+            if n.session is not None or n.lease_id or n.attempts
         )
         return Snapshot(
             leader=True,

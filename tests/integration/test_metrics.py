@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -209,3 +210,32 @@ def test_a_taken_or_malformed_metrics_address_is_one_line(metered: Mesh, tmp_pat
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert "metrics" in res.stderr.strip().splitlines()[-1]
     assert "'nowhere' is not HOST:PORT" in res.stderr
+
+
+def test_a_node_that_is_gone_leaves_the_controllers_metrics(etcd, prefix, tmp_path):
+    """Per-node gauges are built from the controller's node cache, which never forgets a
+    node: once its lease expired and its record is deleted (``tether nodes`` no longer lists
+    it), it is still exported, forever, as disconnected, with a heartbeat age that only grows.
+    With the DaemonSet's node names (an autoscaled cluster's nodes come and go) the series
+    grow without bound over a leader's life."""
+    mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents", metrics_listen="127.0.0.1:0")
+    try:
+        mesh.start_controller()
+        port = mesh.controller.metrics_port
+        client = mesh.client()
+        for i in range(3):  # nodes of an autoscaled pool: each with a name of its own
+            mesh.add_agent(f"pool-{i}")
+            mesh.stop_agent(f"pool-{i}")
+        wait_for(lambda: client.nodes() == [], 20, "the nodes' records to expire")
+        time.sleep(0.5)
+        text = scrape(port)
+    finally:
+        mesh.close()
+    stale = sorted(
+        {
+            dict(ls)["node"]
+            for (name, ls), _ in samples(text).items()
+            if name.startswith("tether_node_")
+        }
+    )
+    assert stale == [], f"gone nodes still exported: {stale}"
