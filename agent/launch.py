@@ -145,6 +145,8 @@ def labels_of(a: agent_pb2.AssignTask, node: str, traceparent: str) -> dict[str,
         layout.NODE_LABEL: node,
         layout.TRACEPARENT_LABEL: traceparent,
     }
+    if a.traceparent:
+        labels[layout.DISPATCH_LABEL] = a.traceparent
     timeout = timeout_of(spec)
     if timeout:
         labels[layout.TIMEOUT_LABEL] = f"{timeout:g}"

@@ -15,6 +15,7 @@ from typing import BinaryIO, Literal
 
 __all__ = [
     "ATTEMPT_LABEL",
+    "DISPATCH_LABEL",
     "INPUTS_FILE",
     "NODE_LABEL",
     "OUTPUT_FILE",
@@ -43,8 +44,11 @@ ATTEMPT_LABEL = "tether.attempt"
 NODE_LABEL = "tether.node"
 # The task's timeout in seconds, so that a recovered attempt still honours it.
 TIMEOUT_LABEL = "tether.timeout"
-# The run span's context, so that a recovered attempt's span joins the run's trace.
+# The attempt span's context (the task's TRACEPARENT names it), and its parent's (the
+# controller's dispatch span): a recovering agent records the attempt span under the same
+# id when the agent that started it could not, so that the trace stays whole.
 TRACEPARENT_LABEL = "tether.traceparent"
+DISPATCH_LABEL = "tether.dispatch"
 
 _DEPTH = 3  # run / task / attempt
 

@@ -45,7 +45,9 @@ class Found:
         task: What the runtime found.
         timeout: Its task's timeout, seconds (0: none).
         elapsed: How long it has run already, seconds (0: unknown).
-        traceparent: The run span's context, for the recovery span to join the trace.
+        traceparent: The attempt span's context (its task's TRACEPARENT).
+        dispatch: The context of that span's parent, the controller's dispatch span ("" for
+            attempts started by agents that did not record it).
     """
 
     ref: agent_pb2.AttemptRef
@@ -53,6 +55,7 @@ class Found:
     timeout: float
     elapsed: float
     traceparent: str
+    dispatch: str = ""
 
     def initial_status(self) -> agent_pb2.TaskStatus:
         """The attempt's final report before it ends: who it is and when it started."""
@@ -82,6 +85,7 @@ def found_attempts(found: list[RecoveredTask], known: Callable[[Key], bool]) -> 
             timeout=_timeout(rt.labels),
             elapsed=max(0.0, time.time() - rt.started_at) if rt.started_at else 0.0,
             traceparent=rt.labels.get(layout.TRACEPARENT_LABEL, ""),
+            dispatch=rt.labels.get(layout.DISPATCH_LABEL, ""),
         )
 
 

@@ -36,6 +36,7 @@ from tether.sdk.states import DRAINED, FENCED
 from tether.sdk.telemetry import (
     context_from_traceparent,
     exports_spans,
+    fixed_span_ids,
     get_logger,
     parse_traceparent,
     traceparent_of,
@@ -279,15 +280,44 @@ class Runner:
             self._conclude(att, saved, d, on_disk=True)
             return
         status = f.initial_status()
+        attempt_span = self._attempt_span_again(f, status)
         await self._traced(
             att,
             status,
             f"recover {f.ref.task}",
             f.ref.task,
-            f.traceparent,
+            traceparent_of(attempt_span) if attempt_span is not None else f.traceparent,
             lambda _traceparent: self._supervise(att, status, f.timeout, f.elapsed),
             "recovered attempt failed in the agent",
         )
+        if attempt_span is not None:
+            _end_span(attempt_span, status)
+            attempt_span.end()
+
+    def _attempt_span_again(self, f: Found, status: agent_pb2.TaskStatus) -> trace.Span | None:
+        """The adopted attempt's own span, recorded under the id the agent that started it
+        gave it (the task's spans name it as their parent): that agent never exports it
+        when it hands the attempt over, and cannot when it crashed. None when spans are not
+        exported, or the labels predate the dispatch label."""
+        if not self.step_spans or not f.dispatch:
+            return None
+        own = parse_traceparent(f.traceparent)
+        if own is None:
+            return None
+        start = status.started_at.ToNanoseconds() if status.HasField("started_at") else None
+        with fixed_span_ids(own.trace_id, own.span_id):
+            return self.tracer.start_span(
+                f"run {f.ref.task}",
+                context=context_from_traceparent(f.dispatch),
+                kind=trace.SpanKind.CONSUMER,
+                start_time=start,
+                attributes={
+                    "tether.run_id": f.ref.run_id,
+                    "tether.task": f.ref.task,
+                    "tether.attempt": f.ref.attempt,
+                    "tether.runtime": self.runtime.name,
+                },
+            )
 
     async def _traced(
         self,
@@ -308,6 +338,9 @@ class Runner:
         """
         ref = att.ref
         if self.step_spans:
+            # Ended below, not by the block: an attempt handed over to the next agent
+            # (--leave-running: this task is cancelled) must not be exported as over; the
+            # agent that adopts it records it (_attempt_span_again).
             cm = self.tracer.start_as_current_span(
                 span_name,
                 context=context_from_traceparent(traceparent),
@@ -318,6 +351,7 @@ class Runner:
                     "tether.attempt": ref.attempt,
                     "tether.runtime": self.runtime.name,
                 },
+                end_on_exit=False,
             )
         else:
             # Nothing would export it: no span, only its ids in the task's TRACEPARENT,
@@ -333,6 +367,8 @@ class Runner:
                 status.reason = "runtime_error"
                 status.message = f"agent error: {e}"
             _end_span(span, status)
+            if span is not None:
+                span.end()
         self._conclude(att, status, self._dir(ref, att))
 
     def _conclude(

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 from concurrent import futures
 
 import grpc
 import pytest
-from helpers import Mesh, R, S, by_name, tether
+from helpers import Mesh, R, S, agent_process, by_name, tether, wait_for
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from tether.api.v1 import types_pb2 as t
@@ -350,3 +351,51 @@ def test_without_an_exporter_a_task_still_gets_a_traceparent_in_its_runs_trace(m
         assert (version, trace_id, flags) == ("00", run_trace, "01")
         assert len(span_id) == 16 and span_id != "0" * 16
     assert got[0][2] != got[1][2]  # a span of its own per attempt
+
+
+def test_an_attempt_adopted_after_its_agent_crashed_stays_in_the_runs_trace(
+    etcd,
+    prefix,
+    tmp_path,
+    receiver,
+):
+    """An agent with --leave-running is SIGKILLed while its attempt runs; the next agent on
+    the node adopts the attempt. Its ``recover TASK`` span must hang off the run's trace. It
+    hangs off the crashed agent's ``run TASK`` span (the traceparent in the attempt's
+    labels), which was never ended, so never exported: an orphan, as are the task's own
+    spans (their TRACEPARENT names the same lost span)."""
+    go = tmp_path / "go"
+    mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents", lease_ttl=15)
+    first = None
+    try:
+        mesh.start_controller()
+        client = mesh.client()
+        first = agent_process(mesh.address, "n1", tmp_path / "agents" / "n1", "--leave-running")
+        wait_for(lambda: [n.name for n in client.nodes()] == ["n1"], 20, "n1 registered")
+        wf = Workflow("crashed")
+        wf.task("work", [sys.executable, "-c", _TRACED_TASK, str(go)])
+        run = client.submit(wf)
+        wait_for(lambda: run.status().tasks[0].state == S.TASK_STATE_RUNNING, 20, "running")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        mesh.add_agent("n1", leave_running=True)  # same work dir: adopts the attempt
+        go.touch()
+        final = run.wait(timeout=30)
+        assert final.state == t.RunState.RUN_STATE_SUCCEEDED
+        assert final.tasks[0].attempt == 1  # adopted, not run again
+        mesh.wait_for(
+            lambda: {"run crashed", "recover work", "task work"} <= set(_names(receiver)),
+            15,
+            "spans exported",
+        )
+    finally:
+        if first is not None and first.poll() is None:
+            first.kill()
+            first.wait()
+        mesh.close()
+    ids = {s.span_id for _, s in receiver.spans}
+    orphans = sorted(
+        s.name for _, s in receiver.spans if s.parent_span_id and s.parent_span_id not in ids
+    )
+    assert orphans == [], f"spans whose parent is not in the run's trace: {orphans}"
+    _check_one_tree(receiver.spans, "run crashed")
