@@ -214,6 +214,7 @@ class Engine:
         """Stop the loops, flush what can be flushed, cancel timers, end agent streams."""
         self._loader.stop()
         self._submitter.stop()
+        self._nodes.closed = True  # no more writes from this term's handlers
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -22,6 +22,8 @@ from etcd3aio.connections import ConnectionManager
 __all__ = ["EtcdConnection", "EtcdEndpoint", "parse_endpoints"]
 
 _SCHEMES = {"http": False, "https": True}
+# The largest answer taken from etcd: a range page of 1,000 records at the spec limits.
+MAX_ETCD_RESPONSE_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,9 @@ class _Channels(ConnectionManager):
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
+            # A page of 1,000 records can pass gRPC's default 4 MiB (a task's spec may be
+            # 256 KiB): refused, a new leader could not load the runs and would never lead.
+            ("grpc.max_receive_message_length", MAX_ETCD_RESPONSE_BYTES),
         ]
         self._connection = connection
         eps = connection.endpoints

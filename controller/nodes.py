@@ -175,8 +175,10 @@ class Nodes:
             control.drain_deadline.FromNanoseconds(int((time.time() + deadline) * 1e9))
         key = self.keys.node_control(name)
         if cordoned:
+            self._check_open()  # a term that has ended writes no more (see Submitter)
             await self.store.txn([], [Put(key, control.SerializeToString())])
         else:
+            self._check_open()
             await self.store.txn([], [Delete(key)])
         self._apply_control(name, control)
         log.info("node control", node=name, cordoned=cordoned, draining=draining)

@@ -17,7 +17,7 @@ from tether.api.v1 import types_pb2 as t
 from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
 from tether.controller.depends_on import SPLIT_NAMES, part_puts
-from tether.controller.errors import AlreadyExists, Conflict, FailedPrecondition
+from tether.controller.errors import AlreadyExists, Conflict, FailedPrecondition, NotLeader
 from tether.controller.records import RunEntry, TaskEntry, new_run_id, now
 from tether.controller.secrets import Secrets
 from tether.controller.store import MAX_TXN_BYTES, MAX_TXN_OPS, Put, Store, mod_revision_is
@@ -81,6 +81,7 @@ class Submitter:
     ) -> None:
         self.binder = binder
         self._adopting: set[asyncio.Task] = set()
+        self._stopped = False
         self.limits = limits
         self.store = store
         self.keys = store.keys
@@ -145,8 +146,10 @@ class Submitter:
                 req_key = self.keys.request(request_id)
                 ops.append(Put(req_key, f"{run.msg.id} {fingerprint}".encode()))
                 compares.append(mod_revision_is(req_key, 0))
+                self._check_open()
                 ok, revision, existing = await self.store.txn_get(compares, ops, req_key)
             else:
+                self._check_open()
                 ok, revision = await self.store.txn(compares, ops)
                 existing = None
         except BaseException:
@@ -198,9 +201,17 @@ class Submitter:
         task.add_done_callback(self._adopting.discard)
 
     def stop(self) -> None:
-        """Cancel the adoptions under way (the engine is stopping)."""
+        """Cancel the adoptions under way, and write nothing more (the engine is stopping)."""
+        self._stopped = True
         for task in self._adopting:
             task.cancel()
+
+    def _check_open(self) -> None:
+        # Checked right before each write, with no pause in between: the store's fence is
+        # the current term's, and a submit of a term that has ended (its handler still
+        # running) would otherwise write, and commit, under the next term's.
+        if self._stopped:
+            raise NotLeader("this controller's leadership term has ended; submit again")
 
     async def _submit_chunked(
         self,
@@ -215,6 +226,7 @@ class Submitter:
         """Write a big run in several transactions (see the class's docstring)."""
         req_key = self.keys.request(request_id)
         marker = f"{run_id} {fingerprint} pending".encode()
+        self._check_open()
         ok, marker_rev, existing = await self.store.txn_get(
             [mod_revision_is(req_key, 0)], [Put(req_key, marker)], req_key
         )
@@ -236,6 +248,7 @@ class Submitter:
         done = f"{run.msg.id} {fingerprint}".encode()
         revisions = await self._write_pipelined(new, resumed, (req_key, marker_rev, done))
         run_value = run.serialize()
+        self._check_open()
         ok, revision = await self.store.txn(
             [mod_revision_is(run.key, 0), mod_revision_is(req_key, marker_rev)],
             [Put(run.key, run_value), Put(req_key, done)],
@@ -403,6 +416,7 @@ class Submitter:
                 (:mod:`~tether.controller.abandoned_submits`); nothing may be written for it.
         """
         guard = mod_revision_is(pending[0], pending[1])
+        self._check_open()
         ok, revision = await self.store.create(chunk, guard)
         if ok:
             return revision
@@ -421,9 +435,11 @@ class Submitter:
             )
             for key, _ in chunk
         ]
+        self._check_open()
         if (await self.store.txn(exists, []))[0]:
             return 0
         for item in chunk:
+            self._check_open()
             if not (await self.store.create([item], guard))[0]:
                 if await self._committed_meanwhile(pending):
                     return 0
