@@ -28,6 +28,10 @@ __all__ = ["Leadership"]
 log = get_logger("controller.leader")
 
 
+# Pause before watching the leader key again after the watch failed, seconds.
+WATCH_RETRY_SECONDS = 0.5
+
+
 class Leadership:
     """One controller's claim to lead.
 
@@ -164,16 +168,20 @@ class Leadership:
                 # history: the key as it is now tells whether it is still ours.
                 try:
                     kv, read_at = await self.store.read(self.key)
-                except Exception as e:  # the fence still protects every write
-                    log.warning("leader key watch failed", error=str(e))
-                    return
+                except Exception as e:  # etcd away: read again shortly
+                    log.warning("leader key watch failed; retrying", error=str(e))
+                    await asyncio.sleep(WATCH_RETRY_SECONDS)
+                    continue
                 if kv is None or kv.create_revision != self.revision:
                     log.warning("leadership lost (leader key changed)")
                     break
                 start = read_at + 1
-            except Exception as e:  # the fence still protects every write
-                log.warning("leader key watch failed", error=str(e))
-                return
+            except Exception as e:
+                # Watched again from where it stood (a change meanwhile is replayed, or read
+                # above once compacted): the fence protects every write meanwhile, but a
+                # leader whose key went away must not go on serving for lack of a watch.
+                log.warning("leader key watch failed; retrying", error=str(e))
+                await asyncio.sleep(WATCH_RETRY_SECONDS)
         self.lost.set()
 
     def abandon(self) -> None:
