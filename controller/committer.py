@@ -25,6 +25,7 @@ log = get_logger("controller.committer")
 class Record(Protocol):
     key: str
     rev: int
+    committed: bytes
 
     def serialize(self) -> bytes: ...
 
@@ -232,7 +233,12 @@ class Committer:
         for d, value in batch:
             self._committed(d, value)
 
+    def pending(self, key: str) -> bool:
+        """Whether a change of ``key``'s record is not in etcd yet (queued or being written)."""
+        return key in self._dirty or key in self._inflight
+
     def _committed(self, d: _Dirty, value: bytes) -> None:
+        d.record.committed = value
         try:
             self._on_written(d.record, value)
         except Exception:  # a hook bug must not stop all writes

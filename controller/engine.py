@@ -136,7 +136,7 @@ class Engine:
             txn_bytes=config.submit_txn_bytes,
             binder=self._placer,
         )
-        self._queries = Queries(store, cache, self._run_watch)
+        self._queries = Queries(store, cache, self._run_watch, committer.pending)
         self._retention = Retention(store, cache, config.retention)
         self._abandoned = AbandonedSubmits(store, config.pending_submit_ttl)
         self.compactor = Compactor(store, config.etcd_compaction_interval)

@@ -72,7 +72,7 @@ class Loader:
         run = RunEntry(self.keys.run(msg.id), msg, rev)
         for kv in tasks:
             tm = t.TaskRun.FromString(kv.value)
-            run.tasks[tm.spec.name] = TaskEntry(kv.key, tm, kv.mod_revision)
+            run.tasks[tm.spec.name] = TaskEntry(kv.key, tm, kv.mod_revision, committed=kv.value)
         await restore_depends_on(self.store, (e.msg for e in run.tasks.values()))
         for e in run.tasks.values():
             for dep in e.msg.spec.depends_on:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from tether.api.v1 import controller_pb2
 from tether.api.v1 import types_pb2 as t
@@ -15,6 +15,7 @@ from tether.controller import lifecycle as lc
 from tether.controller.cache import Cache
 from tether.controller.depends_on import restore as restore_depends_on
 from tether.controller.errors import NotFound
+from tether.controller.records import RunEntry, TaskEntry
 from tether.controller.run_watch import RunWatch
 from tether.controller.store import Event, KeyValue, Store
 
@@ -54,11 +55,34 @@ async def _add_tasks(
 class Queries:
     """Answers reads of runs and tasks."""
 
-    def __init__(self, store: Store, cache: Cache, run_watch: RunWatch | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        cache: Cache,
+        run_watch: RunWatch | None = None,
+        pending: Callable[[str], bool] = lambda key: False,
+    ) -> None:
         self.store = store
         self.keys = store.keys
         self.cache = cache
         self.run_watch = run_watch
+        # Whether a record's change is still on its way to etcd (the committer's): reads of
+        # cached runs answer what etcd holds, never a state a failover could take back.
+        self.pending = pending
+
+    def _run_msg(self, entry: RunEntry) -> t.Run:
+        if entry.committed and self.pending(entry.key):
+            return t.Run.FromString(entry.committed)
+        return entry.msg
+
+    def _task_msg(self, e: TaskEntry) -> t.TaskRun:
+        if not (e.committed and self.pending(e.key)):
+            return e.msg
+        m = t.TaskRun.FromString(e.committed)
+        if m.depends_on_parts:  # stored apart; the spec never changes
+            m.spec.depends_on[:] = e.msg.spec.depends_on
+            m.depends_on_parts = 0
+        return m
 
     async def get_run(
         self, run_id: str, with_tasks: bool = True, out: t.Run | None = None
@@ -74,9 +98,9 @@ class Queries:
         out = t.Run() if out is None else out
         entry = self.cache.runs.get(run_id)
         if entry is not None:
-            out.CopyFrom(entry.msg)
+            out.CopyFrom(self._run_msg(entry))
             if with_tasks:
-                out.tasks.extend(_by_index(e.msg for e in entry.tasks.values()))
+                out.tasks.extend(_by_index(self._task_msg(e) for e in entry.tasks.values()))
             return out
         kv = await self.store.get(self.keys.run(run_id))
         if kv is None:
@@ -98,7 +122,7 @@ class Queries:
             if e is None:
                 raise NotFound(f"task {task!r} not found in run {run_id}")
             out = t.TaskRun()
-            out.CopyFrom(e.msg)
+            out.CopyFrom(self._task_msg(e))
             return out
         if await self.store.get(self.keys.run(run_id)) is None:
             raise NotFound(f"run {run_id!r} not found")
@@ -119,7 +143,7 @@ class Queries:
         for kv in kvs[:size]:
             msg = t.Run.FromString(kv.value)
             cached = self.cache.runs.get(msg.id)
-            runs.append(cached.msg if cached else msg)
+            runs.append(self._run_msg(cached) if cached else msg)
         return runs, len(kvs) > size
 
     async def watch_run(

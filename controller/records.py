@@ -52,6 +52,9 @@ class TaskEntry:
     # Placement's request for this task while it waits READY, kept across passes: a long
     # ready queue is planned again on every pass, and building requests was most of it.
     request: Any = None
+    # The record as etcd holds it after this controller's last write or read of it (b"":
+    # not known): what reads answer while a change of ``msg`` is on its way to etcd.
+    committed: bytes = b""
 
     def serialize(self) -> bytes:
         return stored_record(self.msg)

@@ -468,12 +468,15 @@ class Submitter:
         queue its tasks that can start."""
         run = new.run
         run.rev = revision
+        items = new.items
         if revisions:
             for e, pos in zip(new.entries, new.positions, strict=True):
                 e.rev = revisions[pos]
+                e.committed = items[pos][1]
         else:
-            for e in new.entries:
+            for e, pos in zip(new.entries, new.positions, strict=True):
                 e.rev = revision
+                e.committed = items[pos][1]
         self.cache.runs[run.msg.id] = run
         self.arm_deadline(run)
         for name in new.ready:
