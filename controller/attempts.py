@@ -90,6 +90,8 @@ class Attempts:
             or e.msg.state not in lc.TASK_ACTIVE
         )
         if stale:
+            if final:  # a stale attempt ended: what it held on the node is free again
+                self.cache.release_stale(session.node, (s.ref.run_id, s.ref.task, s.ref.attempt))
             if final and e is not None:
                 # Acknowledge only once what this attempt's record says is in etcd: the
                 # result may still be on its way there (a resent report overtaking its write).

@@ -66,6 +66,12 @@ class NodeState:
     agent_draining: bool = False
     # Attempts RUNNING here that the agent's last heartbeat did not list.
     unlisted: set[tuple[str, str, int]] = field(default_factory=set)
+    # Stale attempts the agent still runs (it came back after the node was lost; they are
+    # being stopped), with the (cpu, memory, GPU indices) they hold until they end: nothing
+    # new is placed on those meanwhile.
+    stale: dict[tuple[str, str, int], tuple[float, int, frozenset[int]]] = field(
+        default_factory=dict
+    )
     # The last view() without victims, until changed().
     _view: NodeView | None = field(default=None, repr=False, compare=False)
 
@@ -90,16 +96,19 @@ class NodeState:
         bound at once views every connected node, most of them unchanged since the last."""
         if not victims and self._view is not None:
             return self._view
+        cpu, memory, gpus = self.cpu_used, self.memory_used, frozenset(self.gpus_used)
+        for stale_cpu, stale_memory, stale_gpus in self.stale.values():
+            cpu, memory, gpus = cpu + stale_cpu, memory + stale_memory, gpus | stale_gpus
         view = NodeView(
             name=self.name,
             cpu_total=self.capacity.cpu,
-            cpu_used=self.cpu_used,
+            cpu_used=cpu,
             memory_total=self.capacity.memory_bytes,
-            memory_used=self.memory_used,
+            memory_used=memory,
             gpu_indices=tuple(self.gpu_indices),
-            gpus_used=frozenset(self.gpus_used),
+            gpus_used=gpus,
             max_tasks=self.max_tasks,
-            running=len(self.attempts),
+            running=len(self.attempts) + len(self.stale),
             labels=tuple(sorted(self.labels.items())),
             attempts=victims,
         )
@@ -184,6 +193,30 @@ class Cache:
                 level.pop(key, None)  # back in the queue: at the end of its level too
                 level[key] = self._ready_seq
         self.ready_since.setdefault(key, time.monotonic())
+
+    def hold_stale(self, node: NodeState, ref: tuple[str, str, int], e: TaskEntry | None) -> None:
+        """Count what a stale attempt still running on ``node`` holds (``e``: its task),
+        until :meth:`release_stale`."""
+        if e is None:
+            return  # its run is no longer cached: what it holds is not known
+        r = e.msg.spec.resources
+        att = next((a for a in e.msg.attempts if a.number == ref[2]), None)
+        rep = gangs.replica_on(e.msg, node.name) if e.msg.replicas else None
+        gpus = rep.gpu_indices if rep is not None else att.gpu_indices if att else ()
+        node.stale[ref] = (r.cpu, r.memory_bytes, frozenset(gpus))
+        node.changed()
+
+    def release_stale(self, name: str, ref: tuple[str, str, int] | None = None) -> None:
+        """A stale attempt on node ``name`` ended (None: all of them): its hold ends."""
+        node = self.nodes.get(name)
+        if node is None or not node.stale:
+            return
+        if ref is None:
+            node.stale.clear()
+        elif node.stale.pop(ref, None) is None:
+            return
+        node.changed()
+        self.kick()
 
     def unready(self, key: TaskKey, e: TaskEntry | None) -> None:
         """Take a task out of the ready queue (``e``: its entry, to find its level)."""

@@ -40,6 +40,9 @@ _REFRESH_CONCURRENCY = 64
 # failover; unbounded, their transactions queue on the etcd channel ahead of the leader's own
 # lease renewal, and the new leader loses its lease to the very agents it serves.
 _REGISTER_CONCURRENCY = 64
+# How long past the cancel grace a stale attempt's resources stay held if its end is never
+# reported (an agent gone again), seconds.
+STALE_HOLD_MARGIN = 30.0
 
 
 def _schedule_state(st: NodeState) -> str:
@@ -341,6 +344,7 @@ class Nodes:
                 self.dispatch.assign(run, e, only=st.name)  # the agent never got it
             else:
                 self.attempts.lose(run, e, f"node {st.name} restarted without the attempt")
+        self.cache.release_stale(st.name)  # the agent lists again what it still runs
         for run_id, name, attempt in running:
             _, e = self.cache.task(run_id, name)
             if (
@@ -350,6 +354,12 @@ class Nodes:
                 or e.msg.state not in lc.TASK_ACTIVE
             ):
                 self.dispatch.cancel(session, run_id, name, attempt, "stale attempt")
+                # Until its final report (or a bound on the wait), what it holds stays held.
+                ref = (run_id, name, attempt)
+                self.cache.hold_stale(st, ref, e)
+                if self.timers is not None:
+                    wait = self.config.cancel_grace + STALE_HOLD_MARGIN
+                    self.timers.later(wait, self.cache.release_stale, st.name, ref)
 
     def heartbeat(self, session: AgentSession, hb: agent_pb2.Heartbeat) -> bool:
         """Renew the node's liveness; False when its lease time ran out (the agent must
@@ -376,6 +386,10 @@ class Nodes:
             raise StoreUnavailable("etcd has not confirmed the node lease lately")
         if st.attempts or st.unlisted:
             self._check_running(st, hb)
+        if st.stale:  # a stale attempt the agent no longer lists has ended
+            listed = {(r.run_id, r.task, r.attempt) for r in hb.running}
+            for ref in [ref for ref in st.stale if ref not in listed]:
+                self.cache.release_stale(st.name, ref)
         if hb.free_port and hb.free_port <= 65535:
             st.free_port = hb.free_port
         if hb.draining != st.agent_draining:
@@ -488,6 +502,7 @@ class Nodes:
 
     def _lose_node(self, st: NodeState, hold: float) -> None:
         name = st.name
+        self.cache.release_stale(name)
         for run_id, task in list(st.attempts):
             run, e = self.cache.task(run_id, task)
             if run and e is not None and e.msg.state in lc.TASK_ACTIVE and gangs.is_on(e.msg, name):

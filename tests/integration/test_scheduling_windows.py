@@ -202,3 +202,68 @@ def test_a_default_priority_task_preempts_a_long_low_priority_preemptible_backlo
         assert done.tasks[0].state == S.TASK_STATE_SUCCEEDED
     finally:
         client.cancel(low.id)
+
+
+def test_a_stale_attempt_of_a_node_that_came_back_keeps_its_gpu_until_it_ends(
+    etcd, prefix, tmp_path
+):
+    """A node cut off for longer than the lease is lost (its attempt LOST, its GPU freed in
+    the books), but its agent, with a longer grace, still runs the attempt. When the agent
+    comes back, the controller has it stopped as stale; until it has ended, its GPU must
+    not go to another task."""
+    import json
+
+    from helpers import TcpProxy
+
+    log = tmp_path / "gpu.jsonl"
+    # Takes its time over SIGTERM (a checkpoint, say), then records its end.
+    holder = (
+        "import json,os,signal,sys,time\n"
+        f"log={str(log)!r}\n"
+        "def note(**kw):\n"
+        "    open(log,'a').write(json.dumps({'task': 'a', **kw, 'at': time.time()})+'\\n')\n"
+        "def term(*_):\n"
+        "    time.sleep(1.0); note(event='end'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "note(event='start', attempt=int(os.environ['TETHER_ATTEMPT']))\n"
+        "time.sleep(60)\n"
+    )
+    taker = (
+        f"import json,time; open({str(log)!r},'a').write("
+        "json.dumps({'task': 'b', 'event': 'start', 'at': time.time()})+'\\n')"
+    )
+
+    def events():
+        return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+    mesh = Mesh(etcd.endpoint, prefix, tmp_path / "agents", lease_ttl=2)
+    mesh.start_controller()
+    proxy = TcpProxy(mesh.address)
+    try:
+        mesh.add_agent("n1", controller=proxy.address, disconnect_grace=15.0, fake_gpus="1")
+        client = mesh.client()
+        first = Workflow("holder")
+        first.task("a", [PY, "-c", holder], gpu=1, retries=2)
+        run_a = client.submit(first)
+        wait_for(lambda: any(e["event"] == "start" for e in events()), 20, "a started")
+        proxy.pause()
+        wait_for(
+            lambda: _task(run_a, "a").state in (S.TASK_STATE_LOST, S.TASK_STATE_RETRYING),
+            15,
+            "a lost with its node",
+        )
+        second = Workflow("taker")
+        second.task("b", [PY, "-c", taker], gpu=1)
+        run_b = client.submit(second)
+        time.sleep(0.5)
+        proxy.resume()  # n1 is back, still running a's attempt 1, now stale
+        run_b.wait(timeout=30)
+        ended = [e["at"] for e in events() if e["task"] == "a" and e["event"] == "end"]
+        b_start = [e["at"] for e in events() if e["task"] == "b"]
+        assert ended and b_start, events()
+        assert b_start[0] >= ended[0], (
+            f"b started on the GPU {ended[0] - b_start[0]:.2f}s before a's stale attempt ended"
+        )
+    finally:
+        mesh.close()
+        proxy.close()
