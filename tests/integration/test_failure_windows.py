@@ -57,7 +57,7 @@ def test_run_reload_that_meets_an_etcd_error_is_not_dropped(mesh):
 
 
 def test_a_lost_attempts_hold_survives_a_controller_restart(etcd, prefix, tmp_path):
-    """An agent with a disconnect grace (8 s) longer than the lease (2 s) is cut off: its node
+    """An agent with a disconnect grace (5 s) longer than the lease (2 s) is cut off: its node
     is lost at the TTL, and the attempt's copy must wait until the grace has passed since the
     last contact (the agent is still running it until then). The controller is restarted
     during that hold: the new leader must keep it (the LOST record's not_before), not start
@@ -73,7 +73,7 @@ def test_a_lost_attempts_hold_survives_a_controller_restart(etcd, prefix, tmp_pa
     mesh.start_controller(listen=f"127.0.0.1:{port}")
     proxy = TcpProxy(mesh.address)
     try:
-        mesh.add_agent("n1", controller=proxy.address, disconnect_grace=8.0)
+        mesh.add_agent("n1", controller=proxy.address, disconnect_grace=5.0)
         log = tmp_path / "attempts.jsonl"
         client = mesh.client()
         run = client.submit(recorder(log, 30))
@@ -108,7 +108,7 @@ def test_a_lost_attempts_hold_survives_a_controller_restart(etcd, prefix, tmp_pa
 
 
 def test_a_cut_off_agents_long_grace_is_honoured_by_the_next_leader(etcd, prefix, tmp_path):
-    """An agent with a disconnect grace (8 s) longer than the lease (2 s) is cut off, and the
+    """An agent with a disconnect grace (5 s) longer than the lease (2 s) is cut off, and the
     controller restarts before the node is lost. The new leader, which never saw the agent
     register, must still wait for that grace before it starts the attempt's copy elsewhere
     (the grace is kept in etcd at registration): a lease TTL is not enough."""
@@ -123,7 +123,7 @@ def test_a_cut_off_agents_long_grace_is_honoured_by_the_next_leader(etcd, prefix
     mesh.start_controller(listen=f"127.0.0.1:{port}")
     proxy = TcpProxy(mesh.address)
     try:
-        mesh.add_agent("n1", controller=proxy.address, disconnect_grace=8.0)
+        mesh.add_agent("n1", controller=proxy.address, disconnect_grace=5.0)
         log = tmp_path / "attempts.jsonl"
         client = mesh.client()
         run = client.submit(recorder(log, 30))
