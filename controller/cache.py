@@ -221,9 +221,12 @@ class Cache:
     def unready(self, key: TaskKey, e: TaskEntry | None) -> None:
         """Take a task out of the ready queue (``e``: its entry, to find its level)."""
         if self.ready.pop(key, None) is not None and e is not None:
-            level = self.levels.get(declared_priority(e.msg.spec))
+            prio = declared_priority(e.msg.spec)
+            level = self.levels.get(prio)
             if level is not None:
                 level.pop(key, None)
+                if not level:  # one level left is the common case: a pass then looks no further
+                    del self.levels[prio]
 
     def account(self, e: TaskEntry, sign: int) -> None:
         """Add (+1) or remove (-1) an attempt's resources on its node (each replica's node,

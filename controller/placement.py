@@ -188,6 +188,9 @@ class Placer:
         """Up to ``most`` ready tasks not in ``head`` whose declared priority is above the
         lowest in ``head`` (all levels above the default when ``head`` is empty), highest
         level first, oldest first within one."""
+        levels = self.cache.levels
+        if len(levels) <= 1 and (not levels or head):
+            return []  # one priority waits (the common case): nothing ranks above the head
         floor = min((declared_priority(e.msg.spec) for _, e, _ in head), default=DEFAULT_PRIORITY)
         have = {k for k, _, _ in head}
         out: list[tuple[TaskKey, TaskEntry, int]] = []
