@@ -16,6 +16,7 @@ This module ties them together and wraps each attempt in its run span.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
@@ -51,6 +52,8 @@ _RUNTIME_REASONS = frozenset({"runtime_error", "image"})
 
 
 _IDS = RandomIdGenerator()
+# Cancels of attempts not assigned here that are remembered (see Runner._early_cancels).
+_EARLY_CANCELS = 1024
 # The step of an attempt when steps make no spans: one shared no-op context manager, rather
 # than a generator-made one per step.
 _NO_PHASE = contextlib.nullcontext()
@@ -106,6 +109,12 @@ class Runner:
         # Runs given an attempt since runs_in_use() was last called; kept only for the work
         # dir's cleaner (work_retention), which calls it, so that it never grows unread.
         self._recent_runs: set[str] | None = set() if config.work_retention > 0 else None
+        # Cancels of attempts not assigned here (yet), the latest few: an assignment may come
+        # after its own cancel (a drain's deadline between the bind and the assignment), and
+        # must then not run.
+        self._early_cancels: collections.OrderedDict[Key, agent_pb2.CancelTask] = (
+            collections.OrderedDict()
+        )
 
     @property
     def unacked(self) -> dict[Key, agent_pb2.TaskStatus]:
@@ -153,6 +162,18 @@ class Runner:
         if pending is not None:
             self.report(pending)
             return
+        if self._early_cancels:
+            early = self._early_cancels.pop(key, None)
+            if early is not None:  # cancelled before it arrived: never started
+                status = agent_pb2.TaskStatus(
+                    ref=a.ref,
+                    state=_FAILED if early.requeue else t.TaskState.TASK_STATE_CANCELLED,
+                    reason=DRAINED if early.requeue else "",
+                    message=early.reason or "cancelled",
+                    finished_at=now(),
+                )
+                self._conclude(Attempt(ref=a.ref), status, self._dir(a.ref))
+                return
         if self.refusing:
             # Sent before the controller saw this node draining: hand it straight back, never
             # started, to be retried elsewhere free of charge.
@@ -171,8 +192,13 @@ class Runner:
 
     def cancel(self, c: agent_pb2.CancelTask) -> None:
         """Stop an attempt (SIGTERM, then SIGKILL after the grace period)."""
-        att = self.attempts.get(key_of(c.ref))
+        key = key_of(c.ref)
+        att = self.attempts.get(key)
         if att is None:
+            if key not in self.reports:  # not ended here either: its assignment may follow
+                self._early_cancels[key] = c
+                if len(self._early_cancels) > _EARLY_CANCELS:
+                    self._early_cancels.popitem(last=False)
             return
         has_grace = c.HasField("grace")
         grace = c.grace.seconds + c.grace.nanos / 1e9 if has_grace else DEFAULT_CANCEL_GRACE

@@ -126,3 +126,32 @@ def test_metrics_listen_must_be_host_and_port(tmp_path):
     with pytest.raises(ValueError, match="metrics_listen"):
         AgentConfig(work_dir=tmp_path, metrics_listen="nowhere")
     assert AgentConfig(work_dir=tmp_path, metrics_listen="127.0.0.1:0").metrics_listen
+
+
+@pytest.mark.parametrize(
+    ("requeue", "state", "reason"),
+    [(False, S.TASK_STATE_CANCELLED, ""), (True, S.TASK_STATE_FAILED, "drained")],
+)
+def test_an_attempt_cancelled_before_its_assignment_arrives_never_starts(
+    tmp_path, requeue, state, reason
+):
+    """A drain's deadline can fall between a bind and the agent getting the assignment: the
+    cancel comes first, and the assignment after it must not run."""
+
+    async def go():
+        reports: list[agent_pb2.TaskStatus] = []
+        runtime = FakeRuntime(exit_status=ExitStatus(0))
+        runner = Runner(
+            AgentConfig(node="n1", work_dir=tmp_path),
+            runtime,
+            trace.get_tracer("t"),
+            reports.append,
+        )
+        runner.cancel(agent_pb2.CancelTask(ref=REF, reason="node n1 drained", requeue=requeue))
+        runner.assign(assign())
+        await asyncio.sleep(0.05)
+        return reports, runtime
+
+    reports, runtime = asyncio.run(go())
+    assert runtime.started == []
+    assert [(r.state, r.reason, r.message) for r in reports] == [(state, reason, "node n1 drained")]
