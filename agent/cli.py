@@ -14,8 +14,9 @@ from tether.agent.agent import Agent, AgentRefused
 from tether.agent.config import AgentConfig, default_node_name
 from tether.agent.identity import WorkDirBusy
 from tether.sdk.certs import CertError, node_name_of
+from tether.sdk.cli_globals import log_level_option
 from tether.sdk.settings import ConfigError, config_options, layered
-from tether.sdk.telemetry import LOG_LEVELS, setup_logging
+from tether.sdk.telemetry import setup_logging
 
 
 async def _until_signal(stopping: asyncio.Event, *aws: asyncio.Future) -> bool:
@@ -76,13 +77,7 @@ def _derived_defaults(kwargs: dict) -> None:
 
 @click.command("agent")
 @config_options(AgentConfig)
-@click.option(
-    "--log-level",
-    envvar="TETHER_LOG_LEVEL",
-    default="info",
-    show_default=True,
-    type=click.Choice(LOG_LEVELS, case_sensitive=False),
-)
+@log_level_option()
 @click.pass_context
 def agent_command(ctx: click.Context, log_level: str, **_flags) -> None:
     """Run an agent: register this node and run the tasks the controller assigns.

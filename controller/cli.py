@@ -12,8 +12,9 @@ from tether.controller.config import ControllerConfig, is_loopback
 from tether.controller.errors import StoreUnavailable
 from tether.controller.secretbox import KeyFileError
 from tether.controller.server import ControllerServer
+from tether.sdk.cli_globals import log_level_option
 from tether.sdk.settings import ConfigError, config_options, layered
-from tether.sdk.telemetry import LOG_LEVELS, setup_logging
+from tether.sdk.telemetry import setup_logging
 
 
 async def serve(config: ControllerConfig) -> None:
@@ -39,13 +40,7 @@ def tune_gc() -> None:
 
 @click.command("controller")
 @config_options(ControllerConfig)
-@click.option(
-    "--log-level",
-    envvar="TETHER_LOG_LEVEL",
-    default="info",
-    show_default=True,
-    type=click.Choice(LOG_LEVELS, case_sensitive=False),
-)
+@log_level_option()
 @click.pass_context
 def controller_command(ctx: click.Context, log_level: str, **_flags) -> None:
     """Run a controller (state in etcd, gRPC API for clients and agents).

@@ -23,9 +23,10 @@ from tether.controller.config import ControllerConfig
 from tether.controller.etcd_process import EtcdInUse, EtcdProcess, free_port
 from tether.controller.secretbox import generate_key_file
 from tether.controller.server import ControllerServer
+from tether.sdk.cli_globals import log_level_option
 from tether.sdk.constants import DEFAULT_CONTROLLER
 from tether.sdk.quantities import parse_duration
-from tether.sdk.telemetry import LOG_LEVELS, setup_logging
+from tether.sdk.telemetry import setup_logging
 from tether.sdk.terminal import key_values
 
 
@@ -336,12 +337,7 @@ def _run_workflow(client, run_file: str, params: dict[str, str]) -> int:
     help="Parameter KEY=VALUE of the --run workflow (repeatable), as for 'tether submit'.",
 )
 @click.option("--lease-ttl", default=10, show_default=True, help="Node lease TTL, seconds.")
-@click.option(
-    "--log-level",
-    default="info",
-    show_default=True,
-    type=click.Choice(LOG_LEVELS, case_sensitive=False),
-)
+@log_level_option(envvar=None)
 @click.option(
     "--drain-grace",
     default="0s",

@@ -11,8 +11,9 @@ from collections.abc import Callable
 import click
 
 from tether.sdk.constants import DEFAULT_CONTROLLER
+from tether.sdk.telemetry import LOG_LEVELS
 
-__all__ = ["GLOBAL_OPTIONS", "add_global_options", "global_options"]
+__all__ = ["GLOBAL_OPTIONS", "add_global_options", "global_options", "log_level_option"]
 
 # name -> (flags, environment variable, default, help)
 GLOBAL_OPTIONS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
@@ -74,3 +75,14 @@ def add_global_options(command: click.Command) -> None:
     if isinstance(command, click.Group):
         for sub in command.commands.values():
             add_global_options(sub)
+
+
+def log_level_option(envvar: str | None = "TETHER_LOG_LEVEL") -> Callable:
+    """The servers' ``--log-level`` (one of LOG_LEVELS; an unknown one is a usage error)."""
+    return click.option(
+        "--log-level",
+        envvar=envvar,
+        default="info",
+        show_default=True,
+        type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    )
