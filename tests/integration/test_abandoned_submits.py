@@ -7,6 +7,7 @@ injected in its submit path; etcd is real.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import grpc
@@ -50,12 +51,24 @@ def before_each_chunk(mesh: Mesh, hook) -> Callable:
     submitter = mesh.controller.engine._submitter
     real = submitter._write_chunk
     count = 0
+    in_flight = 0
 
     async def write_chunk(chunk, resumed, pending):
-        nonlocal count
+        nonlocal count, in_flight
         count += 1
-        await hook(count, resumed)
-        return await real(chunk, resumed, pending)
+        try:
+            await hook(count, resumed)
+        except Exception:
+            # Raised once the chunks before it are written: the failure cancels those still
+            # in flight, and which of them reached etcd would be left to chance.
+            while in_flight:
+                await asyncio.sleep(0.005)
+            raise
+        in_flight += 1
+        try:
+            return await real(chunk, resumed, pending)
+        finally:
+            in_flight -= 1
 
     submitter._write_chunk = write_chunk
     return real

@@ -55,13 +55,22 @@ def break_after(mesh: Mesh, chunks: int) -> threading.Event:
     real = submitter._write_chunk
     healed = threading.Event()
     written = 0
+    in_flight = 0
 
     async def write_chunk(chunk, resumed, pending):
-        nonlocal written
+        nonlocal written, in_flight
         written += 1
         if written > chunks and not healed.is_set():
+            # Once the chunks before it are written: the failure cancels those still in
+            # flight, and which of the first ``chunks`` reached etcd would be left to chance.
+            while in_flight:
+                await asyncio.sleep(0.005)
             raise StoreUnavailable("etcd went away (injected)")
-        return await real(chunk, resumed, pending)
+        in_flight += 1
+        try:
+            return await real(chunk, resumed, pending)
+        finally:
+            in_flight -= 1
 
     submitter._write_chunk = write_chunk
     return healed
